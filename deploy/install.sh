@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Idempotent set-up of a bare machine: Debian packages, a venv in .venv, the project with its extras.
+# Usage: deploy/install.sh [EXTRAS]   (default EXTRAS: psana,dev)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+EXTRAS="${1:-psana,dev}"
+VENV="${VENV:-.venv}"
+
+# System packages: gcc + libkrb5-dev build pykerberos for psana; prometheus/promtool for the monitoring tests.
+APT_PKGS=(gcc libkrb5-dev prometheus)
+missing=()
+for p in "${APT_PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+if ((${#missing[@]})); then
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    # The Debian package starts a Prometheus on :9090; the tests run their own.
+    ($SUDO systemctl disable --now prometheus prometheus-node-exporter >/dev/null 2>&1 || true)
+fi
+
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+stamp="$VENV/.installed-$(cat pyproject.toml | sha256sum | cut -c1-16)-${EXTRAS//,/_}"
+if [ ! -f "$stamp" ]; then
+    "$VENV/bin/pip" install -q --upgrade pip
+    # The CPU wheel of torch first, so that the range in pyproject is already met (no CUDA download).
+    "$VENV/bin/python" -c "import torch" 2>/dev/null || "$VENV/bin/pip" install -q "torch==2.13.0"
+    "$VENV/bin/pip" install -q -e ".[${EXTRAS}]"
+    rm -f "$VENV"/.installed-*
+    touch "$stamp"
+fi

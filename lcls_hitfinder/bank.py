@@ -1,0 +1,152 @@
+"""The reference bank: embeddings of known patterns and the decision they make, defined once.
+
+Training (threshold calibration, evaluation) and serving use this same class. Distances are the
+twin network's training distance d(a, b) = sqrt(mean_i (a_i - b_i)^2).
+
+Decision for an embedding e:
+  d_c    = mean distance from e to its k nearest references of class c (blank, single, multi),
+           or to the class prototype (mean embedding) with method "prototype";
+  score  = (d_not_single - d_single) / (d_not_single + d_single), in [-1, 1], higher = more single-like;
+  keep   = score >= threshold (calibrated on held-out data for a target single-hit precision);
+  label  = single when kept, otherwise the nearer of blank and multi.
+
+File (HDF5): /embeddings float32 (K, D), /n_particles int8 (K,), /structure str (K,);
+attrs model_hash, method, k, threshold, format_version.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import h5py
+import numpy as np
+
+from lcls_hitfinder.errors import UserError
+from lcls_hitfinder.labels import Label
+from lcls_hitfinder.protocols import Decisions
+
+BANK_FORMAT_VERSION = 1
+Method = Literal["knn", "prototype"]
+
+
+class BankMismatch(UserError):
+    """The bank was built with a different model than the one it is asked to serve."""
+
+
+def pairwise_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """d(a_i, b_j) = sqrt(mean((a_i - b_j)^2)) for all pairs: (Na, D), (Nb, D) -> (Na, Nb)."""
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    sq = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T
+    return np.sqrt(np.maximum(sq, 0.0) / a.shape[1]).astype(np.float32)
+
+
+@dataclass
+class ReferenceBank:
+    embeddings: np.ndarray
+    n_particles: np.ndarray
+    model_hash: str
+    method: Method = "knn"
+    k: int = 5
+    threshold: float = 0.0
+    structure: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=object))
+
+    def __post_init__(self) -> None:
+        self.embeddings = np.asarray(self.embeddings, np.float32)
+        self.n_particles = np.asarray(self.n_particles, np.int64)
+        if self.embeddings.ndim != 2 or len(self.embeddings) != len(self.n_particles):
+            raise ValueError("embeddings must be (K, D) with one n_particles per row")
+        self._class = np.where(self.n_particles <= 0, Label.BLANK, np.where(self.n_particles == 1, 1, 2))
+        if not (self._class == Label.SINGLE).any():
+            raise UserError("a bank needs at least one single-hit reference")
+        self._refs: dict[int, np.ndarray] = {}
+        for c in (Label.BLANK, Label.SINGLE, Label.MULTI):
+            members = self.embeddings[self._class == c]
+            if len(members):
+                self._refs[int(c)] = members.mean(0, keepdims=True) if self.method == "prototype" else members
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.embeddings.shape[1])
+
+    def class_distances(self, embeddings: np.ndarray) -> np.ndarray:
+        """(B, 3) mean distance to the k nearest references of blank, single, multi (inf if none)."""
+        e = np.asarray(embeddings, np.float32)
+        out = np.full((len(e), 3), np.inf, np.float32)
+        for c, refs in self._refs.items():
+            d = pairwise_distance(e, refs)
+            k = min(self.k, refs.shape[0])
+            out[:, c] = np.partition(d, k - 1, axis=1)[:, :k].mean(1) if k < d.shape[1] else d.mean(1)
+        return out
+
+    def scores(self, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Single-hit score in [-1, 1] and the distance to the single class, per embedding."""
+        d = self.class_distances(embeddings)
+        d_single = d[:, Label.SINGLE]
+        d_other = np.minimum(d[:, Label.BLANK], d[:, Label.MULTI])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            score = np.where(np.isinf(d_other), 1.0, (d_other - d_single) / (d_other + d_single))
+        return np.nan_to_num(score, nan=0.0).astype(np.float32), d_single
+
+    def estimate_n_particles(self, embeddings: np.ndarray) -> np.ndarray:
+        """Majority particle count among the k nearest references (of all classes)."""
+        d = pairwise_distance(embeddings, self.embeddings)
+        k = min(self.k, d.shape[1])
+        nearest = np.argpartition(d, k - 1, axis=1)[:, :k]
+        counts = self.n_particles[nearest]
+        return np.array([np.bincount(row, minlength=5).argmax() for row in counts], np.int64)
+
+    def decide(self, embeddings: np.ndarray) -> Decisions:
+        d = self.class_distances(embeddings)
+        score, d_single = self.scores(embeddings)
+        keep = score >= self.threshold
+        other = np.where(d[:, Label.BLANK] <= d[:, Label.MULTI], Label.BLANK, Label.MULTI)
+        label = np.where(keep, Label.SINGLE, other).astype(np.int8)
+        return Decisions(
+            label=label,
+            keep=keep,
+            score=score,
+            distance=d_single,
+            n_particles=self.estimate_n_particles(embeddings),
+        )
+
+    def save(self, path: Path | str) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with h5py.File(path, "w") as f:
+            f.create_dataset("embeddings", data=self.embeddings)
+            f.create_dataset("n_particles", data=self.n_particles.astype(np.int8))
+            structure = self.structure if len(self.structure) == len(self.embeddings) else [""] * len(self.embeddings)
+            f.create_dataset("structure", data=np.asarray(structure, dtype=object), dtype=h5py.string_dtype())
+            f.attrs.update(
+                format_version=BANK_FORMAT_VERSION,
+                model_hash=self.model_hash,
+                method=self.method,
+                k=self.k,
+                threshold=self.threshold,
+            )
+
+    @classmethod
+    def load(cls, path: Path | str, expected_model_hash: str | None = None) -> ReferenceBank:
+        """Read a bank; refuse it (BankMismatch) if it was built for another model."""
+        try:
+            with h5py.File(path, "r") as f:
+                a = dict(f.attrs)
+                bank = cls(
+                    embeddings=f["embeddings"][()],
+                    n_particles=f["n_particles"][()],
+                    structure=np.asarray(f["structure"].asstr()[()], dtype=object),
+                    model_hash=str(a["model_hash"]),
+                    method=str(a["method"]),  # type: ignore[arg-type]
+                    k=int(a["k"]),
+                    threshold=float(a["threshold"]),
+                )
+        except (OSError, KeyError) as err:
+            raise UserError(f"cannot read bank {path}: {err}") from None
+        if expected_model_hash is not None and bank.model_hash != expected_model_hash:
+            raise BankMismatch(
+                f"bank {path} was built for model {bank.model_hash}, not for the loaded model {expected_model_hash}"
+            )
+        return bank

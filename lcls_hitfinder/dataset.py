@@ -1,0 +1,213 @@
+"""The HDF5 dataset format that every subcommand reads and the simulator writes, defined once.
+
+Layout (documented in docs/dataset.md):
+  /images        float32 (N, H, W)  photons
+  /n_particles   int8    (N,)       0 for blanks
+  /structure     str     (N,)       structure id of each pattern (UTF-8)
+  /photons       float32 (N,)       photons in the pattern before noise
+  /mask          bool    (H, W)     True for good pixels
+  /orientations  float32 (N, 4, 4)  one quaternion per particle, zero-padded
+  attrs          geometry, beam, noise, seed, simulator version (see DatasetWriter)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import h5py
+import numpy as np
+
+from lcls_hitfinder.errors import UserError
+from lcls_hitfinder.labels import MAX_PARTICLES
+
+FORMAT = "lcls-hitfinder-dataset"
+FORMAT_VERSION = 1
+_STR = h5py.string_dtype("utf-8")
+
+
+def _encode_attr(value: Any) -> Any:
+    """HDF5 attributes hold scalars and arrays; anything nested is stored as JSON."""
+    if isinstance(value, dict | list | tuple) and not (
+        isinstance(value, list | tuple) and all(isinstance(v, int | float) for v in value)
+    ):
+        return json.dumps(value)
+    return "" if value is None else value
+
+
+def _decode_attr(value: Any) -> Any:
+    if isinstance(value, bytes):
+        value = value.decode()
+    if isinstance(value, str) and value[:1] in "{[":
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+@dataclass
+class Batch:
+    """A slice of a dataset in memory."""
+
+    images: np.ndarray
+    n_particles: np.ndarray
+    structure: np.ndarray
+    photons: np.ndarray
+    orientations: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+
+class DatasetWriter:
+    """Appends batches to a new dataset file, chunked and compressed, so N can exceed memory."""
+
+    def __init__(
+        self,
+        path: Path | str,
+        shape: tuple[int, int],
+        mask: np.ndarray,
+        attrs: Mapping[str, Any],
+        chunk: int = 16,
+        compression: str = "gzip",
+    ) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        h, w = shape
+        if mask.shape != (h, w):
+            raise ValueError(f"mask shape {mask.shape} != image shape {(h, w)}")
+        self._tmp = self.path.with_suffix(self.path.suffix + ".tmp")
+        self._f = h5py.File(self._tmp, "w")
+        opts: dict[str, Any] = {"compression": compression}
+        if compression == "gzip":
+            opts["compression_opts"] = 1
+        f = self._f
+        f.attrs["format"] = FORMAT
+        f.attrs["format_version"] = FORMAT_VERSION
+        for key, value in attrs.items():
+            f.attrs[key] = _encode_attr(value)
+        f.create_dataset(
+            "images", (0, h, w), np.float32, maxshape=(None, h, w), chunks=(chunk, h, w), shuffle=True, **opts
+        )
+        f.create_dataset("n_particles", (0,), np.int8, maxshape=(None,), chunks=(4096,))
+        f.create_dataset("structure", (0,), _STR, maxshape=(None,), chunks=(4096,))
+        f.create_dataset("photons", (0,), np.float32, maxshape=(None,), chunks=(4096,))
+        f.create_dataset(
+            "orientations",
+            (0, MAX_PARTICLES, 4),
+            np.float32,
+            maxshape=(None, MAX_PARTICLES, 4),
+            chunks=(4096, 4, 4),
+        )
+        f.create_dataset("mask", data=mask.astype(bool))
+        f["images"].attrs["units"] = "photons"
+        f["orientations"].attrs["description"] = "unit quaternions (w, x, y, z), one per particle, zero-padded"
+        self._n = 0
+
+    def append(self, batch: Batch) -> None:
+        n = len(batch)
+        if n == 0:
+            return
+        lo, hi = self._n, self._n + n
+        for name in ("images", "n_particles", "structure", "photons", "orientations"):
+            ds = self._f[name]
+            ds.resize(hi, axis=0)
+            ds[lo:hi] = getattr(batch, name)
+        self._n = hi
+
+    def close(self) -> None:
+        """Finish the file; it appears under its final name only once complete."""
+        if self._f.id.valid:
+            self._f.attrs["n"] = self._n
+            self._f.close()
+            self._tmp.replace(self.path)
+
+    def __enter__(self) -> DatasetWriter:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._f.close()
+            self._tmp.unlink(missing_ok=True)
+
+
+class Dataset:
+    """Read access to a dataset file: lazy slices, so a 1e5-pattern file is never loaded whole."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        try:
+            self._f = h5py.File(self.path, "r")
+        except (OSError, FileNotFoundError) as err:
+            raise UserError(f"cannot read dataset {self.path}: {err}") from None
+        missing = {"images", "n_particles", "mask"} - set(self._f.keys())
+        if missing:
+            self._f.close()
+            raise UserError(f"{self.path} is not an lcls-hitfinder dataset (missing {sorted(missing)})")
+        self.attrs: dict[str, Any] = {k: _decode_attr(v) for k, v in self._f.attrs.items()}
+        self.mask: np.ndarray = self._f["mask"][()].astype(bool)
+        self.n_particles: np.ndarray = self._f["n_particles"][()].astype(np.int64)
+
+    def __len__(self) -> int:
+        return int(self._f["images"].shape[0])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        _, h, w = self._f["images"].shape
+        return int(h), int(w)
+
+    @property
+    def structure(self) -> np.ndarray:
+        if "structure" not in self._f:
+            return np.full(len(self), "", dtype=object)
+        return np.asarray(self._f["structure"].asstr()[()], dtype=object)
+
+    @property
+    def photons(self) -> np.ndarray:
+        return np.asarray(self._f["photons"][()], dtype=np.float32)
+
+    def images(self, sel: slice | np.ndarray | None = None) -> np.ndarray:
+        """Images of a slice or of sorted indices (h5py needs increasing indices)."""
+        ds = self._f["images"]
+        return np.asarray(ds[()] if sel is None else ds[sel], dtype=np.float32)
+
+    def read(self, sel: slice) -> Batch:
+        f = self._f
+        n = len(range(*sel.indices(len(self))))
+        return Batch(
+            images=self.images(sel),
+            n_particles=self.n_particles[sel],
+            structure=self.structure[sel] if "structure" in f else np.full(n, "", dtype=object),
+            photons=np.asarray(f["photons"][sel]) if "photons" in f else np.zeros(n, np.float32),
+            orientations=np.asarray(f["orientations"][sel])
+            if "orientations" in f
+            else np.zeros((n, MAX_PARTICLES, 4), np.float32),
+        )
+
+    def batches(self, size: int) -> Iterator[Batch]:
+        for lo in range(0, len(self), size):
+            yield self.read(slice(lo, min(lo + size, len(self))))
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> Dataset:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()

@@ -1,0 +1,25 @@
+"""Class labels, defined once: what a pattern is (by particle count) and what the service says about it."""
+
+from enum import IntEnum
+
+MAX_PARTICLES = 4
+
+
+class Label(IntEnum):
+    """Decision labels. ERROR marks a frame that could not be classified (bad shape, NaN, ...)."""
+
+    BLANK = 0
+    SINGLE = 1
+    MULTI = 2
+    ERROR = 3
+
+    @property
+    def text(self) -> str:
+        return self.name.lower()
+
+
+def label_of_count(n_particles: int) -> Label:
+    """Blank for 0 particles, single for 1, multi for 2 to 4."""
+    if n_particles <= 0:
+        return Label.BLANK
+    return Label.SINGLE if n_particles == 1 else Label.MULTI

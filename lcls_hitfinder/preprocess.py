@@ -1,0 +1,146 @@
+"""THE preprocessing: one torch function for training, evaluation and serving.
+
+frame (ADU or photons, 2-D or panels) -> photons -> mask -> clip -> mask-aware sum-binning to a
+thumbnail -> intensity transform -> per-image normalisation.
+
+The detector side (ADU gain, offset, threshold, mask) belongs to the data; the model side
+(`PreprocessSettings`: thumbnail size, clip, transform, normalisation) travels with the model in its
+ONNX metadata, so a model is always fed the way it was trained.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class PreprocessSettings(BaseModel):
+    """Model-side preprocessing parameters, stored in the model's metadata."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    thumbnail: int = Field(64, ge=2, le=512, description="side of the square thumbnail fed to the model")
+    clip_photons: float | None = Field(
+        None, gt=0, description="photons per pixel above which a pixel is clipped (saturation)"
+    )
+    transform: Literal["log1p", "sqrt", "none"] = "log1p"
+    normalise: Literal["zscore", "max", "none"] = "zscore"
+
+
+class PhotonCalibration(BaseModel):
+    """Detector-side conversion of raw values to photons: photons = (value - offset) / gain.
+
+    Values below `threshold` photons are set to zero (single-photon discrimination). For data already
+    in photons (simulations, calibrated psana data) the defaults do nothing.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    gain: float = Field(1.0, gt=0, description="ADU per photon")
+    offset: float = Field(0.0, description="ADU pedestal subtracted before dividing by the gain")
+    threshold: float = Field(0.0, ge=0, description="photons below which a pixel counts as zero")
+
+
+def panel_grid(n_panels: int) -> tuple[int, int]:
+    """Rows and columns of the near-square grid that panels are tiled into."""
+    rows = max(1, math.isqrt(n_panels))
+    while n_panels % rows:
+        rows -= 1
+    return rows, n_panels // rows
+
+
+def assemble_panels(frames: torch.Tensor) -> torch.Tensor:
+    """(B, P, H, W) -> (B, rows*H, cols*W), panels tiled row by row; (B, H, W) passes through.
+
+    A rough assembly that keeps every pixel; geometry-true assembly is psana's `image()` (source option
+    `image=1`).
+    """
+    if frames.dim() == 3:
+        return frames
+    b, p, h, w = frames.shape
+    rows, cols = panel_grid(p)
+    return frames.reshape(b, rows, cols, h, w).permute(0, 1, 3, 2, 4).reshape(b, rows * h, cols * w)
+
+
+class Preprocessor:
+    """Turns batches of raw frames into normalised thumbnails (B, 1, S, S) on `device`.
+
+    The mask and the per-bin pixel counts are prepared once here, so a batch costs a few whole-array
+    torch operations and no Python loop over pixels or events.
+    """
+
+    def __init__(
+        self,
+        settings: PreprocessSettings,
+        mask: np.ndarray | torch.Tensor | None,
+        frame_shape: tuple[int, ...],
+        calibration: PhotonCalibration | None = None,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.settings = settings
+        self.calibration = calibration or PhotonCalibration()
+        self.device = torch.device(device)
+        self.frame_shape = tuple(int(s) for s in frame_shape)
+        if len(self.frame_shape) not in (2, 3):
+            raise ValueError(f"frames must be (H, W) or (P, H, W), got {self.frame_shape}")
+        if mask is None:
+            m = torch.ones(self.frame_shape, dtype=torch.float32)
+        else:
+            m = torch.as_tensor(np.asarray(mask) if not isinstance(mask, torch.Tensor) else mask)
+            if tuple(m.shape) != self.frame_shape:
+                raise ValueError(f"mask shape {tuple(m.shape)} != frame shape {self.frame_shape}")
+            m = m.to(torch.float32)
+        self.mask = assemble_panels(m.unsqueeze(0)).to(self.device)  # (1, H', W')
+        s = settings.thumbnail
+        h, w = self.mask.shape[-2:]
+        coverage = F.adaptive_avg_pool2d(self.mask.unsqueeze(0), (s, s))[0]  # good fraction of each bin
+        pixels_per_bin = (h * w) / (s * s)
+        # Sum over a bin's good pixels, rescaled as if the masked ones had the bin's mean: binning
+        # then neither dims nor brightens bins under a beam stop edge or a panel gap.
+        self._bin_scale = torch.where(
+            coverage > 0, pixels_per_bin / coverage.clamp_min(1e-12), torch.zeros_like(coverage)
+        )
+
+    def photons(self, frames: torch.Tensor) -> torch.Tensor:
+        """Raw values (any dtype) -> float32 photons, masked and clipped, panels tiled: (B, H', W')."""
+        c = self.calibration
+        x = frames.to(self.device, non_blocking=True).to(torch.float32)
+        if c.offset != 0.0:
+            x = x - c.offset
+        if c.gain != 1.0:
+            x = x / c.gain
+        x = assemble_panels(x)
+        if c.threshold > 0:
+            x = torch.where(x < c.threshold, torch.zeros_like(x), x)
+        x = x.clamp_min(0.0) * self.mask
+        if self.settings.clip_photons is not None:
+            x = x.clamp_max(self.settings.clip_photons)
+        return x
+
+    def thumbnails(self, photons: torch.Tensor) -> torch.Tensor:
+        """Photons (B, H', W') -> binned, transformed and normalised thumbnails (B, 1, S, S)."""
+        s = self.settings
+        binned = F.adaptive_avg_pool2d(photons.unsqueeze(1), (s.thumbnail, s.thumbnail)) * self._bin_scale
+        if s.transform == "log1p":
+            binned = torch.log1p(binned)
+        elif s.transform == "sqrt":
+            binned = torch.sqrt(binned)
+        if s.normalise == "zscore":
+            mean = binned.mean(dim=(2, 3), keepdim=True)
+            std = binned.std(dim=(2, 3), keepdim=True)
+            binned = (binned - mean) / (std + 1e-6)
+        elif s.normalise == "max":
+            binned = binned / binned.amax(dim=(2, 3), keepdim=True).clamp_min(1e-6)
+        return binned.contiguous()
+
+    @torch.inference_mode()
+    def __call__(self, frames: torch.Tensor | np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(frames)) if isinstance(frames, np.ndarray) else frames
+        if tuple(t.shape[1:]) != self.frame_shape:
+            raise ValueError(f"frame shape {tuple(t.shape[1:])} != expected {self.frame_shape}")
+        return self.thumbnails(self.photons(t))

@@ -1,0 +1,86 @@
+"""The roles of the pipeline as typing.Protocols; each backend class is named for what it wraps.
+
+Source -> Preprocessor -> Embedder -> Bank -> Publisher. Training and serving share Preprocessor and
+Bank; the service wires the five together (lcls_hitfinder/service/pipeline.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class EventId:
+    """Who an event is: psana conventions (64-bit timestamp = seconds since 1990 << 32 | ns)."""
+
+    experiment: str
+    run: int
+    event: int
+    timestamp: int = 0
+    pulse_id: int | None = None
+
+
+@dataclass
+class Frame:
+    """One event's detector data with its identity. `data` is raw (ADU) or calibrated (photons)."""
+
+    event: EventId
+    data: np.ndarray
+    read_ns: int  # time.perf_counter_ns() when the frame was read, for end-to-end latency
+    truth_n_particles: int | None = None
+
+
+@runtime_checkable
+class Source(Protocol):
+    """Yields frames with event identity; `frame_shape` and `mask` are known before the first frame."""
+
+    uri: str
+
+    def open(self) -> None: ...
+
+    def frames(self) -> Iterator[Frame]: ...
+
+    def close(self) -> None: ...
+
+
+class Preprocessor(Protocol):
+    def __call__(self, frames: torch.Tensor | np.ndarray) -> torch.Tensor: ...
+
+
+class Embedder(Protocol):
+    """Thumbnails (B, 1, S, S) -> embeddings (B, D)."""
+
+    model_hash: str
+    provider: str
+
+    def embed(self, thumbnails: torch.Tensor | np.ndarray) -> np.ndarray: ...
+
+
+@dataclass
+class Decisions:
+    """Per-event results of a batch, as arrays: label codes (labels.Label), keep flags, score, distance."""
+
+    label: np.ndarray
+    keep: np.ndarray
+    score: np.ndarray
+    distance: np.ndarray
+    n_particles: np.ndarray  # estimate, -1 where none
+
+
+class Bank(Protocol):
+    """Reference embeddings that turn an embedding into a decision."""
+
+    model_hash: str
+
+    def decide(self, embeddings: np.ndarray) -> Decisions: ...
+
+
+class Publisher(Protocol):
+    def publish(self, topic: str, payload: Mapping[str, Any]) -> None: ...
+
+    def close(self) -> None: ...

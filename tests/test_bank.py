@@ -1,0 +1,58 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lcls_hitfinder.bank import BankMismatch, ReferenceBank, pairwise_distance
+from lcls_hitfinder.labels import Label
+
+
+def test_distance_is_the_training_distance() -> None:
+    a = np.array([[0.0, 0.0, 0.0, 0.0]])
+    b = np.array([[1.0, 1.0, 1.0, 1.0], [2.0, 0.0, 0.0, 0.0]])
+    # sqrt(sum / N): sqrt(4/4) = 1 and sqrt(4/4) = 1
+    np.testing.assert_allclose(pairwise_distance(a, b), [[1.0, 1.0]], rtol=1e-6)
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(5, 8)), rng.normal(size=(7, 8))
+    ref = np.sqrt(((x[:, None] - y[None]) ** 2).mean(-1))
+    np.testing.assert_allclose(pairwise_distance(x, y), ref, rtol=1e-5)
+
+
+def _bank(method: str = "knn") -> ReferenceBank:
+    rng = np.random.default_rng(1)
+    centers = {0: [0.0, 0.0], 1: [5.0, 0.0], 2: [0.0, 5.0], 3: [0.0, 6.0]}
+    emb = np.concatenate([rng.normal(c, 0.3, size=(10, 2)) for c in centers.values()])
+    n = np.repeat(list(centers), 10)
+    return ReferenceBank(emb, n, model_hash="abc", method=method, k=3)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("method", ["knn", "prototype"])
+def test_decisions_follow_the_nearest_class(method: str) -> None:
+    bank = _bank(method)
+    dec = bank.decide(np.array([[5.0, 0.2], [0.1, -0.1], [0.0, 5.5]]))
+    assert list(dec.label) == [Label.SINGLE, Label.BLANK, Label.MULTI]
+    assert list(dec.keep) == [True, False, False]
+    assert dec.score[0] > 0 > dec.score[1]
+    if method == "knn":
+        assert dec.n_particles[0] == 1 and dec.n_particles[1] == 0
+
+
+def test_threshold_moves_the_keep_boundary() -> None:
+    bank = _bank()
+    q = np.array([[2.6, 0.0]])  # about halfway between blank and single
+    s = bank.scores(q)[0][0]
+    bank.threshold = float(s) + 0.01
+    assert not bank.decide(q).keep[0]
+    bank.threshold = float(s) - 0.01
+    assert bank.decide(q).keep[0]
+
+
+def test_save_load_and_model_check(tmp_path: Path) -> None:
+    bank = _bank()
+    bank.threshold = 0.25
+    bank.save(tmp_path / "b.h5")
+    loaded = ReferenceBank.load(tmp_path / "b.h5", expected_model_hash="abc")
+    np.testing.assert_array_equal(loaded.embeddings, bank.embeddings)
+    assert loaded.threshold == 0.25 and loaded.k == 3
+    with pytest.raises(BankMismatch, match="built for model abc"):
+        ReferenceBank.load(tmp_path / "b.h5", expected_model_hash="other")

@@ -1,0 +1,55 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lcls_hitfinder.dataset import Batch, Dataset, DatasetWriter
+from lcls_hitfinder.errors import UserError
+
+
+def _batch(n: int, offset: int) -> Batch:
+    return Batch(
+        images=np.full((n, 8, 6), offset, np.float32),
+        n_particles=np.arange(n, dtype=np.int8) % 5,
+        structure=np.array([f"s{offset + i}" for i in range(n)], dtype=object),
+        photons=np.arange(n, dtype=np.float32),
+        orientations=np.zeros((n, 4, 4), np.float32),
+    )
+
+
+def test_round_trip_in_chunks(tmp_path: Path) -> None:
+    mask = np.ones((8, 6), bool)
+    mask[0, 0] = False
+    out = tmp_path / "d.h5"
+    with DatasetWriter(
+        out,
+        (8, 6),
+        mask,
+        {"photon_energy_ev": 6000.0, "beam_center": [4.0, 3.0], "noise": {"kind": "poisson"}},
+        chunk=4,
+    ) as w:
+        w.append(_batch(5, 0))
+        w.append(_batch(3, 100))
+        assert not out.exists()  # appears only when complete
+    with Dataset(out) as d:
+        assert len(d) == 8 and d.shape == (8, 6)
+        assert d.attrs["photon_energy_ev"] == 6000.0
+        assert d.attrs["beam_center"] == [4.0, 3.0]
+        assert d.attrs["noise"] == {"kind": "poisson"}
+        assert d.attrs["n"] == 8
+        np.testing.assert_array_equal(d.mask, mask)
+        assert list(d.structure[4:6]) == ["s4", "s100"]
+        assert d.images(slice(5, 8)).mean() == 100
+        assert [len(b) for b in d.batches(3)] == [3, 3, 2]
+
+
+def test_failed_write_leaves_no_file(tmp_path: Path) -> None:
+    out = tmp_path / "d.h5"
+    with pytest.raises(RuntimeError), DatasetWriter(out, (8, 6), np.ones((8, 6), bool), {}):
+        raise RuntimeError("boom")
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_not_a_dataset(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="cannot read dataset"):
+        Dataset(tmp_path / "nope.h5")

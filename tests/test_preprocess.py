@@ -1,0 +1,72 @@
+import numpy as np
+import pytest
+import torch
+
+from lcls_hitfinder.preprocess import (
+    PhotonCalibration,
+    Preprocessor,
+    PreprocessSettings,
+    assemble_panels,
+    panel_grid,
+)
+
+
+def test_sum_binning_preserves_photons_without_transform() -> None:
+    s = PreprocessSettings(thumbnail=8, transform="none", normalise="none")
+    frames = np.random.default_rng(0).poisson(2.0, (3, 64, 64)).astype(np.float32)
+    out = Preprocessor(s, None, (64, 64))(frames)
+    assert out.shape == (3, 1, 8, 8)
+    np.testing.assert_allclose(out.sum(dim=(1, 2, 3)).numpy(), frames.sum(axis=(1, 2)), rtol=1e-5)
+    # one bin is exactly the sum of its 8x8 block
+    assert out[0, 0, 0, 0].item() == pytest.approx(frames[0, :8, :8].sum(), rel=1e-5)
+
+
+def test_masked_pixels_are_filled_with_the_bin_mean() -> None:
+    s = PreprocessSettings(thumbnail=4, transform="none", normalise="none")
+    mask = np.ones((16, 16), bool)
+    mask[:2, :4] = False  # half of the first 4x4 bin
+    frames = np.full((1, 16, 16), 3.0, np.float32)
+    frames[0, ~mask] = 1000.0  # hot pixels under the mask must not leak
+    out = Preprocessor(s, mask, (16, 16))(frames)
+    np.testing.assert_allclose(out.numpy(), np.full((1, 1, 4, 4), 48.0), rtol=1e-6)
+
+
+def test_fully_masked_bin_is_zero() -> None:
+    s = PreprocessSettings(thumbnail=2, transform="none", normalise="none")
+    mask = np.ones((4, 4), bool)
+    mask[:2, :2] = False
+    out = Preprocessor(s, mask, (4, 4))(np.ones((1, 4, 4), np.float32))
+    assert out[0, 0, 0, 0].item() == 0.0
+    assert out[0, 0, 1, 1].item() == pytest.approx(4.0)
+
+
+def test_adu_calibration_threshold_and_clip() -> None:
+    cal = PhotonCalibration(gain=10.0, offset=100.0, threshold=0.5)
+    s = PreprocessSettings(thumbnail=2, transform="none", normalise="none", clip_photons=5.0)
+    raw = np.array([[[100, 104], [130, 1000]]], dtype=np.uint16)  # 0, 0.4 -> 0, 3, 90 -> 5
+    p = Preprocessor(s, None, (2, 2), cal)
+    np.testing.assert_allclose(p.photons(torch.from_numpy(raw)).numpy(), [[[0, 0], [3, 5]]])
+
+
+def test_zscore_normalisation_and_log_transform() -> None:
+    s = PreprocessSettings(thumbnail=16)
+    frames = np.random.default_rng(1).exponential(5.0, (4, 64, 64)).astype(np.float32)
+    out = Preprocessor(s, None, (64, 64))(frames)
+    np.testing.assert_allclose(out.mean(dim=(1, 2, 3)).numpy(), 0.0, atol=1e-5)
+    np.testing.assert_allclose(out.std(dim=(1, 2, 3)).numpy(), 1.0, atol=1e-4)
+
+
+def test_panels_are_tiled_in_a_grid() -> None:
+    assert panel_grid(4) == (2, 2)
+    assert panel_grid(16) == (4, 4)
+    assert panel_grid(6) == (2, 3)
+    x = torch.arange(4 * 2 * 3).reshape(1, 4, 2, 3)
+    img = assemble_panels(x)[0]
+    assert img.shape == (4, 6)
+    assert torch.equal(img[:2, :3], x[0, 0]) and torch.equal(img[2:, 3:], x[0, 3])
+
+
+def test_wrong_frame_shape_is_refused() -> None:
+    p = Preprocessor(PreprocessSettings(thumbnail=8), None, (32, 32))
+    with pytest.raises(ValueError, match="frame shape"):
+        p(np.zeros((1, 32, 31), np.float32))
