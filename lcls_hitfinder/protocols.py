@@ -37,13 +37,22 @@ class Frame:
 
 @runtime_checkable
 class Source(Protocol):
-    """Yields frames with event identity; `frame_shape` and `mask` are known before the first frame."""
+    """Yields frames with event identity.
+
+    `frame_shape` and `mask` are known after `open()` where the source can tell (h5, sim), else None
+    until the first frame. `frames()` yields None as an idle tick at least every 0.5 s while no data
+    comes, so the consumer can notice shutdown and keep heartbeats going. `restarts` counts how often
+    a supervised reader (psana in a child process) was restarted by its watchdog.
+    """
 
     uri: str
+    frame_shape: tuple[int, ...] | None
+    mask: np.ndarray | None
+    restarts: int
 
     def open(self) -> None: ...
 
-    def frames(self) -> Iterator[Frame]: ...
+    def frames(self) -> Iterator[Frame | None]: ...
 
     def close(self) -> None: ...
 
