@@ -2,8 +2,74 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from lcls_hitfinder.preprocess import PhotonCalibration
 
 
-class ServeSettings(BaseModel):
+class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class BatchSettings(_Section):
+    """Dynamic batching: a batch goes out when full or when its first frame has waited `max_wait_ms`."""
+
+    max_size: int = Field(32, ge=1, le=4096, description="most frames per inference batch")
+    max_wait_ms: float = Field(5.0, ge=0, description="longest a frame waits for its batch to fill")
+
+
+class PrefilterSettings(_Section):
+    """The cheap blank test before the model: frames below the cut are labelled blank without inference."""
+
+    kind: Literal["lit_pixels", "photons", "none"] = Field(
+        "lit_pixels", description="count lit pixels, sum photons, or send every frame to the model"
+    )
+    lit_threshold: float = Field(0.5, ge=0, description="photons above which a pixel is lit")
+    min_lit_pixels: int = Field(20, ge=0, description="fewer lit pixels than this: blank")
+    min_photons: float = Field(50.0, ge=0, description="fewer photons in total than this: blank")
+
+
+class PublishSettings(_Section):
+    endpoint: str = Field("tcp://127.0.0.1:5556", description="ZeroMQ endpoint the PUB socket binds")
+    sndhwm: int = Field(100_000, ge=0, description="messages queued per subscriber before ZeroMQ drops")
+    heartbeat_s: float = Field(1.0, gt=0, description="seconds between heartbeat messages")
+
+
+class MetricsSettings(_Section):
+    port: int | None = Field(9108, ge=0, le=65535, description="HTTP port of /metrics; null disables it")
+    host: str = Field("127.0.0.1", description="address /metrics binds; 0.0.0.0 exposes it to the network")
+
+
+class ReaderSettings(_Section):
+    """Supervision of readers that run in a child process (psana): stall detection and restarts."""
+
+    stall_s: float = Field(5.0, gt=0, description="seconds without progress while a run is open: restart")
+    backoff_s: float = Field(1.0, gt=0, description="first delay before a restart, doubled each time")
+    max_backoff_s: float = Field(30.0, gt=0, description="longest delay between restarts")
+    ring_slots: int = Field(64, ge=2, description="frames in the shared-memory ring between reader and service")
+
+
+class ServeSettings(_Section):
+    """Everything `lcls-hitfinder serve` needs; each CLI flag overrides one key here."""
+
+    source: str = Field("sim:?rate=120", description="source URI: xtc2:, shmem:, exp:, psana1:, h5:, sim:")
+    model: Path | None = Field(None, description="embedder ONNX file; default: the shipped models/embedder.onnx")
+    bank: Path | None = Field(None, description="reference bank file; default: the shipped models/bank.h5")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where preprocessing runs")
+    providers: list[str] | None = Field(
+        None, description="onnxruntime providers in order of preference; default TensorRT, CUDA, CPU"
+    )
+    threads: int = Field(0, ge=0, description="torch/onnxruntime intra-op threads; 0 = library default")
+    calibration: PhotonCalibration = Field(default_factory=PhotonCalibration)
+    batch: BatchSettings = Field(default_factory=BatchSettings)
+    prefilter: PrefilterSettings = Field(default_factory=PrefilterSettings)
+    publish: PublishSettings = Field(default_factory=PublishSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    reader: ReaderSettings = Field(default_factory=ReaderSettings)
+    log_dir: Path | None = Field(Path("decisions"), description="folder of per-run decision logs; null: none")
+    queue_size: int = Field(1024, ge=1, description="frames buffered between the reader and the batcher")
+    max_events: int | None = Field(None, ge=1, description="stop after this many events (tests, dry runs)")
+    bank_poll_s: float = Field(1.0, gt=0, description="seconds between checks of the bank file for changes")

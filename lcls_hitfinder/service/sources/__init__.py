@@ -1,0 +1,105 @@
+"""Source URIs and the registry that turns one into a `protocols.Source`.
+
+A source is named `scheme:target?key=value&...`, e.g. `xtc2:run.xtc2?det=pnccd`,
+`exp:tmoc00123:42?dir=/data&det=jungfrau`, `h5:patterns.h5`, `sim:?rate=120`. Each scheme maps to a
+"module:Class" imported only when used, so psana is never imported for an h5: or sim: source. Every
+class is built as `Class(uri: SourceURI, settings: ServeSettings)`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, TypeVar
+from urllib.parse import parse_qsl
+
+from lcls_hitfinder.errors import UserError
+
+if TYPE_CHECKING:
+    from lcls_hitfinder.protocols import Source
+    from lcls_hitfinder.service.settings import ServeSettings
+
+T = TypeVar("T")
+
+REGISTRY: dict[str, str] = {
+    "xtc2": "lcls_hitfinder.service.sources.psana2:Psana2Source",
+    "shmem": "lcls_hitfinder.service.sources.psana2:Psana2Source",
+    "exp": "lcls_hitfinder.service.sources.psana2:Psana2Source",
+    "psana1": "lcls_hitfinder.service.sources.psana1:Psana1Source",
+    "h5": "lcls_hitfinder.service.sources.h5:H5Source",
+    "sim": "lcls_hitfinder.service.sources.sim:SimSource",
+}
+
+_SCHEME = re.compile(r"^([a-z][a-z0-9]*):(.*)$", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class SourceURI:
+    """A parsed source URI: `scheme:target?params`; `raw` is the text the user gave."""
+
+    scheme: str
+    target: str
+    params: dict[str, str] = field(default_factory=dict)
+    raw: str = ""
+
+    def get(self, name: str, convert: Callable[[str], T], default: T) -> T:
+        """The parameter `name` converted by `convert` (int, float, str...), or `default` when absent."""
+        value = self.params.get(name)
+        if value is None:
+            return default
+        try:
+            return convert(value)
+        except ValueError:
+            kind = getattr(convert, "__name__", "value")
+            raise UserError(f"source {self.raw}: {name}={value!r} is not a valid {kind}") from None
+
+    def require(self, name: str) -> str:
+        """A parameter the source cannot do without."""
+        value = self.params.get(name)
+        if not value:
+            raise UserError(f"source {self.raw}: missing ?{name}=...")
+        return value
+
+    def check_params(self, known: Iterable[str]) -> None:
+        """Refuse parameters the source does not understand (a typo must not be silently ignored)."""
+        unknown = sorted(set(self.params) - set(known))
+        if unknown:
+            raise UserError(
+                f"source {self.raw}: unknown parameter(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})"
+            )
+
+
+def parse_uri(uri: str) -> SourceURI:
+    """`scheme:target?k=v&...` -> SourceURI; a malformed or unknown one is a one-line UserError."""
+    m = _SCHEME.match(uri.strip())
+    if m is None:
+        raise UserError(f"source {uri!r} is not a URI of the form scheme:target?key=value (e.g. h5:patterns.h5)")
+    scheme, rest = m.groups()
+    if scheme not in REGISTRY:
+        raise UserError(f"source {uri!r}: unknown scheme {scheme!r} (known: {', '.join(sorted(REGISTRY))})")
+    target, _, query = rest.partition("?")
+    params: dict[str, str] = {}
+    if query:
+        try:
+            pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True)
+        except ValueError:
+            raise UserError(f"source {uri!r}: cannot parse the parameters {query!r} (want key=value&...)") from None
+        for key, value in pairs:
+            if key in params:
+                raise UserError(f"source {uri!r}: parameter {key!r} given twice")
+            params[key] = value
+    return SourceURI(scheme=scheme, target=target, params=params, raw=uri)
+
+
+def open_source(uri: str | SourceURI, settings: ServeSettings) -> Source:
+    """Build (not yet open) the source named by `uri`, importing its module only now."""
+    parsed = uri if isinstance(uri, SourceURI) else parse_uri(uri)
+    module_name, _, class_name = REGISTRY[parsed.scheme].partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise UserError(f"source {parsed.raw}: the {parsed.scheme}: backend is unavailable ({err})") from None
+    source: Source = getattr(module, class_name)(parsed, settings)
+    return source
