@@ -1,0 +1,106 @@
+"""A small subscriber: iterate over the service's decisions (or all its messages) and notice lost ones.
+
+    for d in DecisionClient("tcp://127.0.0.1:5556"):
+        ...
+
+`seq` is contiguous while the service runs, so a jump means the PUB socket dropped messages for this
+subscriber (it fell behind its high-water mark); each one is recorded in `gaps`. A `seq` that goes
+back means the service was restarted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import zmq
+
+from lcls_hitfinder.service.messages import DECISION, decode
+
+
+@dataclass(frozen=True)
+class Gap:
+    expected: int
+    got: int
+
+    @property
+    def missing(self) -> int:
+        return self.got - self.expected
+
+
+@dataclass
+class SeqTracker:
+    """Follows `seq` across decisions: gaps (lost messages) and restarts (seq going back)."""
+
+    next_seq: int | None = None
+    gaps: list[Gap] = field(default_factory=list)
+    restarts: int = 0
+
+    def see(self, seq: int) -> Gap | None:
+        gap = None
+        if self.next_seq is not None:
+            if seq > self.next_seq:
+                gap = Gap(self.next_seq, seq)
+                self.gaps.append(gap)
+            elif seq < self.next_seq:
+                self.restarts += 1
+        self.next_seq = seq + 1
+        return gap
+
+    @property
+    def missing(self) -> int:
+        return sum(g.missing for g in self.gaps)
+
+
+class DecisionClient:
+    """SUB socket connected to `endpoint`, subscribed to `topics` (default: decisions only)."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        topics: tuple[str, ...] = (DECISION,),
+        timeout_s: float | None = None,
+        rcvhwm: int = 1_000_000,
+    ) -> None:
+        self.endpoint = endpoint
+        self.timeout_ms = None if timeout_s is None else int(timeout_s * 1000)
+        self.tracker = SeqTracker()
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+        self._sock = self._ctx.socket(zmq.SUB)
+        self._sock.setsockopt(zmq.RCVHWM, rcvhwm)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        for topic in topics or ("",):
+            self._sock.setsockopt_string(zmq.SUBSCRIBE, topic)
+        self._sock.connect(endpoint)
+
+    @property
+    def gaps(self) -> list[Gap]:
+        return self.tracker.gaps
+
+    def messages(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(topic, payload) as they arrive; stops after `timeout_s` without a message (if set)."""
+        while True:
+            if self.timeout_ms is not None and not self._sock.poll(self.timeout_ms):
+                return
+            topic, payload = decode(self._sock.recv_multipart())
+            if topic == DECISION:
+                self.tracker.see(int(payload["seq"]))
+            yield topic, payload
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for topic, payload in self.messages():
+            if topic == DECISION:
+                yield payload
+
+    def close(self) -> None:
+        self._sock.close(0)
+
+    def __enter__(self) -> DecisionClient:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()

@@ -1,0 +1,100 @@
+"""The per-run record of every decision: an HDF5 file with one column per logged decision field.
+
+It is written by the pipeline's output stage before the decisions are published, flushed at least
+every `flush_s` seconds (also while no events come) and closed at the end of the run with the run's
+totals as attributes. Subscribers never affect it: whatever the PUB socket drops is still here.
+
+Layout: /<field> (N,) for each field of messages.LOG_COLUMNS (nil stored as -1 or ""), attrs:
+schema_version, experiment, run, source, model, complete (set at close) and the run's totals.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from lcls_hitfinder.service.messages import LOG_COLUMNS, SCHEMA_VERSION
+
+_STR = h5py.string_dtype("utf-8")
+
+
+def _dtype(spec_dtype: str) -> Any:
+    return _STR if spec_dtype == "str" else np.dtype(spec_dtype)
+
+
+def log_path(log_dir: Path, experiment: str, run: int) -> Path:
+    """A new file name for a run's log; never one that exists (a run served twice keeps both)."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    base = log_dir / f"{experiment}-r{run:04d}-{stamp}"
+    path, n = base.with_suffix(".h5"), 1
+    while path.exists():
+        path, n = base.with_name(f"{base.name}-{n}").with_suffix(".h5"), n + 1
+    return path
+
+
+class DecisionLog:
+    """Append columns of decisions (name -> (B,) array, in LOG_COLUMNS dtypes); flushed every `flush_s`."""
+
+    def __init__(self, path: Path, attrs: Mapping[str, Any], flush_s: float = 1.0) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = h5py.File(path, "w")
+        self._f.attrs["schema_version"] = SCHEMA_VERSION
+        self._f.attrs["complete"] = False
+        for key, value in attrs.items():
+            self._f.attrs[key] = value if isinstance(value, str | int | float) else json.dumps(value)
+        for spec in LOG_COLUMNS:
+            self._f.create_dataset(spec.name, (0,), _dtype(spec.log_dtype), maxshape=(None,), chunks=(4096,))
+        self._pending: list[Mapping[str, np.ndarray]] = []
+        self._flush_s = flush_s
+        self._last_flush = time.monotonic()
+        self.n = 0
+
+    def append(self, columns: Mapping[str, np.ndarray]) -> None:
+        self._pending.append(columns)
+        self.flush_if_due()
+
+    def flush_if_due(self) -> None:
+        if time.monotonic() - self._last_flush >= self._flush_s:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write what is pending and flush the file to disk."""
+        if self._pending:
+            n = sum(len(c["seq"]) for c in self._pending)
+            lo, hi = self.n, self.n + n
+            for spec in LOG_COLUMNS:
+                ds = self._f[spec.name]
+                ds.resize(hi, axis=0)
+                ds[lo:hi] = np.concatenate([np.asarray(c[spec.name]) for c in self._pending])
+            self.n = hi
+            self._pending.clear()
+        self._f.flush()
+        self._last_flush = time.monotonic()
+
+    def close(self, totals: Mapping[str, Any] | None = None) -> None:
+        """Write the rest, record the totals, mark the file complete and close it."""
+        if not self._f.id.valid:
+            return
+        self.flush()
+        for key, value in (totals or {}).items():
+            self._f.attrs[key] = value if isinstance(value, str | int | float) else json.dumps(value)
+        self._f.attrs["complete"] = True
+        self._f.close()
+
+
+def read_decision_log(path: Path | str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """All columns (strings decoded) and the attributes of a decision log."""
+    with h5py.File(path, "r") as f:
+        columns = {
+            spec.name: f[spec.name].asstr()[()] if spec.log_dtype == "str" else f[spec.name][()] for spec in LOG_COLUMNS
+        }
+        attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
+    return columns, attrs

@@ -1,0 +1,125 @@
+"""The embedder in onnxruntime: provider fallback TensorRT -> CUDA -> CPU, IO binding on the GPU.
+
+The providers the user prefers are filtered by what this onnxruntime build offers, and a session is
+built with the first that works: a TensorRT or CUDA provider that fails to initialise (no driver, no
+libnvinfer) falls through to the next. The provider in use is logged and exported in
+hitfinder_build_info. On CUDA, thumbnails already on the GPU are bound to the session by pointer
+(IO binding), so they never travel to the host; the small (B, D) embeddings come back for the bank.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from lcls_hitfinder.errors import UserError
+from lcls_hitfinder.model_io import INPUT_NAME, OUTPUT_NAME, read_model_info
+
+log = logging.getLogger(__name__)
+
+TENSORRT = "TensorrtExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+DEFAULT_PROVIDERS = (TENSORRT, CUDA, CPU)
+SHORT_NAMES = {"tensorrt": TENSORRT, "trt": TENSORRT, "cuda": CUDA, "cpu": CPU}
+_GPU_PROVIDERS = (TENSORRT, CUDA)
+
+
+def select_providers(preferred: Sequence[str] | None, available: Sequence[str]) -> list[str]:
+    """The preferred providers (full or short names) that this build has, in order, always ending with CPU."""
+    chain = []
+    for name in preferred or DEFAULT_PROVIDERS:
+        full = SHORT_NAMES.get(name.lower(), name)
+        if not full.endswith("ExecutionProvider"):
+            raise UserError(f"unknown onnxruntime provider {name!r} (use tensorrt, cuda, cpu or a full provider name)")
+        if full in available and full not in chain:
+            chain.append(full)
+    if CPU not in chain:
+        chain.append(CPU)
+    return chain
+
+
+def provider_options(provider: str, thumbnail: int, max_batch: int, device_id: int) -> dict[str, Any]:
+    """Options per provider: TensorRT gets the dynamic batch range and an engine cache (builds take minutes)."""
+    if provider == TENSORRT:
+        cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lcls-hitfinder" / "tensorrt"
+        cache.mkdir(parents=True, exist_ok=True)
+        shape = f"1x{thumbnail}x{thumbnail}"
+        return {
+            "device_id": device_id,
+            "trt_engine_cache_enable": True,
+            "trt_engine_cache_path": str(cache),
+            "trt_profile_min_shapes": f"{INPUT_NAME}:1x{shape}",
+            "trt_profile_opt_shapes": f"{INPUT_NAME}:{max_batch}x{shape}",
+            "trt_profile_max_shapes": f"{INPUT_NAME}:{max_batch}x{shape}",
+        }
+    if provider == CUDA:
+        return {"device_id": device_id}
+    return {}
+
+
+class OnnxEmbedder:
+    """Thumbnails (B, 1, S, S) -> embeddings (B, D) as numpy, with the best provider that works here."""
+
+    def __init__(
+        self,
+        model: Path,
+        providers: Sequence[str] | None = None,
+        max_batch: int = 32,
+        threads: int = 0,
+        device_id: int = 0,
+    ) -> None:
+        info = read_model_info(model)
+        self.info = info
+        self.model_hash = info.model_hash
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        chain = select_providers(providers, ort.get_available_providers())
+        self.session: ort.InferenceSession | None = None
+        for i, first in enumerate(chain):
+            tried = [(p, provider_options(p, info.preprocess.thumbnail, max_batch, device_id)) for p in chain[i:]]
+            try:
+                self.session = ort.InferenceSession(str(model), options, providers=tried)
+                break
+            except Exception as err:  # onnxruntime raises its own unrelated types per provider
+                log.warning("onnxruntime provider %s failed (%s); trying the next", first, err)
+        if self.session is None:
+            raise UserError(f"cannot load model {model} with any of {', '.join(chain)}")
+        self.provider = self.session.get_providers()[0]
+        self.device_id = device_id
+        log.info("model %s (%s) runs on %s", model, self.model_hash, self.provider)
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.provider in _GPU_PROVIDERS
+
+    def embed(self, thumbnails: torch.Tensor | np.ndarray) -> np.ndarray:
+        assert self.session is not None
+        if isinstance(thumbnails, torch.Tensor) and thumbnails.is_cuda and self.on_gpu:
+            return self._embed_bound(thumbnails)
+        x = thumbnails.detach().cpu().numpy() if isinstance(thumbnails, torch.Tensor) else thumbnails
+        (out,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(x, np.float32)})
+        return np.asarray(out)
+
+    def _embed_bound(self, thumbnails: torch.Tensor) -> np.ndarray:
+        """IO binding: the session reads the torch tensor's device memory and writes into another one."""
+        assert self.session is not None
+        x = thumbnails.contiguous().to(torch.float32)
+        out = torch.empty((x.shape[0], self.info.embed_dim), dtype=torch.float32, device=x.device)
+        device_id = x.device.index or 0
+        binding = self.session.io_binding()
+        binding.bind_input(INPUT_NAME, "cuda", device_id, np.float32, tuple(x.shape), x.data_ptr())
+        binding.bind_output(OUTPUT_NAME, "cuda", device_id, np.float32, tuple(out.shape), out.data_ptr())
+        torch.cuda.current_stream(x.device).synchronize()  # torch's preprocessing must finish before ORT reads
+        self.session.run_with_iobinding(binding)
+        return out.cpu().numpy()

@@ -1,0 +1,190 @@
+"""The messages the service publishes, defined once: topics, fields, msgpack encoding, schema version.
+
+Every ZeroMQ message is two frames, [topic, msgpack(payload)]; every payload carries `v`, the schema
+version. `FIELDS` is the single table: the decision log takes its columns from it and docs/messages.md
+is generated from it (`python -m lcls_hitfinder.service.messages > docs/messages.md`, checked by a test).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import numpy as np
+
+SCHEMA_VERSION = 1
+
+DECISION = "decision"
+HEARTBEAT = "heartbeat"
+RUN = "run"
+TOPICS = (DECISION, HEARTBEAT, RUN)
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    name: str
+    type: str  # as documented: int, float, str, bool, map, or `T | nil`
+    doc: str
+    log_dtype: str = ""  # numpy dtype of the decision-log column ("" = not logged); "str" = UTF-8
+
+
+_V = FieldSpec("v", "int", "schema version of this payload", "")
+
+FIELDS: dict[str, tuple[FieldSpec, ...]] = {
+    DECISION: (
+        _V,
+        FieldSpec(
+            "seq", "int", "contiguous from 0 and never reused while the service runs: a gap = a lost message", "i8"
+        ),
+        FieldSpec(
+            "experiment", "str", "experiment name (psana), e.g. `tmoc00123`; `sim` or the file stem otherwise", "str"
+        ),
+        FieldSpec("run", "int", "run number", "i4"),
+        FieldSpec("event", "int", "event index within the run, from 0", "i8"),
+        FieldSpec("timestamp", "int", "psana 64-bit timestamp: seconds since 1990-01-01 << 32 | nanoseconds", "u8"),
+        FieldSpec("time_ns", "int", "unix time in ns when the decision was made", "i8"),
+        FieldSpec(
+            "pulse_id", "int | nil", "accelerator pulse id when a timing detector is recorded (-1 in the log)", "i8"
+        ),
+        FieldSpec("label", "str", "`blank`, `single`, `multi` or `error`", "str"),
+        FieldSpec("decision", "str", "`keep` (a single hit) or `veto`", "str"),
+        FieldSpec("score", "float", "single-hit score in [-1, 1] from the bank; higher is more single-like", "f4"),
+        FieldSpec("distance", "float", "embedding distance to the single-hit references (NaN when not computed)", "f4"),
+        FieldSpec("n_particles", "int | nil", "estimated particle count, nil when not estimated (-1 in the log)", "i1"),
+        FieldSpec("latency_us", "int", "microseconds from the frame being read to this decision being published", "i8"),
+        FieldSpec("model", "str", "hash of the embedder model that made the decision", "str"),
+        FieldSpec(
+            "truth_n_particles", "int | nil", "true particle count when the source knows it (-1 in the log)", "i1"
+        ),
+        FieldSpec("reason", "str | nil", "why the label is `error` (shape, dtype, nonfinite), or `prefilter`", "str"),
+    ),
+    HEARTBEAT: (
+        _V,
+        FieldSpec("time_ns", "int", "unix time in ns"),
+        FieldSpec("uptime_s", "float", "seconds since the service started"),
+        FieldSpec("next_seq", "int", "the `seq` the next decision will carry (= decisions published so far)"),
+        FieldSpec("rate_hz", "float", "decisions per second since the previous heartbeat"),
+        FieldSpec("counts", "map", "decisions so far by label: {blank, single, multi, error}"),
+        FieldSpec("keep", "int", "decisions so far that said keep"),
+        FieldSpec("dropped", "int", "events read but not decided (the service fell behind a live source)"),
+        FieldSpec("source_restarts", "int", "watchdog restarts of the source's reader"),
+        FieldSpec("queue_depth", "int", "frames waiting between reader and batcher"),
+        FieldSpec("run_open", "bool", "whether a run is being served"),
+        FieldSpec("experiment", "str | nil", "experiment of the open (or last) run"),
+        FieldSpec("run", "int | nil", "number of the open (or last) run"),
+        FieldSpec("model", "str", "model hash"),
+        FieldSpec("provider", "str", "onnxruntime execution provider in use"),
+        FieldSpec("source", "str", "source URI"),
+    ),
+    RUN: (
+        _V,
+        FieldSpec("phase", "str", "`begin` or `end`"),
+        FieldSpec("experiment", "str", "experiment name"),
+        FieldSpec("run", "int", "run number"),
+        FieldSpec("time_ns", "int", "unix time in ns"),
+        FieldSpec("source", "str", "source URI"),
+        FieldSpec("model", "str", "model hash"),
+        FieldSpec("provider", "str", "onnxruntime execution provider in use"),
+        FieldSpec("first_seq", "int", "`seq` of the run's first decision"),
+        FieldSpec("events", "int", "decisions in the run (0 at begin)"),
+        FieldSpec("counts", "map", "decisions in the run by label (end; zeros at begin)"),
+        FieldSpec("keep", "int", "decisions in the run that said keep"),
+        FieldSpec("dropped", "int", "events of the run read but not decided"),
+        FieldSpec("duration_s", "float", "seconds from begin to end (0 at begin)"),
+        FieldSpec("log", "str | nil", "path of the run's decision log"),
+    ),
+}
+
+LOG_COLUMNS: tuple[FieldSpec, ...] = tuple(f for f in FIELDS[DECISION] if f.log_dtype)
+
+
+_NIL_SENTINEL = {f.name: (-1 if f.log_dtype != "str" else "") for f in LOG_COLUMNS if "nil" in f.type}
+
+
+def decision_payloads(columns: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
+    """Decision payloads (without `v`) from decision-log columns: -1 or "" become nil where a field allows it."""
+    names = [f.name for f in LOG_COLUMNS]
+    values = []
+    for name in names:
+        col = np.asarray(columns[name]).tolist()
+        sentinel = _NIL_SENTINEL.get(name)
+        if sentinel is not None:
+            col = [None if x == sentinel else x for x in col]
+        values.append(col)
+    return [dict(zip(names, row, strict=True)) for row in zip(*values, strict=True)]
+
+
+class MessageError(ValueError):
+    """A message that is not one of ours: wrong frame count, unknown topic or schema version, missing fields."""
+
+
+def encode(topic: str, payload: Mapping[str, Any]) -> list[bytes]:
+    """[topic, msgpack payload] with `v` set; the two frames of a ZeroMQ multipart message."""
+    body = dict(payload)
+    body["v"] = SCHEMA_VERSION
+    return [topic.encode(), msgpack.packb(body, use_bin_type=True)]
+
+
+def decode(frames: Sequence[bytes]) -> tuple[str, dict[str, Any]]:
+    """The inverse of `encode`, checking the topic, the schema version and that every field is present."""
+    if len(frames) != 2:
+        raise MessageError(f"expected [topic, payload], got {len(frames)} frames")
+    topic = bytes(frames[0]).decode(errors="replace")
+    if topic not in FIELDS:
+        raise MessageError(f"unknown topic {topic!r}")
+    try:
+        payload = msgpack.unpackb(frames[1], raw=False)
+    except (ValueError, msgpack.ExtraData) as err:
+        raise MessageError(f"undecodable {topic} payload: {err}") from None
+    if not isinstance(payload, dict) or payload.get("v") != SCHEMA_VERSION:
+        version = payload.get("v") if isinstance(payload, dict) else None
+        raise MessageError(f"{topic} message of schema version {version!r}; this client reads {SCHEMA_VERSION}")
+    missing = [f.name for f in FIELDS[topic] if f.name not in payload]
+    if missing:
+        raise MessageError(f"{topic} message without {', '.join(missing)}")
+    return topic, payload
+
+
+def markdown() -> str:
+    """docs/messages.md, generated from FIELDS."""
+    lines = [
+        "# Messages",
+        "",
+        "`lcls-hitfinder serve` publishes on a ZeroMQ PUB socket (`serve.publish.endpoint`, `--publish`).",
+        "Each message has two frames: the topic (`decision`, `heartbeat` or `run`) and a msgpack map.",
+        f"Schema version: `v = {SCHEMA_VERSION}`. Subscribe to a topic by its name as the ZeroMQ prefix.",
+        "Generated from `lcls_hitfinder/service/messages.py` by `python -m lcls_hitfinder.service.messages`;",
+        "a test fails when the two differ.",
+        "",
+        "- `decision`: one per event, in event order.",
+        "- `heartbeat`: every `serve.publish.heartbeat_s` (1 s), also between runs and while the source is down.",
+        "- `run`: at the beginning and at the end of each run; the end carries the run's totals.",
+        "",
+        "A PUB socket drops messages for a subscriber that falls behind its high-water mark",
+        "(`serve.publish.sndhwm`): compare `seq` with the previous one (`lcls-hitfinder listen` reports gaps)",
+        "and read the run's decision log (`serve.log_dir`, HDF5, one column per logged field) for the full record.",
+        "",
+    ]
+    for topic, fields in FIELDS.items():
+        lines += [f"## `{topic}`", "", "| field | type | meaning |", "| --- | --- | --- |"]
+        lines += [f"| `{f.name}` | {f.type} | {f.doc} |" for f in fields]
+        lines.append("")
+    lines += [
+        "## Reading it",
+        "",
+        "```python",
+        "from lcls_hitfinder.service.client import DecisionClient",
+        "",
+        'for d in DecisionClient("tcp://127.0.0.1:5556"):',
+        '    if d["decision"] == "keep":',
+        '        print(d["run"], d["event"], d["score"])',
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(markdown(), end="")

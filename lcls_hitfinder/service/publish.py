@@ -1,0 +1,76 @@
+"""ZeroMQ PUB publisher: one socket, owned by one thread, fed through a queue.
+
+ZeroMQ sockets are not thread-safe, and the pipeline publishes from its output stage while the
+heartbeat timer publishes from another thread; so every message goes through a queue to the one
+thread that created the socket. A PUB socket never blocks: a subscriber past its high-water mark
+loses messages (it sees a gap in `seq`); the decision log is the complete record.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+import zmq
+
+from lcls_hitfinder.errors import UserError
+from lcls_hitfinder.service.messages import encode
+
+log = logging.getLogger(__name__)
+
+_STOP = None
+
+
+class ZmqPublisher:
+    """`publish(topic, payload)` from any thread; the socket is bound before the constructor returns."""
+
+    def __init__(self, endpoint: str, sndhwm: int = 100_000, linger_ms: int = 2000) -> None:
+        self._queue: queue.Queue[tuple[str, Mapping[str, Any]] | None] = queue.Queue()
+        self._bound = threading.Event()
+        self._error: str | None = None
+        self.endpoint = endpoint
+        self._thread = threading.Thread(
+            target=self._run, args=(endpoint, sndhwm, linger_ms), name="zmq-publisher", daemon=True
+        )
+        self._thread.start()
+        self._bound.wait()
+        if self._error is not None:
+            raise UserError(self._error)
+
+    def _run(self, endpoint: str, sndhwm: int, linger_ms: int) -> None:
+        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+        sock = ctx.socket(zmq.PUB)
+        sock.setsockopt(zmq.SNDHWM, sndhwm)
+        sock.setsockopt(zmq.LINGER, linger_ms)
+        try:
+            sock.bind(endpoint)
+        except zmq.ZMQError as err:
+            self._error = f"cannot bind the publisher to {endpoint}: {err}"
+            sock.close(0)
+            self._bound.set()
+            return
+        self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)  # resolves tcp://host:* to the real port
+        log.info("publishing on %s", self.endpoint)
+        self._bound.set()
+        try:
+            while (item := self._queue.get()) is not _STOP:
+                sock.send_multipart(encode(*item), copy=False)
+        finally:
+            sock.close()  # lingers up to linger_ms so that what was queued reaches connected subscribers
+
+    def publish(self, topic: str, payload: Mapping[str, Any]) -> None:
+        self._queue.put((topic, payload))
+
+    @property
+    def depth(self) -> int:
+        """Messages queued but not yet handed to ZeroMQ."""
+        return self._queue.qsize()
+
+    def close(self) -> None:
+        """Send everything queued, then close the socket."""
+        if self._thread.is_alive():
+            self._queue.put(_STOP)
+            self._thread.join()
