@@ -1,0 +1,105 @@
+"""The supervised reader: frames through the shared-memory ring, a watchdog on a child frozen with the GIL held.
+
+The read loops here are real child processes; the frozen one calls libc `sleep` through ctypes.PyDLL,
+which keeps the GIL exactly as psana's shmem client does when its server goes away.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from lcls_hitfinder.errors import UserError
+from lcls_hitfinder.protocols import EventId, Frame
+from lcls_hitfinder.service.reader import FrameSink, SupervisedReader
+from lcls_hitfinder.service.settings import ReaderSettings
+
+
+def _frame_data(i: int) -> np.ndarray:
+    side = 8 if i < 3 else 16  # grows after three frames: the ring must be re-created bigger
+    return np.full((side, side), i, dtype=np.uint16)
+
+
+@dataclass(frozen=True)
+class CountingLoop:
+    n: int
+    freeze_after: int | None = None  # freeze (GIL held) after this many frames, on the first start only
+
+    def __call__(self, sink: FrameSink, resume_after: EventId | None) -> None:
+        sink.ready(f"{self.n} test frames")
+        start = 0 if resume_after is None else resume_after.event + 1
+        for i in range(start, self.n):
+            if self.freeze_after is not None and resume_after is None and i == self.freeze_after:
+                ctypes.PyDLL(None).sleep(3600)  # libc sleep without releasing the GIL
+            sink.put(
+                EventId("tst", 1, i, timestamp=1000 + i), _frame_data(i), truth=i % 3, read_ns=time.perf_counter_ns()
+            )
+
+
+@dataclass(frozen=True)
+class BadDetectorLoop:
+    def __call__(self, sink: FrameSink, resume_after: EventId | None) -> None:
+        raise UserError("no detector 'nope' in this run")
+
+
+def _settings() -> ReaderSettings:
+    return ReaderSettings(stall_s=1.0, backoff_s=0.2, max_backoff_s=1.0, ring_slots=4)
+
+
+def _leftovers() -> list[str]:
+    return glob.glob(f"/dev/shm/lhf_{os.getpid()}_*")
+
+
+def _collect(reader: SupervisedReader, deadline_s: float = 60.0) -> tuple[list[Frame], int]:
+    frames: list[Frame] = []
+    ticks = 0
+    end = time.monotonic() + deadline_s
+    for item in reader.frames():
+        if item is None:
+            ticks += 1
+        else:
+            frames.append(item)
+        assert time.monotonic() < end, "reader did not finish"
+    return frames, ticks
+
+
+def test_frames_cross_the_ring_in_order_and_leave_nothing_behind() -> None:
+    reader = SupervisedReader(CountingLoop(10), _settings(), "count", live=False)
+    try:
+        reader.start(wait_ready_s=30)
+        frames, _ = _collect(reader)
+    finally:
+        reader.close()
+    assert [f.event.event for f in frames] == list(range(10))
+    for f in frames:
+        np.testing.assert_array_equal(f.data, _frame_data(f.event.event))
+        assert f.truth_n_particles == f.event.event % 3
+    assert reader.restarts == 0
+    assert _leftovers() == []
+
+
+def test_watchdog_restarts_a_reader_frozen_with_the_gil_held() -> None:
+    reader = SupervisedReader(CountingLoop(8, freeze_after=4), _settings(), "freeze", live=False)
+    try:
+        reader.start(wait_ready_s=30)
+        frames, ticks = _collect(reader)
+    finally:
+        reader.close()
+    assert [f.event.event for f in frames] == list(range(8))  # resumed after the last event received
+    assert reader.restarts == 1
+    assert ticks >= 2  # idle ticks kept coming while the child was frozen
+    assert _leftovers() == []
+
+
+def test_bad_input_in_the_child_is_a_one_line_error_at_start() -> None:
+    reader = SupervisedReader(BadDetectorLoop(), _settings(), "bad", live=False)
+    with pytest.raises(UserError, match="no detector 'nope'"):
+        reader.start(wait_ready_s=30)
+    reader.close()
+    assert _leftovers() == []
