@@ -150,3 +150,48 @@ class ReferenceBank:
                 f"bank {path} was built for model {bank.model_hash}, not for the loaded model {expected_model_hash}"
             )
         return bank
+
+
+def precision_recall(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Precision and recall of `score >= t` for every distinct score t (descending): the PR curve.
+
+    Returns (thresholds, precision, recall), one entry per distinct score, thresholds decreasing.
+    """
+    scores = np.asarray(scores, np.float64)
+    positive = np.asarray(positive, bool)
+    order = np.argsort(-scores, kind="stable")
+    s, p = scores[order], positive[order]
+    last = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]  # last index of each run of equal scores
+    tp = np.cumsum(p)[last]
+    kept = last + 1
+    return s[last], tp / kept, tp / max(int(positive.sum()), 1)
+
+
+def calibrate_threshold(scores: np.ndarray, is_single: np.ndarray, target_precision: float) -> tuple[float, bool]:
+    """The lowest score threshold whose kept set reaches `target_precision` single hits: most recall at that precision.
+
+    Returns (threshold, reached). Where no threshold reaches the target, the one of highest precision
+    (and reached=False), so the caller can say so.
+    """
+    if len(scores) == 0 or not np.any(is_single):
+        raise UserError("threshold calibration needs held-out patterns including single hits")
+    t, precision, _ = precision_recall(scores, is_single)
+    ok = np.nonzero(precision >= target_precision)[0]
+    if len(ok):
+        return float(t[ok[-1]]), True
+    return float(t[int(np.argmax(precision))]), False
+
+
+def select_references(
+    n_particles: np.ndarray, structure: np.ndarray | None, per_class: int, seed: int = 0
+) -> np.ndarray:
+    """Sorted indices of up to `per_class` random patterns per particle count (and per structure if given)."""
+    rng = np.random.default_rng(seed)
+    keys = np.asarray(n_particles).astype(str)
+    if structure is not None:
+        keys = np.char.add(np.char.add(keys, "|"), np.asarray(structure, dtype=str))
+    chosen = [
+        rng.choice(np.nonzero(keys == key)[0], size=min(per_class, int((keys == key).sum())), replace=False)
+        for key in np.unique(keys)
+    ]
+    return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, np.int64)

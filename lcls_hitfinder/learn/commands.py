@@ -1,9 +1,221 @@
-"""CLI subcommands of this stage, registered on the main app by lcls_hitfinder.cli."""
+"""CLI subcommands of this stage: train, export, bank build, classify, evaluate.
+
+Heavy imports (torch, onnxruntime, matplotlib) happen inside the commands so `--help` stays quick.
+"""
 
 from __future__ import annotations
 
+import csv
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
 import typer
+
+from lcls_hitfinder.errors import UserError
+
+KINDS = ("twin", "cnn")
+bank_app = typer.Typer(help="Reference banks: build one from a few labelled patterns.", no_args_is_help=True)
+
+
+def _existing(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise UserError(f"{what} {path} does not exist")
+    return path
+
+
+def train(
+    kind: Annotated[str, typer.Argument(help="twin (the embedder) or cnn (a multi-output CNN baseline)")],
+    data: Annotated[Path, typer.Option(help="training dataset (HDF5)")],
+    val: Annotated[Path, typer.Option(help="validation dataset, never the test set")],
+    out: Annotated[Path, typer.Option(help="run directory: run.json, checkpoints, best model")],
+    config: Annotated[Path | None, typer.Option(help="config file; its [train] section is the base")] = None,
+    embed_dim: Annotated[int | None, typer.Option(help="embedding dimension, 2-128")] = None,
+    alpha: Annotated[float | None, typer.Option(help="triplet margin α")] = None,
+    mining: Annotated[str | None, typer.Option(help="batch-hard or semi-hard")] = None,
+    epochs: Annotated[int | None, typer.Option(help="epochs")] = None,
+    steps_per_epoch: Annotated[int | None, typer.Option(help="batches per epoch (default: one pass)")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="patterns per batch")] = None,
+    thumbnail: Annotated[int | None, typer.Option(help="thumbnail side, 64 or 128")] = None,
+    width: Annotated[int | None, typer.Option(help="embedder width (first-layer channels)")] = None,
+    arch: Annotated[str | None, typer.Option(help="cnn: late3..late18, early3..early18, resnet18, vgg16")] = None,
+    cnn_width: Annotated[int | None, typer.Option(help="cnn: first-layer channels")] = None,
+    augment: Annotated[bool | None, typer.Option("--augment/--no-augment", help="on-the-fly augmentation")] = None,
+    photons: Annotated[
+        str | None, typer.Option(help="augmentation photons per single hit 'LO,HI', or 'data' to keep the data's")
+    ] = None,
+    gaussian_sigma: Annotated[float | None, typer.Option(help="augmentation: largest Gaussian noise, photons")] = None,
+    seed: Annotated[int | None, typer.Option(help="random seed")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
+    resume: Annotated[bool, typer.Option(help="continue the run in --out from its last checkpoint")] = False,
+) -> None:
+    """Train a twin embedder (triplet loss) or a CNN baseline; progress bars and per-epoch validation."""
+    from lcls_hitfinder.config import load_config
+    from lcls_hitfinder.learn.train import train as run_training
+
+    if kind not in KINDS:
+        raise UserError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
+    photon_range: list[float] | None = None
+    if photons not in (None, "data"):
+        try:
+            photon_range = [float(v) for v in photons.split(",")]
+        except ValueError:
+            raise UserError(f"--photons must be LO,HI or data, not {photons!r}") from None
+    overrides: dict[str, Any] = {
+        "train.embed_dim": embed_dim,
+        "train.alpha": alpha,
+        "train.mining": mining,
+        "train.epochs": epochs,
+        "train.steps_per_epoch": steps_per_epoch,
+        "train.batch_size": batch_size,
+        "train.preprocess.thumbnail": thumbnail,
+        "train.width": width,
+        "train.cnn.arch": arch,
+        "train.cnn.width": cnn_width,
+        "train.augment.enabled": augment,
+        "train.augment.photons": photon_range,
+        "train.augment.gaussian_sigma": gaussian_sigma,
+        "train.seed": seed,
+        "train.device": device,
+        "train.threads": threads,
+    }
+    settings = load_config(config, overrides).train
+    if photons == "data":
+        settings.augment.photons = None
+    if not resume:
+        _existing(data, "dataset")
+        _existing(val, "validation dataset")
+    best = run_training(kind, data, val, out, settings, resume)  # type: ignore[arg-type]
+    print(json.dumps({"run": str(out), "best": best}, indent=2))
+
+
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="a twin training run directory")],
+    out: Annotated[Path, typer.Option(help="ONNX file to write")],
+) -> None:
+    """Export a twin run's best weights to ONNX, with preprocessing and training summary in the metadata."""
+    from lcls_hitfinder.learn.export import export_run
+
+    info, diff = export_run(_existing(run_dir, "run directory"), out)
+    size = out.stat().st_size / 1e6
+    print(f"{out}: model {info.model_hash}, embed dim {info.embed_dim}, {size:.2f} MB, parity {diff:.1e}")
+
+
+@bank_app.command("build")
+def bank_build(
+    model: Annotated[Path, typer.Option(help="embedder ONNX file")],
+    data: Annotated[Path, typer.Option(help="labelled patterns to draw references from")],
+    out: Annotated[Path, typer.Option(help="bank file to write (HDF5)")],
+    per_class: Annotated[int, typer.Option(help="references per particle count (0-4)")] = 10,
+    by_structure: Annotated[bool, typer.Option(help="draw --per-class references per structure too")] = False,
+    calibrate: Annotated[
+        Path | None, typer.Option(help="held-out data for the threshold (default: the non-reference patterns)")
+    ] = None,
+    target_precision: Annotated[float, typer.Option(help="single-hit precision the threshold aims for")] = 0.99,
+    k: Annotated[int, typer.Option(help="nearest references averaged per class")] = 5,
+    method: Annotated[str, typer.Option(help="knn or prototype")] = "knn",
+    seed: Annotated[int, typer.Option(help="seed of the reference draw")] = 0,
+) -> None:
+    """Build a reference bank and calibrate its threshold for a target single-hit precision."""
+    from lcls_hitfinder.learn.infer import build_bank
+
+    if method not in ("knn", "prototype"):
+        raise UserError(f"--method must be knn or prototype, not {method!r}")
+    if not 0 < target_precision <= 1:
+        raise UserError("--target-precision must be in (0, 1]")
+    bank, report = build_bank(
+        _existing(model, "model"),
+        _existing(data, "dataset"),
+        per_class,
+        by_structure,
+        calibrate and _existing(calibrate, "calibration dataset"),
+        target_precision,
+        k,
+        method,
+        seed,
+    )
+    bank.save(out)
+    if not report["reached"]:
+        print(f"warning: no threshold reaches precision {target_precision}; using the most precise one")
+    print(json.dumps({"bank": str(out), **report}, indent=2))
+
+
+def _decide(model: Path, bank_path: Path, data: Path) -> tuple[Any, Any, Any]:
+    """Embeddings, decisions and the dataset reader (left open) for model + bank on data."""
+    from lcls_hitfinder.bank import ReferenceBank
+    from lcls_hitfinder.dataset import Dataset
+    from lcls_hitfinder.learn.infer import embed_dataset
+    from lcls_hitfinder.service.embedder import OnnxEmbedder
+
+    embedder = OnnxEmbedder(_existing(model, "model"), threads=2)
+    bank = ReferenceBank.load(_existing(bank_path, "bank"), expected_model_hash=embedder.model_hash)
+    dataset = Dataset(_existing(data, "dataset"))
+    emb = embed_dataset(embedder, dataset)
+    return emb, bank.decide(emb), dataset
+
+
+def classify(
+    model: Annotated[Path, typer.Option(help="embedder ONNX file")],
+    bank: Annotated[Path, typer.Option(help="reference bank built for this model")],
+    data: Annotated[Path, typer.Option(help="patterns to classify (any image size and mask)")],
+    out: Annotated[Path, typer.Option(help="CSV to write: index,label,keep,score,distance")],
+) -> None:
+    """Classify every pattern of a dataset offline."""
+    from lcls_hitfinder.labels import Label
+
+    _, dec, dataset = _decide(model, bank, data)
+    dataset.close()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["index", "label", "keep", "score", "distance"])
+        for i in range(len(dec.label)):
+            keep = "true" if dec.keep[i] else "false"
+            w.writerow([i, Label(int(dec.label[i])).text, keep, f"{dec.score[i]:.6f}", f"{dec.distance[i]:.6f}"])
+    print(f"{out}: {len(dec.label)} patterns, {int(dec.keep.sum())} kept as single hits")
+
+
+def evaluate(
+    data: Annotated[Path, typer.Option(help="labelled test patterns, never seen in training")],
+    report: Annotated[Path, typer.Option(help="directory for metrics.json, metrics.md and plots")],
+    model: Annotated[Path | None, typer.Option(help="embedder ONNX file")] = None,
+    bank: Annotated[Path | None, typer.Option(help="reference bank built for the model")] = None,
+    run: Annotated[Path | None, typer.Option(help="instead of model + bank: a cnn baseline run directory")] = None,
+    examples: Annotated[int, typer.Option(help="patterns in the example grid")] = 24,
+) -> None:
+    """Evaluate model + bank (or a CNN baseline run) on labelled data: metrics, table and plots."""
+    import numpy as np
+
+    from lcls_hitfinder.evaluate import hit_metrics, markdown_table, write_report
+
+    if run is not None:
+        from lcls_hitfinder.learn.baseline import evaluate_cnn
+
+        metrics = evaluate_cnn(_existing(run, "run directory"), _existing(data, "dataset"))
+        report.mkdir(parents=True, exist_ok=True)
+        (report / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        (report / "metrics.md").write_text(markdown_table([metrics], list(metrics)))
+        print(json.dumps(metrics, indent=2))
+        return
+    if model is None or bank is None:
+        raise UserError("evaluate needs --model and --bank (or --run for a CNN baseline)")
+    emb, dec, dataset = _decide(model, bank, data)
+    with dataset:
+        n = dataset.n_particles
+        metrics = hit_metrics(n, dec)
+        photons = dataset.photons
+        metrics["photons_per_single_hit"] = float(np.median(photons[n == 1])) if (n == 1).any() else float("nan")
+        rng = np.random.default_rng(0)
+        idx = np.sort(rng.choice(len(n), size=min(examples, len(n)), replace=False))
+        write_report(report, metrics, n, dec, photons, emb, dataset.images(idx), idx)
+    print(json.dumps({k: v for k, v in metrics.items() if k != "confusion"}, indent=2))
 
 
 def register(app: typer.Typer) -> None:
     """Add this stage's subcommands to `app`."""
+    app.command()(train)
+    app.command()(export)
+    app.add_typer(bank_app, name="bank")
+    app.command()(classify)
+    app.command()(evaluate)

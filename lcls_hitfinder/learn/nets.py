@@ -1,4 +1,10 @@
-"""Networks: the twin-network embedder (and, later, the multi-output CNN baselines)."""
+"""Networks: the twin-network embedder and the design study's multi-output CNN baselines.
+
+All take one-channel thumbnails (N, 1, S, S) from the shared preprocessing. The baselines are built
+from one layer specification each (plain stacks of conv-BN-ReLU with max-pooling, VGG16's layout,
+ResNet18's basic blocks), branching into the structure and count heads late (after the trunk) or
+early (after the first layer, two towers).
+"""
 
 from __future__ import annotations
 
@@ -7,27 +13,153 @@ import itertools
 import torch
 from torch import nn
 
+COUNT_CLASSES = 5  # 0 (blank) .. 4 particles
 
-def _conv_block(c_in: int, c_out: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+
+def conv_bn_relu(c_in: int, c_out: int, stride: int = 1) -> list[nn.Module]:
+    return [
+        nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
         nn.BatchNorm2d(c_out),
         nn.ReLU(inplace=True),
-        nn.MaxPool2d(2),
-    )
+    ]
 
 
 class TwinEmbedder(nn.Module):
-    """A small CNN: thumbnail (N, 1, S, S) -> embedding (N, D). Shared by both arms of the twin."""
+    """A small CNN: thumbnail (N, 1, S, S) -> embedding (N, D). Shared by both arms of the twin.
 
-    def __init__(self, embed_dim: int = 32, width: int = 16, depth: int = 4) -> None:
+    `depth` conv blocks, each halving the size; channels grow from `width` by 1.5x per block (not 2x), so
+    every block costs less than the one before and the whole net stays fast on a CPU.
+    """
+
+    def __init__(self, embed_dim: int = 32, width: int = 8, depth: int = 4) -> None:
         super().__init__()
         if not 2 <= embed_dim <= 128:
             raise ValueError(f"embed_dim must be in [2, 128], got {embed_dim}")
-        chans = [1] + [width * 2 ** min(i, 3) for i in range(depth)]
-        self.features = nn.Sequential(*(_conv_block(a, b) for a, b in itertools.pairwise(chans)))
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(chans[-1], embed_dim))
+        chans = [1] + [round(width * 1.5**i) for i in range(depth)]
+        blocks: list[nn.Module] = []
+        for a, b in itertools.pairwise(chans):
+            blocks += [*conv_bn_relu(a, b), nn.MaxPool2d(2)]
+        self.features = nn.Sequential(*blocks)
+        self.head = nn.Sequential(
+            nn.AdaptiveAvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(4 * chans[-1], 64),
+            nn.ReLU(inplace=True),
+            nn.Linear(64, embed_dim),
+        )
         self.embed_dim = embed_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
+
+
+def plain_spec(n_layers: int, width: int) -> list[int | str]:
+    """Conv widths of an n-layer plain CNN with 4 max-pools (fewer if n < 4) spread evenly; 'M' = pool."""
+    n_pools = min(n_layers, 4)
+    pool_after = {round((k + 1) * n_layers / n_pools) - 1 for k in range(n_pools)}
+    spec: list[int | str] = []
+    for i in range(n_layers):
+        spec.append(width * 2 ** min(i * 4 // n_layers, 3))
+        if i in pool_after:
+            spec.append("M")
+    return spec
+
+
+def vgg16_spec(width: int) -> list[int | str]:
+    """VGG16's 13 conv layers and 5 pools, channels scaled so `width` is the first layer's (64 in VGG16)."""
+    w = width
+    return [w, w, "M", 2 * w, 2 * w, "M", *[4 * w] * 3, "M", *[8 * w] * 3, "M", *[8 * w] * 3, "M"]
+
+
+def stack(spec: list[int | str], c_in: int) -> tuple[nn.Sequential, int]:
+    layers: list[nn.Module] = []
+    for item in spec:
+        if item == "M":
+            layers.append(nn.MaxPool2d(2))
+        else:
+            layers += conv_bn_relu(c_in, int(item))
+            c_in = int(item)
+    return nn.Sequential(*layers), c_in
+
+
+class BasicBlock(nn.Module):
+    """ResNet's two-conv residual block, with a 1x1 projection when the shape changes."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            *conv_bn_relu(c_in, c_out, stride),
+            nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c_out),
+        )
+        self.skip: nn.Module = (
+            nn.Identity()
+            if stride == 1 and c_in == c_out
+            else nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + self.skip(x))
+
+
+def resnet18_trunk(width: int) -> tuple[nn.Sequential, int]:
+    """ResNet18 for one-channel thumbnails: a 3x3 stem (no 7x7 / max-pool, inputs are small), 4 stages of 2 blocks."""
+    layers: list[nn.Module] = conv_bn_relu(1, width)
+    c = width
+    for stage in range(4):
+        out = width * 2**stage
+        for block in range(2):
+            layers.append(BasicBlock(c, out, 2 if stage > 0 and block == 0 else 1))
+            c = out
+    return nn.Sequential(*layers), c
+
+
+class MultiOutputCNN(nn.Module):
+    """Predicts (structure logits, count logits) from a thumbnail: the design study's baselines.
+
+    `shared` runs once; each of the two heads has its own `tower` (empty for late branching) followed
+    by global average pooling and a two-layer classifier.
+    """
+
+    def __init__(
+        self, shared: nn.Module, towers: tuple[nn.Module, nn.Module], features: int, n_structures: int
+    ) -> None:
+        super().__init__()
+        self.shared = shared
+        self.towers = nn.ModuleList(towers)
+        self.heads = nn.ModuleList(
+            nn.Sequential(
+                nn.AdaptiveAvgPool2d(1),
+                nn.Flatten(),
+                nn.Linear(features, 128),
+                nn.ReLU(inplace=True),
+                nn.Linear(128, n),
+            )
+            for n in (n_structures, COUNT_CLASSES)
+        )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.shared(x)
+        structure, count = (head(tower(h)) for head, tower in zip(self.heads, self.towers, strict=True))
+        return structure, count
+
+
+def build_cnn(arch: str, width: int, n_structures: int) -> MultiOutputCNN:
+    """`late{3,5,10,18}`, `early{3,5,10,18}`, `resnet18` or `vgg16` (both late-branching)."""
+    if arch == "resnet18":
+        trunk, c = resnet18_trunk(width)
+        return MultiOutputCNN(trunk, (nn.Identity(), nn.Identity()), c, n_structures)
+    if arch == "vgg16":
+        trunk, c = stack(vgg16_spec(width), 1)
+        return MultiOutputCNN(trunk, (nn.Identity(), nn.Identity()), c, n_structures)
+    for kind in ("late", "early"):
+        if arch.startswith(kind) and arch[len(kind) :].isdigit():
+            spec = plain_spec(int(arch[len(kind) :]), width)
+            if kind == "late":
+                trunk, c = stack(spec, 1)
+                return MultiOutputCNN(trunk, (nn.Identity(), nn.Identity()), c, n_structures)
+            split = 2 if spec[1] == "M" else 1  # the first conv layer (and its pool) is shared
+            shared, c0 = stack(spec[:split], 1)
+            (t1, c), (t2, _) = stack(spec[split:], c0), stack(spec[split:], c0)
+            return MultiOutputCNN(shared, (t1, t2), c, n_structures)
+    raise ValueError(f"unknown CNN architecture {arch!r}")

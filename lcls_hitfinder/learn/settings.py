@@ -1,9 +1,85 @@
-"""The `[train]` config section: model, loss, mining, augmentation and optimiser settings."""
+"""The `[train]` config section: model, loss, mining, augmentation and optimiser settings.
+
+`lcls-hitfinder train` flags override single keys here; the whole section is saved in each run
+directory (run.json), so a run can be resumed and exported with exactly the settings it was trained with.
+"""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from lcls_hitfinder.preprocess import PreprocessSettings
 
 
-class TrainSettings(BaseModel):
+class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class AugmentSettings(_Section):
+    """On-the-fly augmentation of photon images (before the shared preprocessing), as in the design study.
+
+    Geometry: radial rescale (detector distance / photon energy), beam-centre shift, in-plane rotation.
+    Beam: photons per pattern resampled with fluence jitter, then Poisson noise (for noise-free
+    training data), then Gaussian detector noise. Detector: dead stripes or panels, beam stop.
+    """
+
+    enabled: bool = True
+    radial_scale: float = Field(0.3, ge=0, lt=1, description="q scale drawn uniformly in [1 - r, 1 + r]")
+    shift_px: float = Field(5.0, ge=0, description="beam-centre shift, uniform in ±shift_px per axis")
+    rotate: bool = Field(True, description="random in-plane rotation")
+    photons: tuple[float, float] | None = Field(
+        (500.0, 20000.0),
+        description="photons per single hit, log-uniform in [lo, hi], then Poisson noise; null keeps the "
+        "data's own photons and noise (use null for data that already has Poisson noise)",
+    )
+    fluence_jitter: float = Field(0.3, ge=0, description="relative shot-to-shot fluence jitter (log-normal sd)")
+    gaussian_sigma: float = Field(0.3, ge=0, description="Gaussian detector noise, sd drawn in [0, sigma] photons")
+    p_dead_stripe: float = Field(0.2, ge=0, le=1, description="probability of a dead stripe (row or column band)")
+    p_dead_panel: float = Field(0.1, ge=0, le=1, description="probability of a dead quadrant panel")
+    p_beamstop: float = Field(0.3, ge=0, le=1, description="probability of a beam stop")
+    beamstop_max_frac: float = Field(0.08, ge=0, le=0.5, description="largest beam-stop radius, fraction of width")
+
+
+class CnnSettings(_Section):
+    """Multi-output CNN baselines of the design study (predict structure and particle count)."""
+
+    arch: Literal[
+        "late3", "late5", "late10", "late18", "early3", "early5", "early10", "early18", "resnet18", "vgg16"
+    ] = "late5"
+    width: int = Field(16, ge=4, le=128, description="channels of the first layer (VGG16/ResNet18 use 64 at full size)")
+
+
+class TrainSettings(_Section):
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present, else CPU")
+    threads: int = Field(2, ge=1, le=64, description="torch CPU threads")
+    epochs: int = Field(10, ge=1)
+    steps_per_epoch: int | None = Field(None, ge=1, description="batches per epoch; default: one pass over the data")
+    batch_size: int = Field(128, ge=4)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    preprocess: PreprocessSettings = Field(default_factory=PreprocessSettings)
+    augment: AugmentSettings = Field(default_factory=AugmentSettings)
+    # twin network
+    embed_dim: int = Field(32, ge=2, le=128)
+    width: int = Field(8, ge=2, le=128, description="channels of the embedder's first conv layer")
+    depth: int = Field(4, ge=1, le=6, description="conv blocks of the embedder (each halves the size)")
+    alpha: float = Field(0.2, ge=0, description="triplet margin α in loss = max(d_p - d_n + α, 0)")
+    mining: Literal["batch-hard", "semi-hard"] = "batch-hard"
+    classes: Literal["count", "hit"] = Field(
+        "count", description="count: blank, 1, 2, 3, 4 are separate classes; hit: blank, single, multi"
+    )
+    per_structure: bool = Field(False, description="also split the classes by structure id")
+    bank_per_class: int = Field(10, ge=1, description="references per class in the validation bank")
+    target_precision: float = Field(0.99, gt=0, le=1, description="single-hit precision the threshold is set for")
+    cnn: CnnSettings = Field(default_factory=CnnSettings)
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainSettings:
+        if self.augment.photons is not None and not 0 < self.augment.photons[0] <= self.augment.photons[1]:
+            raise ValueError("augment.photons must be 0 < lo <= hi")
+        if self.preprocess.thumbnail % 2 ** (self.depth + 1):
+            raise ValueError(f"preprocess.thumbnail must be a multiple of 2^(depth + 1) = {2 ** (self.depth + 1)}")
+        return self

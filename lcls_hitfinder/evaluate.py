@@ -1,0 +1,235 @@
+"""Metrics, tables and plots of a classifier on a labelled dataset, defined once.
+
+Training's per-epoch validation, `lcls-hitfinder evaluate`, the sweeps and the model card all use
+these definitions:
+  accuracy                 blank / single / multi label correct
+  single_vs_multi_accuracy among true hits (1-4 particles): single-or-not decided correctly
+  precision, recall        of single-hit selection (keep) at the bank's calibrated threshold
+  precision_at_recall_0.9  best single-hit precision with recall >= 0.9 (over all thresholds)
+  recall_at_precision_0.99 best recall with precision >= 0.99
+  count_accuracy           particle count (0-4) estimated correctly
+and, for the multi-output CNN baselines (the design study's table): count_accuracy,
+particle_accuracy (structure right, over hits) and test_accuracy (both right).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lcls_hitfinder.bank import precision_recall
+from lcls_hitfinder.labels import Label
+from lcls_hitfinder.protocols import Decisions
+
+LABELS = [Label.BLANK, Label.SINGLE, Label.MULTI]
+
+
+def hit_labels(n_particles: np.ndarray) -> np.ndarray:
+    """Label codes of particle counts: 0 -> blank, 1 -> single, 2-4 -> multi (Label's values)."""
+    return np.clip(np.asarray(n_particles, np.int64), Label.BLANK, Label.MULTI)
+
+
+def best_at(
+    scores: np.ndarray, positive: np.ndarray, min_recall: float | None = None, min_precision: float | None = None
+) -> float:
+    """Highest precision at recall >= min_recall, or highest recall at precision >= min_precision (0 if none)."""
+    if not np.any(positive):
+        return float("nan")
+    _, precision, recall = precision_recall(scores, positive)
+    if min_recall is not None:
+        ok = recall >= min_recall
+        return float(precision[ok].max()) if ok.any() else 0.0
+    ok = precision >= (min_precision or 0.0)
+    return float(recall[ok].max()) if ok.any() else 0.0
+
+
+def hit_metrics(n_particles: np.ndarray, decisions: Decisions) -> dict[str, Any]:
+    """The twin classifier's metrics (see the module docstring) for true counts and the bank's decisions."""
+    truth = hit_labels(n_particles)
+    pred = np.asarray(decisions.label, np.int64)
+    single = truth == Label.SINGLE
+    hits = truth != Label.BLANK
+    keep = np.asarray(decisions.keep, bool)
+    tp = int((keep & single).sum())
+    confusion = np.array([[int(((truth == t) & (pred == p)).sum()) for p in LABELS] for t in LABELS])
+    return {
+        "n": len(truth),
+        "n_blank": int((truth == Label.BLANK).sum()),
+        "n_single": int(single.sum()),
+        "n_multi": int((truth == Label.MULTI).sum()),
+        "accuracy": float((pred == truth).mean()) if len(truth) else float("nan"),
+        "single_vs_multi_accuracy": float(((pred[hits] == Label.SINGLE) == single[hits]).mean())
+        if hits.any()
+        else float("nan"),
+        "precision": tp / max(int(keep.sum()), 1),
+        "recall": tp / max(int(single.sum()), 1),
+        "precision_at_recall_0.9": best_at(decisions.score, single, min_recall=0.9),
+        "recall_at_precision_0.99": best_at(decisions.score, single, min_precision=0.99),
+        "count_accuracy": float((np.asarray(decisions.n_particles) == np.asarray(n_particles)).mean()),
+        "confusion": confusion.tolist(),
+    }
+
+
+def cnn_metrics(
+    structure_pred: np.ndarray, structure_true: np.ndarray, count_pred: np.ndarray, count_true: np.ndarray
+) -> dict[str, float]:
+    """The design study's table: test accuracy (both right), count accuracy, particle (structure) accuracy.
+
+    Structure is judged on hits only (a blank has none); a blank is right when its count is.
+    """
+    count_ok = np.asarray(count_pred) == np.asarray(count_true)
+    hits = np.asarray(count_true) > 0
+    struct_ok = np.asarray(structure_pred) == np.asarray(structure_true)
+    return {
+        "test_accuracy": float((count_ok & (struct_ok | ~hits)).mean()),
+        "count_accuracy": float(count_ok.mean()),
+        "particle_accuracy": float(struct_ok[hits].mean()) if hits.any() else float("nan"),
+    }
+
+
+def accuracy_by_photons(
+    photons: np.ndarray, correct: np.ndarray, bins: int = 8
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Accuracy in log-spaced bins of photons per pattern: (bin centres, accuracy, counts)."""
+    p = np.asarray(photons, np.float64)
+    ok = p > 0
+    if not ok.any():
+        return np.zeros(0), np.zeros(0), np.zeros(0, np.int64)
+    edges = np.geomspace(p[ok].min(), p[ok].max() * 1.0001, bins + 1)
+    idx = np.clip(np.digitize(p, edges) - 1, 0, bins - 1)
+    counts = np.bincount(idx[ok], minlength=bins)
+    hits = np.bincount(idx[ok], weights=np.asarray(correct, np.float64)[ok], minlength=bins)
+    centres = np.sqrt(edges[:-1] * edges[1:])
+    keep = counts > 0
+    return centres[keep], hits[keep] / counts[keep], counts[keep]
+
+
+def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    """A markdown table; floats to 4 significant digits."""
+
+    def fmt(v: Any) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def projection_2d(embeddings: np.ndarray) -> np.ndarray:
+    """First two principal components (an embedding of dimension 2 is returned as is)."""
+    e = np.asarray(embeddings, np.float64)
+    if e.shape[1] <= 2:
+        return e
+    centred = e - e.mean(0)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    return centred @ vt[:2].T
+
+
+def write_report(
+    out: Path,
+    metrics: dict[str, Any],
+    n_particles: np.ndarray,
+    decisions: Decisions,
+    photons: np.ndarray,
+    embeddings: np.ndarray,
+    examples: np.ndarray,
+    example_index: np.ndarray,
+) -> None:
+    """metrics.json, metrics.md and the plots: confusion matrix, precision-recall, accuracy vs photons,
+    a 2-D projection of the embeddings and a grid of examples titled "prediction / truth"."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    columns = [k for k, v in metrics.items() if isinstance(v, int | float | str)]
+    names = [lab.text for lab in LABELS]
+    conf = np.asarray(metrics["confusion"])
+    conf_md = markdown_table(
+        [
+            {"truth \\ prediction": names[i], **dict(zip(names, map(int, row), strict=True))}
+            for i, row in enumerate(conf)
+        ],
+        ["truth \\ prediction", *names],
+    )
+    (out / "metrics.md").write_text(
+        "# Evaluation\n\n"
+        + markdown_table([{"metric": c, "value": metrics[c]} for c in columns], ["metric", "value"])
+        + "\n## Confusion matrix\n\n"
+        + conf_md
+    )
+    truth = hit_labels(n_particles)
+    correct = np.asarray(decisions.label) == truth
+
+    fig, ax = plt.subplots(figsize=(4, 3.6))
+    ax.imshow(conf / np.maximum(conf.sum(1, keepdims=True), 1), cmap="Blues", vmin=0, vmax=1)
+    for (i, j), v in np.ndenumerate(conf):
+        ax.text(j, i, str(v), ha="center", va="center")
+    ax.set(xticks=range(3), yticks=range(3), xticklabels=names, yticklabels=names, xlabel="prediction", ylabel="truth")
+    fig.tight_layout()
+    fig.savefig(out / "confusion.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(4, 3.6))
+    if np.any(truth == Label.SINGLE):
+        _, precision, recall = precision_recall(decisions.score, truth == Label.SINGLE)
+        ax.plot(recall, precision)
+        ax.plot([metrics["recall"]], [metrics["precision"]], "o", label="calibrated threshold")
+        ax.legend(loc="lower left")
+    ax.set(xlabel="single-hit recall", ylabel="single-hit precision", xlim=(0, 1.01), ylim=(0, 1.01))
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "precision_recall.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(4.5, 3.6))
+    centres, acc, _ = accuracy_by_photons(photons, correct)
+    ax.semilogx(centres, acc, "o-")
+    ax.set(xlabel="photons per pattern", ylabel="accuracy (blank/single/multi)", ylim=(0, 1.01))
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_vs_photons.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    xy = projection_2d(embeddings)
+    for n in np.unique(n_particles):
+        sel = np.asarray(n_particles) == n
+        ax.scatter(xy[sel, 0], xy[sel, 1], s=4, alpha=0.6, label=f"{n} particles")
+    ax.legend(markerscale=3, fontsize=8)
+    ax.set(title="embeddings (first two principal components)" if embeddings.shape[1] > 2 else "embeddings")
+    fig.tight_layout()
+    fig.savefig(out / "embedding.png", dpi=120)
+    plt.close(fig)
+
+    titles = [
+        f"{Label(int(decisions.label[i])).text} / {Label(int(truth[i])).text} ({int(n_particles[i])})"
+        for i in example_index
+    ]
+    example_grid(examples, titles, out / "examples.png")
+
+
+def example_grid(images: np.ndarray, titles: list[str], path: Path, cols: int = 6) -> None:
+    """Patterns on a log scale, each titled (here "prediction / truth (count)"), like the study's Figure 10."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(images)
+    rows = max(1, -(-n // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(2 * cols, 2.15 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, img, title in zip(axes.flat, images, titles, strict=False):
+        ax.imshow(np.log1p(np.clip(img, 0, None)), cmap="magma")
+        ax.set_title(title, fontsize=8)
+    fig.suptitle("prediction / truth (particles)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

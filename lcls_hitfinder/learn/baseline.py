@@ -1,0 +1,34 @@
+"""Evaluation of a multi-output CNN baseline run on a labelled dataset (the design study's table)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lcls_hitfinder.dataset import Dataset
+from lcls_hitfinder.errors import UserError
+from lcls_hitfinder.evaluate import cnn_metrics
+from lcls_hitfinder.learn.train import load_run
+from lcls_hitfinder.preprocess import Preprocessor
+
+
+@torch.inference_mode()
+def evaluate_cnn(run_dir: Path, data: Path, batch: int = 256) -> dict[str, float]:
+    """Test, count and particle accuracy of a cnn run; structures it never saw count as wrong."""
+    run, settings, net = load_run(run_dir)
+    if run["kind"] != "cnn":
+        raise UserError(f"{run_dir} is a {run['kind']} run, not a cnn baseline")
+    index = {name: i for i, name in enumerate(run["structures"])}
+    structures, counts = [], []
+    with Dataset(data) as d:
+        pre = Preprocessor(settings.preprocess, d.mask, d.shape)
+        for lo in range(0, len(d), batch):
+            s, c = net(pre(d.images(slice(lo, lo + batch))))
+            structures.append(s.argmax(1).numpy())
+            counts.append(c.argmax(1).numpy())
+        truth = np.array([index.get(str(x), -1) for x in d.structure])
+        n = d.n_particles
+    metrics = cnn_metrics(np.concatenate(structures), truth, np.concatenate(counts), n)
+    return {"arch": settings.cnn.arch, "n": len(n), **metrics}  # type: ignore[dict-item]

@@ -1,0 +1,71 @@
+"""Offline inference with an exported embedder: dataset -> shared preprocessing -> the service's
+onnxruntime embedder -> embeddings, and reference banks built from them.
+
+Used by `bank build`, `classify` and `evaluate`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from lcls_hitfinder.bank import ReferenceBank, calibrate_threshold, select_references
+from lcls_hitfinder.dataset import Dataset
+from lcls_hitfinder.preprocess import Preprocessor
+from lcls_hitfinder.service.embedder import OnnxEmbedder
+
+
+def embed_dataset(embedder: OnnxEmbedder, data: Dataset, batch: int = 256) -> np.ndarray:
+    """Embeddings (N, D) of every pattern, preprocessed for this model with the dataset's own mask."""
+    from rich.progress import track
+
+    pre = Preprocessor(embedder.info.preprocess, data.mask, data.shape)
+    chunks = [
+        embedder.embed(pre(data.images(slice(lo, lo + batch))))
+        for lo in track(range(0, len(data), batch), description=f"embedding {data.path.name}", transient=True)
+    ]
+    return np.concatenate(chunks) if chunks else np.zeros((0, embedder.info.embed_dim), np.float32)
+
+
+def build_bank(
+    model: Path,
+    data: Path,
+    per_class: int,
+    by_structure: bool = False,
+    calibrate: Path | None = None,
+    target_precision: float = 0.99,
+    k: int = 5,
+    method: str = "knn",
+    seed: int = 0,
+) -> tuple[ReferenceBank, dict[str, float | int | bool]]:
+    """References drawn from `data` (per particle count, optionally per structure); the threshold calibrated
+    on `calibrate`, or else on the patterns of `data` not drawn as references.
+
+    Returns the bank and what calibration found (threshold, its precision and recall, reached).
+    """
+    embedder = OnnxEmbedder(model, threads=2)
+    with Dataset(data) as d:
+        emb, n, structure = embed_dataset(embedder, d), d.n_particles, d.structure
+    refs = select_references(n, structure if by_structure else None, per_class, seed)
+    bank = ReferenceBank(emb[refs], n[refs], embedder.model_hash, method, k, structure=structure[refs])  # type: ignore[arg-type]
+    if calibrate is not None:
+        with Dataset(calibrate) as c:
+            cal_emb, cal_n = embed_dataset(embedder, c), c.n_particles
+    else:
+        rest = np.setdiff1d(np.arange(len(n)), refs)
+        cal_emb, cal_n = emb[rest], n[rest]
+    scores, _ = bank.scores(cal_emb)
+    single = cal_n == 1
+    bank.threshold, reached = calibrate_threshold(scores, single, target_precision)
+    keep = scores >= bank.threshold
+    report = {
+        "references": len(refs),
+        "calibration_patterns": len(cal_n),
+        "threshold": bank.threshold,
+        "target_precision": target_precision,
+        "reached": reached,
+        "precision": float((keep & single).sum() / max(int(keep.sum()), 1)),
+        "recall": float((keep & single).sum() / max(int(single.sum()), 1)),
+    }
+    return bank, report

@@ -1,0 +1,319 @@
+"""Training of the twin embedder (triplet loss, online mining) and of the multi-output CNN baselines.
+
+A run directory holds run.json (kind, settings, data, per-epoch history), checkpoint.safetensors (the
+latest weights and optimiser moments: what `--resume` continues from) and model.safetensors (the
+weights of the best validation epoch: what `export` ships). Every batch is drawn, augmented and
+preprocessed on the fly from a generator seeded by (seed, epoch), so a resumed run continues exactly
+as an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lcls_hitfinder.bank import ReferenceBank, select_references
+from lcls_hitfinder.dataset import Dataset
+from lcls_hitfinder.errors import UserError
+from lcls_hitfinder.evaluate import cnn_metrics, hit_metrics
+from lcls_hitfinder.labels import MAX_PARTICLES
+from lcls_hitfinder.learn.augment import Augmenter
+from lcls_hitfinder.learn.nets import TwinEmbedder, build_cnn
+from lcls_hitfinder.learn.settings import TrainSettings
+from lcls_hitfinder.learn.triplet import triplet_loss
+from lcls_hitfinder.preprocess import Preprocessor
+
+Kind = Literal["twin", "cnn"]
+RUN_FILE = "run.json"
+CHECKPOINT = "checkpoint.safetensors"
+BEST = "model.safetensors"
+console = Console(stderr=True)
+
+
+def pick_device(setting: str) -> torch.device:
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise UserError("device cuda requested but torch sees no CUDA device")
+    return torch.device("cuda" if setting != "cpu" and torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class Patterns:
+    """A dataset in memory: photon images plus labels and what augmentation needs to know."""
+
+    path: Path
+    images: torch.Tensor  # (N, H, W) float32 photons
+    n_particles: np.ndarray
+    structure: np.ndarray
+    mask: np.ndarray
+    beam_center: tuple[float, float] | None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.images.shape[1]), int(self.images.shape[2])
+
+    def single_photons(self) -> float:
+        """Mean photons of a single hit (from the images, so it matches what augmentation scales)."""
+        single = np.nonzero(self.n_particles == 1)[0]
+        if len(single) == 0:
+            raise UserError(f"{self.path} has no single hits to learn from")
+        return float(self.images[torch.from_numpy(single[:2000])].sum(dim=(1, 2)).mean())
+
+
+def load_patterns(path: Path) -> Patterns:
+    with Dataset(path) as data:
+        if len(data) == 0:
+            raise UserError(f"{path} holds no patterns")
+        n = data.n_particles
+        if n.min() < 0 or n.max() > MAX_PARTICLES:
+            raise UserError(f"{path}: n_particles must be 0..{MAX_PARTICLES}")
+        bc = data.attrs.get("beam_center")
+        return Patterns(
+            path=Path(path),
+            images=torch.from_numpy(data.images()),
+            n_particles=n,
+            structure=data.structure,
+            mask=data.mask,
+            beam_center=(float(bc[0]), float(bc[1])) if isinstance(bc, list | tuple) and len(bc) == 2 else None,
+        )
+
+
+def class_labels(n_particles: np.ndarray, structure: np.ndarray, settings: TrainSettings) -> np.ndarray:
+    """Integer classes the triplet loss separates: counts (or blank/single/multi), optionally x structure."""
+    base = np.asarray(n_particles) if settings.classes == "count" else np.clip(n_particles, 0, 2)
+    if not settings.per_structure:
+        return base.astype(np.int64)
+    keyed = np.char.add(base.astype(str), np.where(base > 0, np.asarray(structure, dtype=str), ""))
+    return np.unique(keyed, return_inverse=True)[1].astype(np.int64)
+
+
+def balanced_batch(labels: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """P classes x K members, drawn with replacement: every anchor has positives and negatives in its batch."""
+    classes = np.unique(labels)
+    k = max(2, size // len(classes)) if len(classes) * 4 <= size else 4
+    picked = rng.choice(classes, size=min(len(classes), max(1, size // k)), replace=False)
+    members = [rng.choice(np.nonzero(labels == c)[0], size=k) for c in picked]
+    return np.concatenate(members)
+
+
+def build_net(kind: Kind, settings: TrainSettings, n_structures: int) -> nn.Module:
+    if kind == "twin":
+        return TwinEmbedder(settings.embed_dim, settings.width, settings.depth)
+    return build_cnn(settings.cnn.arch, settings.cnn.width, max(n_structures, 1))
+
+
+def _flatten_optimizer(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    state = opt.state_dict()["state"]
+    return {f"optim.{i}.{k}": torch.as_tensor(v) for i, st in state.items() for k, v in st.items()}
+
+
+def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    sd = opt.state_dict()
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, i, name = key.split(".", 2)
+            state.setdefault(int(i), {})[name] = value
+    sd["state"] = state
+    opt.load_state_dict(sd)
+
+
+def save_weights(net: nn.Module, path: Path, extra: dict[str, torch.Tensor] | None = None) -> None:
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    tmp = path.with_suffix(".tmp")
+    save_file({**tensors, **(extra or {})}, str(tmp))
+    tmp.replace(path)
+
+
+def load_weights(net: nn.Module, path: Path) -> dict[str, torch.Tensor]:
+    """Load the model part of a safetensors file into `net`; return all its tensors."""
+    tensors = load_file(str(path))
+    net.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")})
+    return tensors
+
+
+class Trainer:
+    """One training run (twin or cnn) in `out`: fresh, or resumed from its checkpoint."""
+
+    def __init__(
+        self, kind: Kind, data: Path, val: Path, out: Path, settings: TrainSettings, resume: bool = False
+    ) -> None:
+        self.out = out
+        run_file = out / RUN_FILE
+        if resume:
+            if not (out / CHECKPOINT).exists():
+                raise UserError(f"nothing to resume in {out} (no {CHECKPOINT})")
+            run = json.loads(run_file.read_text())
+            kind, data, val = run["kind"], Path(run["data"]), Path(run["val"])
+            settings = TrainSettings.model_validate(run["settings"])
+        elif (out / CHECKPOINT).exists():
+            raise UserError(f"{out} already holds a run: pass --resume to continue it, or choose a new --out")
+        self.kind, self.settings = kind, settings
+        torch.set_num_threads(settings.threads)
+        torch.manual_seed(settings.seed)
+        self.device = pick_device(settings.device)
+        self.train_set = load_patterns(data)
+        self.val_set = load_patterns(val)
+        self.structures = sorted(
+            {str(s) for s, n in zip(self.train_set.structure, self.train_set.n_particles, strict=True) if n > 0}
+        )
+        self.net = build_net(kind, settings, len(self.structures)).to(self.device)
+        self.opt = torch.optim.AdamW(self.net.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+        self.labels = class_labels(self.train_set.n_particles, self.train_set.structure, settings)
+        self.run: dict[str, Any] = {
+            "kind": kind,
+            "data": str(Path(data).resolve()),
+            "val": str(Path(val).resolve()),
+            "settings": settings.model_dump(mode="json"),
+            "structures": self.structures,
+            "frame_shape": list(self.train_set.shape),
+            "history": [],
+            "best": None,
+        }
+        self.start_epoch = 0
+        if resume:
+            tensors = load_weights(self.net, out / CHECKPOINT)
+            _restore_optimizer(self.opt, tensors)
+            self.run = json.loads(run_file.read_text())
+            self.start_epoch = len(self.run["history"])
+        out.mkdir(parents=True, exist_ok=True)
+        self.pre = Preprocessor(settings.preprocess, self.train_set.mask, self.train_set.shape, device=self.device)
+        self.augment = Augmenter(
+            settings.augment, self.train_set.shape, self.train_set.single_photons(), self.train_set.beam_center
+        )
+        val_pre = Preprocessor(settings.preprocess, self.val_set.mask, self.val_set.shape, device=self.device)
+        self.val_thumbs = torch.cat(
+            [val_pre(self.val_set.images[i : i + 512]) for i in range(0, len(self.val_set.images), 512)]
+        )
+        n_train = len(self.train_set.images)
+        self.steps = settings.steps_per_epoch or max(1, n_train // settings.batch_size)
+
+    def _lr(self, step: int) -> float:
+        """Cosine decay over the whole run, from the global step (so resuming needs no scheduler state)."""
+        total = self.settings.epochs * self.steps
+        return self.settings.lr * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+
+    def _batch(self, rng: np.random.Generator, gen: torch.Generator) -> tuple[torch.Tensor, np.ndarray]:
+        idx = balanced_batch(self.labels, self.settings.batch_size, rng)
+        images = self.train_set.images[torch.from_numpy(idx)].to(self.device)
+        x = self.pre.thumbnails(self.pre.photons(self.augment(images, gen)))
+        return x, idx
+
+    def _loss(self, x: torch.Tensor, idx: np.ndarray) -> tuple[torch.Tensor, dict[str, float]]:
+        s = self.settings
+        if self.kind == "twin":
+            labels = torch.from_numpy(self.labels[idx]).to(self.device)
+            return triplet_loss(self.net(x), labels, s.alpha, s.mining)
+        structure_logits, count_logits = self.net(x)
+        counts = torch.from_numpy(self.train_set.n_particles[idx]).to(self.device)
+        index = {name: i for i, name in enumerate(self.structures)}
+        struct = torch.tensor([index.get(str(v), -100) for v in self.train_set.structure[idx]], device=self.device)
+        struct = torch.where(counts > 0, struct, torch.full_like(struct, -100))  # blanks have no structure
+        loss = F.cross_entropy(count_logits, counts)
+        if (struct >= 0).any():
+            loss = loss + F.cross_entropy(structure_logits, struct, ignore_index=-100)
+        return loss, {}
+
+    @torch.no_grad()
+    def _outputs(self, thumbs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        self.net.eval()
+        chunks = [self.net(thumbs[i : i + 512]) for i in range(0, len(thumbs), 512)]
+        self.net.train()
+        if isinstance(chunks[0], tuple):
+            return tuple(torch.cat(parts).cpu() for parts in zip(*chunks, strict=True))
+        return (torch.cat(chunks).cpu(),)
+
+    def validate(self) -> dict[str, Any]:
+        """Twin: a bank of `bank_per_class` references per count drawn from the validation set, the rest
+        classified (threshold 0). CNN: the study's table metrics on the whole validation set."""
+        v, s = self.val_set, self.settings
+        if self.kind == "twin":
+            (emb,) = self._outputs(self.val_thumbs)
+            e = emb.numpy()
+            refs = select_references(v.n_particles, None, s.bank_per_class, seed=s.seed)
+            rest = np.setdiff1d(np.arange(len(e)), refs)
+            bank = ReferenceBank(e[refs], v.n_particles[refs], model_hash="validation")
+            labels = torch.from_numpy(class_labels(v.n_particles, v.structure, s))
+            val_loss = float(triplet_loss(emb[:1024], labels[:1024], s.alpha, "batch-hard")[0])
+            m = hit_metrics(v.n_particles[rest], bank.decide(e[rest]))
+            m.pop("confusion")
+            m["val_loss"] = val_loss
+            m["selection"] = 0.5 * (m["accuracy"] + m["precision_at_recall_0.9"])
+            return m
+        structure_logits, count_logits = self._outputs(self.val_thumbs)
+        index = {name: i for i, name in enumerate(self.structures)}
+        truth = np.array([index.get(str(x), -1) for x in v.structure])
+        m = dict(cnn_metrics(structure_logits.argmax(1).numpy(), truth, count_logits.argmax(1).numpy(), v.n_particles))
+        m["selection"] = m["test_accuracy"]
+        return m
+
+    def fit(self) -> dict[str, Any]:
+        s = self.settings
+        self.net.train()
+        progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeRemainingColumn(),
+            console=console,
+        )
+        with progress:
+            for epoch in range(self.start_epoch, s.epochs):
+                rng = np.random.default_rng([s.seed, epoch])
+                gen = torch.Generator(self.device).manual_seed(s.seed * 100_003 + epoch)
+                task = progress.add_task(f"{self.kind} epoch {epoch + 1}/{s.epochs}", total=self.steps, info="")
+                t0, losses = time.perf_counter(), []
+                for step in range(self.steps):
+                    for group in self.opt.param_groups:
+                        group["lr"] = self._lr(epoch * self.steps + step)
+                    x, idx = self._batch(rng, gen)
+                    loss, stats = self._loss(x, idx)
+                    self.opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    self.opt.step()
+                    losses.append(loss.item())
+                    info = f"loss {np.mean(losses[-20:]):.4f}" + (f" active {stats['active']:.2f}" if stats else "")
+                    progress.update(task, advance=1, info=info)
+                metrics = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), **self.validate()}
+                metrics["seconds"] = round(time.perf_counter() - t0, 1)
+                self.run["history"].append(metrics)
+                best = self.run["best"]
+                if best is None or metrics["selection"] >= best["selection"]:
+                    self.run["best"] = metrics
+                    save_weights(self.net, self.out / BEST)
+                save_weights(self.net, self.out / CHECKPOINT, _flatten_optimizer(self.opt))
+                (self.out / RUN_FILE).write_text(json.dumps(self.run, indent=2) + "\n")
+                shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
+                progress.console.print(f"epoch {epoch + 1}: {shown}")
+        return dict(self.run["best"] or {})
+
+
+def train(
+    kind: Kind, data: Path, val: Path, out: Path, settings: TrainSettings, resume: bool = False
+) -> dict[str, Any]:
+    """Train (or resume) a run; returns the best epoch's validation metrics."""
+    return Trainer(kind, data, val, out, settings, resume).fit()
+
+
+def load_run(run_dir: Path) -> tuple[dict[str, Any], TrainSettings, nn.Module]:
+    """A finished run's record, settings and best network (on the CPU, in eval mode)."""
+    run_file = Path(run_dir) / RUN_FILE
+    if not run_file.exists() or not (Path(run_dir) / BEST).exists():
+        raise UserError(f"{run_dir} is not a training run directory (needs {RUN_FILE} and {BEST})")
+    run = json.loads(run_file.read_text())
+    settings = TrainSettings.model_validate(run["settings"])
+    net = build_net(run["kind"], settings, len(run["structures"]))
+    load_weights(net, Path(run_dir) / BEST)
+    return run, settings, net.eval()
