@@ -1,9 +1,212 @@
-"""CLI subcommands of this stage, registered on the main app by lcls_hitfinder.cli."""
+"""CLI subcommands of the service: `serve` (the real-time classifier) and `listen` (a subscriber)."""
 
 from __future__ import annotations
 
+import json
+import logging
+import math
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Annotated, Any
+
 import typer
+
+from lcls_hitfinder.errors import UserError
+
+if TYPE_CHECKING:
+    from lcls_hitfinder.service.settings import ServeSettings
+
+log = logging.getLogger("lcls_hitfinder.serve")
+
+
+def shipped_file(name: str) -> Path:
+    """A shipped model file: models/NAME beside the package (a checkout) or lcls_hitfinder/data/NAME (a wheel)."""
+    package = Path(__file__).resolve().parents[1]
+    candidates = (package.parent / "models" / name, package / "data" / name)
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise UserError(f"no {name} given and none shipped (looked in {', '.join(str(c.parent) for c in candidates)})")
+
+
+def _setup_logging() -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(message)s",
+        datefmt="%H:%M:%S",
+        handlers=[RichHandler(console=None, show_path=False, rich_tracebacks=False)],
+    )
+
+
+def serve(
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="TOML or YAML file; its [serve] section")
+    ] = None,
+    source: Annotated[
+        str | None, typer.Option(help="source URI, e.g. xtc2:run.xtc2?det=pnccd, shmem:TAG?det=NAME, h5:FILE, sim:")
+    ] = None,
+    model: Annotated[Path | None, typer.Option(help="embedder ONNX file (default: the shipped one)")] = None,
+    bank: Annotated[Path | None, typer.Option(help="reference bank file (default: the shipped one)")] = None,
+    publish: Annotated[str | None, typer.Option(help="ZeroMQ endpoint to bind, e.g. tcp://0.0.0.0:5556")] = None,
+    metrics_port: Annotated[int | None, typer.Option(help="HTTP port of /metrics (Prometheus)")] = None,
+    max_events: Annotated[int | None, typer.Option(help="stop after this many events")] = None,
+    log_dir: Annotated[Path | None, typer.Option(help="folder of the per-run decision logs")] = None,
+    device: Annotated[str | None, typer.Option(help="where preprocessing runs: auto, cpu or cuda")] = None,
+) -> None:
+    """Classify every event of a source in real time; publish decisions on ZeroMQ and metrics over HTTP.
+
+    With no options: the simulated stream at 120 Hz through the shipped model and bank. Stop with
+    Ctrl-C (or SIGTERM): reading stops, events in flight are decided and published, the decision log
+    is closed and a `run` end message sent. SIGHUP (or a changed bank file) reloads the bank.
+    """
+    from lcls_hitfinder.config import load_config
+
+    overrides: dict[str, Any] = {
+        "serve.source": source,
+        "serve.model": model,
+        "serve.bank": bank,
+        "serve.publish.endpoint": publish,
+        "serve.metrics.port": metrics_port,
+        "serve.max_events": max_events,
+        "serve.log_dir": log_dir,
+        "serve.device": device,
+    }
+    settings = load_config(config, {k: str(v) if isinstance(v, Path) else v for k, v in overrides.items()}).serve
+    _setup_logging()
+    code = run_service(settings)
+    raise typer.Exit(code)
+
+
+def run_service(settings: ServeSettings) -> int:
+    """Start-up in the order that keeps subscribers and operators informed, then serve until done."""
+    import torch
+
+    from lcls_hitfinder.service.bank_reload import ReloadingBank
+    from lcls_hitfinder.service.embedder import OnnxEmbedder
+    from lcls_hitfinder.service.metrics import ServiceMetrics
+    from lcls_hitfinder.service.pipeline import Pipeline
+    from lcls_hitfinder.service.publish import ZmqPublisher
+    from lcls_hitfinder.service.sources import open_source, parse_uri
+
+    uri = parse_uri(settings.source)  # a bad URI fails before anything is bound or loaded
+    model_path = settings.model or shipped_file("embedder.onnx")
+    bank_path = settings.bank or shipped_file("bank.h5")
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    # Bind first: subscribers connect while the model and the source are still loading.
+    publisher = ZmqPublisher(settings.publish.endpoint, settings.publish.sndhwm)
+    metrics = ServiceMetrics()
+    try:
+        if settings.metrics.port is not None:
+            try:
+                port = metrics.serve_http(settings.metrics.host, settings.metrics.port)
+            except OSError as err:
+                raise UserError(
+                    f"cannot serve metrics on {settings.metrics.host}:{settings.metrics.port}: {err}"
+                ) from None
+            log.info("metrics on http://%s:%d/metrics", settings.metrics.host, port)
+        embedder = OnnxEmbedder(model_path, settings.providers, settings.batch.max_size, settings.threads)
+        reloading_bank = ReloadingBank(bank_path, embedder.model_hash, metrics)
+        src = open_source(uri, settings)
+        src.open()
+    except BaseException:
+        publisher.close()
+        raise
+    pipeline = Pipeline(settings, src, embedder, reloading_bank, publisher, metrics)
+
+    def on_stop(signum: int, _frame: FrameType | None) -> None:
+        log.info("%s: stopping the reader, draining what is in flight", signal.Signals(signum).name)
+        pipeline.stop()
+
+    def on_hup(_signum: int, _frame: FrameType | None) -> None:
+        log.info("SIGHUP: reloading the bank")
+        pipeline.request_bank_reload()
+
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGHUP, on_hup)
+    log.info("serving %s on %s with model %s (%s)", uri.raw, publisher.endpoint, embedder.model_hash, embedder.provider)
+    pipeline.start()
+    try:
+        while not pipeline.wait(0.5):
+            pass
+    finally:
+        src.close()
+        publisher.close()
+    total = pipeline.total
+    log.info(
+        "%d decisions (%s), %d kept, %d dropped; logs: %s",
+        total.events,
+        ", ".join(f"{k} {v}" for k, v in total.counts.items()),
+        total.keep,
+        total.dropped,
+        ", ".join(pipeline.logs) or "none",
+    )
+    return 1 if pipeline.error is not None else 0
+
+
+def _human(topic: str, p: dict[str, Any]) -> str:
+    if topic == "decision":
+        truth = "" if p["truth_n_particles"] is None else f" truth {p['truth_n_particles']}"
+        reason = f" ({p['reason']})" if p["reason"] and p["label"] == "error" else ""
+        score = "" if math.isnan(p["score"]) else f" score {p['score']:+.3f}"
+        return (
+            f"{p['seq']:>8} {p['experiment']}:{p['run']} event {p['event']:<7} {p['label']:<6} {p['decision']:<4}"
+            f"{score}{reason} {p['latency_us']} µs{truth}"
+        )
+    if topic == "heartbeat":
+        restarts = p["source_restarts"]
+        return f"heartbeat: {p['rate_hz']:.1f} Hz, next seq {p['next_seq']}, {p['counts']}, restarts {restarts}"
+    return f"run {p['phase']}: {p['experiment']}:{p['run']}, {p['events']} events {p['counts']}, log {p['log']}"
+
+
+def listen(
+    endpoint: Annotated[str, typer.Argument(help="the service's ZeroMQ endpoint, e.g. tcp://host:5556")],
+    topic: Annotated[
+        list[str] | None, typer.Option(help="decision, heartbeat or run (repeatable; default: all)")
+    ] = None,
+    json_lines: Annotated[bool, typer.Option("--json", help="one JSON object per line: {topic, ...payload}")] = False,
+    count: Annotated[int | None, typer.Option(help="stop after this many decisions")] = None,
+    timeout: Annotated[float | None, typer.Option(help="stop after this many seconds without a message")] = None,
+) -> None:
+    """Print the service's messages (or record them with --json > FILE) and report gaps in `seq`."""
+    from lcls_hitfinder.service.client import DecisionClient
+    from lcls_hitfinder.service.messages import DECISION, TOPICS
+
+    topics = tuple(topic or TOPICS)
+    unknown = set(topics) - set(TOPICS)
+    if unknown:
+        raise UserError(f"unknown topic(s) {', '.join(sorted(unknown))}; use {', '.join(TOPICS)}")
+    decisions = 0
+    client = DecisionClient(endpoint, topics, timeout_s=timeout)
+    try:
+        for name, payload in client.messages():
+            gaps_before = len(client.gaps)
+            print(json.dumps({"topic": name, **payload}) if json_lines else _human(name, payload), flush=True)
+            if len(client.gaps) > gaps_before:
+                gap = client.gaps[-1]
+                print(f"gap: seq {gap.expected}..{gap.got - 1} missing ({gap.missing})", file=sys.stderr)
+            if name == DECISION:
+                decisions += 1
+                if count is not None and decisions >= count:
+                    break
+    except KeyboardInterrupt:
+        pass
+    finally:
+        client.close()
+    missing = client.tracker.missing
+    print(
+        f"{decisions} decisions, {len(client.gaps)} gap(s), {missing} missing"
+        + (f", {client.tracker.restarts} service restart(s)" if client.tracker.restarts else ""),
+        file=sys.stderr,
+    )
 
 
 def register(app: typer.Typer) -> None:
     """Add this stage's subcommands to `app`."""
+    app.command()(serve)
+    app.command()(listen)

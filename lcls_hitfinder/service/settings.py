@@ -71,5 +71,10 @@ class ServeSettings(_Section):
     reader: ReaderSettings = Field(default_factory=ReaderSettings)
     log_dir: Path | None = Field(Path("decisions"), description="folder of per-run decision logs; null: none")
     queue_size: int = Field(1024, ge=1, description="frames buffered between the reader and the batcher")
+    overflow: Literal["block", "drop"] = Field(
+        "block",
+        description="when that buffer is full: block the reader (a live psana source then skips events "
+        "upstream), or keep reading and drop (counted in hitfinder_dropped_events_total)",
+    )
     max_events: int | None = Field(None, ge=1, description="stop after this many events (tests, dry runs)")
     bank_poll_s: float = Field(1.0, gt=0, description="seconds between checks of the bank file for changes")

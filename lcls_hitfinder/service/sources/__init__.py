@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import importlib
 import re
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import parse_qsl
@@ -31,6 +32,9 @@ REGISTRY: dict[str, str] = {
     "h5": "lcls_hitfinder.service.sources.h5:H5Source",
     "sim": "lcls_hitfinder.service.sources.sim:SimSource",
 }
+
+TICK_S = 0.5  # the longest a source may go without yielding (a frame or an idle tick), see protocols.Source
+_PSANA_EPOCH_S = 631_152_000  # 1990-01-01 in unix seconds
 
 _SCHEME = re.compile(r"^([a-z][a-z0-9]*):(.*)$", re.DOTALL)
 
@@ -103,3 +107,30 @@ def open_source(uri: str | SourceURI, settings: ServeSettings) -> Source:
         raise UserError(f"source {parsed.raw}: the {parsed.scheme}: backend is unavailable ({err})") from None
     source: Source = getattr(module, class_name)(parsed, settings)
     return source
+
+
+def psana_timestamp(unix_ns: int) -> int:
+    """The psana 64-bit timestamp (seconds since 1990 << 32 | nanoseconds) of a unix time in ns."""
+    sec, nsec = divmod(unix_ns, 1_000_000_000)
+    return (sec - _PSANA_EPOCH_S) << 32 | nsec
+
+
+class Pacer:
+    """Spaces events `1/rate` seconds apart (rate 0: no pacing), yielding idle ticks while it waits long."""
+
+    def __init__(self, rate: float) -> None:
+        self.period = 1.0 / rate if rate > 0 else 0.0
+        self._next: float | None = None
+
+    def wait(self) -> Iterator[None]:
+        if not self.period:
+            return
+        now = time.perf_counter()
+        if self._next is None:
+            self._next = now
+        while (delay := self._next - time.perf_counter()) > 0:
+            time.sleep(min(delay, TICK_S))
+            if delay > TICK_S:
+                yield None
+        # after a stall, carry on at the rate instead of bursting to catch up
+        self._next = max(self._next + self.period, time.perf_counter() - self.period)

@@ -1,0 +1,484 @@
+"""The serve pipeline: source -> checks -> preprocess -> blank pre-filter -> embed -> bank -> log + publish.
+
+Threads (design.md, "The serve process model"):
+  reader   iterates `Source.frames()` into a bounded queue, and stops on `stop()`;
+  worker   takes dynamic batches, decides them and writes every decision to the run's log, then
+           hands the messages to the publisher; it owns the runs (begin/end messages, logs) and `seq`;
+  monitor  every heartbeat period: heartbeat message, gauges, source restarts, bank file changes;
+  zmq      the publisher's own thread, the only one touching the socket.
+Every frame read gets exactly one decision: frames that cannot be classified (wrong shape or dtype,
+NaN/Inf pixels, or an unexpected failure of a batch) get `label: error` with a reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from lcls_hitfinder import __version__
+from lcls_hitfinder.labels import Label, label_of_count
+from lcls_hitfinder.preprocess import Preprocessor
+from lcls_hitfinder.protocols import EventId, Frame, Source
+from lcls_hitfinder.service.bank_reload import ReloadingBank
+from lcls_hitfinder.service.batcher import Batcher
+from lcls_hitfinder.service.decision_log import DecisionLog, log_path
+from lcls_hitfinder.service.embedder import OnnxEmbedder
+from lcls_hitfinder.service.messages import DECISION, HEARTBEAT, RUN, decision_payloads
+from lcls_hitfinder.service.metrics import ServiceMetrics
+from lcls_hitfinder.service.publish import ZmqPublisher
+from lcls_hitfinder.service.settings import PrefilterSettings, ServeSettings
+
+log = logging.getLogger(__name__)
+
+LABEL_TEXT = np.array([label.text for label in Label], dtype=object)  # indexed by label code
+_IDLE_S = 0.2  # how long the worker waits for frames before doing its idle chores (log flush)
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` is CUDA when torch sees a GPU, else the CPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+@dataclass
+class Tally:
+    """Decisions counted by label, keeps and drops: for the whole service (heartbeats) and per run."""
+
+    counts: dict[str, int] = field(default_factory=lambda: {label.text: 0 for label in Label})
+    keep: int = 0
+    dropped: int = 0
+
+    def add(self, labels: np.ndarray, keep: np.ndarray) -> None:
+        codes, n = np.unique(labels, return_counts=True)
+        for code, count in zip(codes.tolist(), n.tolist(), strict=True):
+            self.counts[Label(code).text] += count
+        self.keep += int(keep.sum())
+
+    @property
+    def events(self) -> int:
+        return sum(self.counts.values())
+
+
+@dataclass
+class Run:
+    experiment: str
+    run: int
+    first_seq: int
+    started_ns: int
+    decision_log: DecisionLog | None
+    tally: Tally = field(default_factory=Tally)
+
+
+@dataclass
+class Verdicts:
+    """Per-frame results of one batch, as arrays in the decision log's dtypes."""
+
+    label: np.ndarray
+    keep: np.ndarray
+    score: np.ndarray
+    distance: np.ndarray
+    n_particles: np.ndarray
+    reason: np.ndarray
+
+    @classmethod
+    def errors(cls, n: int, reason: str = "") -> Verdicts:
+        return cls(
+            label=np.full(n, Label.ERROR, np.int8),
+            keep=np.zeros(n, bool),
+            score=np.full(n, np.nan, np.float32),
+            distance=np.full(n, np.nan, np.float32),
+            n_particles=np.full(n, -1, np.int8),
+            reason=np.full(n, reason, dtype=object),
+        )
+
+
+def blank_mask(photons: torch.Tensor, p: PrefilterSettings) -> torch.Tensor:
+    """The cheap pre-filter on (B, H, W) photons: True where a frame is too dim to be a hit."""
+    if p.kind == "lit_pixels":
+        return (photons > p.lit_threshold).flatten(1).sum(1) < p.min_lit_pixels
+    if p.kind == "photons":
+        return photons.flatten(1).sum(1) < p.min_photons
+    return torch.zeros(photons.shape[0], dtype=torch.bool, device=photons.device)
+
+
+class Pipeline:
+    """Runs the service on an opened source until it ends or `stop()` is called; then drains."""
+
+    def __init__(
+        self,
+        settings: ServeSettings,
+        source: Source,
+        embedder: OnnxEmbedder,
+        bank: ReloadingBank,
+        publisher: ZmqPublisher,
+        metrics: ServiceMetrics,
+    ) -> None:
+        self.settings = settings
+        self.source = source
+        self.embedder = embedder
+        self.bank = bank
+        self.publisher = publisher
+        self.metrics = metrics
+        self.device = resolve_device(settings.device)
+        self._frames: queue.Queue[Frame | None] = queue.Queue(settings.queue_size)
+        self._batcher: Batcher[Frame] = Batcher(self._frames, settings.batch.max_size, settings.batch.max_wait_ms / 1e3)
+        self._stop = threading.Event()
+        self._reload = threading.Event()
+        self._done = threading.Event()
+        self._shape: tuple[int, ...] | None = source.frame_shape
+        self._pre: Preprocessor | None = None
+        self._host: dict[np.dtype, torch.Tensor] = {}
+        self._next_seq = 0
+        self._run: Run | None = None
+        self._last_run: tuple[str, int] | None = None
+        self._restarts_seen = 0
+        self._started = time.monotonic()
+        self.total = Tally()
+        self.error: BaseException | None = None
+        self.logs: list[str] = []  # decision logs written, in run order
+        metrics.set_build_info(__version__, embedder.model_hash, embedder.provider)
+        self._threads = [
+            threading.Thread(target=self._read, name="reader", daemon=True),
+            threading.Thread(target=self._work, name="worker", daemon=True),
+            threading.Thread(target=self._monitor, name="monitor", daemon=True),
+        ]
+
+    # ---- control -------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        for t in self._threads:
+            t.start()
+
+    def stop(self) -> None:
+        """Stop reading; what was read is still decided, logged and published."""
+        self._stop.set()
+
+    def request_bank_reload(self) -> None:
+        self._reload.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """True once every decision is out and the last run is closed."""
+        return self._done.wait(timeout)
+
+    @property
+    def next_seq(self) -> int:
+        return self._next_seq
+
+    # ---- reader --------------------------------------------------------------------------------------------
+    def _read(self) -> None:
+        limit = self.settings.max_events
+        n = 0
+        frames = self.source.frames()
+        read_stage = self.metrics.stage.labels(stage="read")
+        try:
+            t = time.perf_counter()
+            for frame in frames:
+                if frame is not None:
+                    read_stage.observe(time.perf_counter() - t)
+                    self._put(frame)
+                    n += 1
+                if self._stop.is_set() or (limit is not None and n >= limit):
+                    break
+                t = time.perf_counter()
+        except Exception as err:
+            log.exception("the source failed; ending the run")
+            self.error = err
+        finally:
+            close = getattr(frames, "close", None)
+            if close is not None:
+                close()
+            self._frames.put(None)
+
+    def _put(self, frame: Frame) -> None:
+        if self.settings.overflow == "block":
+            self._frames.put(frame)
+            return
+        try:
+            self._frames.put_nowait(frame)
+        except queue.Full:
+            self.metrics.dropped.labels(reason="queue_full").inc()
+            self.total.dropped += 1
+            if self._run is not None:
+                self._run.tally.dropped += 1
+
+    # ---- worker --------------------------------------------------------------------------------------------
+    def _work(self) -> None:
+        try:
+            while True:
+                batch = self._batcher.next(_IDLE_S)
+                if batch:
+                    self.metrics.batch_size.observe(len(batch))
+                    start = 0
+                    for i in range(1, len(batch) + 1):  # a batch may straddle a run boundary: split it
+                        if i == len(batch) or _run_key(batch[i].event) != _run_key(batch[start].event):
+                            self._process(batch[start:i])
+                            start = i
+                elif self._batcher.ended:
+                    break
+                if self._run is not None and self._run.decision_log is not None:
+                    self._run.decision_log.flush_if_due()
+        except Exception as err:
+            log.exception("the pipeline failed")
+            self.error = err
+            self._stop.set()
+        finally:
+            self._end_run()
+            self._done.set()
+
+    def _process(self, frames: list[Frame]) -> None:
+        key = _run_key(frames[0].event)
+        if self._run is None or (self._run.experiment, self._run.run) != key:
+            self._end_run()
+            self._begin_run(*key)
+        try:
+            verdicts = self._decide(frames)
+        except Exception as err:  # never lose the events: a failed batch becomes error decisions
+            log.exception("a batch of %d frames failed", len(frames))
+            verdicts = Verdicts.errors(len(frames), f"internal: {type(err).__name__}: {err}")
+        self._output(frames, verdicts)
+
+    def _check(self, data: np.ndarray) -> str:
+        """Why a frame cannot be classified ('' if it can): dtype or shape."""
+        if data.dtype.kind not in "uif":
+            return f"dtype: {data.dtype} is not a numeric image"
+        if self._shape is None and data.ndim in (2, 3):
+            self._shape = tuple(data.shape)
+        if tuple(data.shape) != self._shape:
+            return f"shape: {tuple(data.shape)}, expected {self._shape}"
+        return ""
+
+    def _preprocessor(self) -> Preprocessor:
+        if self._pre is None:
+            assert self._shape is not None
+            mask = self.source.mask
+            if mask is not None and tuple(mask.shape) != self._shape:
+                log.warning("the source's mask %s does not fit its frames %s; ignoring it", mask.shape, self._shape)
+                mask = None
+            preprocess = self.embedder.info.preprocess  # the model's own settings, as in training
+            self._pre = Preprocessor(preprocess, mask, self._shape, self.settings.calibration, self.device)
+        return self._pre
+
+    def _stack(self, arrays: list[np.ndarray]) -> torch.Tensor:
+        """Frames -> one raw (B, ...) tensor on the device, through a preallocated (pinned, on CUDA) buffer."""
+        dtype = np.result_type(*(a.dtype for a in arrays))
+        buf = self._host.get(dtype)
+        if buf is None:
+            shape = (self.settings.batch.max_size, *arrays[0].shape)
+            torch_dtype = torch.from_numpy(np.empty(0, dtype)).dtype
+            buf = torch.empty(shape, dtype=torch_dtype, pin_memory=self.device.type == "cuda")
+            self._host[dtype] = buf
+        view = buf[: len(arrays)]
+        np.stack(arrays, out=view.numpy())
+        return view.to(self.device, non_blocking=True)
+
+    def _decide(self, frames: list[Frame]) -> Verdicts:
+        t0 = time.perf_counter()
+        v = Verdicts.errors(len(frames))
+        v.reason[:] = [self._check(np.asarray(f.data)) for f in frames]
+        good = np.flatnonzero(v.reason == "")
+        if not len(good):
+            return v
+        pre = self._preprocessor()
+        with torch.inference_mode():
+            raw = self._stack([frames[i].data for i in good])
+            if raw.is_floating_point():
+                finite = torch.isfinite(raw.flatten(1).sum(1, dtype=torch.float64))
+            else:
+                finite = torch.ones(len(good), dtype=torch.bool, device=raw.device)
+            photons = pre.photons(raw)
+            blank = blank_mask(photons, self.settings.prefilter) & finite
+            to_model = finite & ~blank
+            all_to_model = bool(to_model.all())
+            thumbs = pre.thumbnails(photons if all_to_model else photons[to_model]) if bool(to_model.any()) else None
+            finite_np, blank_np, model_np = (x.cpu().numpy() for x in (finite, blank, to_model))
+        v.reason[good[~finite_np]] = "nonfinite: NaN or Inf pixels"
+        prefiltered = good[blank_np]
+        v.label[prefiltered] = Label.BLANK
+        v.score[prefiltered] = -1.0
+        v.n_particles[prefiltered] = 0
+        v.reason[prefiltered] = "prefilter"
+        self.metrics.prefilter_blank.inc(len(prefiltered))
+        t1 = time.perf_counter()
+        self.metrics.stage.labels(stage="preprocess").observe(t1 - t0)
+        if thumbs is None:
+            return v
+        embeddings = self.embedder.embed(thumbs)
+        t2 = time.perf_counter()
+        decisions = self.bank.bank.decide(embeddings)
+        sel = good[model_np]
+        v.label[sel] = decisions.label
+        v.keep[sel] = decisions.keep
+        v.score[sel] = decisions.score
+        v.distance[sel] = decisions.distance
+        v.n_particles[sel] = decisions.n_particles
+        v.reason[sel] = ""
+        self.metrics.stage.labels(stage="infer").observe(t2 - t1)
+        self.metrics.stage.labels(stage="decide").observe(time.perf_counter() - t2)
+        return v
+
+    def _output(self, frames: list[Frame], v: Verdicts) -> None:
+        """Log first, then publish: the log holds every decision whatever happens to the messages."""
+        t0 = time.perf_counter()
+        n = len(frames)
+        events = [f.event for f in frames]
+        truth = np.array([-1 if f.truth_n_particles is None else f.truth_n_particles for f in frames], np.int8)
+        now_perf = time.perf_counter_ns()
+        latency_ns = now_perf - np.array([f.read_ns for f in frames], np.int64)
+        seq = np.arange(self._next_seq, self._next_seq + n, dtype=np.int64)
+        self._next_seq += n
+        columns = {
+            "seq": seq,
+            "experiment": np.array([e.experiment for e in events], dtype=object),
+            "run": np.array([e.run for e in events], np.int32),
+            "event": np.array([e.event for e in events], np.int64),
+            "timestamp": np.array([e.timestamp for e in events], np.uint64),
+            "time_ns": np.full(n, time.time_ns(), np.int64),
+            "pulse_id": np.array([-1 if e.pulse_id is None else e.pulse_id for e in events], np.int64),
+            "label": LABEL_TEXT[v.label],
+            "decision": np.where(v.keep, "keep", "veto").astype(object),
+            "score": v.score,
+            "distance": v.distance,
+            "n_particles": v.n_particles,
+            "latency_us": latency_ns // 1000,
+            "model": np.full(n, self.embedder.model_hash, dtype=object),
+            "truth_n_particles": truth,
+            "reason": v.reason,
+        }
+        run = self._run
+        assert run is not None
+        if run.decision_log is not None:
+            run.decision_log.append(columns)
+        for payload in decision_payloads(columns):
+            self.publisher.publish(DECISION, payload)
+        self._count(columns, v, truth, latency_ns)
+        run.tally.add(v.label, v.keep)
+        self.total.add(v.label, v.keep)
+        self.metrics.stage.labels(stage="publish").observe(time.perf_counter() - t0)
+
+    def _count(self, columns: dict[str, np.ndarray], v: Verdicts, truth: np.ndarray, latency_ns: np.ndarray) -> None:
+        m = self.metrics
+        pairs, counts = np.unique(np.stack([v.label, v.keep.astype(np.int8)]), axis=1, return_counts=True)
+        for (code, keep), count in zip(pairs.T.tolist(), counts.tolist(), strict=True):
+            m.events.labels(label=Label(code).text, decision="keep" if keep else "veto").inc(count)
+        for reason in columns["reason"][v.label == Label.ERROR]:
+            m.frame_errors.labels(reason=str(reason).split(":")[0]).inc()
+        known = (truth >= 0) & (v.label != Label.ERROR)
+        for t, label in zip(truth[known].tolist(), v.label[known].tolist(), strict=True):
+            true_label = label_of_count(t)
+            m.truth_events.labels(truth=true_label.text, agree="yes" if true_label == label else "no").inc()
+        for ns in latency_ns.tolist():
+            m.latency.observe(ns / 1e9)
+        m.last_event_time.set(time.time())
+
+    # ---- runs ----------------------------------------------------------------------------------------------
+    def _begin_run(self, experiment: str, run: int) -> None:
+        decision_log = None
+        if self.settings.log_dir is not None:
+            path = log_path(self.settings.log_dir, experiment, run)
+            attrs = {
+                "experiment": experiment,
+                "run": run,
+                "source": self.source.uri,
+                "model": self.embedder.model_hash,
+                "provider": self.embedder.provider,
+                "bank": str(self.bank.path),
+            }
+            decision_log = DecisionLog(path, attrs)
+            self.logs.append(str(path))
+        self._run = Run(experiment, run, self._next_seq, time.time_ns(), decision_log)
+        self._last_run = (experiment, run)
+        self.metrics.run_open.set(1)
+        self.metrics.run_number.set(run)
+        self.publisher.publish(RUN, self._run_payload("begin"))
+        log.info("run %s:%d begins (seq %d)", experiment, run, self._next_seq)
+
+    def _end_run(self) -> None:
+        run = self._run
+        if run is None:
+            return
+        payload = self._run_payload("end")
+        if run.decision_log is not None:
+            run.decision_log.close({k: payload[k] for k in ("events", "counts", "keep", "dropped", "duration_s")})
+        self.publisher.publish(RUN, payload)
+        self.metrics.run_open.set(0)
+        self._run = None
+        log.info("run %s:%d ends: %d events, %s", run.experiment, run.run, run.tally.events, run.tally.counts)
+
+    def _run_payload(self, phase: str) -> dict[str, object]:
+        run = self._run
+        assert run is not None
+        return {
+            "phase": phase,
+            "experiment": run.experiment,
+            "run": run.run,
+            "time_ns": time.time_ns(),
+            "source": self.source.uri,
+            "model": self.embedder.model_hash,
+            "provider": self.embedder.provider,
+            "first_seq": run.first_seq,
+            "events": run.tally.events,
+            "counts": dict(run.tally.counts),
+            "keep": run.tally.keep,
+            "dropped": run.tally.dropped,
+            "duration_s": (time.time_ns() - run.started_ns) / 1e9 if phase == "end" else 0.0,
+            "log": None if run.decision_log is None else str(run.decision_log.path),
+        }
+
+    # ---- monitor -------------------------------------------------------------------------------------------
+    def _monitor(self) -> None:
+        period = self.settings.publish.heartbeat_s
+        last_events, last_t = 0, time.monotonic()
+        next_bank_check = time.monotonic()
+        while not self._done.wait(period):
+            now = time.monotonic()
+            events = self.total.events
+            self._heartbeat((events - last_events) / max(now - last_t, 1e-9))
+            last_events, last_t = events, now
+            restarts = int(self.source.restarts)
+            if restarts > self._restarts_seen:
+                self.metrics.source_restarts.inc(restarts - self._restarts_seen)
+                self._restarts_seen = restarts
+            if self._reload.is_set():
+                self._reload.clear()
+                self.bank.reload()
+            elif now >= next_bank_check:
+                self.bank.check()
+                next_bank_check = now + self.settings.bank_poll_s
+
+    def _heartbeat(self, rate_hz: float) -> None:
+        depth = self._frames.qsize()
+        self.metrics.queue_depth.labels(queue="frames").set(depth)
+        self.metrics.queue_depth.labels(queue="publish").set(self.publisher.depth)
+        now = time.time_ns()
+        self.metrics.heartbeat_time.set(now / 1e9)
+        last = self._last_run
+        self.publisher.publish(
+            HEARTBEAT,
+            {
+                "time_ns": now,
+                "uptime_s": time.monotonic() - self._started,
+                "next_seq": self._next_seq,
+                "rate_hz": rate_hz,
+                "counts": dict(self.total.counts),
+                "keep": self.total.keep,
+                "dropped": self.total.dropped,
+                "source_restarts": self._restarts_seen,
+                "queue_depth": depth,
+                "run_open": self._run is not None,
+                "experiment": None if last is None else last[0],
+                "run": None if last is None else last[1],
+                "model": self.embedder.model_hash,
+                "provider": self.embedder.provider,
+                "source": self.source.uri,
+            },
+        )
+
+
+def _run_key(event: EventId) -> tuple[str, int]:
+    return event.experiment, event.run
