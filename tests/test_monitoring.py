@@ -191,3 +191,19 @@ def test_grafana_provisioning() -> None:
     compose = yaml.safe_load((REPO / "docker" / "compose.yaml").read_text())
     mounts = compose["services"]["grafana"]["volumes"]
     assert f"../deploy/grafana/dashboards:{provider['options']['path']}:ro" in mounts
+
+
+def test_known_label_values_are_exported_from_the_start() -> None:
+    """Drops, errors and bank reloads read 0 before the first one happens, so panels and alerts have data."""
+    from prometheus_client import generate_latest
+
+    from lcls_hitfinder.service.metrics import ServiceMetrics
+
+    text = generate_latest(ServiceMetrics().registry).decode()
+    for line in (
+        'hitfinder_events_total{decision="keep",label="single"} 0.0',
+        'hitfinder_dropped_events_total{reason="queue_full"} 0.0',
+        'hitfinder_frame_errors_total{reason="nonfinite"} 0.0',
+        'hitfinder_bank_reloads_total{result="refused"} 0.0',
+    ):
+        assert line in text.splitlines()

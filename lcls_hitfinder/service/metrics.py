@@ -12,10 +12,13 @@ from typing import Literal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from lcls_hitfinder.labels import Label
+
 # 50 µs .. 1 s, roughly 1-2.5-5 per decade: fine enough for p99 at both a batch of one and a stalled stage.
 STAGE_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 STAGES = ("read", "preprocess", "infer", "decide", "publish")
+ERROR_REASONS = ("shape", "dtype", "nonfinite", "internal")  # the part before ':' of an error decision's reason
 
 Kind = Literal["counter", "gauge", "histogram"]
 
@@ -60,7 +63,7 @@ SPECS: tuple[MetricSpec, ...] = (
     MetricSpec(
         "hitfinder_frame_errors_total",
         "counter",
-        "Frames that got an `error` decision, by reason (shape, dtype, nonfinite).",
+        "Frames that got an `error` decision, by reason (shape, dtype, nonfinite, internal).",
         ("reason",),
     ),
     MetricSpec(
@@ -152,6 +155,15 @@ class ServiceMetrics:
         self.last_event_time = self._gauge("hitfinder_last_event_timestamp_seconds")
         for stage in STAGES:  # export every stage from the start, so quantile queries never see gaps
             self.stage.labels(stage=stage)
+        # Known label values start at 0 too, so rates and alerts read 0 (not "no data") before the first one.
+        for label in Label:
+            for decision in ("keep", "veto"):
+                self.events.labels(label=label.text, decision=decision)
+        self.dropped.labels(reason="queue_full")
+        for reason in ERROR_REASONS:
+            self.frame_errors.labels(reason=reason)
+        for result in ("ok", "refused"):
+            self.bank_reloads.labels(result=result)
 
     def _counter(self, name: str) -> Counter:
         s = _BY_NAME[name]
