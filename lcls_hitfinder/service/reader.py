@@ -9,10 +9,11 @@ it stops (stall) the parent kills the child, cleans up after it and starts a new
 backoff, counting restarts. Meanwhile `frames()` keeps yielding `None` idle ticks at least every
 0.5 s so the service goes on heartbeating.
 
-Ring protocol: a semaphore holds one permit per free slot. The child takes a permit, writes slot
-k % n and sends (k % n, shape, dtype, event, truth, read time); the parent copies the slot out and
-gives the permit back. A frame bigger than the slots makes the child wait for every permit, create a
-bigger ring and announce it, so slots are sized by the data, not guessed. The parent owns every
+Ring protocol: the child writes slot k % n and sends (k % n, shape, dtype, event, truth, read
+time); the parent copies the slot out and acknowledges it on a second pipe. The child never has more
+than n slots unacknowledged. A frame bigger than the slots makes the child wait for every
+acknowledgement, create a bigger ring and announce it, so slots are sized by the data, not guessed.
+Pipes rather than named semaphores: a killed child then leaves nothing behind but its ring. The parent owns every
 segment: it unlinks them when the child ends or is killed, so /dev/shm is left clean.
 """
 
@@ -32,7 +33,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.shared_memory import SharedMemory
-from multiprocessing.synchronize import Semaphore
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -72,9 +72,10 @@ def _segment_name(prefix: str, generation: int) -> str:
 class FrameSink:
     """Child side of the ring: `put` blocks while every slot is still in use by the parent."""
 
-    def __init__(self, conn: Connection, free: Semaphore, prefix: str, n_slots: int) -> None:
+    def __init__(self, conn: Connection, acks: Connection, prefix: str, n_slots: int) -> None:
         self._conn = conn
-        self._free = free
+        self._acks = acks
+        self._in_flight = 0  # slots sent and not yet acknowledged by the parent
         self._prefix = prefix
         self._n_slots = n_slots
         self._ring: SharedMemory | None = None
@@ -94,7 +95,7 @@ class FrameSink:
             return
         if data.nbytes > self._slot_bytes:
             self._new_ring(data.nbytes)
-        self._take_permit()
+        self._wait_in_flight(self._n_slots - 1)
         assert self._ring is not None
         slot = self._count % self._n_slots
         self._count += 1
@@ -102,16 +103,19 @@ class FrameSink:
         np.copyto(view, data, casting="no")
         del view  # no export of the buffer may outlive this call, or the ring could not be closed
         self._conn.send(("frame", slot, data.shape, data.dtype.str, event, truth, read_ns))
+        self._in_flight += 1
 
-    def _take_permit(self) -> None:
-        while not self._free.acquire(timeout=1.0):
-            if os.getppid() != self._parent:  # the service died: nobody will ever free a slot
+    def _wait_in_flight(self, most: int) -> None:
+        """Block until at most `most` slots are still unacknowledged."""
+        while self._in_flight > most:
+            if self._acks.poll(1.0):
+                self._in_flight -= len(self._acks.recv_bytes())
+            elif os.getppid() != self._parent:  # the service died: nobody will ever free a slot
                 os._exit(3)
 
     def _new_ring(self, nbytes: int) -> None:
         if self._ring is not None:  # wait until the parent has copied out every slot of the old ring
-            for _ in range(self._n_slots):
-                self._take_permit()
+            self._wait_in_flight(0)
             self._ring.close()
         self._generation += 1
         self._slot_bytes = -(-nbytes // 4096) * 4096
@@ -119,9 +123,6 @@ class FrameSink:
         self._ring = SharedMemory(name=name, create=True, size=self._slot_bytes * self._n_slots)
         self._count = 0
         self._conn.send(("ring", name, self._slot_bytes))
-        if self._generation > 1:
-            for _ in range(self._n_slots):
-                self._free.release()
 
     def close(self) -> None:
         if self._ring is not None:
@@ -138,7 +139,7 @@ def _finalize_mpi() -> None:
 def _child_main(
     loop: ReadLoop,
     conn: Connection,
-    free: Semaphore,
+    acks: Connection,
     heartbeat: Synchronized[int],
     prefix: str,
     n_slots: int,
@@ -152,10 +153,13 @@ def _child_main(
     def stop(signum: int, frame: Any) -> None:
         raise SystemExit(0)
 
+    # psana makes a multiprocessing.Value (with a lock) per run; under the 'fork' default its semaphore is
+    # unlinked at once, so a child killed by the watchdog leaves none behind in /dev/shm
+    mp.set_start_method("fork", force=True)
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the service, which stops us in order
     threading.Thread(target=beat, name="heartbeat", daemon=True).start()
-    sink = FrameSink(conn, free, prefix, n_slots)
+    sink = FrameSink(conn, acks, prefix, n_slots)
     code = 0
     try:
         loop(sink, resume_after)
@@ -190,7 +194,7 @@ def remove_leftovers(pid: int, prefix: str) -> None:
 class _Child:
     process: mp.process.BaseProcess
     conn: Connection
-    free: Semaphore
+    acks: Connection
     heartbeat: Synchronized[int]
     prefix: str
     last_beat: int = 0
@@ -247,17 +251,18 @@ class SupervisedReader:
         self._incarnation += 1
         prefix = f"lhf_{os.getpid()}_{self._incarnation}"
         receiver, sender = _CTX.Pipe(duplex=False)
-        free = _CTX.Semaphore(self._settings.ring_slots)
+        ack_receiver, acks = _CTX.Pipe(duplex=False)
         heartbeat = _CTX.Value("Q", 0, lock=False)
         process = _CTX.Process(
             target=_child_main,
-            args=(self._loop, sender, free, heartbeat, prefix, self._settings.ring_slots, self._last_event),
+            args=(self._loop, sender, ack_receiver, heartbeat, prefix, self._settings.ring_slots, self._last_event),
             name=f"reader-{self._name}",
             daemon=True,
         )
         process.start()
         sender.close()  # the child holds the only write end: its death reads as EOF here
-        self._child = _Child(process, receiver, free, heartbeat, prefix, last_beat_at=time.monotonic())
+        ack_receiver.close()
+        self._child = _Child(process, receiver, acks, heartbeat, prefix, last_beat_at=time.monotonic())
         self._restart_at = None
 
     def _next_message(self, child: _Child, timeout: float) -> tuple[Any, ...] | None:
@@ -280,6 +285,7 @@ class SupervisedReader:
             proc.kill()
         proc.join()
         child.conn.close()
+        child.acks.close()
         if child.ring is not None:
             child.ring.close()
         if proc.pid is not None:
@@ -331,7 +337,8 @@ class SupervisedReader:
         else:
             assert child.ring is not None
             data = np.ndarray(shape, dtype, buffer=child.ring.buf, offset=slot * child.slot_bytes).copy()
-            child.free.release()
+            with contextlib.suppress(OSError):  # a child that died meanwhile needs no acknowledgement
+                child.acks.send_bytes(b"\x01")
         self._failures = 0
         self._last_event = event
         return Frame(event=event, data=data, read_ns=read_ns, truth_n_particles=truth)
@@ -382,3 +389,37 @@ class SupervisedReader:
         self._closed = True
         if self._child is not None:
             self._stop_child(self._child, graceful=True)
+
+
+class SupervisedSource:
+    """A `protocols.Source` whose read loop runs in a supervised child (the psana sources build on it)."""
+
+    def __init__(
+        self,
+        uri: str,
+        loop: ReadLoop,
+        settings: ReaderSettings,
+        live: bool,
+        open_timeout_s: float,
+        mask: np.ndarray | None = None,
+    ) -> None:
+        self.uri = uri
+        self.frame_shape: tuple[int, ...] | None = None
+        self.mask = mask
+        self.restarts = 0
+        self._open_timeout_s = 0.0 if live else open_timeout_s
+        self._reader = SupervisedReader(loop, settings, uri, live)
+
+    def open(self) -> None:
+        """Start the reader; a replayable source waits until psana has opened the data (or failed to)."""
+        self._reader.start(self._open_timeout_s)
+
+    def frames(self) -> Iterator[Frame | None]:
+        for frame in self._reader.frames():
+            self.restarts = self._reader.restarts
+            if frame is not None and self.frame_shape is None and frame.data.size:
+                self.frame_shape = tuple(frame.data.shape)
+            yield frame
+
+    def close(self) -> None:
+        self._reader.close()

@@ -1,0 +1,193 @@
+"""psana2 (LCLS-II) sources: XTC2 files, live shared memory and experiment/run directories.
+
+  xtc2:PATH?det=NAME                 a file, e.g. one written by `lcls-hitfinder xtc2`
+  shmem:TAG?det=NAME                 live data from a shmemServer / DAQ monitoring tag
+  exp:EXPERIMENT:RUN?dir=DIR&det=NAME  an experiment's run directory (psana's exp= mode)
+
+Parameters: `det` (the area detector; may be left out when the run has only one), `data=raw|calib`
+(default raw: the service converts ADU to photons with [serve.calibration]), `image=1` (psana's
+assembled 2-D image instead of the (P, H, W) panel stack), `timing=NAME` (the timing detector
+giving pulse ids, default `timing`), `constants=FILE.npz` (local calibration constants, arrays named
+by psana ctype: pedestals, pixel_gain, pixel_mask, ...), `calibdb=1` (ask SLAC's calibration
+database; off by default, since offline it fails with a network error).
+
+psana runs in a supervised child process (service/reader.py). Event identity: run.expt,
+run.runnum, the event's index in the run, evt.timestamp, the pulse id when a timing detector is
+recorded, and the particle count when the file carries truth (see xtc2_writer.py).
+
+exp= runs in psana's serial mode: psana's MPI split (smd0 / event builder / big-data ranks) needs
+three ranks before one reads data, and on the 2-core machine this was built on it was slower than one
+reader (NOTES.md §3); the service parallelises downstream of the reader instead.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from lcls_hitfinder.errors import UserError
+from lcls_hitfinder.protocols import EventId
+from lcls_hitfinder.service.reader import FrameSink, SupervisedSource
+from lcls_hitfinder.service.sources.xtc2_writer import TIMING_DETECTOR, TRUTH_DETECTOR
+
+if TYPE_CHECKING:
+    from lcls_hitfinder.service.settings import ServeSettings
+    from lcls_hitfinder.service.sources import SourceURI
+
+PARAMS = ("det", "data", "image", "timing", "constants", "calibdb", "dir")
+OPEN_TIMEOUT_S = 120.0  # psana import + reading the Configure of a file; a shmem source does not wait
+_NOT_AREA_DETECTORS = {"runinfo", TRUTH_DETECTOR, "epics", "scan", "smdinfo"}
+
+
+def _flag(uri: SourceURI, name: str) -> bool:
+    value = uri.params.get(name, "0").lower()
+    if value not in ("0", "1", "true", "false", "yes", "no"):
+        raise UserError(f"source {uri.raw}: {name}={value!r} must be 0 or 1")
+    return value in ("1", "true", "yes")
+
+
+def _existing(uri: SourceURI, path: str, what: str) -> str:
+    if not Path(path).exists():
+        raise UserError(f"source {uri.raw}: {what} {path} does not exist")
+    return path
+
+
+@dataclass(frozen=True)
+class Psana2ReadLoop:
+    """The child side: DataSource -> runs -> events -> sink, one frame per L1Accept."""
+
+    label: str  # the URI, for messages
+    datasource: tuple[tuple[str, Any], ...]  # DataSource keyword arguments
+    detector: str | None
+    calib: bool
+    image: bool
+    timing: str
+    constants: str | None
+    live: bool
+
+    def _open(self) -> Any:
+        os.environ.setdefault("PS_PARALLEL", "none")  # one serial reader (psana's MPI stays single-rank)
+        kwargs = dict(self.datasource)
+        if "exp" in kwargs:
+            # psana 4.3.4 asks the LCLS logbook web service for the run's files outside its try block, so
+            # offline exp= mode dies with ConnectionError; without it psana scans DIR/smalldata itself.
+            import psana.psexp.ds_base as ds_base
+
+            ds_base.DataSourceBase._get_file_info_from_db = lambda self, runnum: {}
+        from psana import DataSource
+
+        try:
+            return DataSource(**kwargs)
+        except (OSError, ValueError, KeyError) as err:
+            raise UserError(f"source {self.label}: psana cannot open it: {err}") from None
+
+    def _detector_name(self, run: Any) -> str:
+        names = sorted(run.detnames)
+        if self.detector is not None:
+            if self.detector not in names:
+                raise UserError(
+                    f"source {self.label}: no detector {self.detector!r} in run {run.runnum} "
+                    f"(detectors: {', '.join(names)})"
+                )
+            return self.detector
+        cameras = [n for n in names if n not in _NOT_AREA_DETECTORS and n != self.timing]
+        if len(cameras) != 1:
+            raise UserError(f"source {self.label}: say which detector with ?det=NAME (detectors: {', '.join(names)})")
+        return cameras[0]
+
+    def _local_constants(self, run: Any, name: str) -> None:
+        """Inject constants from an .npz into psana, as the calibration database would (NOTES.md §1)."""
+        if self.constants is None:
+            return
+        meta = {"experiment": run.expt or "local", "run": run.runnum or 0}
+        with np.load(self.constants) as npz:
+            run.dsparms.calibconst[name] = {ctype: (np.asarray(npz[ctype]), meta) for ctype in npz.files}
+
+    def __call__(self, sink: FrameSink, resume_after: EventId | None) -> None:
+        ds = self._open()
+        skip_to = None if self.live or resume_after is None else (resume_after.run, resume_after.event)
+        for run in ds.runs():
+            name = self._detector_name(run)
+            self._local_constants(run, name)
+            det = run.Detector(name).raw
+            names = set(run.detnames)
+            timing = run.Detector(self.timing).raw if self.timing in names else None
+            truth = run.Detector(TRUTH_DETECTOR).raw if TRUTH_DETECTOR in names else None
+            kind = "calib" if self.calib else "raw"
+            sink.ready(f"{run.expt or '?'} run {run.runnum}: detector {name}, {kind}{' image' if self.image else ''}")
+            for i, evt in enumerate(run.events()):
+                if skip_to is not None and (run.runnum, i) <= skip_to:
+                    continue
+                read_ns = time.perf_counter_ns()
+                data = det.calib(evt) if self.calib else det.raw(evt)
+                if self.image and data is not None:
+                    data = det.image(evt, nda=data)
+                n = truth.n_particles(evt) if truth is not None else None
+                event = EventId(
+                    experiment=run.expt or "",
+                    run=int(run.runnum or 0),
+                    event=i,
+                    timestamp=int(evt.timestamp),
+                    pulse_id=int(timing.pulseId(evt)) if timing is not None else None,
+                )
+                sink.put(event, data, None if n is None or n < 0 else int(n), read_ns)
+
+
+def read_loop(uri: SourceURI) -> Psana2ReadLoop:
+    """Check a psana2 URI in the service process and turn it into the child's read loop."""
+    uri.check_params(PARAMS)
+    datasource: dict[str, Any] = {}
+    if uri.scheme == "xtc2":
+        datasource["files"] = _existing(uri, uri.target, "file")
+    elif uri.scheme == "shmem":
+        if not uri.target:
+            raise UserError(f"source {uri.raw}: give the shmemServer tag, e.g. shmem:TAG?det=NAME")
+        datasource["shmem"] = uri.target
+    else:
+        experiment, _, run = uri.target.partition(":")
+        if not experiment or not run.isdigit():
+            raise UserError(f"source {uri.raw}: want exp:EXPERIMENT:RUN?dir=DIR&det=NAME")
+        datasource.update(exp=experiment, run=int(run))
+        if "dir" in uri.params:
+            datasource["dir"] = _existing(uri, uri.params["dir"], "directory")
+    if "dir" in uri.params and uri.scheme != "exp":
+        raise UserError(f"source {uri.raw}: dir= belongs to exp: sources")
+    data = uri.params.get("data", "raw")
+    if data not in ("raw", "calib"):
+        raise UserError(f"source {uri.raw}: data={data!r} must be raw or calib")
+    constants = uri.params.get("constants")
+    if constants is not None:
+        _existing(uri, constants, "constants file")
+    if not _flag(uri, "calibdb"):
+        datasource["skip_calib_load"] = "all"
+    return Psana2ReadLoop(
+        label=uri.raw,
+        datasource=tuple(sorted(datasource.items())),
+        detector=uri.params.get("det") or None,
+        calib=data == "calib",
+        image=_flag(uri, "image"),
+        timing=uri.params.get("timing", TIMING_DETECTOR),
+        constants=constants,
+        live=uri.scheme == "shmem",
+    )
+
+
+def constants_mask(loop: Psana2ReadLoop) -> np.ndarray | None:
+    """psana's pixel_mask from the local constants (1 = good pixel), when there is one and frames are panels."""
+    if loop.constants is None or loop.image:
+        return None
+    with np.load(loop.constants) as npz:
+        return np.asarray(npz["pixel_mask"]).astype(bool) if "pixel_mask" in npz.files else None
+
+
+class Psana2Source(SupervisedSource):
+    """`xtc2:`, `shmem:` and `exp:` sources: psana2 in a supervised child process."""
+
+    def __init__(self, uri: SourceURI, settings: ServeSettings) -> None:
+        loop = read_loop(uri)
+        super().__init__(uri.raw, loop, settings.reader, loop.live, OPEN_TIMEOUT_S, constants_mask(loop))

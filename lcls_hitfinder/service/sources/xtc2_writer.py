@@ -1,0 +1,198 @@
+"""Write frames as an XTC2 run with psana's own writer (psana.dgramedit.DgramEdit), truth included.
+
+The file is what the DAQ would record, as far as a reader can tell: Configure, BeginRun (with
+runinfo expt/runnum), BeginStep, Enable, one L1Accept per frame with increasing 64-bit timestamps,
+then Disable, EndStep, EndRun and (for shmemServer) Unconfigure. Three detectors:
+  - the camera, declared as `opal` raw 2.0.0 with one field `image`: psana's opal class reads any
+    2-D or (P, H, W) array with no calibration constants (NOTES.md §1);
+  - `timing` (ts raw 2.1.0, `pulseId`), so readers get pulse ids as from a real timing system;
+  - `hitfinder_truth` (pv raw 1.0.0, `n_particles`): the simulated ground truth per event, readable by
+    any psana as `run.Detector('hitfinder_truth').raw.n_particles(evt)`.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any, BinaryIO
+
+import numpy as np
+
+TRUTH_DETECTOR = "hitfinder_truth"
+TIMING_DETECTOR = "timing"
+EPICS_EPOCH_UNIX = 631152000  # 1990-01-01 UTC in unix seconds: psana timestamps count from there
+PULSES_PER_SECOND = 928_571  # LCLS-II timing: 1.3 GHz / 1400
+
+
+def psana_timestamp(unix_ns: int) -> int:
+    """psana's 64-bit timestamp: seconds since 1990-01-01 UTC in the upper 32 bits, nanoseconds below."""
+    sec, nsec = divmod(unix_ns, 1_000_000_000)
+    return ((sec - EPICS_EPOCH_UNIX) << 32) | nsec
+
+
+def unix_ns(timestamp: int) -> int:
+    """The inverse of psana_timestamp: nanoseconds since 1970."""
+    return ((timestamp >> 32) + EPICS_EPOCH_UNIX) * 1_000_000_000 + (timestamp & 0xFFFFFFFF)
+
+
+class Xtc2Writer:
+    """Appends frames (one shape and dtype per file) as L1Accepts; use as a context manager.
+
+    Timestamps start at `start_unix_ns` (default: now) and advance by 1/`rate_hz` per event, so a
+    second file written later has later timestamps, as shmemServer clients require across runs.
+    """
+
+    def __init__(
+        self,
+        path: Path | str,
+        frame_shape: tuple[int, ...],
+        dtype: np.dtype[Any] | type = np.uint16,
+        detector: str = "cam",
+        experiment: str = "tstx00001",
+        run: int = 1,
+        rate_hz: float = 120.0,
+        start_unix_ns: int | None = None,
+        truth: bool = True,
+        unconfigure: bool = True,
+    ) -> None:
+        from psana.dgramedit import AlgDef, DetectorDef, DgramEdit
+        from psana.psexp import TransitionId
+
+        self._edit, self._tid = DgramEdit, TransitionId
+        self.frame_shape = tuple(int(s) for s in frame_shape)
+        if len(self.frame_shape) not in (2, 3):
+            raise ValueError(f"frames must be (H, W) or (P, H, W), got {self.frame_shape}")
+        self.dtype = np.dtype(dtype)
+        self._unconfigure = unconfigure
+        # psana keeps a whole dgram in one buffer; leave room for the headers beside the frame
+        self._bufsize = int(np.prod(self.frame_shape)) * self.dtype.itemsize + (1 << 20)
+        self._buf = bytearray(self._bufsize)
+        self._ts0 = psana_timestamp(time.time_ns() if start_unix_ns is None else start_unix_ns)
+        self._dt_ns = round(1e9 / rate_hz)
+        self._pulse0 = 10_000_000
+        self._dpulse = max(1, round(PULSES_PER_SECOND / rate_hz))
+        self.n = 0
+        self.path = Path(path)
+        self._f: BinaryIO = open(self.path, "wb")  # noqa: SIM115 - closed by close()/__exit__
+
+        cfg = DgramEdit(transition_id=TransitionId.Configure, ts=self._ts0, bufsize=self._bufsize)
+        runinfo = cfg.Detector(
+            DetectorDef("runinfo", "runinfo", ""),
+            AlgDef("runinfo", 0, 0, 1),
+            {"expt": (str, 1), "runnum": (np.uint32, 0)},
+        )
+        self._timing = cfg.Detector(
+            DetectorDef(TIMING_DETECTOR, "ts", "tsserial0"), AlgDef("raw", 2, 1, 0), {"pulseId": (np.uint64, 0)}
+        )
+        self._cam = cfg.Detector(
+            DetectorDef(detector, "opal", f"{detector}serial0"),
+            AlgDef("raw", 2, 0, 0),
+            {"image": (self.dtype.type, len(self.frame_shape))},
+        )
+        self._truth = (
+            cfg.Detector(
+                DetectorDef(TRUTH_DETECTOR, "pv", "truth0"), AlgDef("raw", 1, 0, 0), {"n_particles": (np.int32, 0)}
+            )
+            if truth
+            else None
+        )
+        self._config = cfg
+        self._save(cfg)
+        begin = self._dgram(TransitionId.BeginRun, self._ts0 + 1)
+        runinfo.runinfo.expt = experiment
+        runinfo.runinfo.runnum = run
+        begin.adddata(runinfo.runinfo)
+        self._save(begin)
+        for tid in (TransitionId.BeginStep, TransitionId.Enable):
+            self._save(self._dgram(tid, self._ts0 + 2))
+
+    def _dgram(self, transition: Any, ts: int) -> Any:
+        return self._edit(transition_id=transition, config_dgramedit=self._config, ts=ts, bufsize=self._bufsize)
+
+    def _save(self, edit: Any) -> None:
+        edit.save(self._buf)
+        self._f.write(self._buf[: edit.size])
+
+    def _event_ts(self, i: int) -> int:
+        """The i-th event's timestamp: ts0 + i/rate, carrying nanoseconds into seconds."""
+        return psana_timestamp(unix_ns(self._ts0) + (i + 1) * self._dt_ns)
+
+    def write(self, frame: np.ndarray, n_particles: int | None = None) -> None:
+        """One L1Accept with the frame, its pulse id and (when the file carries truth) its particle count."""
+        if frame.shape != self.frame_shape:
+            raise ValueError(f"frame shape {frame.shape} != {self.frame_shape}")
+        d = self._dgram(self._tid.L1Accept, self._event_ts(self.n))
+        self._timing.raw.pulseId = self._pulse0 + self.n * self._dpulse
+        d.adddata(self._timing.raw)
+        self._cam.raw.image = np.ascontiguousarray(frame, dtype=self.dtype)
+        d.adddata(self._cam.raw)
+        if self._truth is not None:
+            self._truth.raw.n_particles = -1 if n_particles is None else int(n_particles)
+            d.adddata(self._truth.raw)
+        self._save(d)
+        self.n += 1
+
+    @property
+    def end_unix_ns(self) -> int:
+        """Unix time just after the last event: where a following run's timestamps should start."""
+        return unix_ns(self._event_ts(self.n + 1))
+
+    def close(self) -> None:
+        """Close the run (Disable, EndStep, EndRun and, for shmemServer, Unconfigure)."""
+        if self._f.closed:
+            return
+        tail = [self._tid.Disable, self._tid.EndStep, self._tid.EndRun]
+        if self._unconfigure:
+            tail.append(self._tid.Unconfigure)
+        end = self._event_ts(self.n)
+        for tid in tail:
+            self._save(self._dgram(tid, end))
+        self._f.close()
+
+    def __enter__(self) -> Xtc2Writer:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+        if exc_type is not None:
+            self.path.unlink(missing_ok=True)
+
+
+def photons_to_adu(photons: np.ndarray, gain: float, offset: float) -> np.ndarray:
+    """Simulated photons -> uint16 ADU as a detector would record them: round(photons*gain + offset), clipped."""
+    adu = np.rint(np.asarray(photons, dtype=np.float64) * gain + offset)
+    return np.clip(adu, 0, np.iinfo(np.uint16).max).astype(np.uint16)
+
+
+def dataset_to_xtc2(
+    dataset: Path | str,
+    out: Path | str,
+    detector: str = "cam",
+    experiment: str = "tstx00001",
+    run: int = 1,
+    gain: float = 1.0,
+    offset: float = 0.0,
+    rate_hz: float = 120.0,
+    start_unix_ns: int | None = None,
+    progress: Any = None,
+) -> int:
+    """Convert a simulated dataset (lcls_hitfinder.dataset) into an XTC2 run of uint16 ADU; returns N.
+
+    `progress`, when given, is called with the number of frames written so far.
+    """
+    from lcls_hitfinder.dataset import Dataset
+
+    with (
+        Dataset(dataset) as ds,
+        Xtc2Writer(out, ds.shape, np.uint16, detector, experiment, run, rate_hz, start_unix_ns) as writer,
+    ):
+        for batch in ds.batches(64):
+            adu = photons_to_adu(batch.images, gain, offset)
+            for frame, n in zip(adu, batch.n_particles, strict=True):
+                writer.write(frame, int(n))
+            if progress is not None:
+                progress(writer.n)
+        return writer.n
