@@ -1,7 +1,7 @@
 """The HDF5 dataset format that every subcommand reads and the simulator writes, defined once.
 
 Layout (documented in docs/dataset.md):
-  /images        float32 (N, H, W)  photons
+  /images        float32 (N, H, W)  photons (images.attrs["units"]; "adu" when written in ADU)
   /n_particles   int8    (N,)       0 for blanks
   /structure     str     (N,)       structure id of each pattern (UTF-8)
   /photons       float32 (N,)       photons in the pattern before noise
@@ -79,6 +79,7 @@ class DatasetWriter:
         attrs: Mapping[str, Any],
         chunk: int = 16,
         compression: str = "gzip",
+        units: str = "photons",
     ) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -109,7 +110,7 @@ class DatasetWriter:
             chunks=(4096, 4, 4),
         )
         f.create_dataset("mask", data=mask.astype(bool))
-        f["images"].attrs["units"] = "photons"
+        f["images"].attrs["units"] = units
         f["orientations"].attrs["description"] = "unit quaternions (w, x, y, z), one per particle, zero-padded"
         self._n = 0
 

@@ -1,9 +1,148 @@
-"""CLI subcommands of this stage, registered on the main app by lcls_hitfinder.cli."""
+"""CLI subcommands of this stage: `simulate` (write a dataset) and `show` (a grid of patterns as PNG).
+
+Heavy imports (torch, matplotlib) happen inside the commands so `--help` stays quick.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated, Any
+
 import typer
+
+from lcls_hitfinder.errors import UserError
+
+
+def parse_particles(text: str) -> dict[int, float]:
+    """'0,1,2,3,4' (equal weights) or '1:0.6,2:0.4' (weighted), mixed forms allowed."""
+    out: dict[int, float] = {}
+    for part in text.split(","):
+        count, _, weight = part.strip().partition(":")
+        try:
+            out[int(count)] = float(weight) if weight else 1.0
+        except ValueError:
+            raise UserError(f"--particles {text!r}: expected counts like 0,1,2,3,4 or 1:0.6,2:0.4") from None
+    return out
+
+
+def parse_shape(text: str) -> tuple[int, int]:
+    """'H,W' or 'HxW' in pixels."""
+    parts = text.lower().replace("x", ",").split(",")
+    try:
+        h, w = (int(p) for p in parts)
+    except ValueError:
+        raise UserError(f"--shape {text!r}: expected H,W in pixels, e.g. 128,128") from None
+    return h, w
+
+
+def simulate(
+    out: Annotated[Path, typer.Option("--out", "-o", help="the HDF5 dataset to write")],
+    structure: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--structure",
+            "-s",
+            help="PDB/mmCIF file (FILE@ASSEMBLY), sphere:R, coreshell:RC,R,RHO, ellipsoid:A,B,C, capsid:R, "
+            "procedural:SEED[,D[,SYM]] (nm); repeat for several",
+        ),
+    ] = None,
+    n: Annotated[int | None, typer.Option("--n", help="number of patterns")] = None,
+    particles: Annotated[
+        str | None, typer.Option(help="particle counts to draw, e.g. 0,1,2,3,4 or 1:0.6,2:0.2,3:0.1,4:0.1")
+    ] = None,
+    photon_energy_ev: Annotated[float | None, typer.Option(help="photon energy, eV")] = None,
+    distance_m: Annotated[float | None, typer.Option(help="detector distance, m")] = None,
+    pixel_size_m: Annotated[float | None, typer.Option(help="pixel size, m")] = None,
+    shape: Annotated[str | None, typer.Option(help="detector pixels H,W")] = None,
+    photons_per_pattern: Annotated[
+        float | None, typer.Option(help="mean photons of a single hit (sets the fluence per structure)")
+    ] = None,
+    fluence: Annotated[
+        float | None, typer.Option(help="fluence in photons/µm² (instead of photons per pattern)")
+    ] = None,
+    fluence_jitter: Annotated[float | None, typer.Option(help="relative shot-to-shot fluence spread")] = None,
+    noise: Annotated[str | None, typer.Option(help="none, poisson or poisson+gaussian")] = None,
+    gaussian_sigma: Annotated[float | None, typer.Option(help="Gaussian read noise sd, photons")] = None,
+    beamstop_px: Annotated[float | None, typer.Option(help="beam-stop radius, pixels")] = None,
+    seed: Annotated[int | None, typer.Option(help="random seed")] = None,
+    workers: Annotated[int | None, typer.Option(help="parallel processes")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda")] = None,
+    config: Annotated[Path | None, typer.Option(help="config file; its [simulate] section is the base")] = None,
+) -> None:
+    """Simulate labelled single-particle diffraction patterns (0-4 particles) into an HDF5 dataset."""
+    from rich.console import Console
+
+    from lcls_hitfinder.config import load_config
+    from lcls_hitfinder.dataset import Dataset
+    from lcls_hitfinder.simulate.generate import simulate_dataset
+
+    if photons_per_pattern is not None and fluence is not None:
+        raise UserError("give --photons-per-pattern or --fluence, not both")
+    overrides: dict[str, Any] = {
+        "simulate.structures": structure or None,
+        "simulate.n": n,
+        "simulate.particles": parse_particles(particles) if particles else None,
+        "simulate.beam.photon_energy_ev": photon_energy_ev,
+        "simulate.detector.distance_m": distance_m,
+        "simulate.detector.pixel_size_m": pixel_size_m,
+        "simulate.detector.shape": parse_shape(shape) if shape else None,
+        "simulate.beam.photons_per_pattern": photons_per_pattern,
+        "simulate.beam.fluence": fluence,
+        "simulate.beam.fluence_jitter": fluence_jitter,
+        "simulate.noise.kind": noise,
+        "simulate.noise.gaussian_sigma": gaussian_sigma,
+        "simulate.detector.beamstop_px": beamstop_px,
+        "simulate.seed": seed,
+        "simulate.workers": workers,
+        "simulate.device": device,
+    }
+    settings = load_config(config, overrides).simulate
+    if photons_per_pattern is not None:
+        settings.beam.fluence = None
+    simulate_dataset(settings, out)
+    with Dataset(out) as ds:
+        total, counts = len(ds), {k: int((ds.n_particles == k).sum()) for k in range(5)}
+    Console(stderr=True).print(
+        f"wrote {total} patterns ({', '.join(f'{v} x {k}' for k, v in counts.items() if v)} particles) to {out}"
+    )
+
+
+def show(
+    data: Annotated[Path, typer.Argument(help="an lcls-hitfinder dataset (HDF5)")],
+    out: Annotated[Path | None, typer.Option(help="PNG to write (default: DATA with .png)")] = None,
+    n: Annotated[int, typer.Option("--n", help="patterns to show (the first ones, or a few of each count)")] = 12,
+    per_count: Annotated[bool, typer.Option(help="pick patterns evenly across particle counts")] = True,
+    ncols: Annotated[int, typer.Option(help="columns of the grid")] = 6,
+    linear: Annotated[bool, typer.Option(help="linear colour scale instead of log")] = False,
+) -> None:
+    """Render a labelled grid of patterns (log scale) to PNG."""
+    import numpy as np
+
+    from lcls_hitfinder.dataset import Dataset
+    from lcls_hitfinder.plots import pattern_grid
+
+    if n < 1:
+        raise UserError("--n must be at least 1")
+    target = out or data.with_suffix(".png")
+    with Dataset(data) as ds:
+        index = np.arange(min(n, len(ds)))
+        if per_count:
+            groups = [np.flatnonzero(ds.n_particles == k) for k in np.unique(ds.n_particles)]
+            per = -(-n // max(1, len(groups)))
+            index = np.sort(np.concatenate([g[:per] for g in groups]))[:n] if groups else index
+        images = ds.images(index)
+        structures = ds.structure[index]
+        photons = ds.photons[index]
+        titles = [
+            f"#{i} · {k} particle{'s' if k != 1 else ''}\n{s or 'blank'} · {p:.3g} ph"
+            for i, k, s, p in zip(index, ds.n_particles[index], structures, photons, strict=True)
+        ]
+        mask = ds.mask
+    pattern_grid(list(images * mask), titles, target, ncols=ncols, log=not linear)
+    print(target)
 
 
 def register(app: typer.Typer) -> None:
     """Add this stage's subcommands to `app`."""
+    app.command()(simulate)
+    app.command()(show)
