@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from lcls_hitfinder.bank import BankMismatch, ReferenceBank, pairwise_distance
+from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.labels import Label
 
 
@@ -56,3 +57,40 @@ def test_save_load_and_model_check(tmp_path: Path) -> None:
     assert loaded.threshold == 0.25 and loaded.k == 3
     with pytest.raises(BankMismatch, match="built for model abc"):
         ReferenceBank.load(tmp_path / "b.h5", expected_model_hash="other")
+
+
+def test_precision_recall_by_hand() -> None:
+    from lcls_hitfinder.bank import precision_recall
+
+    scores = np.array([0.9, 0.8, 0.8, 0.3, 0.1])
+    single = np.array([True, True, False, True, False])
+    t, p, r = precision_recall(scores, single)
+    np.testing.assert_allclose(t, [0.9, 0.8, 0.3, 0.1])
+    np.testing.assert_allclose(p, [1.0, 2 / 3, 3 / 4, 3 / 5])  # tied scores enter together
+    np.testing.assert_allclose(r, [1 / 3, 2 / 3, 1.0, 1.0])
+
+
+def test_calibrated_threshold_is_the_lowest_reaching_the_target() -> None:
+    from lcls_hitfinder.bank import calibrate_threshold
+
+    scores = np.array([0.9, 0.7, 0.6, 0.5, 0.2])
+    single = np.array([True, True, True, False, True])
+    assert calibrate_threshold(scores, single, 1.0) == (0.6, True)
+    assert calibrate_threshold(scores, single, 0.8) == (0.2, True)  # 4/5 >= 0.8 at the lowest score
+    t, reached = calibrate_threshold(np.array([0.5, 0.4]), np.array([False, True]), 0.99)
+    assert not reached and t == 0.4
+    with pytest.raises(UserError, match="single hits"):
+        calibrate_threshold(scores, np.zeros(5, bool), 0.9)
+
+
+def test_references_are_drawn_per_count_and_structure() -> None:
+    from lcls_hitfinder.bank import select_references
+
+    n = np.array([0, 0, 0, 1, 1, 1, 1, 2, 3, 4, 1, 1])
+    s = np.array(["", "", "", "a", "a", "a", "b", "a", "a", "a", "b", "b"], dtype=object)
+    idx = select_references(n, None, 2, seed=1)
+    assert sorted(np.bincount(n[idx]).tolist()) == [1, 1, 1, 2, 2]
+    idx = select_references(n, s, 2, seed=1)
+    picked = {(int(a), str(b)) for a, b in zip(n[idx], s[idx], strict=True)}
+    assert (1, "a") in picked and (1, "b") in picked and len(idx) == 2 + 2 + 2 + 3
+    assert np.array_equal(idx, np.sort(idx))

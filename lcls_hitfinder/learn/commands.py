@@ -48,7 +48,9 @@ def train(
     seed: Annotated[int | None, typer.Option(help="random seed")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda")] = None,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
-    resume: Annotated[bool, typer.Option(help="continue the run in --out from its last checkpoint")] = False,
+    resume: Annotated[
+        bool, typer.Option(help="continue the run in --out from its last checkpoint (--epochs extends it)")
+    ] = False,
 ) -> None:
     """Train a twin embedder (triplet loss) or a CNN baseline; progress bars and per-epoch validation."""
     from lcls_hitfinder.config import load_config
@@ -86,7 +88,7 @@ def train(
     if not resume:
         _existing(data, "dataset")
         _existing(val, "validation dataset")
-    best = run_training(kind, data, val, out, settings, resume)  # type: ignore[arg-type]
+    best = run_training(kind, data, val, out, settings, resume, epochs)  # type: ignore[arg-type]
     print(json.dumps({"run": str(out), "best": best}, indent=2))
 
 

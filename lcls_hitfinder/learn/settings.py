@@ -59,6 +59,7 @@ class TrainSettings(_Section):
     steps_per_epoch: int | None = Field(None, ge=1, description="batches per epoch; default: one pass over the data")
     batch_size: int = Field(128, ge=4)
     lr: float = Field(2e-3, gt=0)
+    lr_schedule: Literal["cosine", "constant"] = Field("cosine", description="cosine decay to 0 over all epochs")
     weight_decay: float = Field(1e-4, ge=0)
     preprocess: PreprocessSettings = Field(default_factory=PreprocessSettings)
     augment: AugmentSettings = Field(default_factory=AugmentSettings)

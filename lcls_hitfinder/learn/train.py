@@ -147,8 +147,16 @@ class Trainer:
     """One training run (twin or cnn) in `out`: fresh, or resumed from its checkpoint."""
 
     def __init__(
-        self, kind: Kind, data: Path, val: Path, out: Path, settings: TrainSettings, resume: bool = False
+        self,
+        kind: Kind,
+        data: Path,
+        val: Path,
+        out: Path,
+        settings: TrainSettings,
+        resume: bool = False,
+        epochs: int | None = None,
     ) -> None:
+        """`resume` continues the run in `out` with its saved settings; `epochs` there extends it."""
         self.out = out
         run_file = out / RUN_FILE
         if resume:
@@ -157,6 +165,9 @@ class Trainer:
             run = json.loads(run_file.read_text())
             kind, data, val = run["kind"], Path(run["data"]), Path(run["val"])
             settings = TrainSettings.model_validate(run["settings"])
+            if epochs is not None:
+                settings.epochs = epochs
+                run["settings"]["epochs"] = epochs
         elif (out / CHECKPOINT).exists():
             raise UserError(f"{out} already holds a run: pass --resume to continue it, or choose a new --out")
         self.kind, self.settings = kind, settings
@@ -185,7 +196,7 @@ class Trainer:
         if resume:
             tensors = load_weights(self.net, out / CHECKPOINT)
             _restore_optimizer(self.opt, tensors)
-            self.run = json.loads(run_file.read_text())
+            self.run = run
             self.start_epoch = len(self.run["history"])
         out.mkdir(parents=True, exist_ok=True)
         self.pre = Preprocessor(settings.preprocess, self.train_set.mask, self.train_set.shape, device=self.device)
@@ -201,6 +212,8 @@ class Trainer:
 
     def _lr(self, step: int) -> float:
         """Cosine decay over the whole run, from the global step (so resuming needs no scheduler state)."""
+        if self.settings.lr_schedule == "constant":
+            return self.settings.lr
         total = self.settings.epochs * self.steps
         return self.settings.lr * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
 
@@ -301,10 +314,16 @@ class Trainer:
 
 
 def train(
-    kind: Kind, data: Path, val: Path, out: Path, settings: TrainSettings, resume: bool = False
+    kind: Kind,
+    data: Path,
+    val: Path,
+    out: Path,
+    settings: TrainSettings,
+    resume: bool = False,
+    epochs: int | None = None,
 ) -> dict[str, Any]:
-    """Train (or resume) a run; returns the best epoch's validation metrics."""
-    return Trainer(kind, data, val, out, settings, resume).fit()
+    """Train (or resume, optionally extending to `epochs`) a run; returns the best epoch's validation metrics."""
+    return Trainer(kind, data, val, out, settings, resume, epochs).fit()
 
 
 def load_run(run_dir: Path) -> tuple[dict[str, Any], TrainSettings, nn.Module]:

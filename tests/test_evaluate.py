@@ -1,0 +1,88 @@
+"""Metric definitions on hand-made decisions, and the report's files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lcls_hitfinder.evaluate import (
+    accuracy_by_photons,
+    best_at,
+    cnn_metrics,
+    hit_labels,
+    hit_metrics,
+    markdown_table,
+    projection_2d,
+    write_report,
+)
+from lcls_hitfinder.protocols import Decisions
+
+N = np.array([0, 1, 1, 1, 2, 3, 4, 1])
+LABEL = np.array([0, 1, 1, 2, 2, 1, 2, 0])  # wrong: index 3 (single -> multi), 5 (multi -> single), 7 (single -> blank)
+SCORE = np.array([-0.9, 0.8, 0.6, -0.1, -0.5, 0.7, -0.6, -0.8], np.float32)
+
+
+def decisions() -> Decisions:
+    return Decisions(label=LABEL, keep=LABEL == 1, score=SCORE, distance=np.zeros(8), n_particles=np.minimum(N, 2))
+
+
+def test_hit_metrics_by_hand() -> None:
+    m = hit_metrics(N, decisions())
+    assert m["accuracy"] == pytest.approx(5 / 8)
+    # hits: indices 1..7; single-or-not right for 1, 2, 4, 6 -> 4 / 7
+    assert m["single_vs_multi_accuracy"] == pytest.approx(4 / 7)
+    assert m["precision"] == pytest.approx(2 / 3) and m["recall"] == pytest.approx(2 / 4)
+    # scores ranked: .8 S, .7 M, .6 S, -.1 S, -.5, -.6, -.8 S, -.9: recall >= .9 needs all 4 singles -> 4/7
+    assert m["precision_at_recall_0.9"] == pytest.approx(4 / 7)
+    assert m["recall_at_precision_0.99"] == pytest.approx(1 / 4)
+    assert m["count_accuracy"] == pytest.approx(6 / 8)  # estimates 0 1 1 1 2 2 2 1: wrong at 3 and 4 particles
+    assert m["confusion"] == [[1, 0, 0], [1, 2, 1], [0, 1, 2]]
+    assert (m["n_blank"], m["n_single"], m["n_multi"]) == (1, 4, 3)
+
+
+def test_hit_labels_and_best_at() -> None:
+    assert hit_labels(np.array([0, 1, 2, 3, 4])).tolist() == [0, 1, 2, 2, 2]
+    assert np.isnan(best_at(SCORE, np.zeros(8, bool), min_recall=0.9))
+
+
+def test_cnn_table_metrics_by_hand() -> None:
+    count_true = np.array([0, 1, 2, 3, 1])
+    count_pred = np.array([0, 1, 2, 1, 1])
+    struct_true = np.array([-1, 0, 1, 2, 0])
+    struct_pred = np.array([2, 0, 0, 2, 0])  # a blank's structure is ignored
+    m = cnn_metrics(struct_pred, struct_true, count_pred, count_true)
+    assert m["count_accuracy"] == pytest.approx(4 / 5)
+    assert m["particle_accuracy"] == pytest.approx(3 / 4)
+    assert m["test_accuracy"] == pytest.approx(3 / 5)  # blank, and the two singles
+
+
+def test_accuracy_by_photons_bins() -> None:
+    photons = np.array([10, 11, 1000, 1100, 0])
+    correct = np.array([1, 0, 1, 1, 1], bool)
+    centres, acc, counts = accuracy_by_photons(photons, correct, bins=2)
+    assert counts.tolist() == [2, 2] and acc.tolist() == [0.5, 1.0]
+    assert centres[0] < 100 < centres[1]
+
+
+def test_markdown_and_projection() -> None:
+    table = markdown_table([{"a": 0.123456, "b": "x"}], ["a", "b"])
+    assert table.splitlines()[2] == "| 0.1235 | x |"
+    e = np.random.default_rng(0).normal(size=(50, 8)) * np.array([10, 5, 1, 1, 1, 1, 1, 1])
+    xy = projection_2d(e)
+    assert xy.shape == (50, 2) and xy[:, 0].var() > xy[:, 1].var() > 5
+
+
+def test_report_files(tmp_path: Path) -> None:
+    dec = decisions()
+    m = hit_metrics(N, dec)
+    images = np.random.default_rng(0).poisson(1.0, (8, 16, 16)).astype(np.float32)
+    emb = np.random.default_rng(1).normal(size=(8, 4))
+    write_report(tmp_path, m, N, dec, np.geomspace(100, 1e4, 8), emb, images[:4], np.arange(4))
+    for name in ("confusion", "precision_recall", "accuracy_vs_photons", "embedding", "examples"):
+        assert (tmp_path / f"{name}.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "metrics.json").read_text())["accuracy"] == pytest.approx(5 / 8)
+    md = (tmp_path / "metrics.md").read_text()
+    assert "| accuracy | 0.625 |" in md and "| single | 1 | 2 | 1 |" in md

@@ -1,0 +1,188 @@
+"""End to end through the CLI on small analytic datasets: train, resume, export (parity), bank build, classify,
+evaluate, and the CNN baselines. Patterns: spheres' form factor times the interference of 1-4 touching
+copies, so single and multi hits differ as in real data (fringes across each pair axis)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from lcls_hitfinder.bank import BankMismatch, ReferenceBank
+from lcls_hitfinder.cli import app
+from lcls_hitfinder.dataset import Batch, DatasetWriter
+from lcls_hitfinder.errors import UserError
+from lcls_hitfinder.model_io import file_hash, read_model_info
+
+runner = CliRunner()
+
+
+def spheres(n: int, shape: tuple[int, int], seed: int, photons: float = 3000.0, radius: float = 5.0) -> Batch:
+    """Noise-free patterns (expected photons) of 0-4 touching spheres of `radius` pixels^-1 units."""
+    rng = np.random.default_rng(seed)
+    h, w = shape
+    qy, qx = np.meshgrid(np.arange(h) - h / 2, np.arange(w) - w / 2, indexing="ij")
+    q = np.hypot(qy, qx) * 2 * np.pi / 160 + 1e-6
+    counts = rng.integers(0, 5, n)
+    images = np.zeros((n, h, w), np.float32)
+    names = np.empty(n, dtype=object)
+    for i, c in enumerate(counts):
+        r = radius * rng.uniform(0.85, 1.15)
+        qr = q * r
+        form = (3 * (np.sin(qr) - qr * np.cos(qr)) / qr**3) ** 2
+        centres = np.zeros((max(c, 1), 2))
+        for k in range(1, c):
+            angle = rng.uniform(0, 2 * np.pi)
+            centres[k] = centres[rng.integers(0, k)] + 2 * r * np.array([np.cos(angle), np.sin(angle)])
+        kq = 2 * np.pi / 160
+        phase = np.exp(1j * kq * (qy[None] * centres[:, 0, None, None] + qx[None] * centres[:, 1, None, None]))
+        img = form * np.abs(phase.sum(0)) ** 2 if c else np.zeros(shape)
+        images[i] = img * (photons / max(form.sum(), 1e-9))
+        names[i] = "sphere" if c else ""
+    return Batch(
+        images=images,
+        n_particles=counts.astype(np.int8),
+        structure=names,
+        photons=images.sum((1, 2)).astype(np.float32),
+        orientations=np.zeros((n, 4, 4), np.float32),
+    )
+
+
+def write(path: Path, n: int, seed: int, shape: tuple[int, int] = (48, 48), mask: np.ndarray | None = None) -> Path:
+    batch = spheres(n, shape, seed)
+    m = np.ones(shape, bool) if mask is None else mask
+    with DatasetWriter(path, shape, m, {"seed": seed, "beam_center": [shape[0] / 2, shape[1] / 2]}) as wr:
+        wr.append(batch)
+    return path
+
+
+def invoke(*args: object) -> str:
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result.output
+
+
+TINY = ["--epochs", "2", "--steps-per-epoch", "15", "--batch-size", "60", "--thumbnail", "32", "--embed-dim", "8"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("learn")
+    write(d / "train.h5", 500, 1)
+    write(d / "val.h5", 200, 2)
+    write(d / "test.h5", 150, 3)
+    # another detector: other size, a beam stop and a dead column in the mask
+    mask = np.ones((40, 56), bool)
+    mask[16:24, 24:32] = False
+    mask[:, 5] = False
+    write(d / "other.h5", 60, 4, shape=(40, 56), mask=mask)
+    return d
+
+
+@pytest.fixture(scope="module")
+def model(data: Path) -> Path:
+    invoke("train", "twin", "--data", data / "train.h5", "--val", data / "val.h5", "--out", data / "run", *TINY)
+    out = invoke("export", data / "run", "--out", data / "m.onnx")
+    assert "parity" in out
+    return data / "m.onnx"
+
+
+def test_training_run_records_history_and_checkpoints(data: Path, model: Path) -> None:
+    run = json.loads((data / "run" / "run.json").read_text())
+    assert [h["epoch"] for h in run["history"]] == [1, 2]
+    assert run["settings"]["embed_dim"] == 8 and run["settings"]["preprocess"]["thumbnail"] == 32
+    assert {"accuracy", "precision_at_recall_0.9", "val_loss"} <= set(run["best"])
+    assert (data / "run" / "checkpoint.safetensors").exists() and (data / "run" / "model.safetensors").exists()
+
+
+def test_export_carries_preprocessing_and_summary(model: Path) -> None:
+    info = read_model_info(model)
+    assert info.embed_dim == 8 and info.preprocess.thumbnail == 32
+    assert info.summary["kind"] == "twin" and info.summary["data"] == "train.h5"
+    assert info.summary["best_validation"]["epoch"] in (1, 2)
+
+
+def test_bank_classify_and_evaluate(data: Path, model: Path, tmp_path: Path) -> None:
+    bank_path = tmp_path / "bank.h5"
+    out = invoke("bank", "build", "--model", model, "--data", data / "val.h5", "--per-class", "5", "--out", bank_path)
+    report = json.loads(out[out.index("{") :])
+    assert report["references"] == 25 and report["calibration_patterns"] == 175
+    bank = ReferenceBank.load(bank_path, expected_model_hash=file_hash(model))
+    assert bank.threshold == report["threshold"] and len(bank.embeddings) == 25
+
+    invoke("classify", "--model", model, "--bank", bank_path, "--data", data / "test.h5", "--out", tmp_path / "p.csv")
+    with (tmp_path / "p.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 150 and list(rows[0]) == ["index", "label", "keep", "score", "distance"]
+    assert {r["label"] for r in rows} <= {"blank", "single", "multi"}
+    assert all((r["keep"] == "true") == (r["label"] == "single") for r in rows)
+
+    invoke("evaluate", "--model", model, "--bank", bank_path, "--data", data / "test.h5", "--report", tmp_path / "r")
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert metrics["n"] == 150 and metrics["photons_per_single_hit"] == pytest.approx(3000, rel=1e-3)
+    assert metrics["accuracy"] > 0.8  # the analytic patterns are easy; a broken pipeline scores ~0.4
+    assert (tmp_path / "r" / "examples.png").exists()
+
+
+def test_any_image_size_and_mask(data: Path, model: Path, tmp_path: Path) -> None:
+    bank_path = tmp_path / "b.h5"
+    invoke("bank", "build", "--model", model, "--data", data / "val.h5", "--per-class", "5", "--out", bank_path)
+    invoke("classify", "--model", model, "--bank", bank_path, "--data", data / "other.h5", "--out", tmp_path / "o.csv")
+    assert len((tmp_path / "o.csv").read_text().splitlines()) == 61
+
+
+def test_bank_of_another_model_is_refused(data: Path, model: Path, tmp_path: Path) -> None:
+    other = ReferenceBank(np.zeros((2, 8)), np.array([1, 0]), model_hash="0123456789abcdef")
+    other.save(tmp_path / "other.h5")
+    args = ["classify", "--model", model, "--bank", tmp_path / "other.h5", "--data", data / "test.h5"]
+    result = runner.invoke(app, [str(a) for a in [*args, "--out", tmp_path / "x.csv"]])
+    assert isinstance(result.exception, BankMismatch)
+
+
+def test_resume_continues_exactly(data: Path, tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[train]\nlr_schedule = "constant"\n')
+    common = ["--data", data / "train.h5", "--val", data / "val.h5", "--config", cfg, *TINY]
+    invoke("train", "twin", *common, "--out", tmp_path / "straight")
+    invoke("train", "twin", *common, "--out", tmp_path / "resumed", "--epochs", "1")
+    invoke("train", "twin", "--out", tmp_path / "resumed", "--resume", "--epochs", "2", "--data", "x", "--val", "x")
+    a = load_file(str(tmp_path / "straight" / "checkpoint.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "checkpoint.safetensors"))
+    assert a.keys() == b.keys() and any(k.startswith("optim.") for k in a)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], msg=key)
+    history = json.loads((tmp_path / "resumed" / "run.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [1, 2]
+
+
+def test_cnn_baseline_trains_and_evaluates(data: Path, tmp_path: Path) -> None:
+    args = ["--data", data / "train.h5", "--val", data / "val.h5", "--out", tmp_path / "cnn"]
+    invoke("train", "cnn", *args, "--arch", "early3", "--cnn-width", "4", *TINY[:6], "--thumbnail", "32")
+    invoke("evaluate", "--run", tmp_path / "cnn", "--data", data / "test.h5", "--report", tmp_path / "rep")
+    m = json.loads((tmp_path / "rep" / "metrics.json").read_text())
+    assert m["arch"] == "early3" and m["n"] == 150
+    assert 0 <= m["test_accuracy"] <= m["count_accuracy"] <= 1 and m["particle_accuracy"] == 1.0  # one structure
+    result = runner.invoke(app, ["export", str(tmp_path / "cnn"), "--out", str(tmp_path / "x.onnx")])
+    assert isinstance(result.exception, UserError) and "only twin" in str(result.exception)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "siamese", "--data", "a", "--val", "b", "--out", "c"], "kind must be"),
+        (["train", "twin", "--data", "/nonexistent.h5", "--val", "b", "--out", "c"], "does not exist"),
+        (["train", "twin", "--data", "a", "--val", "b", "--out", "c", "--embed-dim", "300"], "embed_dim"),
+        (["train", "twin", "--data", "a", "--val", "b", "--out", "/nonexistent", "--resume"], "nothing to resume"),
+        (["export", "/nonexistent", "--out", "x.onnx"], "does not exist"),
+        (["evaluate", "--data", "x.h5", "--report", "r"], "needs --model and --bank"),
+    ],
+)
+def test_bad_input_is_a_user_error(args: list[str], message: str) -> None:
+    result = runner.invoke(app, args)
+    assert isinstance(result.exception, UserError) and message in str(result.exception)

@@ -1,0 +1,63 @@
+"""The triplet loss and its online mining against values computed by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lcls_hitfinder.bank import pairwise_distance as bank_distance
+from lcls_hitfinder.learn.triplet import pairwise_distance, triplet_loss
+
+# four points on a line, classes 0 0 1 1; each coordinate repeated so N = 2 (the /N must cancel)
+X = torch.tensor([[0.0, 0.0], [1.0, 1.0], [3.0, 3.0], [7.0, 7.0]])
+Y = torch.tensor([0, 0, 1, 1])
+
+
+def test_distance_is_the_design_studys() -> None:
+    d = pairwise_distance(torch.tensor([[0.0, 0.0], [3.0, 4.0]]))
+    assert d[0, 1].item() == pytest.approx(np.sqrt((9 + 16) / 2))  # sqrt(Σ / N), not sqrt(Σ)
+    assert d[0, 0].item() == 0.0
+    x = np.random.default_rng(0).normal(size=(9, 16)).astype(np.float32)
+    np.testing.assert_allclose(pairwise_distance(torch.from_numpy(x)).numpy(), bank_distance(x, x), atol=1e-5)
+
+
+def test_batch_hard_by_hand() -> None:
+    # anchor 0: hardest positive 1, nearest negative 3 -> max(1 - 3 + .5, 0) = 0
+    # anchor 1: 1, 2 -> 0;  anchor 2: 4, 2 -> 2.5;  anchor 3: 4, 6 -> 0.   mean 2.5 / 4
+    loss, stats = triplet_loss(X, Y, alpha=0.5, mining="batch-hard")
+    assert loss.item() == pytest.approx(0.625)
+    assert stats["active"] == pytest.approx(0.25)
+    assert triplet_loss(X, Y, alpha=0.0)[0].item() == pytest.approx(2.0 / 4)
+
+
+def test_semi_hard_by_hand() -> None:
+    # (0,1): d_p 1, negatives 3, 7 -> nearest farther 3 -> 0;  (1,0): 1, {2, 6} -> 2 -> 0
+    # (2,3): d_p 4, negatives {3, 2} none farther -> farthest 3 -> 1.5;  (3,2): 4, {7, 6} -> 6 -> 0
+    loss, _ = triplet_loss(X, Y, alpha=0.5, mining="semi-hard")
+    assert loss.item() == pytest.approx(1.5 / 4)
+
+
+def test_anchors_without_positive_or_negative_are_skipped() -> None:
+    x = torch.tensor([[0.0], [1.0], [5.0]])
+    # class 1 has one member: only anchors 0 and 1 count: d_p 1, d_n 5 and 4 -> max(1-5+2,0)=0, max(1-4+2,0)=0
+    loss, _ = triplet_loss(x, torch.tensor([0, 0, 1]), alpha=2.0)
+    assert loss.item() == 0.0
+    loss, _ = triplet_loss(x, torch.tensor([0, 0, 0]), alpha=1.0)  # no negatives at all
+    assert loss.item() == 0.0
+
+
+@pytest.mark.parametrize("mining", ["batch-hard", "semi-hard"])
+def test_gradient_is_finite_at_coincident_points_and_pulls_classes_apart(mining: str) -> None:
+    x = torch.tensor([[0.0, 0.0], [0.0, 0.0], [0.1, 0.0], [0.1, 0.1]], requires_grad=True)
+    loss, _ = triplet_loss(x, Y, alpha=0.5, mining=mining)  # type: ignore[arg-type]
+    loss.backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    with torch.no_grad():
+        moved = x - 0.1 * x.grad
+    assert triplet_loss(moved, Y, alpha=0.5, mining=mining)[0] < loss  # type: ignore[arg-type]
+
+
+def test_unknown_mining_is_refused() -> None:
+    with pytest.raises(ValueError, match="mining"):
+        triplet_loss(X, Y, 0.1, mining="easy")  # type: ignore[arg-type]
