@@ -7,6 +7,7 @@ import logging
 import math
 import signal
 import sys
+import time
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Annotated, Any
@@ -129,6 +130,14 @@ def run_service(settings: ServeSettings) -> int:
     signal.signal(signal.SIGINT, on_stop)
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGHUP, on_hup)
+    wait = settings.publish.wait_for_subscriber_s
+    if wait > 0:
+        log.info("waiting up to %.0f s for a subscriber on %s", wait, publisher.endpoint)
+        deadline = time.monotonic() + wait
+        while not (publisher.wait_for_subscriber(0.2) or pipeline.stopping or time.monotonic() > deadline):
+            pass
+        if not publisher.subscriptions:
+            log.warning("no subscriber yet; serving anyway")
     log.info("serving %s on %s with model %s (%s)", uri.raw, publisher.endpoint, embedder.model_hash, embedder.provider)
     pipeline.start()
     try:

@@ -71,6 +71,7 @@ FIELDS: dict[str, tuple[FieldSpec, ...]] = {
         FieldSpec("dropped", "int", "events read but not decided (the service fell behind a live source)"),
         FieldSpec("source_restarts", "int", "watchdog restarts of the source's reader"),
         FieldSpec("queue_depth", "int", "frames waiting between reader and batcher"),
+        FieldSpec("subscriptions", "int", "topic subscriptions currently held by subscribers"),
         FieldSpec("run_open", "bool", "whether a run is being served"),
         FieldSpec("experiment", "str | nil", "experiment of the open (or last) run"),
         FieldSpec("run", "int | nil", "number of the open (or last) run"),

@@ -159,6 +159,10 @@ class Pipeline:
         """Stop reading; what was read is still decided, logged and published."""
         self._stop.set()
 
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
     def request_bank_reload(self) -> None:
         self._reload.set()
 
@@ -470,6 +474,7 @@ class Pipeline:
                 "dropped": self.total.dropped,
                 "source_restarts": self._restarts_seen,
                 "queue_depth": depth,
+                "subscriptions": self.publisher.subscriptions,
                 "run_open": self._run is not None,
                 "experiment": None if last is None else last[0],
                 "run": None if last is None else last[1],

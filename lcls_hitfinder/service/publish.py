@@ -1,9 +1,10 @@
-"""ZeroMQ PUB publisher: one socket, owned by one thread, fed through a queue.
+"""ZeroMQ publisher: one socket, owned by one thread, fed through a queue.
 
 ZeroMQ sockets are not thread-safe, and the pipeline publishes from its output stage while the
 heartbeat timer publishes from another thread; so every message goes through a queue to the one
-thread that created the socket. A PUB socket never blocks: a subscriber past its high-water mark
-loses messages (it sees a gap in `seq`); the decision log is the complete record.
+thread that created the socket. The socket is an XPUB (a PUB that also hears subscriptions), so the
+service can tell how many subscriptions it has and wait for a first one. It never blocks: a subscriber
+past its high-water mark loses messages (it sees a gap in `seq`); the decision log is the complete record.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from lcls_hitfinder.service.messages import encode
 log = logging.getLogger(__name__)
 
 _STOP = None
+_POLL_S = 0.05  # how often an idle publisher thread looks for (un)subscriptions
 
 
 class ZmqPublisher:
@@ -30,7 +32,9 @@ class ZmqPublisher:
     def __init__(self, endpoint: str, sndhwm: int = 100_000, linger_ms: int = 2000) -> None:
         self._queue: queue.Queue[tuple[str, Mapping[str, Any]] | None] = queue.Queue()
         self._bound = threading.Event()
+        self._subscribed = threading.Event()
         self._error: str | None = None
+        self.subscriptions = 0
         self.endpoint = endpoint
         self._thread = threading.Thread(
             target=self._run, args=(endpoint, sndhwm, linger_ms), name="zmq-publisher", daemon=True
@@ -42,7 +46,7 @@ class ZmqPublisher:
 
     def _run(self, endpoint: str, sndhwm: int, linger_ms: int) -> None:
         ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
-        sock = ctx.socket(zmq.PUB)
+        sock = ctx.socket(zmq.XPUB)
         sock.setsockopt(zmq.SNDHWM, sndhwm)
         sock.setsockopt(zmq.LINGER, linger_ms)
         try:
@@ -56,10 +60,32 @@ class ZmqPublisher:
         log.info("publishing on %s", self.endpoint)
         self._bound.set()
         try:
-            while (item := self._queue.get()) is not _STOP:
-                sock.send_multipart(encode(*item), copy=False)
+            while True:
+                item: tuple[str, Mapping[str, Any]] | tuple[()] | None
+                try:
+                    item = self._queue.get(timeout=_POLL_S)
+                except queue.Empty:
+                    item = ()
+                while sock.poll(0):
+                    self._subscription(sock.recv())
+                if item is _STOP:
+                    break
+                if item:
+                    sock.send_multipart(encode(*item), copy=False)
         finally:
             sock.close()  # lingers up to linger_ms so that what was queued reaches connected subscribers
+
+    def _subscription(self, message: bytes) -> None:
+        """XPUB hands up b"\\x01topic" for a new subscription and b"\\x00topic" when one goes."""
+        if message[:1] == b"\x01":
+            self.subscriptions += 1
+            self._subscribed.set()
+        elif message[:1] == b"\x00":
+            self.subscriptions = max(0, self.subscriptions - 1)
+
+    def wait_for_subscriber(self, timeout_s: float) -> bool:
+        """Block until someone subscribes (or `timeout_s` passes); True if someone did."""
+        return self._subscribed.wait(timeout_s)
 
     def publish(self, topic: str, payload: Mapping[str, Any]) -> None:
         self._queue.put((topic, payload))

@@ -36,6 +36,9 @@ class PublishSettings(_Section):
     endpoint: str = Field("tcp://127.0.0.1:5556", description="ZeroMQ endpoint the PUB socket binds")
     sndhwm: int = Field(100_000, ge=0, description="messages queued per subscriber before ZeroMQ drops")
     heartbeat_s: float = Field(1.0, gt=0, description="seconds between heartbeat messages")
+    wait_for_subscriber_s: float = Field(
+        0.0, ge=0, description="at start-up, wait up to this long for a first subscriber before reading"
+    )
 
 
 class MetricsSettings(_Section):

@@ -1,0 +1,392 @@
+"""The service end to end with real parts: exported ONNX models in onnxruntime, HDF5 sources, ZeroMQ
+PUB/SUB sockets over TCP, decision logs, and `lcls-hitfinder serve` itself in a subprocess."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from prometheus_client import generate_latest
+from typer.testing import CliRunner
+
+from lcls_hitfinder.bank import ReferenceBank
+from lcls_hitfinder.cli import app
+from lcls_hitfinder.dataset import Batch, Dataset, DatasetWriter
+from lcls_hitfinder.labels import Label
+from lcls_hitfinder.learn.nets import TwinEmbedder
+from lcls_hitfinder.model_io import export_onnx
+from lcls_hitfinder.preprocess import Preprocessor, PreprocessSettings
+from lcls_hitfinder.protocols import EventId, Frame
+from lcls_hitfinder.service import embedder as embedder_module
+from lcls_hitfinder.service.bank_reload import ReloadingBank
+from lcls_hitfinder.service.client import DecisionClient
+from lcls_hitfinder.service.decision_log import read_decision_log
+from lcls_hitfinder.service.embedder import OnnxEmbedder
+from lcls_hitfinder.service.messages import DECISION, HEARTBEAT, RUN
+from lcls_hitfinder.service.metrics import ServiceMetrics
+from lcls_hitfinder.service.pipeline import Pipeline
+from lcls_hitfinder.service.publish import ZmqPublisher
+from lcls_hitfinder.service.settings import ServeSettings
+from lcls_hitfinder.service.sources import open_source
+
+REPO = Path(__file__).resolve().parents[1]
+LCLS_HITFINDER = [str(Path(sys.executable).parent / "lcls-hitfinder")]
+SIDE = 64
+WAIT_S = 60.0  # a deadline against hanging, never a speed requirement
+
+
+def _patterns(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Blank-ish noise, one bright ring (single) or two (multi): different enough for a tiny model."""
+    counts = rng.integers(0, 3, n)
+    y, x = np.mgrid[:SIDE, :SIDE] - SIDE / 2
+    r = np.hypot(y, x)
+    images = rng.poisson(0.2, (n, SIDE, SIDE)).astype(np.float32)
+    for i, c in enumerate(counts):
+        for k in range(c):
+            images[i] += rng.poisson(30 * np.exp(-((r - 8 - 12 * k) ** 2) / 8))
+    return images, counts
+
+
+def _write_dataset(path: Path, images: np.ndarray, counts: np.ndarray) -> Path:
+    n = len(images)
+    with DatasetWriter(path, (SIDE, SIDE), np.ones((SIDE, SIDE), bool), {"seed": 0}) as w:
+        w.append(
+            Batch(
+                images,
+                counts.astype(np.int8),
+                np.full(n, "test", object),
+                images.sum((1, 2)),
+                np.zeros((n, 4, 4), np.float32),
+            )
+        )
+    return path
+
+
+@dataclass
+class Fixtures:
+    model: Path
+    bank: Path
+    data: Path
+    other_model: Path
+
+
+@pytest.fixture(scope="module")
+def fx(tmp_path_factory: pytest.TempPathFactory) -> Fixtures:
+    """A tiny exported embedder, a bank built from its embeddings of labelled patterns, and test data."""
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("service")
+    info = export_onnx(TwinEmbedder(8, 4, 2), PreprocessSettings(thumbnail=16), d / "model.onnx")
+    other = export_onnx(TwinEmbedder(8, 4, 3), PreprocessSettings(thumbnail=16), d / "other.onnx")
+    rng = np.random.default_rng(0)
+    ref_images, ref_counts = _patterns(rng, 60)
+    pre = Preprocessor(info.preprocess, None, (SIDE, SIDE))
+    emb = OnnxEmbedder(info.path).embed(pre(ref_images))
+    ReferenceBank(emb, ref_counts, info.model_hash, k=3).save(d / "bank.h5")
+    images, counts = _patterns(rng, 40)
+    return Fixtures(info.path, d / "bank.h5", _write_dataset(d / "data.h5", images, counts), other.path)
+
+
+def _settings(tmp_path: Path, **kw: Any) -> ServeSettings:
+    base: dict[str, Any] = {
+        "publish": {"endpoint": "tcp://127.0.0.1:*", "heartbeat_s": 0.2},
+        "metrics": {"port": None},
+        "prefilter": {"kind": "none"},
+        "batch": {"max_size": 8, "max_wait_ms": 2},
+        "log_dir": tmp_path / "logs",
+        "bank_poll_s": 0.1,
+    }
+    base.update(kw)
+    return ServeSettings.model_validate(base)
+
+
+class ListSource:
+    """A source of given frames, in memory: for frames no file format can hold (mixed shapes, dtypes)."""
+
+    def __init__(self, arrays: list[np.ndarray]) -> None:
+        self.uri = "list:"
+        self.frame_shape: tuple[int, ...] | None = None
+        self.mask: np.ndarray | None = None
+        self.restarts = 0
+        self.arrays = arrays
+
+    def open(self) -> None:
+        pass
+
+    def frames(self) -> Iterator[Frame | None]:
+        for i, a in enumerate(self.arrays):
+            yield Frame(EventId("mem", 7, i, 0), a, time.perf_counter_ns(), None)
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class Running:
+    pipeline: Pipeline
+    publisher: ZmqPublisher
+    metrics: ServiceMetrics
+    bank: ReloadingBank
+
+
+def _start(settings: ServeSettings, source: Any, model: Path, bank: Path) -> Running:
+    publisher = ZmqPublisher(settings.publish.endpoint, settings.publish.sndhwm)
+    metrics = ServiceMetrics()
+    embedder = OnnxEmbedder(model)
+    reloading = ReloadingBank(bank, embedder.model_hash, metrics)
+    source.open()
+    pipeline = Pipeline(settings, source, embedder, reloading, publisher, metrics)
+    return Running(pipeline, publisher, metrics, reloading)
+
+
+def _collect_run(client: DecisionClient) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Decisions up to the run end message."""
+    decisions: list[dict[str, Any]] = []
+    for topic, payload in client.messages():
+        if topic == DECISION:
+            decisions.append(payload)
+        elif topic == RUN and payload["phase"] == "end":
+            return decisions, payload
+    raise AssertionError(f"no run end within {WAIT_S} s; got {len(decisions)} decisions")
+
+
+def _wait_until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for {what}")
+        time.sleep(0.02)
+
+
+def test_subscriber_gets_every_decision_equal_to_offline_classify(fx: Fixtures, tmp_path: Path) -> None:
+    settings = _settings(tmp_path, source=f"h5:{fx.data}")
+    r = _start(settings, open_source(settings.source, settings), fx.model, fx.bank)
+    with DecisionClient(r.publisher.endpoint, (DECISION, RUN), timeout_s=WAIT_S) as client:
+        assert r.publisher.wait_for_subscriber(WAIT_S)
+        r.pipeline.start()
+        decisions, end = _collect_run(client)
+        assert r.pipeline.wait(WAIT_S)
+    r.publisher.close()
+
+    with Dataset(fx.data) as d:
+        n, truth = len(d), d.n_particles
+    assert [m["seq"] for m in decisions] == list(range(n))
+    assert [m["event"] for m in decisions] == list(range(n))
+    assert [m["truth_n_particles"] for m in decisions] == truth.tolist()
+    assert end["events"] == n and sum(end["counts"].values()) == n
+    assert client.gaps == []
+
+    # the same frames through `classify` (training's preprocessing + the same embedder + bank), offline
+    out = tmp_path / "classify.csv"
+    result = CliRunner().invoke(
+        app, ["classify", "--model", str(fx.model), "--bank", str(fx.bank), "--data", str(fx.data), "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    with out.open() as f:
+        offline = list(csv.DictReader(f))
+    assert [m["label"] for m in decisions] == [row["label"] for row in offline]
+    np.testing.assert_allclose([m["score"] for m in decisions], [float(r["score"]) for r in offline], atol=1e-4)
+    assert len({m["label"] for m in decisions}) > 1, "a test where every label is the same proves little"
+
+
+def test_decision_log_holds_every_decision_without_subscribers(fx: Fixtures, tmp_path: Path) -> None:
+    settings = _settings(tmp_path, source=f"h5:{fx.data}?repeat=3&run=12&experiment=xpptest")
+    r = _start(settings, open_source(settings.source, settings), fx.model, fx.bank)
+    assert r.publisher.subscriptions == 0
+    r.pipeline.start()
+    assert r.pipeline.wait(WAIT_S)
+    r.publisher.close()
+    (path,) = r.pipeline.logs
+    columns, attrs = read_decision_log(path)
+    assert attrs["complete"] and attrs["events"] == 120
+    assert columns["seq"].tolist() == list(range(120))
+    assert columns["event"].tolist() == list(range(120))
+    assert set(columns["experiment"]) == {"xpptest"} and set(columns["run"].tolist()) == {12}
+    assert set(columns["label"]) <= {"blank", "single", "multi"}
+    assert (columns["latency_us"] >= 0).all()
+    exported = generate_latest(r.metrics.registry).decode()
+    events = sum(
+        r.metrics.events.labels(label=x.text, decision=d)._value.get() for x in Label for d in ("keep", "veto")
+    )
+    assert events == 120
+    assert 'hitfinder_stage_duration_seconds_count{stage="infer"}' in exported
+
+
+def test_bad_frames_get_error_decisions_and_the_service_goes_on(fx: Fixtures, tmp_path: Path) -> None:
+    good = np.random.default_rng(1).poisson(3.0, (SIDE, SIDE)).astype(np.float32)
+    nan = good.copy()
+    nan[3, 4] = np.nan
+    inf = good.copy()
+    inf[0, 0] = np.inf
+    frames = [
+        good,
+        nan,
+        np.zeros((SIDE, SIDE + 1), np.float32),  # wrong shape
+        good.astype(np.uint16),  # another dtype, same shape: fine
+        np.zeros((SIDE, SIDE), complex),  # not an image
+        inf,
+        good,
+    ]
+    settings = _settings(tmp_path, batch={"max_size": 4, "max_wait_ms": 50})
+    r = _start(settings, ListSource(frames), fx.model, fx.bank)
+    r.pipeline.start()
+    assert r.pipeline.wait(WAIT_S)
+    r.publisher.close()
+    assert r.pipeline.error is None
+    columns, _ = read_decision_log(r.pipeline.logs[0])
+    labels = columns["label"].tolist()
+    reasons = [str(x).split(":")[0] for x in columns["reason"]]
+    assert labels[1] == labels[2] == labels[4] == labels[5] == "error"
+    assert [reasons[i] for i in (1, 2, 4, 5)] == ["nonfinite", "shape", "dtype", "nonfinite"]
+    assert "error" not in (labels[0], labels[3], labels[6])
+    assert labels[0] == labels[3] == labels[6]  # the same pattern, whatever its dtype, whatever the batch
+    assert columns["seq"].tolist() == list(range(len(frames)))
+    assert r.metrics.frame_errors.labels(reason="nonfinite")._value.get() == 2
+    assert r.metrics.frame_errors.labels(reason="shape")._value.get() == 1
+
+
+def test_bank_reloads_when_its_file_changes_and_refuses_a_foreign_one(fx: Fixtures, tmp_path: Path) -> None:
+    bank_path = tmp_path / "bank.h5"
+    bank = ReferenceBank.load(fx.bank)
+    bank.save(bank_path)
+    settings = _settings(tmp_path, source=f"h5:{fx.data}?repeat=0&rate=500", log_dir=None)
+    r = _start(settings, open_source(settings.source, settings), fx.model, bank_path)
+    with DecisionClient(r.publisher.endpoint, (DECISION,), timeout_s=WAIT_S) as client:
+        assert r.publisher.wait_for_subscriber(WAIT_S)
+        r.pipeline.start()
+        stream = iter(client)
+        assert any(d["decision"] == "veto" for d in (next(stream) for _ in range(40)))
+
+        bank.threshold = -2.0  # every score is >= -1: every frame a keep
+        bank.save(tmp_path / "new.h5")
+        os.replace(tmp_path / "new.h5", bank_path)
+        _wait_until(lambda: r.bank.bank.threshold == -2.0, "the new bank")
+        seq_after = r.pipeline.next_seq
+        later = [d for d in (next(stream) for _ in range(seq_after + 40)) if d["seq"] > seq_after + 8]
+        assert later and all(d["decision"] == "keep" for d in later)
+
+        foreign = ReferenceBank(bank.embeddings, bank.n_particles, "another-model", threshold=5.0)
+        foreign.save(tmp_path / "foreign.h5")
+        os.replace(tmp_path / "foreign.h5", bank_path)
+        refused = r.metrics.bank_reloads.labels(result="refused")
+        _wait_until(lambda: refused._value.get() == 1, "the refusal")
+        assert r.bank.bank.threshold == -2.0 and r.bank.bank.model_hash != "another-model"
+        r.pipeline.request_bank_reload()  # SIGHUP's path: refused again, and the service goes on
+        _wait_until(lambda: refused._value.get() == 2, "the second refusal")
+        n = r.pipeline.next_seq
+        _wait_until(lambda: r.pipeline.next_seq > n + 20, "decisions after the refusal")
+        r.pipeline.stop()
+        assert r.pipeline.wait(WAIT_S)
+    r.publisher.close()
+    assert r.metrics.bank_reloads.labels(result="ok")._value.get() == 1
+    assert r.pipeline.error is None
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_serve_drains_and_closes_the_run_on_sigterm(fx: Fixtures, tmp_path: Path) -> None:
+    """The real command: SIGTERM stops reading, and every event read is decided, published and logged."""
+    endpoint = f"tcp://127.0.0.1:{_free_port()}"
+    config = tmp_path / "serve.toml"
+    config.write_text(
+        f"""[serve]
+source = "h5:{fx.data}?repeat=0&rate=200&experiment=cxitest&run=3"
+log_dir = "{tmp_path / "logs"}"
+[serve.publish]
+endpoint = "{endpoint}"
+wait_for_subscriber_s = 60
+heartbeat_s = 0.2
+[serve.metrics]
+port = {_free_port()}
+"""
+    )
+    with DecisionClient(endpoint, (DECISION, RUN, HEARTBEAT), timeout_s=WAIT_S) as client:
+        proc = subprocess.Popen(
+            [*LCLS_HITFINDER, "serve", "--config", str(config), "--model", str(fx.model), "--bank", str(fx.bank)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=tmp_path,
+        )
+        try:
+            decisions: list[dict[str, Any]] = []
+            heartbeats = 0
+            messages = client.messages()
+            for topic, payload in messages:
+                decisions += [payload] if topic == DECISION else []
+                heartbeats += topic == HEARTBEAT
+                if len(decisions) >= 30 and heartbeats:
+                    break
+            proc.send_signal(signal.SIGHUP)
+            proc.send_signal(signal.SIGTERM)
+            end: dict[str, Any] = {}
+            for topic, payload in messages:
+                if topic == DECISION:
+                    decisions.append(payload)
+                elif topic == RUN and payload["phase"] == "end":
+                    end = payload
+                    break
+            output, _ = proc.communicate(timeout=WAIT_S)
+        finally:
+            proc.kill()
+    assert proc.returncode == 0, output
+    assert end, output
+    assert [d["seq"] for d in decisions] == list(range(len(decisions)))
+    assert end["events"] == len(decisions) and end["experiment"] == "cxitest" and end["run"] == 3
+    columns, attrs = read_decision_log(end["log"])
+    assert attrs["complete"] and columns["seq"].tolist() == list(range(len(decisions)))
+    assert "SIGHUP" in output and "SIGTERM" in output
+
+
+def test_listen_prints_decisions_and_reports_gaps(fx: Fixtures, tmp_path: Path) -> None:
+    settings = _settings(tmp_path, source=f"h5:{fx.data}?repeat=0&rate=300", log_dir=None)
+    r = _start(settings, open_source(settings.source, settings), fx.model, fx.bank)
+    r.pipeline.start()
+    try:
+        proc = subprocess.run(
+            [*LCLS_HITFINDER, "listen", r.publisher.endpoint, "--topic", "decision", "--json", "--count", "25"],
+            capture_output=True,
+            text=True,
+            timeout=WAIT_S,
+        )
+    finally:
+        r.pipeline.stop()
+        r.pipeline.wait(WAIT_S)
+        r.publisher.close()
+    assert proc.returncode == 0, proc.stderr
+    import json
+
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(lines) == 25 and all(m["topic"] == "decision" for m in lines)
+    seqs = [m["seq"] for m in lines]
+    assert seqs == list(range(seqs[0], seqs[0] + 25))
+    assert "25 decisions, 0 gap(s), 0 missing" in proc.stderr
+
+
+def test_provider_fallback_ends_on_the_cpu(fx: Fixtures, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A build that claims TensorRT and CUDA but cannot run them still serves, on the CPU, and says so."""
+    monkeypatch.setattr(
+        embedder_module.ort,
+        "get_available_providers",
+        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+    )
+    emb = OnnxEmbedder(fx.model)
+    assert emb.provider == "CPUExecutionProvider" and not emb.on_gpu
+    out = emb.embed(np.zeros((3, 1, 16, 16), np.float32))
+    assert out.shape == (3, 8) and np.isfinite(out).all()
