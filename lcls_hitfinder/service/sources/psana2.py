@@ -44,7 +44,8 @@ OPEN_TIMEOUT_S = 120.0  # psana import + reading the Configure of a file; a shme
 _NOT_AREA_DETECTORS = {"runinfo", TRUTH_DETECTOR, "epics", "scan", "smdinfo"}
 
 
-def _flag(uri: SourceURI, name: str) -> bool:
+def flag(uri: SourceURI, name: str) -> bool:
+    """A 0/1 URI parameter (absent = 0)."""
     value = uri.params.get(name, "0").lower()
     if value not in ("0", "1", "true", "false", "yes", "no"):
         raise UserError(f"source {uri.raw}: {name}={value!r} must be 0 or 1")
@@ -163,14 +164,14 @@ def read_loop(uri: SourceURI) -> Psana2ReadLoop:
     constants = uri.params.get("constants")
     if constants is not None:
         _existing(uri, constants, "constants file")
-    if not _flag(uri, "calibdb"):
+    if not flag(uri, "calibdb"):
         datasource["skip_calib_load"] = "all"
     return Psana2ReadLoop(
         label=uri.raw,
         datasource=tuple(sorted(datasource.items())),
         detector=uri.params.get("det") or None,
         calib=data == "calib",
-        image=_flag(uri, "image"),
+        image=flag(uri, "image"),
         timing=uri.params.get("timing", TIMING_DETECTOR),
         constants=constants,
         live=uri.scheme == "shmem",

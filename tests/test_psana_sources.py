@@ -1,0 +1,183 @@
+"""psana sources read real XTC2 written with psana's DgramEdit: files, exp= directories, live shmemServer.
+
+Small frames and few events, so the whole file runs in well under a minute of CPU; every process and
+/dev/shm segment started here is cleaned up in fixtures, also on failure.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lcls_hitfinder.errors import UserError
+from lcls_hitfinder.protocols import Frame, Source
+from lcls_hitfinder.service.settings import ServeSettings
+from lcls_hitfinder.service.sources import open_source
+from lcls_hitfinder.service.sources.shmem_server import ShmemServer, psana_tool
+from lcls_hitfinder.service.sources.xtc2_writer import Xtc2Writer, psana_timestamp
+
+pytest.importorskip("psana.psexp", reason="psana2 is not installed (pip install 'lcls-hitfinder[psana]')")
+
+pytestmark = pytest.mark.psana
+START_NS = 1_790_000_000 * 10**9  # a fixed unix time, so timestamps are known in advance
+RATE = 120.0
+
+
+def frame_of(i: int, shape: tuple[int, ...]) -> np.ndarray:
+    rng = np.random.default_rng(i)
+    return rng.integers(0, 1000, size=shape, dtype=np.uint16)
+
+
+def write_run(path: Path, n: int, shape: tuple[int, ...], run: int = 1, start_ns: int = START_NS) -> int:
+    """Write n frames with truth i % 5; returns the unix ns after the run (where a next run may start)."""
+    with Xtc2Writer(path, shape, run=run, rate_hz=RATE, start_unix_ns=start_ns) as w:
+        for i in range(n):
+            w.write(frame_of(i, shape), n_particles=i % 5)
+    return w.end_unix_ns
+
+
+def settings(**reader: float) -> ServeSettings:
+    return ServeSettings(reader={"stall_s": 1.5, "backoff_s": 0.3, "max_backoff_s": 1.0, **reader})
+
+
+def read_all(source: Source, limit_s: float = 60.0) -> list[Frame]:
+    source.open()
+    end = time.monotonic() + limit_s
+    try:
+        frames = [f for f in _until(source.frames(), end) if f is not None]
+    finally:
+        source.close()
+    return frames
+
+
+def _until(it: Iterator[Frame | None], end: float) -> Iterator[Frame | None]:
+    for item in it:
+        assert time.monotonic() < end, "source did not finish in time"
+        yield item
+
+
+def dead_children_leftovers() -> list[str]:
+    """Ring segments of this process and MPICH files of processes that no longer exist."""
+    mine = glob.glob(f"/dev/shm/lhf_{os.getpid()}_*")
+    orphans = [p for p in glob.glob("/dev/shm/mpich_shm_*") if not Path(f"/proc/{int(p.split('_')[2], 16)}").exists()]
+    return mine + orphans
+
+
+def test_xtc2_file_gives_every_event_with_identity_truth_and_pixels(tmp_path: Path) -> None:
+    shape = (24, 40)
+    write_run(tmp_path / "r.xtc2", 7, shape, run=3)
+    frames = read_all(open_source(f"xtc2:{tmp_path / 'r.xtc2'}?det=cam", settings()))
+    assert [f.event.event for f in frames] == list(range(7))
+    for i, f in enumerate(frames):
+        assert (f.event.experiment, f.event.run) == ("tstx00001", 3)
+        assert f.event.timestamp == psana_timestamp(START_NS + (i + 1) * round(1e9 / RATE))
+        assert f.event.pulse_id is not None and f.event.pulse_id == frames[0].event.pulse_id + i * 7738
+        assert f.truth_n_particles == i % 5
+        assert f.data.dtype == np.uint16
+        np.testing.assert_array_equal(f.data, frame_of(i, shape))
+    assert dead_children_leftovers() == []
+
+
+def test_panel_stack_calib_with_local_constants_and_assembled_image(tmp_path: Path) -> None:
+    shape = (4, 8, 12)
+    write_run(tmp_path / "p.xtc2", 3, shape)
+    pedestals = np.full(shape, 2.0, np.float32)
+    mask = np.ones(shape, np.uint8)
+    mask[1, 2, 3] = 0
+    np.savez(tmp_path / "c.npz", pedestals=pedestals, pixel_mask=mask)
+    uri = f"xtc2:{tmp_path / 'p.xtc2'}?det=cam&data=calib&constants={tmp_path / 'c.npz'}"
+    source = open_source(uri, settings())
+    assert source.mask is not None and not source.mask[1, 2, 3] and source.mask.sum() == mask.sum()
+    frames = read_all(source)
+    assert len(frames) == 3 and source.frame_shape == shape
+    np.testing.assert_allclose(frames[1].data, frame_of(1, shape).astype(np.float32) - 2.0)
+    image = read_all(open_source(f"xtc2:{tmp_path / 'p.xtc2'}?image=1", settings()))  # det picked: the only camera
+    assert image[0].data.shape == (32, 12)
+    np.testing.assert_array_equal(image[2].data, frame_of(2, shape).reshape(32, 12))
+
+
+def test_bad_sources_are_one_line_errors_at_start(tmp_path: Path) -> None:
+    write_run(tmp_path / "r.xtc2", 2, (8, 8))
+    source = open_source(f"xtc2:{tmp_path / 'r.xtc2'}?det=jungfrau", settings())
+    with pytest.raises(UserError, match=r"no detector 'jungfrau' in run 1 \(detectors: cam, hitfinder_truth, timing\)"):
+        source.open()
+    source.close()
+    with pytest.raises(UserError, match="does not exist"):
+        open_source(f"xtc2:{tmp_path / 'missing.xtc2'}?det=cam", settings())
+    with pytest.raises(UserError, match="data='adu' must be raw or calib"):
+        open_source(f"xtc2:{tmp_path / 'r.xtc2'}?data=adu", settings())
+    with pytest.raises(UserError, match="want exp:EXPERIMENT:RUN"):
+        open_source("exp:tstx00001?det=cam", settings())
+    assert dead_children_leftovers() == []
+
+
+def test_exp_run_directory_offline(tmp_path: Path) -> None:
+    """exp= mode on psana's directory layout (bigdata + smalldata from smdwriter), with no logbook."""
+    xtc = tmp_path / "xtc"
+    (xtc / "smalldata").mkdir(parents=True)
+    big = xtc / "tstx00001-r0005-s000-c000.xtc2"
+    write_run(big, 5, (16, 16), run=5)
+    subprocess.run(
+        [psana_tool("smdwriter"), "-f", big, "-o", xtc / "smalldata" / "tstx00001-r0005-s000-c000.smd.xtc2"],
+        check=True,
+        capture_output=True,
+    )
+    frames = read_all(open_source(f"exp:tstx00001:5?dir={xtc}&det=cam", settings()))
+    assert [(f.event.run, f.event.event, f.truth_n_particles) for f in frames] == [(5, i, i % 5) for i in range(5)]
+    np.testing.assert_array_equal(frames[4].data, frame_of(4, (16, 16)))
+
+
+@pytest.fixture
+def servers() -> Iterator[list[ShmemServer]]:
+    started: list[ShmemServer] = []
+    yield started
+    for server in started:
+        server.stop()
+
+
+def test_shmem_survives_a_killed_server_and_resumes_with_the_next(tmp_path: Path, servers: list[ShmemServer]) -> None:
+    shape = (32, 32)
+    end = write_run(tmp_path / "a.xtc2", 60, shape, run=1)
+    write_run(tmp_path / "b.xtc2", 30, shape, run=2, start_ns=end + 10**9)  # later timestamps, as a DAQ's
+    tag = f"lhftest{os.getpid()}"
+    servers.append(ShmemServer(tag, [tmp_path / "a.xtc2"], rate_hz=30, buffer_bytes=2 * 32 * 32).start())
+    source = open_source(f"shmem:{tag}?det=cam", settings())
+    source.open()
+    got: dict[int, list[Frame]] = {1: [], 2: []}
+    killed_at = None
+    end_by = time.monotonic() + 90
+    try:
+        for frame in source.frames():
+            assert time.monotonic() < end_by, f"no recovery: {len(got[1])} + {len(got[2])} frames"
+            if frame is not None:
+                got[frame.event.run].append(frame)
+            if len(got[1]) >= 5 and killed_at is None:
+                servers[0].kill()  # mid-run: the client freezes with the GIL held
+                killed_at = time.monotonic()
+            if killed_at is not None and len(servers) == 1 and time.monotonic() - killed_at > 4:
+                servers[0].stop()
+                servers.append(ShmemServer(tag, [tmp_path / "b.xtc2"], rate_hz=30, buffer_bytes=2 * 32 * 32).start())
+            if len(got[2]) >= 10:
+                break
+    finally:
+        source.close()
+    assert source.restarts >= 1
+    assert 5 <= len(got[1]) < 60
+    events = [f.event.event for f in got[2]]
+    assert events == sorted(events) and len(set(events)) == len(events)
+    np.testing.assert_array_equal(got[2][0].data, frame_of(events[0], shape))
+    assert dead_children_leftovers() == []
+
+
+def test_psana1_missing_is_a_clear_error() -> None:
+    with pytest.raises(
+        UserError, match=r"psana1 is not installed: `import psana` gives psana 4\.\d+\.\d+, which is psana2"
+    ):
+        open_source("psana1:exp=xpptut15:run=54:smd?det=cspad", settings())
