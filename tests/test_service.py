@@ -1,0 +1,243 @@
+"""The service's parts on their own: source URIs, message schema and docs, batching, seq tracking,
+provider choice, the h5: and sim: sources, the decision log and the metrics endpoint."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import urllib.request
+from pathlib import Path
+
+import h5py
+import msgpack
+import numpy as np
+import pytest
+
+from lcls_hitfinder.config import load_config
+from lcls_hitfinder.errors import UserError
+from lcls_hitfinder.service import messages, metrics
+from lcls_hitfinder.service.batcher import Batcher
+from lcls_hitfinder.service.client import SeqTracker
+from lcls_hitfinder.service.decision_log import DecisionLog, read_decision_log
+from lcls_hitfinder.service.embedder import CPU, CUDA, TENSORRT, select_providers
+from lcls_hitfinder.service.settings import ServeSettings
+from lcls_hitfinder.service.sources import REGISTRY, open_source, parse_uri, psana_timestamp
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---- source URIs --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("uri", "scheme", "target", "params"),
+    [
+        ("xtc2:/data/run7.xtc2?det=pnccd", "xtc2", "/data/run7.xtc2", {"det": "pnccd"}),
+        ("shmem:hitfinder?det=jungfrau", "shmem", "hitfinder", {"det": "jungfrau"}),
+        ("exp:tmoc00123:42?dir=/sdf/data&det=epix", "exp", "tmoc00123:42", {"dir": "/sdf/data", "det": "epix"}),
+        ("psana1:exp=amo86615:run=190:smd?det=pnccdBack", "psana1", "exp=amo86615:run=190:smd", {"det": "pnccdBack"}),
+        ("h5:patterns.h5", "h5", "patterns.h5", {}),
+        ("sim:?rate=120&n=10", "sim", "", {"rate": "120", "n": "10"}),
+    ],
+)
+def test_uris_parse_into_scheme_target_and_params(uri: str, scheme: str, target: str, params: dict[str, str]) -> None:
+    parsed = parse_uri(uri)
+    assert (parsed.scheme, parsed.target, parsed.params, parsed.raw) == (scheme, target, params, uri)
+    assert scheme in REGISTRY
+
+
+@pytest.mark.parametrize(
+    ("uri", "message"),
+    [
+        ("run7.xtc2", "not a URI"),
+        ("ftp:run7", "unknown scheme 'ftp'"),
+        ("sim:?rate", "cannot parse"),
+        ("sim:?rate=1&rate=2", "given twice"),
+    ],
+)
+def test_bad_uris_are_one_line_user_errors(uri: str, message: str) -> None:
+    with pytest.raises(UserError, match=message) as err:
+        parse_uri(uri)
+    assert "\n" not in str(err.value)
+
+
+def test_source_parameters_are_checked_and_converted(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"unknown parameter.*colour"):
+        open_source("sim:?colour=red", ServeSettings())
+    with pytest.raises(UserError, match="rate='fast' is not a valid float"):
+        open_source("sim:?rate=fast", ServeSettings())
+    with pytest.raises(UserError, match="no such file"):
+        open_source(f"h5:{tmp_path / 'missing.h5'}", ServeSettings()).open()
+
+
+def test_psana_timestamp_counts_from_1990() -> None:
+    ts = psana_timestamp(631_152_000 * 10**9 + 5 * 10**9 + 7)  # 1990-01-01 + 5 s + 7 ns
+    assert ts >> 32 == 5 and ts & 0xFFFFFFFF == 7
+
+
+# ---- messages and docs --------------------------------------------------------------------------------------
+def _decision(seq: int = 0) -> dict[str, object]:
+    columns = {
+        f.name: np.array([{"str": "", "f4": 0.5}.get(f.log_dtype, -1)], dtype=object if f.log_dtype == "str" else None)
+        for f in messages.LOG_COLUMNS
+    }
+    columns["seq"] = np.array([seq])
+    columns["label"] = np.array(["single"], dtype=object)
+    return messages.decision_payloads(columns)[0]
+
+
+def test_decision_round_trip_with_nil_fields() -> None:
+    payload = _decision(3)
+    assert payload["pulse_id"] is None and payload["truth_n_particles"] is None and payload["reason"] is None
+    assert payload["run"] == -1  # -1 only means nil for fields that can be nil
+    topic, back = messages.decode(messages.encode(messages.DECISION, payload))
+    assert topic == "decision" and back == {**payload, "v": messages.SCHEMA_VERSION}
+
+
+def test_decode_refuses_what_is_not_ours() -> None:
+    with pytest.raises(messages.MessageError, match="unknown topic"):
+        messages.decode([b"gossip", msgpack.packb({"v": 1})])
+    with pytest.raises(messages.MessageError, match="schema version 99"):
+        messages.decode([b"decision", msgpack.packb({"v": 99})])
+    with pytest.raises(messages.MessageError, match="without"):
+        messages.decode([b"run", msgpack.packb({"v": messages.SCHEMA_VERSION, "phase": "begin"})])
+
+
+def test_docs_are_generated_from_the_code() -> None:
+    """docs/messages.md and docs/metrics.md cannot drift: regenerate with `python -m <module> > docs/...`."""
+    assert (REPO / "docs" / "messages.md").read_text() == messages.markdown()
+    assert (REPO / "docs" / "metrics.md").read_text() == metrics.markdown()
+
+
+def test_the_issue_s_metric_names_exist() -> None:
+    names = {s.name for s in metrics.SPECS}
+    assert {
+        "hitfinder_events_total",
+        "hitfinder_stage_duration_seconds",
+        "hitfinder_latency_seconds",
+        "hitfinder_batch_size",
+        "hitfinder_dropped_events_total",
+        "hitfinder_queue_depth",
+        "hitfinder_source_restarts_total",
+        "hitfinder_build_info",
+    } <= names
+    assert metrics.STAGE_BUCKETS[0] == 50e-6 and metrics.STAGE_BUCKETS[-1] == 1.0
+
+
+def test_metrics_are_served_on_localhost() -> None:
+    m = metrics.ServiceMetrics()
+    m.set_build_info("1.0", "abc", "CPUExecutionProvider")
+    port = m.serve_http("127.0.0.1", 0)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    assert 'hitfinder_build_info{model="abc",provider="CPUExecutionProvider",version="1.0"} 1.0' in text
+    assert 'hitfinder_stage_duration_seconds_bucket{le="5e-05",stage="infer"} 0.0' in text
+
+
+# ---- batching and seq ---------------------------------------------------------------------------------------
+def test_batcher_fills_up_to_max_size_and_stops_at_the_end() -> None:
+    q: queue.Queue[int | None] = queue.Queue()
+    for i in range(7):
+        q.put(i)
+    q.put(None)
+    b = Batcher(q, max_size=3, max_wait_s=0.0)
+    assert [b.next(1.0) for _ in range(3)] == [[0, 1, 2], [3, 4, 5], [6]]
+    assert b.ended and b.next(1.0) == []
+
+
+def test_batcher_waits_for_company_then_goes() -> None:
+    q: queue.Queue[int | None] = queue.Queue()
+    b = Batcher(q, max_size=4, max_wait_s=5.0)
+    q.put(1)
+    threading.Timer(0.05, q.put, args=(2,)).start()
+    threading.Timer(0.1, q.put, args=(None,)).start()
+    assert b.next(1.0) == [1, 2]  # the second came within the wait; the end closed the batch
+    assert b.ended
+    assert Batcher(queue.Queue(), 4, 0.0).next(0.01) == []  # idle: nothing, not ended
+
+
+def test_seq_tracker_reports_gaps_and_restarts() -> None:
+    t = SeqTracker()
+    for s in [0, 1, 2, 5, 6, 9, 0, 1]:
+        t.see(s)
+    assert [(g.expected, g.got) for g in t.gaps] == [(3, 5), (7, 9)]
+    assert t.missing == 4 and t.restarts == 1
+
+
+# ---- providers ----------------------------------------------------------------------------------------------
+def test_provider_preference_follows_what_the_build_offers() -> None:
+    gpu_build = [TENSORRT, CUDA, CPU]
+    assert select_providers(None, gpu_build) == [TENSORRT, CUDA, CPU]
+    assert select_providers(None, [CUDA, CPU]) == [CUDA, CPU]
+    assert select_providers(None, ["AzureExecutionProvider", CPU]) == [CPU]
+    assert select_providers(["cuda", "cpu"], gpu_build) == [CUDA, CPU]
+    assert select_providers(["tensorrt"], gpu_build) == [TENSORRT, CPU]  # the CPU is always the last resort
+    with pytest.raises(UserError, match="unknown onnxruntime provider 'cdua'"):
+        select_providers(["cdua"], gpu_build)
+
+
+# ---- sources ------------------------------------------------------------------------------------------------
+def test_cxi_frames_with_mask_and_repeat(tmp_path: Path) -> None:
+    path = tmp_path / "run.cxi"
+    data = np.arange(3 * 4 * 5, dtype=np.uint16).reshape(3, 4, 5)
+    bad = np.zeros((4, 5), np.uint16)
+    bad[0, 0] = 1  # CXI: non-zero = bad pixel
+    with h5py.File(path, "w") as f:
+        f["/entry_1/data_1/data"] = data
+        f["/entry_1/data_1/mask"] = bad
+    src = open_source(f"h5:{path}?repeat=2&experiment=cxilr1234&run=5", ServeSettings())
+    src.open()
+    assert src.frame_shape == (4, 5) and src.mask is not None
+    assert not src.mask[0, 0] and src.mask.sum() == 19
+    frames = [f for f in src.frames() if f is not None]
+    src.close()
+    assert [f.event.event for f in frames] == list(range(6))
+    assert {(f.event.experiment, f.event.run) for f in frames} == {("cxilr1234", 5)}
+    np.testing.assert_array_equal(frames[4].data, data[1])
+    assert frames[0].data.dtype == np.uint16 and frames[0].truth_n_particles is None
+
+
+def test_an_h5_file_that_is_neither_format_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "other.h5"
+    with h5py.File(path, "w") as f:
+        f["x"] = np.zeros(3)
+    with pytest.raises(UserError, match="neither a dataset file nor CXI"):
+        open_source(f"h5:{path}", ServeSettings()).open()
+
+
+def test_sim_source_streams_labelled_patterns(tmp_path: Path) -> None:
+    config = tmp_path / "sim.toml"
+    config.write_text("[simulate.detector]\nshape = [32, 48]\n")
+    src = open_source(f"sim:?rate=0&n=20&seed=3&run=9&config={config}", ServeSettings())
+    src.open()
+    frames = [f for f in src.frames() if f is not None]
+    src.close()
+    assert src.frame_shape == (32, 48) and src.mask is not None and src.mask.shape == (32, 48)
+    assert len(frames) == 20 and [f.event.event for f in frames] == list(range(20))
+    assert all(f.data.shape == (32, 48) and f.event.run == 9 for f in frames)
+    truth = [f.truth_n_particles for f in frames]
+    assert all(t is not None and 0 <= t <= 4 for t in truth) and len(set(truth)) > 1
+
+
+# ---- settings and the decision log --------------------------------------------------------------------------
+def test_serve_settings_from_a_file_with_overrides(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[serve]\nsource = "h5:x.h5"\n[serve.batch]\nmax_size = 64\n')
+    s = load_config(cfg, {"serve.publish.endpoint": "tcp://0.0.0.0:7000"}).serve
+    assert (s.source, s.batch.max_size, s.publish.endpoint) == ("h5:x.h5", 64, "tcp://0.0.0.0:7000")
+    cfg.write_text("[serve.batch]\nmax_sise = 64\n")
+    with pytest.raises(UserError, match=r"serve\.batch\.max_sise: unknown key"):
+        load_config(cfg)
+
+
+def test_decision_log_appends_flushes_and_records_totals(tmp_path: Path) -> None:
+    log = DecisionLog(tmp_path / "r.h5", {"experiment": "x", "run": 1}, flush_s=0.0)
+    for lo in (0, 3):
+        cols = {
+            f.name: np.full(3, "" if f.log_dtype == "str" else 0, dtype=object if f.log_dtype == "str" else f.log_dtype)
+            for f in messages.LOG_COLUMNS
+        }
+        cols["seq"] = np.arange(lo, lo + 3)
+        log.append(cols)  # flush_s=0: written at once
+        assert log.n == lo + 3
+    log.close({"events": 6, "counts": {"blank": 6}})
+    columns, attrs = read_decision_log(tmp_path / "r.h5")
+    assert columns["seq"].tolist() == list(range(6))
+    assert attrs["complete"] and attrs["events"] == 6 and attrs["counts"] == '{"blank": 6}'
