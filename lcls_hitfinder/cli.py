@@ -31,9 +31,10 @@ def _root() -> None:
 def _register() -> None:
     from lcls_hitfinder.learn import commands as learn_commands
     from lcls_hitfinder.service import commands as service_commands
+    from lcls_hitfinder.service import psana_commands
     from lcls_hitfinder.simulate import commands as simulate_commands
 
-    for module in (simulate_commands, learn_commands, service_commands):
+    for module in (simulate_commands, learn_commands, service_commands, psana_commands):
         module.register(app)
 
 

@@ -13,11 +13,14 @@ then Disable, EndStep, EndRun and (for shmemServer) Unconfigure. Three detectors
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO
 
 import numpy as np
+
+from lcls_hitfinder.errors import UserError
 
 TRUTH_DETECTOR = "hitfinder_truth"
 TIMING_DETECTOR = "timing"
@@ -173,26 +176,32 @@ def dataset_to_xtc2(
     detector: str = "cam",
     experiment: str = "tstx00001",
     run: int = 1,
-    gain: float = 1.0,
-    offset: float = 0.0,
+    gain: float | None = None,
+    offset: float | None = None,
     rate_hz: float = 120.0,
     start_unix_ns: int | None = None,
-    progress: Any = None,
+    progress: Callable[[int], None] | None = None,
 ) -> int:
     """Convert a simulated dataset (lcls_hitfinder.dataset) into an XTC2 run of uint16 ADU; returns N.
 
+    Photons become round(photons * gain + offset) ADU (default gain 1, offset 0: ADU = photons). A
+    dataset simulated in ADU already is written as it is, and then gain/offset are refused.
     `progress`, when given, is called with the number of frames written so far.
     """
     from lcls_hitfinder.dataset import Dataset
 
-    with (
-        Dataset(dataset) as ds,
-        Xtc2Writer(out, ds.shape, np.uint16, detector, experiment, run, rate_hz, start_unix_ns) as writer,
-    ):
-        for batch in ds.batches(64):
-            adu = photons_to_adu(batch.images, gain, offset)
-            for frame, n in zip(adu, batch.n_particles, strict=True):
-                writer.write(frame, int(n))
-            if progress is not None:
-                progress(writer.n)
-        return writer.n
+    with Dataset(dataset) as ds:
+        in_adu = ds.attrs.get("image_units") == "adu"
+        if in_adu and (gain is not None or offset is not None):
+            raise UserError(f"{dataset} is in ADU already: leave out --adu-gain/--adu-offset")
+        g, o = (1.0, 0.0) if in_adu else (1.0 if gain is None else gain, 0.0 if offset is None else offset)
+        if g <= 0:
+            raise UserError(f"the ADU gain must be positive, got {g}")
+        with Xtc2Writer(out, ds.shape, np.uint16, detector, experiment, run, rate_hz, start_unix_ns) as writer:
+            for batch in ds.batches(64):
+                adu = photons_to_adu(batch.images, g, o)
+                for frame, n in zip(adu, batch.n_particles, strict=True):
+                    writer.write(frame, int(n))
+                if progress is not None:
+                    progress(writer.n)
+            return writer.n

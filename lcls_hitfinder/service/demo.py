@@ -1,0 +1,258 @@
+"""`lcls-hitfinder demo`: the real path, end to end, on one machine.
+
+simulate a run of hits (with their true particle counts) -> write it as XTC2 with psana's own writer
+-> replay it through psana's `shmemServer` at the beam rate -> `lcls-hitfinder serve` reads that
+shared memory as it would the DAQ's -> this process subscribes to the service's ZeroMQ stream and
+shows a live summary: rate, p50/p99 latency, keep fraction and accuracy against the truth.
+
+Every process started here runs in its own session, so Ctrl-C reaches only the demo, which then stops
+them in order (the service drains and closes its run, then the server) and removes what they leave
+in /dev/shm.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from rich.console import Console, Group
+from rich.live import Live
+from rich.panel import Panel
+from rich.table import Table
+
+from lcls_hitfinder.config import HitfinderConfig
+from lcls_hitfinder.labels import MAX_PARTICLES, Label, label_of_count
+from lcls_hitfinder.service.reader import remove_leftovers
+from lcls_hitfinder.service.sources.shmem_server import ShmemServer
+
+DETECTOR = "cam"
+SILENCE_S = 3.0  # after the server has sent everything: this long without a decision ends the demo
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class Tally:
+    """What the subscriber has seen so far, for the live table."""
+
+    events: int  # in the XTC2 run; a live reader that falls behind misses some, as at the beamline
+    decisions: int = 0
+    keep: int = 0
+    correct: int = 0
+    with_truth: int = 0
+    labels: dict[str, int] = field(default_factory=lambda: {label.text: 0 for label in Label})
+    confusion: np.ndarray = field(default_factory=lambda: np.zeros((MAX_PARTICLES + 1, len(Label)), np.int64))
+    latencies_us: deque[int] = field(default_factory=lambda: deque(maxlen=5000))
+    arrivals: deque[float] = field(default_factory=lambda: deque(maxlen=5000))
+    restarts: int = 0
+    dropped: int = 0
+    gaps: int = 0
+    runs: list[str] = field(default_factory=list)
+
+    def add(self, d: dict[str, Any]) -> None:
+        self.decisions += 1
+        self.keep += d["decision"] == "keep"
+        self.labels[d["label"]] = self.labels.get(d["label"], 0) + 1
+        self.latencies_us.append(int(d["latency_us"]))
+        self.arrivals.append(time.monotonic())
+        truth = d["truth_n_particles"]
+        if truth is not None:
+            self.with_truth += 1
+            self.correct += d["label"] == label_of_count(truth).text
+            self.confusion[min(truth, MAX_PARTICLES), Label[d["label"].upper()]] += 1
+
+    def rate_hz(self, window_s: float = 2.0) -> float:
+        now = time.monotonic()
+        recent = [t for t in self.arrivals if now - t <= window_s]
+        return len(recent) / window_s
+
+    def table(self, status: str) -> Panel:
+        t = Table.grid(padding=(0, 2))
+        t.add_column(style="bold")
+        t.add_column()
+        lat = np.asarray(self.latencies_us, float) / 1000
+        p50, p99 = (np.percentile(lat, 50), np.percentile(lat, 99)) if lat.size else (float("nan"),) * 2
+        t.add_row("decisions", f"{self.decisions} ({self.events} events in the run)")
+        t.add_row("rate", f"{self.rate_hz():.1f} Hz")
+        t.add_row("latency", f"p50 {p50:.2f} ms   p99 {p99:.2f} ms")
+        t.add_row("keep", f"{self.keep / max(self.decisions, 1):.1%} kept as single hits")
+        accuracy = f"{self.correct / self.with_truth:.1%}" if self.with_truth else "-"
+        t.add_row("accuracy", f"{accuracy} of {self.with_truth} events with a known particle count")
+        t.add_row("labels", "  ".join(f"{k} {v}" for k, v in self.labels.items()))
+        t.add_row("source", f"{self.restarts} reader restart(s), {self.dropped} dropped, {self.gaps} seq gap(s)")
+        return Panel(t, title="lcls-hitfinder demo: XTC2 -> shmemServer -> serve -> ZeroMQ", subtitle=status)
+
+    def confusion_table(self) -> Table:
+        t = Table(title="true particle count vs label")
+        t.add_column("truth")
+        for label in Label:
+            t.add_column(label.text, justify="right")
+        for n in range(MAX_PARTICLES + 1):
+            t.add_row(str(n), *(str(v) for v in self.confusion[n]))
+        return t
+
+
+class Demo:
+    """Owns the files and processes of one demo run; `run()` returns the final tally."""
+
+    def __init__(
+        self,
+        n: int,
+        rate_hz: float,
+        workdir: Path | None,
+        config: HitfinderConfig,
+        model: Path | None,
+        bank: Path | None,
+        console: Console,
+    ) -> None:
+        self.n = n
+        self.rate_hz = rate_hz
+        self.config = config
+        self.model = model
+        self.bank = bank
+        self.console = console
+        self.workdir = workdir or Path(tempfile.mkdtemp(prefix="lcls-hitfinder-demo-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.tag = f"hitfinder_demo_{os.getpid()}"
+        self.server: ShmemServer | None = None
+        self.service: subprocess.Popen[bytes] | None = None
+
+    def prepare(self) -> Path:
+        """Simulate the run and write it as XTC2 (both with progress bars); returns the XTC2 path."""
+        import torch
+
+        from lcls_hitfinder.service.sources.xtc2_writer import dataset_to_xtc2
+        from lcls_hitfinder.simulate.generate import simulate_dataset
+
+        torch.set_num_threads(1)
+        data = self.workdir / "run.h5"
+        self.console.print(f"[bold]1/3[/] simulating {self.n} patterns -> {data}")
+        simulate_dataset(self.config.simulate, data, n=self.n, workers=1)
+        xtc2 = self.workdir / "run.xtc2"
+        self.console.print(f"[bold]2/3[/] writing them as XTC2 with psana's DgramEdit -> {xtc2}")
+        dataset_to_xtc2(data, xtc2, detector=DETECTOR, rate_hz=self.rate_hz)
+        return xtc2
+
+    def _start_service(self, endpoint: str, metrics_port: int) -> None:
+        serve = self.config.serve.model_copy(
+            update={
+                "source": f"shmem:{self.tag}?det={DETECTOR}",
+                "log_dir": self.workdir / "decisions",
+                "model": self.model or self.config.serve.model,
+                "bank": self.bank or self.config.serve.bank,
+            }
+        )
+        settings = serve.model_dump(mode="json")
+        settings["publish"].update(endpoint=endpoint, wait_for_subscriber_s=30.0)
+        settings["metrics"].update(port=metrics_port)
+        config = self.workdir / "serve.yaml"
+        config.write_text(yaml.safe_dump({"serve": settings}, sort_keys=False))
+        cmd = [str(Path(sys.executable).parent / "lcls-hitfinder"), "serve", "--config", str(config)]
+        with open(self.workdir / "serve.log", "wb") as log:
+            self.service = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def run(self, xtc2: Path) -> Tally:
+        """Serve the file through shared memory and watch the decisions until the run is done."""
+        from lcls_hitfinder.service.client import DecisionClient
+        from lcls_hitfinder.service.messages import DECISION, HEARTBEAT, RUN
+
+        endpoint, metrics_port = f"tcp://127.0.0.1:{free_port()}", free_port()
+        shape = (self.config.simulate.detector.shape[0], self.config.simulate.detector.shape[1])
+        tally = Tally(events=self.n)
+        client = DecisionClient(endpoint, (DECISION, HEARTBEAT, RUN), timeout_s=0.25)  # connects before the bind
+        self.console.print(
+            f"[bold]3/3[/] serving it with shmemServer (tag {self.tag}, {self.rate_hz:g} Hz); the service publishes"
+            f" on {endpoint}, metrics on http://127.0.0.1:{metrics_port}/metrics, log in {self.workdir / 'serve.log'}"
+        )
+        self._start_service(endpoint, metrics_port)
+        self.server = ShmemServer(
+            self.tag, [xtc2], self.rate_hz, int(np.prod(shape)) * 2, log=self.workdir / "shmemServer.log"
+        ).start()
+        started, last_decision = time.monotonic(), time.monotonic()
+        status = "starting the service (loading the model, connecting to shared memory)"
+        with Live(tally.table(status), console=self.console, refresh_per_second=4) as live:
+            while True:
+                refresh = time.monotonic() + 0.25
+                for topic, payload in client.messages():  # also returns after 0.25 s without a message
+                    if topic == DECISION:
+                        tally.add(payload)
+                        last_decision = time.monotonic()
+                    elif topic == HEARTBEAT:
+                        tally.restarts, tally.dropped = payload["source_restarts"], payload["dropped"]
+                    elif topic == RUN:
+                        tally.runs.append(f"{payload['phase']} {payload['experiment']}:{payload['run']}")
+                    if time.monotonic() > refresh:
+                        break
+                tally.gaps = len(client.gaps)
+                assert self.service is not None
+                if self.service.poll() is not None:
+                    status = f"the service exited (code {self.service.returncode}); see {self.workdir / 'serve.log'}"
+                    break
+                if not self.server.running and time.monotonic() - last_decision > SILENCE_S:
+                    status = "the server has sent the whole run: done"
+                    break
+                if tally.decisions:
+                    status = f"serving for {time.monotonic() - started:.0f} s; Ctrl-C stops"
+                live.update(tally.table(status))
+            live.update(tally.table(status))
+        self.stop()
+        for topic, payload in client.messages():  # the run-end message the service sends as it drains
+            if topic == DECISION:
+                tally.add(payload)
+            elif topic == RUN:
+                tally.runs.append(f"{payload['phase']} {payload['experiment']}:{payload['run']}")
+        client.close()
+        return tally
+
+    def stop(self) -> None:
+        """Stop the service (SIGTERM: it drains and closes the run), then the server; clean /dev/shm."""
+        if self.service is not None and self.service.poll() is None:
+            self.service.send_signal(signal.SIGTERM)
+            try:
+                self.service.wait(20)
+            except subprocess.TimeoutExpired:
+                self.service.kill()
+                self.service.wait()
+        if self.service is not None:
+            remove_leftovers(self.service.pid, f"lhf_{self.service.pid}")
+        if self.server is not None:
+            self.server.stop()
+
+
+def run_demo(
+    n: int,
+    rate_hz: float,
+    workdir: Path | None,
+    config: HitfinderConfig,
+    model: Path | None,
+    bank: Path | None,
+) -> Tally:
+    """The whole demo with its live table; returns the tally. Ctrl-C stops it cleanly."""
+    console = Console()
+    demo = Demo(n, rate_hz, workdir, config, model, bank, console)
+    try:
+        tally = demo.run(demo.prepare())
+    except KeyboardInterrupt:
+        console.print("interrupted: stopping the service and the server")
+        raise
+    finally:
+        demo.stop()
+    console.print(tally.table(f"runs: {', '.join(tally.runs) or '-'}; files in {demo.workdir}"))
+    console.print(Group(tally.confusion_table()))
+    return tally

@@ -1,0 +1,81 @@
+"""CLI subcommands of the psana side of the service: `xtc2` (a dataset as an XTC2 run) and `demo`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from lcls_hitfinder.errors import UserError
+
+
+def xtc2(
+    data: Annotated[Path, typer.Argument(help="a simulated dataset (lcls-hitfinder simulate)")],
+    out: Annotated[Path, typer.Option(help="the XTC2 file to write")],
+    det: Annotated[str, typer.Option(help="detector name in the run (read it back with ?det=NAME)")] = "cam",
+    exp: Annotated[str, typer.Option(help="experiment name written in the run's runinfo")] = "tstx00001",
+    run: Annotated[int, typer.Option(min=0, help="run number written in the run's runinfo")] = 1,
+    adu_gain: Annotated[float | None, typer.Option(help="ADU per photon (default 1)")] = None,
+    adu_offset: Annotated[float | None, typer.Option(help="pedestal in ADU (default 0)")] = None,
+    rate: Annotated[float, typer.Option(min=0.001, help="event rate in Hz: spacing of the timestamps")] = 120.0,
+) -> None:
+    """Write a simulated dataset as an XTC2 run of uint16 ADU with psana's own writer, truth included.
+
+    Serve it with `lcls-hitfinder serve --source xtc2:OUT?det=NAME`, or through shared memory with
+    psana's shmemServer. With --adu-gain G/--adu-offset O, serve with [serve.calibration] gain = G and
+    offset = O so the service turns ADU back into photons.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from lcls_hitfinder.dataset import Dataset
+    from lcls_hitfinder.service.sources.xtc2_writer import dataset_to_xtc2
+
+    if not data.is_file():
+        raise UserError(f"dataset {data} does not exist")
+    with Dataset(data) as ds:
+        n = len(ds)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    columns = (TextColumn("writing XTC2"), BarColumn(), MofNCompleteColumn())
+    with Progress(*columns) as bar:
+        task = bar.add_task("events", total=n)
+        written = dataset_to_xtc2(
+            data, out, det, exp, run, adu_gain, adu_offset, rate, progress=lambda k: bar.update(task, completed=k)
+        )
+    print(f"{out}: {written} events of {exp} run {run}, detector {det!r}, truth in 'hitfinder_truth'")
+
+
+def demo(
+    n: Annotated[int, typer.Option(min=1, help="events in the simulated run")] = 600,
+    rate: Annotated[float, typer.Option(min=1, help="shmemServer replay rate in Hz")] = 120.0,
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="TOML or YAML: its [simulate] and [serve] sections")
+    ] = None,
+    model: Annotated[Path | None, typer.Option(help="embedder ONNX file (default: the shipped one)")] = None,
+    bank: Annotated[Path | None, typer.Option(help="reference bank (default: the shipped one)")] = None,
+    workdir: Annotated[
+        Path | None, typer.Option(help="where the run, logs and decisions go (default: a temp dir)")
+    ] = None,
+) -> None:
+    """Simulate a run, write it as XTC2, replay it through shmemServer and serve it, with a live summary.
+
+    The real path of a beamtime on one machine: psana's writer, psana's shared-memory server, the
+    service reading shared memory, and a ZeroMQ subscriber measuring rate, latency, keep fraction and
+    accuracy against the simulated truth. Ctrl-C stops everything cleanly.
+    """
+    from lcls_hitfinder.config import load_config
+    from lcls_hitfinder.service.demo import run_demo
+
+    for path, what in ((model, "model"), (bank, "bank")):
+        if path is not None and not path.is_file():
+            raise UserError(f"{what} {path} does not exist")
+    try:
+        run_demo(n, rate, workdir, load_config(config), model, bank)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+def register(app: typer.Typer) -> None:
+    """Add the psana subcommands to `app`."""
+    app.command()(xtc2)
+    app.command()(demo)
