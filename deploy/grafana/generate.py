@@ -93,16 +93,15 @@ def stat(title: str, description: str, expr: str, unit: str, thresholds: list[tu
 
 def info_table(title: str, description: str, expr: str, columns: list[str]) -> Json:
     """The labels of an `_info`-style gauge (always 1) as a table, one row per instance."""
-    keep = {name: True for name in ("Time", "Value", "__name__", "job")}
+    hidden = {name: True for name in ("Time", "Value", "__name__", "job")}
+    order = {c: i for i, c in enumerate(columns)}
     return panel(
         "table",
         title,
         description,
         [target(expr, instant=True, fmt="table")],
         "none",
-        transformations=[
-            {"id": "organize", "options": {"excludeByName": keep, "indexByName": {c: i for i, c in enumerate(columns)}}}
-        ],
+        transformations=[{"id": "organize", "options": {"excludeByName": hidden, "indexByName": order}}],
     )
 
 
