@@ -207,7 +207,7 @@ class PatternGenerator:
         for i in np.flatnonzero(counts > 1):
             radii = [math.sqrt(5 / 3) * self.volumes[s].rg_nm for s in species[i, : counts[i]]]
             positions[i, : counts[i]] = touching_cluster(radii, rng)
-        intensity = self._intensity(counts, species, quats, positions, jitter)
+        intensity = self.expected_intensity(counts, species, quats, positions, jitter)
         photons = (intensity * self._good).sum(1)
         images = self._detect(intensity + self._background, rng)
         names = ["+".join(dict.fromkeys(self.volumes[s].name for s in species[i, : counts[i]])) for i in range(n)]
@@ -224,10 +224,14 @@ class PatternGenerator:
         sd = math.sqrt(math.log1p(self.settings.beam.fluence_jitter**2))
         return np.exp(rng.normal(-sd * sd / 2, sd, n))
 
-    def _intensity(
+    def expected_intensity(
         self, counts: np.ndarray, species: np.ndarray, quats: np.ndarray, positions: np.ndarray, jitter: np.ndarray
     ) -> torch.Tensor:
-        """(n, pixels) expected photons: the coherent sum over each pattern's particles."""
+        """(n, pixels) noise-free photons of the coherent sum over each pattern's particles.
+
+        counts (n,), species (n, 4) indices into the structures, quats (n, 4, 4), positions (n, 4, 3) in nm
+        (lab frame), jitter (n,) fluence factors; entries past a pattern's count are ignored.
+        """
         n, npix = len(counts), self._q.shape[0]
         amp = torch.zeros(n, npix, dtype=torch.complex64, device=self.device)
         pattern, slot = np.nonzero(np.arange(MAX_PARTICLES)[None, :] < counts[:, None])

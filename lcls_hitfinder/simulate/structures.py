@@ -223,8 +223,8 @@ def read_atoms(spec: str) -> AtomModel:
                 symbol = atom.element.name
                 if atom.element.atomic_number == 0:
                     raise UserError(
-                        f"{path}: unknown element {symbol!r} of atom {atom.name!r} in residue "
-                        f"{residue.name} {residue.seqid.num} (chain {chain.name})"
+                        f"{path}: atom {atom.name!r} of residue {residue.name} {residue.seqid.num} "
+                        f"(chain {chain.name}) has an unknown element"
                     )
                 positions, weights = by_element.setdefault(symbol, ([], []))
                 positions.append([atom.pos.x / 10, atom.pos.y / 10, atom.pos.z / 10])

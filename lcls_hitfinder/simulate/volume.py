@@ -18,7 +18,9 @@ The FFT grid (see `build_grid`):
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -40,6 +42,8 @@ _KERNEL_SIGMA_QMAX = 1.5
 
 _KERNEL_HALF_WIDTH = 3.7
 """Kernel truncated at this many sd (exp(-3.7²/2) ≈ 1e-3 of the peak, at the kernel's far edge only)."""
+
+log = logging.getLogger(__name__)
 
 _Q_STEP = 0.25
 """The grid's q range is rounded up to a multiple of this (nm⁻¹), so nearby geometries share a cached volume."""
@@ -221,13 +225,22 @@ def build_grid(model: AtomModel, plan: GridPlan) -> np.ndarray:
 def _load_grid(model: AtomModel, q_max: float, oversampling: float, max_bytes: float) -> tuple[np.ndarray, float]:
     plan = plan_grid(model.radius_nm, q_max, oversampling)
     if plan.nbytes > max_bytes:
-        raise UserError(
-            f"structure {model.name}: its Fourier volume ({plan.n}³ voxels, {plan.nbytes / 1e9:.1f} GB) exceeds "
-            f"simulate.max_volume_gb = {max_bytes / 1e9:g}; lower simulate.oversampling or the detector's q range"
+        # Too big at the requested oversampling: take the largest that fits (interpolation gets coarser).
+        fits = [
+            o for o in np.arange(oversampling, 1.99, -0.5) if plan_grid(model.radius_nm, q_max, o).nbytes <= max_bytes
+        ]
+        if not fits:
+            raise UserError(
+                f"structure {model.name}: its Fourier volume ({plan.n}³ voxels, {plan.nbytes / 1e9:.1f} GB) exceeds "
+                f"simulate.max_volume_gb = {max_bytes / 1e9:g} even at oversampling 2; raise max_volume_gb or "
+                "shrink the detector's q range"
+            )
+        log.warning(
+            "structure %s: oversampling %.3g -> %.3g to fit simulate.max_volume_gb", model.name, oversampling, fits[0]
         )
+        oversampling = float(fits[0])
+        plan = plan_grid(model.radius_nm, q_max, oversampling)
     key = json.dumps([VOLUME_VERSION, model.key, round(q_max, 6), oversampling], separators=(",", ":"))
-    import hashlib
-
     path = cache_dir() / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.npz"
     if path.exists():
         try:
