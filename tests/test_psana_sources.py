@@ -6,7 +6,6 @@ Small frames and few events, so the whole file runs in well under a minute of CP
 
 from __future__ import annotations
 
-import glob
 import os
 import subprocess
 import time
@@ -15,32 +14,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from psana_helpers import RATE, START_NS, frame_of, leftovers, write_run
 
 from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.protocols import Frame, Source
 from lcls_hitfinder.service.settings import ServeSettings
 from lcls_hitfinder.service.sources import open_source
 from lcls_hitfinder.service.sources.shmem_server import ShmemServer, psana_tool
-from lcls_hitfinder.service.sources.xtc2_writer import Xtc2Writer, psana_timestamp
+from lcls_hitfinder.service.sources.xtc2_writer import psana_timestamp
 
 pytest.importorskip("psana.psexp", reason="psana2 is not installed (pip install 'lcls-hitfinder[psana]')")
 
 pytestmark = pytest.mark.psana
-START_NS = 1_790_000_000 * 10**9  # a fixed unix time, so timestamps are known in advance
-RATE = 120.0
-
-
-def frame_of(i: int, shape: tuple[int, ...]) -> np.ndarray:
-    rng = np.random.default_rng(i)
-    return rng.integers(0, 1000, size=shape, dtype=np.uint16)
-
-
-def write_run(path: Path, n: int, shape: tuple[int, ...], run: int = 1, start_ns: int = START_NS) -> int:
-    """Write n frames with truth i % 5; returns the unix ns after the run (where a next run may start)."""
-    with Xtc2Writer(path, shape, run=run, rate_hz=RATE, start_unix_ns=start_ns) as w:
-        for i in range(n):
-            w.write(frame_of(i, shape), n_particles=i % 5)
-    return w.end_unix_ns
 
 
 def settings(**reader: float) -> ServeSettings:
@@ -63,13 +48,6 @@ def _until(it: Iterator[Frame | None], end: float) -> Iterator[Frame | None]:
         yield item
 
 
-def dead_children_leftovers() -> list[str]:
-    """Ring segments of this process and MPICH files of processes that no longer exist."""
-    mine = glob.glob(f"/dev/shm/lhf_{os.getpid()}_*")
-    orphans = [p for p in glob.glob("/dev/shm/mpich_shm_*") if not Path(f"/proc/{int(p.split('_')[2], 16)}").exists()]
-    return mine + orphans
-
-
 def test_xtc2_file_gives_every_event_with_identity_truth_and_pixels(tmp_path: Path) -> None:
     shape = (24, 40)
     write_run(tmp_path / "r.xtc2", 7, shape, run=3)
@@ -82,7 +60,7 @@ def test_xtc2_file_gives_every_event_with_identity_truth_and_pixels(tmp_path: Pa
         assert f.truth_n_particles == i % 5
         assert f.data.dtype == np.uint16
         np.testing.assert_array_equal(f.data, frame_of(i, shape))
-    assert dead_children_leftovers() == []
+    assert leftovers() == []
 
 
 def test_panel_stack_calib_with_local_constants_and_assembled_image(tmp_path: Path) -> None:
@@ -115,7 +93,7 @@ def test_bad_sources_are_one_line_errors_at_start(tmp_path: Path) -> None:
         open_source(f"xtc2:{tmp_path / 'r.xtc2'}?data=adu", settings())
     with pytest.raises(UserError, match="want exp:EXPERIMENT:RUN"):
         open_source("exp:tstx00001?det=cam", settings())
-    assert dead_children_leftovers() == []
+    assert leftovers() == []
 
 
 def test_exp_run_directory_offline(tmp_path: Path) -> None:
@@ -173,7 +151,7 @@ def test_shmem_survives_a_killed_server_and_resumes_with_the_next(tmp_path: Path
     events = [f.event.event for f in got[2]]
     assert events == sorted(events) and len(set(events)) == len(events)
     np.testing.assert_array_equal(got[2][0].data, frame_of(events[0], shape))
-    assert dead_children_leftovers() == []
+    assert leftovers() == []
 
 
 def test_psana1_missing_is_a_clear_error() -> None:
