@@ -5,7 +5,8 @@ of the rules must evaluate without error and return data.
 Expressions that rightly return nothing while the service is healthy, namely the alert conditions (a firing
 alert is the exception), are held to this instead: they evaluate without error, Prometheus reports their
 rule healthy, and every series they read returns data. The drop, error and reload counters have data
-because the service exports their known label values at 0 from the start.
+because the service exports their known label values at 0 from the start. Last, the service is frozen
+(SIGSTOP) to see HitfinderHeartbeatStale fire in Prometheus itself, and resolve after SIGCONT.
 
 The service runs a tiny exported embedder and a bank built from its embeddings of simulated patterns:
 the monitoring path does not depend on the model's quality, and this keeps the test quick on 2 cores.
@@ -25,6 +26,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +103,10 @@ class Prom:
         return get_json(f"{self.base}/api/v1/{path}")["data"]
 
 
+def firing(prom: Prom) -> set[str]:
+    return {a["labels"]["alertname"] for a in prom.api("alerts")["alerts"] if a["state"] == "firing"}
+
+
 def stop(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -141,8 +147,16 @@ def prometheus_config(d: Path, target: str) -> Path:
     return path
 
 
+@dataclass
+class Live:
+    prom: Prom
+    instance: str  # host:port of the service's /metrics, as Prometheus labels it
+    serve: subprocess.Popen[bytes]
+    procs: list[subprocess.Popen[bytes]]
+
+
 @pytest.fixture(scope="module")
-def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Prom, str]]:
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     """The service on `sim:` and Prometheus scraping it, both stopped at the end."""
     d = tmp_path_factory.mktemp("monitoring_live")
     model, bank, sim_config = tiny_model_and_bank(d)
@@ -194,9 +208,10 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Prom, str]]
         # enough history for every 1m rate and quantile: events decided and latencies recorded
         wait_for(lambda: prom.has_data("hitfinder:latency_seconds:quantile_1m > 0"), "latency quantiles", procs)
         wait_for(lambda: prom.has_data("hitfinder:truth_agreement:ratio_rate1m"), "truth agreement", procs)
-        yield prom, instance
+        yield Live(prom, instance, procs[0], procs)
     finally:
         for p in reversed(procs):
+            p.send_signal(signal.SIGCONT)  # in case a test left it stopped
             stop(p)
         for name in ("serve.log", "prometheus.log"):
             if (d / name).is_file():
@@ -212,8 +227,8 @@ def grafana_to_promql(e: Expr, instance: str) -> str:
     return promql
 
 
-def test_the_service_is_scraped(live: tuple[Prom, str]) -> None:
-    prom, instance = live
+def test_the_service_is_scraped(live: Live) -> None:
+    prom, instance = live.prom, live.instance
     (target,) = prom.api("targets")["activeTargets"]
     assert target["labels"]["instance"] == instance and target["health"] == "up", target
     # the dashboard's `instance` variable: label_values(hitfinder_build_info, instance)
@@ -221,8 +236,8 @@ def test_the_service_is_scraped(live: tuple[Prom, str]) -> None:
     assert values == [instance]
 
 
-def test_every_dashboard_expression_returns_data(live: tuple[Prom, str]) -> None:
-    prom, instance = live
+def test_every_dashboard_expression_returns_data(live: Live) -> None:
+    prom, instance = live.prom, live.instance
     failures = []
     for e in dashboard_exprs():
         promql = grafana_to_promql(e, instance)
@@ -234,8 +249,8 @@ def test_every_dashboard_expression_returns_data(live: tuple[Prom, str]) -> None
     assert not failures, "\n".join(failures)
 
 
-def test_every_recording_rule_evaluates_and_is_recorded(live: tuple[Prom, str]) -> None:
-    prom, _ = live
+def test_every_recording_rule_evaluates_and_is_recorded(live: Live) -> None:
+    prom = live.prom
     failures = []
     for e in rule_exprs():
         if e.kind != "record":
@@ -248,10 +263,10 @@ def test_every_recording_rule_evaluates_and_is_recorded(live: tuple[Prom, str]) 
     assert not failures, "\n".join(failures)
 
 
-def test_every_alert_evaluates_reads_live_series_and_none_fires(live: tuple[Prom, str]) -> None:
+def test_every_alert_evaluates_reads_live_series_and_none_fires(live: Live) -> None:
     """Alert conditions are empty while healthy: check that they evaluate, that the series they compare
     have data, that Prometheus evaluates each rule without error, and that none fires."""
-    prom, _ = live
+    prom = live.prom
     failures = []
     alerts = [e for e in rule_exprs() if e.kind == "alert"]
     assert len(alerts) >= 6
@@ -268,6 +283,20 @@ def test_every_alert_evaluates_reads_live_series_and_none_fires(live: tuple[Prom
         e.name for e in rule_exprs() if e.kind == "record"
     }
     failures += [f"rule {r['name']}: {r.get('lastError')}" for r in rules if r["health"] != "ok"]
-    firing = [a["labels"]["alertname"] for a in prom.api("alerts")["alerts"] if a["state"] == "firing"]
-    assert not firing, f"alerts firing on a healthy service: {firing}"
+    assert not firing(prom), f"alerts firing on a healthy service: {firing(prom)}"
     assert not failures, "\n".join(failures)
+
+
+def test_a_frozen_service_raises_heartbeat_stale_and_recovers(live: Live) -> None:
+    """SIGSTOP freezes the service as psana holding the GIL would: scrapes fail, the last heartbeat ages,
+    and HitfinderHeartbeatStale fires in the real Prometheus (the age survives the failed scrapes).
+    After SIGCONT the heartbeat is fresh again and the alert resolves. Runs last: it disturbs the service."""
+    prom = live.prom
+    assert "HitfinderHeartbeatStale" not in firing(prom)
+    live.serve.send_signal(signal.SIGSTOP)
+    try:
+        wait_for(lambda: "HitfinderHeartbeatStale" in firing(prom), "HitfinderHeartbeatStale to fire", live.procs)
+        assert prom.query(f'up{{instance="{live.instance}"}}')["data"]["result"][0]["value"][1] == "0"
+    finally:
+        live.serve.send_signal(signal.SIGCONT)
+    wait_for(lambda: "HitfinderHeartbeatStale" not in firing(prom), "HitfinderHeartbeatStale to resolve", live.procs)
