@@ -96,6 +96,7 @@ class Preprocessor:
                 raise ValueError(f"mask shape {tuple(m.shape)} != frame shape {self.frame_shape}")
             m = m.to(torch.float32)
         self.mask = assemble_panels(m.unsqueeze(0)).to(self.device)  # (1, H', W')
+        self._all_good = bool((self.mask == 1).all())
         s = settings.thumbnail
         h, w = self.mask.shape[-2:]
         coverage = F.adaptive_avg_pool2d(self.mask.unsqueeze(0), (s, s))[0]  # good fraction of each bin
@@ -107,19 +108,27 @@ class Preprocessor:
         )
 
     def photons(self, frames: torch.Tensor) -> torch.Tensor:
-        """Raw values (any dtype) -> float32 photons, masked and clipped, panels tiled: (B, H', W')."""
+        """Raw values (any dtype) -> float32 photons, masked and clipped, panels tiled: (B, H', W').
+
+        Works in place on one float32 copy (never on the caller's tensor): at a megapixel per frame each
+        full-size temporary costs as much as the arithmetic, so steps that cannot change a value are skipped.
+        """
         c = self.calibration
-        x = frames.to(self.device, non_blocking=True).to(torch.float32)
+        x = frames.to(self.device, non_blocking=True)
+        x = x.to(torch.float32, copy=x.data_ptr() == frames.data_ptr())
         if c.offset != 0.0:
-            x = x - c.offset
+            x.sub_(c.offset)
         if c.gain != 1.0:
-            x = x / c.gain
+            x.div_(c.gain)
         x = assemble_panels(x)
         if c.threshold > 0:
-            x = torch.where(x < c.threshold, torch.zeros_like(x), x)
-        x = x.clamp_min(0.0) * self.mask
+            x.masked_fill_(x < c.threshold, 0.0)
+        if c.offset != 0.0 or frames.is_signed():  # unsigned raw counts are never negative
+            x.clamp_min_(0.0)
+        if not self._all_good:
+            x.mul_(self.mask)
         if self.settings.clip_photons is not None:
-            x = x.clamp_max(self.settings.clip_photons)
+            x.clamp_max_(self.settings.clip_photons)
         return x
 
     def thumbnails(self, photons: torch.Tensor) -> torch.Tensor:

@@ -241,3 +241,19 @@ def test_decision_log_appends_flushes_and_records_totals(tmp_path: Path) -> None
     columns, attrs = read_decision_log(tmp_path / "r.h5")
     assert columns["seq"].tolist() == list(range(6))
     assert attrs["complete"] and attrs["events"] == 6 and attrs["counts"] == '{"blank": 6}'
+
+
+def test_preprocessing_in_place_never_touches_the_callers_frames() -> None:
+    """Preprocessor.photons works in place for speed, on its own copy: the service's frames stay as read."""
+    import torch
+
+    from lcls_hitfinder.preprocess import PhotonCalibration, Preprocessor, PreprocessSettings
+
+    frames = torch.tensor(np.random.default_rng(0).normal(2.0, 3.0, (2, 8, 8)), dtype=torch.float32)
+    before = frames.clone()
+    calibration = PhotonCalibration(gain=2.0, offset=1.0, threshold=0.5)
+    photons = Preprocessor(PreprocessSettings(thumbnail=4, clip_photons=3.0), None, (8, 8), calibration).photons(frames)
+    torch.testing.assert_close(frames, before)
+    expected = ((before - 1.0) / 2.0).clamp_min(0.0)
+    expected = torch.where(expected < 0.5, 0.0, expected).clamp_max(3.0)
+    torch.testing.assert_close(photons, expected)
