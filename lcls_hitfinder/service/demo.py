@@ -149,10 +149,12 @@ class Demo:
         dataset_to_xtc2(data, xtc2, detector=DETECTOR, rate_hz=self.rate_hz)
         return xtc2
 
-    def _start_service(self, endpoint: str, metrics_port: int) -> None:
+    def _start_service(self, xtc2: Path, endpoint: str, metrics_port: int) -> None:
+        from lcls_hitfinder.service.sources.xtc2_writer import constants_path
+
         serve = self.config.serve.model_copy(
             update={
-                "source": f"shmem:{self.tag}?det={DETECTOR}",
+                "source": f"shmem:{self.tag}?det={DETECTOR}&constants={constants_path(xtc2)}",
                 "log_dir": self.workdir / "decisions",
                 "model": self.model or self.config.serve.model,
                 "bank": self.bank or self.config.serve.bank,
@@ -180,7 +182,7 @@ class Demo:
             f"[bold]3/3[/] serving it with shmemServer (tag {self.tag}, {self.rate_hz:g} Hz); the service publishes"
             f" on {endpoint}, metrics on http://127.0.0.1:{metrics_port}/metrics, log in {self.workdir / 'serve.log'}"
         )
-        self._start_service(endpoint, metrics_port)
+        self._start_service(xtc2, endpoint, metrics_port)
         self.server = ShmemServer(
             self.tag, [xtc2], self.rate_hz, int(np.prod(shape)) * 2, log=self.workdir / "shmemServer.log"
         ).start()

@@ -22,14 +22,15 @@ def xtc2(
 ) -> None:
     """Write a simulated dataset as an XTC2 run of uint16 ADU with psana's own writer, truth included.
 
-    Serve it with `lcls-hitfinder serve --source xtc2:OUT?det=NAME`, or through shared memory with
-    psana's shmemServer. With --adu-gain G/--adu-offset O, serve with [serve.calibration] gain = G and
+    The dataset's mask goes beside it as psana's pixel_mask constant (OUT.constants.npz). Serve it with
+    `lcls-hitfinder serve --source 'xtc2:OUT?det=NAME&constants=OUT.constants.npz'`, or through shared
+    memory with psana's shmemServer. With --adu-gain G/--adu-offset O, serve with [serve.calibration] gain = G and
     offset = O so the service turns ADU back into photons.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from lcls_hitfinder.dataset import Dataset
-    from lcls_hitfinder.service.sources.xtc2_writer import dataset_to_xtc2
+    from lcls_hitfinder.service.sources.xtc2_writer import constants_path, dataset_to_xtc2
 
     if not data.is_file():
         raise UserError(f"dataset {data} does not exist")
@@ -43,6 +44,7 @@ def xtc2(
             data, out, det, exp, run, adu_gain, adu_offset, rate, progress=lambda k: bar.update(task, completed=k)
         )
     print(f"{out}: {written} events of {exp} run {run}, detector {det!r}, truth in 'hitfinder_truth'")
+    print(f"serve it with: lcls-hitfinder serve --source 'xtc2:{out}?det={det}&constants={constants_path(out)}'")
 
 
 def demo(

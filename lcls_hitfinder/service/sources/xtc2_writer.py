@@ -170,6 +170,11 @@ def photons_to_adu(photons: np.ndarray, gain: float, offset: float) -> np.ndarra
     return np.clip(adu, 0, np.iinfo(np.uint16).max).astype(np.uint16)
 
 
+def constants_path(xtc2: Path | str) -> Path:
+    """Where `dataset_to_xtc2` puts the run's local calibration constants: RUN.xtc2 -> RUN.constants.npz."""
+    return Path(xtc2).with_suffix(".constants.npz")
+
+
 def dataset_to_xtc2(
     dataset: Path | str,
     out: Path | str,
@@ -185,7 +190,9 @@ def dataset_to_xtc2(
     """Convert a simulated dataset (lcls_hitfinder.dataset) into an XTC2 run of uint16 ADU; returns N.
 
     Photons become round(photons * gain + offset) ADU (default gain 1, offset 0: ADU = photons). A
-    dataset simulated in ADU already is written as it is, and then gain/offset are refused.
+    dataset simulated in ADU already is written as it is, and then gain/offset are refused. The
+    dataset's mask goes beside the run as psana's `pixel_mask` constant (`constants_path(out)`): a
+    mask is a calibration constant in psana, not event data; serve with `?constants=` that file.
     `progress`, when given, is called with the number of frames written so far.
     """
     from lcls_hitfinder.dataset import Dataset
@@ -197,6 +204,7 @@ def dataset_to_xtc2(
         g, o = (1.0, 0.0) if in_adu else (1.0 if gain is None else gain, 0.0 if offset is None else offset)
         if g <= 0:
             raise UserError(f"the ADU gain must be positive, got {g}")
+        np.savez(constants_path(out), pixel_mask=ds.mask.astype(np.uint8))
         with Xtc2Writer(out, ds.shape, np.uint16, detector, experiment, run, rate_hz, start_unix_ns) as writer:
             for batch in ds.batches(64):
                 adu = photons_to_adu(batch.images, g, o)

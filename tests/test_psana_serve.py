@@ -1,0 +1,240 @@
+"""`lcls-hitfinder serve` on psana data, the real commands in subprocesses: an XTC2 file written with
+psana's DgramEdit (decisions = `classify`), live shared memory through a shmemServer that is killed and
+replaced mid-run, and the `demo` command. Subscribers are real ZeroMQ SUB sockets."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from psana_helpers import leftovers, write_run
+
+from lcls_hitfinder.bank import ReferenceBank
+from lcls_hitfinder.dataset import Dataset
+from lcls_hitfinder.learn.nets import TwinEmbedder
+from lcls_hitfinder.model_io import export_onnx
+from lcls_hitfinder.preprocess import Preprocessor, PreprocessSettings
+from lcls_hitfinder.service.client import DecisionClient
+from lcls_hitfinder.service.decision_log import read_decision_log
+from lcls_hitfinder.service.embedder import OnnxEmbedder
+from lcls_hitfinder.service.messages import DECISION, HEARTBEAT, RUN
+from lcls_hitfinder.service.sources.shmem_server import ShmemServer
+from lcls_hitfinder.simulate.generate import PatternGenerator, simulate_dataset
+from lcls_hitfinder.simulate.settings import SimulateSettings
+
+pytest.importorskip("psana.psexp", reason="psana2 is not installed (pip install 'lcls-hitfinder[psana]')")
+
+pytestmark = pytest.mark.psana
+CLI = str(Path(sys.executable).parent / "lcls-hitfinder")
+SIDE = 64
+WAIT_S = 90.0  # a deadline against hanging, never a speed requirement
+
+
+@dataclass
+class Model:
+    model: Path
+    bank: Path
+    simulate: SimulateSettings
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Model:
+    """A tiny exported embedder and a bank of its embeddings of simulated, labelled patterns."""
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("psana_model")
+    info = export_onnx(TwinEmbedder(8, 4, 2), PreprocessSettings(thumbnail=16), d / "model.onnx")
+    settings = SimulateSettings(detector={"shape": (SIDE, SIDE)}, seed=11)
+    generator = PatternGenerator(settings, device="cpu")
+    refs = generator.generate(60)
+    pre = Preprocessor(info.preprocess, generator.mask, generator.shape)
+    ReferenceBank(OnnxEmbedder(info.path).embed(pre(refs.images)), refs.n_particles, info.model_hash, k=3).save(
+        d / "bank.h5"
+    )
+    return Model(info.path, d / "bank.h5", settings)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def serve_config(path: Path, tiny: Model, source: str, endpoint: str, **extra: Any) -> Path:
+    serve: dict[str, Any] = {
+        "source": source,
+        "model": str(tiny.model),
+        "bank": str(tiny.bank),
+        "prefilter": {"kind": "none"},  # classify has no prefilter: compare the model's answers
+        "log_dir": str(path.parent / "logs"),
+        "publish": {"endpoint": endpoint, "wait_for_subscriber_s": WAIT_S, "heartbeat_s": 0.2},
+        "metrics": {"port": None},
+        **extra,
+    }
+    path.write_text(yaml.safe_dump({"serve": serve}))
+    return path
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[str] | ShmemServer]]:
+    """Everything a test starts, stopped at the end even when the test fails."""
+    started: list[subprocess.Popen[str] | ShmemServer] = []
+    yield started
+    for p in reversed(started):
+        if isinstance(p, ShmemServer):
+            p.stop()
+        elif p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def test_xtc2_run_through_serve_equals_classify(tiny: Model, tmp_path: Path, processes: list[Any]) -> None:
+    data = simulate_dataset(tiny.simulate, tmp_path / "data.h5", n=24, workers=1, progress=False)
+    xtc2 = tmp_path / "run.xtc2"
+    made = subprocess.run(
+        [CLI, "xtc2", str(data), "--out", str(xtc2), "--exp", "cxitest23", "--run", "4"],
+        capture_output=True,
+        text=True,
+        timeout=WAIT_S,
+    )
+    assert made.returncode == 0, made.stdout + made.stderr
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    source = f"xtc2:{xtc2}?det=cam&constants={tmp_path / 'run.constants.npz'}"  # the mask, as psana's pixel_mask
+    config = serve_config(tmp_path / "serve.yaml", tiny, source, endpoint)
+    with DecisionClient(endpoint, (DECISION, RUN), timeout_s=WAIT_S) as client:
+        serve = subprocess.Popen([CLI, "serve", "--config", str(config)], stdout=subprocess.PIPE, text=True)
+        processes.append(serve)
+        decisions, end = [], {}
+        for topic, payload in client.messages():
+            if topic == DECISION:
+                decisions.append(payload)
+            elif payload["phase"] == "end":
+                end = payload
+                break
+        output, _ = serve.communicate(timeout=WAIT_S)
+    assert serve.returncode == 0, output
+    with Dataset(data) as d:
+        n, truth = len(d), d.n_particles.tolist()
+    assert [m["seq"] for m in decisions] == list(range(n)) and client.gaps == []
+    assert [(m["experiment"], m["run"], m["event"]) for m in decisions] == [("cxitest23", 4, i) for i in range(n)]
+    assert [m["truth_n_particles"] for m in decisions] == truth
+    stamps = [m["timestamp"] for m in decisions]
+    assert stamps == sorted(stamps) and len(set(stamps)) == n
+    assert all(m["pulse_id"] is not None for m in decisions)
+    assert end["events"] == n
+
+    csv_out = str(tmp_path / "classify.csv")
+    classified = subprocess.run(
+        [CLI, "classify", "--model", str(tiny.model), "--bank", str(tiny.bank), "--data", str(data), "--out", csv_out],
+        capture_output=True,
+        text=True,
+        timeout=WAIT_S,
+    )
+    assert classified.returncode == 0, classified.stderr
+    with open(csv_out) as f:
+        offline = list(csv.DictReader(f))
+    assert [m["label"] for m in decisions] == [row["label"] for row in offline]
+    np.testing.assert_allclose([m["score"] for m in decisions], [float(r["score"]) for r in offline], atol=1e-4)
+    assert len({m["label"] for m in decisions}) > 1, "a test where every label is the same proves little"
+    assert leftovers(serve.pid) == []
+
+
+def _metric(port: int, name: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    values = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")]
+    assert values, f"{name} is not exported"
+    return values[0]
+
+
+def test_live_shmem_survives_a_killed_server(tiny: Model, tmp_path: Path, processes: list[Any]) -> None:
+    """The server dies mid-run (the reader freezes with the GIL held); a new one serves the next run."""
+    shape = (SIDE, SIDE)
+    end_ns = write_run(tmp_path / "a.xtc2", 200, shape, run=1)
+    write_run(tmp_path / "b.xtc2", 100, shape, run=2, start_ns=end_ns + 10**9)  # later timestamps
+    tag = f"lhfserve{time.monotonic_ns() % 10**9}"
+    first = ShmemServer(tag, [tmp_path / "a.xtc2"], rate_hz=30, buffer_bytes=2 * SIDE * SIDE).start()
+    processes.append(first)
+    endpoint, metrics_port = f"tcp://127.0.0.1:{free_port()}", free_port()
+    config = serve_config(
+        tmp_path / "serve.yaml",
+        tiny,
+        f"shmem:{tag}?det=cam",
+        endpoint,
+        metrics={"port": metrics_port},
+        reader={"stall_s": 1.5, "backoff_s": 0.3, "max_backoff_s": 1.0},
+    )
+    runs: dict[int, int] = {1: 0, 2: 0}
+    seqs: list[int] = []
+    beats_while_down = 0
+    second: ShmemServer | None = None
+    with DecisionClient(endpoint, (DECISION, HEARTBEAT, RUN), timeout_s=WAIT_S) as client:
+        serve = subprocess.Popen([CLI, "serve", "--config", str(config)], stdout=subprocess.PIPE, text=True)
+        processes.append(serve)
+        for topic, payload in client.messages():
+            if topic == DECISION:
+                runs[payload["run"]] += 1
+                seqs.append(payload["seq"])
+                if runs[1] == 5:
+                    first.kill()
+            elif topic == HEARTBEAT and not first.running and second is None:
+                beats_while_down += 1  # the service keeps heartbeating while its reader is frozen
+                if payload["source_restarts"] >= 1 and beats_while_down >= 3:
+                    first.stop()
+                    second = ShmemServer(tag, [tmp_path / "b.xtc2"], rate_hz=30, buffer_bytes=2 * SIDE * SIDE)
+                    processes.append(second.start())
+            if runs[2] >= 5:
+                break
+        restarts = _metric(metrics_port, "hitfinder_source_restarts_total")
+        serve.send_signal(signal.SIGTERM)
+        output, _ = serve.communicate(timeout=WAIT_S)
+    assert serve.returncode == 0, output
+    assert 5 <= runs[1] < 200 and runs[2] >= 5
+    assert restarts >= 1
+    assert seqs == list(range(len(seqs))) and client.gaps == []
+    assert leftovers(serve.pid) == []
+
+
+def test_demo_runs_the_real_path_and_cleans_up(tiny: Model, tmp_path: Path) -> None:
+    config = tmp_path / "demo.yaml"
+    config.write_text(yaml.safe_dump({"simulate": {"detector": {"shape": [SIDE, SIDE]}, "seed": 5}}))
+    models = ["--model", str(tiny.model), "--bank", str(tiny.bank), "--workdir", str(tmp_path / "demo")]
+    demo = subprocess.run(
+        [
+            CLI,
+            "demo",
+            "--n",
+            "40",
+            "--rate",
+            "40",
+            "--config",
+            str(config),
+            *models,
+            "--workdir",
+            str(tmp_path / "demo"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    assert "accuracy" in demo.stdout and "true particle count vs label" in demo.stdout
+    logs = list((tmp_path / "demo" / "decisions").glob("*.h5"))
+    assert len(logs) == 1
+    columns, attrs = read_decision_log(logs[0])
+    assert attrs["complete"] and 0 < len(columns["seq"]) <= 40
+    assert set(columns["truth_n_particles"].tolist()) <= {0, 1, 2, 3, 4}  # truth came through shared memory
+    assert glob.glob("/dev/shm/PdsMonitorSharedMemory_hitfinder_demo_*") == []
+    assert leftovers() == []
