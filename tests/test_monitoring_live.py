@@ -41,6 +41,7 @@ from lcls_hitfinder.learn.nets import TwinEmbedder
 from lcls_hitfinder.model_io import export_onnx
 from lcls_hitfinder.preprocess import Preprocessor, PreprocessSettings
 from lcls_hitfinder.service.embedder import OnnxEmbedder
+from lcls_hitfinder.service.metrics import STAGES
 from lcls_hitfinder.simulate.generate import PatternGenerator
 
 PROMETHEUS_BIN = shutil.which("prometheus") or "/usr/bin/prometheus"
@@ -247,6 +248,21 @@ def test_every_dashboard_expression_returns_data(live: Live) -> None:
         elif not answer["data"]["result"]:
             failures.append(f"{e.where}: no data for {promql}")
     assert not failures, "\n".join(failures)
+
+
+def test_stage_and_end_to_end_quantiles_are_numbers(live: Live) -> None:
+    """histogram_quantile over the stage durations gives a finite time for every stage (issue 4)."""
+    prom = live.prom
+    for promql in (
+        "histogram_quantile(0.99, sum by (le, stage) (rate(hitfinder_stage_duration_seconds_bucket[1m])))",
+        'hitfinder:stage_duration_seconds:quantile_1m{quantile="0.99"}',
+    ):
+        result = prom.query(promql)["data"]["result"]
+        seconds = {r["metric"]["stage"]: float(r["value"][1]) for r in result}
+        assert set(seconds) == set(STAGES), promql
+        assert all(0 < v <= 1 for v in seconds.values()), seconds  # finite, inside the 50 µs..1 s buckets
+    (e2e,) = prom.query('hitfinder:latency_seconds:quantile_1m{quantile="0.5"}')["data"]["result"]
+    assert 0 < float(e2e["value"][1]) <= 1
 
 
 def test_every_recording_rule_evaluates_and_is_recorded(live: Live) -> None:
