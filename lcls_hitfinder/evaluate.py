@@ -22,6 +22,7 @@ import numpy as np
 
 from lcls_hitfinder.bank import precision_recall
 from lcls_hitfinder.labels import Label
+from lcls_hitfinder.plots import pattern_grid
 from lcls_hitfinder.protocols import Decisions
 
 LABELS = [Label.BLANK, Label.SINGLE, Label.MULTI]
@@ -211,25 +212,4 @@ def write_report(
         f"{Label(int(decisions.label[i])).text} / {Label(int(truth[i])).text} ({int(n_particles[i])})"
         for i in example_index
     ]
-    example_grid(examples, titles, out / "examples.png")
-
-
-def example_grid(images: np.ndarray, titles: list[str], path: Path, cols: int = 6) -> None:
-    """Patterns on a log scale, each titled (here "prediction / truth (count)"), like the study's Figure 10."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = len(images)
-    rows = max(1, -(-n // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(2 * cols, 2.15 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, img, title in zip(axes.flat, images, titles, strict=False):
-        ax.imshow(np.log1p(np.clip(img, 0, None)), cmap="magma")
-        ax.set_title(title, fontsize=8)
-    fig.suptitle("prediction / truth (particles)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    pattern_grid(list(examples), titles, out / "examples.png", suptitle="prediction / truth (particles)")

@@ -299,6 +299,8 @@ class Trainer:
                     losses.append(loss.item())
                     info = f"loss {np.mean(losses[-20:]):.4f}" + (f" active {stats['active']:.2f}" if stats else "")
                     progress.update(task, advance=1, info=info)
+                    if not console.is_terminal and (step + 1) % max(1, self.steps // 5) == 0:
+                        console.print(f"epoch {epoch + 1} step {step + 1}/{self.steps}: {info}")  # logs under nohup
                 metrics = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), **self.validate()}
                 metrics["seconds"] = round(time.perf_counter() - t0, 1)
                 self.run["history"].append(metrics)

@@ -1,0 +1,90 @@
+"""Embedder throughput in onnxruntime at batch 64, side by side with its floors.
+
+Prints thumbnails/s for: a bare numpy copy of the batch (the floor any inference is measured against),
+the same network in eager torch, and the exported model in onnxruntime (CPU provider), with ratios.
+Usage: python benchmarks/bench_embedder.py [MODEL.onnx] [--threads 2] [--batch 64] [--seconds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnx import numpy_helper
+
+from lcls_hitfinder.model_io import INPUT_NAME, read_model_info
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def rate(fn: Callable[[], object], batch: int, seconds: float) -> float:
+    for _ in range(5):
+        fn()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        fn()
+        n += batch
+    return n / (time.perf_counter() - t0)
+
+
+def torch_twin(model: Path) -> torch.nn.Module | None:
+    """The twin embedder rebuilt from the ONNX initialisers, for the eager-torch column (None if not ours)."""
+    from lcls_hitfinder.learn.nets import TwinEmbedder
+
+    info = read_model_info(model)
+    s = info.summary
+    if s.get("kind") != "twin":
+        return None
+    net = TwinEmbedder(int(s["embed_dim"]), int(s["width"]), int(s["depth"])).eval()
+    weights = {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in onnx.load(str(model)).graph.initializer}
+    state = net.state_dict()
+    if not set(state) <= set(weights):  # BatchNorm folded away in the graph: compare onnxruntime with the floor only
+        return None
+    net.load_state_dict({k: weights[k] for k in state})
+    return net
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("model", nargs="?", type=Path, default=ROOT / "models" / "embedder.onnx")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--seconds", type=float, default=3.0)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    info = read_model_info(args.model)
+    s = info.preprocess.thumbnail
+    x = np.random.default_rng(0).normal(size=(args.batch, 1, s, s)).astype(np.float32)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = args.threads
+    opts.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(args.model), opts, providers=["CPUExecutionProvider"])
+    out = np.empty_like(x)
+
+    rows = {"numpy copy (floor)": rate(lambda: np.copyto(out, x), args.batch, args.seconds)}
+    net = torch_twin(args.model)
+    if net is not None:
+        xt = torch.from_numpy(x)
+        with torch.inference_mode():
+            rows["torch eager"] = rate(lambda: net(xt), args.batch, args.seconds)
+    rows["onnxruntime"] = rate(lambda: session.run(None, {INPUT_NAME: x}), args.batch, args.seconds)
+
+    size = args.model.stat().st_size / 1e6
+    print(f"model {args.model.name} ({info.model_hash}, {size:.2f} MB), thumbnails {s}x{s}, embed dim {info.embed_dim}")
+    print(f"batch {args.batch}, {args.threads} threads, {platform.machine()} {platform.processor() or ''}".rstrip())
+    ort_rate = rows["onnxruntime"]
+    print(f"{'path':<22}{'thumbnails/s':>14}{'onnxruntime / path':>22}")
+    for name, r in rows.items():
+        print(f"{name:<22}{r:>14,.0f}{ort_rate / r:>22.3f}")
+    print(f"target >= 5,000 thumbnails/s in onnxruntime: {'met' if ort_rate >= 5000 else 'MISSED'}")
+
+
+if __name__ == "__main__":
+    main()
