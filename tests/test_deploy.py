@@ -83,7 +83,10 @@ def test_gpu_image_keeps_torch_and_onnxruntime_on_cuda_13() -> None:
     assert re.search(r'pip install [^\n]*"\.\[psana,gpu\]"', text)
     # onnxruntime-gpu shares the onnxruntime module: the CPU package goes, the GPU one is reinstalled
     assert re.search(r"pip uninstall -y onnxruntime\b.*--force-reinstall --no-deps \"onnxruntime-gpu", text)
-    assert "torch.version.cuda.startswith('13.')" in text and "CUDAExecutionProvider" in text
+    # and the build checks that both were built for CUDA 13, and that the CUDA provider is there
+    assert "assert cuda == ('13', '13')" in text and "ort.cuda_version" in text and "CUDAExecutionProvider" in text
+    (check,) = re.findall(r'python -c "([^"]*)"', text)
+    compile(check, "Dockerfile.gpu check", "exec")  # the joined lines are one valid Python program
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert "torch==2.14.1" in extras["gpu"]
     assert any(d.startswith("onnxruntime-gpu>=1.27") for d in extras["gpu"])
