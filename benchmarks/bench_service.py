@@ -101,7 +101,12 @@ def serve(uri: str, settings: ServeSettings, model: Path, bank: Path) -> dict[st
     t = columns["time_ns"]
     skip = len(t) // 10  # warm-up: first batches build the preprocessor and the ONNX session's caches
     latency_ms = columns["latency_us"][skip:] / 1e3
+    stages = {
+        stage: metrics.stage.labels(stage=stage)._sum.get() / len(t) * 1e3
+        for stage in ("preprocess", "infer", "decide", "publish")
+    }
     return {
+        **{f"{k}_ms_per_frame": v for k, v in stages.items()},
         "frames": len(t),
         "fps": (len(t) - 1 - skip) / ((t[-1] - t[skip]) / 1e9),
         "p50_ms": float(np.percentile(latency_ms, 50)),
@@ -144,6 +149,8 @@ def main() -> None:
         ratio = r["fps"] / floor_fps
         print(f"{name:<28}{r['frames']:>8.0f}{r['fps']:>10.0f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}{ratio:>10.2f}")
     print(f"error decisions: {saturated['errors'] + live['errors']}")
+    per_frame = ", ".join(f"{k.split('_')[0]} {v:.3f}" for k, v in saturated.items() if k.endswith("_ms_per_frame"))
+    print(f"saturated run, ms per frame by stage: {per_frame}")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -54,6 +55,8 @@ class Tally:
     counts: dict[str, int] = field(default_factory=lambda: {label.text: 0 for label in Label})
     keep: int = 0
     dropped: int = 0
+    truth_known: int = 0  # decisions on events whose true particle count the source knew
+    truth_agree: int = 0  # ... whose label was the true one
 
     def add(self, labels: np.ndarray, keep: np.ndarray) -> None:
         codes, n = np.unique(labels, return_counts=True)
@@ -141,6 +144,7 @@ class Pipeline:
         self._restarts_seen = 0
         self._started = time.monotonic()
         self.total = Tally()
+        self._recent_latency_ns: deque[np.ndarray] = deque(maxlen=64)  # last batches, for the status line
         self.error: BaseException | None = None
         self.logs: list[str] = []  # decision logs written, in run order
         metrics.set_build_info(__version__, embedder.model_hash, embedder.provider)
@@ -373,11 +377,16 @@ class Pipeline:
         for reason in columns["reason"][v.label == Label.ERROR]:
             m.frame_errors.labels(reason=str(reason).split(":")[0]).inc()
         known = (truth >= 0) & (v.label != Label.ERROR)
+        agree = 0
         for t, label in zip(truth[known].tolist(), v.label[known].tolist(), strict=True):
             true_label = label_of_count(t)
+            agree += true_label == label
             m.truth_events.labels(truth=true_label.text, agree="yes" if true_label == label else "no").inc()
+        self.total.truth_known += int(known.sum())
+        self.total.truth_agree += agree
         for ns in latency_ns.tolist():
             m.latency.observe(ns / 1e9)
+        self._recent_latency_ns.append(latency_ns)
         m.last_event_time.set(time.time())
 
     # ---- runs ----------------------------------------------------------------------------------------------
@@ -439,11 +448,14 @@ class Pipeline:
         period = self.settings.publish.heartbeat_s
         last_events, last_t = 0, time.monotonic()
         next_bank_check = time.monotonic()
+        status = _Status(self.total.events, time.monotonic())
         while not self._done.wait(period):
             now = time.monotonic()
             events = self.total.events
             self._heartbeat((events - last_events) / max(now - last_t, 1e-9))
             last_events, last_t = events, now
+            if self.settings.status_s and now - status.since >= self.settings.status_s:
+                status = self._log_status(status, events, now)
             restarts = int(self.source.restarts)
             if restarts > self._restarts_seen:
                 self.metrics.source_restarts.inc(restarts - self._restarts_seen)
@@ -454,6 +466,23 @@ class Pipeline:
             elif now >= next_bank_check:
                 self.bank.check()
                 next_bank_check = now + self.settings.bank_poll_s
+
+    def _log_status(self, previous: _Status, events: int, now: float) -> _Status:
+        """One line for the operator: rate, latency, keep fraction and (simulations) agreement with the truth."""
+        t = self.total
+        line = f"{(events - previous.events) / (now - previous.since):.0f} Hz, {events} events"
+        recent = list(self._recent_latency_ns)
+        if recent:
+            p50, p99 = np.percentile(np.concatenate(recent), [50, 99]) / 1e6
+            line += f", latency p50 {p50:.1f} ms p99 {p99:.1f} ms"
+        if events:
+            line += f", keep {100 * t.keep / events:.1f}%, errors {t.counts[Label.ERROR.text]}"
+        if t.truth_known:
+            line += f", agrees with the truth {100 * t.truth_agree / t.truth_known:.1f}%"
+        if t.dropped:
+            line += f", dropped {t.dropped}"
+        log.info(line)
+        return _Status(events, now)
 
     def _heartbeat(self, rate_hz: float) -> None:
         depth = self._frames.qsize()
@@ -483,6 +512,12 @@ class Pipeline:
                 "source": self.source.uri,
             },
         )
+
+
+@dataclass(frozen=True)
+class _Status:
+    events: int
+    since: float
 
 
 def _run_key(event: EventId) -> tuple[str, int]:

@@ -80,4 +80,5 @@ class ServeSettings(_Section):
         "upstream), or keep reading and drop (counted in hitfinder_dropped_events_total)",
     )
     max_events: int | None = Field(None, ge=1, description="stop after this many events (tests, dry runs)")
+    status_s: float = Field(10.0, ge=0, description="seconds between status lines in the log; 0: none")
     bank_poll_s: float = Field(1.0, gt=0, description="seconds between checks of the bank file for changes")
