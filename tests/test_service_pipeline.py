@@ -390,3 +390,25 @@ def test_provider_fallback_ends_on_the_cpu(fx: Fixtures, monkeypatch: pytest.Mon
     assert emb.provider == "CPUExecutionProvider" and not emb.on_gpu
     out = emb.embed(np.zeros((3, 1, 16, 16), np.float32))
     assert out.shape == (3, 8) and np.isfinite(out).all()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--source", "ftp:run7"], "unknown scheme 'ftp'"),
+        (["--source", "h5:/nonexistent/run7.h5"], "no such file"),
+        (["--source", "sim:?rate=fast"], "rate='fast' is not a valid float"),
+    ],
+)
+def test_serve_refuses_a_bad_source_in_one_line(fx: Fixtures, tmp_path: Path, args: list[str], message: str) -> None:
+    proc = subprocess.run(
+        [*LCLS_HITFINDER, "serve", "--model", str(fx.model), "--bank", str(fx.bank), "--metrics-port", "0", *args],
+        capture_output=True,
+        text=True,
+        timeout=WAIT_S,
+        cwd=tmp_path,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("lcls-hitfinder: error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
