@@ -1,0 +1,131 @@
+"""The service on a psana2 XTC2 file of 1024 x 1024 uint16 frames, side by side with psana alone.
+
+    .venv/bin/python benchmarks/bench_psana.py [--frames N] [--model M --bank B]
+
+On one XTC2 file (written with psana's DgramEdit, then read once so it sits in the page cache):
+  psana bare   psana's own loop: DataSource(files=) -> det.raw.raw(evt), nothing else, in this process;
+  floor        that loop plus a block-average of each frame to the thumbnail (torch, float32): the
+               least any classifier must do;
+  source       `Psana2Source` alone: psana in the supervised child, frames through the shared-memory ring;
+  serve        the whole service on `xtc2:` (the same `Pipeline` run as benchmarks/bench_service.py:
+               checks, preprocessing, ONNX, bank, decision log, ZeroMQ), saturated.
+Ratios are frames/s against psana bare (target >= 0.8) and against the floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from bench_service import model_and_bank, serve  # benchmarks/ is this script's directory
+
+from lcls_hitfinder.model_io import read_model_info
+from lcls_hitfinder.service.settings import ServeSettings
+from lcls_hitfinder.service.sources import open_source
+from lcls_hitfinder.service.sources.xtc2_writer import Xtc2Writer
+
+SIDE = 1024
+
+
+def write_run(path: Path, n: int) -> None:
+    """uint16 frames: a speckle ring on a dim background (raw ADU, gain 1)."""
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[:SIDE, :SIDE] - SIDE / 2
+    ring = 3.0 * np.exp(-((np.hypot(y, x) - 200) ** 2) / 2000)
+    distinct = [rng.poisson(0.05 + ring * rng.random()).astype(np.uint16) for _ in range(16)]
+    with Xtc2Writer(path, (SIDE, SIDE)) as w:
+        for i in range(n):
+            w.write(distinct[i % len(distinct)], n_particles=i % 5)
+
+
+def psana_loop(path: Path, thumbnail: int | None) -> float:
+    """frames/s of psana's own read loop, with (floor) or without (bare) a block-average per frame."""
+    from psana import DataSource
+
+    ds = DataSource(files=str(path), skip_calib_load="all")
+    run = next(ds.runs())
+    det = run.Detector("cam")
+    n, start, last = 0, time.perf_counter(), 0.0
+    with torch.inference_mode():
+        for evt in run.events():
+            frame = det.raw.raw(evt)
+            if thumbnail:
+                F.adaptive_avg_pool2d(torch.from_numpy(frame).to(torch.float32)[None], thumbnail)
+            n += 1
+            last = time.perf_counter()
+    return n / (last - start)  # to the last event: psana waits a while at the end of a file
+
+
+def source_only(uri: str, settings: ServeSettings) -> float:
+    """frames/s of the psana source as the service sees it (child process + shared-memory ring)."""
+    src = open_source(uri, settings)
+    src.open()
+    n, start, last = 0, 0.0, 0.0
+    for frame in src.frames():
+        if frame is not None:
+            n += 1
+            last = time.perf_counter()
+            if n == 1:
+                start = last  # the child's start-up is not throughput
+    src.close()
+    return (n - 1) / (last - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, default=400)
+    parser.add_argument("--model", type=Path)
+    parser.add_argument("--bank", type=Path)
+    parser.add_argument("--batch", type=int, default=32)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench_psana_", dir=os.environ.get("TMPDIR", "/tmp")) as d:
+        tmp = Path(d)
+        run = tmp / "run.xtc2"
+        t = time.perf_counter()
+        write_run(run, args.frames)
+        write_s = time.perf_counter() - t
+        model, bank = model_and_bank(tmp, args.model, args.bank)
+        thumbnail = read_model_info(model).preprocess.thumbnail
+        settings = ServeSettings.model_validate(
+            {
+                "prefilter": {"kind": "none"},
+                "batch": {"max_size": args.batch, "max_wait_ms": 5},
+                "metrics": {"port": None},
+                "log_dir": tmp / "logs",
+                "max_events": args.frames,
+            }
+        )
+        uri = f"xtc2:{run}?det=cam"
+        psana_loop(run, None)  # into the page cache
+        bare = psana_loop(run, None)
+        floor = psana_loop(run, thumbnail)
+        source = source_only(uri, settings)
+        service = serve(uri, settings, model, bank)
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, load average {load}")
+    print(f"XTC2: {args.frames} frames {SIDE}x{SIDE} uint16 written with DgramEdit in {write_s:.1f} s")
+    print(f"thumbnail {thumbnail}, batch <= {args.batch}, model {model.name}")
+    print(f"{'run':<32}{'frames/s':>10}{'vs bare':>9}{'vs floor':>10}")
+    for name, fps in (
+        ("psana bare (det.raw.raw)", bare),
+        ("floor (psana + block-mean)", floor),
+        ("Psana2Source (child + ring)", source),
+        ("serve on xtc2:, saturated", service["fps"]),
+    ):
+        print(f"{name:<32}{fps:>10.0f}{fps / bare:>9.2f}{fps / floor:>10.2f}")
+    print(
+        f"serve latency (saturated, queueing included): p50 {service['p50_ms']:.1f} ms, p99 {service['p99_ms']:.1f} ms"
+    )
+    per_frame = ", ".join(f"{k.split('_')[0]} {v:.3f}" for k, v in service.items() if k.endswith("_ms_per_frame"))
+    print(f"serve, ms per frame by stage: {per_frame}; error decisions: {service['errors']}")
+
+
+if __name__ == "__main__":
+    main()
