@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 import yaml
-from rich.console import Console, Group
+from rich.console import Console
 from rich.live import Live
 from rich.panel import Panel
 from rich.table import Table
@@ -77,10 +77,13 @@ class Tally:
             self.correct += d["label"] == label_of_count(truth).text
             self.confusion[min(truth, MAX_PARTICLES), Label[d["label"].upper()]] += 1
 
-    def rate_hz(self, window_s: float = 2.0) -> float:
+    def rate_hz(self, window_s: float = 2.0) -> tuple[float, float]:
+        """Decisions per second over the last `window_s`, and over the whole run so far."""
+        if len(self.arrivals) < 2:
+            return 0.0, 0.0
         now = time.monotonic()
-        recent = [t for t in self.arrivals if now - t <= window_s]
-        return len(recent) / window_s
+        recent = sum(now - t <= window_s for t in self.arrivals)
+        return recent / window_s, (len(self.arrivals) - 1) / (self.arrivals[-1] - self.arrivals[0])
 
     def table(self, status: str) -> Panel:
         t = Table.grid(padding=(0, 2))
@@ -89,7 +92,8 @@ class Tally:
         lat = np.asarray(self.latencies_us, float) / 1000
         p50, p99 = (np.percentile(lat, 50), np.percentile(lat, 99)) if lat.size else (float("nan"),) * 2
         t.add_row("decisions", f"{self.decisions} ({self.events} events in the run)")
-        t.add_row("rate", f"{self.rate_hz():.1f} Hz")
+        now, mean = self.rate_hz()
+        t.add_row("rate", f"{now:.1f} Hz now, {mean:.1f} Hz on average")
         t.add_row("latency", f"p50 {p50:.2f} ms   p99 {p99:.2f} ms")
         t.add_row("keep", f"{self.keep / max(self.decisions, 1):.1%} kept as single hits")
         accuracy = f"{self.correct / self.with_truth:.1%}" if self.with_truth else "-"
@@ -188,7 +192,7 @@ class Demo:
         ).start()
         started, last_decision = time.monotonic(), time.monotonic()
         status = "starting the service (loading the model, connecting to shared memory)"
-        with Live(tally.table(status), console=self.console, refresh_per_second=4) as live:
+        with Live(tally.table(status), console=self.console, refresh_per_second=4, transient=True) as live:
             while True:
                 refresh = time.monotonic() + 0.25
                 for topic, payload in client.messages():  # also returns after 0.25 s without a message
@@ -212,7 +216,7 @@ class Demo:
                 if tally.decisions:
                     status = f"serving for {time.monotonic() - started:.0f} s; Ctrl-C stops"
                 live.update(tally.table(status))
-            live.update(tally.table(status))
+        self.console.print(status)
         self.stop()
         for topic, payload in client.messages():  # the run-end message the service sends as it drains
             if topic == DECISION:
@@ -256,5 +260,5 @@ def run_demo(
     finally:
         demo.stop()
     console.print(tally.table(f"runs: {', '.join(tally.runs) or '-'}; files in {demo.workdir}"))
-    console.print(Group(tally.confusion_table()))
+    console.print(tally.confusion_table())
     return tally
