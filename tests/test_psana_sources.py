@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -93,6 +94,13 @@ def test_bad_sources_are_one_line_errors_at_start(tmp_path: Path) -> None:
         open_source(f"xtc2:{tmp_path / 'r.xtc2'}?data=adu", settings())
     with pytest.raises(UserError, match="want exp:EXPERIMENT:RUN"):
         open_source("exp:tstx00001?det=cam", settings())
+    cli = Path(sys.executable).parent / "lcls-hitfinder"
+    made = subprocess.run(
+        [cli, "xtc2", tmp_path / "none.h5", "--out", tmp_path / "o.xtc2"], capture_output=True, text=True
+    )
+    assert made.returncode == 2 and made.stderr.strip().splitlines() == [
+        f"lcls-hitfinder: error: dataset {tmp_path / 'none.h5'} does not exist"
+    ]
     assert leftovers() == []
 
 

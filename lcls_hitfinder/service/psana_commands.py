@@ -66,13 +66,17 @@ def demo(
     accuracy against the simulated truth. Ctrl-C stops everything cleanly.
     """
     from lcls_hitfinder.config import load_config
+    from lcls_hitfinder.service.commands import shipped_file
     from lcls_hitfinder.service.demo import run_demo
 
-    for path, what in ((model, "model"), (bank, "bank")):
+    settings = load_config(config)
+    for path, what, shipped in ((model, "model", "embedder.onnx"), (bank, "bank", "bank.h5")):
         if path is not None and not path.is_file():
             raise UserError(f"{what} {path} does not exist")
+        if path is None and getattr(settings.serve, what) is None:
+            shipped_file(shipped)  # no model at all is a one-line error now, not after the simulation
     try:
-        run_demo(n, rate, workdir, load_config(config), model, bank)
+        run_demo(n, rate, workdir, settings, model, bank)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
 
