@@ -102,7 +102,7 @@ class SimulateSettings(_Section):
     chunk: int = Field(64, ge=1, le=4096, description="patterns per chunk; each chunk has its own random stream")
     workers: int = Field(1, ge=1, le=256, description="processes generating chunks in parallel")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="torch device: auto uses CUDA when present")
-    max_volume_gb: float = Field(4.0, gt=0, description="largest Fourier volume allowed per structure")
+    max_volume_gb: float = Field(1.0, gt=0, description="largest Fourier volume (GB) per structure")
 
     @field_validator("particles")
     @classmethod

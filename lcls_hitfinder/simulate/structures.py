@@ -209,16 +209,20 @@ def read_atoms(spec: str) -> AtomModel:
         raise UserError(f"cannot parse structure {path}: {str(err).splitlines()[0]}") from None
     if len(st) == 0:
         raise UserError(f"structure {path} has no models")
-    st.remove_waters()
     model = st[0]
     if assembly:
         names = [a.name for a in st.assemblies]
         if assembly not in names:
             raise UserError(f"structure {path} has no assembly {assembly!r} (it has {names or 'none'})")
-        model = gemmi.make_assembly(st.assemblies[names.index(assembly)], model, gemmi.HowToNameCopiedChain.Dup)
+        try:
+            model = gemmi.make_assembly(st.assemblies[names.index(assembly)], model, gemmi.HowToNameCopiedChain.Dup)
+        except RuntimeError as err:
+            raise UserError(f"structure {path}: cannot build assembly {assembly}: {err}") from None
     by_element: dict[str, tuple[list[list[float]], list[float]]] = {}
     for chain in model:
         for residue in chain:
+            if residue.is_water():
+                continue
             for atom in residue:
                 symbol = atom.element.name
                 if atom.element.atomic_number == 0:
@@ -328,7 +332,7 @@ def _procedural(spec: str, rest: str) -> AtomModel:
 
 
 def _icosahedron_normals() -> np.ndarray:
-    """Unit normals of the 20 faces of an icosahedron with a 5-fold axis along z."""
+    """Unit normals of the 20 faces of an icosahedron with vertices (0, ±1, ±φ) and cyclic permutations."""
     phi = (1 + math.sqrt(5)) / 2
     v = np.array([[0, s1, s2 * phi] for s1 in (-1, 1) for s2 in (-1, 1)], float)
     verts = np.concatenate([v, v[:, [1, 2, 0]], v[:, [2, 0, 1]]])

@@ -195,34 +195,47 @@ def _spread(plan: GridPlan, positions: np.ndarray, weights: np.ndarray) -> np.nd
     return grid.reshape(m, m, m)
 
 
-def build_grid(model: AtomModel, plan: GridPlan) -> np.ndarray:
-    """F(q) in electrons on the plan's (n, n, n) grid, complex64."""
+def build_grid(model: AtomModel, plan: GridPlan, device: torch.device | None = None) -> np.ndarray:
+    """F(q) in electrons on the plan's (n, n, n) grid, complex64.
+
+    Node k = sub * k' + s of the fine grid is node k' of the sub-box FFT of the density times the phase
+    ramp exp(2πi s x / L). The FFTs run one axis at a time, keeping only the nodes inside the output range
+    before the next axis, and each partial transform is shared by all sub-grids that follow from it.
+    """
     m, sub, n, d = plan.box, plan.sub, plan.n, plan.spacing_nm
     densities = []
     for group in model.groups:
         # Pre-compensate trilinear interpolation: its m = 0 term attenuates an atom at x by sinc²(dq x / 2).
         damp = np.prod(np.sinc(plan.dq * group.positions / (2 * math.pi)) ** 2, axis=1)
         densities.append(_spread(plan, group.positions, group.weights / damp))
-    out = np.empty((n, n, n), np.complex64)
+    rho = torch.from_numpy(np.stack(densities)).to(device or "cpu", torch.complex64)
     x = (np.arange(m) - m / 2) * d
     k_all = np.arange(-n // 2, n // 2)
-    for s in np.ndindex(sub, sub, sub):
-        ramps = [np.exp(2j * math.pi * si * x / (sub * m * d)) for si in s]
-        ramp = ramps[0][:, None, None] * ramps[1][None, :, None] * ramps[2][None, None, :]
-        ks = [k_all[(k_all - si) % sub == 0] for si in s]
-        kp = [(k - si) // sub + m // 2 for k, si in zip(ks, s, strict=True)]
-        q = np.stack(np.meshgrid(*[k * plan.dq for k in ks], indexing="ij"), -1)
-        qn = np.sqrt((q**2).sum(-1))
-        deconv = d**3 * np.exp(qn**2 * plan.sigma_nm**2 / 2)
-        total = np.zeros(qn.shape, np.complex128)
-        for group, rho in zip(model.groups, densities, strict=True):
-            spectrum = np.fft.fftshift(np.fft.ifftn(np.fft.ifftshift(rho * ramp))) * m**3
-            total += group.form_factor(qn) * spectrum[np.ix_(*kp)]
-        out[np.ix_(*[k + n // 2 for k in ks])] = total * deconv
+    axes = []
+    for si in range(sub):
+        ks = k_all[(k_all - si) % sub == 0]
+        kp = (ks - si) // sub
+        # Node k' of an FFT over x = (j - m/2) d is m * ifft[k' mod m] * (-1)^k'.
+        ramp = torch.from_numpy(np.exp(2j * math.pi * si * x / (sub * m * d))).to(rho)
+        scale = torch.from_numpy(m * (-1.0) ** kp).to(rho)
+        axes.append((ks, ramp, torch.from_numpy(kp % m).to(rho.device), scale))
+    out = np.empty((n, n, n), np.complex64)
+    for ka, ra, ia, ga in axes:
+        a = torch.fft.ifft(rho * ra[:, None, None], dim=1).index_select(1, ia) * ga[:, None, None]
+        for kb, rb, ib, gb in axes:
+            b = torch.fft.ifft(a * rb[:, None], dim=2).index_select(2, ib) * gb[:, None]
+            for kc, rc, ic, gc in axes:
+                c = torch.fft.ifft(b * rc, dim=3).index_select(3, ic) * gc
+                qn = plan.dq * np.sqrt(ka[:, None, None] ** 2 + kb[None, :, None] ** 2 + kc[None, None, :] ** 2)
+                deconv = d**3 * np.exp(qn**2 * plan.sigma_nm**2 / 2)
+                factors = torch.from_numpy(np.stack([g.form_factor(qn) * deconv for g in model.groups])).to(c)
+                out[np.ix_(ka + n // 2, kb + n // 2, kc + n // 2)] = (c * factors).sum(0).cpu().numpy()
     return out
 
 
-def _load_grid(model: AtomModel, q_max: float, oversampling: float, max_bytes: float) -> tuple[np.ndarray, float]:
+def _load_grid(
+    model: AtomModel, q_max: float, oversampling: float, max_bytes: float, device: torch.device
+) -> tuple[np.ndarray, float]:
     plan = plan_grid(model.radius_nm, q_max, oversampling)
     if plan.nbytes > max_bytes:
         # Too big at the requested oversampling: take the largest that fits (interpolation gets coarser).
@@ -248,7 +261,7 @@ def _load_grid(model: AtomModel, q_max: float, oversampling: float, max_bytes: f
                 return f["values"], float(f["dq"])
         except (OSError, ValueError, KeyError):
             path.unlink(missing_ok=True)
-    values = build_grid(model, plan)
+    values = build_grid(model, plan, device)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
     np.savez(tmp, values=values, dq=plan.dq, key=key)
@@ -263,7 +276,7 @@ def make_volume(
     if isinstance(structure, Body):
         return BodyVolume(structure)
     q_grid = math.ceil(q_max * 1.02 / _Q_STEP) * _Q_STEP
-    values, dq = _load_grid(structure, q_grid, oversampling, max_volume_gb * 1e9)
+    values, dq = _load_grid(structure, q_grid, oversampling, max_volume_gb * 1e9, device)
     tensor = torch.from_numpy(np.stack([values.real, values.imag])[None].astype(np.float32)).to(device)
     return GridVolume(structure.name, tensor, dq, structure.radius_nm, structure.rg_nm)
 

@@ -1,0 +1,207 @@
+"""The simulator's dataset, detector and beam realism, and its structures (files, assemblies, built-ins)."""
+
+from __future__ import annotations
+
+import gzip
+import math
+import shutil
+from pathlib import Path
+
+import gemmi
+import h5py
+import numpy as np
+import pytest
+import torch
+from scipy.spatial import cKDTree
+
+from lcls_hitfinder.dataset import Dataset
+from lcls_hitfinder.errors import UserError
+from lcls_hitfinder.simulate.generate import PatternGenerator, simulate_dataset
+from lcls_hitfinder.simulate.settings import SimulateSettings
+from lcls_hitfinder.simulate.structures import AtomModel, load_structure, procedural, symmetry_operators
+from lcls_hitfinder.simulate.volume import BodyVolume
+
+
+@pytest.fixture(autouse=True)
+def _volume_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LCLS_HITFINDER_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    torch.set_num_threads(1)
+
+
+def _small(**kw: object) -> SimulateSettings:
+    base: dict[str, object] = {"structures": ["sphere:8"], "detector": {"shape": (32, 32)}}
+    base.update(kw)
+    return SimulateSettings.model_validate(base)
+
+
+def test_dataset_layout_labels_mask_and_attributes(tmp_path: Path) -> None:
+    s = _small(
+        structures=["sphere:8", "procedural:6"],
+        seed=5,
+        chunk=16,
+        detector={"shape": (48, 40), "beamstop_px": 3, "gap_px": 2, "dead_rows": [5], "dead_columns": [7]},
+        noise={"kind": "poisson+gaussian", "gaussian_sigma": 0.3},
+    )
+    out = simulate_dataset(s, tmp_path / "d.h5", n=40, progress=False)
+    with Dataset(out) as ds:
+        assert len(ds) == 40 and ds.shape == (48, 40)
+        mask = ds.mask
+        assert not mask[23, 19] and not mask[5].any() and not mask[:, 7].any() and not mask[23].any()
+        assert mask.sum() > 0.8 * mask.size
+        images = ds.images()
+        assert np.all(images[:, ~mask] == 0)
+        counts = ds.n_particles
+        assert set(counts) <= {0, 1, 2, 3, 4} and len(set(counts)) >= 4
+        names, photons, quats = ds.structure, ds.photons, ds.read(slice(None)).orientations
+        assert all(name == "" for name in names[counts == 0])
+        assert set(names[counts > 0]) <= {"sphere:8", "procedural:6"}
+        assert np.all(photons[counts == 0] == 0) and np.all(photons[counts > 0] > 0)
+        norms = np.linalg.norm(quats, axis=2)
+        present = np.arange(4)[None, :] < counts[:, None]
+        assert np.allclose(norms[present], 1, atol=1e-5) and np.all(norms[~present] == 0)
+        a = ds.attrs
+        assert a["photon_energy_ev"] == 1700.0 and a["distance_m"] == 0.15 and a["pixel_size_m"] == 600e-6
+        assert a["beam_center"] == [23.5, 19.5] and a["seed"] == 5 and a["simulator_version"]
+        assert a["noise"]["kind"] == "poisson+gaussian" and len(a["fluence_ph_per_um2"]) == 2
+        assert a["simulate_settings"]["structures"] == ["sphere:8", "procedural:6"]
+    with h5py.File(out) as f:
+        assert f["images"].compression == "gzip" and f["images"].chunks is not None
+
+
+def test_same_dataset_with_one_or_two_workers(tmp_path: Path) -> None:
+    s = _small(structures=["procedural:6"], chunk=8, seed=11)
+    one = simulate_dataset(s, tmp_path / "one.h5", n=30, workers=1, progress=False)
+    two = simulate_dataset(s, tmp_path / "two.h5", n=30, workers=2, progress=False)
+    with Dataset(one) as a, Dataset(two) as b:
+        assert np.array_equal(a.images(), b.images()) and np.array_equal(a.n_particles, b.n_particles)
+    generator = PatternGenerator(s)
+    stream = np.concatenate([generator.generate(8).images for _ in range(2)])
+    with Dataset(one) as a:
+        assert np.array_equal(stream, a.images(slice(0, 16)))
+
+
+def test_adu_output_gain_offset_and_units(tmp_path: Path) -> None:
+    s = _small(noise={"kind": "poisson", "adu_gain": 10.0, "adu_offset": 100.0}, particles={1: 1})
+    out = simulate_dataset(s, tmp_path / "adu.h5", n=4, progress=False)
+    with Dataset(out) as ds, h5py.File(out) as f:
+        assert f["images"].attrs["units"] == "adu" and ds.attrs["image_units"] == "adu"
+        photons = (ds.images()[:, ds.mask] - 100.0) / 10.0
+    assert np.allclose(photons, np.rint(photons), atol=1e-3) and photons.min() >= 0 and photons.max() > 0
+
+
+def test_background_flat_and_radial() -> None:
+    flat = PatternGenerator(
+        _small(particles={0: 1}, noise={"kind": "none"}, background={"kind": "flat", "photons_per_pixel": 0.2})
+    )
+    batch = flat.chunk(0, 2)
+    assert np.allclose(batch.images[:, flat.mask], 0.2) and np.all(batch.photons == 0)
+    radial = PatternGenerator(
+        _small(particles={0: 1}, noise={"kind": "none"}, background={"kind": "radial", "photons_per_pixel": 1.0})
+    )
+    image, q = radial.chunk(0, 1).images[0], radial.geometry.q_abs()
+    good = radial.mask
+    assert np.corrcoef(q[good], image[good])[0, 1] < -0.9
+
+
+def test_saturation_and_fluence_jitter() -> None:
+    clipped = PatternGenerator(_small(particles={1: 1}, detector={"shape": (32, 32), "saturation": 5.0}))
+    assert clipped.chunk(0, 4).images.max() == 5.0
+    jitter = PatternGenerator(_small(particles={1: 1}, noise={"kind": "none"}, beam={"fluence_jitter": 0.3}))
+    photons = np.concatenate([jitter.chunk(k, 200).photons for k in range(5)])
+    assert photons.std() / photons.mean() == pytest.approx(0.3, rel=0.15)
+    assert photons.mean() == pytest.approx(1e4, rel=0.05)
+
+
+def test_mixed_species_clusters() -> None:
+    g = PatternGenerator(_small(structures=["sphere:8", "sphere:5"], particles={4: 1}, mixed_species=True))
+    names = g.chunk(0, 20).structure
+    assert any("+" in name for name in names)
+
+
+def test_gzipped_pdb_and_biological_assembly(tmp_path: Path, shared_dir: Path) -> None:
+    pdb = shared_dir / "data/pdb/2cex.pdb"
+    plain = load_structure(str(pdb))
+    zipped = tmp_path / "2cex.pdb.gz"
+    zipped.write_bytes(gzip.compress(pdb.read_bytes()))
+    assert isinstance(plain, AtomModel)
+    assert load_structure(str(zipped)).electrons == pytest.approx(plain.electrons)
+    st = gemmi.read_structure(str(pdb))
+    assembly = gemmi.Assembly("1")
+    gen = gemmi.Assembly.Gen()
+    gen.chains = [c.name for c in st[0]]
+    for shift in (0.0, 60.0):
+        op = gemmi.Assembly.Operator()
+        op.transform = gemmi.Transform(gemmi.Mat33(), gemmi.Vec3(shift, 0, 0))
+        gen.operators.append(op)
+    assembly.generators.append(gen)
+    st.assemblies.append(assembly)
+    st.setup_entities()
+    cif = tmp_path / "2cex_dimer.cif"
+    st.make_mmcif_document().write_file(str(cif))
+    dimer = load_structure(f"{cif}@1")
+    assert isinstance(dimer, AtomModel)
+    assert dimer.electrons == pytest.approx(2 * plain.electrons)
+    assert dimer.rg_nm**2 == pytest.approx(plain.rg_nm**2 + 3.0**2, rel=1e-3)  # copies 6 nm apart
+    with pytest.raises(UserError, match="no assembly '7'"):
+        load_structure(f"{cif}@7")
+
+
+def test_bad_structures_are_user_errors(tmp_path: Path, shared_dir: Path) -> None:
+    lines = [x for x in (shared_dir / "data/pdb/2cex.pdb").read_text().splitlines() if x.startswith("ATOM")][:5]
+    bad = tmp_path / "bad.pdb"
+    bad.write_text("\n".join([lines[0][:76] + "XX" + lines[0][78:], *lines[1:], "END"]))
+    with pytest.raises(UserError, match="unknown element"):
+        load_structure(str(bad))
+    shutil.copy(bad, tmp_path / "x.pdb")
+    for spec, match in [
+        (str(tmp_path / "missing.pdb"), "cannot read"),
+        ("sphere:-3", "positive"),
+        ("ellipsoid:1,2", "expected 3"),
+        ("coreshell:5,4", "smaller"),
+        ("procedural:1,10,Q7", "symmetry"),
+        ("torus:3", "not one of"),
+    ]:
+        with pytest.raises(UserError, match=match):
+            load_structure(spec)
+
+
+def test_procedural_family_is_distinct_compact_and_symmetric() -> None:
+    models = [procedural(seed) for seed in range(12)]
+    diameters = [2 * m.radius_nm for m in models]
+    assert min(diameters) > 4.5 and max(diameters) < 23
+    assert len({round(m.rg_nm, 3) for m in models}) == 12
+    for m in models:
+        sphere_rg = math.sqrt(3 / 5) * m.radius_nm
+        assert 0.55 * sphere_rg < m.rg_nm < 1.05 * sphere_rg  # compact, not a string of beads
+    model = procedural(3, 10.0, "D3")
+    beads = model.groups[0].positions
+    tree = cKDTree(beads)
+    for op in symmetry_operators("D3"):
+        assert tree.query(beads @ op.T)[0].max() < 1e-6
+    assert procedural(3, 10.0, "D3").key == model.key and procedural(4, 10.0, "D3").key != model.key
+
+
+def test_uniform_bodies_agree_with_the_sphere() -> None:
+    q = torch.from_numpy(np.random.default_rng(0).normal(size=(500, 3)).astype(np.float32))
+    sphere = BodyVolume(load_structure("sphere:5"))  # type: ignore[arg-type]
+    same = [BodyVolume(load_structure(s)) for s in ("ellipsoid:5,5,5", "coreshell:3,5,1")]  # type: ignore[arg-type]
+    for body in same:
+        assert torch.allclose(body.amplitude(q).abs(), sphere.amplitude(q).abs(), rtol=1e-4, atol=1e-2)
+    prolate = BodyVolume(load_structure("ellipsoid:3,3,9"))  # type: ignore[arg-type]
+    along_x, along_z = prolate.amplitude(torch.tensor([[0.5, 0, 0], [0, 0, 0.5]])).abs()
+    assert along_z < along_x
+    shell = load_structure("coreshell:4,5,0.2")
+    assert shell.rg_nm > load_structure("sphere:5").rg_nm
+
+
+def test_capsid_is_an_icosahedral_shell_around_a_lighter_core() -> None:
+    capsid = load_structure("capsid:10")
+    assert isinstance(capsid, AtomModel)
+    assert capsid.radius_nm == pytest.approx(10, rel=0.05)
+    beads, weights = capsid.groups[0].positions, capsid.groups[0].weights
+    r = np.linalg.norm(beads, axis=1)
+    assert weights[r > 8.5].mean() > weights[r < 5].mean()
+    # Icosahedral: isotropic second moments, and faceted (edge midpoints on the 2-fold x axis at 0.851 R).
+    moments = np.linalg.eigvalsh((beads * weights[:, None]).T @ beads)
+    assert moments.max() / moments.min() < 1.03
+    assert np.abs(beads[:, 0]).max() == pytest.approx(0.851 * capsid.radius_nm, rel=0.04)
