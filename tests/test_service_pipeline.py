@@ -412,3 +412,20 @@ def test_serve_refuses_a_bad_source_in_one_line(fx: Fixtures, tmp_path: Path, ar
     errors = [line for line in proc.stderr.splitlines() if line.startswith("lcls-hitfinder: error:")]
     assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_simulated_stream_carries_its_truth_to_the_decisions(fx: Fixtures, tmp_path: Path) -> None:
+    config = tmp_path / "sim.toml"
+    config.write_text("[simulate.detector]\nshape = [64, 64]\n")
+    settings = _settings(tmp_path, source=f"sim:?rate=0&n=30&config={config}", prefilter={"kind": "lit_pixels"})
+    r = _start(settings, open_source(settings.source, settings), fx.model, fx.bank)
+    r.pipeline.start()
+    assert r.pipeline.wait(WAIT_S)
+    r.publisher.close()
+    columns, attrs = read_decision_log(r.pipeline.logs[0])
+    assert attrs["events"] == 30 and (attrs["experiment"], attrs["run"]) == ("sim", 1)
+    truth = columns["truth_n_particles"]
+    assert ((truth >= 0) & (truth <= 4)).all()
+    agree = r.metrics.truth_events
+    counted = sum(agree.labels(truth=t.text, agree=a)._value.get() for t in Label for a in ("yes", "no"))
+    assert counted == 30 == r.pipeline.total.truth_known

@@ -18,7 +18,12 @@ class BatchSettings(_Section):
     """Dynamic batching: a batch goes out when full or when its first frame has waited `max_wait_ms`."""
 
     max_size: int = Field(32, ge=1, le=4096, description="most frames per inference batch")
-    max_wait_ms: float = Field(5.0, ge=0, description="longest a frame waits for its batch to fill")
+    max_wait_ms: float = Field(
+        0.0,
+        ge=0,
+        description="longest a frame waits for its batch to fill; 0: take what is waiting (lowest latency, "
+        "batches still grow when the service falls behind)",
+    )
 
 
 class PrefilterSettings(_Section):
