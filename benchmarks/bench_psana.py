@@ -4,8 +4,8 @@
 
 On one XTC2 file (written with psana's DgramEdit, then read once so it sits in the page cache):
   psana bare   psana's own loop: DataSource(files=) -> det.raw.raw(evt), nothing else, in this process;
-  floor        that loop plus a block-average of each frame to the thumbnail (torch, float32): the
-               least any classifier must do;
+  floor        that loop plus a block-average of the frames to the thumbnail (torch, float32, in
+               batches like the service's): the least any classifier must do;
   source       `Psana2Source` alone: psana in the supervised child, frames through the shared-memory ring;
   serve        the whole service on `xtc2:` (the same `Pipeline` run as benchmarks/bench_service.py:
                checks, preprocessing, ONNX, bank, decision log, ZeroMQ), saturated.
@@ -45,20 +45,32 @@ def write_run(path: Path, n: int) -> None:
             w.write(distinct[i % len(distinct)], n_particles=i % 5)
 
 
-def psana_loop(path: Path, thumbnail: int | None) -> float:
-    """frames/s of psana's own read loop, with (floor) or without (bare) a block-average per frame."""
+def psana_loop(path: Path, thumbnail: int | None, batch: int) -> float:
+    """frames/s of psana's own read loop, bare or (floor) with a block-average to the thumbnail.
+
+    The floor averages in batches, as the service does: frames are copied into one uint16 buffer and
+    each full buffer is converted and pooled by torch in one call.
+    """
     from psana import DataSource
 
     ds = DataSource(files=str(path), skip_calib_load="all")
     run = next(ds.runs())
     det = run.Detector("cam")
-    n, start, last = 0, time.perf_counter(), 0.0
+    buf = np.empty((batch, SIDE, SIDE), np.uint16)
+    n, k, start, last = 0, 0, time.perf_counter(), 0.0
     with torch.inference_mode():
         for evt in run.events():
             frame = det.raw.raw(evt)
             if thumbnail:
-                F.adaptive_avg_pool2d(torch.from_numpy(frame).to(torch.float32)[None], thumbnail)
+                buf[k] = frame
+                k += 1
+                if k == batch:
+                    F.adaptive_avg_pool2d(torch.from_numpy(buf).to(torch.float32), thumbnail)
+                    k = 0
             n += 1
+            last = time.perf_counter()
+        if thumbnail and k:
+            F.adaptive_avg_pool2d(torch.from_numpy(buf[:k]).to(torch.float32), thumbnail)
             last = time.perf_counter()
     return n / (last - start)  # to the last event: psana waits a while at the end of a file
 
@@ -103,9 +115,9 @@ def main() -> None:
             }
         )
         uri = f"xtc2:{run}?det=cam"
-        psana_loop(run, None)  # into the page cache
-        bare = psana_loop(run, None)
-        floor = psana_loop(run, thumbnail)
+        psana_loop(run, None, args.batch)  # into the page cache
+        bare = psana_loop(run, None, args.batch)
+        floor = psana_loop(run, thumbnail, args.batch)
         source = source_only(uri, settings)
         service = serve(uri, settings, model, bank)
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
