@@ -244,11 +244,10 @@ class PatternGenerator:
                 rot = torch.from_numpy(rotation_matrices(quats[pi, ji]).astype(np.float32)).to(self.device)
                 pos = torch.from_numpy(positions[pi, ji].astype(np.float32)).to(self.device)
                 weight = torch.from_numpy(np.sqrt(self.scales[s] * jitter[pi]).astype(np.float32)).to(self.device)
-                # The particle turned by R scatters F(Rᵀq); as row vectors that is q @ R.
-                a = volume.amplitude(torch.matmul(self._q, rot))
+                a = volume.rotated_amplitude(self._q, rot)
                 phase = torch.polar(weight[:, None].expand(-1, npix), pos @ self._q.T)
                 amp.index_add_(0, torch.from_numpy(pi).to(self.device), a * phase)
-        return amp.abs().square() * self._factor
+        return torch.view_as_real(amp).square().sum(-1) * self._factor
 
     def _detect(self, expected: torch.Tensor, rng: np.random.Generator) -> np.ndarray:
         """Expected photons -> recorded values: Poisson, read noise, ADU, dead pixels, saturation."""

@@ -69,6 +69,10 @@ class Volume(Protocol):
         """q (..., 3) float32 -> complex64 (...)."""
         ...
 
+    def rotated_amplitude(self, q: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+        """F(Rᵀq) of the particle turned by each R: q (P, 3) lab frame, rot (I, 3, 3) -> complex64 (I, P)."""
+        ...
+
 
 def cache_dir() -> Path:
     """$LCLS_HITFINDER_CACHE/volumes, else ~/.cache/lcls-hitfinder/volumes."""
@@ -117,6 +121,9 @@ class BodyVolume:
             out = rho * 4 / 3 * math.pi * (r**3 * _sphere_shape(qn * r) + (ratio - 1) * rc**3 * _sphere_shape(qn * rc))
         return out.to(torch.complex64)
 
+    def rotated_amplitude(self, q: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+        return self.amplitude(torch.matmul(q, rot))  # row vectors: (Rᵀq)ᵀ = qᵀR
+
 
 @dataclass
 class GridVolume:
@@ -135,13 +142,19 @@ class GridVolume:
         return (self.values.shape[-1] // 2 - 1) * self.dq
 
     def amplitude(self, q: torch.Tensor) -> torch.Tensor:
+        eye = torch.eye(3, dtype=q.dtype, device=q.device)[None]
+        return self.rotated_amplitude(q.reshape(-1, 3), eye).reshape(q.shape[:-1])
+
+    def rotated_amplitude(self, q: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
         n = self.values.shape[-1]
-        lead = q.shape[:-1]
-        # grid_sample's coordinates are (x, y, z) = (last, middle, first) axis, in [-1, 1] over the nodes.
-        coords = (q.reshape(1, -1, 1, 1, 3).flip(-1) / self.dq + n / 2) * (2 / (n - 1)) - 1
-        out = F.grid_sample(self.values, coords.to(self.values.dtype), mode="bilinear", align_corners=True)
-        out = out.reshape(2, -1)
-        return torch.complex(out[0], out[1]).reshape(lead)
+        # grid_sample wants (x, y, z) = (last, middle, first) grid axis, scaled to [-1, 1] over the nodes:
+        # fold the axis order and the scale into the rotation, so one matmul gives the coordinates.
+        to_grid = rot.flip(-1) * (2 / ((n - 1) * self.dq))
+        coords = torch.matmul(q.to(rot.dtype), to_grid) + (n / (n - 1) - 1)
+        out = F.grid_sample(
+            self.values, coords[None, :, :, None].to(self.values.dtype), mode="bilinear", align_corners=True
+        )
+        return torch.complex(out[0, 0, :, :, 0], out[0, 1, :, :, 0])
 
 
 @dataclass(frozen=True)
