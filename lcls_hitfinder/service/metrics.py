@@ -42,7 +42,8 @@ SPECS: tuple[MetricSpec, ...] = (
     MetricSpec(
         "hitfinder_stage_duration_seconds",
         "histogram",
-        "Seconds per batch spent in each stage: read (per frame), preprocess, infer, decide, publish.",
+        "Seconds per batch in each stage: preprocess, infer, decide, publish; read is per frame and includes "
+        "waiting for the source (at a paced source it is the time between events).",
         ("stage",),
         STAGE_BUCKETS,
     ),
