@@ -429,3 +429,12 @@ def test_simulated_stream_carries_its_truth_to_the_decisions(fx: Fixtures, tmp_p
     agree = r.metrics.truth_events
     counted = sum(agree.labels(truth=t.text, agree=a)._value.get() for t in Label for a in ("yes", "no"))
     assert counted == 30 == r.pipeline.total.truth_known
+
+
+def test_io_binding_gives_the_same_embeddings(fx: Fixtures) -> None:
+    """The GPU path binds torch memory to the session by pointer; the same binding on CPU tensors must agree."""
+    emb = OnnxEmbedder(fx.model)
+    thumbs = torch.randn(5, 1, 16, 16)
+    bound = emb._embed_bound(thumbs)
+    np.testing.assert_allclose(bound, emb.embed(thumbs.numpy()), rtol=1e-5, atol=1e-6)
+    assert bound.shape == (5, emb.embed_dim)

@@ -96,6 +96,7 @@ class OnnxEmbedder:
         if self.session is None:
             raise UserError(f"cannot load model {model} with any of {', '.join(chain)}")
         self.provider = self.session.get_providers()[0]
+        self.embed_dim = info.embed_dim or int(self.session.get_outputs()[0].shape[1])
         self.device_id = device_id
         log.info("model %s (%s) runs on %s", model, self.model_hash, self.provider)
 
@@ -112,14 +113,20 @@ class OnnxEmbedder:
         return np.asarray(out)
 
     def _embed_bound(self, thumbnails: torch.Tensor) -> np.ndarray:
-        """IO binding: the session reads the torch tensor's device memory and writes into another one."""
+        """IO binding: the session reads the torch tensor's memory and writes into another torch tensor.
+
+        Used for CUDA tensors (no host round trip); the same binding works for CPU tensors, which is how
+        the tests check it on a machine without a GPU.
+        """
         assert self.session is not None
         x = thumbnails.contiguous().to(torch.float32)
-        out = torch.empty((x.shape[0], self.info.embed_dim), dtype=torch.float32, device=x.device)
-        device_id = x.device.index or 0
+        out = torch.empty((x.shape[0], self.embed_dim), dtype=torch.float32, device=x.device)
+        device_type, device_id = ("cuda", x.device.index or 0) if x.is_cuda else ("cpu", 0)
         binding = self.session.io_binding()
-        binding.bind_input(INPUT_NAME, "cuda", device_id, np.float32, tuple(x.shape), x.data_ptr())
-        binding.bind_output(OUTPUT_NAME, "cuda", device_id, np.float32, tuple(out.shape), out.data_ptr())
-        torch.cuda.current_stream(x.device).synchronize()  # torch's preprocessing must finish before ORT reads
+        binding.bind_input(INPUT_NAME, device_type, device_id, np.float32, tuple(x.shape), x.data_ptr())
+        binding.bind_output(OUTPUT_NAME, device_type, device_id, np.float32, tuple(out.shape), out.data_ptr())
+        if x.is_cuda:
+            torch.cuda.current_stream(x.device).synchronize()  # torch's preprocessing must finish before ORT reads
         self.session.run_with_iobinding(binding)
+        binding.synchronize_outputs()  # onnxruntime's stream must be done before torch reads `out`
         return out.cpu().numpy()
