@@ -8,10 +8,20 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from lcls_hitfinder.learn.settings import AugmentSettings
+
+
+def poisson(rate: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Poisson counts of `rate`; on the CPU through numpy, about 10x faster than torch.poisson there."""
+    if rate.device.type != "cpu":
+        return torch.poisson(rate, generator=g)
+    seed = int(torch.randint(0, 2**62, (1,), generator=g))
+    counts = np.random.default_rng(seed).poisson(rate.numpy())
+    return torch.from_numpy(counts.astype(np.float32))
 
 
 class Augmenter:
@@ -80,7 +90,7 @@ class Augmenter:
             lo, hi = s.photons
             target = torch.exp(self._uniform(b, math.log(lo), math.log(hi), g, dev))
             jitter = torch.exp(s.fluence_jitter * torch.randn(b, generator=g, device=dev))
-            x = torch.poisson((x * (target * jitter / self.single_photons)[:, None, None]).clamp_min(0), generator=g)
+            x = poisson((x * (target * jitter / self.single_photons)[:, None, None]).clamp_min(0), g)
         if s.gaussian_sigma > 0:
             sigma = self._uniform(b, 0.0, s.gaussian_sigma, g, dev)
             x = x + sigma[:, None, None] * torch.randn(x.shape, generator=g, device=dev)

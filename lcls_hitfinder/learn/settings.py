@@ -54,7 +54,9 @@ class CnnSettings(_Section):
 class TrainSettings(_Section):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present, else CPU")
-    threads: int = Field(2, ge=1, le=64, description="torch CPU threads")
+    threads: int = Field(
+        1, ge=1, le=64, description="torch CPU threads (on a shared CPU, 1 is often faster than 2)"
+    )
     epochs: int = Field(10, ge=1)
     steps_per_epoch: int | None = Field(None, ge=1, description="batches per epoch; default: one pass over the data")
     batch_size: int = Field(128, ge=4)
@@ -68,7 +70,9 @@ class TrainSettings(_Section):
     width: int = Field(8, ge=2, le=128, description="channels of the embedder's first conv layer")
     depth: int = Field(4, ge=1, le=6, description="conv blocks of the embedder (each halves the size)")
     alpha: float = Field(0.2, ge=0, description="triplet margin α in loss = max(d_p - d_n + α, 0)")
-    mining: Literal["batch-hard", "semi-hard"] = "batch-hard"
+    mining: Literal["batch-hard", "semi-hard"] = Field(
+        "semi-hard", description="semi-hard learned faster than batch-hard here (docs/RESULTS.md)"
+    )
     classes: Literal["count", "hit"] = Field(
         "count", description="count: blank, 1, 2, 3, 4 are separate classes; hit: blank, single, multi"
     )
