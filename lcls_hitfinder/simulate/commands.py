@@ -108,14 +108,16 @@ def simulate(
 
 
 def show(
-    data: Annotated[Path, typer.Argument(help="an lcls-hitfinder dataset (HDF5)")],
-    out: Annotated[Path | None, typer.Option(help="PNG to write (default: DATA with .png)")] = None,
-    n: Annotated[int, typer.Option("--n", help="patterns to show (the first ones, or a few of each count)")] = 12,
-    per_count: Annotated[bool, typer.Option(help="pick patterns evenly across particle counts")] = True,
-    ncols: Annotated[int, typer.Option(help="columns of the grid")] = 6,
+    data: Annotated[list[Path], typer.Argument(help="one or more lcls-hitfinder datasets (HDF5), a row group each")],
+    out: Annotated[Path | None, typer.Option(help="PNG to write (default: the first DATA with .png)")] = None,
+    n: Annotated[int, typer.Option("--n", help="patterns per dataset")] = 12,
+    per_count: Annotated[
+        bool, typer.Option("--per-count/--first", help="spread the picks over particle counts, or the first n")
+    ] = True,
+    ncols: Annotated[int | None, typer.Option(help="columns of the grid (default: n, at most 6)")] = None,
     linear: Annotated[bool, typer.Option(help="linear colour scale instead of log")] = False,
 ) -> None:
-    """Render a labelled grid of patterns (log scale) to PNG."""
+    """Render a labelled grid of patterns (log scale, masked pixels black) to PNG."""
     import numpy as np
 
     from lcls_hitfinder.dataset import Dataset
@@ -123,22 +125,24 @@ def show(
 
     if n < 1:
         raise UserError("--n must be at least 1")
-    target = out or data.with_suffix(".png")
-    with Dataset(data) as ds:
-        index = np.arange(min(n, len(ds)))
-        if per_count:
-            groups = [np.flatnonzero(ds.n_particles == k) for k in np.unique(ds.n_particles)]
-            per = -(-n // max(1, len(groups)))
-            index = np.sort(np.concatenate([g[:per] for g in groups]))[:n] if groups else index
-        images = ds.images(index)
-        structures = ds.structure[index]
-        photons = ds.photons[index]
-        titles = [
-            f"#{i} · {k} particle{'s' if k != 1 else ''}\n{s or 'blank'} · {p:.3g} ph"
-            for i, k, s, p in zip(index, ds.n_particles[index], structures, photons, strict=True)
-        ]
-        mask = ds.mask
-    pattern_grid(list(images * mask), titles, target, ncols=ncols, log=not linear)
+    images: list[np.ndarray] = []
+    titles: list[str] = []
+    for path in data:
+        with Dataset(path) as ds:
+            index = np.arange(min(n, len(ds)))
+            if per_count:
+                groups = [np.flatnonzero(ds.n_particles == k) for k in np.unique(ds.n_particles)]
+                per = -(-n // max(1, len(groups)))
+                index = np.concatenate([g[:per] for g in groups])[:n]  # in order of particle count
+            structures, photons, counts = ds.structure[index], ds.photons[index], ds.n_particles[index]
+            order = np.argsort(index)  # h5py reads increasing indices only
+            images += list((ds.images(index[order]) * ds.mask)[np.argsort(order)])
+            titles += [
+                f"{k} particle{'s' if k != 1 else ''} · {p:.2g} ph\n{s or 'blank'} #{i}"
+                for i, k, s, p in zip(index, counts, structures, photons, strict=True)
+            ]
+    target = out or data[0].with_suffix(".png")
+    pattern_grid(images, titles, target, ncols=ncols or min(n, 6), log=not linear)
     print(target)
 
 
