@@ -9,8 +9,12 @@ from __future__ import annotations
 import ctypes
 import glob
 import os
+import signal
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -103,3 +107,36 @@ def test_bad_input_in_the_child_is_a_one_line_error_at_start() -> None:
         reader.start(wait_ready_s=30)
     reader.close()
     assert _leftovers() == []
+
+
+def test_a_frozen_reader_dies_with_the_service(tmp_path: Path) -> None:
+    """A service killed outright (SIGKILL) must not leave a psana child frozen with the GIL held."""
+    script = tmp_path / "service.py"
+    script.write_text(
+        f"""
+import sys, time
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_psana_reader import CountingLoop, _settings
+from lcls_hitfinder.service.reader import SupervisedReader
+if __name__ == "__main__":
+    reader = SupervisedReader(CountingLoop(5, freeze_after=0), _settings(), "orphan", live=True)
+    reader.start(wait_ready_s=30)
+    print(reader._child.process.pid, flush=True)
+    time.sleep(600)
+"""
+    )
+    service = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert service.stdout is not None
+        child = int(service.stdout.readline())
+        assert Path(f"/proc/{child}").exists()
+    finally:
+        service.kill()
+        service.wait()
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{child}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    orphaned = Path(f"/proc/{child}").exists()
+    if orphaned:
+        os.kill(child, signal.SIGKILL)
+    assert not orphaned

@@ -20,6 +20,7 @@ segment: it unlinks them when the child ends or is killed, so /dev/shm is left c
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import glob
 import logging
 import multiprocessing as mp
@@ -51,6 +52,7 @@ IDLE_TICK_S = 0.5  # longest time frames() goes without yielding, so the service
 _HEARTBEAT_PERIOD_S = 0.05
 _STARTUP_GRACE_S = 30.0  # spawn + imports before the child's first heartbeat (a loaded 2-core machine)
 _TERM_GRACE_S = 2.0  # a child asked to stop gets this long to finalize MPI before SIGKILL
+_PR_SET_PDEATHSIG = 1  # prctl option: a signal for the child when its parent dies
 _CTX = mp.get_context("spawn")  # never fork the service (torch, ZeroMQ and HTTP threads live there)
 
 
@@ -156,6 +158,8 @@ def _child_main(
     # psana makes a multiprocessing.Value (with a lock) per run; under the 'fork' default its semaphore is
     # unlinked at once, so a child killed by the watchdog leaves none behind in /dev/shm
     mp.set_start_method("fork", force=True)
+    with contextlib.suppress(OSError, AttributeError):  # Linux: die with the service, even when frozen in psana
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the service, which stops us in order
     threading.Thread(target=beat, name="heartbeat", daemon=True).start()
