@@ -65,7 +65,7 @@ def floor(uri: str, settings: ServeSettings, thumbnail: int, n: int) -> float:
     src = open_source(uri, settings)
     src.open()
     size = settings.batch.max_size
-    buf = np.empty((size, SIDE, SIDE), np.uint16)
+    buf = np.empty((size, SIDE, SIDE), np.float32)  # converted while copied, as the service does
     got = 0
     start = time.perf_counter()
     with torch.inference_mode():
@@ -77,7 +77,7 @@ def floor(uri: str, settings: ServeSettings, thumbnail: int, n: int) -> float:
             batch += 1
             got += 1
             if batch == size or got == n:
-                F.adaptive_avg_pool2d(torch.from_numpy(buf[:batch]).to(torch.float32).unsqueeze(1), thumbnail)
+                F.adaptive_avg_pool2d(torch.from_numpy(buf[:batch]).unsqueeze(1), thumbnail)
                 batch = 0
             if got == n:
                 break

@@ -107,15 +107,16 @@ class Preprocessor:
             coverage > 0, pixels_per_bin / coverage.clamp_min(1e-12), torch.zeros_like(coverage)
         )
 
-    def photons(self, frames: torch.Tensor) -> torch.Tensor:
+    def photons(self, frames: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         """Raw values (any dtype) -> float32 photons, masked and clipped, panels tiled: (B, H', W').
 
-        Works in place on one float32 copy (never on the caller's tensor): at a megapixel per frame each
-        full-size temporary costs as much as the arithmetic, so steps that cannot change a value are skipped.
+        Works in place on one float32 copy: at a megapixel per frame each full-size temporary costs as much
+        as the arithmetic, so steps that cannot change a value are skipped too. `inplace=True` hands over
+        a float32 tensor on the device to be overwritten (the service's batch buffer): no copy at all.
         """
         c = self.calibration
         x = frames.to(self.device, non_blocking=True)
-        x = x.to(torch.float32, copy=x.data_ptr() == frames.data_ptr())
+        x = x.to(torch.float32, copy=not inplace and x.data_ptr() == frames.data_ptr())
         if c.offset != 0.0:
             x.sub_(c.offset)
         if c.gain != 1.0:

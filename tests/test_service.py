@@ -244,7 +244,7 @@ def test_decision_log_appends_flushes_and_records_totals(tmp_path: Path) -> None
 
 
 def test_preprocessing_in_place_never_touches_the_callers_frames() -> None:
-    """Preprocessor.photons works in place for speed, on its own copy: the service's frames stay as read."""
+    """Preprocessor.photons works in place for speed, on its own copy unless the caller hands its tensor over."""
     import torch
 
     from lcls_hitfinder.preprocess import PhotonCalibration, Preprocessor, PreprocessSettings
@@ -257,3 +257,7 @@ def test_preprocessing_in_place_never_touches_the_callers_frames() -> None:
     expected = ((before - 1.0) / 2.0).clamp_min(0.0)
     expected = torch.where(expected < 0.5, 0.0, expected).clamp_max(3.0)
     torch.testing.assert_close(photons, expected)
+    pre = Preprocessor(PreprocessSettings(thumbnail=4, clip_photons=3.0), None, (8, 8), calibration)
+    handed_over = before.clone()
+    assert pre.photons(handed_over, inplace=True).data_ptr() == handed_over.data_ptr()  # no copy when asked
+    torch.testing.assert_close(handed_over, expected)

@@ -273,16 +273,22 @@ class Pipeline:
         return self._pre
 
     def _stack(self, arrays: list[np.ndarray]) -> torch.Tensor:
-        """Frames -> one raw (B, ...) tensor on the device, through a preallocated (pinned, on CUDA) buffer."""
-        dtype = np.result_type(*(a.dtype for a in arrays))
+        """Frames -> one (B, ...) tensor on the device, through a preallocated buffer.
+
+        For the CPU the frames become float32 while they are stacked (one pass; Preprocessor.photons then
+        works in that buffer). For a GPU they stay raw (uint16) in a pinned buffer, are copied without
+        blocking and converted on the device.
+        """
+        cuda = self.device.type == "cuda"
+        dtype = np.result_type(*(a.dtype for a in arrays)) if cuda else np.dtype(np.float32)
         buf = self._host.get(dtype)
         if buf is None:
             shape = (self.settings.batch.max_size, *arrays[0].shape)
             torch_dtype = torch.from_numpy(np.empty(0, dtype)).dtype
-            buf = torch.empty(shape, dtype=torch_dtype, pin_memory=self.device.type == "cuda")
+            buf = torch.empty(shape, dtype=torch_dtype, pin_memory=cuda)
             self._host[dtype] = buf
         view = buf[: len(arrays)]
-        np.stack(arrays, out=view.numpy())
+        np.stack(arrays, out=view.numpy(), casting="unsafe")
         return view.to(self.device, non_blocking=True)
 
     def _decide(self, frames: list[Frame]) -> Verdicts:
@@ -294,12 +300,13 @@ class Pipeline:
             return v
         pre = self._preprocessor()
         with torch.inference_mode():
-            raw = self._stack([frames[i].data for i in good])
-            if raw.is_floating_point():
+            arrays = [frames[i].data for i in good]
+            raw = self._stack(arrays)
+            if any(a.dtype.kind == "f" for a in arrays):  # integers cannot be NaN or Inf
                 finite = torch.isfinite(raw.flatten(1).sum(1, dtype=torch.float64))
             else:
                 finite = torch.ones(len(good), dtype=torch.bool, device=raw.device)
-            photons = pre.photons(raw)
+            photons = pre.photons(raw, inplace=raw.device.type == "cpu")  # the CPU batch buffer is ours
             blank = blank_mask(photons, self.settings.prefilter) & finite
             to_model = finite & ~blank
             all_to_model = bool(to_model.all())
