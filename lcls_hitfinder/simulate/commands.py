@@ -67,7 +67,7 @@ def simulate(
     seed: Annotated[int | None, typer.Option(help="random seed")] = None,
     workers: Annotated[int | None, typer.Option(help="parallel processes")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda")] = None,
-    config: Annotated[Path | None, typer.Option(help="config file; its [simulate] section is the base")] = None,
+    config: Annotated[Path | None, typer.Option(help="config file; its \\[simulate] section is the base")] = None,
 ) -> None:
     """Simulate labelled single-particle diffraction patterns (0-4 particles) into an HDF5 dataset."""
     from rich.console import Console

@@ -2,7 +2,7 @@
 
 Every `lcls-hitfinder simulate` flag overrides one key here. The defaults describe a pnCCD (1024 x 1024,
 75 µm) binned 8 x 8 to 128 x 128 pixels of 600 µm, 0.15 m behind the interaction point at 1.7 keV (the
-AMO PR772 geometry, scaled): a 10-40 nm particle shows 3 to 12 fringes from the centre to the edge.
+AMO PR772 geometry, scaled): a 10-40 nm particle shows 3 to 14 fringes from the centre to the edge.
 """
 
 from __future__ import annotations
