@@ -13,8 +13,8 @@ Ring protocol: the child writes slot k % n and sends (k % n, shape, dtype, event
 time); the parent copies the slot out and acknowledges it on a second pipe. The child never has more
 than n slots unacknowledged. A frame bigger than the slots makes the child wait for every
 acknowledgement, create a bigger ring and announce it, so slots are sized by the data, not guessed.
-Pipes rather than named semaphores: a killed child then leaves nothing behind but its ring. The parent owns every
-segment: it unlinks them when the child ends or is killed, so /dev/shm is left clean.
+Pipes rather than named semaphores, so a killed child leaves nothing behind but its ring, and the
+parent owns every ring: it unlinks them when the child ends or is killed, so /dev/shm is left clean.
 """
 
 from __future__ import annotations
@@ -67,10 +67,6 @@ class ReadLoop(Protocol):
     def __call__(self, sink: FrameSink, resume_after: EventId | None) -> None: ...
 
 
-def _segment_name(prefix: str, generation: int) -> str:
-    return f"{prefix}_{generation}"
-
-
 class FrameSink:
     """Child side of the ring: `put` blocks while every slot is still in use by the parent."""
 
@@ -121,7 +117,7 @@ class FrameSink:
             self._ring.close()
         self._generation += 1
         self._slot_bytes = -(-nbytes // 4096) * 4096
-        name = _segment_name(self._prefix, self._generation)
+        name = f"{self._prefix}_{self._generation}"
         self._ring = SharedMemory(name=name, create=True, size=self._slot_bytes * self._n_slots)
         self._count = 0
         self._conn.send(("ring", name, self._slot_bytes))
