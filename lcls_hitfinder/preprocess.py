@@ -107,12 +107,14 @@ class Preprocessor:
             coverage > 0, pixels_per_bin / coverage.clamp_min(1e-12), torch.zeros_like(coverage)
         )
 
-    def photons(self, frames: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    def photons(self, frames: torch.Tensor, inplace: bool = False, signed: bool | None = None) -> torch.Tensor:
         """Raw values (any dtype) -> float32 photons, masked and clipped, panels tiled: (B, H', W').
 
         Works in place on one float32 copy: at a megapixel per frame each full-size temporary costs as much
         as the arithmetic, so steps that cannot change a value are skipped too. `inplace=True` hands over
         a float32 tensor on the device to be overwritten (the service's batch buffer): no copy at all.
+        `signed`: whether values can be negative; by default from the dtype (say False for unsigned raw
+        values that the caller converted to float).
         """
         c = self.calibration
         x = frames.to(self.device, non_blocking=True)
@@ -124,7 +126,7 @@ class Preprocessor:
         x = assemble_panels(x)
         if c.threshold > 0:
             x.masked_fill_(x < c.threshold, 0.0)
-        if c.offset != 0.0 or frames.is_signed():  # unsigned raw counts are never negative
+        if c.offset != 0.0 or (frames.is_signed() if signed is None else signed):  # raw counts are never negative
             x.clamp_min_(0.0)
         if not self._all_good:
             x.mul_(self.mask)

@@ -81,6 +81,9 @@ class OnnxEmbedder:
         self.model_hash = info.model_hash
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # onnxruntime's idle threads spin by default, stealing the cores that torch's preprocessing of the
+        # next batch needs: the service alternates the two, so they must sleep when idle.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1

@@ -306,7 +306,8 @@ class Pipeline:
                 finite = torch.isfinite(raw.flatten(1).sum(1, dtype=torch.float64))
             else:
                 finite = torch.ones(len(good), dtype=torch.bool, device=raw.device)
-            photons = pre.photons(raw, inplace=raw.device.type == "cpu")  # the CPU batch buffer is ours
+            signed = any(a.dtype.kind in "if" for a in arrays)  # unsigned raw values need no clamp at 0
+            photons = pre.photons(raw, inplace=raw.device.type == "cpu", signed=signed)  # the CPU buffer is ours
             blank = blank_mask(photons, self.settings.prefilter) & finite
             to_model = finite & ~blank
             all_to_model = bool(to_model.all())
