@@ -5,9 +5,9 @@ simulate a run of hits (with their true particle counts) -> write it as XTC2 wit
 shared memory as it would the DAQ's -> this process subscribes to the service's ZeroMQ stream and
 shows a live summary: rate, p50/p99 latency, keep fraction and accuracy against the truth.
 
-Every process started here runs in its own session, so Ctrl-C reaches only the demo, which then stops
-them in order (the service drains and closes its run, then the server) and removes what they leave
-in /dev/shm.
+Every process started here runs in its own session, so Ctrl-C (or SIGTERM) reaches only the demo,
+which then stops them in order (the service drains and closes its run, then the server) and removes
+what they leave in /dev/shm.
 """
 
 from __future__ import annotations
@@ -252,6 +252,11 @@ def run_demo(
     """The whole demo with its live table; returns the tally. Ctrl-C stops it cleanly."""
     console = Console()
     demo = Demo(n, rate_hz, workdir, config, model, bank, console)
+
+    def interrupt(signum: int, _frame: object) -> None:  # SIGTERM stops the demo as Ctrl-C does
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
     try:
         tally = demo.run(demo.prepare())
     except KeyboardInterrupt:

@@ -64,11 +64,9 @@ class ShmemServer:
             source = ["-l", str(listing)]
         cmd = [str(psana_tool("shmemServer")), "-p", self.tag, *source, "-n", str(self._n_buffers)]
         cmd += ["-s", hex(self._buffer), "-r", str(self._rate), "-c", str(self._clients)]
-        if self._log is None:
-            self._process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        else:
-            with open(self._log, "ab") as out:
-                self._process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        # its own session: a Ctrl-C on the terminal is for our owner, who then stops us in order
+        with open(self._log or os.devnull, "ab") as out:
+            self._process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         return self
 
     @property
