@@ -438,3 +438,36 @@ def test_io_binding_gives_the_same_embeddings(fx: Fixtures) -> None:
     bound = emb._embed_bound(thumbs)
     np.testing.assert_allclose(bound, emb.embed(thumbs.numpy()), rtol=1e-5, atol=1e-6)
     assert bound.shape == (5, emb.embed_dim)
+
+
+class StallingSource(ListSource):
+    """One frame, then idle ticks while its (pretend) reader is restarted twice, then one more frame."""
+
+    def frames(self) -> Iterator[Frame | None]:
+        frames = super().frames()
+        yield next(frames)
+        for tick in range(12):
+            time.sleep(0.1)
+            self.restarts = 1 if tick < 6 else 2
+            yield None
+        yield from frames
+
+
+def test_heartbeats_and_restart_counts_go_on_while_the_source_is_idle(fx: Fixtures, tmp_path: Path) -> None:
+    panels = np.random.default_rng(2).poisson(2.0, (2, 4, 16, 16)).astype(np.uint16)  # panel stacks (P, H, W)
+    settings = _settings(tmp_path, log_dir=None)
+    r = _start(settings, StallingSource(list(panels)), fx.model, fx.bank)
+    with DecisionClient(r.publisher.endpoint, (DECISION, HEARTBEAT), timeout_s=WAIT_S) as client:
+        assert r.publisher.wait_for_subscriber(WAIT_S)
+        r.pipeline.start()
+        decisions, beats = [], []
+        for topic, payload in client.messages():
+            (decisions if topic == DECISION else beats).append(payload)
+            if len(decisions) == 2:
+                break
+        assert r.pipeline.wait(WAIT_S)
+    r.publisher.close()
+    idle_beats = [b for b in beats if b["next_seq"] == 1]  # between the two frames
+    assert len(idle_beats) >= 2 and all(b["run_open"] for b in idle_beats)
+    assert [d["label"] != "error" for d in decisions] == [True, True]
+    assert r.metrics.source_restarts._value.get() == 2

@@ -142,6 +142,7 @@ class Pipeline:
         self._run: Run | None = None
         self._last_run: tuple[str, int] | None = None
         self._restarts_seen = 0
+        self._restarts_lock = threading.Lock()
         self._started = time.monotonic()
         self.total = Tally()
         self._recent_latency_ns: deque[np.ndarray] = deque(maxlen=64)  # last batches, for the status line
@@ -237,6 +238,7 @@ class Pipeline:
             self._stop.set()
         finally:
             self._end_run()
+            self._poll_restarts()
             self._done.set()
 
     def _process(self, frames: list[Frame]) -> None:
@@ -464,10 +466,7 @@ class Pipeline:
             last_events, last_t = events, now
             if self.settings.status_s and now - status.since >= self.settings.status_s:
                 status = self._log_status(status, events, now)
-            restarts = int(self.source.restarts)
-            if restarts > self._restarts_seen:
-                self.metrics.source_restarts.inc(restarts - self._restarts_seen)
-                self._restarts_seen = restarts
+            self._poll_restarts()
             if self._reload.is_set():
                 self._reload.clear()
                 self.bank.reload()
@@ -491,6 +490,14 @@ class Pipeline:
             line += f", dropped {t.dropped}"
         log.info(line)
         return _Status(events, now)
+
+    def _poll_restarts(self) -> None:
+        """Carry the source's restart count into the metric (from the monitor, and once more at the end)."""
+        with self._restarts_lock:
+            restarts = int(self.source.restarts)
+            if restarts > self._restarts_seen:
+                self.metrics.source_restarts.inc(restarts - self._restarts_seen)
+                self._restarts_seen = restarts
 
     def _heartbeat(self, rate_hz: float) -> None:
         depth = self._frames.qsize()
