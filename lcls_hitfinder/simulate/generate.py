@@ -109,7 +109,9 @@ def _check_memory(shape: tuple[int, int], chunk: int) -> None:
 class PatternGenerator:
     """Builds the volumes once, then makes batches of labelled patterns (dataset.Batch) on demand."""
 
-    def __init__(self, settings: SimulateSettings, seed: int | None = None, device: str | None = None) -> None:
+    def __init__(
+        self, settings: SimulateSettings, seed: int | None = None, device: str | None = None, progress: bool = False
+    ) -> None:
         self.settings = settings
         self.seed = settings.seed if seed is None else seed
         self.device = resolve_device(device or settings.device)
@@ -122,18 +124,25 @@ class PatternGenerator:
         factor = self.geometry.pixel_factor()
         self._factor = torch.from_numpy(factor.astype(np.float32)).to(self.device)
         self._good = torch.from_numpy(self.mask.reshape(-1)).to(self.device)
-        self.volumes: list[Volume] = [
-            make_volume(
-                load_structure(spec), float(q_abs.max()), settings.oversampling, self.device, settings.max_volume_gb
-            )
-            for spec in settings.structures
-        ]
+        self.volumes = self._volumes(float(q_abs.max()), progress)
         self.scales = [self._scale(v, q_abs, factor) for v in self.volumes]
         self._background = torch.from_numpy(self._background_counts(q_abs).astype(np.float32)).to(self.device)
         counts = sorted(k for k, w in settings.particles.items() if w > 0)
         weights = np.array([settings.particles[k] for k in counts], float)
         self._counts, self._p = np.array(counts), weights / weights.sum()
         self._next_chunk = 0
+
+    def _volumes(self, q_max: float, progress: bool) -> list[Volume]:
+        """One volume per structure spec (a repeated spec shares one), built or loaded from the disk cache."""
+        from rich.progress import track
+
+        s = self.settings
+        built: dict[str, Volume] = {}
+        specs = track(s.structures, "structures", transient=True, disable=not progress or len(s.structures) < 2)
+        for spec in specs:
+            if spec not in built:
+                built[spec] = make_volume(load_structure(spec), q_max, s.oversampling, self.device, s.max_volume_gb)
+        return [built[spec] for spec in s.structures]
 
     def _scale(self, volume: Volume, q_abs: np.ndarray, factor: np.ndarray) -> float:
         """fluence x r_e² (nm⁻² x nm²) for this structure."""
@@ -291,7 +300,7 @@ def simulate_dataset(
 
     n = settings.n if n is None else n
     workers = settings.workers if workers is None else workers
-    generator = PatternGenerator(settings)  # builds and caches the volumes before any worker starts
+    generator = PatternGenerator(settings, progress=progress)  # builds and caches the volumes before the workers
     jobs = list(enumerate(_chunk_sizes(n, settings.chunk)))
     columns = (TextColumn("simulating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with (

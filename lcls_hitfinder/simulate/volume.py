@@ -232,6 +232,11 @@ def build_grid(model: AtomModel, plan: GridPlan, device: torch.device | None = N
         ramp = torch.from_numpy(np.exp(2j * math.pi * si * x / (sub * m * d))).to(rho)
         scale = torch.from_numpy(m * (-1.0) ** kp).to(rho)
         axes.append((ks, ramp, torch.from_numpy(kp % m).to(rho.device), scale))
+    # Form factor x kernel deconvolution depends on |q|² = dq² (ka² + kb² + kc²): tabulate it per integer.
+    k2 = np.arange(3 * (n // 2) ** 2 + 1)
+    qn = plan.dq * np.sqrt(k2)
+    deconv = d**3 * np.exp(qn**2 * plan.sigma_nm**2 / 2)
+    table = torch.from_numpy(np.stack([g.form_factor(qn) * deconv for g in model.groups])).to(rho)
     out = np.empty((n, n, n), np.complex64)
     for ka, ra, ia, ga in axes:
         a = torch.fft.ifft(rho * ra[:, None, None], dim=1).index_select(1, ia) * ga[:, None, None]
@@ -239,9 +244,8 @@ def build_grid(model: AtomModel, plan: GridPlan, device: torch.device | None = N
             b = torch.fft.ifft(a * rb[:, None], dim=2).index_select(2, ib) * gb[:, None]
             for kc, rc, ic, gc in axes:
                 c = torch.fft.ifft(b * rc, dim=3).index_select(3, ic) * gc
-                qn = plan.dq * np.sqrt(ka[:, None, None] ** 2 + kb[None, :, None] ** 2 + kc[None, None, :] ** 2)
-                deconv = d**3 * np.exp(qn**2 * plan.sigma_nm**2 / 2)
-                factors = torch.from_numpy(np.stack([g.form_factor(qn) * deconv for g in model.groups])).to(c)
+                k2_block = torch.from_numpy(ka[:, None, None] ** 2 + kb[None, :, None] ** 2 + kc[None, None, :] ** 2)
+                factors = table[:, k2_block.to(table.device)]
                 out[np.ix_(ka + n // 2, kb + n // 2, kc + n // 2)] = (c * factors).sum(0).cpu().numpy()
     return out
 
