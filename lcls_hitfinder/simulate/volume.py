@@ -1,19 +1,21 @@
 """Fourier volumes: the complex scattering amplitude F(q) of a structure, in electrons, sampled at any q.
 
 Atomic structures get a grid of F(q) computed once by FFT and cached on disk; uniform bodies use their
-closed-form transform. Both answer `amplitude(q)` for q vectors in the particle frame (nm⁻¹), so the
-detector geometry, orientations, multi-hit phases and beam all run through one code path.
+closed-form transform. Both answer `amplitude(q)` (particle frame, nm⁻¹) and `rotated_amplitude(q, R)`
+(lab frame, turned particles), so the detector geometry, orientations, multi-hit phases and beam all run
+through one code path.
 
 The FFT grid (see `build_grid`):
 - Atoms are spread onto a real-space grid with a Gaussian kernel at twice the needed q range and the
   kernel is divided out after the FFT (Gaussian-gridding non-uniform FFT); each element's FFT is then
   multiplied by its form factor, so F(q) at the grid nodes is exact to about 1e-4.
-- The q spacing is 2π / (oversampling x diameter). Slices interpolate F trilinearly; the error of linear
-  interpolation is mostly a smooth attenuation by sinc²(q-spacing · x / 2) per axis of an atom at x, which
-  is removed exactly by dividing each atom's weight by it before the FFT. What remains is of order
-  1 / (4 oversampling²) for the outermost atoms.
-- A fine q spacing means a large real-space box; it is built from oversampling³ FFTs of a box that just
-  holds the particle, each with a sub-grid phase ramp, so memory stays at the size of the result.
+- The q spacing is 2π / (oversampling x diameter). Slices interpolate F trilinearly. On average, linear
+  interpolation attenuates the contribution of an atom at x by sinc²(q-spacing · x / 2) per axis; each
+  atom's weight is divided by that factor before the FFT. What remains oscillates between grid nodes and
+  midpoints (|F|² within 0.2 % of the exact atomic sum for a protein at oversampling 8, see
+  tests/test_simulate_physics.py).
+- A fine q spacing means a large real-space box; it is built from sub³ FFTs of a box that just holds the
+  particle, each with a sub-grid phase ramp, so memory stays at the size of the result.
 """
 
 from __future__ import annotations
@@ -135,11 +137,6 @@ class GridVolume:
     dq: float
     radius_nm: float
     rg_nm: float
-
-    @property
-    def q_max(self) -> float:
-        """The largest |q| component that is still inside the grid with its interpolation neighbours."""
-        return (self.values.shape[-1] // 2 - 1) * self.dq
 
     def amplitude(self, q: torch.Tensor) -> torch.Tensor:
         eye = torch.eye(3, dtype=q.dtype, device=q.device)[None]
