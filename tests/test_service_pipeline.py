@@ -355,7 +355,12 @@ port = {_free_port()}
 
 
 def test_listen_prints_decisions_and_reports_gaps(fx: Fixtures, tmp_path: Path) -> None:
-    settings = _settings(tmp_path, source=f"h5:{fx.data}?repeat=0&rate=300", log_dir=None)
+    settings = _settings(
+        tmp_path,
+        source=f"h5:{fx.data}?repeat=0&rate=300",
+        log_dir=None,
+        prefilter={"kind": "photons", "min_photons": 1e12},  # all blank before the model: distance NaN
+    )
     r = _start(settings, open_source(settings.source, settings), fx.model, fx.bank)
     r.pipeline.start()
     try:
@@ -372,8 +377,12 @@ def test_listen_prints_decisions_and_reports_gaps(fx: Fixtures, tmp_path: Path) 
     assert proc.returncode == 0, proc.stderr
     import json
 
-    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    def strict(constant: str) -> None:
+        raise AssertionError(f"{constant} is not JSON")
+
+    lines = [json.loads(line, parse_constant=strict) for line in proc.stdout.splitlines()]
     assert len(lines) == 25 and all(m["topic"] == "decision" for m in lines)
+    assert all(m["label"] == "blank" and m["reason"] == "prefilter" and m["distance"] is None for m in lines)
     seqs = [m["seq"] for m in lines]
     assert seqs == list(range(seqs[0], seqs[0] + 25))
     assert "25 decisions, 0 gap(s), 0 missing" in proc.stderr

@@ -173,12 +173,20 @@ def _human(topic: str, p: dict[str, Any]) -> str:
     return f"run {p['phase']}: {p['experiment']}:{p['run']}, {p['events']} events {p['counts']}, log {p['log']}"
 
 
+def _json_line(topic: str, payload: dict[str, Any]) -> str:
+    """Strict JSON (jq, pandas): a NaN score or distance (not computed) becomes null."""
+    clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in payload.items()}
+    return json.dumps({"topic": topic, **clean}, allow_nan=False)
+
+
 def listen(
     endpoint: Annotated[str, typer.Argument(help="the service's ZeroMQ endpoint, e.g. tcp://host:5556")],
     topic: Annotated[
         list[str] | None, typer.Option(help="decision, heartbeat or run (repeatable; default: all)")
     ] = None,
-    json_lines: Annotated[bool, typer.Option("--json", help="one JSON object per line: {topic, ...payload}")] = False,
+    json_lines: Annotated[
+        bool, typer.Option("--json", help="one JSON object per line: {topic, ...payload}; NaN as null")
+    ] = False,
     count: Annotated[int | None, typer.Option(help="stop after this many decisions")] = None,
     timeout: Annotated[float | None, typer.Option(help="stop after this many seconds without a message")] = None,
 ) -> None:
@@ -195,7 +203,7 @@ def listen(
     try:
         for name, payload in client.messages():
             gaps_before = len(client.gaps)
-            print(json.dumps({"topic": name, **payload}) if json_lines else _human(name, payload), flush=True)
+            print(_json_line(name, payload) if json_lines else _human(name, payload), flush=True)
             if len(client.gaps) > gaps_before:
                 gap = client.gaps[-1]
                 print(f"gap: seq {gap.expected}..{gap.got - 1} missing ({gap.missing})", file=sys.stderr)
