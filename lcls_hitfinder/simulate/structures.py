@@ -257,12 +257,14 @@ def _axis_rotation(axis: int, angle: float) -> np.ndarray:
     return m
 
 
-def _lattice_fill(inside: object, half: float, spacing: float, rng: np.random.Generator) -> np.ndarray:
+def _lattice_fill(
+    inside: Callable[[np.ndarray], np.ndarray], half: float, spacing: float, rng: np.random.Generator
+) -> np.ndarray:
     """Points of a jittered cubic lattice (bead density) within [-half, half]³ where inside(points) holds."""
     axis = np.arange(-half, half + spacing, spacing)
     pts = np.stack(np.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3)
     pts = pts + rng.uniform(-0.3, 0.3, pts.shape) * spacing
-    return pts[inside(pts)]  # type: ignore[operator]
+    return pts[inside(pts)]
 
 
 _SYMMETRIES = ["C1", "C2", "C3", "C4", "C5", "C6", "D2", "D3", "D4"]
@@ -307,10 +309,9 @@ def procedural(seed: int, diameter_nm: float | None = None, symmetry: str | None
     half = float(np.abs(blob_centres).max() + blob_axes.max())
     sub = _lattice_fill(inside, half, RESIDUE_VOLUME_NM3 ** (1 / 3), rng)
     beads = np.concatenate([sub @ op.T for op in ops])
-    name = f"procedural:{seed}" + (f",{diameter_nm:g}" if diameter_nm is not None else "")
-    name += f",{symmetry}" if diameter_nm is not None else ""
     group = AtomGroup(residue_form_factor(), beads, np.ones(len(beads)))
-    return AtomModel(name, _centred([group]), f"procedural-v1:{seed}:{diameter:.6g}:{symmetry}")
+    key = f"procedural-v1:{seed}:{diameter:.6g}:{symmetry}"
+    return AtomModel(f"procedural:{seed},{diameter:.3g},{symmetry}", _centred([group]), key)
 
 
 def _procedural(spec: str, rest: str) -> AtomModel:
