@@ -166,6 +166,9 @@ def markdown() -> str:
         "A PUB socket drops messages for a subscriber that falls behind its high-water mark",
         "(`serve.publish.sndhwm`): compare `seq` with the previous one (`lcls-hitfinder listen` reports gaps)",
         "and read the run's decision log (`serve.log_dir`, HDF5, one column per logged field) for the full record.",
+        "The log is flushed every second and marked `complete` (an attribute, with the run's totals) at the end",
+        "of the run; read it then with `lcls_hitfinder.service.decision_log.read_decision_log(path)`, or while",
+        "the service still writes it with `h5py.File(path, 'r', locking=False)`.",
         "",
     ]
     for topic, fields in FIELDS.items():
