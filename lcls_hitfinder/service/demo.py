@@ -22,7 +22,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import yaml
@@ -33,8 +33,12 @@ from rich.table import Table
 
 from lcls_hitfinder.config import HitfinderConfig
 from lcls_hitfinder.labels import MAX_PARTICLES, Label, label_of_count
+from lcls_hitfinder.preprocess import PhotonCalibration
 from lcls_hitfinder.service.reader import remove_leftovers
 from lcls_hitfinder.service.sources.shmem_server import ShmemServer
+
+if TYPE_CHECKING:
+    from lcls_hitfinder.service.client import DecisionClient
 
 DETECTOR = "cam"
 SILENCE_S = 3.0  # after the server has sent everything: this long without a decision ends the demo
@@ -156,14 +160,17 @@ class Demo:
     def _start_service(self, xtc2: Path, endpoint: str, metrics_port: int) -> None:
         from lcls_hitfinder.service.sources.xtc2_writer import constants_path
 
-        serve = self.config.serve.model_copy(
-            update={
-                "source": f"shmem:{self.tag}?det={DETECTOR}&constants={constants_path(xtc2)}",
-                "log_dir": self.workdir / "decisions",
-                "model": self.model or self.config.serve.model,
-                "bank": self.bank or self.config.serve.bank,
-            }
-        )
+        update: dict[str, Any] = {
+            "source": f"shmem:{self.tag}?det={DETECTOR}&constants={constants_path(xtc2)}",
+            "log_dir": self.workdir / "decisions",
+            "model": self.model or self.config.serve.model,
+            "bank": self.bank or self.config.serve.bank,
+        }
+        noise = self.config.simulate.noise
+        if noise.adu_gain is not None and "calibration" not in self.config.serve.model_fields_set:
+            # simulated in ADU: the service must turn them back into photons as it would a detector's
+            update["calibration"] = PhotonCalibration(gain=noise.adu_gain, offset=noise.adu_offset)
+        serve = self.config.serve.model_copy(update=update)
         settings = serve.model_dump(mode="json")
         settings["publish"].update(endpoint=endpoint, wait_for_subscriber_s=30.0)
         settings["metrics"].update(port=metrics_port)
@@ -178,10 +185,17 @@ class Demo:
         from lcls_hitfinder.service.client import DecisionClient
         from lcls_hitfinder.service.messages import DECISION, HEARTBEAT, RUN
 
-        endpoint, metrics_port = f"tcp://127.0.0.1:{free_port()}", free_port()
-        shape = (self.config.simulate.detector.shape[0], self.config.simulate.detector.shape[1])
+        endpoint = f"tcp://127.0.0.1:{free_port()}"
         tally = Tally(events=self.n)
-        client = DecisionClient(endpoint, (DECISION, HEARTBEAT, RUN), timeout_s=0.25)  # connects before the bind
+        with DecisionClient(endpoint, (DECISION, HEARTBEAT, RUN), timeout_s=0.25) as client:  # before the bind
+            self._watch(xtc2, client, tally)
+        return tally
+
+    def _watch(self, xtc2: Path, client: DecisionClient, tally: Tally) -> None:
+        from lcls_hitfinder.service.messages import DECISION, HEARTBEAT, RUN
+
+        endpoint, metrics_port = client.endpoint, free_port()
+        shape = self.config.simulate.detector.shape
         self.console.print(
             f"[bold]3/3[/] serving it with shmemServer (tag {self.tag}, {self.rate_hz:g} Hz); the service publishes"
             f" on {endpoint}, metrics on http://127.0.0.1:{metrics_port}/metrics, log in {self.workdir / 'serve.log'}"
@@ -223,8 +237,6 @@ class Demo:
                 tally.add(payload)
             elif topic == RUN:
                 tally.runs.append(f"{payload['phase']} {payload['experiment']}:{payload['run']}")
-        client.close()
-        return tally
 
     def stop(self) -> None:
         """Stop the service (SIGTERM: it drains and closes the run), then the server; clean /dev/shm."""
