@@ -17,6 +17,7 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -230,8 +231,7 @@ class Pipeline:
                             start = i
                 elif self._batcher.ended:
                     break
-                if self._run is not None and self._run.decision_log is not None:
-                    self._run.decision_log.flush_if_due()
+                self._with_log(DecisionLog.flush_if_due)
         except Exception as err:
             log.exception("the pipeline failed")
             self.error = err
@@ -370,8 +370,7 @@ class Pipeline:
         }
         run = self._run
         assert run is not None
-        if run.decision_log is not None:
-            run.decision_log.append(columns)
+        self._with_log(lambda d: d.append(columns))
         for payload in decision_payloads(columns):
             self.publisher.publish(DECISION, payload)
         self._count(columns, v, truth, latency_ns)
@@ -426,12 +425,24 @@ class Pipeline:
         if run is None:
             return
         payload = self._run_payload("end")
-        if run.decision_log is not None:
-            run.decision_log.close({k: payload[k] for k in ("events", "counts", "keep", "dropped", "duration_s")})
+        self._with_log(
+            lambda d: d.close({k: payload[k] for k in ("events", "counts", "keep", "dropped", "duration_s")})
+        )
         self.publisher.publish(RUN, payload)
         self.metrics.run_open.set(0)
         self._run = None
         log.info("run %s:%d ends: %d events, %s", run.experiment, run.run, run.tally.events, run.tally.counts)
+
+    def _with_log(self, action: Callable[[DecisionLog], None]) -> None:
+        """Apply `action` to the run's decision log; a disk error is reported and the run goes on without it."""
+        run = self._run
+        if run is None or run.decision_log is None:
+            return
+        try:
+            action(run.decision_log)
+        except OSError as err:  # a full disk must not stop the decisions: they still go out
+            log.error("decision log %s failed (%s); this run goes on without it", run.decision_log.path, err)
+            run.decision_log = None
 
     def _run_payload(self, phase: str) -> dict[str, object]:
         run = self._run

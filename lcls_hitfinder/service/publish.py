@@ -71,7 +71,10 @@ class ZmqPublisher:
                 if item is _STOP:
                     break
                 if item:
-                    sock.send_multipart(encode(*item), copy=False)
+                    try:
+                        sock.send_multipart(encode(*item), copy=False)
+                    except (TypeError, ValueError, zmq.ZMQError) as err:  # one bad message must not stop the rest
+                        log.error("cannot publish a %s message: %s", item[0], err)
         finally:
             sock.close()  # lingers up to linger_ms so that what was queued reaches connected subscribers
 

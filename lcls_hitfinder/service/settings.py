@@ -78,7 +78,9 @@ class ServeSettings(_Section):
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     reader: ReaderSettings = Field(default_factory=ReaderSettings)
     log_dir: Path | None = Field(Path("decisions"), description="folder of per-run decision logs; null: none")
-    queue_size: int = Field(1024, ge=1, description="frames buffered between the reader and the batcher")
+    queue_size: int = Field(
+        256, ge=1, description="frames buffered between the reader and the batcher (memory: this x frame size)"
+    )
     overflow: Literal["block", "drop"] = Field(
         "block",
         description="when that buffer is full: block the reader (a live psana source then skips events "
