@@ -45,7 +45,7 @@ def _setup_logging() -> None:
 
 def serve(
     config: Annotated[
-        Path | None, typer.Option("--config", "-c", help="TOML or YAML file; its [serve] section")
+        Path | None, typer.Option("--config", "-c", help="TOML or YAML config file (its serve section)")
     ] = None,
     source: Annotated[
         str | None, typer.Option(help="source URI, e.g. xtc2:run.xtc2?det=pnccd, shmem:TAG?det=NAME, h5:FILE, sim:")
