@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
+import numpy as np
 import typer
 
 from lcls_hitfinder.errors import UserError
@@ -107,6 +108,17 @@ def simulate(
     )
 
 
+def _spread_over_counts(n_particles: np.ndarray, n: int) -> np.ndarray:
+    """Up to n indices taking turns over the particle counts present, ordered by count then index."""
+    groups: list[list[int]] = [np.flatnonzero(n_particles == k).tolist() for k in np.unique(n_particles)]
+    picks: list[int] = []
+    while len(picks) < min(n, len(n_particles)):
+        for group in groups:
+            if group and len(picks) < n:
+                picks.append(group.pop(0))
+    return np.array(sorted(picks, key=lambda i: (n_particles[i], i)), dtype=np.int64)
+
+
 def show(
     data: Annotated[list[Path], typer.Argument(help="one or more lcls-hitfinder datasets (HDF5), a row group each")],
     out: Annotated[Path | None, typer.Option(help="PNG to write (default: the first DATA with .png)")] = None,
@@ -118,8 +130,6 @@ def show(
     linear: Annotated[bool, typer.Option(help="linear colour scale instead of log")] = False,
 ) -> None:
     """Render a labelled grid of patterns (log scale, masked pixels black) to PNG."""
-    import numpy as np
-
     from lcls_hitfinder.dataset import Dataset
     from lcls_hitfinder.plots import pattern_grid
 
@@ -131,9 +141,7 @@ def show(
         with Dataset(path) as ds:
             index = np.arange(min(n, len(ds)))
             if per_count:
-                groups = [np.flatnonzero(ds.n_particles == k) for k in np.unique(ds.n_particles)]
-                per = -(-n // max(1, len(groups)))
-                index = np.concatenate([g[:per] for g in groups])[:n]  # in order of particle count
+                index = _spread_over_counts(ds.n_particles, n)
             structures, photons, counts = ds.structure[index], ds.photons[index], ds.n_particles[index]
             order = np.argsort(index)  # h5py reads increasing indices only
             images += list((ds.images(index[order]) * ds.mask)[np.argsort(order)])
