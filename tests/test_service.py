@@ -15,7 +15,7 @@ import pytest
 
 from lcls_hitfinder.config import load_config
 from lcls_hitfinder.errors import UserError
-from lcls_hitfinder.service import messages, metrics
+from lcls_hitfinder.service import messages, metrics, settings
 from lcls_hitfinder.service.batcher import Batcher
 from lcls_hitfinder.service.client import SeqTracker
 from lcls_hitfinder.service.decision_log import DecisionLog, read_decision_log
@@ -102,9 +102,10 @@ def test_decode_refuses_what_is_not_ours() -> None:
 
 
 def test_docs_are_generated_from_the_code() -> None:
-    """docs/messages.md and docs/metrics.md cannot drift: regenerate with `python -m <module> > docs/...`."""
+    """docs/messages.md, metrics.md and serve.md cannot drift: regenerate with `python -m <module> > docs/...`."""
     assert (REPO / "docs" / "messages.md").read_text() == messages.markdown()
     assert (REPO / "docs" / "metrics.md").read_text() == metrics.markdown()
+    assert (REPO / "docs" / "serve.md").read_text() == settings.markdown()
 
 
 def test_the_issue_s_metric_names_exist() -> None:

@@ -66,7 +66,9 @@ class ServeSettings(_Section):
     source: str = Field("sim:?rate=120", description="source URI: xtc2:, shmem:, exp:, psana1:, h5:, sim:")
     model: Path | None = Field(None, description="embedder ONNX file; default: the shipped models/embedder.onnx")
     bank: Path | None = Field(None, description="reference bank file; default: the shipped models/bank.h5")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where preprocessing runs")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where preprocessing runs: auto (CUDA when torch sees a GPU), cpu or cuda"
+    )
     providers: list[str] | None = Field(
         None, description="onnxruntime providers in order of preference; default TensorRT, CUDA, CPU"
     )
@@ -89,3 +91,58 @@ class ServeSettings(_Section):
     max_events: int | None = Field(None, ge=1, description="stop after this many events (tests, dry runs)")
     status_s: float = Field(10.0, ge=0, description="seconds between status lines in the log; 0: none")
     bank_poll_s: float = Field(1.0, gt=0, description="seconds between checks of the bank file for changes")
+
+
+def _rows(model: type[BaseModel], prefix: str) -> list[str]:
+    rows = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}.{name}"
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            rows += _rows(annotation, key)
+            continue
+        default = field.get_default(call_default_factory=True)
+        shown = "null" if default is None else f"`{default}`"
+        rows.append(f"| `{key}` | {shown} | {field.description or ''} |")
+    return rows
+
+
+def markdown() -> str:
+    """docs/serve.md, generated from the settings above."""
+    lines = [
+        "# `lcls-hitfinder serve` settings",
+        "",
+        "Every key of the `[serve]` section of a config file (TOML or YAML, `--config`), with its default.",
+        "Command-line flags override single keys: `--source`, `--model`, `--bank`, `--publish`",
+        "(`publish.endpoint`), `--metrics-port` (`metrics.port`), `--max-events`, `--log-dir`, `--device`.",
+        "Generated from `lcls_hitfinder/service/settings.py` by `python -m lcls_hitfinder.service.settings`;",
+        "a test fails when the two differ. Message fields: docs/messages.md; metrics: docs/metrics.md;",
+        "running it at LCLS: docs/operations.md.",
+        "",
+        "| key | default | meaning |",
+        "| --- | --- | --- |",
+        *_rows(ServeSettings, "serve"),
+        "",
+        "## Sources",
+        "",
+        "| URI | what |",
+        "| --- | --- |",
+        "| `xtc2:PATH?det=NAME` | a psana2 XTC2 file |",
+        "| `shmem:TAG?det=NAME` | psana2 live shared memory (the DAQ's monitoring tag) |",
+        "| `exp:EXPERIMENT:RUN?dir=DIR&det=NAME` | a psana2 experiment and run |",
+        "| `psana1:DATASOURCE?det=NAME` | LCLS-I psana1 (when importable), e.g. `psana1:exp=amo86615:run=190:smd` |",
+        "| `h5:PATH` | the project's dataset files (with their true particle counts) or CXI files |",
+        "| `sim:?rate=HZ` | a live simulated stream with its ground truth |",
+        "",
+        "Parameters of `h5:`: `rate` (Hz, 0: as fast as it reads), `repeat` (passes, 0: forever), `memory=1`",
+        "(read the file first), `experiment`, `run`; CXI: `data` (default `/entry_1/data_1/data`) and `mask`",
+        "(non-zero = bad pixel). Parameters of `sim:`: `rate` (default 120), `n` (events, then the run ends),",
+        "`seed`, `experiment`, `run`, `config` (a config file whose [simulate] section describes the patterns).",
+        "The psana sources' parameters: docs/operations.md. An unknown parameter is an error, not ignored.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(markdown(), end="")
