@@ -120,7 +120,10 @@ def run_service(settings: ServeSettings) -> int:
     pipeline = Pipeline(settings, src, embedder, reloading_bank, publisher, metrics)
 
     def on_stop(signum: int, _frame: FrameType | None) -> None:
-        log.info("%s: stopping the reader, draining what is in flight", signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        if pipeline.stopping:  # a second request: the operator does not want to wait for the drain
+            raise KeyboardInterrupt(f"second {name}")
+        log.info("%s: stopping the reader, draining what is in flight (again to quit at once)", name)
         pipeline.stop()
 
     def on_hup(_signum: int, _frame: FrameType | None) -> None:
@@ -130,19 +133,24 @@ def run_service(settings: ServeSettings) -> int:
     signal.signal(signal.SIGINT, on_stop)
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGHUP, on_hup)
-    wait = settings.publish.wait_for_subscriber_s
-    if wait > 0:
-        log.info("waiting up to %.0f s for a subscriber on %s", wait, publisher.endpoint)
-        deadline = time.monotonic() + wait
-        while not (publisher.wait_for_subscriber(0.2) or pipeline.stopping or time.monotonic() > deadline):
-            pass
-        if not publisher.subscriptions:
-            log.warning("no subscriber yet; serving anyway")
-    log.info("serving %s on %s with model %s (%s)", uri.raw, publisher.endpoint, embedder.model_hash, embedder.provider)
-    pipeline.start()
     try:
+        wait = settings.publish.wait_for_subscriber_s
+        if wait > 0:
+            log.info("waiting up to %.0f s for a subscriber on %s", wait, publisher.endpoint)
+            deadline = time.monotonic() + wait
+            while not (publisher.wait_for_subscriber(0.2) or pipeline.stopping or time.monotonic() > deadline):
+                pass
+            if not publisher.subscriptions:
+                log.warning("no subscriber yet; serving anyway")
+        log.info(
+            "serving %s on %s with model %s (%s)", uri.raw, publisher.endpoint, embedder.model_hash, embedder.provider
+        )
+        pipeline.start()
         while not pipeline.wait(0.5):
             pass
+    except KeyboardInterrupt as why:
+        log.warning("%s: quitting before the drain finished; the decision log may end early", why)
+        return 130
     finally:
         src.close()
         publisher.close()
