@@ -480,3 +480,17 @@ def test_heartbeats_and_restart_counts_go_on_while_the_source_is_idle(fx: Fixtur
     assert len(idle_beats) >= 2 and all(b["run_open"] for b in idle_beats)
     assert [d["label"] != "error" for d in decisions] == [True, True]
     assert r.metrics.source_restarts._value.get() == 2
+
+
+def test_with_overflow_drop_every_frame_is_decided_or_counted(fx: Fixtures, tmp_path: Path) -> None:
+    frames = list(np.random.default_rng(3).poisson(1.0, (200, SIDE, SIDE)).astype(np.uint16))
+    settings = _settings(tmp_path, queue_size=2, overflow="drop", batch={"max_size": 1})
+    r = _start(settings, ListSource(frames), fx.model, fx.bank)
+    r.pipeline.start()
+    assert r.pipeline.wait(WAIT_S)
+    r.publisher.close()
+    columns, attrs = read_decision_log(r.pipeline.logs[0])
+    dropped = r.metrics.dropped.labels(reason="queue_full")._value.get()
+    assert len(columns["seq"]) + dropped == 200 == attrs["events"] + attrs["dropped"]
+    assert columns["seq"].tolist() == list(range(len(columns["seq"])))  # drops never leave holes in seq
+    assert columns["event"].tolist() == sorted(columns["event"].tolist())

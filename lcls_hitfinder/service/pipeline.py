@@ -16,7 +16,7 @@ import logging
 import queue
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -51,7 +51,7 @@ def resolve_device(device: str) -> torch.device:
 
 @dataclass
 class Tally:
-    """Decisions counted by label, keeps and drops: for the whole service (heartbeats) and per run."""
+    """Decisions by label and keeps, for the whole service (heartbeats) and per run; drops: service-wide."""
 
     counts: dict[str, int] = field(default_factory=lambda: {label.text: 0 for label in Label})
     keep: int = 0
@@ -146,6 +146,7 @@ class Pipeline:
         self._restarts_lock = threading.Lock()
         self._started = time.monotonic()
         self.total = Tally()
+        self._dropped_by_run: Counter[tuple[str, int]] = Counter()
         self._recent_latency_ns: deque[np.ndarray] = deque(maxlen=64)  # last batches, for the status line
         self.error: BaseException | None = None
         self.logs: list[str] = []  # decision logs written, in run order
@@ -214,8 +215,7 @@ class Pipeline:
         except queue.Full:
             self.metrics.dropped.labels(reason="queue_full").inc()
             self.total.dropped += 1
-            if self._run is not None:
-                self._run.tally.dropped += 1
+            self._dropped_by_run[_run_key(frame.event)] += 1  # its run may not have begun yet
 
     # ---- worker --------------------------------------------------------------------------------------------
     def _work(self) -> None:
@@ -459,7 +459,7 @@ class Pipeline:
             "events": run.tally.events,
             "counts": dict(run.tally.counts),
             "keep": run.tally.keep,
-            "dropped": run.tally.dropped,
+            "dropped": self._dropped_by_run[(run.experiment, run.run)],
             "duration_s": (time.time_ns() - run.started_ns) / 1e9 if phase == "end" else 0.0,
             "log": None if run.decision_log is None else str(run.decision_log.path),
         }
