@@ -96,3 +96,10 @@ def test_same_seed_same_augmentation() -> None:
     x = ring(10)
     assert torch.equal(aug(x, gen(3)), aug(x, gen(3)))
     assert not torch.equal(aug(x, gen(3)), aug(x, gen(4)))
+
+
+def test_some_patterns_stay_free_of_gaussian_noise() -> None:
+    s = OFF.model_copy(update={"gaussian_sigma": 0.5, "p_noiseless": 0.5})
+    out = Augmenter(s, SHAPE, 1.0)(torch.zeros(200, 64, 64), gen())
+    clean = (out == 0).all(2).all(1).float().mean()
+    assert 0.35 < clean < 0.65

@@ -93,6 +93,7 @@ class Augmenter:
             x = poisson((x * (target * jitter / self.single_photons)[:, None, None]).clamp_min(0), g)
         if s.gaussian_sigma > 0:
             sigma = self._uniform(b, 0.0, s.gaussian_sigma, g, dev)
+            sigma = sigma * (torch.rand(b, generator=g, device=dev) >= s.p_noiseless)
             x = x + sigma[:, None, None] * torch.randn(x.shape, generator=g, device=dev)
         return x
 

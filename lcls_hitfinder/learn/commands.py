@@ -45,6 +45,10 @@ def train(
         str | None, typer.Option(help="augmentation photons per single hit 'LO,HI', or 'data' to keep the data's")
     ] = None,
     gaussian_sigma: Annotated[float | None, typer.Option(help="augmentation: largest Gaussian noise, photons")] = None,
+    per_structure: Annotated[
+        bool | None, typer.Option("--per-structure/--no-per-structure", help="classes split by structure too")
+    ] = None,
+    bank_per_class: Annotated[int | None, typer.Option(help="validation bank: references per class")] = None,
     seed: Annotated[int | None, typer.Option(help="random seed")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda")] = None,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
@@ -78,6 +82,8 @@ def train(
         "train.augment.enabled": augment,
         "train.augment.photons": photon_range,
         "train.augment.gaussian_sigma": gaussian_sigma,
+        "train.per_structure": per_structure,
+        "train.bank_per_class": bank_per_class,
         "train.seed": seed,
         "train.device": device,
         "train.threads": threads,

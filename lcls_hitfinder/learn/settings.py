@@ -36,6 +36,9 @@ class AugmentSettings(_Section):
     )
     fluence_jitter: float = Field(0.3, ge=0, description="relative shot-to-shot fluence jitter (log-normal sd)")
     gaussian_sigma: float = Field(0.3, ge=0, description="Gaussian detector noise, sd drawn in [0, sigma] photons")
+    p_noiseless: float = Field(
+        0.3, ge=0, le=1, description="probability of no Gaussian noise (a clean zero background, as after thresholding)"
+    )
     p_dead_stripe: float = Field(0.2, ge=0, le=1, description="probability of a dead stripe (row or column band)")
     p_dead_panel: float = Field(0.1, ge=0, le=1, description="probability of a dead quadrant panel")
     p_beamstop: float = Field(0.3, ge=0, le=1, description="probability of a beam stop")
@@ -54,9 +57,7 @@ class CnnSettings(_Section):
 class TrainSettings(_Section):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present, else CPU")
-    threads: int = Field(
-        1, ge=1, le=64, description="torch CPU threads (on a shared CPU, 1 is often faster than 2)"
-    )
+    threads: int = Field(1, ge=1, le=64, description="torch CPU threads (on a shared CPU, 1 is often faster than 2)")
     epochs: int = Field(10, ge=1)
     steps_per_epoch: int | None = Field(None, ge=1, description="batches per epoch; default: one pass over the data")
     batch_size: int = Field(128, ge=4)

@@ -98,13 +98,36 @@ def class_labels(n_particles: np.ndarray, structure: np.ndarray, settings: Train
     return np.unique(keyed, return_inverse=True)[1].astype(np.int64)
 
 
-def balanced_batch(labels: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
-    """P classes x K members, drawn with replacement: every anchor has positives and negatives in its batch."""
-    classes = np.unique(labels)
-    k = max(2, size // len(classes)) if len(classes) * 4 <= size else 4
-    picked = rng.choice(classes, size=min(len(classes), max(1, size // k)), replace=False)
-    members = [rng.choice(np.nonzero(labels == c)[0], size=k) for c in picked]
-    return np.concatenate(members)
+class BalancedSampler:
+    """P classes x K members per batch, drawn with replacement: every anchor has positives and negatives.
+
+    With `groups` (the structure of each pattern, classes split by structure), whole groups are drawn:
+    all classes of a structure enter a batch together, so it holds the hard negatives for a single hit,
+    the multi-hits of the same structure.
+    """
+
+    def __init__(self, labels: np.ndarray, groups: np.ndarray | None = None, k: int = 4) -> None:
+        order = np.argsort(labels, kind="stable")
+        classes, starts = np.unique(labels[order], return_index=True)
+        self.members = dict(zip(classes.tolist(), np.split(order, starts[1:]), strict=True))
+        self.k = k
+        self.groups: list[np.ndarray] = (
+            [np.unique(labels[groups == g]) for g in np.unique(groups)] if groups is not None else [classes]
+        )
+
+    def __call__(self, size: int, rng: np.random.Generator) -> np.ndarray:
+        if len(self.groups) == 1:  # one group: draw classes
+            classes = self.groups[0]
+            k = max(2, size // len(classes)) if len(classes) * self.k <= size else self.k
+            picked = rng.choice(classes, size=min(len(classes), max(1, size // k)), replace=False)
+        else:
+            per_group = self.k * np.mean([len(g) for g in self.groups])
+            chosen = rng.choice(
+                len(self.groups), size=min(len(self.groups), max(2, round(size / per_group))), replace=False
+            )
+            picked = np.concatenate([self.groups[i] for i in chosen])
+            k = self.k
+        return np.concatenate([rng.choice(self.members[int(c)], size=k) for c in picked])
 
 
 def build_net(kind: Kind, settings: TrainSettings, n_structures: int) -> nn.Module:
@@ -182,6 +205,8 @@ class Trainer:
         self.net = build_net(kind, settings, len(self.structures)).to(self.device)
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
         self.labels = class_labels(self.train_set.n_particles, self.train_set.structure, settings)
+        groups = np.asarray(self.train_set.structure, dtype=str) if settings.per_structure else None
+        self.sampler = BalancedSampler(self.labels, groups)
         self.run: dict[str, Any] = {
             "kind": kind,
             "data": str(Path(data).resolve()),
@@ -218,7 +243,7 @@ class Trainer:
         return self.settings.lr * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
 
     def _batch(self, rng: np.random.Generator, gen: torch.Generator) -> tuple[torch.Tensor, np.ndarray]:
-        idx = balanced_batch(self.labels, self.settings.batch_size, rng)
+        idx = self.sampler(self.settings.batch_size, rng)
         images = self.train_set.images[torch.from_numpy(idx)].to(self.device)
         x = self.pre.thumbnails(self.pre.photons(self.augment(images, gen)))
         return x, idx
@@ -248,13 +273,13 @@ class Trainer:
         return (torch.cat(chunks).cpu(),)
 
     def validate(self) -> dict[str, Any]:
-        """Twin: a bank of `bank_per_class` references per count drawn from the validation set, the rest
-        classified (threshold 0). CNN: the study's table metrics on the whole validation set."""
+        """Twin: a bank of `bank_per_class` references per count (and structure, with per_structure) drawn
+        from the validation set, the rest classified (threshold 0). CNN: the study's table metrics on all of it."""
         v, s = self.val_set, self.settings
         if self.kind == "twin":
             (emb,) = self._outputs(self.val_thumbs)
             e = emb.numpy()
-            refs = select_references(v.n_particles, None, s.bank_per_class, seed=s.seed)
+            refs = select_references(v.n_particles, v.structure if s.per_structure else None, s.bank_per_class, s.seed)
             rest = np.setdiff1d(np.arange(len(e)), refs)
             bank = ReferenceBank(e[refs], v.n_particles[refs], model_hash="validation")
             labels = torch.from_numpy(class_labels(v.n_particles, v.structure, s))

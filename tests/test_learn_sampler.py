@@ -1,0 +1,33 @@
+"""Batches for the triplet loss: balanced classes, and whole structures when classes are split by structure."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lcls_hitfinder.learn.settings import TrainSettings
+from lcls_hitfinder.learn.train import BalancedSampler, class_labels
+
+N = np.array([0, 1, 2, 3, 4] * 40)
+S = np.array([""] * 200, dtype=object)
+S[N > 0] = np.array([f"p{(i // 5) % 10}" for i in range(200)], dtype=object)[N > 0]
+
+
+def test_count_classes_are_balanced() -> None:
+    labels = class_labels(N, S, TrainSettings())
+    idx = BalancedSampler(labels)(100, np.random.default_rng(0))
+    assert len(idx) == 100 and np.bincount(labels[idx]).tolist() == [20] * 5
+
+
+def test_hit_classes_merge_multi_hits() -> None:
+    assert set(class_labels(N, S, TrainSettings(classes="hit"))) == {0, 1, 2}
+
+
+def test_per_structure_batches_hold_all_counts_of_each_structure() -> None:
+    settings = TrainSettings(per_structure=True)
+    labels = class_labels(N, S, settings)
+    assert len(np.unique(labels)) == 1 + 4 * 10  # blanks share one class
+    idx = BalancedSampler(labels, np.asarray(S, dtype=str))(64, np.random.default_rng(1))
+    structures = {str(s) for s in S[idx] if s}
+    assert 2 <= len(structures) < 10
+    for name in structures:  # every drawn structure brings its singles and its multi-hits
+        assert set(N[idx][S[idx] == name]) == {1, 2, 3, 4}
