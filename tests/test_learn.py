@@ -127,6 +127,7 @@ def test_bank_classify_and_evaluate(data: Path, model: Path, tmp_path: Path) -> 
     metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert metrics["n"] == 150 and metrics["photons_per_single_hit"] == pytest.approx(3000, rel=1e-3)
     assert metrics["accuracy"] > 0.8  # the analytic patterns are easy; a broken pipeline scores ~0.4
+    assert metrics["accuracy_at_threshold_0"] > 0.8 and metrics["threshold"] == report["threshold"]
     assert (tmp_path / "r" / "examples.png").exists()
 
 

@@ -149,8 +149,8 @@ def bank_build(
     print(json.dumps({"bank": str(out), **report}, indent=2))
 
 
-def _decide(model: Path, bank_path: Path, data: Path) -> tuple[Any, Any, Any]:
-    """Embeddings, decisions and the dataset reader (left open) for model + bank on data."""
+def _decide(model: Path, bank_path: Path, data: Path) -> tuple[Any, Any, Any, Any]:
+    """Embeddings, decisions, the bank and the dataset reader (left open) for model + bank on data."""
     from lcls_hitfinder.bank import ReferenceBank
     from lcls_hitfinder.dataset import Dataset
     from lcls_hitfinder.learn.infer import embed_dataset
@@ -160,7 +160,7 @@ def _decide(model: Path, bank_path: Path, data: Path) -> tuple[Any, Any, Any]:
     bank = ReferenceBank.load(_existing(bank_path, "bank"), expected_model_hash=embedder.model_hash)
     dataset = Dataset(_existing(data, "dataset"))
     emb = embed_dataset(embedder, dataset)
-    return emb, bank.decide(emb), dataset
+    return emb, bank.decide(emb), bank, dataset
 
 
 def classify(
@@ -172,7 +172,7 @@ def classify(
     """Classify every pattern of a dataset offline."""
     from lcls_hitfinder.labels import Label
 
-    _, dec, dataset = _decide(model, bank, data)
+    _, dec, _, dataset = _decide(model, bank, data)
     dataset.close()
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", newline="") as f:
@@ -208,10 +208,16 @@ def evaluate(
         return
     if model is None or bank is None:
         raise UserError("evaluate needs --model and --bank (or --run for a CNN baseline)")
-    emb, dec, dataset = _decide(model, bank, data)
+    emb, dec, ref_bank, dataset = _decide(model, bank, data)
     with dataset:
         n = dataset.n_particles
         metrics = hit_metrics(n, dec)
+        metrics["threshold"] = ref_bank.threshold
+        # beside the calibrated threshold, the plain nearer-class decision (threshold 0)
+        ref_bank.threshold = 0.0
+        at_zero = hit_metrics(n, ref_bank.decide(emb))
+        for key in ("accuracy", "single_vs_multi_accuracy", "precision", "recall"):
+            metrics[f"{key}_at_threshold_0"] = at_zero[key]
         photons = dataset.photons
         metrics["photons_per_single_hit"] = float(np.median(photons[n == 1])) if (n == 1).any() else float("nan")
         rng = np.random.default_rng(0)
