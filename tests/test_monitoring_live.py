@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,18 +30,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 import yaml
 from monitoring_support import PROMETHEUS, RULE_FILES, Expr, dashboard_exprs, rule_exprs, series_names
+from tiny_model import free_port, tiny_model_and_bank
 
-from lcls_hitfinder.bank import ReferenceBank
 from lcls_hitfinder.config import load_config
-from lcls_hitfinder.learn.nets import TwinEmbedder
-from lcls_hitfinder.model_io import export_onnx
-from lcls_hitfinder.preprocess import Preprocessor, PreprocessSettings
-from lcls_hitfinder.service.embedder import OnnxEmbedder
 from lcls_hitfinder.service.metrics import STAGES
-from lcls_hitfinder.simulate.generate import PatternGenerator
 
 PROMETHEUS_BIN = shutil.which("prometheus") or "/usr/bin/prometheus"
 DEADLINE_S = 120.0  # against hanging only; the data is usually complete after ~15 s of scraping
@@ -52,12 +45,6 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not Path(PROMETHEUS_BIN).is_file(), reason="prometheus not installed (deploy/install.sh)"),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for(condition: Callable[[], bool], what: str, procs: list[subprocess.Popen[bytes]]) -> None:
@@ -118,19 +105,13 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait(10)
 
 
-def tiny_model_and_bank(d: Path) -> tuple[Path, Path, Path]:
-    """A small exported embedder, a bank from its embeddings of labelled simulated patterns, and the
-    [simulate] config the service's sim: source uses (the same generator, another seed)."""
-    torch.manual_seed(0)
+def tiny_service_files(d: Path) -> tuple[Path, Path, Path]:
+    """A tiny model and bank, and the [simulate] config the service's sim: source uses (the same
+    generator, another seed)."""
     sim_config = d / "sim.toml"
     sim_config.write_text("[simulate]\nseed = 3\n")
-    info = export_onnx(TwinEmbedder(8, 4, 2), PreprocessSettings(thumbnail=16), d / "model.onnx")
-    generator = PatternGenerator(load_config(sim_config).simulate, seed=1)
-    refs = generator.generate(60)
-    pre = Preprocessor(info.preprocess, generator.mask, tuple(generator.shape))
-    emb = OnnxEmbedder(info.path).embed(pre(refs.images))
-    ReferenceBank(emb, refs.n_particles, info.model_hash, k=3).save(d / "bank.h5")
-    return info.path, d / "bank.h5", sim_config
+    model, bank = tiny_model_and_bank(d, load_config(sim_config).simulate, seed=1)
+    return model, bank, sim_config
 
 
 def prometheus_config(d: Path, target: str) -> Path:
@@ -160,7 +141,7 @@ class Live:
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     """The service on `sim:` and Prometheus scraping it, both stopped at the end."""
     d = tmp_path_factory.mktemp("monitoring_live")
-    model, bank, sim_config = tiny_model_and_bank(d)
+    model, bank, sim_config = tiny_service_files(d)
     metrics_port, publish_port, prom_port = free_port(), free_port(), free_port()
     instance = f"127.0.0.1:{metrics_port}"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

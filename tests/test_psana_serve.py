@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import glob
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,21 +18,16 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from psana_helpers import leftovers, write_run
+from tiny_model import free_port, tiny_model_and_bank
 
-from lcls_hitfinder.bank import ReferenceBank
 from lcls_hitfinder.dataset import Dataset
-from lcls_hitfinder.learn.nets import TwinEmbedder
-from lcls_hitfinder.model_io import export_onnx
-from lcls_hitfinder.preprocess import Preprocessor, PreprocessSettings
 from lcls_hitfinder.service.client import DecisionClient
 from lcls_hitfinder.service.decision_log import read_decision_log
-from lcls_hitfinder.service.embedder import OnnxEmbedder
 from lcls_hitfinder.service.messages import DECISION, HEARTBEAT, RUN
 from lcls_hitfinder.service.sources.shmem_server import ShmemServer
-from lcls_hitfinder.simulate.generate import PatternGenerator, simulate_dataset
+from lcls_hitfinder.simulate.generate import simulate_dataset
 from lcls_hitfinder.simulate.settings import SimulateSettings
 
 pytest.importorskip("psana.psexp", reason="psana2 is not installed (pip install 'lcls-hitfinder[psana]')")
@@ -54,23 +48,10 @@ class Model:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Model:
     """A tiny exported embedder and a bank of its embeddings of simulated, labelled patterns."""
-    torch.manual_seed(0)
     d = tmp_path_factory.mktemp("psana_model")
-    info = export_onnx(TwinEmbedder(8, 4, 2), PreprocessSettings(thumbnail=16), d / "model.onnx")
     settings = SimulateSettings(detector={"shape": (SIDE, SIDE)}, seed=11)
-    generator = PatternGenerator(settings, device="cpu")
-    refs = generator.generate(60)
-    pre = Preprocessor(info.preprocess, generator.mask, generator.shape)
-    ReferenceBank(OnnxEmbedder(info.path).embed(pre(refs.images)), refs.n_particles, info.model_hash, k=3).save(
-        d / "bank.h5"
-    )
-    return Model(info.path, d / "bank.h5", settings)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    model, bank = tiny_model_and_bank(d, settings)
+    return Model(model, bank, settings)
 
 
 def serve_config(path: Path, tiny: Model, source: str, endpoint: str, **extra: Any) -> Path:

@@ -1,0 +1,36 @@
+"""What the end-to-end tests share: a tiny exported embedder with a bank of its own embeddings of simulated,
+labelled patterns (the service's path does not depend on the model's quality, and this is quick on 2 cores),
+and free loopback ports."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import torch
+
+from lcls_hitfinder.bank import ReferenceBank
+from lcls_hitfinder.learn.nets import TwinEmbedder
+from lcls_hitfinder.model_io import export_onnx
+from lcls_hitfinder.preprocess import Preprocessor, PreprocessSettings
+from lcls_hitfinder.service.embedder import OnnxEmbedder
+from lcls_hitfinder.simulate.generate import PatternGenerator
+from lcls_hitfinder.simulate.settings import SimulateSettings
+
+
+def tiny_model_and_bank(d: Path, settings: SimulateSettings, seed: int | None = None) -> tuple[Path, Path]:
+    """model.onnx and bank.h5 in `d`: the bank holds 60 references drawn with `settings` (and `seed`)."""
+    torch.manual_seed(0)
+    info = export_onnx(TwinEmbedder(8, 4, 2), PreprocessSettings(thumbnail=16), d / "model.onnx")
+    generator = PatternGenerator(settings, seed=seed, device="cpu")
+    refs = generator.generate(60)
+    pre = Preprocessor(info.preprocess, generator.mask, tuple(generator.shape))
+    emb = OnnxEmbedder(info.path).embed(pre(refs.images))
+    ReferenceBank(emb, refs.n_particles, info.model_hash, k=3).save(d / "bank.h5")
+    return info.path, d / "bank.h5"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
