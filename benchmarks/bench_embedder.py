@@ -56,6 +56,7 @@ def main() -> None:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = args.threads
     opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as the service runs it
     session = ort.InferenceSession(str(args.model), opts, providers=["CPUExecutionProvider"])
     out = np.empty_like(x)
 

@@ -79,7 +79,6 @@ class TrainSettings(_Section):
     )
     per_structure: bool = Field(False, description="also split the classes by structure id")
     bank_per_class: int = Field(10, ge=1, description="references per class in the validation bank")
-    target_precision: float = Field(0.99, gt=0, le=1, description="single-hit precision the threshold is set for")
     cnn: CnnSettings = Field(default_factory=CnnSettings)
 
     @model_validator(mode="after")
