@@ -25,10 +25,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from bench_service import model_and_bank, serve  # benchmarks/ is this script's directory
 
 from lcls_hitfinder.model_io import read_model_info
+from lcls_hitfinder.preprocess import block_means
 from lcls_hitfinder.service.bank_reload import ReloadingBank
 from lcls_hitfinder.service.decision_log import read_decision_log
 from lcls_hitfinder.service.embedder import OnnxEmbedder
@@ -74,12 +74,12 @@ def psana_loop(path: Path, thumbnail: int | None, batch: int) -> float:
                 buf[k] = frame
                 k += 1
                 if k == batch:
-                    F.adaptive_avg_pool2d(torch.from_numpy(buf).to(torch.float32), thumbnail)
+                    block_means(torch.from_numpy(buf).to(torch.float32), thumbnail)
                     k = 0
             n += 1
             last = time.perf_counter()
         if thumbnail and k:
-            F.adaptive_avg_pool2d(torch.from_numpy(buf[:k]).to(torch.float32), thumbnail)
+            block_means(torch.from_numpy(buf[:k]).to(torch.float32), thumbnail)
             last = time.perf_counter()
     return n / (last - start)  # to the last event: psana waits a while at the end of a file
 

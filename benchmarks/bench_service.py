@@ -22,12 +22,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from lcls_hitfinder.bank import ReferenceBank
 from lcls_hitfinder.learn.nets import TwinEmbedder
 from lcls_hitfinder.model_io import export_onnx, read_model_info
-from lcls_hitfinder.preprocess import PreprocessSettings
+from lcls_hitfinder.preprocess import PreprocessSettings, block_means
 from lcls_hitfinder.service.bank_reload import ReloadingBank
 from lcls_hitfinder.service.decision_log import read_decision_log
 from lcls_hitfinder.service.embedder import OnnxEmbedder
@@ -77,7 +76,7 @@ def floor(uri: str, settings: ServeSettings, thumbnail: int, n: int) -> float:
             batch += 1
             got += 1
             if batch == size or got == n:
-                F.adaptive_avg_pool2d(torch.from_numpy(buf[:batch]).unsqueeze(1), thumbnail)
+                block_means(torch.from_numpy(buf[:batch]), thumbnail)
                 batch = 0
             if got == n:
                 break

@@ -67,6 +67,15 @@ def assemble_panels(frames: torch.Tensor) -> torch.Tensor:
     return frames.reshape(b, rows, cols, h, w).permute(0, 1, 3, 2, 4).reshape(b, rows * h, cols * w)
 
 
+def block_means(frames: torch.Tensor, side: int) -> torch.Tensor:
+    """(B, H, W) -> (B, 1, side, side), the mean of each bin. Where the bins tile the frame exactly, a
+    reshaped mean gives adaptive pooling's numbers in about half its time (the hot path at a megapixel)."""
+    b, h, w = frames.shape
+    if h % side == 0 and w % side == 0:
+        return frames.reshape(b, side, h // side, side, w // side).mean(dim=(2, 4)).unsqueeze(1)
+    return F.adaptive_avg_pool2d(frames.unsqueeze(1), (side, side))
+
+
 class Preprocessor:
     """Turns batches of raw frames into normalised thumbnails (B, 1, S, S) on `device`.
 
@@ -99,7 +108,7 @@ class Preprocessor:
         self._all_good = bool((self.mask == 1).all())
         s = settings.thumbnail
         h, w = self.mask.shape[-2:]
-        coverage = F.adaptive_avg_pool2d(self.mask.unsqueeze(0), (s, s))[0]  # good fraction of each bin
+        coverage = block_means(self.mask, s)[0]  # good fraction of each bin
         pixels_per_bin = (h * w) / (s * s)
         # Sum over a bin's good pixels, rescaled as if the masked ones had the bin's mean: binning
         # then neither dims nor brightens bins under a beam stop edge or a panel gap.
@@ -137,7 +146,7 @@ class Preprocessor:
     def thumbnails(self, photons: torch.Tensor) -> torch.Tensor:
         """Photons (B, H', W') -> binned, transformed and normalised thumbnails (B, 1, S, S)."""
         s = self.settings
-        binned = F.adaptive_avg_pool2d(photons.unsqueeze(1), (s.thumbnail, s.thumbnail)) * self._bin_scale
+        binned = block_means(photons, s.thumbnail) * self._bin_scale
         if s.transform == "log1p":
             binned = torch.log1p(binned)
         elif s.transform == "sqrt":

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lcls_hitfinder.preprocess import (
     PhotonCalibration,
@@ -70,3 +71,16 @@ def test_wrong_frame_shape_is_refused() -> None:
     p = Preprocessor(PreprocessSettings(thumbnail=8), None, (32, 32))
     with pytest.raises(ValueError, match="frame shape"):
         p(np.zeros((1, 32, 31), np.float32))
+
+
+def test_exact_and_uneven_bins_agree_with_adaptive_pooling() -> None:
+    s = PreprocessSettings(thumbnail=8, transform="none", normalise="none")
+    rng = np.random.default_rng(2)
+    for shape in [(64, 64), (60, 52)]:  # bins tile the frame exactly, and they do not
+        frames = torch.from_numpy(rng.poisson(3.0, (2, *shape)).astype(np.float32))
+        mask = rng.random(shape) > 0.1
+        p = Preprocessor(s, mask, shape)
+        photons = frames * torch.from_numpy(mask)
+        coverage = F.adaptive_avg_pool2d(torch.from_numpy(mask).float()[None, None], (8, 8))
+        expected = F.adaptive_avg_pool2d(photons.unsqueeze(1), (8, 8)) / coverage * (shape[0] * shape[1] / 64)
+        np.testing.assert_allclose(p(frames.numpy()).numpy(), expected.numpy(), rtol=1e-5)
