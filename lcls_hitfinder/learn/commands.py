@@ -45,6 +45,7 @@ def train(
         str | None, typer.Option(help="augmentation photons per single hit 'LO,HI', or 'data' to keep the data's")
     ] = None,
     gaussian_sigma: Annotated[float | None, typer.Option(help="augmentation: largest Gaussian noise, photons")] = None,
+    classes: Annotated[str | None, typer.Option(help="count (blank, 1, 2, 3, 4) or hit (blank, single, multi)")] = None,
     per_structure: Annotated[
         bool | None, typer.Option("--per-structure/--no-per-structure", help="classes split by structure too")
     ] = None,
@@ -82,6 +83,7 @@ def train(
         "train.augment.enabled": augment,
         "train.augment.photons": photon_range,
         "train.augment.gaussian_sigma": gaussian_sigma,
+        "train.classes": classes,
         "train.per_structure": per_structure,
         "train.bank_per_class": bank_per_class,
         "train.seed": seed,
