@@ -13,7 +13,7 @@ S[N > 0] = np.array([f"p{(i // 5) % 10}" for i in range(200)], dtype=object)[N >
 
 
 def test_count_classes_are_balanced() -> None:
-    labels = class_labels(N, S, TrainSettings())
+    labels = class_labels(N, S, TrainSettings(classes="count"))
     idx = BalancedSampler(labels)(100, np.random.default_rng(0))
     assert len(idx) == 100 and np.bincount(labels[idx]).tolist() == [20] * 5
 
@@ -23,7 +23,7 @@ def test_hit_classes_merge_multi_hits() -> None:
 
 
 def test_per_structure_batches_hold_all_counts_of_each_structure() -> None:
-    settings = TrainSettings(per_structure=True)
+    settings = TrainSettings(classes="count", per_structure=True)
     labels = class_labels(N, S, settings)
     assert len(np.unique(labels)) == 1 + 4 * 10  # blanks share one class
     idx = BalancedSampler(labels, np.asarray(S, dtype=str))(64, np.random.default_rng(1))

@@ -68,14 +68,15 @@ class TrainSettings(_Section):
     augment: AugmentSettings = Field(default_factory=AugmentSettings)
     # twin network
     embed_dim: int = Field(32, ge=2, le=128)
-    width: int = Field(8, ge=2, le=128, description="channels of the embedder's first conv layer")
+    width: int = Field(12, ge=2, le=128, description="channels of the embedder's first conv layer")
     depth: int = Field(4, ge=1, le=6, description="conv blocks of the embedder (each halves the size)")
     alpha: float = Field(0.2, ge=0, description="triplet margin α in loss = max(d_p - d_n + α, 0)")
     mining: Literal["batch-hard", "semi-hard"] = Field(
         "semi-hard", description="semi-hard learned faster than batch-hard here (docs/RESULTS.md)"
     )
     classes: Literal["count", "hit"] = Field(
-        "count", description="count: blank, 1, 2, 3, 4 are separate classes; hit: blank, single, multi"
+        "hit",
+        description="hit: blank, single, multi (validated better); count: blank, 1, 2, 3, 4 are separate classes",
     )
     per_structure: bool = Field(False, description="also split the classes by structure id")
     bank_per_class: int = Field(10, ge=1, description="references per class in the validation bank")
