@@ -187,3 +187,26 @@ def test_cnn_baseline_trains_and_evaluates(data: Path, tmp_path: Path) -> None:
 def test_bad_input_is_a_user_error(args: list[str], message: str) -> None:
     result = runner.invoke(app, args)
     assert isinstance(result.exception, UserError) and message in str(result.exception)
+
+
+def test_onnx_matches_torch_on_real_thumbnails(data: Path, model: Path) -> None:
+    from lcls_hitfinder.dataset import Dataset
+    from lcls_hitfinder.learn.export import PARITY_TOLERANCE, parity
+    from lcls_hitfinder.learn.train import load_run
+    from lcls_hitfinder.preprocess import Preprocessor
+
+    _, settings, net = load_run(data / "run")
+    with Dataset(data / "test.h5") as d:
+        thumbs = Preprocessor(settings.preprocess, d.mask, d.shape)(d.images(slice(0, 64))).numpy()
+    assert parity(net, model, thumbs) <= PARITY_TOLERANCE
+
+
+def test_cuda_is_used_when_present_and_refused_when_absent(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lcls_hitfinder.learn.train import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device("auto").type == "cpu"
+    with pytest.raises(UserError, match="no CUDA"):
+        pick_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # CUDA mocked: only the choice is tested
+    assert pick_device("auto").type == "cuda" and pick_device("cpu").type == "cpu"
