@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from lcls_hitfinder.bank import precision_recall
+from lcls_hitfinder.bank import ReferenceBank, precision_recall, select_references
+from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.labels import Label
 from lcls_hitfinder.plots import pattern_grid
 from lcls_hitfinder.protocols import Decisions
@@ -72,6 +73,48 @@ def hit_metrics(n_particles: np.ndarray, decisions: Decisions) -> dict[str, Any]
         "count_accuracy": float((np.asarray(decisions.n_particles) == np.asarray(n_particles)).mean()),
         "confusion": confusion.tolist(),
     }
+
+
+def per_sample_decisions(
+    ref_embeddings: np.ndarray,
+    ref_n_particles: np.ndarray,
+    ref_structure: np.ndarray,
+    embeddings: np.ndarray,
+    structure: np.ndarray,
+    model_hash: str,
+    per_class: int,
+    k: int = 5,
+) -> Decisions:
+    """Decisions as in deployment, where one sample is measured at a time: the patterns of each structure
+    are judged by a bank of that structure's own references (`per_class` per particle count, plus as many
+    blanks) at the plain nearer-class threshold 0. Blanks carry no structure and are shared out among the
+    samples in turn."""
+    ref_structure = np.asarray(ref_structure, dtype=object)
+    structure = np.asarray(structure, dtype=object)
+    species = sorted({str(s) for s in structure if s})
+    missing = sorted(set(species) - {str(s) for s in ref_structure})
+    if missing:
+        raise UserError(f"the reference file has no patterns of {', '.join(missing[:3])}")
+    blank_refs = np.nonzero(ref_structure == "")[0]
+    blank_refs = blank_refs[select_references(ref_n_particles[blank_refs], None, per_class)]
+    blanks = np.nonzero(structure == "")[0]
+    n = len(embeddings)
+    out = Decisions(
+        label=np.zeros(n, np.int8),
+        keep=np.zeros(n, bool),
+        score=np.zeros(n, np.float32),
+        distance=np.zeros(n, np.float32),
+        n_particles=np.zeros(n, np.int64),
+    )
+    for j, name in enumerate(species):
+        own = np.nonzero(ref_structure == name)[0]
+        refs = np.r_[own[select_references(ref_n_particles[own], None, per_class)], blank_refs]
+        bank = ReferenceBank(ref_embeddings[refs], ref_n_particles[refs], model_hash, k=k)
+        idx = np.r_[np.nonzero(structure == name)[0], blanks[j :: len(species)]]
+        d = bank.decide(embeddings[idx])
+        for field in ("label", "keep", "score", "distance", "n_particles"):
+            getattr(out, field)[idx] = getattr(d, field)
+    return out
 
 
 def cnn_metrics(

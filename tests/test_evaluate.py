@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lcls_hitfinder.bank import ReferenceBank
+from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.evaluate import (
     accuracy_by_photons,
     best_at,
@@ -15,9 +17,11 @@ from lcls_hitfinder.evaluate import (
     hit_labels,
     hit_metrics,
     markdown_table,
+    per_sample_decisions,
     projection_2d,
     write_report,
 )
+from lcls_hitfinder.labels import Label
 from lcls_hitfinder.protocols import Decisions
 
 N = np.array([0, 1, 1, 1, 2, 3, 4, 1])
@@ -86,3 +90,35 @@ def test_report_files(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "metrics.json").read_text())["accuracy"] == pytest.approx(5 / 8)
     md = (tmp_path / "metrics.md").read_text()
     assert "| accuracy | 0.625 |" in md and "| single | 1 | 2 | 1 |" in md
+
+
+def test_per_sample_banks_judge_each_structure_by_its_own_references() -> None:
+    """Structure b's singles sit where structure a's multi-hits do: one pooled bank must confuse them,
+    a bank per sample (the deployment case) must not."""
+
+    rng = np.random.default_rng(0)
+    centres = {("a", 1): (0.0, 0.0), ("a", 2): (2.0, 0.0), ("b", 1): (2.0, 0.0), ("b", 2): (4.0, 0.0), ("", 0): (0, 5)}
+
+    def draw(per: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        keys = list(centres)
+        emb = np.concatenate([rng.normal(centres[key], 0.1, (per, 2)) for key in keys]).astype(np.float32)
+        n = np.repeat([key[1] for key in keys], per)
+        structure = np.repeat(np.array([key[0] for key in keys], dtype=object), per)
+        return emb, n, structure
+
+    ref_emb, ref_n, ref_s = draw(10)
+    emb, n, s = draw(20)
+    dec = per_sample_decisions(ref_emb, ref_n, ref_s, emb, s, "m", per_class=5, k=3)
+    truth = np.where(n == 0, Label.BLANK, np.where(n == 1, Label.SINGLE, Label.MULTI))
+    np.testing.assert_array_equal(dec.label, truth)
+    pooled = ReferenceBank(ref_emb, ref_n, "m", k=3).decide(emb)
+    assert (pooled.label != truth).sum() >= 10  # b's singles and a's multi-hits share a place
+
+
+def test_per_sample_banks_need_references_of_every_structure() -> None:
+
+    emb = np.zeros((2, 2), np.float32)
+    with pytest.raises(UserError, match="no patterns of c"):
+        per_sample_decisions(
+            emb, np.array([1, 0]), np.array(["a", ""], object), emb, np.array(["c", ""], object), "m", 5
+        )

@@ -165,6 +165,22 @@ def _decide(model: Path, bank_path: Path, data: Path) -> tuple[Any, Any, Any, An
     return emb, bank.decide(emb), bank, dataset
 
 
+def _decide_per_sample(model: Path, refs: Path, data: Path, per_class: int) -> tuple[Any, Any, Any]:
+    """Embeddings, per-sample decisions (evaluate.per_sample_decisions) and the dataset reader (left open)."""
+    from lcls_hitfinder.dataset import Dataset
+    from lcls_hitfinder.evaluate import per_sample_decisions
+    from lcls_hitfinder.learn.infer import embed_dataset
+    from lcls_hitfinder.service.embedder import OnnxEmbedder
+
+    embedder = OnnxEmbedder(_existing(model, "model"), threads=2)
+    with Dataset(_existing(refs, "references")) as r:
+        ref_emb, ref_n, ref_structure = embed_dataset(embedder, r), r.n_particles, r.structure
+    dataset = Dataset(_existing(data, "dataset"))
+    emb = embed_dataset(embedder, dataset)
+    dec = per_sample_decisions(ref_emb, ref_n, ref_structure, emb, dataset.structure, embedder.model_hash, per_class)
+    return emb, dec, dataset
+
+
 def classify(
     model: Annotated[Path, typer.Option(help="embedder ONNX file")],
     bank: Annotated[Path, typer.Option(help="reference bank built for this model")],
@@ -191,6 +207,11 @@ def evaluate(
     report: Annotated[Path, typer.Option(help="directory for metrics.json, metrics.md and plots")],
     model: Annotated[Path | None, typer.Option(help="embedder ONNX file")] = None,
     bank: Annotated[Path | None, typer.Option(help="reference bank built for the model")] = None,
+    refs: Annotated[
+        Path | None,
+        typer.Option(help="instead of --bank: labelled references; each structure is judged by its own bank"),
+    ] = None,
+    per_class: Annotated[int, typer.Option(help="with --refs: references per particle count and structure")] = 10,
     run: Annotated[Path | None, typer.Option(help="instead of model + bank: a cnn baseline run directory")] = None,
     examples: Annotated[int, typer.Option(help="patterns in the example grid")] = 24,
 ) -> None:
@@ -202,24 +223,31 @@ def evaluate(
     if run is not None:
         from lcls_hitfinder.learn.baseline import evaluate_cnn
 
-        metrics = evaluate_cnn(_existing(run, "run directory"), _existing(data, "dataset"))
+        cnn = evaluate_cnn(_existing(run, "run directory"), _existing(data, "dataset"))
         report.mkdir(parents=True, exist_ok=True)
-        (report / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        (report / "metrics.md").write_text(markdown_table([metrics], list(metrics)))
-        print(json.dumps(metrics, indent=2))
+        (report / "metrics.json").write_text(json.dumps(cnn, indent=2) + "\n")
+        (report / "metrics.md").write_text(markdown_table([cnn], list(cnn)))
+        print(json.dumps(cnn, indent=2))
         return
-    if model is None or bank is None:
-        raise UserError("evaluate needs --model and --bank (or --run for a CNN baseline)")
-    emb, dec, ref_bank, dataset = _decide(model, bank, data)
+    if model is None or (bank is None) == (refs is None):
+        raise UserError("evaluate needs --model and one of --bank or --refs (or --run for a CNN baseline)")
+    ref_bank = None
+    if refs is not None:
+        emb, dec, dataset = _decide_per_sample(model, refs, data, per_class)
+    elif bank is not None:
+        emb, dec, ref_bank, dataset = _decide(model, bank, data)
     with dataset:
         n = dataset.n_particles
         metrics = hit_metrics(n, dec)
-        metrics["threshold"] = ref_bank.threshold
-        # beside the calibrated threshold, the plain nearer-class decision (threshold 0)
-        ref_bank.threshold = 0.0
-        at_zero = hit_metrics(n, ref_bank.decide(emb))
-        for key in ("accuracy", "single_vs_multi_accuracy", "precision", "recall"):
-            metrics[f"{key}_at_threshold_0"] = at_zero[key]
+        if ref_bank is None:
+            metrics["protocol"] = f"per-sample banks: {per_class} references per count and structure, threshold 0"
+        else:
+            metrics["threshold"] = ref_bank.threshold
+            # beside the calibrated threshold, the plain nearer-class decision (threshold 0)
+            ref_bank.threshold = 0.0
+            at_zero = hit_metrics(n, ref_bank.decide(emb))
+            for key in ("accuracy", "single_vs_multi_accuracy", "precision", "recall"):
+                metrics[f"{key}_at_threshold_0"] = at_zero[key]
         photons = dataset.photons
         metrics["photons_per_single_hit"] = float(np.median(photons[n == 1])) if (n == 1).any() else float("nan")
         rng = np.random.default_rng(0)
