@@ -181,7 +181,7 @@ def test_cnn_baseline_trains_and_evaluates(data: Path, tmp_path: Path) -> None:
         (["train", "twin", "--data", "a", "--val", "b", "--out", "c", "--embed-dim", "300"], "embed_dim"),
         (["train", "twin", "--data", "a", "--val", "b", "--out", "/nonexistent", "--resume"], "nothing to resume"),
         (["export", "/nonexistent", "--out", "x.onnx"], "does not exist"),
-        (["evaluate", "--data", "x.h5", "--report", "r"], "needs --model and --bank"),
+        (["evaluate", "--data", "x.h5", "--report", "r"], "needs --model and one of --bank or --refs"),
     ],
 )
 def test_bad_input_is_a_user_error(args: list[str], message: str) -> None:
