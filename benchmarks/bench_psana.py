@@ -29,6 +29,7 @@ from bench_service import model_and_bank, serve  # benchmarks/ is this script's 
 
 from lcls_hitfinder.model_io import read_model_info
 from lcls_hitfinder.preprocess import block_means
+from lcls_hitfinder.protocols import Frame
 from lcls_hitfinder.service.bank_reload import ReloadingBank
 from lcls_hitfinder.service.decision_log import read_decision_log
 from lcls_hitfinder.service.embedder import OnnxEmbedder
@@ -90,7 +91,7 @@ def source_only(uri: str, settings: ServeSettings) -> float:
     src.open()
     n, start, last = 0, 0.0, 0.0
     for frame in src.frames():
-        if frame is not None:
+        if isinstance(frame, Frame):
             n += 1
             last = time.perf_counter()
             if n == 1:

@@ -37,12 +37,22 @@ class Frame:
     truth_n_particles: int | None = None
 
 
+@dataclass(frozen=True)
+class RunEnd:
+    """A run's last event has been read (psana's EndRun): the service closes the run now, not when the next
+    run begins, so nothing counts the time between runs as a run without decisions."""
+
+    experiment: str
+    run: int
+
+
 @runtime_checkable
 class Source(Protocol):
     """Yields frames with event identity.
 
     `frame_shape` and `mask` are known after `open()` where the source can tell (h5, sim), else None
-    until the first frame. `frames()` yields None as an idle tick at least every 0.5 s while no data
+    until the first frame. `frames()` yields a RunEnd after a run's last frame where the source knows it,
+    and None as an idle tick at least every 0.5 s while no data
     comes, so the consumer can notice shutdown and keep heartbeats going. `restarts` counts how often
     a supervised reader (psana in a child process) was restarted by its watchdog.
     """
@@ -54,7 +64,7 @@ class Source(Protocol):
 
     def open(self) -> None: ...
 
-    def frames(self) -> Iterator[Frame | None]: ...
+    def frames(self) -> Iterator[Frame | RunEnd | None]: ...
 
     def close(self) -> None: ...
 

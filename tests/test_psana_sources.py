@@ -18,7 +18,7 @@ import pytest
 from psana_helpers import RATE, START_NS, frame_of, leftovers, write_run
 
 from lcls_hitfinder.errors import UserError
-from lcls_hitfinder.protocols import Frame, Source
+from lcls_hitfinder.protocols import Frame, RunEnd, Source
 from lcls_hitfinder.service.settings import ServeSettings
 from lcls_hitfinder.service.sources import open_source
 from lcls_hitfinder.service.sources.shmem_server import ShmemServer, psana_tool
@@ -33,17 +33,22 @@ def settings(**reader: float) -> ServeSettings:
     return ServeSettings(reader={"stall_s": 1.5, "backoff_s": 0.3, "max_backoff_s": 1.0, **reader})
 
 
-def read_all(source: Source, limit_s: float = 60.0) -> list[Frame]:
+def read_items(source: Source, limit_s: float = 60.0) -> list[Frame | RunEnd]:
+    """Every frame and run end of a source that comes to its end (idle ticks left out)."""
     source.open()
     end = time.monotonic() + limit_s
     try:
-        frames = [f for f in _until(source.frames(), end) if f is not None]
+        items = [f for f in _until(source.frames(), end) if f is not None]
     finally:
         source.close()
-    return frames
+    return items
 
 
-def _until(it: Iterator[Frame | None], end: float) -> Iterator[Frame | None]:
+def read_all(source: Source, limit_s: float = 60.0) -> list[Frame]:
+    return [f for f in read_items(source, limit_s) if isinstance(f, Frame)]
+
+
+def _until(it: Iterator[Frame | RunEnd | None], end: float) -> Iterator[Frame | RunEnd | None]:
     for item in it:
         assert time.monotonic() < end, "source did not finish in time"
         yield item
@@ -62,6 +67,13 @@ def test_xtc2_file_gives_every_event_with_identity_truth_and_pixels(tmp_path: Pa
         assert f.data.dtype == np.uint16
         np.testing.assert_array_equal(f.data, frame_of(i, shape))
     assert leftovers() == []
+
+
+def test_a_run_end_follows_the_last_frame_of_a_run(tmp_path: Path) -> None:
+    write_run(tmp_path / "r.xtc2", 3, (8, 8), run=5)
+    items = read_items(open_source(f"xtc2:{tmp_path / 'r.xtc2'}?det=cam", settings()))
+    assert [type(i) for i in items] == [Frame, Frame, Frame, RunEnd]
+    assert items[-1] == RunEnd("tstx00001", 5)
 
 
 def test_panel_stack_calib_with_local_constants_and_assembled_image(tmp_path: Path) -> None:
@@ -142,7 +154,7 @@ def test_shmem_survives_a_killed_server_and_resumes_with_the_next(tmp_path: Path
     try:
         for frame in source.frames():
             assert time.monotonic() < end_by, f"no recovery: {len(got[1])} + {len(got[2])} frames"
-            if frame is not None:
+            if isinstance(frame, Frame):
                 got[frame.event.run].append(frame)
             if len(got[1]) >= 5 and killed_at is None:
                 servers[0].kill()  # mid-run: the client freezes with the GIL held

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from lcls_hitfinder.labels import Label
 from lcls_hitfinder.learn.nets import TwinEmbedder
 from lcls_hitfinder.model_io import export_onnx
 from lcls_hitfinder.preprocess import Preprocessor, PreprocessSettings
-from lcls_hitfinder.protocols import EventId, Frame
+from lcls_hitfinder.protocols import EventId, Frame, RunEnd
 from lcls_hitfinder.service import embedder as embedder_module
 from lcls_hitfinder.service.bank_reload import ReloadingBank
 from lcls_hitfinder.service.client import DecisionClient
@@ -480,6 +481,42 @@ def test_heartbeats_and_restart_counts_go_on_while_the_source_is_idle(fx: Fixtur
     assert len(idle_beats) >= 2 and all(b["run_open"] for b in idle_beats)
     assert [d["label"] != "error" for d in decisions] == [True, True]
     assert r.metrics.source_restarts._value.get() == 2
+
+
+class RunThenIdleSource(ListSource):
+    """Frames of one run, its RunEnd, then nothing but idle ticks: live data between two runs."""
+
+    def __init__(self, arrays: list[np.ndarray]) -> None:
+        super().__init__(arrays)
+        self.closed = threading.Event()
+
+    def frames(self) -> Iterator[Frame | RunEnd | None]:
+        yield from super().frames()
+        yield RunEnd("mem", 7)
+        while not self.closed.wait(0.05):
+            yield None
+
+    def close(self) -> None:
+        self.closed.set()
+
+
+def test_a_run_end_closes_the_run_while_the_source_waits_for_the_next(fx: Fixtures, tmp_path: Path) -> None:
+    images = np.random.default_rng(3).poisson(2.0, (5, SIDE, SIDE)).astype(np.float32)
+    source = RunThenIdleSource(list(images))
+    r = _start(_settings(tmp_path), source, fx.model, fx.bank)
+    with DecisionClient(r.publisher.endpoint, (DECISION, RUN), timeout_s=WAIT_S) as client:
+        assert r.publisher.wait_for_subscriber(WAIT_S)
+        r.pipeline.start()
+        decisions, end = _collect_run(client)
+    assert not r.pipeline.wait(0)  # the source is still open, waiting for the next run
+    assert [d["seq"] for d in decisions] == list(range(5)) and end["events"] == 5
+    assert r.metrics.run_open._value.get() == 0
+    columns, attrs = read_decision_log(r.pipeline.logs[0])  # closed at the run end, not at the service's
+    assert attrs["complete"] and columns["seq"].tolist() == list(range(5))
+    source.close()
+    r.pipeline.stop()
+    assert r.pipeline.wait(WAIT_S)
+    r.publisher.close()
 
 
 def test_with_overflow_drop_every_frame_is_decided_or_counted(fx: Fixtures, tmp_path: Path) -> None:

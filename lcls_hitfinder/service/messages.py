@@ -81,7 +81,11 @@ FIELDS: dict[str, tuple[FieldSpec, ...]] = {
     ),
     RUN: (
         _V,
-        FieldSpec("phase", "str", "`begin` or `end`"),
+        FieldSpec(
+            "phase",
+            "str",
+            "`begin` (before its first decision) or `end` (after its last: psana's EndRun, or the source's end)",
+        ),
         FieldSpec("experiment", "str", "experiment name"),
         FieldSpec("run", "int", "run number"),
         FieldSpec("time_ns", "int", "unix time in ns"),

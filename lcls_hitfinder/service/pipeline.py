@@ -26,7 +26,7 @@ import torch
 from lcls_hitfinder import __version__
 from lcls_hitfinder.labels import Label, label_of_count
 from lcls_hitfinder.preprocess import Preprocessor
-from lcls_hitfinder.protocols import EventId, Frame, Source
+from lcls_hitfinder.protocols import EventId, Frame, RunEnd, Source
 from lcls_hitfinder.service.bank_reload import ReloadingBank
 from lcls_hitfinder.service.batcher import Batcher
 from lcls_hitfinder.service.decision_log import DecisionLog, log_path
@@ -78,6 +78,10 @@ class Run:
     started_ns: int
     decision_log: DecisionLog | None
     tally: Tally = field(default_factory=Tally)
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.experiment, self.run
 
 
 @dataclass
@@ -131,8 +135,10 @@ class Pipeline:
         self.publisher = publisher
         self.metrics = metrics
         self.device = resolve_device(settings.device)
-        self._frames: queue.Queue[Frame | None] = queue.Queue(settings.queue_size)
-        self._batcher: Batcher[Frame] = Batcher(self._frames, settings.batch.max_size, settings.batch.max_wait_ms / 1e3)
+        self._frames: queue.Queue[Frame | RunEnd | None] = queue.Queue(settings.queue_size)
+        self._batcher: Batcher[Frame | RunEnd] = Batcher(
+            self._frames, settings.batch.max_size, settings.batch.max_wait_ms / 1e3
+        )
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._done = threading.Event()
@@ -190,7 +196,9 @@ class Pipeline:
         try:
             t = time.perf_counter()
             for frame in frames:
-                if frame is not None:
+                if isinstance(frame, RunEnd):
+                    self._frames.put(frame)  # never dropped: it closes its run
+                elif frame is not None:
                     read_stage.observe(time.perf_counter() - t)
                     self._put(frame)
                     n += 1
@@ -223,12 +231,7 @@ class Pipeline:
             while True:
                 batch = self._batcher.next(_IDLE_S)
                 if batch:
-                    self.metrics.batch_size.observe(len(batch))
-                    start = 0
-                    for i in range(1, len(batch) + 1):  # a batch may straddle a run boundary: split it
-                        if i == len(batch) or _run_key(batch[i].event) != _run_key(batch[start].event):
-                            self._process(batch[start:i])
-                            start = i
+                    self._process_items(batch)
                 elif self._batcher.ended:
                     break
                 self._with_log(DecisionLog.flush_if_due)
@@ -241,9 +244,28 @@ class Pipeline:
             self._poll_restarts()
             self._done.set()
 
+    def _process_items(self, items: list[Frame | RunEnd]) -> None:
+        """A batch may straddle a run boundary: frames go on in pieces of one run each, and a RunEnd closes
+        its run once the frames before it are out."""
+        n_frames = sum(isinstance(item, Frame) for item in items)
+        if n_frames:
+            self.metrics.batch_size.observe(n_frames)
+        piece: list[Frame] = []
+        for item in items:
+            if isinstance(item, Frame) and (not piece or _run_key(item.event) == _run_key(piece[0].event)):
+                piece.append(item)
+                continue
+            if piece:
+                self._process(piece)
+            piece = [item] if isinstance(item, Frame) else []
+            if isinstance(item, RunEnd) and self._run is not None and self._run.key == (item.experiment, item.run):
+                self._end_run()
+        if piece:
+            self._process(piece)
+
     def _process(self, frames: list[Frame]) -> None:
         key = _run_key(frames[0].event)
-        if self._run is None or (self._run.experiment, self._run.run) != key:
+        if self._run is None or self._run.key != key:
             self._end_run()
             self._begin_run(*key)
         try:

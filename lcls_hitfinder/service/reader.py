@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from lcls_hitfinder.errors import UserError
-from lcls_hitfinder.protocols import EventId, Frame
+from lcls_hitfinder.protocols import EventId, Frame, RunEnd
 
 if TYPE_CHECKING:
     from multiprocessing.sharedctypes import Synchronized
@@ -85,6 +85,10 @@ class FrameSink:
     def ready(self, description: str) -> None:
         """The data is open and the detector found: the parent's `open()` may return."""
         self._conn.send(("ready", description))
+
+    def end_run(self, experiment: str, run: int) -> None:
+        """The run's last event has been handed over (it is behind every frame already sent)."""
+        self._conn.send(("run_end", experiment, run))
 
     def put(self, event: EventId, data: np.ndarray | None, truth: int | None, read_ns: int) -> None:
         """Hand one event over; `data` None (the detector is missing from this event) becomes an empty frame."""
@@ -354,8 +358,8 @@ class SupervisedReader:
         self._schedule_restart("reached the end of its data" if child.ended else f"exited (code {code})")
         return False
 
-    def frames(self) -> Iterator[Frame | None]:
-        """Frames as they come, `None` at least every 0.5 s when none do; ends when a file is done."""
+    def frames(self) -> Iterator[Frame | RunEnd | None]:
+        """Frames and run ends as they come, `None` at least every 0.5 s when none do; ends when a file is done."""
         stall = f"stalled (no heartbeat for {self._settings.stall_s:g} s)"
         while not self._closed:
             child = self._child
@@ -375,6 +379,8 @@ class SupervisedReader:
                 continue
             if msg[0] == "frame":
                 yield self._frame(child, msg)
+            elif msg[0] == "run_end":
+                yield RunEnd(experiment=msg[1], run=msg[2])
             elif msg[0] == "eof":
                 if self._child_gone(child):
                     return
@@ -414,10 +420,10 @@ class SupervisedSource:
         """Start the reader; a replayable source waits until psana has opened the data (or failed to)."""
         self._reader.start(self._open_timeout_s)
 
-    def frames(self) -> Iterator[Frame | None]:
+    def frames(self) -> Iterator[Frame | RunEnd | None]:
         for frame in self._reader.frames():
             self.restarts = self._reader.restarts
-            if frame is not None and self.frame_shape is None and frame.data.size:
+            if isinstance(frame, Frame) and self.frame_shape is None and frame.data.size:
                 self.frame_shape = tuple(frame.data.shape)
             yield frame
 

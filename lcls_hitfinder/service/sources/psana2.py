@@ -137,6 +137,7 @@ class Psana2ReadLoop:
                     pulse_id=int(timing.pulseId(evt)) if timing is not None else None,
                 )
                 sink.put(event, data, None if n is None or n < 0 else int(n), read_ns)
+            sink.end_run(run.expt or "", int(run.runnum or 0))
 
 
 def read_loop(uri: SourceURI) -> Psana2ReadLoop:
