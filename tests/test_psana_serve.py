@@ -22,7 +22,9 @@ import yaml
 from psana_helpers import leftovers, write_run
 from tiny_model import free_port, tiny_model_and_bank
 
+from lcls_hitfinder.bank import ReferenceBank
 from lcls_hitfinder.dataset import Dataset
+from lcls_hitfinder.model_io import file_hash
 from lcls_hitfinder.service.client import DecisionClient
 from lcls_hitfinder.service.decision_log import read_decision_log
 from lcls_hitfinder.service.messages import DECISION, HEARTBEAT, RUN
@@ -191,7 +193,7 @@ def test_live_shmem_survives_a_killed_server(tiny: Model, tmp_path: Path, proces
 def test_demo_runs_the_real_path_and_cleans_up(tiny: Model, tmp_path: Path) -> None:
     config = tmp_path / "demo.yaml"
     config.write_text(yaml.safe_dump({"simulate": {"detector": {"shape": [SIDE, SIDE]}, "seed": 5}}))
-    models = ["--model", str(tiny.model), "--bank", str(tiny.bank), "--workdir", str(tmp_path / "demo")]
+    models = ["--model", str(tiny.model), "--workdir", str(tmp_path / "demo")]  # the bank: built for the sample
     demo = subprocess.run(
         [
             CLI,
@@ -212,6 +214,9 @@ def test_demo_runs_the_real_path_and_cleans_up(tiny: Model, tmp_path: Path) -> N
     )
     assert demo.returncode == 0, demo.stdout + demo.stderr
     assert "accuracy" in demo.stdout and "true particle count vs label" in demo.stdout
+    assert "building this sample's bank" in demo.stdout
+    bank = ReferenceBank.load(tmp_path / "demo" / "bank.h5", expected_model_hash=file_hash(tiny.model))
+    assert sorted(np.bincount(bank.n_particles).tolist()) == [10] * 5  # 10 references per particle count
     logs = list((tmp_path / "demo" / "decisions").glob("*.h5"))
     assert len(logs) == 1
     columns, attrs = read_decision_log(logs[0])

@@ -1,6 +1,7 @@
 """`lcls-hitfinder demo`: the real path, end to end, on one machine.
 
-simulate a run of hits (with their true particle counts) -> write it as XTC2 with psana's own writer
+simulate a run of hits (with their true particle counts) -> build the sample's bank from a few other patterns
+of it -> write the run as XTC2 with psana's own writer
 -> replay it through psana's `shmemServer` at the beam rate -> `lcls-hitfinder serve` reads that
 shared memory as it would the DAQ's -> this process subscribes to the service's ZeroMQ stream and
 shows a live summary: rate, p50/p99 latency, keep fraction and accuracy against the truth.
@@ -42,6 +43,8 @@ if TYPE_CHECKING:
 
 DETECTOR = "cam"
 SILENCE_S = 3.0  # after the server has sent everything: this long without a decision ends the demo
+REFERENCE_PATTERNS = 400  # of the sample, drawn apart from the run: 10 per particle count, the rest calibrate
+REFERENCES_PER_COUNT = 10
 
 
 def free_port() -> int:
@@ -150,12 +153,39 @@ class Demo:
 
         torch.set_num_threads(1)
         data = self.workdir / "run.h5"
-        self.console.print(f"[bold]1/3[/] simulating {self.n} patterns -> {data}")
+        self.console.print(f"[bold]1/4[/] simulating {self.n} patterns -> {data}")
         simulate_dataset(self.config.simulate, data, n=self.n, workers=1)
+        if self.bank is None and self.config.serve.bank is None:
+            self.bank = self._sample_bank()
+        else:
+            self.console.print(f"[bold]2/4[/] using the bank {self.bank or self.config.serve.bank}")
         xtc2 = self.workdir / "run.xtc2"
-        self.console.print(f"[bold]2/3[/] writing them as XTC2 with psana's DgramEdit -> {xtc2}")
+        self.console.print(f"[bold]3/4[/] writing them as XTC2 with psana's DgramEdit -> {xtc2}")
         dataset_to_xtc2(data, xtc2, detector=DETECTOR, rate_hz=self.rate_hz)
         return xtc2
+
+    def _sample_bank(self) -> Path:
+        """As at a beamline: a bank from a few reference patterns of this very sample (other patterns than
+        the run's), calibrated for single-hit precision 0.9, rather than the generic shipped bank."""
+        from lcls_hitfinder.learn.infer import build_bank
+        from lcls_hitfinder.service.commands import shipped_file
+        from lcls_hitfinder.simulate.generate import simulate_dataset
+
+        refs = self.workdir / "references.h5"
+        path = self.workdir / "bank.h5"
+        self.console.print(
+            f"[bold]2/4[/] building this sample's bank from {REFERENCE_PATTERNS} reference patterns -> {path}"
+        )
+        sample = self.config.simulate.model_copy(update={"seed": self.config.simulate.seed + 1})
+        simulate_dataset(sample, refs, n=REFERENCE_PATTERNS, workers=1)
+        model = self.model or self.config.serve.model or shipped_file("embedder.onnx")
+        bank, report = build_bank(model, refs, per_class=REFERENCES_PER_COUNT, target_precision=0.9)
+        bank.save(path)
+        self.console.print(
+            f"    {report['references']} references; threshold {bank.threshold:.3f} keeps singles at precision"
+            f" {report['precision']:.2f}, recall {report['recall']:.2f} on the other {report['calibration_patterns']}"
+        )
+        return path
 
     def _start_service(self, xtc2: Path, endpoint: str, metrics_port: int) -> None:
         from lcls_hitfinder.service.sources.xtc2_writer import constants_path
@@ -197,7 +227,7 @@ class Demo:
         endpoint, metrics_port = client.endpoint, free_port()
         shape = self.config.simulate.detector.shape
         self.console.print(
-            f"[bold]3/3[/] serving it with shmemServer (tag {self.tag}, {self.rate_hz:g} Hz); the service publishes"
+            f"[bold]4/4[/] serving it with shmemServer (tag {self.tag}, {self.rate_hz:g} Hz); the service publishes"
             f" on {endpoint}, metrics on http://127.0.0.1:{metrics_port}/metrics, log in {self.workdir / 'serve.log'}"
         )
         self._start_service(xtc2, endpoint, metrics_port)

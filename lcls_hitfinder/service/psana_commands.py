@@ -54,7 +54,9 @@ def demo(
         Path | None, typer.Option("--config", "-c", help="TOML or YAML: its [simulate] and [serve] sections")
     ] = None,
     model: Annotated[Path | None, typer.Option(help="embedder ONNX file (default: the shipped one)")] = None,
-    bank: Annotated[Path | None, typer.Option(help="reference bank (default: the shipped one)")] = None,
+    bank: Annotated[
+        Path | None, typer.Option(help="reference bank (default: one built from references of the simulated sample)")
+    ] = None,
     workdir: Annotated[
         Path | None, typer.Option(help="where the run, logs and decisions go (default: a temp dir)")
     ] = None,
@@ -70,11 +72,11 @@ def demo(
     from lcls_hitfinder.service.demo import run_demo
 
     settings = load_config(config)
-    for path, what, shipped in ((model, "model", "embedder.onnx"), (bank, "bank", "bank.h5")):
+    for path, what in ((model, "model"), (bank, "bank")):
         if path is not None and not path.is_file():
             raise UserError(f"{what} {path} does not exist")
-        if path is None and getattr(settings.serve, what) is None:
-            shipped_file(shipped)  # no model at all is a one-line error now, not after the simulation
+    if model is None and settings.serve.model is None:
+        shipped_file("embedder.onnx")  # no model at all is a one-line error now, not after the simulation
     try:
         run_demo(n, rate, workdir, settings, model, bank)
     except KeyboardInterrupt:
