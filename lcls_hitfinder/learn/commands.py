@@ -59,7 +59,7 @@ def train(
 ) -> None:
     """Train a twin embedder (triplet loss) or a CNN baseline; progress bars and per-epoch validation."""
     from lcls_hitfinder.config import load_config
-    from lcls_hitfinder.learn.train import train as run_training
+    from lcls_hitfinder.learn.train import Trainer
 
     if kind not in KINDS:
         raise UserError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
@@ -96,7 +96,7 @@ def train(
     if not resume:
         _existing(data, "dataset")
         _existing(val, "validation dataset")
-    best = run_training(kind, data, val, out, settings, resume, epochs)  # type: ignore[arg-type]
+    best = Trainer(kind, data, val, out, settings, resume, epochs).fit()  # type: ignore[arg-type]
     print(json.dumps({"run": str(out), "best": best}, indent=2))
 
 

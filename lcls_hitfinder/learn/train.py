@@ -340,19 +340,6 @@ class Trainer:
         return dict(self.run["best"] or {})
 
 
-def train(
-    kind: Kind,
-    data: Path,
-    val: Path,
-    out: Path,
-    settings: TrainSettings,
-    resume: bool = False,
-    epochs: int | None = None,
-) -> dict[str, Any]:
-    """Train (or resume, optionally extending to `epochs`) a run; returns the best epoch's validation metrics."""
-    return Trainer(kind, data, val, out, settings, resume, epochs).fit()
-
-
 def load_run(run_dir: Path) -> tuple[dict[str, Any], TrainSettings, nn.Module]:
     """A finished run's record, settings and best network (on the CPU, in eval mode)."""
     run_file = Path(run_dir) / RUN_FILE
