@@ -283,17 +283,9 @@ class Demo:
             self.server.stop()
 
 
-def run_demo(
-    n: int,
-    rate_hz: float,
-    workdir: Path | None,
-    config: HitfinderConfig,
-    model: Path | None,
-    bank: Path | None,
-) -> Tally:
+def run_demo(demo: Demo) -> Tally:
     """The whole demo with its live table; returns the tally. Ctrl-C stops it cleanly."""
-    console = Console()
-    demo = Demo(n, rate_hz, workdir, config, model, bank, console)
+    console = demo.console
 
     def interrupt(signum: int, _frame: object) -> None:  # SIGTERM stops the demo as Ctrl-C does
         raise KeyboardInterrupt

@@ -67,9 +67,11 @@ def demo(
     service reading shared memory, and a ZeroMQ subscriber measuring rate, latency, keep fraction and
     accuracy against the simulated truth. Ctrl-C stops everything cleanly.
     """
+    from rich.console import Console
+
     from lcls_hitfinder.config import load_config
     from lcls_hitfinder.service.commands import shipped_file
-    from lcls_hitfinder.service.demo import run_demo
+    from lcls_hitfinder.service.demo import Demo, run_demo
 
     settings = load_config(config)
     for path, what in ((model, "model"), (bank, "bank")):
@@ -78,7 +80,7 @@ def demo(
     if model is None and settings.serve.model is None:
         shipped_file("embedder.onnx")  # no model at all is a one-line error now, not after the simulation
     try:
-        run_demo(n, rate, workdir, settings, model, bank)
+        run_demo(Demo(n, rate, workdir, settings, model, bank, Console()))
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
 
