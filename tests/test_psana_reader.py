@@ -21,7 +21,7 @@ import pytest
 
 from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.protocols import EventId, Frame
-from lcls_hitfinder.service.reader import FrameSink, SupervisedReader
+from lcls_hitfinder.service.reader import Delivered, FrameSink, SupervisedReader
 from lcls_hitfinder.service.settings import ReaderSettings
 
 
@@ -35,11 +35,12 @@ class CountingLoop:
     n: int
     freeze_after: int | None = None  # freeze (GIL held) after this many frames, on the first start only
 
-    def __call__(self, sink: FrameSink, resume_after: EventId | None) -> None:
+    def __call__(self, sink: FrameSink, delivered: Delivered) -> None:
         sink.ready(f"{self.n} test frames")
-        start = 0 if resume_after is None else resume_after.event + 1
-        for i in range(start, self.n):
-            if self.freeze_after is not None and resume_after is None and i == self.freeze_after:
+        for i in range(self.n):
+            if (1, i) in delivered:
+                continue
+            if self.freeze_after is not None and not delivered and i == self.freeze_after:
                 ctypes.PyDLL(None).sleep(3600)  # libc sleep without releasing the GIL
             sink.put(
                 EventId("tst", 1, i, timestamp=1000 + i), _frame_data(i), truth=i % 3, read_ns=time.perf_counter_ns()
@@ -48,7 +49,7 @@ class CountingLoop:
 
 @dataclass(frozen=True)
 class BadDetectorLoop:
-    def __call__(self, sink: FrameSink, resume_after: EventId | None) -> None:
+    def __call__(self, sink: FrameSink, delivered: Delivered) -> None:
         raise UserError("no detector 'nope' in this run")
 
 

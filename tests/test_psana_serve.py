@@ -84,18 +84,27 @@ def processes() -> Iterator[list[subprocess.Popen[str] | ShmemServer]]:
             p.wait()
 
 
-def test_xtc2_run_through_serve_equals_classify(tiny: Model, tmp_path: Path, processes: list[Any]) -> None:
+@pytest.mark.parametrize("mode", ["xtc2", "exp-mpi"])
+def test_xtc2_run_through_serve_equals_classify(tiny: Model, tmp_path: Path, processes: list[Any], mode: str) -> None:
+    """The run as a file, and as an experiment directory read by psana's MPI mode (two big-data ranks handing
+    over batches of 4 out of order): the same decisions either way, one per event, seq contiguous."""
     data = simulate_dataset(tiny.simulate, tmp_path / "data.h5", n=24, workers=1, progress=False)
     xtc2 = tmp_path / "run.xtc2"
+    xtc = tmp_path / "xtc"  # the same run in psana's exp= layout, smalldata included
     made = subprocess.run(
-        [CLI, "xtc2", str(data), "--out", str(xtc2), "--exp", "cxitest23", "--run", "4"],
+        [CLI, "xtc2", str(data), "--out", str(xtc2), "--exp", "cxitest23", "--run", "4", "--exp-dir", str(xtc)],
         capture_output=True,
         text=True,
         timeout=WAIT_S,
     )
     assert made.returncode == 0, made.stdout + made.stderr
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    source = f"xtc2:{xtc2}?det=cam&constants={tmp_path / 'run.constants.npz'}"  # the mask, as psana's pixel_mask
+    constants = f"constants={tmp_path / 'run.constants.npz'}"  # the mask, as psana's pixel_mask
+    if mode == "xtc2":
+        source = f"xtc2:{xtc2}?det=cam&{constants}"
+    else:
+        assert f"--source 'exp:cxitest23:4?dir={xtc}&det=cam&{constants}'" in made.stdout
+        source = f"exp:cxitest23:4?dir={xtc}&det=cam&ranks=4&batch=4&{constants}"
     config = serve_config(tmp_path / "serve.yaml", tiny, source, endpoint)
     with DecisionClient(endpoint, (DECISION, RUN), timeout_s=WAIT_S) as client:
         serve = subprocess.Popen([CLI, "serve", "--config", str(config)], stdout=subprocess.PIPE, text=True)
@@ -112,6 +121,7 @@ def test_xtc2_run_through_serve_equals_classify(tiny: Model, tmp_path: Path, pro
     with Dataset(data) as d:
         n, truth = len(d), d.n_particles.tolist()
     assert [m["seq"] for m in decisions] == list(range(n)) and client.gaps == []
+    decisions.sort(key=lambda m: m["event"])  # MPI ranks decide their batches as they come
     assert [(m["experiment"], m["run"], m["event"]) for m in decisions] == [("cxitest23", 4, i) for i in range(n)]
     assert [m["truth_n_particles"] for m in decisions] == truth
     stamps = [m["timestamp"] for m in decisions]

@@ -6,12 +6,17 @@ Small frames and few events, so the whole file runs in well under a minute of CP
 
 from __future__ import annotations
 
+import ctypes
+import glob
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -19,10 +24,12 @@ from psana_helpers import RATE, START_NS, frame_of, leftovers, write_run
 
 from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.protocols import Frame, RunEnd, Source
+from lcls_hitfinder.service.reader import Delivered, FrameSink, SupervisedReader
 from lcls_hitfinder.service.settings import ServeSettings
-from lcls_hitfinder.service.sources import open_source
-from lcls_hitfinder.service.sources.shmem_server import ShmemServer, psana_tool
-from lcls_hitfinder.service.sources.xtc2_writer import psana_timestamp
+from lcls_hitfinder.service.sources import open_source, parse_uri
+from lcls_hitfinder.service.sources.psana2 import Psana2ReadLoop, read_loop
+from lcls_hitfinder.service.sources.shmem_server import ShmemServer
+from lcls_hitfinder.service.sources.xtc2_writer import exp_layout, psana_timestamp
 
 pytest.importorskip("psana.psexp", reason="psana2 is not installed (pip install 'lcls-hitfinder[psana]')")
 
@@ -106,6 +113,14 @@ def test_bad_sources_are_one_line_errors_at_start(tmp_path: Path) -> None:
         open_source(f"xtc2:{tmp_path / 'r.xtc2'}?data=adu", settings())
     with pytest.raises(UserError, match="want exp:EXPERIMENT:RUN"):
         open_source("exp:tstx00001?det=cam", settings())
+    with pytest.raises(UserError, match="ranks=2: psana's MPI mode needs at least 3"):
+        open_source("exp:tstx00001:5?det=cam&ranks=2", settings())
+    with pytest.raises(UserError, match="batch= is for psana's MPI mode"):
+        open_source("exp:tstx00001:5?det=cam&batch=10", settings())
+    with pytest.raises(UserError, match="ranks= belongs to exp: sources"):
+        open_source(f"xtc2:{tmp_path / 'r.xtc2'}?det=cam&ranks=4", settings())
+    with pytest.raises(UserError, match="ranks='four' is not a valid int"):
+        open_source("exp:tstx00001:5?det=cam&ranks=four", settings())
     cli = Path(sys.executable).parent / "lcls-hitfinder"
     made = subprocess.run(
         [cli, "xtc2", tmp_path / "none.h5", "--out", tmp_path / "o.xtc2"], capture_output=True, text=True
@@ -118,18 +133,84 @@ def test_bad_sources_are_one_line_errors_at_start(tmp_path: Path) -> None:
 
 def test_exp_run_directory_offline(tmp_path: Path) -> None:
     """exp= mode on psana's directory layout (bigdata + smalldata from smdwriter), with no logbook."""
-    xtc = tmp_path / "xtc"
-    (xtc / "smalldata").mkdir(parents=True)
-    big = xtc / "tstx00001-r0005-s000-c000.xtc2"
-    write_run(big, 5, (16, 16), run=5)
-    subprocess.run(
-        [psana_tool("smdwriter"), "-f", big, "-o", xtc / "smalldata" / "tstx00001-r0005-s000-c000.smd.xtc2"],
-        check=True,
-        capture_output=True,
-    )
+    write_run(tmp_path / "r.xtc2", 5, (16, 16), run=5)
+    xtc = exp_layout(tmp_path / "r.xtc2", tmp_path / "xtc", "tstx00001", 5)
     frames = read_all(open_source(f"exp:tstx00001:5?dir={xtc}&det=cam", settings()))
     assert [(f.event.run, f.event.event, f.truth_n_particles) for f in frames] == [(5, i, i % 5) for i in range(5)]
     np.testing.assert_array_equal(frames[4].data, frame_of(4, (16, 16)))
+
+
+def _identity(frames: list[Frame]) -> list[tuple[int, int, int, int | None, int | None]]:
+    return sorted(
+        (f.event.run, f.event.event, f.event.timestamp, f.event.pulse_id, f.truth_n_particles) for f in frames
+    )
+
+
+def test_exp_mpi_mode_gives_each_event_once_as_the_serial_reader_does(tmp_path: Path) -> None:
+    """psana's MPI mode (smd0, event builder, two big-data ranks, batches of 3): every event exactly once, with
+    the serial reader's identity (the index from the smalldata), pixels and truth, and one run end after them."""
+    shape = (16, 16)
+    write_run(tmp_path / "r.xtc2", 23, shape, run=5)
+    xtc = exp_layout(tmp_path / "r.xtc2", tmp_path / "xtc", "tstx00001", 5)
+    serial = read_all(open_source(f"exp:tstx00001:5?dir={xtc}&det=cam", settings()))
+    items = read_items(open_source(f"exp:tstx00001:5?dir={xtc}&det=cam&ranks=4&batch=3", settings()))
+    assert items[-1] == RunEnd("tstx00001", 5) and sum(isinstance(i, RunEnd) for i in items) == 1
+    frames = [i for i in items if isinstance(i, Frame)]
+    assert len(frames) == 23  # a rank reading the run serially would hand over every event again
+    assert _identity(frames) == _identity(serial)
+    assert [f.event.event for f in serial] == list(range(23))
+    for f in frames:
+        np.testing.assert_array_equal(f.data, frame_of(f.event.event, shape))
+    assert leftovers() == [] and socket_dirs() == []
+
+
+def socket_dirs() -> list[str]:
+    """Folders of the Unix sockets that this process's MPI readers listened on (removed when they stop)."""
+    return glob.glob(os.path.join(tempfile.gettempdir(), f"lhf_{os.getpid()}_*"))
+
+
+@dataclass(frozen=True)
+class FreezeOnce:
+    """A psana read loop that freezes with the GIL held (as a shmem client does) after `after` frames of its
+    first start, in every big-data rank."""
+
+    loop: Psana2ReadLoop
+    after: int
+
+    def __call__(self, sink: FrameSink, delivered: Delivered) -> None:
+        if not delivered:
+            put, count = sink.put, [0]
+
+            def put_then_freeze(*args: Any) -> None:
+                if count[0] == self.after:
+                    ctypes.PyDLL(None).sleep(3600)  # libc sleep without releasing the GIL
+                count[0] += 1
+                put(*args)
+
+            sink.put = put_then_freeze  # type: ignore[method-assign]
+        self.loop(sink, delivered)
+
+
+def test_a_frozen_mpi_rank_restarts_the_ranks_and_no_event_is_lost_or_repeated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shape = (16, 16)
+    write_run(tmp_path / "r.xtc2", 12, shape, run=5)
+    xtc = exp_layout(tmp_path / "r.xtc2", tmp_path / "xtc", "tstx00001", 5)
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))  # the ranks unpickle FreezeOnce from here
+    loop = read_loop(parse_uri(f"exp:tstx00001:5?dir={xtc}&det=cam&ranks=3&batch=2"))
+    reader = SupervisedReader(FreezeOnce(loop, after=4), settings().reader, "freeze", live=False, mpi_ranks=3)
+    end = time.monotonic() + 90
+    try:
+        reader.start(wait_ready_s=60)
+        items = [i for i in _until(reader.frames(), end) if i is not None]
+    finally:
+        reader.close()
+    frames = [i for i in items if isinstance(i, Frame)]
+    assert reader.restarts == 1
+    assert sorted(f.event.event for f in frames) == list(range(12))
+    assert items[-1] == RunEnd("tstx00001", 5)
+    assert leftovers() == [] and socket_dirs() == []
 
 
 @pytest.fixture

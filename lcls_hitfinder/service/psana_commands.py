@@ -19,18 +19,22 @@ def xtc2(
     adu_gain: Annotated[float | None, typer.Option(help="ADU per photon (default 1)")] = None,
     adu_offset: Annotated[float | None, typer.Option(help="pedestal in ADU (default 0)")] = None,
     rate: Annotated[float, typer.Option(min=0.001, help="event rate in Hz: spacing of the timestamps")] = 120.0,
+    exp_dir: Annotated[
+        Path | None, typer.Option(help="also lay the run out in DIR as psana's exp= mode wants it (smalldata too)")
+    ] = None,
 ) -> None:
     """Write a simulated dataset as an XTC2 run of uint16 ADU with psana's own writer, truth included.
 
     The dataset's mask goes beside it as psana's pixel_mask constant (OUT.constants.npz). Serve it with
     `lcls-hitfinder serve --source 'xtc2:OUT?det=NAME&constants=OUT.constants.npz'`, or through shared
     memory with psana's shmemServer. With --adu-gain G/--adu-offset O, serve with [serve.calibration] gain = G and
-    offset = O so the service turns ADU back into photons.
+    offset = O so the service turns ADU back into photons. With --exp-dir the run also goes where an
+    `exp:` source (serial or MPI, `&ranks=N`) finds it, with the smalldata index of psana's smdwriter.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from lcls_hitfinder.dataset import Dataset
-    from lcls_hitfinder.service.sources.xtc2_writer import constants_path, dataset_to_xtc2
+    from lcls_hitfinder.service.sources.xtc2_writer import constants_path, dataset_to_xtc2, exp_layout
 
     if not data.is_file():
         raise UserError(f"dataset {data} does not exist")
@@ -44,7 +48,11 @@ def xtc2(
             data, out, det, exp, run, adu_gain, adu_offset, rate, progress=lambda k: bar.update(task, completed=k)
         )
     print(f"{out}: {written} events of {exp} run {run}, detector {det!r}, truth in 'hitfinder_truth'")
-    print(f"serve it with: lcls-hitfinder serve --source 'xtc2:{out}?det={det}&constants={constants_path(out)}'")
+    constants = f"det={det}&constants={constants_path(out)}"
+    print(f"serve it with: lcls-hitfinder serve --source 'xtc2:{out}?{constants}'")
+    if exp_dir is not None:
+        exp_layout(out, exp_dir, exp, run)
+        print(f"or as an experiment run: --source 'exp:{exp}:{run}?dir={exp_dir}&{constants}' (MPI: add &ranks=4)")
 
 
 def demo(

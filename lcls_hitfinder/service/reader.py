@@ -10,11 +10,17 @@ backoff, counting restarts. Meanwhile `frames()` keeps yielding `None` idle tick
 0.5 s so the service goes on heartbeating.
 
 Ring protocol: the child writes slot k % n and sends (k % n, shape, dtype, event, truth, read
-time); the parent copies the slot out and acknowledges it on a second pipe. The child never has more
+time); the parent copies the slot out and acknowledges it on the same socket. The child never has more
 than n slots unacknowledged. A frame bigger than the slots makes the child wait for every
 acknowledgement, create a bigger ring and announce it, so slots are sized by the data, not guessed.
-Pipes rather than named semaphores, so a killed child leaves nothing behind but its ring, and the
-parent owns every ring: it unlinks them when the child ends or is killed, so /dev/shm is left clean.
+A socket pair rather than named semaphores, so a killed child leaves nothing behind but its ring, and
+the parent owns every segment: it unlinks them when the child ends or is killed, so /dev/shm is left clean.
+
+MPI (psana's parallel `exp=` mode): the child is `mpirun -n N` of service/mpi_rank.py. Every rank
+connects back on a Unix socket and is one channel of its own (its ring, its heartbeat slot) into the
+same `frames()`; the ranks are supervised as one child: a stalled rank restarts them all, a run ends
+when every rank has finished it, and a restarted run skips the events already `Delivered`, which
+big-data ranks hand over out of order.
 """
 
 from __future__ import annotations
@@ -23,16 +29,22 @@ import contextlib
 import ctypes
 import glob
 import logging
+import mmap
 import multiprocessing as mp
 import os
+import shutil
 import signal
+import socket
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait
 from multiprocessing.shared_memory import SharedMemory
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -42,8 +54,6 @@ from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.protocols import EventId, Frame, RunEnd
 
 if TYPE_CHECKING:
-    from multiprocessing.sharedctypes import Synchronized
-
     from lcls_hitfinder.service.settings import ReaderSettings
 
 log = logging.getLogger(__name__)
@@ -52,35 +62,76 @@ IDLE_TICK_S = 0.5  # longest time frames() goes without yielding, so the service
 _HEARTBEAT_PERIOD_S = 0.05
 _STARTUP_GRACE_S = 30.0  # spawn + imports before the child's first heartbeat (a loaded 2-core machine)
 _TERM_GRACE_S = 2.0  # a child asked to stop gets this long to finalize MPI before SIGKILL
+_EXIT_GRACE_S = 10.0  # a child that hung up on its own gets this long to exit (MPI ranks finalize together)
 _PR_SET_PDEATHSIG = 1  # prctl option: a signal for the child when its parent dies
 _CTX = mp.get_context("spawn")  # never fork the service (torch, ZeroMQ and HTTP threads live there)
+
+
+class Delivered:
+    """The events of a replayable source that reached the service: per run, every event below a contiguous
+    count from 0, plus those beyond it (MPI ranks deliver their batches out of order). A restarted reader
+    skips them, so a restart neither repeats nor loses an event."""
+
+    def __init__(self) -> None:
+        self._below: dict[int, int] = {}
+        self._beyond: dict[int, set[int]] = {}
+
+    def add(self, run: int, event: int) -> None:
+        below = self._below.get(run, 0)
+        if event < below:
+            return
+        beyond = self._beyond.setdefault(run, set())
+        beyond.add(event)
+        while below in beyond:
+            beyond.remove(below)
+            below += 1
+        self._below[run] = below
+
+    def __contains__(self, key: tuple[int, int]) -> bool:
+        run, event = key
+        return event < self._below.get(run, 0) or event in self._beyond.get(run, ())
+
+    def __len__(self) -> int:
+        return sum(self._below.values()) + sum(len(b) for b in self._beyond.values())
 
 
 class ReadLoop(Protocol):
     """The child side of a source: opens the data and hands every event to `sink.put`.
 
-    `resume_after` is the last event the parent received before a restart (None at first start); a
-    replayable source (a file) skips up to and including it, a live one ignores it. Bad input (no
-    such detector...) is raised as UserError and reaches the service as a one-line error.
+    `delivered` holds the events the parent received before a restart (empty at first start); a
+    replayable source (a file) skips them, a live one ignores it. Bad input (no such detector...) is
+    raised as UserError and reaches the service as a one-line error.
     """
 
-    def __call__(self, sink: FrameSink, resume_after: EventId | None) -> None: ...
+    def __call__(self, sink: FrameSink, delivered: Delivered) -> None: ...
+
+
+def _map_segment(name: str, size: int = 0) -> mmap.mmap:
+    """Map /dev/shm/`name`, creating it when `size` is given, behind multiprocessing's resource tracker: an MPI
+    rank's own tracker would unlink the service's segments when the rank exits. The parent owns and
+    unlinks every segment."""
+    flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if size else 0)
+    fd = os.open(f"/dev/shm/{name}", flags, 0o600)
+    try:
+        if size:
+            os.ftruncate(fd, size)
+        return mmap.mmap(fd, size or os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
 
 
 class FrameSink:
     """Child side of the ring: `put` blocks while every slot is still in use by the parent."""
 
-    def __init__(self, conn: Connection, acks: Connection, prefix: str, n_slots: int) -> None:
-        self._conn = conn
-        self._acks = acks
+    def __init__(self, conn: Connection, prefix: str, n_slots: int) -> None:
+        self._conn = conn  # messages out, acknowledgements in
         self._in_flight = 0  # slots sent and not yet acknowledged by the parent
         self._prefix = prefix
         self._n_slots = n_slots
-        self._ring: SharedMemory | None = None
+        self._ring: mmap.mmap | None = None
         self._slot_bytes = 0
         self._generation = 0
         self._count = 0
-        self._parent = os.getppid()
 
     def ready(self, description: str) -> None:
         """The data is open and the detector found: the parent's `open()` may return."""
@@ -101,7 +152,7 @@ class FrameSink:
         assert self._ring is not None
         slot = self._count % self._n_slots
         self._count += 1
-        view = np.ndarray(data.shape, data.dtype, buffer=self._ring.buf, offset=slot * self._slot_bytes)
+        view = np.ndarray(data.shape, data.dtype, buffer=self._ring, offset=slot * self._slot_bytes)
         np.copyto(view, data, casting="no")
         del view  # no export of the buffer may outlive this call, or the ring could not be closed
         self._conn.send(("frame", slot, data.shape, data.dtype.str, event, truth, read_ns))
@@ -110,9 +161,9 @@ class FrameSink:
     def _wait_in_flight(self, most: int) -> None:
         """Block until at most `most` slots are still unacknowledged."""
         while self._in_flight > most:
-            if self._acks.poll(1.0):
-                self._in_flight -= len(self._acks.recv_bytes())
-            elif os.getppid() != self._parent:  # the service died: nobody will ever free a slot
+            try:
+                self._in_flight -= len(self._conn.recv_bytes())
+            except (EOFError, OSError):  # the service is gone: nobody will ever free a slot
                 os._exit(3)
 
     def _new_ring(self, nbytes: int) -> None:
@@ -122,7 +173,7 @@ class FrameSink:
         self._generation += 1
         self._slot_bytes = -(-nbytes // 4096) * 4096
         name = f"{self._prefix}_{self._generation}"
-        self._ring = SharedMemory(name=name, create=True, size=self._slot_bytes * self._n_slots)
+        self._ring = _map_segment(name, self._slot_bytes * self._n_slots)
         self._count = 0
         self._conn.send(("ring", name, self._slot_bytes))
 
@@ -138,18 +189,27 @@ def _finalize_mpi() -> None:
         mpi.Finalize()
 
 
-def _child_main(
+def _die_with_parent() -> None:
+    """Linux: this process gets SIGKILL when its parent dies, even while frozen in psana with the GIL held."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def child_main(
     loop: ReadLoop,
     conn: Connection,
-    acks: Connection,
-    heartbeat: Synchronized[int],
+    heartbeat: str,
+    index: int,
     prefix: str,
     n_slots: int,
-    resume_after: EventId | None,
+    delivered: Delivered,
 ) -> None:
+    """Run `loop` in this process (the reader child, or one MPI rank), beating slot `index` of `heartbeat`."""
+    beats = np.ndarray((1,), np.uint64, buffer=_map_segment(heartbeat), offset=8 * index)
+
     def beat() -> None:  # stops when the process is frozen with the GIL held: that is the point
         while True:
-            heartbeat.value += 1
+            beats[0] += 1
             time.sleep(_HEARTBEAT_PERIOD_S)
 
     def stop(signum: int, frame: Any) -> None:
@@ -158,15 +218,14 @@ def _child_main(
     # psana makes a multiprocessing.Value (with a lock) per run; under the 'fork' default its semaphore is
     # unlinked at once, so a child killed by the watchdog leaves none behind in /dev/shm
     mp.set_start_method("fork", force=True)
-    with contextlib.suppress(OSError, AttributeError):  # Linux: die with the service, even when frozen in psana
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    _die_with_parent()
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the service, which stops us in order
     threading.Thread(target=beat, name="heartbeat", daemon=True).start()
-    sink = FrameSink(conn, acks, prefix, n_slots)
+    sink = FrameSink(conn, prefix, n_slots)
     code = 0
     try:
-        loop(sink, resume_after)
+        loop(sink, delivered)
         conn.send(("end",))
     except UserError as err:
         conn.send(("error", str(err)))
@@ -183,7 +242,7 @@ def _child_main(
 
 
 def remove_leftovers(pid: int, prefix: str) -> None:
-    """Delete what a killed child leaves in /dev/shm: its ring segments and MPICH's per-pid files."""
+    """Delete what a killed child leaves in /dev/shm: its segments (rings, heartbeats) and MPICH's per-pid files."""
     for path in glob.glob(f"/dev/shm/{prefix}_*") + glob.glob(f"/dev/shm/mpich_shm_{pid:x}_*"):
         with contextlib.suppress(OSError):  # gone meanwhile
             if os.path.basename(path).startswith(prefix):
@@ -194,41 +253,127 @@ def remove_leftovers(pid: int, prefix: str) -> None:
                 os.unlink(path)
 
 
+class MpiRun:
+    """`mpirun -n N` of service/mpi_rank.py, handled like a multiprocessing child: each rank sits in a process
+    group of its own (hydra's doing), so signals go to mpirun and to every rank that has said hello."""
+
+    def __init__(self, ranks: int, address: str) -> None:
+        mpirun = shutil.which("mpirun", path=os.path.dirname(sys.executable)) or shutil.which("mpirun")
+        if mpirun is None:
+            raise UserError("psana's MPI mode needs mpirun: pip install mpich (the psana extra installs it)")
+        env = {**os.environ, "PS_EB_NODES": "1", "PS_SRV_NODES": "0"}
+        env.pop("PS_PARALLEL", None)
+        command = [mpirun, "-n", str(ranks), sys.executable, "-m", "lcls_hitfinder.service.mpi_rank", address]
+        # preexec_fn only calls prctl: mpirun dies with the service, and its proxies take the ranks down
+        self._proc = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+        self.pid = self._proc.pid
+        self.ranks: list[int] = []  # pids of the ranks that connected
+
+    def is_alive(self) -> bool:
+        return self._proc.poll() is None
+
+    @property
+    def exitcode(self) -> int | None:
+        return self._proc.poll()
+
+    def _signal(self, signum: int) -> None:
+        for pid in (self.pid, *self.ranks):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    def terminate(self) -> None:
+        self._signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self._signal(signal.SIGKILL)
+
+    def join(self, timeout: float | None = None) -> None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._proc.wait(timeout)
+        deadline = time.monotonic() + (timeout if timeout is not None else 10.0)
+        for pid in self.ranks:  # the ranks are mpirun's grandchildren: wait until they are gone too
+            while _running(pid) and time.monotonic() < deadline:
+                time.sleep(0.02)
+
+
+def _mpich_segments(pid: int) -> list[str]:
+    """The MPICH shared-memory files that process `pid` has mapped: ranks of one job share a segment named by
+    a hash, not a pid (3 MB each), which a killed job leaves in /dev/shm."""
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            return sorted({line.split()[-1] for line in f if "/dev/shm/mpich_shm_" in line})
+    except OSError:
+        return []
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie (a container's init may never reap one)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 @dataclass
-class _Child:
-    process: mp.process.BaseProcess
+class _Channel:
+    """One producer of frames: the reader child, or one MPI rank."""
+
     conn: Connection
-    acks: Connection
-    heartbeat: Synchronized[int]
-    prefix: str
-    last_beat: int = 0
-    last_beat_at: float = 0.0
+    index: int  # its heartbeat slot (the MPI rank); -1 until an MPI rank says hello
+    pid: int | None = None
     ring: SharedMemory | None = None
     slot_bytes: int = 0
-    pending: list[tuple[Any, ...]] = field(default_factory=list)
-    ended: bool = False  # the read loop returned: a file is done
-    crash: str = ""  # last line of the child's traceback
+    closed: bool = False
+
+
+@dataclass
+class _Child:
+    process: mp.process.BaseProcess | MpiRun
+    heartbeat: SharedMemory
+    beats: np.ndarray  # one counter per channel, in `heartbeat`
+    prefix: str
+    expected: int  # channels it will have: 1, or the MPI ranks
+    started_at: float
+    listener: socket.socket | None = None  # MPI: where the ranks connect
+    socket_dir: str | None = None
+    channels: list[_Channel] = field(default_factory=list)
+    pending: list[tuple[_Channel | None, tuple[Any, ...]]] = field(default_factory=list)
+    last_beats: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
+    last_change: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    finished: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # slots no longer watched
+    ended: int = 0  # channels whose read loop returned (a file is done when all have)
+    run_ends: Counter[tuple[str, int]] = field(default_factory=Counter)
+    crash: str = ""  # last line of a channel's traceback
+    mpich: set[str] = field(default_factory=set)  # MPICH's shared-memory files of the ranks
+
+    def __post_init__(self) -> None:
+        self.last_beats = self.beats.copy()
+        self.last_change = np.full(self.expected, self.started_at)
+        self.finished = np.zeros(self.expected, bool)
 
 
 class SupervisedReader:
     """Parent side: starts the child, turns ring slots into Frames, and restarts a stalled child.
 
     A `live` reader (shared memory) is restarted whenever it stalls or ends; a replayable one (a file)
-    is restarted after a stall or a kill, resuming after the last event received, ends the iteration
+    is restarted after a stall or a kill, skipping the events already received, ends the iteration
     when the file is done and raises when psana fails on it. Restarts back off exponentially
     (`backoff_s` doubling up to `max_backoff_s`) until a restarted child delivers a frame again.
+    `mpi_ranks` >= 3 runs the loop in that many MPI ranks (psana's parallel mode) instead of one child.
     """
 
-    def __init__(self, loop: ReadLoop, settings: ReaderSettings, name: str, live: bool) -> None:
+    def __init__(self, loop: ReadLoop, settings: ReaderSettings, name: str, live: bool, mpi_ranks: int = 0) -> None:
         self._loop = loop
         self._settings = settings
         self._name = name
         self._live = live
+        self._mpi_ranks = mpi_ranks
         self._child: _Child | None = None
         self._incarnation = 0
         self._failures = 0  # restarts since the last delivered frame, for the backoff
         self._restart_at: float | None = None
-        self._last_event: EventId | None = None
+        self._delivered = Delivered()
         self._closed = False
         self.restarts = 0
 
@@ -239,61 +384,133 @@ class SupervisedReader:
         assert child is not None
         deadline = time.monotonic() + wait_ready_s
         while time.monotonic() < deadline:
-            msg = self._next_message(child, 0.1)
-            if msg is None:
+            got = self._next_message(child, 0.1)
+            if got is None:
                 continue
+            channel, msg = got
             if msg[0] == "ready":
+                self._handle_control(child, channel, msg)
                 log.info("%s: %s", self._name, msg[1])
                 return
-            if msg[0] == "error":
-                self._handle_control(child, msg)
-            child.pending.append(msg)
+            if msg[0] in ("error", "hello"):  # a rank waits for its answer before it can open the data
+                self._handle_control(child, channel, msg)
+                continue
+            child.pending.append(got)
             if msg[0] == "eof":
                 return
 
     def _spawn(self) -> None:
         self._incarnation += 1
         prefix = f"lhf_{os.getpid()}_{self._incarnation}"
-        receiver, sender = _CTX.Pipe(duplex=False)
-        ack_receiver, acks = _CTX.Pipe(duplex=False)
-        heartbeat = _CTX.Value("Q", 0, lock=False)
-        process = _CTX.Process(
-            target=_child_main,
-            args=(self._loop, sender, ack_receiver, heartbeat, prefix, self._settings.ring_slots, self._last_event),
-            name=f"reader-{self._name}",
-            daemon=True,
-        )
-        process.start()
-        sender.close()  # the child holds the only write end: its death reads as EOF here
-        ack_receiver.close()
-        self._child = _Child(process, receiver, acks, heartbeat, prefix, last_beat_at=time.monotonic())
+        expected = self._mpi_ranks or 1
+        heartbeat = SharedMemory(name=f"{prefix}_hb", create=True, size=8 * expected)
+        beats = np.ndarray((expected,), np.uint64, buffer=heartbeat.buf)
+        beats[:] = 0
+        if self._mpi_ranks:
+            socket_dir = tempfile.mkdtemp(prefix=f"{prefix}_")
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            address = os.path.join(socket_dir, "ranks")
+            listener.bind(address)
+            listener.listen(expected)
+            listener.setblocking(False)
+            try:
+                process: mp.process.BaseProcess | MpiRun = MpiRun(expected, address)
+            except BaseException:
+                listener.close()
+                shutil.rmtree(socket_dir, ignore_errors=True)
+                del beats
+                heartbeat.close()
+                heartbeat.unlink()
+                raise
+            self._child = _Child(process, heartbeat, beats, prefix, expected, time.monotonic(), listener, socket_dir)
+        else:
+            here, there = _CTX.Pipe(duplex=True)
+            process = _CTX.Process(
+                target=child_main,
+                args=(self._loop, there, heartbeat.name, 0, f"{prefix}_0", self._settings.ring_slots, self._delivered),
+                name=f"reader-{self._name}",
+                daemon=True,
+            )
+            process.start()
+            there.close()  # the child holds the only other end: its death reads as EOF here
+            self._child = _Child(process, heartbeat, beats, prefix, expected, time.monotonic())
+            self._child.channels.append(_Channel(here, 0, process.pid))
         self._restart_at = None
 
-    def _next_message(self, child: _Child, timeout: float) -> tuple[Any, ...] | None:
+    def _next_message(self, child: _Child, timeout: float) -> tuple[_Channel | None, tuple[Any, ...]] | None:
+        """The next message of any channel; ("eof",) once the child is gone and all it sent has been read."""
         if child.pending:
             return child.pending.pop(0)
-        if not child.conn.poll(timeout):
-            return None
-        try:
-            msg: tuple[Any, ...] = child.conn.recv()
-        except EOFError:  # the child is gone and everything it sent has been read
-            return ("eof",)
-        return msg
+        deadline = time.monotonic() + timeout
+        while True:
+            open_conns = [ch.conn for ch in child.channels if not ch.closed]
+            waiting = open_conns + ([child.listener] if child.listener is not None else [])
+            if not open_conns and (len(child.channels) == child.expected or not child.process.is_alive()):
+                child.process.join(_EXIT_GRACE_S)
+                return None, ("eof",)
+            ready = wait(waiting, max(deadline - time.monotonic(), 0.0))
+            if not ready:
+                if not open_conns and not child.process.is_alive():
+                    return None, ("eof",)  # mpirun ended before every rank connected
+                return None
+            for obj in ready:
+                if obj is child.listener:
+                    self._accept(child)
+                    continue
+                channel = next(ch for ch in child.channels if ch.conn is obj)
+                try:
+                    msg: tuple[Any, ...] = channel.conn.recv()
+                except (EOFError, OSError):  # that producer is gone and everything it sent has been read
+                    channel.closed = True
+                    self._finish(child, channel)
+                    continue
+                child.channels.remove(channel)  # served last: the next wait serves the other ranks first
+                child.channels.append(channel)
+                return channel, msg
+
+    def _accept(self, child: _Child) -> None:
+        assert child.listener is not None
+        with contextlib.suppress(BlockingIOError):
+            sock, _ = child.listener.accept()
+            sock.setblocking(True)
+            child.channels.append(_Channel(Connection(sock.detach()), -1))
+        if len(child.channels) == child.expected:
+            child.listener.close()
+            child.listener = None
+
+    def _finish(self, child: _Child, channel: _Channel) -> None:
+        """A channel that ended is no longer watched for stalls."""
+        if channel.index >= 0:
+            child.finished[channel.index] = True
 
     def _stop_child(self, child: _Child, graceful: bool) -> None:
         proc = child.process
+        pids = {pid for pid in (proc.pid, *(ch.pid for ch in child.channels)) if pid is not None}
+        child.mpich.update(path for pid in pids for path in _mpich_segments(pid))  # before the processes go
         if proc.is_alive() and graceful:
             proc.terminate()
             proc.join(_TERM_GRACE_S)
         if proc.is_alive():
             proc.kill()
         proc.join()
-        child.conn.close()
-        child.acks.close()
-        if child.ring is not None:
-            child.ring.close()
-        if proc.pid is not None:
-            remove_leftovers(proc.pid, child.prefix)
+        if isinstance(proc, MpiRun):
+            proc.kill()  # ranks that outlived mpirun
+            proc.join()
+        for channel in child.channels:
+            channel.conn.close()
+            if channel.ring is not None:
+                channel.ring.close()
+        if child.listener is not None:
+            child.listener.close()
+        if child.socket_dir is not None:
+            shutil.rmtree(child.socket_dir, ignore_errors=True)
+        del child.beats
+        child.heartbeat.close()
+        for pid in pids:
+            remove_leftovers(pid, child.prefix)
+        for path in child.mpich:  # MPICH removes its segment at a clean exit, but not always, nor when killed
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
         self._child = None
 
     def _schedule_restart(self, why: str) -> None:
@@ -307,26 +524,37 @@ class SupervisedReader:
         self._restart_at = time.monotonic() + delay
 
     def _stalled(self, child: _Child) -> bool:
+        """Whether a channel that is still reading has not beaten for `stall_s` (30 s before its first beat)."""
         now = time.monotonic()
-        beat = child.heartbeat.value
-        if beat != child.last_beat:
-            child.last_beat, child.last_beat_at = beat, now
-            return False
-        limit = _STARTUP_GRACE_S if beat == 0 else self._settings.stall_s
-        return now - child.last_beat_at > limit
+        beats = child.beats.copy()
+        child.last_change[beats != child.last_beats] = now
+        child.last_beats = beats
+        limit = np.where(beats == 0, _STARTUP_GRACE_S, self._settings.stall_s)
+        return bool(((now - child.last_change > limit) & ~child.finished).any())
 
-    def _handle_control(self, child: _Child, msg: tuple[Any, ...]) -> None:
+    def _handle_control(self, child: _Child, channel: _Channel | None, msg: tuple[Any, ...]) -> None:
         kind = msg[0]
-        if kind == "ring":
-            if child.ring is not None:
-                child.ring.close()
-                child.ring.unlink()
-            child.ring = SharedMemory(name=msg[1])
-            child.slot_bytes = msg[2]
-        elif kind == "ready":
-            log.info("%s: %s", self._name, msg[1])
+        assert channel is not None
+        if kind == "hello":  # an MPI rank: its slot, its pid, and what to run
+            _, rank, pid = msg
+            channel.index, channel.pid = rank, pid
+            assert isinstance(child.process, MpiRun)
+            child.process.ranks.append(pid)
+            setup = (self._loop, child.heartbeat.name, f"{child.prefix}_{rank}", self._settings.ring_slots)
+            channel.conn.send((*setup, self._delivered))
+        elif kind == "ring":
+            if channel.ring is not None:
+                channel.ring.close()
+                channel.ring.unlink()
+            channel.ring = SharedMemory(name=msg[1])
+            channel.slot_bytes = msg[2]
+        elif kind == "ready":  # MPI is up in that process: note its segments while it still maps them
+            log.debug("%s: %s", self._name, msg[1])
+            if channel.pid is not None:
+                child.mpich.update(_mpich_segments(channel.pid))
         elif kind == "end":
-            child.ended = True
+            child.ended += 1
+            self._finish(child, channel)
         elif kind == "error":
             self._stop_child(child, graceful=True)
             raise UserError(msg[1])
@@ -334,28 +562,29 @@ class SupervisedReader:
             log.error("%s: reader failed:\n%s", self._name, msg[1])
             child.crash = msg[1].strip().splitlines()[-1]
 
-    def _frame(self, child: _Child, msg: tuple[Any, ...]) -> Frame:
+    def _frame(self, channel: _Channel, msg: tuple[Any, ...]) -> Frame:
         _, slot, shape, dtype, event, truth, read_ns = msg
         if slot < 0:
             data = np.empty(shape, dtype)
         else:
-            assert child.ring is not None
-            data = np.ndarray(shape, dtype, buffer=child.ring.buf, offset=slot * child.slot_bytes).copy()
+            assert channel.ring is not None
+            data = np.ndarray(shape, dtype, buffer=channel.ring.buf, offset=slot * channel.slot_bytes).copy()
             with contextlib.suppress(OSError):  # a child that died meanwhile needs no acknowledgement
-                child.acks.send_bytes(b"\x01")
+                channel.conn.send_bytes(b"\x01")
         self._failures = 0
-        self._last_event = event
+        self._delivered.add(event.run, event.event)
         return Frame(event=event, data=data, read_ns=read_ns, truth_n_particles=truth)
 
     def _child_gone(self, child: _Child) -> bool:
         """Handle the end of a child; True when the iteration is over (a file read to its end)."""
         code = child.process.exitcode if not child.process.is_alive() else None
+        ended = child.ended == child.expected
         self._stop_child(child, graceful=False)
-        if not self._live and child.ended:
+        if not self._live and ended:
             return True
         if not self._live and child.crash:
             raise UserError(f"{self._name}: psana failed: {child.crash}")
-        self._schedule_restart("reached the end of its data" if child.ended else f"exited (code {code})")
+        self._schedule_restart("reached the end of its data" if ended else f"exited (code {code})")
         return False
 
     def frames(self) -> Iterator[Frame | RunEnd | None]:
@@ -371,22 +600,26 @@ class SupervisedReader:
                 time.sleep(min(IDLE_TICK_S, (self._restart_at or now + IDLE_TICK_S) - now))
                 yield None
                 continue
-            msg = self._next_message(child, IDLE_TICK_S)
-            if msg is None:
+            got = self._next_message(child, IDLE_TICK_S)
+            if got is None:
                 if self._stalled(child):
                     self._schedule_restart(stall)
                 yield None
                 continue
+            channel, msg = got
             if msg[0] == "frame":
-                yield self._frame(child, msg)
-            elif msg[0] == "run_end":
-                yield RunEnd(experiment=msg[1], run=msg[2])
+                assert channel is not None
+                yield self._frame(channel, msg)
+            elif msg[0] == "run_end":  # every rank has its part of the run behind it
+                child.run_ends[msg[1], msg[2]] += 1
+                if child.run_ends[msg[1], msg[2]] == child.expected:
+                    yield RunEnd(experiment=msg[1], run=msg[2])
             elif msg[0] == "eof":
                 if self._child_gone(child):
                     return
                 continue
             else:
-                self._handle_control(child, msg)
+                self._handle_control(child, channel, msg)
             if self._stalled(child):
                 self._schedule_restart(stall)
 
@@ -408,13 +641,14 @@ class SupervisedSource:
         live: bool,
         open_timeout_s: float,
         mask: np.ndarray | None = None,
+        mpi_ranks: int = 0,
     ) -> None:
         self.uri = uri
         self.frame_shape: tuple[int, ...] | None = None
         self.mask = mask
         self.restarts = 0
         self._open_timeout_s = 0.0 if live else open_timeout_s
-        self._reader = SupervisedReader(loop, settings, uri, live)
+        self._reader = SupervisedReader(loop, settings, uri, live, mpi_ranks)
 
     def open(self) -> None:
         """Start the reader; a replayable source waits until psana has opened the data (or failed to)."""

@@ -129,7 +129,7 @@ def markdown() -> str:
         "| --- | --- |",
         "| `xtc2:PATH?det=NAME` | a psana2 XTC2 file |",
         "| `shmem:TAG?det=NAME` | psana2 live shared memory (the DAQ's monitoring tag) |",
-        "| `exp:EXPERIMENT:RUN?dir=DIR&det=NAME` | a psana2 experiment and run |",
+        "| `exp:EXPERIMENT:RUN?dir=DIR&det=NAME` | a psana2 experiment and run; `&ranks=N`: psana's MPI mode |",
         "| `psana1:DATASOURCE?det=NAME` | LCLS-I psana1 (when importable), e.g. `psana1:exp=amo86615:run=190:smd` |",
         "| `h5:PATH` | the project's dataset files (with their true particle counts) or CXI files |",
         "| `sim:?rate=HZ` | a live simulated stream with its ground truth |",
@@ -138,7 +138,7 @@ def markdown() -> str:
         "(read the file first), `experiment`, `run`; CXI: `data` (default `/entry_1/data_1/data`) and `mask`",
         "(non-zero = bad pixel). Parameters of `sim:`: `rate` (default 120), `n` (events, then the run ends),",
         "`seed`, `experiment`, `run`, `config` (a config file whose [simulate] section describes the patterns).",
-        "The psana sources' parameters: docs/operations.md. An unknown parameter is an error, not ignored.",
+        "The psana sources' parameters: docs/psana.md. An unknown parameter is an error, not ignored.",
         "",
     ]
     return "\n".join(lines)

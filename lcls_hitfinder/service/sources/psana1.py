@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.protocols import EventId
-from lcls_hitfinder.service.reader import FrameSink, SupervisedSource
+from lcls_hitfinder.service.reader import Delivered, FrameSink, SupervisedSource
 from lcls_hitfinder.service.sources.psana2 import flag
 from lcls_hitfinder.service.sources.xtc2_writer import EPICS_EPOCH_UNIX
 
@@ -64,7 +64,7 @@ class Psana1ReadLoop:
             raise UserError(f"source {self.label}: no detector {self.detector!r} (detectors: {', '.join(names)})")
         return psana.Detector(self.detector)
 
-    def __call__(self, sink: FrameSink, resume_after: EventId | None) -> None:
+    def __call__(self, sink: FrameSink, delivered: Delivered) -> None:
         import psana
 
         if self.calib_dir is not None:
@@ -76,14 +76,13 @@ class Psana1ReadLoop:
         experiment = ds.env().experiment()
         det = self._detector(psana)
         sink.ready(f"{experiment} {self.datasource}: detector {self.detector}, {'calib' if self.calib else 'raw'}")
-        skip_to = None if self.live or resume_after is None else (resume_after.run, resume_after.event)
         run, index = None, -1
         for evt in ds.events():
             read_ns = time.perf_counter_ns()
             eid = evt.get(psana.EventId)
             index = index + 1 if eid.run() == run else 0
             run = eid.run()
-            if skip_to is not None and (run, index) <= skip_to:
+            if not self.live and (run, index) in delivered:
                 continue
             data = det.calib(evt) if self.calib else det.raw(evt)
             if self.image and data is not None:

@@ -15,13 +15,17 @@ psana runs in a supervised child process (service/reader.py). Event identity: ru
 run.runnum, the event's index in the run, evt.timestamp, the pulse id when a timing detector is
 recorded, and the particle count when the file carries truth (see xtc2_writer.py).
 
-exp= runs in psana's serial mode: psana's MPI split (smd0 / event builder / big-data ranks) needs
-three ranks before one reads data, and on the 2-core machine this was built on it was slower than one
-reader (NOTES.md §3); the service parallelises downstream of the reader instead.
+`exp:` sources take `ranks=N` (N >= 3) for psana's MPI mode: `mpirun -n N`, rank 0 reading the
+smalldata (smd0), rank 1 building events, the other N - 2 reading big data in batches of `batch=`
+events (psana's batch_size, default 100), each rank a channel of its own into the service
+(reader.py). Big-data ranks see only their batches, so an event's index comes from the run's
+smalldata (`SmallDataIndex`) and matches the serial reader's. Without `ranks` the run is read serially:
+on the 2-core machine this was built on three ranks were slower than one reader (BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import time
 from dataclasses import dataclass
@@ -32,14 +36,16 @@ import numpy as np
 
 from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.protocols import EventId
-from lcls_hitfinder.service.reader import FrameSink, SupervisedSource
+from lcls_hitfinder.service.reader import Delivered, FrameSink, SupervisedSource
 from lcls_hitfinder.service.sources.xtc2_writer import TIMING_DETECTOR, TRUTH_DETECTOR
 
 if TYPE_CHECKING:
     from lcls_hitfinder.service.settings import ServeSettings
     from lcls_hitfinder.service.sources import SourceURI
 
-PARAMS = ("det", "data", "image", "timing", "constants", "calibdb", "dir")
+PARAMS = ("det", "data", "image", "timing", "constants", "calibdb", "dir", "ranks", "batch")
+MIN_MPI_RANKS = 3  # smd0, an event builder and one big-data rank
+DEFAULT_BATCH = 100  # events a big-data rank takes at a time (psana's own default, 1000, gives a short run to one rank)
 OPEN_TIMEOUT_S = 120.0  # psana import + reading the Configure of a file; a shmem source does not wait
 _NOT_AREA_DETECTORS = {"runinfo", TRUTH_DETECTOR, "epics", "scan", "smdinfo"}
 
@@ -58,6 +64,40 @@ def _existing(uri: SourceURI, path: str, what: str) -> str:
     return path
 
 
+class SmallDataIndex:
+    """The index of an event in its run, for a big-data rank of psana's MPI mode (which sees only its own
+    batches): the event's place among the run's L1Accept timestamps, read from the run's smalldata files
+    (a few bytes an event) by a serial DataSource, and read again for a timestamp not there yet (a run
+    still being written). The files are those psana itself looks for on disk."""
+
+    def __init__(self, xtc_dir: str, runnum: int) -> None:
+        smd = os.path.join(xtc_dir, "smalldata", f"*r{runnum:04d}-s*.smd.xtc2")
+        self._patterns = (smd, smd + ".inprogress")
+        self._timestamps = np.zeros(0, np.uint64)
+
+    def _read(self) -> None:
+        from psana import DataSource
+
+        stamps: list[int] = []
+        for path in sorted(f for pattern in self._patterns for f in glob.glob(pattern)):
+            for run in DataSource(files=path, skip_calib_load="all").runs():
+                stamps.extend(int(evt.timestamp) for evt in run.events())
+        self._timestamps = np.unique(np.array(stamps, np.uint64))
+
+    def _find(self, timestamp: int) -> int | None:
+        i = int(np.searchsorted(self._timestamps, np.uint64(timestamp)))
+        return i if i < len(self._timestamps) and int(self._timestamps[i]) == timestamp else None
+
+    def __call__(self, timestamp: int) -> int:
+        i = self._find(timestamp)
+        if i is None:
+            self._read()
+            i = self._find(timestamp)
+        if i is None:
+            raise RuntimeError(f"timestamp {timestamp} is in no smalldata file of {self._patterns[0]}")
+        return i
+
+
 @dataclass(frozen=True)
 class Psana2ReadLoop:
     """The child side: DataSource -> runs -> events -> sink, one frame per L1Accept."""
@@ -70,9 +110,11 @@ class Psana2ReadLoop:
     timing: str
     constants: str | None
     live: bool
+    mpi_ranks: int = 0  # psana's MPI mode in that many ranks (exp: only); 0: serial
 
     def _open(self) -> Any:
-        os.environ.setdefault("PS_PARALLEL", "none")  # one serial reader (psana's MPI stays single-rank)
+        if not self.mpi_ranks:
+            os.environ.setdefault("PS_PARALLEL", "none")  # one serial reader (psana's MPI stays single-rank)
         kwargs = dict(self.datasource)
         if "exp" in kwargs:
             # psana 4.3.4 asks the LCLS logbook web service for the run's files outside its try block, so
@@ -109,10 +151,10 @@ class Psana2ReadLoop:
         with np.load(self.constants) as npz:
             run.dsparms.calibconst[name] = {ctype: (np.asarray(npz[ctype]), meta) for ctype in npz.files}
 
-    def __call__(self, sink: FrameSink, resume_after: EventId | None) -> None:
+    def __call__(self, sink: FrameSink, delivered: Delivered) -> None:
         ds = self._open()
-        skip_to = None if self.live or resume_after is None else (resume_after.run, resume_after.event)
         for run in ds.runs():
+            runnum = int(run.runnum or 0)
             name = self._detector_name(run)
             self._local_constants(run, name)
             det = run.Detector(name).raw
@@ -121,8 +163,11 @@ class Psana2ReadLoop:
             truth = run.Detector(TRUTH_DETECTOR).raw if TRUTH_DETECTOR in names else None
             kind = "calib" if self.calib else "raw"
             sink.ready(f"{run.expt or '?'} run {run.runnum}: detector {name}, {kind}{' image' if self.image else ''}")
+            index = SmallDataIndex(ds.xtc_path, runnum) if self.mpi_ranks else None
             for i, evt in enumerate(run.events()):
-                if skip_to is not None and (run.runnum, i) <= skip_to:
+                if index is not None:
+                    i = index(int(evt.timestamp))
+                if not self.live and (runnum, i) in delivered:
                     continue
                 read_ns = time.perf_counter_ns()
                 data = det.calib(evt) if self.calib else det.raw(evt)
@@ -131,13 +176,13 @@ class Psana2ReadLoop:
                 n = truth.n_particles(evt) if truth is not None else None
                 event = EventId(
                     experiment=run.expt or "",
-                    run=int(run.runnum or 0),
+                    run=runnum,
                     event=i,
                     timestamp=int(evt.timestamp),
                     pulse_id=int(timing.pulseId(evt)) if timing is not None else None,
                 )
                 sink.put(event, data, None if n is None or n < 0 else int(n), read_ns)
-            sink.end_run(run.expt or "", int(run.runnum or 0))
+            sink.end_run(run.expt or "", runnum)
 
 
 def read_loop(uri: SourceURI) -> Psana2ReadLoop:
@@ -157,8 +202,21 @@ def read_loop(uri: SourceURI) -> Psana2ReadLoop:
         datasource.update(exp=experiment, run=int(run))
         if "dir" in uri.params:
             datasource["dir"] = _existing(uri, uri.params["dir"], "directory")
-    if "dir" in uri.params and uri.scheme != "exp":
-        raise UserError(f"source {uri.raw}: dir= belongs to exp: sources")
+    for name in ("dir", "ranks", "batch"):
+        if name in uri.params and uri.scheme != "exp":
+            raise UserError(f"source {uri.raw}: {name}= belongs to exp: sources")
+    ranks = uri.get("ranks", int, 0)
+    if ranks and ranks < MIN_MPI_RANKS:
+        raise UserError(
+            f"source {uri.raw}: ranks={ranks}: psana's MPI mode needs at least {MIN_MPI_RANKS} "
+            "(smalldata, event builder, big data); leave ranks out to read serially"
+        )
+    if "batch" in uri.params and not ranks:
+        raise UserError(f"source {uri.raw}: batch= is for psana's MPI mode (give ranks=N too)")
+    if ranks:
+        datasource["batch_size"] = uri.get("batch", int, DEFAULT_BATCH)
+        if datasource["batch_size"] < 1:
+            raise UserError(f"source {uri.raw}: batch= must be at least 1")
     data = uri.params.get("data", "raw")
     if data not in ("raw", "calib"):
         raise UserError(f"source {uri.raw}: data={data!r} must be raw or calib")
@@ -176,6 +234,7 @@ def read_loop(uri: SourceURI) -> Psana2ReadLoop:
         timing=uri.params.get("timing", TIMING_DETECTOR),
         constants=constants,
         live=uri.scheme == "shmem",
+        mpi_ranks=ranks,
     )
 
 
@@ -192,4 +251,6 @@ class Psana2Source(SupervisedSource):
 
     def __init__(self, uri: SourceURI, settings: ServeSettings) -> None:
         loop = read_loop(uri)
-        super().__init__(uri.raw, loop, settings.reader, loop.live, OPEN_TIMEOUT_S, constants_mask(loop))
+        super().__init__(
+            uri.raw, loop, settings.reader, loop.live, OPEN_TIMEOUT_S, constants_mask(loop), loop.mpi_ranks
+        )

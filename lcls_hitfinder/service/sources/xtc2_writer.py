@@ -213,3 +213,26 @@ def dataset_to_xtc2(
                 if progress is not None:
                     progress(writer.n)
             return writer.n
+
+
+def exp_layout(xtc2: Path, root: Path, experiment: str, run: int) -> Path:
+    """Put an XTC2 run where psana's exp= mode (and its MPI mode) looks for it: root/<exp>-r<run>-s000-c000.xtc2
+    (a hard link where the file system allows, else a copy) and its smalldata index root/smalldata/...smd.xtc2
+    written by psana's `smdwriter`. Returns root, the `dir=` of an `exp:` source."""
+    import shutil
+    import subprocess
+
+    from lcls_hitfinder.service.sources.shmem_server import psana_tool
+
+    base = f"{experiment}-r{run:04d}-s000-c000"
+    big, smd = root / f"{base}.xtc2", root / "smalldata" / f"{base}.smd.xtc2"
+    smd.parent.mkdir(parents=True, exist_ok=True)
+    big.unlink(missing_ok=True)
+    try:
+        big.hardlink_to(xtc2)
+    except OSError:
+        shutil.copyfile(xtc2, big)
+    made = subprocess.run([psana_tool("smdwriter"), "-f", big, "-o", smd], capture_output=True, text=True)
+    if made.returncode != 0:
+        raise UserError(f"psana's smdwriter failed on {big}: {(made.stderr or made.stdout).strip()[-300:]}")
+    return root
