@@ -7,6 +7,8 @@ On one XTC2 file (written with psana's DgramEdit, then read once so it sits in t
   floor        that loop plus a block-average of the frames to the thumbnail (torch, float32, in
                batches like the service's): the least any classifier must do;
   source       `Psana2Source` alone: psana in the supervised child, frames through the shared-memory ring;
+  exp, MPI     the same on the run laid out for psana's exp= mode: serial, and MPI in 3 and 4 ranks
+               (1 and 2 big-data ranks, batches of 20), plus the whole service on the 4-rank source;
   serve        the whole service on `xtc2:` (the same `Pipeline` run as benchmarks/bench_service.py:
                checks, preprocessing, ONNX, bank, decision log, ZeroMQ), saturated;
   live shmem   the service on `shmem:` while psana's shmemServer replays the file at --rate (120 Hz):
@@ -39,7 +41,7 @@ from lcls_hitfinder.service.publish import ZmqPublisher
 from lcls_hitfinder.service.settings import ServeSettings
 from lcls_hitfinder.service.sources import open_source
 from lcls_hitfinder.service.sources.shmem_server import ShmemServer
-from lcls_hitfinder.service.sources.xtc2_writer import Xtc2Writer
+from lcls_hitfinder.service.sources.xtc2_writer import Xtc2Writer, exp_layout
 
 SIDE = 1024
 
@@ -158,6 +160,10 @@ def main() -> None:
         floor = psana_loop(run, thumbnail, args.batch)
         source = source_only(uri, settings)
         service = serve(uri, settings, model, bank)
+        exp = f"exp:tstx00001:1?dir={exp_layout(run, tmp / 'xtc', 'tstx00001', 1)}&det=cam"
+        mpi = {ranks: source_only(f"{exp}&ranks={ranks}&batch=20", settings) for ranks in (3, 4)}
+        exp_serial = source_only(exp, settings)
+        service_mpi = serve(f"{exp}&ranks=4&batch=20", settings, model, bank)
         shmem = live(run, settings, model, bank, args.rate)
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, load average {load}")
@@ -169,6 +175,10 @@ def main() -> None:
         ("floor (psana + block-mean)", floor),
         ("Psana2Source (child + ring)", source),
         ("serve on xtc2:, saturated", service["fps"]),
+        ("Psana2Source exp:, serial", exp_serial),
+        ("Psana2Source exp:, MPI 3 ranks", mpi[3]),
+        ("Psana2Source exp:, MPI 4 ranks", mpi[4]),
+        ("serve on exp:, MPI 4 ranks", service_mpi["fps"]),
     ):
         print(f"{name:<32}{fps:>10.0f}{fps / bare:>9.2f}{fps / floor:>10.2f}")
     print(

@@ -164,6 +164,16 @@ def test_exp_mpi_mode_gives_each_event_once_as_the_serial_reader_does(tmp_path: 
     assert leftovers() == [] and socket_dirs() == []
 
 
+def test_an_unknown_detector_in_mpi_mode_is_a_one_line_error_at_start(tmp_path: Path) -> None:
+    write_run(tmp_path / "r.xtc2", 4, (8, 8), run=5)
+    xtc = exp_layout(tmp_path / "r.xtc2", tmp_path / "xtc", "tstx00001", 5)
+    source = open_source(f"exp:tstx00001:5?dir={xtc}&det=jungfrau&ranks=3", settings())
+    with pytest.raises(UserError, match=r"no detector 'jungfrau' in run 5 \(detectors: cam, hitfinder_truth, timing\)"):
+        source.open()
+    source.close()
+    assert leftovers() == [] and socket_dirs() == []
+
+
 def socket_dirs() -> list[str]:
     """Folders of the Unix sockets that this process's MPI readers listened on (removed when they stop)."""
     return glob.glob(os.path.join(tempfile.gettempdir(), f"lhf_{os.getpid()}_*"))
