@@ -9,7 +9,8 @@ and the `psana` on PyPI (4.x) is psana2, so this module tells the two apart and 
 
 Event identity: `ds.env().experiment()`, the run, the event's index in its run, the EventId's unix
 (sec, nsec) re-based to psana2's 64-bit form (seconds since 1990 << 32 | ns, one convention for every
-source) and the 360 Hz fiducials as the pulse id.
+source) and the 360 Hz fiducials as the pulse id. tests/test_psana1_standin.py runs this module against a
+stand-in of those documented calls; it has never met a real psana1 here.
 """
 
 from __future__ import annotations
