@@ -189,10 +189,16 @@ def _finalize_mpi() -> None:
         mpi.Finalize()
 
 
+try:  # looked up once here: _die_with_parent also runs between fork and exec, where dlopen is not safe
+    _prctl: Any = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # not Linux
+    _prctl = None
+
+
 def _die_with_parent() -> None:
     """Linux: this process gets SIGKILL when its parent dies, even while frozen in psana with the GIL held."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def child_main(
@@ -264,7 +270,7 @@ class MpiRun:
         env = {**os.environ, "PS_EB_NODES": "1", "PS_SRV_NODES": "0"}
         env.pop("PS_PARALLEL", None)
         command = [mpirun, "-n", str(ranks), sys.executable, "-m", "lcls_hitfinder.service.mpi_rank", address]
-        # preexec_fn only calls prctl: mpirun dies with the service, and its proxies take the ranks down
+        # preexec_fn only calls the prctl found at import: mpirun dies with the service, its proxies take the ranks
         self._proc = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
         self.pid = self._proc.pid
         self.ranks: list[int] = []  # pids of the ranks that connected
