@@ -4,6 +4,8 @@ provider choice, the h5: and sim: sources, the decision log and the metrics endp
 from __future__ import annotations
 
 import queue
+import subprocess
+import sys
 import threading
 import urllib.request
 from pathlib import Path
@@ -238,10 +240,24 @@ def test_decision_log_appends_flushes_and_records_totals(tmp_path: Path) -> None
         cols["seq"] = np.arange(lo, lo + 3)
         log.append(cols)  # flush_s=0: written at once
         assert log.n == lo + 3
+        # another process reads the log while it is being written (SWMR), as a user's script would
+        read = subprocess.run(
+            [sys.executable, "-c", READ_LOG, str(tmp_path / "r.h5")], capture_output=True, text=True, timeout=60
+        )
+        assert read.returncode == 0, read.stderr
+        assert read.stdout.split() == [str(lo + 2), "False"]
     log.close({"events": 6, "counts": {"blank": 6}})
     columns, attrs = read_decision_log(tmp_path / "r.h5")
     assert columns["seq"].tolist() == list(range(6))
     assert attrs["complete"] and attrs["events"] == 6 and attrs["counts"] == '{"blank": 6}'
+
+
+READ_LOG = """
+import sys
+from lcls_hitfinder.service.decision_log import read_decision_log
+columns, attrs = read_decision_log(sys.argv[1])
+print(columns["seq"][-1], attrs["complete"])
+"""
 
 
 def test_preprocessing_in_place_never_touches_the_callers_frames() -> None:

@@ -4,6 +4,11 @@ It is written by the pipeline's output stage before the decisions are published,
 every `flush_s` seconds (also while no events come) and closed at the end of the run with the run's
 totals as attributes. Subscribers never affect it: whatever the PUB socket drops is still here.
 
+The file is written in HDF5's single-writer / multiple-reader (SWMR) mode, so a user's script can read
+it while the run goes on (`read_decision_log`, or `h5py.File(path, 'r', swmr=True)` and `refresh()`)
+and sees every flushed decision, consistent, never a half-written file. HDF5 allows no attribute
+writes in SWMR mode: at the end of the run the file is closed and reopened once to record the totals.
+
 Layout: /<field> (N,) for each field of messages.LOG_COLUMNS (nil stored as -1 or ""), attrs:
 schema_version, experiment, run, source, model, complete (set at close) and the run's totals.
 """
@@ -45,13 +50,13 @@ class DecisionLog:
     def __init__(self, path: Path, attrs: Mapping[str, Any], flush_s: float = 1.0) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = h5py.File(path, "w")
+        self._f = h5py.File(path, "w", libver="latest")  # SWMR needs the latest file format
         self._f.attrs["schema_version"] = SCHEMA_VERSION
         self._f.attrs["complete"] = False
-        for key, value in attrs.items():
-            self._f.attrs[key] = value if isinstance(value, str | int | float) else json.dumps(value)
+        _write_attrs(self._f, attrs)
         for spec in LOG_COLUMNS:
             self._f.create_dataset(spec.name, (0,), _dtype(spec.log_dtype), maxshape=(None,), chunks=(4096,))
+        self._f.swmr_mode = True  # from here on readers may open it; no new objects or attributes
         self._pending: list[Mapping[str, np.ndarray]] = []
         self._flush_s = flush_s
         self._last_flush = time.monotonic()
@@ -74,6 +79,7 @@ class DecisionLog:
                 ds = self._f[spec.name]
                 ds.resize(hi, axis=0)
                 ds[lo:hi] = np.concatenate([np.asarray(c[spec.name]) for c in self._pending])
+                ds.flush()  # what an SWMR reader's refresh() sees
             self.n = hi
             self._pending.clear()
         self._f.flush()
@@ -84,17 +90,24 @@ class DecisionLog:
         if not self._f.id.valid:
             return
         self.flush()
-        for key, value in (totals or {}).items():
-            self._f.attrs[key] = value if isinstance(value, str | int | float) else json.dumps(value)
-        self._f.attrs["complete"] = True
         self._f.close()
+        with h5py.File(self.path, "r+") as f:  # out of SWMR mode: attributes may be written again
+            _write_attrs(f, totals or {})
+            f.attrs["complete"] = True
+
+
+def _write_attrs(f: h5py.File, attrs: Mapping[str, Any]) -> None:
+    for key, value in attrs.items():
+        f.attrs[key] = value if isinstance(value, str | int | float) else json.dumps(value)
 
 
 def read_decision_log(path: Path | str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """All columns (strings decoded) and the attributes of a decision log."""
-    with h5py.File(path, "r") as f:
+    """All columns (strings decoded) and the attributes of a decision log, also of one still being written
+    (`complete` is then False and the columns hold every decision flushed so far)."""
+    with h5py.File(path, "r", swmr=True) as f:
+        n = min(len(f[spec.name]) for spec in LOG_COLUMNS)  # columns grow one after the other during a flush
         columns = {
-            spec.name: f[spec.name].asstr()[()] if spec.log_dtype == "str" else f[spec.name][()] for spec in LOG_COLUMNS
+            spec.name: f[spec.name].asstr()[:n] if spec.log_dtype == "str" else f[spec.name][:n] for spec in LOG_COLUMNS
         }
         attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
     return columns, attrs

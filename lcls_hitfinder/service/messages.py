@@ -163,7 +163,8 @@ def markdown() -> str:
         "Generated from `lcls_hitfinder/service/messages.py` by `python -m lcls_hitfinder.service.messages`;",
         "a test fails when the two differ.",
         "",
-        "- `decision`: one per event, in event order.",
+        "- `decision`: one per event, in the order the source reads them (event order, but for psana's MPI mode,",
+        "  where big-data ranks hand over batches as they finish them).",
         "- `heartbeat`: every `serve.publish.heartbeat_s` (1 s), also between runs and while the source is down.",
         "- `run`: at the beginning and at the end of each run; the end carries the run's totals.",
         "",
@@ -171,8 +172,8 @@ def markdown() -> str:
         "(`serve.publish.sndhwm`): compare `seq` with the previous one (`lcls-hitfinder listen` reports gaps)",
         "and read the run's decision log (`serve.log_dir`, HDF5, one column per logged field) for the full record.",
         "The log is flushed every second and marked `complete` (an attribute, with the run's totals) at the end",
-        "of the run; read it then with `lcls_hitfinder.service.decision_log.read_decision_log(path)`, or while",
-        "the service still writes it with `h5py.File(path, 'r', locking=False)`.",
+        "of the run. It is written in HDF5's SWMR mode, so it can be read at any time, also during the run:",
+        "`lcls_hitfinder.service.decision_log.read_decision_log(path)`, or `h5py.File(path, 'r', swmr=True)`.",
         "",
     ]
     for topic, fields in FIELDS.items():
