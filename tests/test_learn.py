@@ -201,6 +201,42 @@ def test_onnx_matches_torch_on_real_thumbnails(data: Path, model: Path) -> None:
     assert parity(net, model, thumbs) <= PARITY_TOLERANCE
 
 
+def test_space_to_depth_embedder_trains_and_exports_with_parity(data: Path, tmp_path: Path) -> None:
+    """`unshuffle = 2`: 2 x 2 pixel blocks become 4 channels before the first conv; it exports (parity checked
+    by export itself) and says so in the model's training summary."""
+    from lcls_hitfinder.learn.nets import SpaceToDepth
+
+    x = torch.randn(2, 1, 8, 8)
+    assert torch.equal(SpaceToDepth(2)(x), torch.nn.functional.pixel_unshuffle(x, 2))
+    cfg = tmp_path / "u.toml"
+    cfg.write_text("[train]\nunshuffle = 2\ndepth = 3\n")
+    run, onnx = tmp_path / "run", tmp_path / "u.onnx"
+    invoke("train", "twin", "--config", cfg, "--data", data / "train.h5", "--val", data / "val.h5", "--out", run, *TINY)
+    invoke("export", run, "--out", onnx)
+    info = read_model_info(onnx)
+    assert info.summary["unshuffle"] == 2 and info.preprocess.thumbnail == 32
+    cfg.write_text("[train]\nunshuffle = 4\n")  # 4 * 2^5 = 128 does not divide the 32-pixel thumbnail
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "twin",
+            "--config",
+            str(cfg),
+            "--data",
+            str(data / "train.h5"),
+            "--val",
+            str(data / "val.h5"),
+            "--out",
+            str(tmp_path / "bad"),
+            *TINY,
+        ],
+    )
+    assert isinstance(result.exception, UserError) and "multiple of unshuffle * 2^(depth + 1) = 128" in str(
+        result.exception
+    )
+
+
 def test_cuda_is_used_when_present_and_refused_when_absent(monkeypatch: pytest.MonkeyPatch) -> None:
     from lcls_hitfinder.learn.train import pick_device
 

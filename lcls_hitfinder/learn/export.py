@@ -41,6 +41,7 @@ def export_run(run_dir: Path, out: Path) -> tuple[ModelInfo, float]:
         "embed_dim": settings.embed_dim,
         "width": settings.width,
         "depth": settings.depth,
+        "unshuffle": settings.unshuffle,
         "alpha": settings.alpha,
         "mining": settings.mining,
         "classes": settings.classes,

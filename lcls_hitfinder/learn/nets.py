@@ -24,19 +24,39 @@ def conv_bn_relu(c_in: int, c_out: int, stride: int = 1) -> list[nn.Module]:
     ]
 
 
+class SpaceToDepth(nn.Module):
+    """(N, 1, S, S) -> (N, f², S/f, S/f), each f x f block of pixels into f² channels (pixel_unshuffle's order).
+
+    A convolution with fixed one-hot kernels rather than pixel_unshuffle, whose ONNX export loses the static
+    image size that the head's pooling needs.
+    """
+
+    weight: torch.Tensor
+
+    def __init__(self, f: int) -> None:
+        super().__init__()
+        self.f = f
+        self.register_buffer("weight", torch.eye(f * f).reshape(f * f, 1, f, f), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.conv2d(x, self.weight, stride=self.f)
+
+
 class TwinEmbedder(nn.Module):
     """A small CNN: thumbnail (N, 1, S, S) -> embedding (N, D). Shared by both arms of the twin.
 
     `depth` conv blocks, each halving the size; channels grow from `width` by 1.5x per block (not 2x), so
-    every block costs less than the one before and the whole net stays fast on a CPU.
+    every block costs less than the one before and the whole net stays fast on a CPU. `unshuffle` f > 1
+    first moves each f x f block of pixels into f² channels (space to depth): a 128 x 128 thumbnail then
+    costs what a 64 x 64 one does, and the net, not sum-binning, decides how the four pixels combine.
     """
 
-    def __init__(self, embed_dim: int = 32, width: int = 8, depth: int = 4) -> None:
+    def __init__(self, embed_dim: int = 32, width: int = 8, depth: int = 4, unshuffle: int = 1) -> None:
         super().__init__()
         if not 2 <= embed_dim <= 128:
             raise ValueError(f"embed_dim must be in [2, 128], got {embed_dim}")
-        chans = [1] + [round(width * 1.5**i) for i in range(depth)]
-        blocks: list[nn.Module] = []
+        chans = [unshuffle**2] + [round(width * 1.5**i) for i in range(depth)]
+        blocks: list[nn.Module] = [SpaceToDepth(unshuffle)] if unshuffle > 1 else []
         for a, b in itertools.pairwise(chans):
             blocks += [*conv_bn_relu(a, b), nn.MaxPool2d(2)]
         self.features = nn.Sequential(*blocks)

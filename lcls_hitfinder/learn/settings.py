@@ -70,6 +70,9 @@ class TrainSettings(_Section):
     embed_dim: int = Field(32, ge=2, le=128)
     width: int = Field(12, ge=2, le=128, description="channels of the embedder's first conv layer")
     depth: int = Field(4, ge=1, le=6, description="conv blocks of the embedder (each halves the size)")
+    unshuffle: int = Field(
+        1, ge=1, le=4, description="embedder: f x f pixel blocks into f² channels first (128 x 128 at 64's cost)"
+    )
     alpha: float = Field(0.2, ge=0, description="triplet margin α in loss = max(d_p - d_n + α, 0)")
     mining: Literal["batch-hard", "semi-hard"] = Field(
         "semi-hard", description="semi-hard learned faster than batch-hard here (docs/RESULTS.md)"
@@ -86,6 +89,7 @@ class TrainSettings(_Section):
     def _check(self) -> TrainSettings:
         if self.augment.photons is not None and not 0 < self.augment.photons[0] <= self.augment.photons[1]:
             raise ValueError("augment.photons must be 0 < lo <= hi")
-        if self.preprocess.thumbnail % 2 ** (self.depth + 1):
-            raise ValueError(f"preprocess.thumbnail must be a multiple of 2^(depth + 1) = {2 ** (self.depth + 1)}")
+        multiple = self.unshuffle * 2 ** (self.depth + 1)
+        if self.preprocess.thumbnail % multiple:
+            raise ValueError(f"preprocess.thumbnail must be a multiple of unshuffle * 2^(depth + 1) = {multiple}")
         return self

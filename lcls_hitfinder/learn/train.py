@@ -132,7 +132,7 @@ class BalancedSampler:
 
 def build_net(kind: Kind, settings: TrainSettings, n_structures: int) -> nn.Module:
     if kind == "twin":
-        return TwinEmbedder(settings.embed_dim, settings.width, settings.depth)
+        return TwinEmbedder(settings.embed_dim, settings.width, settings.depth, settings.unshuffle)
     return build_cnn(settings.cnn.arch, settings.cnn.width, max(n_structures, 1))
 
 
