@@ -3,8 +3,8 @@
 Why a child: psana's shared-memory client freezes its whole process with the GIL held when the
 server goes away (and `DataSource(shmem=...)` does the same while no server is up), so no thread of
 the service could even notice. The child runs a picklable `ReadLoop`; each frame is copied into one
-fixed slot of a shared-memory ring (`multiprocessing.shared_memory`) and only its identity travels on
-a pipe. A thread in the child bumps a heartbeat counter; the parent's `frames()` watches it, and when
+fixed slot of a shared-memory ring (/dev/shm) and only its identity travels on a socket. A thread in
+the child bumps its counter in a shared heartbeat segment; the parent's `frames()` watches it, and when
 it stops (stall) the parent kills the child, cleans up after it and starts a new one with exponential
 backoff, counting restarts. Meanwhile `frames()` keeps yielding `None` idle ticks at least every
 0.5 s so the service goes on heartbeating.
