@@ -352,6 +352,7 @@ class _Child:
     run_ends: Counter[tuple[str, int]] = field(default_factory=Counter)
     crash: str = ""  # last line of a channel's traceback
     mpich: set[str] = field(default_factory=set)  # MPICH's shared-memory files of the ranks
+    checked_at: float = 0.0  # when the heartbeats were last looked at
 
     def __post_init__(self) -> None:
         self.last_beats = self.beats.copy()
@@ -530,8 +531,14 @@ class SupervisedReader:
         self._restart_at = time.monotonic() + delay
 
     def _stalled(self, child: _Child) -> bool:
-        """Whether a channel that is still reading has not beaten for `stall_s` (30 s before its first beat)."""
+        """Whether a channel that is still reading has not beaten for `stall_s` (30 s before its first beat).
+
+        Looked at no more often than the children beat, not once per frame.
+        """
         now = time.monotonic()
+        if now - child.checked_at < _HEARTBEAT_PERIOD_S:
+            return False
+        child.checked_at = now
         beats = child.beats.copy()
         child.last_change[beats != child.last_beats] = now
         child.last_beats = beats
