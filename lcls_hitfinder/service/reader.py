@@ -397,7 +397,6 @@ class SupervisedReader:
             channel, msg = got
             if msg[0] == "ready":
                 self._handle_control(child, channel, msg)
-                log.info("%s: %s", self._name, msg[1])
                 return
             if msg[0] in ("error", "hello"):  # a rank waits for its answer before it can open the data
                 self._handle_control(child, channel, msg)
@@ -562,7 +561,7 @@ class SupervisedReader:
             channel.ring = SharedMemory(name=msg[1])
             channel.slot_bytes = msg[2]
         elif kind == "ready":  # MPI is up in that process: note its segments while it still maps them
-            log.debug("%s: %s", self._name, msg[1])
+            log.info("%s: %s", self._name, msg[1])
             if channel.pid is not None:
                 child.mpich.update(_mpich_segments(channel.pid))
         elif kind == "end":
