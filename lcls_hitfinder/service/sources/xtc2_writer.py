@@ -12,6 +12,8 @@ then Disable, EndStep, EndRun and (for shmemServer) Unconfigure. Three detectors
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +23,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from lcls_hitfinder.errors import UserError
+from lcls_hitfinder.service.sources.shmem_server import psana_tool
 
 TRUTH_DETECTOR = "hitfinder_truth"
 TIMING_DETECTOR = "timing"
@@ -219,11 +222,6 @@ def exp_layout(xtc2: Path, root: Path, experiment: str, run: int) -> Path:
     """Put an XTC2 run where psana's exp= mode (and its MPI mode) looks for it: root/<exp>-r<run>-s000-c000.xtc2
     (a hard link where the file system allows, else a copy) and its smalldata index root/smalldata/...smd.xtc2
     written by psana's `smdwriter`. Returns root, the `dir=` of an `exp:` source."""
-    import shutil
-    import subprocess
-
-    from lcls_hitfinder.service.sources.shmem_server import psana_tool
-
     base = f"{experiment}-r{run:04d}-s000-c000"
     big, smd = root / f"{base}.xtc2", root / "smalldata" / f"{base}.smd.xtc2"
     smd.parent.mkdir(parents=True, exist_ok=True)
