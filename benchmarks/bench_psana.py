@@ -94,6 +94,7 @@ def source_only(uri: str, settings: ServeSettings) -> float:
     n, start, last = 0, 0.0, 0.0
     for frame in src.frames():
         if isinstance(frame, Frame):
+            frame.release()  # what the service does once it has stacked the frame
             n += 1
             last = time.perf_counter()
             if n == 1:

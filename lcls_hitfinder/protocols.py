@@ -6,8 +6,8 @@ Bank; the service wires the five together (lcls_hitfinder/service/pipeline.py).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -35,6 +35,16 @@ class Frame:
     data: np.ndarray
     read_ns: int  # time.perf_counter_ns() when the frame was read, for end-to-end latency
     truth_n_particles: int | None = None
+    on_release: Callable[[], None] | None = field(default=None, repr=False, compare=False)
+
+    def release(self) -> None:
+        """The consumer is done with `data`. A supervised (psana) source lends its frames straight from the
+        shared-memory ring, saving a copy of every megapixel frame; this hands the slot back (once; a no-op
+        for other sources). `data` must not be read afterwards. A frame never released stays valid: the
+        reader then copies instead of lending once most of its ring is out."""
+        if self.on_release is not None:
+            self.on_release()
+            self.on_release = None
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,11 @@ from __future__ import annotations
 import ctypes
 import glob
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +88,83 @@ def test_frames_cross_the_ring_in_order_and_leave_nothing_behind() -> None:
         np.testing.assert_array_equal(f.data, _frame_data(f.event.event))
         assert f.truth_n_particles == f.event.event % 3
     assert reader.restarts == 0
+    assert _leftovers() == []
+
+
+@dataclass(frozen=True)
+class SameSizeLoop:
+    n: int
+
+    def __call__(self, sink: FrameSink, delivered: Delivered) -> None:
+        sink.ready(f"{self.n} test frames")
+        for i in range(self.n):
+            sink.put(EventId("tst", 1, i), np.full((8, 8), i, np.uint16), truth=None, read_ns=time.perf_counter_ns())
+
+
+def test_released_frames_are_lent_from_the_ring_and_their_slots_reused() -> None:
+    """Frames come as views of the ring (no copy) while the consumer hands them back: 20 through 4 slots."""
+    reader = SupervisedReader(SameSizeLoop(20), _settings(), "lend", live=False)
+    seen = []
+    try:
+        reader.start(wait_ready_s=30)
+        for item in reader.frames():
+            if not isinstance(item, Frame):
+                continue
+            assert item.on_release is not None and not item.data.flags.owndata  # lent, not copied
+            np.testing.assert_array_equal(item.data, item.event.event)
+            seen.append(item.event.event)
+            item.release()
+            item.release()  # a second release hands nothing back twice
+    finally:
+        reader.close()
+    assert seen == list(range(20))
+    assert _leftovers() == []
+
+
+def test_a_blocking_reader_waits_for_slots_to_come_back_instead_of_copying() -> None:
+    """As in the service: frames pile up in a queue that another thread works off, releasing each. With
+    `block`, the reader waits for those releases once 3 of the 4 slots are out: every frame is lent."""
+    reader = SupervisedReader(SameSizeLoop(30), _settings(), "block", live=False, block=True)
+    handed: queue.Queue[Frame | None] = queue.Queue()
+    intact: list[bool] = []
+
+    def work_off() -> None:
+        while (frame := handed.get()) is not None:
+            time.sleep(0.01)  # slower than the reader: without `block` it would soon copy
+            intact.append(bool((frame.data == frame.event.event).all()))
+            frame.release()
+
+    worker = threading.Thread(target=work_off)
+    worker.start()
+    lent = []
+    try:
+        reader.start(wait_ready_s=30)
+        for item in reader.frames():
+            if isinstance(item, Frame):
+                lent.append(item.on_release is not None)
+                handed.put(item)
+    finally:
+        handed.put(None)
+        worker.join()
+        reader.close()
+    assert lent == [True] * 30
+    assert intact == [True] * 30  # no slot was written again while lent
+    assert _leftovers() == []
+
+
+def test_frames_never_released_are_copied_once_most_of_the_ring_is_lent() -> None:
+    """A consumer that keeps every frame: 3 of the 4 slots stay lent, later frames are copies, and all stay
+    intact, the lent ones too after their ring was replaced by a bigger one and the reader closed."""
+    reader = SupervisedReader(CountingLoop(10), _settings(), "keep", live=False)
+    try:
+        reader.start(wait_ready_s=30)
+        frames, _ = _collect(reader)
+    finally:
+        reader.close()
+    assert [f.on_release is not None for f in frames] == [True] * 3 + [False] * 7
+    for f in frames:
+        np.testing.assert_array_equal(f.data, _frame_data(f.event.event))
+        f.release()  # after the reader is gone: nothing to hand back, nothing breaks
     assert _leftovers() == []
 
 

@@ -4,12 +4,14 @@ PUB/SUB sockets over TCP, decision logs, and `lcls-hitfinder serve` itself in a 
 from __future__ import annotations
 
 import csv
+import functools
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,21 +114,35 @@ def _settings(tmp_path: Path, **kw: Any) -> ServeSettings:
 
 
 class ListSource:
-    """A source of given frames, in memory: for frames no file format can hold (mixed shapes, dtypes)."""
+    """A source of given frames, in memory: for frames no file format can hold (mixed shapes, dtypes).
 
-    def __init__(self, arrays: list[np.ndarray]) -> None:
+    Each frame is lent as a psana reader lends its ring slots: `released` counts the hand-backs per event,
+    and with `scribble` a released frame's pixels are overwritten (NaN, or the dtype's maximum), as the
+    reader's next frame would overwrite its slot.
+    """
+
+    def __init__(self, arrays: list[np.ndarray], scribble: bool = False) -> None:
         self.uri = "list:"
         self.frame_shape: tuple[int, ...] | None = None
         self.mask: np.ndarray | None = None
         self.restarts = 0
         self.arrays = arrays
+        self.scribble = scribble
+        self.released: Counter[int] = Counter()
 
     def open(self) -> None:
         pass
 
+    def _release(self, i: int) -> None:
+        self.released[i] += 1
+        a = self.arrays[i]
+        if self.scribble and a.dtype.kind in "uif":
+            a[...] = np.nan if a.dtype.kind == "f" else np.iinfo(a.dtype).max
+
     def frames(self) -> Iterator[Frame | None]:
         for i, a in enumerate(self.arrays):
-            yield Frame(EventId("mem", 7, i, 0), a, time.perf_counter_ns(), None)
+            release = functools.partial(self._release, i)
+            yield Frame(EventId("mem", 7, i, 0), a, time.perf_counter_ns(), None, on_release=release)
 
     def close(self) -> None:
         pass
@@ -239,11 +255,13 @@ def test_bad_frames_get_error_decisions_and_the_service_goes_on(fx: Fixtures, tm
         good,
     ]
     settings = _settings(tmp_path, batch={"max_size": 4, "max_wait_ms": 50})
-    r = _start(settings, ListSource(frames), fx.model, fx.bank)
+    source = ListSource(frames)
+    r = _start(settings, source, fx.model, fx.bank)
     r.pipeline.start()
     assert r.pipeline.wait(WAIT_S)
     r.publisher.close()
     assert r.pipeline.error is None
+    assert source.released == Counter(range(len(frames)))  # every frame handed back once, the bad ones too
     columns, _ = read_decision_log(r.pipeline.logs[0])
     labels = columns["label"].tolist()
     reasons = [str(x).split(":")[0] for x in columns["reason"]]
@@ -519,13 +537,36 @@ def test_a_run_end_closes_the_run_while_the_source_waits_for_the_next(fx: Fixtur
     r.publisher.close()
 
 
+def test_the_pipeline_never_reads_a_frame_after_releasing_it(fx: Fixtures, tmp_path: Path) -> None:
+    """A released slot is the reader's to overwrite at once: scribbling over released frames changes nothing."""
+    with Dataset(fx.data) as d:
+        images = d.images()
+    results = []
+    for scribble in (False, True):
+        source = ListSource([im.copy() for im in images], scribble=scribble)
+        r = _start(_settings(tmp_path / str(scribble)), source, fx.model, fx.bank)
+        r.pipeline.start()
+        assert r.pipeline.wait(WAIT_S)
+        r.publisher.close()
+        columns, _ = read_decision_log(r.pipeline.logs[0])
+        results.append((columns["label"].tolist(), columns["score"]))
+        if scribble:  # the scribbling happened: those pixels are NaN now
+            assert all(np.isnan(a).all() for a in source.arrays)
+    (labels, scores), (labels_scribbled, scores_scribbled) = results
+    assert "error" not in labels and len(set(labels)) > 1
+    assert labels_scribbled == labels
+    np.testing.assert_array_equal(scores_scribbled, scores)
+
+
 def test_with_overflow_drop_every_frame_is_decided_or_counted(fx: Fixtures, tmp_path: Path) -> None:
     frames = list(np.random.default_rng(3).poisson(1.0, (200, SIDE, SIDE)).astype(np.uint16))
     settings = _settings(tmp_path, queue_size=2, overflow="drop", batch={"max_size": 1})
-    r = _start(settings, ListSource(frames), fx.model, fx.bank)
+    source = ListSource(frames)
+    r = _start(settings, source, fx.model, fx.bank)
     r.pipeline.start()
     assert r.pipeline.wait(WAIT_S)
     r.publisher.close()
+    assert source.released == Counter(range(200))  # the dropped frames' slots too
     columns, attrs = read_decision_log(r.pipeline.logs[0])
     dropped = r.metrics.dropped.labels(reason="queue_full")._value.get()
     assert len(columns["seq"]) + dropped == 200 == attrs["events"] + attrs["dropped"]

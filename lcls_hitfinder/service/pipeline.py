@@ -221,6 +221,7 @@ class Pipeline:
         try:
             self._frames.put_nowait(frame)
         except queue.Full:
+            frame.release()
             self.metrics.dropped.labels(reason="queue_full").inc()
             self.total.dropped += 1
             self._dropped_by_run[_run_key(frame.event)] += 1  # its run may not have begun yet
@@ -273,6 +274,9 @@ class Pipeline:
         except Exception as err:  # never lose the events: a failed batch becomes error decisions
             log.exception("a batch of %d frames failed", len(frames))
             verdicts = Verdicts.errors(len(frames), f"internal: {type(err).__name__}: {err}")
+        finally:
+            for f in frames:  # those not stacked (bad frames, a failed batch) too
+                f.release()
         self._output(frames, verdicts)
 
     def _check(self, data: np.ndarray) -> str:
@@ -297,7 +301,8 @@ class Pipeline:
         return self._pre
 
     def _stack(self, arrays: list[np.ndarray]) -> torch.Tensor:
-        """Frames -> one (B, ...) tensor on the device, through a preallocated buffer.
+        """Frames -> one (B, ...) tensor on the device, through a preallocated buffer: the one pass over a
+        frame's pixels in this process (a psana frame is read straight from the reader's ring).
 
         For the CPU the frames become float32 while they are stacked (one pass; Preprocessor.photons then
         works in that buffer). For a GPU they stay raw (uint16) in a pinned buffer, are copied without
@@ -326,6 +331,8 @@ class Pipeline:
         with torch.inference_mode():
             arrays = [frames[i].data for i in good]
             raw = self._stack(arrays)
+            for f in frames:  # their pixels are in the batch buffer now: the reader may reuse the slots
+                f.release()
             if any(a.dtype.kind == "f" for a in arrays):  # integers cannot be NaN or Inf
                 finite = torch.isfinite(raw.flatten(1).sum(1, dtype=torch.float64))
             else:

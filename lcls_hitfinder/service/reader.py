@@ -9,10 +9,15 @@ it stops (stall) the parent kills the child, cleans up after it and starts a new
 backoff, counting restarts. Meanwhile `frames()` keeps yielding `None` idle ticks at least every
 0.5 s so the service goes on heartbeating.
 
-Ring protocol: the child writes slot k % n and sends (k % n, shape, dtype, event, truth, read
-time); the parent copies the slot out and acknowledges it on the same socket. The child never has more
-than n slots unacknowledged. A frame bigger than the slots makes the child wait for every
-acknowledgement, create a bigger ring and announce it, so slots are sized by the data, not guessed.
+Ring protocol: the child writes a free slot and sends (slot, shape, dtype, event, truth, read time);
+the parent hands the slot back on the same socket (an acknowledgement: the ring's generation and the
+slot) once the frame's pixels are no longer needed. Frames are lent: the Frame's data is a view of the
+slot until the pipeline has stacked it into its batch buffer (`Frame.release`), which saves a copy of
+every frame. At most three quarters of the ring is out on loan, so the child always has slots to write
+ahead into; beyond that the reader waits for a slot to come back (a blocking service: the ring is then
+its buffer) or, when it must not wait (overflow = drop) or none comes back in time, copies. A frame bigger
+than the slots makes the child create a bigger ring (a new generation) and announce it, so slots are
+sized by the data, not guessed; frames still lent from the old ring keep its memory mapped.
 A socket pair rather than named semaphores, so a killed child leaves nothing behind but its ring, and
 the parent owns every segment: it unlinks them when the child ends or is killed, so /dev/shm is left clean.
 
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import glob
 import logging
 import mmap
@@ -41,7 +47,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
@@ -54,7 +60,7 @@ from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.protocols import EventId, Frame, RunEnd
 
 if TYPE_CHECKING:
-    from lcls_hitfinder.service.settings import ReaderSettings
+    from lcls_hitfinder.service.settings import ReaderSettings, ServeSettings
 
 log = logging.getLogger(__name__)
 
@@ -120,18 +126,22 @@ def _map_segment(name: str, size: int = 0) -> mmap.mmap:
         os.close(fd)
 
 
+def _ack(generation: int, slot: int) -> bytes:
+    """An acknowledgement: `slot` of ring `generation` is free again."""
+    return np.uint32((generation & 0xFFFF) << 16 | slot).tobytes()
+
+
 class FrameSink:
     """Child side of the ring: `put` blocks while every slot is still in use by the parent."""
 
     def __init__(self, conn: Connection, prefix: str, n_slots: int) -> None:
         self._conn = conn  # messages out, acknowledgements in
-        self._in_flight = 0  # slots sent and not yet acknowledged by the parent
+        self._free: deque[int] = deque()  # slots of the current ring the parent has handed back
         self._prefix = prefix
         self._n_slots = n_slots
         self._ring: mmap.mmap | None = None
         self._slot_bytes = 0
         self._generation = 0
-        self._count = 0
 
     def ready(self, description: str) -> None:
         """The data is open and the detector found: the parent's `open()` may return."""
@@ -148,33 +158,32 @@ class FrameSink:
             return
         if data.nbytes > self._slot_bytes:
             self._new_ring(data.nbytes)
-        self._wait_in_flight(self._n_slots - 1)
         assert self._ring is not None
-        slot = self._count % self._n_slots
-        self._count += 1
+        slot = self._free_slot()
         view = np.ndarray(data.shape, data.dtype, buffer=self._ring, offset=slot * self._slot_bytes)
         np.copyto(view, data, casting="no")
         del view  # no export of the buffer may outlive this call, or the ring could not be closed
         self._conn.send(("frame", slot, data.shape, data.dtype.str, event, truth, read_ns))
-        self._in_flight += 1
 
-    def _wait_in_flight(self, most: int) -> None:
-        """Block until at most `most` slots are still unacknowledged."""
-        while self._in_flight > most:
+    def _free_slot(self) -> int:
+        """A slot of the current ring that the parent is done with; blocks while it holds them all."""
+        while not self._free:
             try:
-                self._in_flight -= len(self._conn.recv_bytes())
+                acks = np.frombuffer(self._conn.recv_bytes(), np.uint32)
             except (EOFError, OSError):  # the service is gone: nobody will ever free a slot
                 os._exit(3)
+            current = acks >> 16 == self._generation & 0xFFFF  # slots of an old ring are nothing to us
+            self._free.extend((acks[current] & 0xFFFF).tolist())
+        return self._free.popleft()
 
     def _new_ring(self, nbytes: int) -> None:
-        if self._ring is not None:  # wait until the parent has copied out every slot of the old ring
-            self._wait_in_flight(0)
+        if self._ring is not None:  # the parent keeps the old ring mapped while it still holds frames of it
             self._ring.close()
         self._generation += 1
         self._slot_bytes = -(-nbytes // 4096) * 4096
         name = f"{self._prefix}_{self._generation}"
         self._ring = _map_segment(name, self._slot_bytes * self._n_slots)
-        self._count = 0
+        self._free = deque(range(self._n_slots))
         self._conn.send(("ring", name, self._slot_bytes))
 
     def close(self) -> None:
@@ -323,14 +332,68 @@ def _running(pid: int) -> bool:
 
 @dataclass
 class _Channel:
-    """One producer of frames: the reader child, or one MPI rank."""
+    """One producer of frames: the reader child, or one MPI rank.
+
+    Slots are handed back from the pipeline's worker thread (`Frame.release`) while the reader thread
+    receives on the same socket: sends, the socket's closing and waiting for a loan to end go under `loans`.
+    """
 
     conn: Connection
     index: int  # its heartbeat slot (the MPI rank); -1 until an MPI rank says hello
     pid: int | None = None
-    ring: SharedMemory | None = None
+    ring: mmap.mmap | None = None  # the parent's own mapping: frames lent from it are views of it
+    ring_shm: SharedMemory | None = None  # the same segment, kept (closed) to unlink it
     slot_bytes: int = 0
-    closed: bool = False
+    generation: int = 0  # rings announced so far: acknowledgements name theirs
+    lent: set[int] = field(default_factory=set)  # slots of the current ring out on loan
+    closed: bool = False  # everything the producer sent has been read
+    shut: bool = False  # the socket is closed: nothing more is handed back
+    loans: threading.Condition = field(default_factory=threading.Condition)
+
+    def lend(self, slot: int, most: int, wait_s: float) -> bool:
+        """Whether `slot` may stay lent to the pipeline: fewer than `most` are out, now or within `wait_s`."""
+        with self.loans:
+            if not self.loans.wait_for(lambda: len(self.lent) < most, wait_s):
+                return False
+            self.lent.add(slot)
+            return True
+
+    def hand_back(self, generation: int, slot: int, lent: bool = True) -> None:
+        """Slot `slot` of ring `generation` is free again (a loan ends or a frame was copied out)."""
+        with self.loans:
+            if self.shut or generation != self.generation or (lent and slot not in self.lent):
+                return  # that child is gone, or its ring replaced: nobody waits for this slot
+            self.lent.discard(slot)
+            self.loans.notify()
+            with contextlib.suppress(OSError):  # a child that died meanwhile needs no acknowledgement
+                self.conn.send_bytes(_ack(generation, slot))
+
+    def new_ring(self, name: str, slot_bytes: int) -> None:
+        """Map the ring the producer announced; the old one is unlinked (frames still lent keep it mapped)."""
+        self.drop_ring()
+        self.ring_shm = SharedMemory(name=name)  # registers the segment: a killed service leaves no ring behind
+        self.ring_shm.close()
+        self.ring = _map_segment(name)
+        with self.loans:
+            self.generation += 1
+            self.lent.clear()
+            self.loans.notify()
+        self.slot_bytes = slot_bytes
+
+    def drop_ring(self) -> None:
+        # not closed: numpy's views hold no buffer export, so closing would unmap frames still lent; the
+        # mapping goes when the last of them does (each view references it)
+        self.ring = None
+        if self.ring_shm is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.ring_shm.unlink()
+            self.ring_shm = None
+
+    def shut_down(self) -> None:
+        with self.loans:
+            self.shut = True
+            self.conn.close()
+        self.drop_ring()
 
 
 @dataclass
@@ -368,9 +431,19 @@ class SupervisedReader:
     when the file is done and raises when psana fails on it. Restarts back off exponentially
     (`backoff_s` doubling up to `max_backoff_s`) until a restarted child delivers a frame again.
     `mpi_ranks` >= 3 runs the loop in that many MPI ranks (psana's parallel mode) instead of one child.
+    `block`: with most of the ring lent, wait for the consumer to release a frame (up to an idle tick)
+    rather than copy the next one; a blocking service then buffers its frames in the ring.
     """
 
-    def __init__(self, loop: ReadLoop, settings: ReaderSettings, name: str, live: bool, mpi_ranks: int = 0) -> None:
+    def __init__(
+        self,
+        loop: ReadLoop,
+        settings: ReaderSettings,
+        name: str,
+        live: bool,
+        mpi_ranks: int = 0,
+        block: bool = False,
+    ) -> None:
         self._loop = loop
         self._settings = settings
         self._name = name
@@ -382,6 +455,8 @@ class SupervisedReader:
         self._restart_at: float | None = None
         self._delivered = Delivered()
         self._closed = False
+        self._lend_most = settings.ring_slots - max(1, settings.ring_slots // 4)  # slots the pipeline may hold
+        self._lend_wait_s = IDLE_TICK_S if block else 0.0
         self.restarts = 0
 
     def start(self, wait_ready_s: float = 0.0) -> None:
@@ -503,9 +578,7 @@ class SupervisedReader:
             proc.kill()  # ranks that outlived mpirun
             proc.join()
         for channel in child.channels:
-            channel.conn.close()
-            if channel.ring is not None:
-                channel.ring.close()
+            channel.shut_down()
         if child.listener is not None:
             child.listener.close()
         if child.socket_dir is not None:
@@ -555,11 +628,7 @@ class SupervisedReader:
             setup = (self._loop, child.heartbeat.name, f"{child.prefix}_{rank}", self._settings.ring_slots)
             channel.conn.send((*setup, self._delivered))
         elif kind == "ring":
-            if channel.ring is not None:
-                channel.ring.close()
-                channel.ring.unlink()
-            channel.ring = SharedMemory(name=msg[1])
-            channel.slot_bytes = msg[2]
+            channel.new_ring(msg[1], msg[2])
         elif kind == "ready":  # MPI is up in that process: note its segments while it still maps them
             log.info("%s: %s", self._name, msg[1])
             if channel.pid is not None:
@@ -575,17 +644,22 @@ class SupervisedReader:
             child.crash = msg[1].strip().splitlines()[-1]
 
     def _frame(self, channel: _Channel, msg: tuple[Any, ...]) -> Frame:
+        """The frame in `slot`: lent (a view of the slot until released) or, with most of the ring out, a copy."""
         _, slot, shape, dtype, event, truth, read_ns = msg
+        release = None
         if slot < 0:
             data = np.empty(shape, dtype)
         else:
             assert channel.ring is not None
-            data = np.ndarray(shape, dtype, buffer=channel.ring.buf, offset=slot * channel.slot_bytes).copy()
-            with contextlib.suppress(OSError):  # a child that died meanwhile needs no acknowledgement
-                channel.conn.send_bytes(b"\x01")
+            data = np.ndarray(shape, dtype, buffer=channel.ring, offset=slot * channel.slot_bytes)
+            if channel.lend(slot, self._lend_most, self._lend_wait_s):
+                release = functools.partial(channel.hand_back, channel.generation, slot)
+            else:
+                data = data.copy()
+                channel.hand_back(channel.generation, slot, lent=False)
         self._failures = 0
         self._delivered.add(event.run, event.event)
-        return Frame(event=event, data=data, read_ns=read_ns, truth_n_particles=truth)
+        return Frame(event=event, data=data, read_ns=read_ns, truth_n_particles=truth, on_release=release)
 
     def _child_gone(self, child: _Child) -> bool:
         """Handle the end of a child; True when the iteration is over (a file read to its end)."""
@@ -643,13 +717,16 @@ class SupervisedReader:
 
 
 class SupervisedSource:
-    """A `protocols.Source` whose read loop runs in a supervised child (the psana sources build on it)."""
+    """A `protocols.Source` whose read loop runs in a supervised child (the psana sources build on it).
+
+    Its frames are lent from the reader's ring: the consumer calls `Frame.release()` when done with each.
+    """
 
     def __init__(
         self,
         uri: str,
         loop: ReadLoop,
-        settings: ReaderSettings,
+        settings: ServeSettings,
         live: bool,
         open_timeout_s: float,
         mask: np.ndarray | None = None,
@@ -660,7 +737,8 @@ class SupervisedSource:
         self.mask = mask
         self.restarts = 0
         self._open_timeout_s = 0.0 if live else open_timeout_s
-        self._reader = SupervisedReader(loop, settings, uri, live, mpi_ranks)
+        block = settings.overflow == "block"
+        self._reader = SupervisedReader(loop, settings.reader, uri, live, mpi_ranks, block)
 
     def open(self) -> None:
         """Start the reader; a replayable source waits until psana has opened the data (or failed to)."""

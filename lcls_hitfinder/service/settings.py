@@ -57,7 +57,13 @@ class ReaderSettings(_Section):
     stall_s: float = Field(5.0, gt=0, description="seconds without progress while a run is open: restart")
     backoff_s: float = Field(1.0, gt=0, description="first delay before a restart, doubled each time")
     max_backoff_s: float = Field(30.0, gt=0, description="longest delay between restarts")
-    ring_slots: int = Field(64, ge=2, description="frames in the shared-memory ring between reader and service")
+    ring_slots: int = Field(
+        64,
+        ge=2,
+        le=4096,
+        description="frames in the shared-memory ring between a psana reader and the service (/dev/shm: this "
+        "x frame size); up to 3/4 of them are lent to the pipeline, so with overflow = block they are its buffer",
+    )
 
 
 class ServeSettings(_Section):
@@ -81,7 +87,10 @@ class ServeSettings(_Section):
     reader: ReaderSettings = Field(default_factory=ReaderSettings)
     log_dir: Path | None = Field(Path("decisions"), description="folder of per-run decision logs; null: none")
     queue_size: int = Field(
-        256, ge=1, description="frames buffered between the reader and the batcher (memory: this x frame size)"
+        256,
+        ge=1,
+        description="frames buffered between the reader and the batcher (memory: this x frame size; a psana "
+        "source's frames wait in its ring instead, see reader.ring_slots)",
     )
     overflow: Literal["block", "drop"] = Field(
         "block",

@@ -117,4 +117,4 @@ class Psana1Source(SupervisedSource):
             calib_dir=uri.params.get("calibdir"),
             live=uri.target.startswith("shmem="),
         )
-        super().__init__(uri.raw, loop, settings.reader, loop.live, OPEN_TIMEOUT_S)
+        super().__init__(uri.raw, loop, settings, loop.live, OPEN_TIMEOUT_S)

@@ -251,6 +251,4 @@ class Psana2Source(SupervisedSource):
 
     def __init__(self, uri: SourceURI, settings: ServeSettings) -> None:
         loop = read_loop(uri)
-        super().__init__(
-            uri.raw, loop, settings.reader, loop.live, OPEN_TIMEOUT_S, constants_mask(loop), loop.mpi_ranks
-        )
+        super().__init__(uri.raw, loop, settings, loop.live, OPEN_TIMEOUT_S, constants_mask(loop), loop.mpi_ranks)
