@@ -10,7 +10,8 @@ On one XTC2 file (written with psana's DgramEdit, then read once so it sits in t
   exp, MPI     the same on the run laid out for psana's exp= mode: serial, and MPI in 3 and 4 ranks
                (1 and 2 big-data ranks, batches of 20), plus the whole service on the 4-rank source;
   serve        the whole service on `xtc2:` (the same `Pipeline` run as benchmarks/bench_service.py:
-               checks, preprocessing, ONNX, bank, decision log, ZeroMQ), saturated;
+               checks, preprocessing, ONNX, bank, decision log, ZeroMQ), saturated; and the same with
+               every frame copied out of the reader's ring (the alternative to lending the slots);
   live shmem   the service on `shmem:` while psana's shmemServer replays the file at --rate (120 Hz):
                events decided and p50/p99 latency from read to publish.
 Ratios are frames/s against psana bare (target >= 0.8) and against the floor.
@@ -19,10 +20,12 @@ Ratios are frames/s against psana bare (target >= 0.8) and against the floor.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +41,7 @@ from lcls_hitfinder.service.embedder import OnnxEmbedder
 from lcls_hitfinder.service.metrics import ServiceMetrics
 from lcls_hitfinder.service.pipeline import Pipeline
 from lcls_hitfinder.service.publish import ZmqPublisher
+from lcls_hitfinder.service.reader import SupervisedReader
 from lcls_hitfinder.service.settings import ServeSettings
 from lcls_hitfinder.service.sources import open_source
 from lcls_hitfinder.service.sources.shmem_server import ShmemServer
@@ -85,6 +89,22 @@ def psana_loop(path: Path, thumbnail: int | None, batch: int) -> float:
             block_means(torch.from_numpy(buf[:k]).to(torch.float32), thumbnail)
             last = time.perf_counter()
     return n / (last - start)  # to the last event: psana waits a while at the end of a file
+
+
+@contextlib.contextmanager
+def copying_reader() -> Iterator[None]:
+    """Readers that lend no slot: every frame is copied out of the ring, as before frames were lent."""
+    init = SupervisedReader.__init__
+
+    def no_loans(self: SupervisedReader, *args: object, **kwargs: object) -> None:
+        init(self, *args, **kwargs)  # type: ignore[arg-type]
+        self._lend_most, self._lend_wait_s = 0, 0.0
+
+    SupervisedReader.__init__ = no_loans  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        SupervisedReader.__init__ = init  # type: ignore[method-assign]
 
 
 def source_only(uri: str, settings: ServeSettings) -> float:
@@ -161,6 +181,8 @@ def main() -> None:
         floor = psana_loop(run, thumbnail, args.batch)
         source = source_only(uri, settings)
         service = serve(uri, settings, model, bank)
+        with copying_reader():
+            service_copied = serve(uri, settings, model, bank)
         exp = f"exp:tstx00001:1?dir={exp_layout(run, tmp / 'xtc', 'tstx00001', 1)}&det=cam"
         mpi = {ranks: source_only(f"{exp}&ranks={ranks}&batch=20", settings) for ranks in (3, 4)}
         exp_serial = source_only(exp, settings)
@@ -176,6 +198,7 @@ def main() -> None:
         ("floor (psana + block-mean)", floor),
         ("Psana2Source (child + ring)", source),
         ("serve on xtc2:, saturated", service["fps"]),
+        ("  same, frames copied from ring", service_copied["fps"]),
         ("Psana2Source exp:, serial", exp_serial),
         ("Psana2Source exp:, MPI 3 ranks", mpi[3]),
         ("Psana2Source exp:, MPI 4 ranks", mpi[4]),
