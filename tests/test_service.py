@@ -278,3 +278,32 @@ def test_preprocessing_in_place_never_touches_the_callers_frames() -> None:
     handed_over = before.clone()
     assert pre.photons(handed_over, inplace=True).data_ptr() == handed_over.data_ptr()  # no copy when asked
     torch.testing.assert_close(handed_over, expected)
+
+
+# ---- pre-filter and finiteness checks ------------------------------------------------------------------------
+def test_lit_pixel_prefilter_counts_each_frame_exactly() -> None:
+    import torch
+
+    from lcls_hitfinder.service.pipeline import blank_mask
+    from lcls_hitfinder.service.settings import PrefilterSettings
+
+    photons = torch.zeros(4, 32, 32)
+    for i, lit in enumerate((0, 19, 20, 500)):  # lit pixels per frame, around min_lit_pixels = 20
+        photons[i].view(-1)[:lit] = 0.51
+    photons[1].view(-1)[100:200] = 0.5  # not above the threshold: not lit
+    p = PrefilterSettings(kind="lit_pixels", lit_threshold=0.5, min_lit_pixels=20)
+    assert blank_mask(photons, p).tolist() == [True, True, False, False]
+
+
+def test_all_finite_finds_nan_and_inf_and_is_not_fooled_by_an_overflowing_sum() -> None:
+    import torch
+
+    from lcls_hitfinder.service.pipeline import all_finite
+
+    frames = torch.ones(5, 16, 16)
+    frames[1, 3, 4] = float("nan")
+    frames[2, 0, 0] = float("inf")
+    frames[3, 5, 5] = -float("inf")
+    frames[4] = 3e38  # every value finite, their float32 sum is not
+    assert torch.isinf(frames[4].sum())
+    assert all_finite(frames).tolist() == [True, False, False, False, True]
