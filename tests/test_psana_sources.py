@@ -11,7 +11,6 @@ import glob
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -161,7 +160,7 @@ def test_exp_mpi_mode_gives_each_event_once_as_the_serial_reader_does(tmp_path: 
     assert [f.event.event for f in serial] == list(range(23))
     for f in frames:
         np.testing.assert_array_equal(f.data, frame_of(f.event.event, shape))
-    assert leftovers() == [] and socket_dirs() == []
+    assert leftovers() == []  # rings, heartbeats, the ranks' socket
 
 
 def test_an_unknown_detector_in_mpi_mode_is_a_one_line_error_at_start(tmp_path: Path) -> None:
@@ -171,12 +170,7 @@ def test_an_unknown_detector_in_mpi_mode_is_a_one_line_error_at_start(tmp_path: 
     with pytest.raises(UserError, match=r"no detector 'jungfrau' in run 5 \(detectors: cam, hitfinder_truth, timing\)"):
         source.open()
     source.close()
-    assert leftovers() == [] and socket_dirs() == []
-
-
-def socket_dirs() -> list[str]:
-    """Folders of the Unix sockets that this process's MPI readers listened on (removed when they stop)."""
-    return glob.glob(os.path.join(tempfile.gettempdir(), f"lhf_{os.getpid()}_*"))
+    assert leftovers() == []  # rings, heartbeats, the ranks' socket
 
 
 @dataclass(frozen=True)
@@ -221,7 +215,51 @@ def test_a_frozen_mpi_rank_restarts_the_ranks_and_no_event_is_lost_or_repeated(
     assert reader.restarts == 1
     assert sorted(f.event.event for f in frames) == list(range(12))
     assert items[-1] == RunEnd("tstx00001", 5)
-    assert leftovers() == [] and socket_dirs() == []
+    assert leftovers() == []  # rings, heartbeats, the ranks' socket
+
+
+def test_a_killed_service_leaves_nothing_of_its_mpi_reader_behind(tmp_path: Path) -> None:
+    """SIGKILL of the service: its MPI job dies with it, and the resource tracker removes the rings, the
+    heartbeats, the ranks' socket and MPICH's segment from /dev/shm."""
+    write_run(tmp_path / "r.xtc2", 12, (16, 16), run=5)
+    xtc = exp_layout(tmp_path / "r.xtc2", tmp_path / "xtc", "tstx00001", 5)
+    uri = f"exp:tstx00001:5?dir={xtc}&det=cam&ranks=3&batch=2"
+    script = tmp_path / "service.py"
+    script.write_text(
+        f"""
+import time
+from lcls_hitfinder.service.settings import ServeSettings
+from lcls_hitfinder.service.sources import open_source
+if __name__ == "__main__":
+    source = open_source({uri!r}, ServeSettings())
+    source.open()
+    frames = source.frames()
+    while next(frames) is None:
+        pass
+    print("reading", flush=True)
+    time.sleep(600)
+"""
+    )
+    mpich_before = set(glob.glob("/dev/shm/mpich_shm_*"))
+    service = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+
+    def left() -> tuple[list[str], set[str]]:
+        return glob.glob(f"/dev/shm/lhf_{service.pid}_*"), set(glob.glob("/dev/shm/mpich_shm_*")) - mpich_before
+
+    try:
+        assert service.stdout is not None
+        while (line := service.stdout.readline()) and line.strip() != "reading":  # psana prints to stdout too
+            pass
+        assert line.strip() == "reading", "the service ended before its first frame"
+        mine, mpich = left()
+        assert any(p.endswith("_ranks") for p in mine) and any(p.endswith("_hb") for p in mine) and mpich
+    finally:
+        service.kill()
+        service.wait()
+    deadline = time.monotonic() + 30  # against hanging: the tracker notices its parent's end at once
+    while any(left()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert left() == ([], set())
 
 
 @pytest.fixture

@@ -41,15 +41,16 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import traceback
 from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection, wait
 from multiprocessing.shared_memory import SharedMemory
 from typing import TYPE_CHECKING, Any, Protocol
@@ -311,6 +312,19 @@ class MpiRun:
                 time.sleep(0.02)
 
 
+def _track(path: str) -> None:
+    """Have multiprocessing's resource tracker (a process of its own) unlink `path`, a file in /dev/shm, should
+    the service die without doing it (SIGKILL): MPICH's segments and the ranks' socket are not the tracker's
+    own, but it removes any /dev/shm name it is given."""
+    resource_tracker.register("/" + os.path.basename(path), "shared_memory")
+
+
+def _remove_tracked(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    resource_tracker.unregister("/" + os.path.basename(path), "shared_memory")
+
+
 def _mpich_segments(pid: int) -> list[str]:
     """The MPICH shared-memory files that process `pid` has mapped: ranks of one job share a segment named by
     a hash, not a pid (3 MB each), which a killed job leaves in /dev/shm."""
@@ -405,7 +419,7 @@ class _Child:
     expected: int  # channels it will have: 1, or the MPI ranks
     started_at: float
     listener: socket.socket | None = None  # MPI: where the ranks connect
-    socket_dir: str | None = None
+    socket_path: str | None = None  # in /dev/shm, tracked
     channels: list[_Channel] = field(default_factory=list)
     pending: list[tuple[_Channel | None, tuple[Any, ...]]] = field(default_factory=list)
     last_beats: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
@@ -416,6 +430,12 @@ class _Child:
     crash: str = ""  # last line of a channel's traceback
     mpich: set[str] = field(default_factory=set)  # MPICH's shared-memory files of the ranks
     checked_at: float = 0.0  # when the heartbeats were last looked at
+
+    def note_mpich(self, paths: list[str]) -> None:
+        """MPICH segments of the ranks, tracked so that they go even when the service is killed."""
+        for path in set(paths) - self.mpich:
+            _track(path)
+            self.mpich.add(path)
 
     def __post_init__(self) -> None:
         self.last_beats = self.beats.copy()
@@ -488,22 +508,22 @@ class SupervisedReader:
         beats = np.ndarray((expected,), np.uint64, buffer=heartbeat.buf)
         beats[:] = 0
         if self._mpi_ranks:
-            socket_dir = tempfile.mkdtemp(prefix=f"{prefix}_")
+            address = f"/dev/shm/{prefix}_ranks"  # beside the rings: gone with them, also if the service is killed
             listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            address = os.path.join(socket_dir, "ranks")
             listener.bind(address)
+            _track(address)
             listener.listen(expected)
             listener.setblocking(False)
             try:
                 process: mp.process.BaseProcess | MpiRun = MpiRun(expected, address)
             except BaseException:
                 listener.close()
-                shutil.rmtree(socket_dir, ignore_errors=True)
+                _remove_tracked(address)
                 del beats
                 heartbeat.close()
                 heartbeat.unlink()
                 raise
-            self._child = _Child(process, heartbeat, beats, prefix, expected, time.monotonic(), listener, socket_dir)
+            self._child = _Child(process, heartbeat, beats, prefix, expected, time.monotonic(), listener, address)
         else:
             here, there = _CTX.Pipe(duplex=True)
             process = _CTX.Process(
@@ -553,6 +573,11 @@ class SupervisedReader:
         assert child.listener is not None
         with contextlib.suppress(BlockingIOError):
             sock, _ = child.listener.accept()
+            _, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+            if uid != os.getuid():  # /dev/shm is everyone's: only our own ranks may talk (pickles) to us
+                log.warning("%s: refused a connection from uid %d on the ranks' socket", self._name, uid)
+                sock.close()
+                return
             sock.setblocking(True)
             child.channels.append(_Channel(Connection(sock.detach()), -1))
         if len(child.channels) == child.expected:
@@ -567,7 +592,7 @@ class SupervisedReader:
     def _stop_child(self, child: _Child, graceful: bool) -> None:
         proc = child.process
         pids = {pid for pid in (proc.pid, *(ch.pid for ch in child.channels)) if pid is not None}
-        child.mpich.update(path for pid in pids for path in _mpich_segments(pid))  # before the processes go
+        child.note_mpich([path for pid in pids for path in _mpich_segments(pid)])  # before the processes go
         if proc.is_alive() and graceful:
             proc.terminate()
             proc.join(_TERM_GRACE_S)
@@ -581,15 +606,14 @@ class SupervisedReader:
             channel.shut_down()
         if child.listener is not None:
             child.listener.close()
-        if child.socket_dir is not None:
-            shutil.rmtree(child.socket_dir, ignore_errors=True)
+        if child.socket_path is not None:
+            _remove_tracked(child.socket_path)
         del child.beats
         child.heartbeat.close()
         for pid in pids:
             remove_leftovers(pid, child.prefix)
         for path in child.mpich:  # MPICH removes its segment at a clean exit, but not always, nor when killed
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+            _remove_tracked(path)
         self._child = None
 
     def _schedule_restart(self, why: str) -> None:
@@ -632,7 +656,7 @@ class SupervisedReader:
         elif kind == "ready":  # MPI is up in that process: note its segments while it still maps them
             log.info("%s: %s", self._name, msg[1])
             if channel.pid is not None:
-                child.mpich.update(_mpich_segments(channel.pid))
+                child.note_mpich(_mpich_segments(channel.pid))
         elif kind == "end":
             child.ended += 1
             self._finish(child, channel)
