@@ -572,3 +572,46 @@ def test_with_overflow_drop_every_frame_is_decided_or_counted(fx: Fixtures, tmp_
     assert len(columns["seq"]) + dropped == 200 == attrs["events"] + attrs["dropped"]
     assert columns["seq"].tolist() == list(range(len(columns["seq"])))  # drops never leave holes in seq
     assert columns["event"].tolist() == sorted(columns["event"].tolist())
+
+
+CUDA_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the device machine)")
+
+
+def _decide_all(settings: ServeSettings, frames: list[np.ndarray], fx: Fixtures) -> tuple[dict[str, Any], Running]:
+    r = _start(settings, ListSource(frames), fx.model, fx.bank)
+    r.pipeline.start()
+    assert r.pipeline.wait(WAIT_S)
+    r.publisher.close()
+    assert r.pipeline.error is None
+    columns, _ = read_decision_log(r.pipeline.logs[0])
+    return columns, r
+
+
+@CUDA_ONLY
+def test_the_cuda_path_decides_as_the_cpu_path(fx: Fixtures, tmp_path: Path) -> None:
+    """Raw uint16 through the pinned buffer, converted and binned on the device, the thumbnails handed to
+    onnxruntime by IO binding: the same labels and scores as the CPU path, and the frames' NaN check too."""
+    images, _ = _patterns(np.random.default_rng(5), 40)
+    raw = [np.round(im).astype(np.uint16) for im in images]
+    nan = images[0].copy()
+    nan[1, 1] = np.nan
+    frames = [*raw, nan, images[1]]
+    on = {}
+    for device in ("cpu", "cuda"):
+        columns, r = _decide_all(_settings(tmp_path / device, device=device), [f.copy() for f in frames], fx)
+        on[device] = columns
+        if device == "cuda":
+            assert r.pipeline.device.type == "cuda"
+            assert all(buf.is_pinned() for buf in r.pipeline._host.values())
+    assert on["cuda"]["label"].tolist() == on["cpu"]["label"].tolist()
+    assert on["cuda"]["label"][len(raw)] == "error"
+    np.testing.assert_allclose(on["cuda"]["score"], on["cpu"]["score"], atol=1e-4)
+
+
+@CUDA_ONLY
+def test_io_binding_on_cuda_tensors_gives_the_host_embeddings(fx: Fixtures) -> None:
+    emb = OnnxEmbedder(fx.model)
+    if not emb.on_gpu:
+        pytest.skip(f"onnxruntime has no GPU provider here ({emb.provider}): install onnxruntime-gpu")
+    thumbs = torch.randn(7, 1, 16, 16)
+    np.testing.assert_allclose(emb.embed(thumbs.cuda()), emb.embed(thumbs.numpy()), rtol=1e-4, atol=1e-5)
