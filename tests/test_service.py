@@ -284,7 +284,7 @@ def test_preprocessing_in_place_never_touches_the_callers_frames() -> None:
 def test_lit_pixel_prefilter_counts_each_frame_exactly() -> None:
     import torch
 
-    from lcls_hitfinder.service.pipeline import blank_mask
+    from lcls_hitfinder.service.pipeline import Prefilter
     from lcls_hitfinder.service.settings import PrefilterSettings
 
     photons = torch.zeros(4, 32, 32)
@@ -292,7 +292,9 @@ def test_lit_pixel_prefilter_counts_each_frame_exactly() -> None:
         photons[i].view(-1)[:lit] = 0.51
     photons[1].view(-1)[100:200] = 0.5  # not above the threshold: not lit
     p = PrefilterSettings(kind="lit_pixels", lit_threshold=0.5, min_lit_pixels=20)
-    assert blank_mask(photons, p).tolist() == [True, True, False, False]
+    prefilter = Prefilter(p, threads=2)
+    assert prefilter.blank(photons).tolist() == [True, True, False, False]
+    prefilter.close()
 
 
 def test_all_finite_finds_nan_and_inf_and_is_not_fooled_by_an_overflowing_sum() -> None:
