@@ -68,11 +68,15 @@ def assemble_panels(frames: torch.Tensor) -> torch.Tensor:
 
 
 def block_means(frames: torch.Tensor, side: int) -> torch.Tensor:
-    """(B, H, W) -> (B, 1, side, side), the mean of each bin. Where the bins tile the frame exactly, a
-    reshaped mean gives adaptive pooling's numbers in about half its time (the hot path at a megapixel)."""
+    """(B, H, W) -> (B, 1, side, side), the mean of each bin. Where the bins tile the frame exactly, sums
+    along the rows' contiguous pixels first, then down the 16x shorter columns: adaptive pooling's numbers
+    in a quarter of its time and about half that of one mean over both bin axes (the hot path at a
+    megapixel)."""
     b, h, w = frames.shape
     if h % side == 0 and w % side == 0:
-        return frames.reshape(b, side, h // side, side, w // side).mean(dim=(2, 4)).unsqueeze(1)
+        kh, kw = h // side, w // side
+        rows = frames.reshape(b, h, side, kw).sum(-1)  # (B, H, side): one pass over every pixel
+        return (rows.reshape(b, side, kh, side).sum(2) / (kh * kw)).unsqueeze(1)
     return F.adaptive_avg_pool2d(frames.unsqueeze(1), (side, side))
 
 

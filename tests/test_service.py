@@ -282,6 +282,8 @@ def test_preprocessing_in_place_never_touches_the_callers_frames() -> None:
 
 # ---- pre-filter and finiteness checks ------------------------------------------------------------------------
 def test_lit_pixel_prefilter_counts_each_frame_exactly() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
     import torch
 
     from lcls_hitfinder.service.pipeline import Prefilter
@@ -292,9 +294,8 @@ def test_lit_pixel_prefilter_counts_each_frame_exactly() -> None:
         photons[i].view(-1)[:lit] = 0.51
     photons[1].view(-1)[100:200] = 0.5  # not above the threshold: not lit
     p = PrefilterSettings(kind="lit_pixels", lit_threshold=0.5, min_lit_pixels=20)
-    prefilter = Prefilter(p, threads=2)
-    assert prefilter.blank(photons).tolist() == [True, True, False, False]
-    prefilter.close()
+    with ThreadPoolExecutor(2) as pool:
+        assert Prefilter(p, pool).blank(photons).tolist() == [True, True, False, False]
 
 
 def test_all_finite_finds_nan_and_inf_and_is_not_fooled_by_an_overflowing_sum() -> None:

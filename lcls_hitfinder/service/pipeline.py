@@ -111,34 +111,26 @@ class Verdicts:
 class Prefilter:
     """The cheap pre-filter on (B, H, W) photons: `blank()` is True where a frame is too dim to be a hit.
 
-    On the CPU numpy counts the lit pixels, the frames of a batch shared among threads (numpy lets go of
-    the GIL): torch's comparison and count of a megapixel frame take 2-4x as long, and its count of a whole
-    batch goes through an int64 copy of the lit map (8 bytes a pixel).
+    On the CPU numpy counts the lit pixels, the frames of a batch shared among the pool's threads (numpy
+    lets go of the GIL): torch's comparison and count of a megapixel frame take 2-4x as long, and its count
+    of a whole batch goes through an int64 copy of the lit map (8 bytes a pixel).
     """
 
-    def __init__(self, settings: PrefilterSettings, threads: int) -> None:
+    def __init__(self, settings: PrefilterSettings, pool: ThreadPoolExecutor) -> None:
         self.settings = settings
-        self._threads = max(1, threads)
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool = pool
 
     def blank(self, photons: torch.Tensor) -> torch.Tensor:
         p = self.settings
         if p.kind == "lit_pixels":
             if photons.device.type != "cpu":
                 return (photons > p.lit_threshold).flatten(1).sum(1) < p.min_lit_pixels
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="prefilter")
             frames = photons.numpy()
             lit = list(self._pool.map(lambda f: np.count_nonzero(f > p.lit_threshold), frames))
             return torch.from_numpy(np.array(lit, np.int64) < p.min_lit_pixels)
         if p.kind == "photons":
             return photons.flatten(1).sum(1) < p.min_photons
         return torch.zeros(photons.shape[0], dtype=torch.bool, device=photons.device)
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
 
 
 def all_finite(frames: torch.Tensor) -> torch.Tensor:
@@ -180,7 +172,10 @@ class Pipeline:
         self._shape: tuple[int, ...] | None = source.frame_shape
         self._pre: Preprocessor | None = None
         self._host: dict[np.dtype, torch.Tensor] = {}
-        self._prefilter = Prefilter(settings.prefilter, torch.get_num_threads())
+        # the frames of a batch are shared among these threads where numpy does the work (it lets go of
+        # the GIL): stacking and the pre-filter's count; the executor starts its threads on first use
+        self._pool = ThreadPoolExecutor(torch.get_num_threads(), thread_name_prefix="frames")
+        self._prefilter = Prefilter(settings.prefilter, self._pool)
         self._next_seq = 0
         self._run: Run | None = None
         self._last_run: tuple[str, int] | None = None
@@ -279,7 +274,7 @@ class Pipeline:
         finally:
             self._end_run()
             self._poll_restarts()
-            self._prefilter.close()
+            self._pool.shutdown()
             self._done.set()
 
     def _process_items(self, items: list[Frame | RunEnd]) -> None:
@@ -338,8 +333,9 @@ class Pipeline:
         return self._pre
 
     def _stack(self, arrays: list[np.ndarray]) -> torch.Tensor:
-        """Frames -> one (B, ...) tensor on the device, through a preallocated buffer: the one pass over a
-        frame's pixels in this process (a psana frame is read straight from the reader's ring).
+        """Frames -> one (B, ...) tensor on the device, through a preallocated buffer: the one copy of a
+        frame's pixels in this process (a psana frame is read straight from the reader's ring), frame by frame
+        in the pool's threads (one thread copies a megapixel frame at about half the memory bandwidth).
 
         For the CPU the frames become float32 while they are stacked (one pass; Preprocessor.photons then
         works in that buffer). For a GPU they stay raw (uint16) in a pinned buffer, are copied without
@@ -354,7 +350,8 @@ class Pipeline:
             buf = torch.empty(shape, dtype=torch_dtype, pin_memory=cuda)
             self._host[dtype] = buf
         view = buf[: len(arrays)]
-        np.stack(arrays, out=view.numpy(), casting="unsafe")
+        out = view.numpy()
+        list(self._pool.map(lambda i: np.copyto(out[i], arrays[i], casting="unsafe"), range(len(arrays))))
         return view.to(self.device, non_blocking=True)
 
     def _decide(self, frames: list[Frame]) -> Verdicts:
