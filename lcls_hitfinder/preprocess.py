@@ -69,9 +69,8 @@ def assemble_panels(frames: torch.Tensor) -> torch.Tensor:
 
 def block_means(frames: torch.Tensor, side: int) -> torch.Tensor:
     """(B, H, W) -> (B, 1, side, side), the mean of each bin. Where the bins tile the frame exactly, sums
-    along the rows' contiguous pixels first, then down the 16x shorter columns: adaptive pooling's numbers
-    in a quarter of its time and about half that of one mean over both bin axes (the hot path at a
-    megapixel)."""
+    each bin's contiguous pixels along the rows first, then down columns a bin's width shorter: adaptive
+    pooling's numbers in about half the time of one mean over both bin axes (the hot path at a megapixel)."""
     b, h, w = frames.shape
     if h % side == 0 and w % side == 0:
         kh, kw = h // side, w // side

@@ -335,7 +335,7 @@ class Pipeline:
     def _stack(self, arrays: list[np.ndarray]) -> torch.Tensor:
         """Frames -> one (B, ...) tensor on the device, through a preallocated buffer: the one copy of a
         frame's pixels in this process (a psana frame is read straight from the reader's ring), frame by frame
-        in the pool's threads (one thread copies a megapixel frame at about half the memory bandwidth).
+        in the pool's threads (numpy lets go of the GIL; one thread alone was the batch's slowest step).
 
         For the CPU the frames become float32 while they are stacked (one pass; Preprocessor.photons then
         works in that buffer). For a GPU they stay raw (uint16) in a pinned buffer, are copied without
