@@ -146,6 +146,20 @@ class Preprocessor:
             x.clamp_max_(self.settings.clip_photons)
         return x
 
+    def keeps_above(self, level: float) -> bool:
+        """Whether `photons()` is above `level` exactly where the raw value is, pixel for pixel: no gain or
+        offset, no masked pixel, and neither the single-photon threshold nor the clip on the far side of
+        `level`. Then a count of bright pixels can be taken on the raw frame while it is being read anyway."""
+        c, clip = self.calibration, self.settings.clip_photons
+        return (
+            level >= 0  # negative values (clamped to 0 in photons) are never above it either way
+            and c.gain == 1.0
+            and c.offset == 0.0
+            and c.threshold <= level  # zeroed values were below `level` already
+            and self._all_good
+            and (clip is None or clip > level)
+        )
+
     def thumbnails(self, photons: torch.Tensor) -> torch.Tensor:
         """Photons (B, H', W') -> binned, transformed and normalised thumbnails (B, 1, S, S)."""
         s = self.settings

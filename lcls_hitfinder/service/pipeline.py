@@ -13,6 +13,7 @@ NaN/Inf pixels, or an unexpected failure of a batch) get `label: error` with a r
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -40,6 +41,7 @@ from lcls_hitfinder.service.settings import PrefilterSettings, ServeSettings
 log = logging.getLogger(__name__)
 
 LABEL_TEXT = np.array([label.text for label in Label], dtype=object)  # indexed by label code
+_EXACT_IN_FLOAT32 = {np.dtype(t) for t in ("uint8", "int8", "uint16", "int16", "float32")}
 _IDLE_S = 0.2  # how long the worker waits for frames before doing its idle chores (log flush)
 
 
@@ -113,21 +115,41 @@ class Prefilter:
 
     On the CPU numpy counts the lit pixels, the frames of a batch shared among the pool's threads (numpy
     lets go of the GIL): torch's comparison and count of a megapixel frame take 2-4x as long, and its count
-    of a whole batch goes through an int64 copy of the lit map (8 bytes a pixel).
+    of a whole batch goes through an int64 copy of the lit map (8 bytes a pixel). Where the count on the raw
+    frames must come out the same, `raw_count` takes it while they are copied into the batch instead.
     """
 
     def __init__(self, settings: PrefilterSettings, pool: ThreadPoolExecutor) -> None:
         self.settings = settings
         self._pool = pool
 
-    def blank(self, photons: torch.Tensor) -> torch.Tensor:
+    def raw_count(self, pre: Preprocessor, dtypes: set[np.dtype]) -> Callable[[np.ndarray], int] | None:
+        """A count of lit pixels to take on each raw frame of these dtypes, or None where it could differ
+        from the count on photons: `pre` changes values on the way (`keeps_above`), or float32 does not
+        hold every raw value exactly. Taken while the frame is read for the batch anyway, it saves a pass
+        over the batch's photons."""
+        p = self.settings
+        if p.kind != "lit_pixels" or not pre.keeps_above(p.lit_threshold) or not dtypes <= _EXACT_IN_FLOAT32:
+            return None
+        level = np.float32(p.lit_threshold)  # photons are float32: compared with the float32 threshold
+
+        def count(frame: np.ndarray) -> int:
+            if frame.dtype.kind == "f":
+                return int(np.count_nonzero(frame > level))
+            # an integer is above the threshold exactly where it is above its floor
+            return int(np.count_nonzero(frame > min(math.floor(level), np.iinfo(frame.dtype).max)))
+
+        return count
+
+    def blank(self, photons: torch.Tensor, lit: list[int] | None = None) -> torch.Tensor:
+        """`lit`: the frames' lit pixels if `raw_count` counted them already."""
         p = self.settings
         if p.kind == "lit_pixels":
-            if photons.device.type != "cpu":
+            if lit is None and photons.device.type != "cpu":
                 return (photons > p.lit_threshold).flatten(1).sum(1) < p.min_lit_pixels
-            frames = photons.numpy()
-            lit = list(self._pool.map(lambda f: np.count_nonzero(f > p.lit_threshold), frames))
-            return torch.from_numpy(np.array(lit, np.int64) < p.min_lit_pixels)
+            if lit is None:
+                lit = list(self._pool.map(lambda f: int(np.count_nonzero(f > p.lit_threshold)), photons.numpy()))
+            return torch.from_numpy(np.array(lit, np.int64) < p.min_lit_pixels).to(photons.device)
         if p.kind == "photons":
             return photons.flatten(1).sum(1) < p.min_photons
         return torch.zeros(photons.shape[0], dtype=torch.bool, device=photons.device)
@@ -332,14 +354,17 @@ class Pipeline:
             self._pre = Preprocessor(preprocess, mask, self._shape, self.settings.calibration, self.device)
         return self._pre
 
-    def _stack(self, arrays: list[np.ndarray]) -> torch.Tensor:
+    def _stack(
+        self, arrays: list[np.ndarray], count: Callable[[np.ndarray], int] | None = None
+    ) -> tuple[torch.Tensor, list[int] | None]:
         """Frames -> one (B, ...) tensor on the device, through a preallocated buffer: the one copy of a
         frame's pixels in this process (a psana frame is read straight from the reader's ring), frame by frame
         in the pool's threads (numpy lets go of the GIL; one thread alone was the batch's slowest step).
 
         For the CPU the frames become float32 while they are stacked (one pass; Preprocessor.photons then
         works in that buffer). For a GPU they stay raw (uint16) in a pinned buffer, are copied without
-        blocking and converted on the device.
+        blocking and converted on the device. `count`, if given, is taken on each raw frame just before it
+        is copied (the copy then reads it from cache); the counts come back with the batch.
         """
         cuda = self.device.type == "cuda"
         dtype = np.result_type(*(a.dtype for a in arrays)) if cuda else np.dtype(np.float32)
@@ -351,8 +376,14 @@ class Pipeline:
             self._host[dtype] = buf
         view = buf[: len(arrays)]
         out = view.numpy()
-        list(self._pool.map(lambda i: np.copyto(out[i], arrays[i], casting="unsafe"), range(len(arrays))))
-        return view.to(self.device, non_blocking=True)
+
+        def put(i: int) -> int:
+            counted = count(arrays[i]) if count is not None else 0
+            np.copyto(out[i], arrays[i], casting="unsafe")
+            return counted
+
+        counts = list(self._pool.map(put, range(len(arrays))))
+        return view.to(self.device, non_blocking=True), counts if count is not None else None
 
     def _decide(self, frames: list[Frame]) -> Verdicts:
         t0 = time.perf_counter()
@@ -364,15 +395,17 @@ class Pipeline:
         pre = self._preprocessor()
         with torch.inference_mode():
             arrays = [frames[i].data for i in good]
-            raw = self._stack(arrays)
+            on_cpu = self.device.type == "cpu"  # a GPU counts faster than the host
+            count = self._prefilter.raw_count(pre, {a.dtype for a in arrays}) if on_cpu else None
+            raw, lit = self._stack(arrays, count)
             for f in frames:  # their pixels are in the batch buffer now: the reader may reuse the slots
                 f.release()
             finite = torch.ones(len(good), dtype=torch.bool, device=raw.device)
             if any(a.dtype.kind == "f" for a in arrays):  # integers cannot be NaN or Inf
                 finite = all_finite(raw)
             signed = any(a.dtype.kind in "if" for a in arrays)  # unsigned raw values need no clamp at 0
-            photons = pre.photons(raw, inplace=raw.device.type == "cpu", signed=signed)  # the CPU buffer is ours
-            blank = self._prefilter.blank(photons) & finite
+            photons = pre.photons(raw, inplace=on_cpu, signed=signed)  # the CPU buffer is ours
+            blank = self._prefilter.blank(photons, lit) & finite
             to_model = finite & ~blank
             all_to_model = bool(to_model.all())
             thumbs = pre.thumbnails(photons if all_to_model else photons[to_model]) if bool(to_model.any()) else None
