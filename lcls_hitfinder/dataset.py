@@ -7,6 +7,7 @@ Layout (documented in docs/dataset.md):
   /photons       float32 (N,)       photons in the pattern before noise
   /mask          bool    (H, W)     True for good pixels
   /orientations  float32 (N, 4, 4)  one quaternion per particle, zero-padded
+  /positions     float32 (N, 4, 3)  particle centres in nm (lab frame, z along the beam), zero-padded
   attrs          geometry, beam, noise, seed, simulator version (see DatasetWriter)
 """
 
@@ -63,6 +64,7 @@ class Batch:
     structure: np.ndarray
     photons: np.ndarray
     orientations: np.ndarray
+    positions: np.ndarray
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -109,9 +111,13 @@ class DatasetWriter:
             maxshape=(None, MAX_PARTICLES, 4),
             chunks=(4096, 4, 4),
         )
+        f.create_dataset(
+            "positions", (0, MAX_PARTICLES, 3), np.float32, maxshape=(None, MAX_PARTICLES, 3), chunks=(4096, 4, 3)
+        )
         f.create_dataset("mask", data=mask.astype(bool))
         f["images"].attrs["units"] = units
         f["orientations"].attrs["description"] = "unit quaternions (w, x, y, z), one per particle, zero-padded"
+        f["positions"].attrs["description"] = "particle centres, nm, lab frame (z along the beam), zero-padded"
         self._n = 0
 
     def append(self, batch: Batch) -> None:
@@ -119,7 +125,7 @@ class DatasetWriter:
         if n == 0:
             return
         lo, hi = self._n, self._n + n
-        for name in ("images", "n_particles", "structure", "photons", "orientations"):
+        for name in ("images", "n_particles", "structure", "photons", "orientations", "positions"):
             ds = self._f[name]
             ds.resize(hi, axis=0)
             ds[lo:hi] = getattr(batch, name)
@@ -180,6 +186,11 @@ class Dataset:
     def photons(self) -> np.ndarray:
         return np.asarray(self._f["photons"][()], dtype=np.float32)
 
+    @property
+    def positions(self) -> np.ndarray | None:
+        """(N, 4, 3) particle centres in nm, or None for files written before they were recorded."""
+        return np.asarray(self._f["positions"][()], dtype=np.float32) if "positions" in self._f else None
+
     def images(self, sel: slice | np.ndarray | None = None) -> np.ndarray:
         """Images of a slice or of sorted indices (h5py needs increasing indices)."""
         ds = self._f["images"]
@@ -196,6 +207,9 @@ class Dataset:
             orientations=np.asarray(f["orientations"][sel])
             if "orientations" in f
             else np.zeros((n, MAX_PARTICLES, 4), np.float32),
+            positions=np.asarray(f["positions"][sel])
+            if "positions" in f
+            else np.zeros((n, MAX_PARTICLES, 3), np.float32),
         )
 
     def batches(self, size: int) -> Iterator[Batch]:

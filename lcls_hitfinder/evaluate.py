@@ -8,12 +8,15 @@ these definitions:
   precision_at_recall_0.9  best single-hit precision with recall >= 0.9 (over all thresholds)
   recall_at_precision_0.99 best recall with precision >= 0.99
   count_accuracy           particle count (0-4) estimated correctly
+  pairs_called_single_by_axis  2-particle hits labelled single, by the angle between the pair's axis
+                           and the beam (simulated files record the particles' positions)
 and, for the multi-output CNN baselines (the design study's table): count_accuracy,
 particle_accuracy (structure right, over hits) and test_accuracy (both right).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -151,6 +154,42 @@ def accuracy_by_photons(
     return centres[keep], hits[keep] / counts[keep], counts[keep]
 
 
+PAIR_AXIS_EDGES_DEG = (0, 15, 30, 45, 60, 75, 90)
+
+
+def pairs_called_single_by_axis(
+    n_particles: np.ndarray, positions: np.ndarray, labels: np.ndarray
+) -> list[dict[str, Any]]:
+    """2-particle hits labelled single, in bins of the angle (degrees) between the pair's axis and the beam.
+
+    A pair lined up with the beam (z) projects to a short separation on the detector and gives few fringes:
+    this shows whether a model's pairs-called-single are those. Random orientations put a share
+    cos(lo) - cos(hi) of the pairs in each bin. Empty without pairs or recorded positions.
+    """
+    pairs = np.asarray(n_particles) == 2
+    sep = np.asarray(positions, np.float64)[pairs, 1] - np.asarray(positions, np.float64)[pairs, 0]
+    length = np.linalg.norm(sep, axis=1)
+    ok = length > 0
+    if not ok.any():
+        return []
+    angle = np.degrees(np.arccos(np.clip(np.abs(sep[ok, 2]) / length[ok], 0.0, 1.0)))
+    called = np.asarray(labels)[pairs][ok] == Label.SINGLE
+    edges = np.asarray(PAIR_AXIS_EDGES_DEG, np.float64)
+    idx = np.clip(np.digitize(angle, edges) - 1, 0, len(edges) - 2)
+    rows = []
+    for b, (lo, hi) in enumerate(itertools.pairwise(PAIR_AXIS_EDGES_DEG)):
+        m = idx == b
+        rows.append(
+            {
+                "axis_to_beam_deg": f"{lo}-{hi}",
+                "pairs": int(m.sum()),
+                "called_single": int(called[m].sum()),
+                "fraction": float(called[m].mean()) if m.any() else float("nan"),
+            }
+        )
+    return rows
+
+
 def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     """A markdown table; floats to 4 significant digits."""
 
@@ -183,7 +222,8 @@ def write_report(
     example_index: np.ndarray,
 ) -> None:
     """metrics.json, metrics.md and the plots: confusion matrix, precision-recall, accuracy vs photons,
-    a 2-D projection of the embeddings and a grid of examples titled "prediction / truth"."""
+    2-hits labelled single by pair axis (when the metrics have it), a 2-D projection of the embeddings
+    and a grid of examples titled "prediction / truth"."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -201,11 +241,19 @@ def write_report(
         ],
         ["truth \\ prediction", *names],
     )
+    pair_rows = metrics.get("pairs_called_single_by_axis", [])
+    pair_md = (
+        "\n## 2-particle hits labelled single, by the angle of the pair's axis to the beam\n\n"
+        + markdown_table(pair_rows, list(pair_rows[0]))
+        if pair_rows
+        else ""
+    )
     (out / "metrics.md").write_text(
         "# Evaluation\n\n"
         + markdown_table([{"metric": c, "value": metrics[c]} for c in columns], ["metric", "value"])
         + "\n## Confusion matrix\n\n"
         + conf_md
+        + pair_md
     )
     truth = hit_labels(n_particles)
     correct = np.asarray(decisions.label) == truth
@@ -239,6 +287,19 @@ def write_report(
     fig.tight_layout()
     fig.savefig(out / "accuracy_vs_photons.png", dpi=120)
     plt.close(fig)
+
+    if pair_rows:
+        fig, ax = plt.subplots(figsize=(4.5, 3.6))
+        mids = [float(np.mean(edge)) for edge in itertools.pairwise(PAIR_AXIS_EDGES_DEG)]
+        ax.bar(mids, np.nan_to_num([r["fraction"] for r in pair_rows]), width=12)
+        for x, r in zip(mids, pair_rows, strict=True):
+            ax.text(x, 1.02, str(r["pairs"]), ha="center", fontsize=7)
+        ax.set(xlabel="angle of the pair's axis to the beam (deg)", ylabel="2-hits labelled single", ylim=(0, 1.1))
+        ax.set_title("number above a bar: pairs in the bin", fontsize=8)
+        ax.grid(alpha=0.3, axis="y")
+        fig.tight_layout()
+        fig.savefig(out / "pairs_by_axis.png", dpi=120)
+        plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(4.5, 4))
     xy = projection_2d(embeddings)

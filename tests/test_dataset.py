@@ -14,6 +14,7 @@ def _batch(n: int, offset: int) -> Batch:
         structure=np.array([f"s{offset + i}" for i in range(n)], dtype=object),
         photons=np.arange(n, dtype=np.float32),
         orientations=np.zeros((n, 4, 4), np.float32),
+        positions=np.arange(n * 12, dtype=np.float32).reshape(n, 4, 3) + offset,
     )
 
 
@@ -41,6 +42,10 @@ def test_round_trip_in_chunks(tmp_path: Path) -> None:
         assert list(d.structure[4:6]) == ["s4", "s100"]
         assert d.images(slice(5, 8)).mean() == 100
         assert [len(b) for b in d.batches(3)] == [3, 3, 2]
+        positions = d.positions
+        assert positions is not None
+        np.testing.assert_array_equal(positions[5:], _batch(3, 100).positions)
+        np.testing.assert_array_equal(d.read(slice(0, 5)).positions, _batch(5, 0).positions)
 
 
 def test_failed_write_leaves_no_file(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from lcls_hitfinder.evaluate import (
     hit_labels,
     hit_metrics,
     markdown_table,
+    pairs_called_single_by_axis,
     per_sample_decisions,
     projection_2d,
     write_report,
@@ -90,6 +91,39 @@ def test_report_files(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "metrics.json").read_text())["accuracy"] == pytest.approx(5 / 8)
     md = (tmp_path / "metrics.md").read_text()
     assert "| accuracy | 0.625 |" in md and "| single | 1 | 2 | 1 |" in md
+    assert "pair's axis" not in md and not (tmp_path / "pairs_by_axis.png").exists()
+
+
+def _pair(axis_deg: float, d: float = 20.0) -> np.ndarray:
+    """Positions (4, 3) of a pair whose axis makes `axis_deg` with the beam (z), centred on the origin."""
+    a = np.radians(axis_deg)
+    half = 0.5 * d * np.array([np.sin(a), 0.0, np.cos(a)])
+    return np.array([-half, half, np.zeros(3), np.zeros(3)])
+
+
+def test_pairs_called_single_are_binned_by_the_angle_of_their_axis_to_the_beam() -> None:
+    angles = [5.0, 10.0, 170.0, 20.0, 50.0, 90.0, 89.0, 0.0]  # 170 deg is 10 deg from the beam, the other way
+    n = np.array([2] * len(angles) + [1, 3])
+    positions = np.stack([_pair(a) for a in angles] + [np.zeros((4, 3)), _pair(80)])
+    labels = np.array([1, 1, 2, 1, 2, 1, 2, 2, 1, 1])
+    rows = pairs_called_single_by_axis(n, positions, labels)
+    assert [r["axis_to_beam_deg"] for r in rows] == ["0-15", "15-30", "30-45", "45-60", "60-75", "75-90"]
+    assert [r["pairs"] for r in rows] == [4, 1, 0, 1, 0, 2]  # the single and the 3-hit are not pairs
+    assert [r["called_single"] for r in rows] == [2, 1, 0, 0, 0, 1]
+    assert rows[0]["fraction"] == 0.5 and np.isnan(rows[2]["fraction"])
+    assert pairs_called_single_by_axis(n, np.zeros((len(n), 4, 3)), labels) == []  # no positions recorded
+
+
+def test_report_shows_pairs_by_axis_when_present(tmp_path: Path) -> None:
+    dec = decisions()
+    m = hit_metrics(N, dec)
+    positions = np.zeros((8, 4, 3))
+    positions[4] = _pair(10)
+    m["pairs_called_single_by_axis"] = pairs_called_single_by_axis(N, positions, dec.label)
+    images = np.zeros((4, 16, 16), np.float32)
+    write_report(tmp_path, m, N, dec, np.geomspace(100, 1e4, 8), np.zeros((8, 4)), images, np.arange(4))
+    assert (tmp_path / "pairs_by_axis.png").stat().st_size > 1000
+    assert "| 0-15 | 1 | 0 | 0 |" in (tmp_path / "metrics.md").read_text()
 
 
 def test_per_sample_banks_judge_each_structure_by_its_own_references() -> None:

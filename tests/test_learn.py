@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from lcls_hitfinder.bank import BankMismatch, ReferenceBank
 from lcls_hitfinder.cli import app
-from lcls_hitfinder.dataset import Batch, DatasetWriter
+from lcls_hitfinder.dataset import Batch, Dataset, DatasetWriter
 from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.model_io import file_hash, read_model_info
 
@@ -32,6 +32,7 @@ def spheres(n: int, shape: tuple[int, int], seed: int, photons: float = 3000.0, 
     counts = rng.integers(0, 5, n)
     images = np.zeros((n, h, w), np.float32)
     names = np.empty(n, dtype=object)
+    positions = np.zeros((n, 4, 3), np.float32)
     for i, c in enumerate(counts):
         r = radius * rng.uniform(0.85, 1.15)
         qr = q * r
@@ -44,6 +45,7 @@ def spheres(n: int, shape: tuple[int, int], seed: int, photons: float = 3000.0, 
         phase = np.exp(1j * kq * (qy[None] * centres[:, 0, None, None] + qx[None] * centres[:, 1, None, None]))
         img = form * np.abs(phase.sum(0)) ** 2 if c else np.zeros(shape)
         images[i] = img * (photons / max(form.sum(), 1e-9))
+        positions[i, :c, :2] = centres[:c]  # in the detector plane: pairs lie across the beam
         names[i] = "sphere" if c else ""
     return Batch(
         images=images,
@@ -51,6 +53,7 @@ def spheres(n: int, shape: tuple[int, int], seed: int, photons: float = 3000.0, 
         structure=names,
         photons=images.sum((1, 2)).astype(np.float32),
         orientations=np.zeros((n, 4, 4), np.float32),
+        positions=positions,
     )
 
 
@@ -129,6 +132,10 @@ def test_bank_classify_and_evaluate(data: Path, model: Path, tmp_path: Path) -> 
     assert metrics["accuracy"] > 0.8  # the analytic patterns are easy; a broken pipeline scores ~0.4
     assert metrics["accuracy_at_threshold_0"] > 0.8 and metrics["threshold"] == report["threshold"]
     assert (tmp_path / "r" / "examples.png").exists()
+    pairs = metrics["pairs_called_single_by_axis"]  # the analytic pairs all lie across the beam
+    with Dataset(data / "test.h5") as d:
+        assert sum(r["pairs"] for r in pairs) == int((d.n_particles == 2).sum()) > 0
+    assert [r["pairs"] > 0 for r in pairs] == [False] * 5 + [True]
 
 
 def test_any_image_size_and_mask(data: Path, model: Path, tmp_path: Path) -> None:

@@ -71,6 +71,7 @@ def _write_dataset(path: Path, images: np.ndarray, counts: np.ndarray) -> Path:
                 np.full(n, "test", object),
                 images.sum((1, 2)),
                 np.zeros((n, 4, 4), np.float32),
+                np.zeros((n, 4, 3), np.float32),
             )
         )
     return path

@@ -59,6 +59,13 @@ def test_dataset_layout_labels_mask_and_attributes(tmp_path: Path) -> None:
         norms = np.linalg.norm(quats, axis=2)
         present = np.arange(4)[None, :] < counts[:, None]
         assert np.allclose(norms[present], 1, atol=1e-5) and np.all(norms[~present] == 0)
+        positions = ds.positions
+        assert positions is not None and np.all(positions[~present] == 0)
+        centred = np.array([positions[i, : counts[i]].mean(0) for i in range(40) if counts[i]])
+        assert np.allclose(centred, 0, atol=1e-4)
+        sphere_pairs = (counts == 2) & (names == "sphere:8")
+        gaps = np.linalg.norm(positions[sphere_pairs, 1] - positions[sphere_pairs, 0], axis=1)
+        assert sphere_pairs.any() and np.allclose(gaps, 16.0, rtol=1e-4)  # two 8-nm spheres touching
         a = ds.attrs
         assert a["photon_energy_ev"] == 1700.0 and a["distance_m"] == 0.15 and a["pixel_size_m"] == 600e-6
         assert a["beam_center"] == [23.5, 19.5] and a["seed"] == 5 and a["simulator_version"]

@@ -218,7 +218,7 @@ def evaluate(
     """Evaluate model + bank (or a CNN baseline run) on labelled data: metrics, table and plots."""
     import numpy as np
 
-    from lcls_hitfinder.evaluate import hit_metrics, markdown_table, write_report
+    from lcls_hitfinder.evaluate import hit_metrics, markdown_table, pairs_called_single_by_axis, write_report
 
     if run is not None:
         from lcls_hitfinder.learn.baseline import evaluate_cnn
@@ -248,12 +248,17 @@ def evaluate(
             at_zero = hit_metrics(n, ref_bank.decide(emb))
             for key in ("accuracy", "single_vs_multi_accuracy", "precision", "recall"):
                 metrics[f"{key}_at_threshold_0"] = at_zero[key]
+        positions = dataset.positions
+        pairs = pairs_called_single_by_axis(n, positions, dec.label) if positions is not None else []
+        if pairs:
+            metrics["pairs_called_single_by_axis"] = pairs
         photons = dataset.photons
         metrics["photons_per_single_hit"] = float(np.median(photons[n == 1])) if (n == 1).any() else float("nan")
         rng = np.random.default_rng(0)
         idx = np.sort(rng.choice(len(n), size=min(examples, len(n)), replace=False))
         write_report(report, metrics, n, dec, photons, emb, dataset.images(idx), idx)
-    print(json.dumps({k: v for k, v in metrics.items() if k != "confusion"}, indent=2))
+    tables = ("confusion", "pairs_called_single_by_axis")
+    print(json.dumps({k: v for k, v in metrics.items() if k not in tables}, indent=2))
 
 
 def register(app: typer.Typer) -> None:

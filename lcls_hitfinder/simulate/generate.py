@@ -226,6 +226,7 @@ class PatternGenerator:
             structure=np.array(names, dtype=object),
             photons=photons.cpu().numpy().astype(np.float32),
             orientations=quats.astype(np.float32),
+            positions=positions.astype(np.float32),
         )
 
     def _jitter(self, rng: np.random.Generator, n: int) -> np.ndarray:
