@@ -14,8 +14,8 @@ serve: install
 	$(BIN)/lcls-hitfinder serve
 
 lint: install
-	$(BIN)/ruff check lcls_hitfinder tests benchmarks deploy
-	$(BIN)/ruff format --check lcls_hitfinder tests benchmarks deploy
+	$(BIN)/ruff check lcls_hitfinder tests benchmarks deploy experiments
+	$(BIN)/ruff format --check lcls_hitfinder tests benchmarks deploy experiments
 	$(BIN)/mypy
 
 test: lint

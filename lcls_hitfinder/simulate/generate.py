@@ -218,7 +218,7 @@ class PatternGenerator:
             positions[i, : counts[i]] = touching_cluster(radii, rng)
         intensity = self.expected_intensity(counts, species, quats, positions, jitter)
         photons = (intensity * self._good).sum(1)
-        images = self._detect(intensity + self._background, rng)
+        images = self.detect(intensity + self._background, rng)
         names = ["+".join(dict.fromkeys(self.volumes[s].name for s in species[i, : counts[i]])) for i in range(n)]
         return Batch(
             images=images.reshape(n, *self.shape),
@@ -259,7 +259,7 @@ class PatternGenerator:
                 amp.index_add_(0, torch.from_numpy(pi).to(self.device), a * phase)
         return torch.view_as_real(amp).square().sum(-1) * self._factor
 
-    def _detect(self, expected: torch.Tensor, rng: np.random.Generator) -> np.ndarray:
+    def detect(self, expected: torch.Tensor, rng: np.random.Generator) -> np.ndarray:
         """Expected photons -> recorded values: Poisson, read noise, ADU, dead pixels, saturation."""
         noise = self.settings.noise
         lam = expected.double().cpu().numpy()
