@@ -184,7 +184,7 @@ def pairs_called_single_by_axis(
                 "axis_to_beam_deg": f"{lo}-{hi}",
                 "pairs": int(m.sum()),
                 "called_single": int(called[m].sum()),
-                "fraction": float(called[m].mean()) if m.any() else float("nan"),
+                "fraction": float(called[m].mean()) if m.any() else None,  # null in JSON, not NaN
             }
         )
     return rows
@@ -291,7 +291,7 @@ def write_report(
     if pair_rows:
         fig, ax = plt.subplots(figsize=(4.5, 3.6))
         mids = [float(np.mean(edge)) for edge in itertools.pairwise(PAIR_AXIS_EDGES_DEG)]
-        ax.bar(mids, np.nan_to_num([r["fraction"] for r in pair_rows]), width=12)
+        ax.bar(mids, [r["fraction"] or 0.0 for r in pair_rows], width=12)
         for x, r in zip(mids, pair_rows, strict=True):
             ax.text(x, 1.02, str(r["pairs"]), ha="center", fontsize=7)
         ax.set(xlabel="angle of the pair's axis to the beam (deg)", ylabel="2-hits labelled single", ylim=(0, 1.1))

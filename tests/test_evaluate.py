@@ -110,7 +110,7 @@ def test_pairs_called_single_are_binned_by_the_angle_of_their_axis_to_the_beam()
     assert [r["axis_to_beam_deg"] for r in rows] == ["0-15", "15-30", "30-45", "45-60", "60-75", "75-90"]
     assert [r["pairs"] for r in rows] == [4, 1, 0, 1, 0, 2]  # the single and the 3-hit are not pairs
     assert [r["called_single"] for r in rows] == [2, 1, 0, 0, 0, 1]
-    assert rows[0]["fraction"] == 0.5 and np.isnan(rows[2]["fraction"])
+    assert rows[0]["fraction"] == 0.5 and rows[2]["fraction"] is None
     assert pairs_called_single_by_axis(n, np.zeros((len(n), 4, 3)), labels) == []  # no positions recorded
 
 
