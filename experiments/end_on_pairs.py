@@ -29,7 +29,7 @@ def end_on_pairs(gen: PatternGenerator, n: int, cone_deg: float, rng: np.random.
     phi = rng.uniform(0, 2 * math.pi, n)
     sin_t = np.sqrt(1 - cos_t**2)
     axis = np.stack([sin_t * np.cos(phi), sin_t * np.sin(phi), cos_t], 1)
-    radii = np.array([[math.sqrt(5 / 3) * gen.volumes[s].rg_nm for s in row[:2]] for row in species])
+    radii = np.array([gen.contact_radii(row[:2]) for row in species])
     positions = np.zeros((n, MAX_PARTICLES, 3))
     positions[:, 1] = radii.sum(1)[:, None] * axis
     positions[:, :2] -= positions[:, :2].mean(1, keepdims=True)

@@ -214,8 +214,7 @@ class PatternGenerator:
         jitter = self._jitter(rng, n)
         positions = np.zeros((n, MAX_PARTICLES, 3))
         for i in np.flatnonzero(counts > 1):
-            radii = [math.sqrt(5 / 3) * self.volumes[s].rg_nm for s in species[i, : counts[i]]]
-            positions[i, : counts[i]] = touching_cluster(radii, rng)
+            positions[i, : counts[i]] = touching_cluster(self.contact_radii(species[i, : counts[i]]), rng)
         intensity = self.expected_intensity(counts, species, quats, positions, jitter)
         photons = (intensity * self._good).sum(1)
         images = self.detect(intensity + self._background, rng)
@@ -228,6 +227,10 @@ class PatternGenerator:
             orientations=quats.astype(np.float32),
             positions=positions.astype(np.float32),
         )
+
+    def contact_radii(self, species: np.ndarray) -> list[float]:
+        """Radii (nm) at which particles of these structures touch: that of a sphere of the same Rg."""
+        return [math.sqrt(5 / 3) * self.volumes[int(s)].rg_nm for s in species]
 
     def _jitter(self, rng: np.random.Generator, n: int) -> np.ndarray:
         """Log-normal fluence factors with mean 1 and relative sd fluence_jitter."""
