@@ -167,7 +167,8 @@ def pairs_called_single_by_axis(
     cos(lo) - cos(hi) of the pairs in each bin. Empty without pairs or recorded positions.
     """
     pairs = np.asarray(n_particles) == 2
-    sep = np.asarray(positions, np.float64)[pairs, 1] - np.asarray(positions, np.float64)[pairs, 0]
+    pair_positions = np.asarray(positions, np.float64)[pairs]
+    sep = pair_positions[:, 1] - pair_positions[:, 0]
     length = np.linalg.norm(sep, axis=1)
     ok = length > 0
     if not ok.any():
