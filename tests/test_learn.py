@@ -222,6 +222,11 @@ def test_space_to_depth_embedder_trains_and_exports_with_parity(data: Path, tmp_
     invoke("export", run, "--out", onnx)
     info = read_model_info(onnx)
     assert info.summary["unshuffle"] == 2 and info.preprocess.thumbnail == 32
+    cfg.write_text("[train]\nunshuffle = 2\ndepth = 3\nradial_rings = 8\n")  # the ring branch exports too
+    run = tmp_path / "radial"
+    invoke("train", "twin", "--config", cfg, "--data", data / "train.h5", "--val", data / "val.h5", "--out", run, *TINY)
+    invoke("export", run, "--out", onnx)
+    assert read_model_info(onnx).summary["radial_rings"] == 8
     cfg.write_text("[train]\nunshuffle = 4\n")  # 4 * 2^5 = 128 does not divide the 32-pixel thumbnail
     result = runner.invoke(
         app,

@@ -51,3 +51,39 @@ def test_vgg16_layout() -> None:
 def test_unknown_architecture_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown CNN"):
         build_cnn("late", 8, 3)
+
+
+def test_radial_profile_is_the_ring_mean_and_spread() -> None:
+    """A pattern that depends on the radius only has its value as the ring means and no spread; a pattern
+    that alternates around each ring has the ring means of a flat one and the alternation as its spread."""
+    from lcls_hitfinder.learn.nets import RadialProfile
+
+    size, n = 32, 8
+    c = (size - 1) / 2
+    yy, xx = torch.meshgrid(torch.arange(size) - c, torch.arange(size) - c, indexing="ij")
+    r = torch.sqrt(xx**2 + yy**2)
+    ring = torch.clamp((r / r.max() * n).long(), max=n - 1)
+    radial_only = ring.to(torch.float32)[None, None] * 0.5  # thumbnails are z-scored: values of order 1
+    out = RadialProfile(size, n)(radial_only)
+    assert torch.allclose(out[0, :n], torch.arange(n, dtype=torch.float32) * 0.5, atol=1e-5)
+    assert out[0, n:].max() < 1e-2
+    checker = (((xx > 0) ^ (yy > 0)).to(torch.float32) * 2 - 1)[None, None]  # +-1 quadrants, mean 0 per ring
+    out = RadialProfile(size, n)(checker)
+    assert out[0, :n].abs().max() < 1e-5 and torch.allclose(out[0, n:], torch.ones(n), atol=1e-2)
+
+
+def test_radial_embedder_sees_the_ring_profile() -> None:
+    """With `radial_rings`, two thumbnails that differ only in a ring modulation get different embeddings
+    through the radial branch even when the conv features are blind to it (their weights zeroed)."""
+    net, plain = TwinEmbedder(8, 4, 2, radial_rings=8, size=32).eval(), TwinEmbedder(8, 4, 2).eval()
+    assert net(torch.zeros(3, 1, 32, 32)).shape == (3, 8)
+    for m in [*net.features.modules(), *plain.features.modules()]:
+        if isinstance(m, nn.Conv2d):
+            nn.init.zeros_(m.weight)
+    c = 15.5
+    yy, xx = torch.meshgrid(torch.arange(32) - c, torch.arange(32) - c, indexing="ij")
+    r = torch.sqrt(xx**2 + yy**2)
+    flat, modulated = torch.ones(1, 1, 32, 32), (1 + 0.5 * torch.cos(r / 3))[None, None]
+    with torch.no_grad():
+        assert not torch.allclose(net(flat), net(modulated))
+        assert torch.allclose(plain(flat), plain(modulated))  # the control: without the branch, blind

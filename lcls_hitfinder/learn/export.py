@@ -42,6 +42,7 @@ def export_run(run_dir: Path, out: Path) -> tuple[ModelInfo, float]:
         "width": settings.width,
         "depth": settings.depth,
         "unshuffle": settings.unshuffle,
+        "radial_rings": settings.radial_rings,
         "alpha": settings.alpha,
         "mining": settings.mining,
         "classes": settings.classes,

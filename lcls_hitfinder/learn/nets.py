@@ -42,6 +42,32 @@ class SpaceToDepth(nn.Module):
         return nn.functional.conv2d(x, self.weight, stride=self.f)
 
 
+class RadialProfile(nn.Module):
+    """(N, 1, S, S) -> (N, 2R): the mean and the spread of each of R rings about the thumbnail's centre.
+
+    Why: a pair lined up with the beam shows no fringe across the detector, only the Ewald sphere's slow
+    radial modulation of its intensity, and averaging around each ring gathers that signal from every
+    pixel of the ring. A fixed linear map (one matrix product), so it exports to ONNX and costs little.
+    """
+
+    rings: torch.Tensor
+
+    def __init__(self, size: int, n_rings: int) -> None:
+        super().__init__()
+        c = (size - 1) / 2
+        yy, xx = torch.meshgrid(torch.arange(size) - c, torch.arange(size) - c, indexing="ij")
+        r = torch.sqrt(xx**2 + yy**2).flatten()
+        ring = torch.clamp((r / (r.max() + 1e-6) * n_rings).long(), max=n_rings - 1)
+        onehot = nn.functional.one_hot(ring, n_rings).to(torch.float32)  # (S², R)
+        self.register_buffer("rings", onehot / onehot.sum(0, keepdim=True), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.flatten(1)
+        mean = flat @ self.rings
+        spread = torch.sqrt(torch.relu(flat.square() @ self.rings - mean.square()) + 1e-6)
+        return torch.cat([mean, spread], dim=1)
+
+
 class TwinEmbedder(nn.Module):
     """A small CNN: thumbnail (N, 1, S, S) -> embedding (N, D). Shared by both arms of the twin.
 
@@ -49,9 +75,19 @@ class TwinEmbedder(nn.Module):
     every block costs less than the one before and the whole net stays fast on a CPU. `unshuffle` f > 1
     first moves each f x f block of pixels into f² channels (space to depth): a 128 x 128 thumbnail then
     costs what a 64 x 64 one does, and the net, not sum-binning, decides how the four pixels combine.
+    `radial_rings` R > 0 adds the thumbnail's ring profile (`RadialProfile`, through one hidden layer) to
+    what the head sees; it needs the thumbnail side `size`.
     """
 
-    def __init__(self, embed_dim: int = 32, width: int = 8, depth: int = 4, unshuffle: int = 1) -> None:
+    def __init__(
+        self,
+        embed_dim: int = 32,
+        width: int = 8,
+        depth: int = 4,
+        unshuffle: int = 1,
+        radial_rings: int = 0,
+        size: int = 64,
+    ) -> None:
         super().__init__()
         if not 2 <= embed_dim <= 128:
             raise ValueError(f"embed_dim must be in [2, 128], got {embed_dim}")
@@ -60,17 +96,26 @@ class TwinEmbedder(nn.Module):
         for a, b in itertools.pairwise(chans):
             blocks += [*conv_bn_relu(a, b), nn.MaxPool2d(2)]
         self.features = nn.Sequential(*blocks)
+        radial_out = 32 if radial_rings else 0
+        self.radial = (
+            nn.Sequential(RadialProfile(size, radial_rings), nn.Linear(2 * radial_rings, radial_out), nn.ReLU())
+            if radial_rings
+            else None
+        )
         self.head = nn.Sequential(
             nn.AdaptiveAvgPool2d(2),
             nn.Flatten(),
-            nn.Linear(4 * chans[-1], 64),
+            nn.Linear(4 * chans[-1] + radial_out, 64),
             nn.ReLU(inplace=True),
             nn.Linear(64, embed_dim),
         )
         self.embed_dim = embed_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        if self.radial is None:
+            return self.head(self.features(x))
+        pooled = self.head[:2](self.features(x))
+        return self.head[2:](torch.cat([pooled, self.radial(x)], dim=1))
 
 
 def plain_spec(n_layers: int, width: int) -> list[int | str]:

@@ -73,6 +73,9 @@ class TrainSettings(_Section):
     unshuffle: int = Field(
         1, ge=1, le=4, description="embedder: f x f pixel blocks into f² channels first (128 x 128 at 64's cost)"
     )
+    radial_rings: int = Field(
+        0, ge=0, le=64, description="embedder: rings of the thumbnail's radial profile fed to its head (0: none)"
+    )
     alpha: float = Field(0.2, ge=0, description="triplet margin α in loss = max(d_p - d_n + α, 0)")
     mining: Literal["batch-hard", "semi-hard"] = Field(
         "semi-hard", description="semi-hard learned faster than batch-hard here (docs/RESULTS.md)"

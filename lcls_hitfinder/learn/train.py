@@ -132,7 +132,14 @@ class BalancedSampler:
 
 def build_net(kind: Kind, settings: TrainSettings, n_structures: int) -> nn.Module:
     if kind == "twin":
-        return TwinEmbedder(settings.embed_dim, settings.width, settings.depth, settings.unshuffle)
+        return TwinEmbedder(
+            settings.embed_dim,
+            settings.width,
+            settings.depth,
+            settings.unshuffle,
+            settings.radial_rings,
+            settings.preprocess.thumbnail,
+        )
     return build_cnn(settings.cnn.arch, settings.cnn.width, max(n_structures, 1))
 
 
