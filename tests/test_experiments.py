@@ -1,0 +1,39 @@
+"""The template-matching observer of experiments/template_observer.py (docs/RESULTS.md): its fit statistic."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SPEC = importlib.util.spec_from_file_location(
+    "template_observer", Path(__file__).parents[1] / "experiments" / "template_observer.py"
+)
+assert SPEC is not None and SPEC.loader is not None
+observer = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(observer)
+
+
+def test_deviance_is_least_for_the_library_member_at_any_brightness() -> None:
+    """A noise-free copy of a library single, at any scale, fits it exactly (G = 0, the fluence is fitted);
+    the coherent-like sum of two members fits no member, so its G is positive."""
+    rng = np.random.default_rng(0)
+    library = rng.gamma(0.5, 1.0, size=(20, 8, 8))
+    good = np.ones((8, 8), bool)
+    good[3:5, 3:5] = False  # a beam stop: those pixels do not count
+    lib = observer.Library(library, good)
+    member = library[[7]] * 1000.0
+    member[:, ~good] = 1e6  # masked values are ignored
+    assert lib.deviance(member)[0] == pytest.approx(0.0, abs=0.1)  # float32 sums of ~10⁵
+    mixed = (library[[3]] + library[[11]]) * 1000.0
+    assert lib.deviance(mixed)[0] > 10.0
+
+
+def test_counts_drop_read_noise_under_half_a_photon() -> None:
+    values = np.array([[-0.3, 0.2, 0.6, 1.4, 2.51]])
+    counts, false_rate = observer.counted(values, 0.2)
+    assert counts.tolist() == [[0.0, 0.0, 1.0, 1.0, 3.0]]
+    assert false_rate == pytest.approx(0.00621, rel=1e-2)  # P(N(0, 0.2) > 0.5)
+    assert observer.counted(values, 0.0)[1] == 0.0
