@@ -9,13 +9,12 @@ Usage: python experiments/end_on_pairs.py TRAIN.h5 N CONE OUT.h5 [--seed 777]
 from __future__ import annotations
 
 import argparse
-import math
 
 import numpy as np
 
 from lcls_hitfinder.dataset import Batch, Dataset, DatasetWriter
 from lcls_hitfinder.labels import MAX_PARTICLES
-from lcls_hitfinder.simulate.generate import PatternGenerator, random_quaternions
+from lcls_hitfinder.simulate.generate import PatternGenerator, axes_from_beam, random_quaternions
 from lcls_hitfinder.simulate.settings import SimulateSettings
 
 
@@ -25,10 +24,7 @@ def end_on_pairs(gen: PatternGenerator, n: int, cone_deg: float, rng: np.random.
     species = np.repeat(rng.integers(len(gen.volumes), size=(n, 1)), MAX_PARTICLES, 1)
     quats = random_quaternions(rng, n * MAX_PARTICLES).reshape(n, MAX_PARTICLES, 4)
     quats[:, 2:] = 0
-    cos_t = rng.uniform(math.cos(math.radians(cone_deg)), 1.0, n) * rng.choice([-1, 1], n)
-    phi = rng.uniform(0, 2 * math.pi, n)
-    sin_t = np.sqrt(1 - cos_t**2)
-    axis = np.stack([sin_t * np.cos(phi), sin_t * np.sin(phi), cos_t], 1)
+    axis = axes_from_beam(rng, n, 0.0, cone_deg)
     radii = np.array([gen.contact_radii(row[:2]) for row in species])
     positions = np.zeros((n, MAX_PARTICLES, 3))
     positions[:, 1] = radii.sum(1)[:, None] * axis

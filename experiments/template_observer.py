@@ -25,7 +25,7 @@ import torch
 
 from lcls_hitfinder.dataset import Dataset
 from lcls_hitfinder.labels import MAX_PARTICLES
-from lcls_hitfinder.simulate.generate import PatternGenerator, random_quaternions
+from lcls_hitfinder.simulate.generate import PatternGenerator, axes_from_beam, random_quaternions
 from lcls_hitfinder.simulate.settings import SimulateSettings
 
 BINS = (0, 15, 30, 45, 60, 90)
@@ -42,12 +42,7 @@ def expected(
     quats[:, k:] = 0
     positions = np.zeros((n, MAX_PARTICLES, 3))
     if pair_bin is not None:
-        lo, hi = (math.cos(math.radians(a)) for a in pair_bin)
-        cos_t = rng.uniform(hi, lo, n) * rng.choice([-1, 1], n)
-        phi = rng.uniform(0, 2 * math.pi, n)
-        sin_t = np.sqrt(1 - cos_t**2)
-        axis = np.stack([sin_t * np.cos(phi), sin_t * np.sin(phi), cos_t], 1)
-        positions[:, 1] = sum(gen.contact_radii(np.zeros(2, int))) * axis
+        positions[:, 1] = sum(gen.contact_radii(np.zeros(2, int))) * axes_from_beam(rng, n, *pair_bin)
         positions[:, :2] -= positions[:, :2].mean(1, keepdims=True)
     out = [
         gen.expected_intensity(counts[s], species[s], quats[s], positions[s], np.ones(len(counts[s]))).cpu().numpy()

@@ -37,3 +37,17 @@ def test_counts_drop_read_noise_under_half_a_photon() -> None:
     assert counts.tolist() == [[0.0, 0.0, 1.0, 1.0, 3.0]]
     assert false_rate == pytest.approx(0.00621, rel=1e-2)  # P(N(0, 0.2) > 0.5)
     assert observer.counted(values, 0.0)[1] == 0.0
+
+
+def test_axes_from_beam_lie_in_their_band_on_both_sides() -> None:
+    """Unit vectors whose angle to the beam line lies in the band, pointing along and against the beam; cos θ is
+    uniform (uniform on the sphere's zone), so a 15-30° band holds its zone's share of the 15-23° half."""
+    from lcls_hitfinder.simulate.generate import axes_from_beam
+
+    axes = axes_from_beam(np.random.default_rng(1), 4000, 15.0, 30.0)
+    assert np.allclose(np.linalg.norm(axes, axis=1), 1.0)
+    theta = np.degrees(np.arccos(np.abs(axes[:, 2])))
+    assert theta.min() >= 15.0 - 1e-9 and theta.max() <= 30.0 + 1e-9
+    assert 0.4 < (axes[:, 2] > 0).mean() < 0.6
+    share = (np.cos(np.radians(15)) - np.cos(np.radians(23))) / (np.cos(np.radians(15)) - np.cos(np.radians(30)))
+    assert abs((theta < 23).mean() - share) < 0.03

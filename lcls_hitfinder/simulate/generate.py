@@ -62,6 +62,15 @@ def random_quaternions(rng: np.random.Generator, n: int) -> np.ndarray:
     return q * np.where(q[:, :1] < 0, -1.0, 1.0)
 
 
+def axes_from_beam(rng: np.random.Generator, n: int, lo_deg: float, hi_deg: float) -> np.ndarray:
+    """(n, 3) unit vectors uniform on the sphere where their angle to the beam (±z) lies in [lo_deg, hi_deg]:
+    the axes of pairs lined up with the beam, for the experiments that study them."""
+    cos_t = rng.uniform(math.cos(math.radians(hi_deg)), math.cos(math.radians(lo_deg)), n) * rng.choice([-1, 1], n)
+    phi = rng.uniform(0, 2 * math.pi, n)
+    sin_t = np.sqrt(1 - cos_t**2)
+    return np.stack([sin_t * np.cos(phi), sin_t * np.sin(phi), cos_t], 1)
+
+
 def rotation_matrices(q: np.ndarray) -> np.ndarray:
     """(n, 4) unit quaternions (w, x, y, z) -> (n, 3, 3) rotation matrices."""
     w, x, y, z = q.T
