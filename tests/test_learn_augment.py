@@ -78,6 +78,24 @@ def test_photons_are_resampled_with_poisson_noise() -> None:
     assert 0.1 < float(noisy.std()) < 0.5 and float(noisy.min()) < 0
 
 
+def test_matched_photons_take_brightness_away_from_multi_hits() -> None:
+    """A pair twice as bright as a single: kept so at a fixed fluence, as bright as the single when matched;
+    a blank (no hit) is scaled as before, never blown up to a hit's photons."""
+    s = OFF.model_copy(update={"photons": (2000.0, 2000.0), "fluence_jitter": 0.0})
+    single = ring(10, 100)
+    x = torch.cat([single, 2 * single, 0.01 * single])
+    hits = torch.tensor([True] * 200 + [False] * 100)
+    s1 = float(single[0].sum())
+
+    def mean_totals(p: float) -> np.ndarray:
+        out = Augmenter(s.model_copy(update={"p_matched_photons": p}), SHAPE, single_photons=s1)(x, gen(), hits)
+        return out.sum((1, 2)).reshape(3, 100).mean(1).numpy()
+
+    fixed, matched = mean_totals(0.0), mean_totals(1.0)
+    assert abs(fixed[1] / fixed[0] - 2) < 0.05 and abs(matched[1] / matched[0] - 1) < 0.05
+    assert abs(matched[2] - 20) < 3 and abs(fixed[2] - 20) < 3
+
+
 def test_defects_zero_a_stripe_a_panel_and_the_beam_stop() -> None:
     x = torch.ones(40, 64, 64)
     stripe = Augmenter(OFF.model_copy(update={"p_dead_stripe": 1.0}), SHAPE, 1.0)(x, gen())

@@ -29,7 +29,8 @@ class Augmenter:
 
     `single_photons` is the mean photon count of a single hit in the training data: resampling the
     photons multiplies every pattern by (target / single_photons), so multi-hits keep their extra
-    photons relative to single hits, as at a fixed fluence.
+    photons relative to single hits, as at a fixed fluence. With `p_matched_photons` a hit is instead
+    scaled to the target as its own total, which takes brightness away as a cue to the particle count.
     `beam_center` (row, col) in pixels is the centre of rescaling and rotation (default: image centre).
     """
 
@@ -46,11 +47,14 @@ class Augmenter:
         cy, cx = beam_center if beam_center is not None else ((self.h - 1) / 2, (self.w - 1) / 2)
         self.center = (float(cy), float(cx))
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def __call__(
+        self, images: torch.Tensor, generator: torch.Generator, hits: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`hits` (B,) bool marks the patterns with a particle; only those can be matched in brightness."""
         if not self.s.enabled:
             return images
         x = self.geometry(images, generator)
-        x = self.photons(x, generator)
+        x = self.photons(x, generator, hits)
         return self.defects(x, generator)
 
     def _uniform(self, n: int, lo: float, hi: float, g: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -82,7 +86,7 @@ class Augmenter:
         # a magnified pattern spreads its photons over more pixels
         return out[:, 0] / (scale * scale)[:, None, None]
 
-    def photons(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    def photons(self, x: torch.Tensor, g: torch.Generator, hits: torch.Tensor | None = None) -> torch.Tensor:
         """New photons per single hit (log-uniform) with fluence jitter, Poisson noise, Gaussian noise."""
         s = self.s
         b, dev = x.shape[0], x.device
@@ -90,7 +94,11 @@ class Augmenter:
             lo, hi = s.photons
             target = torch.exp(self._uniform(b, math.log(lo), math.log(hi), g, dev))
             jitter = torch.exp(s.fluence_jitter * torch.randn(b, generator=g, device=dev))
-            x = poisson((x * (target * jitter / self.single_photons)[:, None, None]).clamp_min(0), g)
+            per = torch.full((b,), self.single_photons, device=dev)
+            if s.p_matched_photons > 0 and hits is not None:
+                matched = (torch.rand(b, generator=g, device=dev) < s.p_matched_photons) & hits.to(dev)
+                per = torch.where(matched, x.sum(dim=(1, 2)).clamp_min(1e-6), per)
+            x = poisson((x * (target * jitter / per)[:, None, None]).clamp_min(0), g)
         if s.gaussian_sigma > 0:
             sigma = self._uniform(b, 0.0, s.gaussian_sigma, g, dev)
             sigma = sigma * (torch.rand(b, generator=g, device=dev) >= s.p_noiseless)

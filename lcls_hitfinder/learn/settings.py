@@ -35,6 +35,13 @@ class AugmentSettings(_Section):
         "data's own photons and noise (use null for data that already has Poisson noise)",
     )
     fluence_jitter: float = Field(0.3, ge=0, description="relative shot-to-shot fluence jitter (log-normal sd)")
+    p_matched_photons: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="probability that a hit gets the drawn photons as its own total, not as a single hit's mean: "
+        "its multi-hits are then as bright as its singles, so brightness is no cue to the count",
+    )
     gaussian_sigma: float = Field(0.3, ge=0, description="Gaussian detector noise, sd drawn in [0, sigma] photons")
     p_noiseless: float = Field(
         0.3, ge=0, le=1, description="probability of no Gaussian noise (a clean zero background, as after thresholding)"

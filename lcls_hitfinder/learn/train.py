@@ -252,7 +252,8 @@ class Trainer:
     def _batch(self, rng: np.random.Generator, gen: torch.Generator) -> tuple[torch.Tensor, np.ndarray]:
         idx = self.sampler(self.settings.batch_size, rng)
         images = self.train_set.images[torch.from_numpy(idx)].to(self.device)
-        x = self.pre.thumbnails(self.pre.photons(self.augment(images, gen)))
+        hits = torch.from_numpy(self.train_set.n_particles[idx] > 0)
+        x = self.pre.thumbnails(self.pre.photons(self.augment(images, gen, hits)))
         return x, idx
 
     def _loss(self, x: torch.Tensor, idx: np.ndarray) -> tuple[torch.Tensor, dict[str, float]]:
