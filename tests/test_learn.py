@@ -249,6 +249,46 @@ def test_space_to_depth_embedder_trains_and_exports_with_parity(data: Path, tmp_
     )
 
 
+def test_several_runs_export_as_one_ensemble_whose_distance_is_the_members_mean(
+    data: Path, model: Path, tmp_path: Path
+) -> None:
+    """The ensemble's embedding is its members' concatenated, so under the RMS distance its squared distance
+    is the mean of theirs: a bank built with it decides on the ensemble's mean distance."""
+    import onnxruntime as ort
+
+    from lcls_hitfinder.bank import pairwise_distance
+    from lcls_hitfinder.model_io import INPUT_NAME
+    from lcls_hitfinder.preprocess import Preprocessor
+
+    train = ["train", "twin", "--data", data / "train.h5", "--val", data / "val.h5"]
+    invoke(*train, "--out", tmp_path / "s2", *TINY, "--seed", "2")
+    invoke("export", tmp_path / "s2", "--out", tmp_path / "s2.onnx")
+    invoke("export", data / "run", tmp_path / "s2", "--out", tmp_path / "ens.onnx")
+    info = read_model_info(tmp_path / "ens.onnx")
+    assert info.embed_dim == 16 and info.summary["ensemble"] == 2
+    assert [m["seed"] for m in info.summary["members"]] == [0, 2]
+
+    with Dataset(data / "test.h5") as d:
+        thumbs = Preprocessor(info.preprocess, d.mask, d.shape)(d.images(slice(0, 40))).numpy()
+
+    def embed(path: Path) -> np.ndarray:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return session.run(None, {INPUT_NAME: thumbs})[0]
+
+    a, b, ens = embed(model), embed(tmp_path / "s2.onnx"), embed(tmp_path / "ens.onnx")
+    np.testing.assert_allclose(ens, np.concatenate([a, b], axis=1), atol=1e-5)
+    mean_sq = (pairwise_distance(a[:20], a[20:]) ** 2 + pairwise_distance(b[:20], b[20:]) ** 2) / 2
+    np.testing.assert_allclose(pairwise_distance(ens[:20], ens[20:]) ** 2, mean_sq, rtol=1e-4, atol=1e-6)
+
+    cfg = tmp_path / "sqrt.toml"
+    cfg.write_text('[train.preprocess]\ntransform = "sqrt"\n')
+    invoke(*train, "--config", cfg, "--out", tmp_path / "sqrt", *TINY)
+    args = ["export", str(data / "run"), str(tmp_path / "sqrt"), "--out", str(tmp_path / "x.onnx")]
+    result = runner.invoke(app, args)
+    assert isinstance(result.exception, UserError) and "must share their preprocessing" in str(result.exception)
+    assert not (tmp_path / "x.onnx").exists()
+
+
 def test_cuda_is_used_when_present_and_refused_when_absent(monkeypatch: pytest.MonkeyPatch) -> None:
     from lcls_hitfinder.learn.train import pick_device
 

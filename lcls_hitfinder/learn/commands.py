@@ -101,13 +101,19 @@ def train(
 
 
 def export(
-    run_dir: Annotated[Path, typer.Argument(help="a twin training run directory")],
+    run_dirs: Annotated[
+        list[Path], typer.Argument(help="a twin training run directory; several make one ensemble model")
+    ],
     out: Annotated[Path, typer.Option(help="ONNX file to write")],
 ) -> None:
-    """Export a twin run's best weights to ONNX, with preprocessing and training summary in the metadata."""
+    """Export a twin run's best weights to ONNX, with preprocessing and training summary in the metadata.
+
+    Several runs export as one ensemble: their embeddings concatenated, so the bank's distance is the
+    members' mean squared distance.
+    """
     from lcls_hitfinder.learn.export import export_run
 
-    info, diff = export_run(_existing(run_dir, "run directory"), out)
+    info, diff = export_run([_existing(d, "run directory") for d in run_dirs], out)
     size = out.stat().st_size / 1e6
     print(f"{out}: model {info.model_hash}, embed dim {info.embed_dim}, {size:.2f} MB, parity {diff:.1e}")
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 import torch
 
 from lcls_hitfinder.errors import UserError
+from lcls_hitfinder.learn.nets import ConcatEmbedder
+from lcls_hitfinder.learn.settings import TrainSettings
 from lcls_hitfinder.learn.train import load_run
 from lcls_hitfinder.model_io import INPUT_NAME, ModelInfo, export_onnx
 
@@ -24,15 +27,10 @@ def parity(module: torch.nn.Module, model: Path, thumbnails: np.ndarray) -> floa
     return float(np.abs(onnx_out - torch_out).max())
 
 
-def export_run(run_dir: Path, out: Path) -> tuple[ModelInfo, float]:
-    """Export the best weights of a twin run, with its preprocessing and training summary as metadata.
-
-    Refuses to leave a file behind whose outputs differ from torch's by more than PARITY_TOLERANCE.
-    """
-    run, settings, net = load_run(run_dir)
+def _twin_summary(run_dir: Path, run: dict[str, Any], settings: TrainSettings) -> dict[str, Any]:
     if run["kind"] != "twin":
         raise UserError(f"{run_dir} is a {run['kind']} run; only twin embedders are exported for serving")
-    summary = {
+    return {
         "kind": "twin",
         "data": Path(run["data"]).name,
         "val": Path(run["val"]).name,
@@ -50,8 +48,40 @@ def export_run(run_dir: Path, out: Path) -> tuple[ModelInfo, float]:
         "best_validation": run["best"],
         "augment": settings.augment.model_dump(mode="json"),
     }
-    info = export_onnx(net, settings.preprocess, out, summary)
-    s = settings.preprocess.thumbnail
+
+
+def export_run(run_dirs: list[Path], out: Path) -> tuple[ModelInfo, float]:
+    """Export the best weights of one twin run, or of several as one ensemble, with preprocessing and
+    training summary as metadata.
+
+    An ensemble's members must share their preprocessing (one thumbnail feeds them all); its summary lists
+    theirs under "members". Refuses to leave a file behind whose outputs differ from torch's by more than
+    PARITY_TOLERANCE.
+    """
+    if not run_dirs:
+        raise UserError("export needs at least one run directory")
+    loaded = [(d, *load_run(d)) for d in run_dirs]
+    summaries = [_twin_summary(d, run, settings) for d, run, settings, _ in loaded]
+    preprocess = loaded[0][2].preprocess
+    for d, _, settings, _ in loaded[1:]:
+        if settings.preprocess != preprocess:
+            raise UserError(
+                f"{d} preprocesses differently from {run_dirs[0]} ({settings.preprocess} against {preprocess}); "
+                "an ensemble's members must share their preprocessing (one thumbnail feeds them all)"
+            )
+    nets = [net for *_, net in loaded]
+    if len(nets) == 1:
+        net, summary = nets[0], summaries[0]
+    else:
+        net = ConcatEmbedder(nets).eval()
+        summary = {
+            "kind": "twin",
+            "ensemble": len(nets),
+            "embed_dim": sum(m["embed_dim"] for m in summaries),
+            "members": summaries,
+        }
+    info = export_onnx(net, preprocess, out, summary)
+    s = preprocess.thumbnail
     probe = np.random.default_rng(0).normal(size=(16, 1, s, s)).astype(np.float32)
     diff = parity(net, out, probe)
     if diff > PARITY_TOLERANCE:

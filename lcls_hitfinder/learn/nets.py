@@ -118,6 +118,22 @@ class TwinEmbedder(nn.Module):
         return self.head[2:](torch.cat([pooled, self.radial(x)], dim=1))
 
 
+class ConcatEmbedder(nn.Module):
+    """Several embedders side by side, their embeddings concatenated: an ensemble that serves as one model.
+
+    Under the RMS distance of the triplet loss the squared distance over the concatenation is the
+    members' squared distances averaged with their embedding dimensions as weights, so a bank built with
+    it decides on the ensemble's mean distance, with no change to the bank or the service.
+    """
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([m(x) for m in self.members], dim=1)
+
+
 def plain_spec(n_layers: int, width: int) -> list[int | str]:
     """Conv widths of an n-layer plain CNN with 4 max-pools (fewer if n < 4) spread evenly; 'M' = pool."""
     n_pools = min(n_layers, 4)
