@@ -12,6 +12,7 @@ import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -33,13 +34,29 @@ def rate(fn: Callable[[], object], batch: int, seconds: float) -> float:
 
 
 def torch_twin(model: Path) -> torch.nn.Module | None:
-    """The same architecture in eager torch (random weights: the speed is the same), None if not a twin."""
-    from lcls_hitfinder.learn.nets import TwinEmbedder
+    """The same architecture in eager torch (random weights: the speed is the same), None if not a twin.
 
-    s = read_model_info(model).summary
-    if s.get("kind") != "twin":
+    Built from the model's training summary; an ensemble's members side by side, as exported.
+    """
+    from lcls_hitfinder.learn.nets import ConcatEmbedder, TwinEmbedder
+
+    info = read_model_info(model)
+    if info.summary.get("kind") != "twin":
         return None
-    return TwinEmbedder(int(s["embed_dim"]), int(s["width"]), int(s["depth"])).eval()
+
+    def member(s: dict[str, Any]) -> torch.nn.Module:
+        return TwinEmbedder(
+            int(s["embed_dim"]),
+            int(s["width"]),
+            int(s["depth"]),
+            int(s.get("unshuffle", 1)),
+            int(s.get("radial_rings", 0)),
+            info.preprocess.thumbnail,
+        )
+
+    members = info.summary.get("members")
+    net = ConcatEmbedder([member(m) for m in members]) if members else member(info.summary)
+    return net.eval()
 
 
 def main() -> None:
