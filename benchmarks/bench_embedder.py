@@ -33,26 +33,25 @@ def rate(fn: Callable[[], object], batch: int, seconds: float) -> float:
     return n / (time.perf_counter() - t0)
 
 
+ARCH_KEYS = ("embed_dim", "width", "depth", "unshuffle", "radial_rings")
+
+
 def torch_twin(model: Path) -> torch.nn.Module | None:
     """The same architecture in eager torch (random weights: the speed is the same), None if not a twin.
 
-    Built from the model's training summary; an ensemble's members side by side, as exported.
+    Built by training's own `build_net` from the model's summary; an ensemble's members side by side, as exported.
     """
-    from lcls_hitfinder.learn.nets import ConcatEmbedder, TwinEmbedder
+    from lcls_hitfinder.learn.nets import ConcatEmbedder
+    from lcls_hitfinder.learn.settings import TrainSettings
+    from lcls_hitfinder.learn.train import build_net
 
     info = read_model_info(model)
     if info.summary.get("kind") != "twin":
         return None
 
     def member(s: dict[str, Any]) -> torch.nn.Module:
-        return TwinEmbedder(
-            int(s["embed_dim"]),
-            int(s["width"]),
-            int(s["depth"]),
-            int(s.get("unshuffle", 1)),
-            int(s.get("radial_rings", 0)),
-            info.preprocess.thumbnail,
-        )
+        arch = {k: s[k] for k in ARCH_KEYS if k in s}  # older summaries lack the newer keys: their defaults
+        return build_net("twin", TrainSettings(preprocess=info.preprocess, **arch), 0)
 
     members = info.summary.get("members")
     net = ConcatEmbedder([member(m) for m in members]) if members else member(info.summary)
