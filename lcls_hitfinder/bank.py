@@ -43,6 +43,15 @@ def pairwise_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.sqrt(np.maximum(sq, 0.0) / a.shape[1]).astype(np.float32)
 
 
+def _scores(class_distances: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(B, 3) class distances -> single-hit score in [-1, 1] and the distance to the single class."""
+    d_single = class_distances[:, Label.SINGLE]
+    d_other = np.minimum(class_distances[:, Label.BLANK], class_distances[:, Label.MULTI])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        score = np.where(np.isinf(d_other), 1.0, (d_other - d_single) / (d_other + d_single))
+    return np.nan_to_num(score, nan=0.0).astype(np.float32), d_single
+
+
 @dataclass
 class ReferenceBank:
     embeddings: np.ndarray
@@ -61,11 +70,14 @@ class ReferenceBank:
         self._class = np.where(self.n_particles <= 0, Label.BLANK, np.where(self.n_particles == 1, 1, 2))
         if not (self._class == Label.SINGLE).any():
             raise UserError("a bank needs at least one single-hit reference")
-        self._refs: dict[int, np.ndarray] = {}
+        # each class's rows of `embeddings`, or its prototype (mean embedding)
+        self._members: dict[int, np.ndarray] = {}
+        self._prototypes: dict[int, np.ndarray] = {}
         for c in (Label.BLANK, Label.SINGLE, Label.MULTI):
-            members = self.embeddings[self._class == c]
-            if len(members):
-                self._refs[int(c)] = members.mean(0, keepdims=True) if self.method == "prototype" else members
+            rows = np.flatnonzero(self._class == c)
+            if len(rows):
+                self._members[int(c)] = rows
+                self._prototypes[int(c)] = self.embeddings[rows].mean(0, keepdims=True)
 
     @property
     def embed_dim(self) -> int:
@@ -73,44 +85,40 @@ class ReferenceBank:
 
     def class_distances(self, embeddings: np.ndarray) -> np.ndarray:
         """(B, 3) mean distance to the k nearest references of blank, single, multi (inf if none)."""
-        e = np.asarray(embeddings, np.float32)
-        out = np.full((len(e), 3), np.inf, np.float32)
-        for c, refs in self._refs.items():
-            d = pairwise_distance(e, refs)
-            k = min(self.k, refs.shape[0])
+        return self._class_distances(embeddings, pairwise_distance(embeddings, self.embeddings))
+
+    def _class_distances(self, embeddings: np.ndarray, to_all: np.ndarray) -> np.ndarray:
+        """`class_distances`, given the (B, K) distances to every reference."""
+        out = np.full((len(to_all), 3), np.inf, np.float32)
+        for c, rows in self._members.items():
+            d = pairwise_distance(embeddings, self._prototypes[c]) if self.method == "prototype" else to_all[:, rows]
+            k = min(self.k, d.shape[1])
             out[:, c] = np.partition(d, k - 1, axis=1)[:, :k].mean(1) if k < d.shape[1] else d.mean(1)
         return out
 
     def scores(self, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Single-hit score in [-1, 1] and the distance to the single class, per embedding."""
-        d = self.class_distances(embeddings)
-        d_single = d[:, Label.SINGLE]
-        d_other = np.minimum(d[:, Label.BLANK], d[:, Label.MULTI])
-        with np.errstate(invalid="ignore", divide="ignore"):
-            score = np.where(np.isinf(d_other), 1.0, (d_other - d_single) / (d_other + d_single))
-        return np.nan_to_num(score, nan=0.0).astype(np.float32), d_single
+        return _scores(self.class_distances(embeddings))
 
     def estimate_n_particles(self, embeddings: np.ndarray) -> np.ndarray:
-        """Majority particle count among the k nearest references (of all classes)."""
-        d = pairwise_distance(embeddings, self.embeddings)
-        k = min(self.k, d.shape[1])
-        nearest = np.argpartition(d, k - 1, axis=1)[:, :k]
-        counts = self.n_particles[nearest]
-        return np.array([np.bincount(row, minlength=5).argmax() for row in counts], np.int64)
+        """Majority particle count among the k nearest references (of all classes); ties go to the smaller."""
+        return self._n_particles(pairwise_distance(embeddings, self.embeddings))
+
+    def _n_particles(self, to_all: np.ndarray) -> np.ndarray:
+        k = min(self.k, to_all.shape[1])
+        counts = self.n_particles[np.argpartition(to_all, k - 1, axis=1)[:, :k]]  # (B, k)
+        votes = (counts[:, :, None] == np.arange(max(5, int(self.n_particles.max()) + 1))).sum(1)
+        return votes.argmax(1).astype(np.int64)
 
     def decide(self, embeddings: np.ndarray) -> Decisions:
-        d = self.class_distances(embeddings)
-        score, d_single = self.scores(embeddings)
+        """Labels, keep, scores, distances and particle counts, from one distance to every reference."""
+        to_all = pairwise_distance(embeddings, self.embeddings)
+        d = self._class_distances(embeddings, to_all)
+        score, d_single = _scores(d)
         keep = score >= self.threshold
         other = np.where(d[:, Label.BLANK] <= d[:, Label.MULTI], Label.BLANK, Label.MULTI)
         label = np.where(keep, Label.SINGLE, other).astype(np.int8)
-        return Decisions(
-            label=label,
-            keep=keep,
-            score=score,
-            distance=d_single,
-            n_particles=self.estimate_n_particles(embeddings),
-        )
+        return Decisions(label=label, keep=keep, score=score, distance=d_single, n_particles=self._n_particles(to_all))
 
     def save(self, path: Path | str) -> None:
         path = Path(path)

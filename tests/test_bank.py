@@ -38,6 +38,41 @@ def test_decisions_follow_the_nearest_class(method: str) -> None:
         assert dec.n_particles[0] == 1 and dec.n_particles[1] == 0
 
 
+@pytest.mark.parametrize("method", ["knn", "prototype"])
+def test_one_decision_equals_its_parts_and_counts_by_majority_of_the_nearest(method: str) -> None:
+    """`decide` measures each distance once; what it returns must be what the separate calls give, over
+    references interleaved by class, and the particle count the majority of the k nearest (ties: fewer)."""
+    rng = np.random.default_rng(2)
+    n = rng.permutation(np.repeat([0, 1, 2, 3, 4], 12))  # classes interleaved in the file
+    bank = ReferenceBank(rng.normal(size=(60, 6)) + n[:, None], n, "abc", method=method, k=4)  # type: ignore[arg-type]
+    queries = rng.normal(size=(40, 6)) * 1.5 + rng.integers(0, 5, (40, 1))
+    dec = bank.decide(queries)
+    d = bank.class_distances(queries)
+    for c, members in ((Label.BLANK, n == 0), (Label.SINGLE, n == 1), (Label.MULTI, n > 1)):
+        refs = bank.embeddings[members]
+        if method == "prototype":
+            expected = pairwise_distance(queries, refs.mean(0, keepdims=True))[:, 0]
+        else:
+            expected = np.sort(pairwise_distance(queries, refs), axis=1)[:, :4].mean(1)
+        np.testing.assert_allclose(d[:, c], expected, rtol=1e-6)
+    score, d_single = bank.scores(queries)
+    np.testing.assert_array_equal(dec.score, score)
+    np.testing.assert_array_equal(dec.distance, d_single)
+    np.testing.assert_array_equal(dec.keep, score >= bank.threshold)
+    other = np.where(d[:, Label.BLANK] <= d[:, Label.MULTI], Label.BLANK, Label.MULTI)
+    np.testing.assert_array_equal(dec.label, np.where(dec.keep, Label.SINGLE, other))
+    nearest = np.argsort(pairwise_distance(queries, bank.embeddings), axis=1)[:, :4]
+    majority = [np.bincount(n[row], minlength=5).argmax() for row in nearest]
+    np.testing.assert_array_equal(dec.n_particles, majority)
+    np.testing.assert_array_equal(bank.estimate_n_particles(queries), majority)
+    assert len(set(majority)) > 2 and len(set(dec.label.tolist())) == 3
+
+
+def test_majority_ties_go_to_the_smaller_count() -> None:
+    bank = ReferenceBank(np.array([[0.0], [0.1], [-0.1], [-0.2], [5.0]]), np.array([2, 1, 2, 1, 1]), "abc", k=4)
+    assert bank.estimate_n_particles(np.array([[0.0]])).tolist() == [1]
+
+
 def test_threshold_moves_the_keep_boundary() -> None:
     bank = _bank()
     q = np.array([[2.6, 0.0]])  # about halfway between blank and single
