@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_service.py [--model M --bank B] [--seconds S]
 
 Three measurements, in one process, on the same in-memory frames (an `h5:` CXI file with `memory=1`):
-  floor      read the frames and block-average them to the thumbnail, nothing else (torch);
+  floor      read the frames and block-average them to the thumbnail, nothing else (torch, frame by frame);
   saturated  the whole service (`Pipeline`: checks, preprocessing, pre-filter off, ONNX, bank, decision log,
              ZeroMQ publishing) reading as fast as it can: frames/s and the ratio to the floor; and the
              same with the service's default pre-filter (lit pixels counted on every frame);
@@ -32,7 +32,7 @@ from lcls_hitfinder.service.bank_reload import ReloadingBank
 from lcls_hitfinder.service.decision_log import read_decision_log
 from lcls_hitfinder.service.embedder import OnnxEmbedder
 from lcls_hitfinder.service.metrics import ServiceMetrics
-from lcls_hitfinder.service.pipeline import Pipeline
+from lcls_hitfinder.service.pipeline import Pipeline, convert_into
 from lcls_hitfinder.service.publish import ZmqPublisher
 from lcls_hitfinder.service.settings import ServeSettings
 from lcls_hitfinder.service.sources import open_source
@@ -61,24 +61,20 @@ def model_and_bank(tmp: Path, model: Path | None, bank: Path | None) -> tuple[Pa
 
 
 def floor(uri: str, settings: ServeSettings, thumbnail: int, n: int) -> float:
-    """frames/s of reading and block-averaging to the thumbnail, in batches like the service's."""
+    """frames/s of reading and block-averaging to the thumbnail, nothing else: each frame converted to
+    float32 in one frame-sized buffer and binned there while it is in cache, as the service does."""
     src = open_source(uri, settings)
     src.open()
-    size = settings.batch.max_size
-    buf = np.empty((size, SIDE, SIDE), np.float32)  # converted while copied, as the service does
+    scratch = torch.empty((1, SIDE, SIDE))
     got = 0
     start = time.perf_counter()
     with torch.inference_mode():
-        batch = 0
         for frame in src.frames():
             if frame is None:
                 continue
-            buf[batch] = frame.data
-            batch += 1
+            convert_into(scratch[0], frame.data)
+            block_means(scratch, thumbnail)
             got += 1
-            if batch == size or got == n:
-                block_means(torch.from_numpy(buf[:batch]), thumbnail)
-                batch = 0
             if got == n:
                 break
     src.close()

@@ -282,8 +282,6 @@ def test_preprocessing_in_place_never_touches_the_callers_frames() -> None:
 
 # ---- pre-filter and finiteness checks ------------------------------------------------------------------------
 def test_lit_pixel_prefilter_counts_each_frame_exactly() -> None:
-    from concurrent.futures import ThreadPoolExecutor
-
     import torch
 
     from lcls_hitfinder.service.pipeline import Prefilter
@@ -294,16 +292,15 @@ def test_lit_pixel_prefilter_counts_each_frame_exactly() -> None:
         photons[i].view(-1)[:lit] = 0.51
     photons[1].view(-1)[100:200] = 0.5  # not above the threshold: not lit
     p = PrefilterSettings(kind="lit_pixels", lit_threshold=0.5, min_lit_pixels=20)
-    with ThreadPoolExecutor(2) as pool:
-        assert Prefilter(p, pool).blank(photons).tolist() == [True, True, False, False]
+    prefilter = Prefilter(p)
+    assert prefilter.measure(photons).tolist() == [0, 19, 20, 500]
+    assert prefilter.blank(prefilter.measure(photons)).tolist() == [True, True, False, False]
 
 
 @pytest.mark.parametrize("dtype", ["uint16", "int16", "uint8", "float32", "float64", "uint32"])
 def test_lit_pixels_counted_on_raw_frames_equal_those_counted_on_photons(dtype: str) -> None:
     """Wherever the pre-filter offers to count raw frames, the count must be the one on photons, pixel for
     pixel: over calibrations, masks, clips and thresholds that sit on and beside integer values."""
-    from concurrent.futures import ThreadPoolExecutor
-
     import torch
 
     from lcls_hitfinder.preprocess import PhotonCalibration, Preprocessor, PreprocessSettings
@@ -320,26 +317,25 @@ def test_lit_pixels_counted_on_raw_frames_equal_those_counted_on_photons(dtype: 
     mask = np.ones((16, 16), bool)
     mask[2:5] = False
     offered = 0
-    with ThreadPoolExecutor(2) as pool:
-        for threshold in (0.0, 0.5, 2.9999999999, 3.0, 1e9):
-            prefilter = Prefilter(PrefilterSettings(lit_threshold=threshold, min_lit_pixels=10), pool)
-            for calibration, clip, m in [
-                (PhotonCalibration(), None, None),
-                (PhotonCalibration(threshold=0.5), 4.0, None),
-                (PhotonCalibration(threshold=3.5), None, None),
-                (PhotonCalibration(gain=2.0), None, None),
-                (PhotonCalibration(offset=1.0), None, None),
-                (PhotonCalibration(), 2.0, None),
-                (PhotonCalibration(), None, mask),
-            ]:
-                pre = Preprocessor(PreprocessSettings(thumbnail=4, clip_photons=clip), m, (16, 16), calibration)
-                count = prefilter.raw_count(pre, {raw.dtype})
-                if count is None:
-                    continue
-                offered += 1
-                photons = pre.photons(torch.from_numpy(raw))
-                on_photons = [int((p > threshold).sum()) for p in photons]
-                assert [count(f) for f in raw] == on_photons, (threshold, calibration, clip)
+    for threshold in (0.0, 0.5, 2.9999999999, 3.0, 1e9):
+        prefilter = Prefilter(PrefilterSettings(lit_threshold=threshold, min_lit_pixels=10))
+        for calibration, clip, m in [
+            (PhotonCalibration(), None, None),
+            (PhotonCalibration(threshold=0.5), 4.0, None),
+            (PhotonCalibration(threshold=3.5), None, None),
+            (PhotonCalibration(gain=2.0), None, None),
+            (PhotonCalibration(offset=1.0), None, None),
+            (PhotonCalibration(), 2.0, None),
+            (PhotonCalibration(), None, mask),
+        ]:
+            pre = Preprocessor(PreprocessSettings(thumbnail=4, clip_photons=clip), m, (16, 16), calibration)
+            count = prefilter.raw_count(pre, {raw.dtype})
+            if count is None:
+                continue
+            offered += 1
+            photons = pre.photons(torch.from_numpy(raw))
+            on_photons = [int((p > threshold).sum()) for p in photons]
+            assert [count(f) for f in raw] == on_photons, (threshold, calibration, clip)
     # offered for the data the service sees (raw uint16, photons in float32), refused where float32 rounds
     assert (offered > 0) == (dtype in ("uint16", "int16", "uint8", "float32"))
 

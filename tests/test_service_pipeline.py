@@ -559,6 +559,61 @@ def test_the_pipeline_never_reads_a_frame_after_releasing_it(fx: Fixtures, tmp_p
     np.testing.assert_array_equal(scores_scribbled, scores)
 
 
+@pytest.mark.parametrize("prefilter", ["lit_pixels", "photons", "none"])
+@pytest.mark.parametrize("detector", ["image", "panels", "calibrated"])
+def test_frame_by_frame_binning_equals_the_batch_path_and_training(
+    fx: Fixtures, tmp_path: Path, prefilter: str, detector: str
+) -> None:
+    """The CPU bins each frame in a cache-sized buffer; a GPU bins the batch at once. Both must give what
+    training's preprocessing gives on the stacked batch (bins, the pre-filter's measure, NaN checks) for
+    every kind of frame a source hands over, and release each frame once. The batch path runs here on the
+    CPU: only its buffer is pinned on a GPU."""
+    from lcls_hitfinder.preprocess import PhotonCalibration
+
+    rng = np.random.default_rng(3)
+    shape: tuple[int, ...] = (2, SIDE // 2, SIDE) if detector == "panels" else (SIDE, SIDE)
+    ints = rng.poisson(0.7, (3, *shape)).astype(np.uint16)
+    floats = rng.normal(1.0, 1.5, (3, *shape)).astype(np.float32)
+    floats[1, 0, 5] = np.nan
+    read_only = floats[0].copy()
+    read_only.flags.writeable = False
+    arrays = [
+        ints[0],
+        ints[1].astype(">u2"),  # another byte order: torch cannot view it
+        ints[2].astype(np.int16),
+        floats[1],  # NaN
+        read_only,
+        floats[2].astype(np.float64),
+    ]
+    calibration = PhotonCalibration(gain=1.5, offset=0.5, threshold=0.4) if detector == "calibrated" else None
+    mask = rng.random(shape) > 0.1 if detector == "calibrated" else None
+    pre = Preprocessor(PreprocessSettings(thumbnail=16, clip_photons=3.0), mask, shape, calibration)
+    photons = pre.photons(torch.from_numpy(np.stack([a.astype(np.float32) for a in arrays])))
+    expected_bins = pre.binned(photons)
+    expected_measure = {
+        "lit_pixels": (photons > 0.5).flatten(1).sum(1).double(),
+        "photons": photons.flatten(1).double().sum(1),
+        "none": torch.zeros(len(arrays), dtype=torch.float64),
+    }[prefilter]
+    settings = _settings(tmp_path, prefilter={"kind": prefilter, "lit_threshold": 0.5})
+    r = _start(settings, ListSource([]), fx.model, fx.bank)
+    r.publisher.close()
+    for bin_frames in (r.pipeline._bin_on_cpu, r.pipeline._bin_on_device):
+        released: Counter[int] = Counter()
+        frames = [
+            Frame(EventId("mem", 1, i, 0), a, 0, on_release=functools.partial(released.update, [i]))
+            for i, a in enumerate(arrays)
+        ]
+        with torch.inference_mode():
+            bins, measure, finite = bin_frames(pre, frames)
+        assert finite.tolist() == [True, True, True, False, True, True]
+        ok = finite.numpy()
+        torch.testing.assert_close(bins[ok], expected_bins[ok], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(measure[ok], expected_measure[ok], rtol=1e-6, atol=0.0)
+        assert released == Counter(range(len(arrays)))
+    assert float(expected_bins.nansum()) > 0 and (prefilter == "none" or float(expected_measure.nansum()) > 0)
+
+
 def test_with_overflow_drop_every_frame_is_decided_or_counted(fx: Fixtures, tmp_path: Path) -> None:
     frames = list(np.random.default_rng(3).poisson(1.0, (200, SIDE, SIDE)).astype(np.uint16))
     settings = _settings(tmp_path, queue_size=2, overflow="drop", batch={"max_size": 1})

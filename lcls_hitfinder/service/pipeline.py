@@ -111,23 +111,21 @@ class Verdicts:
 
 
 class Prefilter:
-    """The cheap pre-filter on (B, H, W) photons: `blank()` is True where a frame is too dim to be a hit.
+    """The cheap pre-filter: a frame whose `measure` (lit pixels, or photons in all) is below the cut is blank.
 
-    On the CPU numpy counts the lit pixels, the frames of a batch shared among the pool's threads (numpy
-    lets go of the GIL): torch's comparison and count of a megapixel frame take 2-4x as long, and its count
-    of a whole batch goes through an int64 copy of the lit map (8 bytes a pixel). Where the count on the raw
-    frames must come out the same, `raw_count` takes it while they are copied into the batch instead.
+    On the CPU numpy counts lit pixels: torch's comparison and count of a megapixel frame take 4-5x as long
+    (the count goes through an int64 copy of the lit map). Where the count on the raw frame must come out
+    the same, `raw_count` takes it on the raw frame instead, before it is converted.
     """
 
-    def __init__(self, settings: PrefilterSettings, pool: ThreadPoolExecutor) -> None:
+    def __init__(self, settings: PrefilterSettings) -> None:
         self.settings = settings
-        self._pool = pool
 
     def raw_count(self, pre: Preprocessor, dtypes: set[np.dtype]) -> Callable[[np.ndarray], int] | None:
         """A count of lit pixels to take on each raw frame of these dtypes, or None where it could differ
         from the count on photons: `pre` changes values on the way (`keeps_above`), or float32 does not
-        hold every raw value exactly. Taken while the frame is read for the batch anyway, it saves a pass
-        over the batch's photons."""
+        hold every raw value exactly. Taken on the raw frame while it is read anyway, it saves a pass over
+        the photons."""
         p = self.settings
         if p.kind != "lit_pixels" or not pre.keeps_above(p.lit_threshold) or not dtypes <= _EXACT_IN_FLOAT32:
             return None
@@ -141,18 +139,37 @@ class Prefilter:
 
         return count
 
-    def blank(self, photons: torch.Tensor, lit: list[int] | None = None) -> torch.Tensor:
-        """`lit`: the frames' lit pixels if `raw_count` counted them already."""
+    def measure(self, photons: torch.Tensor) -> torch.Tensor:
+        """(B, H, W) photons -> (B,) float64 on their device: lit pixels or total photons (0 if no pre-filter)."""
         p = self.settings
         if p.kind == "lit_pixels":
-            if lit is None and photons.device.type != "cpu":
-                return (photons > p.lit_threshold).flatten(1).sum(1) < p.min_lit_pixels
-            if lit is None:
-                lit = list(self._pool.map(lambda f: int(np.count_nonzero(f > p.lit_threshold)), photons.numpy()))
-            return torch.from_numpy(np.array(lit, np.int64) < p.min_lit_pixels).to(photons.device)
+            if photons.device.type != "cpu":
+                lit = (photons > p.lit_threshold).flatten(1).sum(1)
+            else:
+                lit = torch.tensor([np.count_nonzero(f > p.lit_threshold) for f in photons.numpy()])
+            return lit.to(torch.float64)
         if p.kind == "photons":
-            return photons.flatten(1).sum(1) < p.min_photons
-        return torch.zeros(photons.shape[0], dtype=torch.bool, device=photons.device)
+            return photons.flatten(1).sum(1, dtype=torch.float64)
+        return torch.zeros(photons.shape[0], dtype=torch.float64, device=photons.device)
+
+    def blank(self, measure: torch.Tensor) -> torch.Tensor:
+        """(B,) measures -> (B,) bool: too dim to be a hit."""
+        p = self.settings
+        if p.kind == "lit_pixels":
+            return measure < p.min_lit_pixels
+        if p.kind == "photons":
+            return measure < p.min_photons
+        return torch.zeros(measure.shape, dtype=torch.bool, device=measure.device)
+
+
+def convert_into(out: torch.Tensor, frame: np.ndarray) -> None:
+    """A raw frame's values into the float32 tensor `out` of its shape. torch's copy runs on all its threads
+    (1.4x numpy's one-threaded `copyto` on a megapixel); numpy takes what torch cannot view: another byte
+    order, a read-only array, a long double."""
+    if frame.dtype.isnative and frame.flags.writeable and frame.dtype.itemsize <= 8:
+        out.copy_(torch.from_numpy(frame))
+    else:
+        np.copyto(out.numpy(), frame, casting="unsafe")
 
 
 def all_finite(frames: torch.Tensor) -> torch.Tensor:
@@ -193,11 +210,16 @@ class Pipeline:
         self._done = threading.Event()
         self._shape: tuple[int, ...] | None = source.frame_shape
         self._pre: Preprocessor | None = None
-        self._host: dict[np.dtype, torch.Tensor] = {}
-        # the frames of a batch are shared among these threads where numpy does the work (it lets go of
-        # the GIL): stacking and the pre-filter's count; the executor starts its threads on first use
-        self._pool = ThreadPoolExecutor(torch.get_num_threads(), thread_name_prefix="frames")
-        self._prefilter = Prefilter(settings.prefilter, self._pool)
+        self._host: dict[np.dtype, torch.Tensor] = {}  # a GPU's pinned batch buffers, by raw dtype
+        # The frames of a batch are shared among these threads (numpy and torch let go of the GIL), which
+        # bin them one frame a thread on the CPU, each in its own float32 frame (`_scratch`), or copy them
+        # into the pinned buffer for a GPU. While the pipeline runs on the CPU, torch's own intra-op
+        # threads are off: they wait for each other at every step of every frame, and stall whenever
+        # another process (psana's reader) holds a core (benchmarks/bench_preprocess.py).
+        self._workers = torch.get_num_threads()
+        self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="frames")
+        self._scratch = threading.local()
+        self._prefilter = Prefilter(settings.prefilter)
         self._next_seq = 0
         self._run: Run | None = None
         self._last_run: tuple[str, int] | None = None
@@ -218,6 +240,8 @@ class Pipeline:
 
     # ---- control -------------------------------------------------------------------------------------------
     def start(self) -> None:
+        if self.device.type == "cpu":
+            torch.set_num_threads(1)  # the pool works in parallel over frames instead (see __init__)
         for t in self._threads:
             t.start()
 
@@ -297,6 +321,8 @@ class Pipeline:
             self._end_run()
             self._poll_restarts()
             self._pool.shutdown()
+            if self.device.type == "cpu":
+                torch.set_num_threads(self._workers)
             self._done.set()
 
     def _process_items(self, items: list[Frame | RunEnd]) -> None:
@@ -329,7 +355,7 @@ class Pipeline:
             log.exception("a batch of %d frames failed", len(frames))
             verdicts = Verdicts.errors(len(frames), f"internal: {type(err).__name__}: {err}")
         finally:
-            for f in frames:  # those not stacked (bad frames, a failed batch) too
+            for f in frames:  # those not converted (bad frames, a failed batch) too
                 f.release()
         self._output(frames, verdicts)
 
@@ -354,36 +380,61 @@ class Pipeline:
             self._pre = Preprocessor(preprocess, mask, self._shape, self.settings.calibration, self.device)
         return self._pre
 
-    def _stack(
-        self, arrays: list[np.ndarray], count: Callable[[np.ndarray], int] | None = None
-    ) -> tuple[torch.Tensor, list[int] | None]:
-        """Frames -> one (B, ...) tensor on the device, through a preallocated buffer: the one copy of a
-        frame's pixels in this process (a psana frame is read straight from the reader's ring), frame by frame
-        in the pool's threads (numpy lets go of the GIL; one thread alone was the batch's slowest step).
+    def _bin_on_cpu(self, pre: Preprocessor, frames: list[Frame]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Bin means (B, 1, S, S), pre-filter measures (B,) and finiteness (B,) of frames. Each frame goes
+        through one float32 frame of its thread that stays in the CPU's cache: converted, checked, counted
+        and binned there, so its pixels come from memory once (through a batch-sized buffer every step read
+        the whole batch from memory again: 1.5-2.5x the time a frame, benchmarks/bench_preprocess.py).
+        Each frame is released as soon as it is converted."""
+        n = len(frames)
+        binned = torch.empty((n, 1, pre.settings.thumbnail, pre.settings.thumbnail))
+        measure = np.zeros(n, np.float64)
+        finite = np.ones(n, bool)
+        count = self._prefilter.raw_count(pre, {f.data.dtype for f in frames})
 
-        For the CPU the frames become float32 while they are stacked (one pass; Preprocessor.photons then
-        works in that buffer). For a GPU they stay raw (uint16) in a pinned buffer, are copied without
-        blocking and converted on the device. `count`, if given, is taken on each raw frame just before it
-        is copied (the copy then reads it from cache); the counts come back with the batch.
-        """
-        cuda = self.device.type == "cuda"
-        dtype = np.result_type(*(a.dtype for a in arrays)) if cuda else np.dtype(np.float32)
+        @torch.inference_mode()  # a mode of the thread: the pool's threads need it too
+        def bin_frame(i: int) -> None:
+            frame, scratch = frames[i], getattr(self._scratch, "frame", None)
+            if scratch is None or tuple(scratch.shape[1:]) != pre.frame_shape:
+                scratch = self._scratch.frame = torch.empty((1, *pre.frame_shape), dtype=torch.float32)
+            kind = frame.data.dtype.kind
+            if count is not None:
+                measure[i] = count(frame.data)
+            convert_into(scratch[0], frame.data)
+            frame.release()
+            if kind == "f":  # integers cannot be NaN or Inf
+                finite[i] = bool(all_finite(scratch)[0])
+            photons = pre.photons(scratch, inplace=True, signed=kind in "if")  # unsigned values need no clamp
+            if count is None:
+                measure[i] = float(self._prefilter.measure(photons)[0])
+            binned[i] = pre.binned(photons)[0]
+
+        list(self._pool.map(bin_frame, range(n)))
+        return binned, torch.from_numpy(measure), torch.from_numpy(finite)
+
+    def _bin_on_device(self, pre: Preprocessor, frames: list[Frame]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What `_bin_on_cpu` gives, for a GPU: the batch's raw frames (uint16 stays uint16) are copied into
+        a pinned host buffer by the pool's threads, sent without blocking and converted, checked, counted
+        and binned on the device as one batch."""
+        arrays = [f.data for f in frames]
+        dtype = np.result_type(*(a.dtype for a in arrays))
         buf = self._host.get(dtype)
         if buf is None:
-            shape = (self.settings.batch.max_size, *arrays[0].shape)
             torch_dtype = torch.from_numpy(np.empty(0, dtype)).dtype
-            buf = torch.empty(shape, dtype=torch_dtype, pin_memory=cuda)
+            shape = (self.settings.batch.max_size, *pre.frame_shape)
+            buf = torch.empty(shape, dtype=torch_dtype, pin_memory=self.device.type == "cuda")
             self._host[dtype] = buf
         view = buf[: len(arrays)]
         out = view.numpy()
-
-        def put(i: int) -> int:
-            counted = count(arrays[i]) if count is not None else 0
-            np.copyto(out[i], arrays[i], casting="unsafe")
-            return counted
-
-        counts = list(self._pool.map(put, range(len(arrays))))
-        return view.to(self.device, non_blocking=True), counts if count is not None else None
+        list(self._pool.map(lambda i: np.copyto(out[i], arrays[i], casting="unsafe"), range(len(arrays))))
+        for f in frames:  # their pixels are in the pinned buffer now: the reader may reuse the slots
+            f.release()
+        raw = view.to(self.device, non_blocking=True)
+        finite = torch.ones(len(arrays), dtype=torch.bool, device=self.device)
+        if any(a.dtype.kind == "f" for a in arrays):
+            finite = all_finite(raw)
+        photons = pre.photons(raw, signed=any(a.dtype.kind in "if" for a in arrays))
+        return pre.binned(photons), self._prefilter.measure(photons), finite
 
     def _decide(self, frames: list[Frame]) -> Verdicts:
         t0 = time.perf_counter()
@@ -394,21 +445,13 @@ class Pipeline:
             return v
         pre = self._preprocessor()
         with torch.inference_mode():
-            arrays = [frames[i].data for i in good]
-            on_cpu = self.device.type == "cpu"  # a GPU counts faster than the host
-            count = self._prefilter.raw_count(pre, {a.dtype for a in arrays}) if on_cpu else None
-            raw, lit = self._stack(arrays, count)
-            for f in frames:  # their pixels are in the batch buffer now: the reader may reuse the slots
-                f.release()
-            finite = torch.ones(len(good), dtype=torch.bool, device=raw.device)
-            if any(a.dtype.kind == "f" for a in arrays):  # integers cannot be NaN or Inf
-                finite = all_finite(raw)
-            signed = any(a.dtype.kind in "if" for a in arrays)  # unsigned raw values need no clamp at 0
-            photons = pre.photons(raw, inplace=on_cpu, signed=signed)  # the CPU buffer is ours
-            blank = self._prefilter.blank(photons, lit) & finite
+            to_bin = [frames[i] for i in good]
+            on_cpu = self.device.type == "cpu"
+            binned, measure, finite = self._bin_on_cpu(pre, to_bin) if on_cpu else self._bin_on_device(pre, to_bin)
+            blank = self._prefilter.blank(measure) & finite
             to_model = finite & ~blank
             all_to_model = bool(to_model.all())
-            thumbs = pre.thumbnails(photons if all_to_model else photons[to_model]) if bool(to_model.any()) else None
+            thumbs = pre.transformed(binned if all_to_model else binned[to_model]) if bool(to_model.any()) else None
             finite_np, blank_np, model_np = (x.cpu().numpy() for x in (finite, blank, to_model))
         v.reason[good[~finite_np]] = "nonfinite: NaN or Inf pixels"
         prefiltered = good[blank_np]

@@ -12,11 +12,11 @@ backoff, counting restarts. Meanwhile `frames()` keeps yielding `None` idle tick
 Ring protocol: the child writes a free slot and sends (slot, shape, dtype, event, truth, read time);
 the parent hands the slot back on the same socket (an acknowledgement: the ring's generation and the
 slot) once the frame's pixels are no longer needed. Frames are lent: the Frame's data is a view of the
-slot until the pipeline has stacked it into its batch buffer (`Frame.release`), which saves a copy of
-every frame. At most three quarters of the ring is out on loan, so the child always has slots to write
-ahead into; beyond that the reader waits for a slot to come back (a blocking service: the ring is then
-its buffer) or, when it must not wait (overflow = drop) or none comes back in time, copies. A frame bigger
-than the slots makes the child create a bigger ring (a new generation) and announce it, so slots are
+slot until the pipeline has read its pixels (`Frame.release`), which saves a copy of every frame. At
+most three quarters of the ring is out on loan, so the child always has slots to write ahead into;
+beyond that the reader waits for a slot to come back (a blocking service: the ring is then its buffer)
+or, when it must not wait (overflow = drop) or none comes back in time, copies. A frame bigger than the
+slots makes the child create a bigger ring (a new generation) and announce it, so slots are
 sized by the data, not guessed; frames still lent from the old ring keep its memory mapped.
 A socket pair rather than named semaphores, so a killed child leaves nothing behind but its ring, and
 the parent owns every segment: it unlinks them when the child ends or is killed, so /dev/shm is left clean.

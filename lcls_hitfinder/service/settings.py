@@ -78,7 +78,12 @@ class ServeSettings(_Section):
     providers: list[str] | None = Field(
         None, description="onnxruntime providers in order of preference; default TensorRT, CUDA, CPU"
     )
-    threads: int = Field(0, ge=0, description="torch/onnxruntime intra-op threads; 0 = library default")
+    threads: int = Field(
+        0,
+        ge=0,
+        description="threads that preprocess frames on the CPU (one frame each) and onnxruntime's intra-op "
+        "threads; 0 = torch's default (the cores)",
+    )
     calibration: PhotonCalibration = Field(default_factory=PhotonCalibration)
     batch: BatchSettings = Field(default_factory=BatchSettings)
     prefilter: PrefilterSettings = Field(default_factory=PrefilterSettings)
