@@ -55,6 +55,22 @@ class BadDetectorLoop:
         raise UserError("no detector 'nope' in this run")
 
 
+@dataclass(frozen=True)
+class DyingLoop:
+    """Delivers at most `per_life` frames, then the process dies without a word (as a segfault would)."""
+
+    n: int
+    per_life: int
+
+    def __call__(self, sink: FrameSink, delivered: Delivered) -> None:
+        sink.ready(f"{self.n} frames, {self.per_life} a life")
+        todo = [i for i in range(self.n) if (1, i) not in delivered][: self.per_life + 1]
+        for k, i in enumerate(todo):
+            if k == self.per_life:
+                os._exit(3)
+            sink.put(EventId("tst", 1, i, timestamp=1000 + i), _frame_data(i), None, time.perf_counter_ns())
+
+
 def _settings() -> ReaderSettings:
     return ReaderSettings(stall_s=1.0, backoff_s=0.2, max_backoff_s=1.0, ring_slots=4)
 
@@ -167,6 +183,46 @@ def test_watchdog_restarts_a_reader_frozen_with_the_gil_held() -> None:
     assert [f.event.event for f in frames] == list(range(8))  # resumed after the last event received
     assert reader.restarts == 1
     assert ticks >= 2  # idle ticks kept coming while the child was frozen
+    assert _leftovers() == []
+
+
+def test_a_file_reader_that_keeps_dying_without_frames_is_an_error() -> None:
+    settings = _settings().model_copy(update={"give_up_after": 3})
+    reader = SupervisedReader(DyingLoop(5, per_life=0), settings, "dying", live=False)
+    try:
+        reader.start(wait_ready_s=30)
+        with pytest.raises(UserError, match=r"dying: the reader exited \(code 3\), 3 times in a row without"):
+            _collect(reader)
+    finally:
+        reader.close()
+    assert reader.restarts == 2
+    assert _leftovers() == []
+
+
+def test_a_reader_that_dies_but_makes_progress_is_restarted_until_the_end() -> None:
+    settings = _settings().model_copy(update={"give_up_after": 2})
+    reader = SupervisedReader(DyingLoop(5, per_life=1), settings, "progress", live=False)
+    try:
+        reader.start(wait_ready_s=30)
+        frames, _ = _collect(reader)
+    finally:
+        reader.close()
+    assert [f.event.event for f in frames] == list(range(5))
+    assert reader.restarts == 4  # four lives deliver a frame each and die; the fifth delivers the last and ends
+    assert _leftovers() == []
+
+
+def test_live_data_are_restarted_however_often_the_reader_dies() -> None:
+    settings = _settings().model_copy(update={"give_up_after": 1, "backoff_s": 0.05, "max_backoff_s": 0.05})
+    reader = SupervisedReader(DyingLoop(5, per_life=0), settings, "live", live=True)
+    try:
+        reader.start(wait_ready_s=30)
+        for _ in reader.frames():
+            if reader.restarts >= 3:
+                break
+    finally:
+        reader.close()
+    assert reader.restarts >= 3
     assert _leftovers() == []
 
 

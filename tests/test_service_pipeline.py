@@ -26,6 +26,7 @@ from typer.testing import CliRunner
 from lcls_hitfinder.bank import ReferenceBank
 from lcls_hitfinder.cli import app
 from lcls_hitfinder.dataset import Batch, Dataset, DatasetWriter
+from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.labels import Label
 from lcls_hitfinder.learn.nets import TwinEmbedder
 from lcls_hitfinder.model_io import export_onnx
@@ -612,6 +613,29 @@ def test_frame_by_frame_binning_equals_the_batch_path_and_training(
         torch.testing.assert_close(measure[ok], expected_measure[ok], rtol=1e-6, atol=0.0)
         assert released == Counter(range(len(arrays)))
     assert float(expected_bins.nansum()) > 0 and (prefilter == "none" or float(expected_measure.nansum()) > 0)
+
+
+class FailingSource(ListSource):
+    """Hands over its frames, then fails as a reader that gave up does."""
+
+    def frames(self) -> Iterator[Frame | None]:
+        yield from super().frames()
+        raise UserError("xtc2:run.xtc2?det=cam: the reader exited (code 3), 5 times in a row without a frame")
+
+
+def test_a_failing_source_ends_the_run_in_one_line_and_keeps_what_it_read(
+    fx: Fixtures, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    images = [np.random.default_rng(i).poisson(3.0, (SIDE, SIDE)).astype(np.float32) for i in range(5)]
+    r = _start(_settings(tmp_path), FailingSource(images), fx.model, fx.bank)
+    r.pipeline.start()
+    assert r.pipeline.wait(WAIT_S)
+    r.publisher.close()
+    assert isinstance(r.pipeline.error, UserError)
+    columns, attrs = read_decision_log(r.pipeline.logs[0])
+    assert attrs["complete"] and columns["event"].tolist() == list(range(5))
+    (record,) = [rec for rec in caplog.records if "source failed" in rec.getMessage()]
+    assert "5 times in a row" in record.getMessage() and record.exc_info is None  # no traceback for the user
 
 
 def test_with_overflow_drop_every_frame_is_decided_or_counted(fx: Fixtures, tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from lcls_hitfinder import __version__
+from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.labels import Label, label_of_count
 from lcls_hitfinder.preprocess import Preprocessor
 from lcls_hitfinder.protocols import EventId, Frame, RunEnd, Source
@@ -282,6 +283,9 @@ class Pipeline:
                 if self._stop.is_set() or (limit is not None and n >= limit):
                     break
                 t = time.perf_counter()
+        except UserError as err:  # said in one line: the source's own words
+            log.error("the source failed, ending the run: %s", err)
+            self.error = err
         except Exception as err:
             log.exception("the source failed; ending the run")
             self.error = err

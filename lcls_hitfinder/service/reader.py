@@ -617,8 +617,15 @@ class SupervisedReader:
         self._child = None
 
     def _schedule_restart(self, why: str) -> None:
+        """Stop the child and start a new one after a backoff. Data that can be read again (a file, a run)
+        whose reader keeps failing without delivering anything fails instead: it will not get better, and
+        a service that waits for it for ever looks alive while it decides nothing."""
         if self._child is not None:
             self._stop_child(self._child, graceful=False)
+        if not self._live and self._failures + 1 >= self._settings.give_up_after:
+            raise UserError(
+                f"{self._name}: the reader {why}, {self._failures + 1} times in a row without delivering a frame"
+            )
         self._failures += 1
         self.restarts += 1
         s = self._settings

@@ -57,6 +57,12 @@ class ReaderSettings(_Section):
     stall_s: float = Field(5.0, gt=0, description="seconds without progress while a run is open: restart")
     backoff_s: float = Field(1.0, gt=0, description="first delay before a restart, doubled each time")
     max_backoff_s: float = Field(30.0, gt=0, description="longest delay between restarts")
+    give_up_after: int = Field(
+        5,
+        ge=1,
+        description="a file or run (not live data) whose reader fails this many times in a row without "
+        "delivering a frame is an error; live data are restarted for as long as the service runs",
+    )
     ring_slots: int = Field(
         64,
         ge=2,
