@@ -6,6 +6,7 @@ which keeps the GIL exactly as psana's shmem client does when its server goes aw
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import glob
 import os
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +25,7 @@ import pytest
 
 from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.protocols import EventId, Frame
-from lcls_hitfinder.service.reader import Delivered, FrameSink, SupervisedReader
+from lcls_hitfinder.service.reader import Delivered, FrameSink, ReadLoop, SupervisedReader
 from lcls_hitfinder.service.settings import ReaderSettings
 
 
@@ -73,6 +75,17 @@ class DyingLoop:
 
 def _settings() -> ReaderSettings:
     return ReaderSettings(stall_s=1.0, backoff_s=0.2, max_backoff_s=1.0, ring_slots=4)
+
+
+@contextlib.contextmanager
+def _started(loop: ReadLoop, name: str, live: bool = False, **settings: float) -> Iterator[SupervisedReader]:
+    """A reader of `loop` with the test settings (`settings` overriding keys), started; closed afterwards."""
+    reader = SupervisedReader(loop, _settings().model_copy(update=settings), name, live=live)
+    try:
+        reader.start(wait_ready_s=30)
+        yield reader
+    finally:
+        reader.close()
 
 
 def _leftovers() -> list[str]:
@@ -174,12 +187,8 @@ def test_a_blocking_reader_waits_for_slots_to_come_back_instead_of_copying() -> 
 
 
 def test_watchdog_restarts_a_reader_frozen_with_the_gil_held() -> None:
-    reader = SupervisedReader(CountingLoop(8, freeze_after=4), _settings(), "freeze", live=False)
-    try:
-        reader.start(wait_ready_s=30)
+    with _started(CountingLoop(8, freeze_after=4), "freeze") as reader:
         frames, ticks = _collect(reader)
-    finally:
-        reader.close()
     assert [f.event.event for f in frames] == list(range(8))  # resumed after the last event received
     assert reader.restarts == 1
     assert ticks >= 2  # idle ticks kept coming while the child was frozen
@@ -187,41 +196,29 @@ def test_watchdog_restarts_a_reader_frozen_with_the_gil_held() -> None:
 
 
 def test_a_file_reader_that_keeps_dying_without_frames_is_an_error() -> None:
-    settings = _settings().model_copy(update={"give_up_after": 3})
-    reader = SupervisedReader(DyingLoop(5, per_life=0), settings, "dying", live=False)
-    try:
-        reader.start(wait_ready_s=30)
-        with pytest.raises(UserError, match=r"dying: the reader exited \(code 3\), 3 times in a row without"):
-            _collect(reader)
-    finally:
-        reader.close()
+    message = r"dying: the reader exited \(code 3\), 3 times in a row without"
+    with (
+        _started(DyingLoop(5, per_life=0), "dying", give_up_after=3) as reader,
+        pytest.raises(UserError, match=message),
+    ):
+        _collect(reader)
     assert reader.restarts == 2
     assert _leftovers() == []
 
 
 def test_a_reader_that_dies_but_makes_progress_is_restarted_until_the_end() -> None:
-    settings = _settings().model_copy(update={"give_up_after": 2})
-    reader = SupervisedReader(DyingLoop(5, per_life=1), settings, "progress", live=False)
-    try:
-        reader.start(wait_ready_s=30)
+    with _started(DyingLoop(5, per_life=1), "progress", give_up_after=2) as reader:
         frames, _ = _collect(reader)
-    finally:
-        reader.close()
     assert [f.event.event for f in frames] == list(range(5))
     assert reader.restarts == 4  # four lives deliver a frame each and die; the fifth delivers the last and ends
     assert _leftovers() == []
 
 
 def test_live_data_are_restarted_however_often_the_reader_dies() -> None:
-    settings = _settings().model_copy(update={"give_up_after": 1, "backoff_s": 0.05, "max_backoff_s": 0.05})
-    reader = SupervisedReader(DyingLoop(5, per_life=0), settings, "live", live=True)
-    try:
-        reader.start(wait_ready_s=30)
+    with _started(DyingLoop(5, per_life=0), "live", live=True, give_up_after=1, backoff_s=0.05) as reader:
         for _ in reader.frames():
             if reader.restarts >= 3:
                 break
-    finally:
-        reader.close()
     assert reader.restarts >= 3
     assert _leftovers() == []
 
