@@ -46,7 +46,7 @@ from lcls_hitfinder.service.bank_reload import ReloadingBank
 from lcls_hitfinder.service.decision_log import read_decision_log
 from lcls_hitfinder.service.embedder import OnnxEmbedder
 from lcls_hitfinder.service.metrics import ServiceMetrics
-from lcls_hitfinder.service.pipeline import Pipeline, convert_into
+from lcls_hitfinder.service.pipeline import Pipeline
 from lcls_hitfinder.service.publish import ZmqPublisher
 from lcls_hitfinder.service.reader import SupervisedReader
 from lcls_hitfinder.service.settings import ServeSettings
@@ -84,7 +84,7 @@ def psana_loop(path: Path, thumbnail: int | None, batch: int, copy: bool = False
         for evt in run.events():
             frame = det.raw.raw(evt)
             if thumbnail:
-                convert_into(scratch[0], frame)
+                np.copyto(scratch[0].numpy(), frame, casting="unsafe")
                 block_means(scratch, thumbnail)
             elif copy:
                 buf[n % batch] = frame

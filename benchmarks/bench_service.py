@@ -32,7 +32,7 @@ from lcls_hitfinder.service.bank_reload import ReloadingBank
 from lcls_hitfinder.service.decision_log import read_decision_log
 from lcls_hitfinder.service.embedder import OnnxEmbedder
 from lcls_hitfinder.service.metrics import ServiceMetrics
-from lcls_hitfinder.service.pipeline import Pipeline, convert_into
+from lcls_hitfinder.service.pipeline import Pipeline
 from lcls_hitfinder.service.publish import ZmqPublisher
 from lcls_hitfinder.service.settings import ServeSettings
 from lcls_hitfinder.service.sources import open_source
@@ -72,7 +72,7 @@ def floor(uri: str, settings: ServeSettings, thumbnail: int, n: int) -> float:
         for frame in src.frames():
             if frame is None:
                 continue
-            convert_into(scratch[0], frame.data)
+            np.copyto(scratch[0].numpy(), frame.data, casting="unsafe")
             block_means(scratch, thumbnail)
             got += 1
             if got == n:

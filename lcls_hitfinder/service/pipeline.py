@@ -163,16 +163,6 @@ class Prefilter:
         return torch.zeros(measure.shape, dtype=torch.bool, device=measure.device)
 
 
-def convert_into(out: torch.Tensor, frame: np.ndarray) -> None:
-    """A raw frame's values into the float32 tensor `out` of its shape. torch's copy runs on all its threads
-    (1.4x numpy's one-threaded `copyto` on a megapixel); numpy takes what torch cannot view: another byte
-    order, a read-only array, a long double."""
-    if frame.dtype.isnative and frame.flags.writeable and frame.dtype.itemsize <= 8:
-        out.copy_(torch.from_numpy(frame))
-    else:
-        np.copyto(out.numpy(), frame, casting="unsafe")
-
-
 def all_finite(frames: torch.Tensor) -> torch.Tensor:
     """Per frame of (B, ...): whether every value is finite. A NaN or Inf makes the frame's sum NaN or Inf;
     a sum can also overflow on finite values, so the few frames whose sum is not finite are looked at
@@ -216,7 +206,7 @@ class Pipeline:
         # bin them one frame a thread on the CPU, each in its own float32 frame (`_scratch`), or copy them
         # into the pinned buffer for a GPU. While the pipeline runs on the CPU, torch's own intra-op
         # threads are off: they wait for each other at every step of every frame, and stall whenever
-        # another process (psana's reader) holds a core (benchmarks/bench_preprocess.py).
+        # another process (psana's reader) holds a core (BENCHMARKS.md, "Frames binned one at a time").
         self._workers = torch.get_num_threads()
         self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="frames")
         self._scratch = threading.local()
@@ -404,7 +394,7 @@ class Pipeline:
             kind = frame.data.dtype.kind
             if count is not None:
                 measure[i] = count(frame.data)
-            convert_into(scratch[0], frame.data)
+            np.copyto(scratch.numpy()[0], frame.data, casting="unsafe")  # to float32: the one read of its pixels
             frame.release()
             if kind == "f":  # integers cannot be NaN or Inf
                 finite[i] = bool(all_finite(scratch)[0])
