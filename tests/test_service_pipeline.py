@@ -580,7 +580,7 @@ def test_frame_by_frame_binning_equals_the_batch_path_and_training(
     read_only.flags.writeable = False
     arrays = [
         ints[0],
-        ints[1].astype(">u2"),  # another byte order: torch cannot view it
+        ints[1].astype(">u2"),  # another byte order, as an HDF5 file may hold it
         ints[2].astype(np.int16),
         floats[1],  # NaN
         read_only,
