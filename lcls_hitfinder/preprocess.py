@@ -71,7 +71,7 @@ def block_means(frames: torch.Tensor, side: int) -> torch.Tensor:
     """(B, H, W) -> (B, 1, side, side), the mean of each bin. Where the bins tile the frame exactly, adds
     each bin's rows together first (whole contiguous rows, added element-wise), then sums the short rows
     left: adaptive pooling's numbers at the cost of about one read of the frame (the hot path at a
-    megapixel). On a frame in cache, as the service bins them, summing along the rows first took 2.3-2.8x
+    megapixel). On a frame in cache, as the service bins them, summing along the rows first took 1.6-2.8x
     as long; on a batch read from memory the two orders were within 30% either way
     (benchmarks/bench_preprocess.py)."""
     b, h, w = frames.shape

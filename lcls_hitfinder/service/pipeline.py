@@ -378,7 +378,7 @@ class Pipeline:
         """Bin means (B, 1, S, S), pre-filter measures (B,) and finiteness (B,) of frames. Each frame goes
         through one float32 frame of its thread that stays in the CPU's cache: converted, checked, counted
         and binned there, so its pixels come from memory once (through a batch-sized buffer every step read
-        the whole batch from memory again: 1.3-2.5x the time a frame, benchmarks/bench_preprocess.py).
+        the whole batch from memory again: 1.1-2.5x the time a frame, benchmarks/bench_preprocess.py).
         Each frame is released as soon as it is converted."""
         n = len(frames)
         binned = torch.empty((n, 1, pre.settings.thumbnail, pre.settings.thumbnail))
