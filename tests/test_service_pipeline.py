@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 from prometheus_client import generate_latest
+from threadpoolctl import threadpool_info, threadpool_limits
 from typer.testing import CliRunner
 
 from lcls_hitfinder.bank import ReferenceBank
@@ -652,6 +653,35 @@ def test_with_overflow_drop_every_frame_is_decided_or_counted(fx: Fixtures, tmp_
     assert len(columns["seq"]) + dropped == 200 == attrs["events"] + attrs["dropped"]
     assert columns["seq"].tolist() == list(range(len(columns["seq"])))  # drops never leave holes in seq
     assert columns["event"].tolist() == sorted(columns["event"].tolist())
+
+
+def _blas_threads() -> set[int]:
+    return {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"}
+
+
+def test_the_bank_decides_on_one_blas_thread_and_the_callers_setting_returns(
+    fx: Fixtures, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bank's small matrix products run on one BLAS thread while the service runs (threads spinning for
+    each other on busy cores cost 2-8 ms a batch), and the caller's setting is back once it is done."""
+    seen: list[set[int]] = []
+    decide = ReferenceBank.decide
+
+    def noting(bank: ReferenceBank, embeddings: np.ndarray) -> Any:
+        seen.append(_blas_threads())
+        return decide(bank, embeddings)
+
+    monkeypatch.setattr(ReferenceBank, "decide", noting)
+    frames = list(np.random.default_rng(4).poisson(1.0, (6, SIDE, SIDE)).astype(np.uint16))
+    with threadpool_limits(2, user_api="blas"):
+        assert _blas_threads() == {2}
+        r = _start(_settings(tmp_path), ListSource(frames), fx.model, fx.bank)
+        r.pipeline.start()
+        assert r.pipeline.wait(WAIT_S)
+        r.publisher.close()
+        assert seen and all(threads == {1} for threads in seen)
+        assert _blas_threads() == {2}
+    assert r.pipeline.error is None
 
 
 CUDA_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the device machine)")

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 from lcls_hitfinder import __version__
 from lcls_hitfinder.errors import UserError
@@ -209,6 +210,7 @@ class Pipeline:
         # another process (psana's reader) holds a core (BENCHMARKS.md, "Frames binned one at a time").
         self._workers = torch.get_num_threads()
         self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="frames")
+        self._blas: tuple[threadpool_limits, int] | None = None  # see start()
         self._scratch = threading.local()
         self._prefilter = Prefilter(settings.prefilter)
         self._next_seq = 0
@@ -233,6 +235,12 @@ class Pipeline:
     def start(self) -> None:
         if self.device.type == "cpu":
             torch.set_num_threads(1)  # the pool works in parallel over frames instead (see __init__)
+        # The bank's distances are one small matrix product a batch. OpenBLAS's threads wait for each other
+        # in it, and while every core is busy (psana's reader, the pool) one product took 2-8 ms instead of
+        # 0.3-0.7 ms on one thread (BENCHMARKS.md, "numpy's BLAS on one thread"). Set here and restored by
+        # `wait` in the caller's thread: OpenBLAS 0.3.31 ignored a worker thread's setting after the main
+        # thread had made one.
+        self._blas = threadpool_limits(1, user_api="blas"), threading.get_ident()
         for t in self._threads:
             t.start()
 
@@ -248,8 +256,13 @@ class Pipeline:
         self._reload.set()
 
     def wait(self, timeout: float | None = None) -> bool:
-        """True once every decision is out and the last run is closed."""
-        return self._done.wait(timeout)
+        """True once every decision is out and the last run is closed; then the BLAS threads of the thread
+        that called `start` are as they were."""
+        done = self._done.wait(timeout)
+        if done and self._blas is not None and self._blas[1] == threading.get_ident():
+            self._blas[0].restore_original_limits()
+            self._blas = None
+        return done
 
     @property
     def next_seq(self) -> int:
