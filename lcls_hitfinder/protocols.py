@@ -15,6 +15,8 @@ import numpy as np
 if TYPE_CHECKING:  # annotations only: a psana reader process imports this module without paying for torch
     import torch
 
+    from lcls_hitfinder.service.binning import ReaderBinning
+
 
 @dataclass(frozen=True)
 class EventId:
@@ -27,15 +29,36 @@ class EventId:
     pulse_id: int | None = None
 
 
+@dataclass(frozen=True)
+class Binned:
+    """A frame converted, checked, counted and binned where it was read (service/binning.py), in its place."""
+
+    means: np.ndarray  # (S, S) float32 bin means, as Preprocessor.binned gives them
+    shape: tuple[int, ...]  # the frame's shape
+    dtype: str  # the frame's dtype (numpy's str)
+    measure: float  # the blank pre-filter's measure
+    finite: bool  # no NaN or Inf pixel
+
+
 @dataclass
 class Frame:
-    """One event's detector data with its identity. `data` is raw (ADU) or calibrated (photons)."""
+    """One event's detector data with its identity. `data` is raw (ADU) or calibrated (photons); a frame binned
+    where it was read (a psana reader on the CPU) comes as `binned`, its `data` then empty."""
 
     event: EventId
     data: np.ndarray
     read_ns: int  # time.perf_counter_ns() when the frame was read, for end-to-end latency
     truth_n_particles: int | None = None
     on_release: Callable[[], None] | None = field(default=None, repr=False, compare=False)
+    binned: Binned | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.binned.shape if self.binned is not None else tuple(self.data.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.binned.dtype) if self.binned is not None else self.data.dtype
 
     def release(self) -> None:
         """The consumer is done with `data`. A supervised (psana) source lends its frames straight from the
@@ -77,6 +100,14 @@ class Source(Protocol):
     def frames(self) -> Iterator[Frame | RunEnd | None]: ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class BinsAtReader(Protocol):
+    """A source whose reader can bin its frames where it reads them (psana's reader process, each MPI rank):
+    the pipeline on the CPU asks it to, and from then on its frames come as `Frame.binned`."""
+
+    def bin_at_reader(self, binning: ReaderBinning) -> None: ...
 
 
 class Preprocessor(Protocol):

@@ -24,9 +24,11 @@ import numpy as np
 import pytest
 
 from lcls_hitfinder.errors import UserError
+from lcls_hitfinder.preprocess import PhotonCalibration, PreprocessSettings
 from lcls_hitfinder.protocols import EventId, Frame
+from lcls_hitfinder.service.binning import ReaderBinning
 from lcls_hitfinder.service.reader import Delivered, FrameSink, ReadLoop, SupervisedReader
-from lcls_hitfinder.service.settings import ReaderSettings
+from lcls_hitfinder.service.settings import PrefilterSettings, ReaderSettings
 
 
 def _frame_data(i: int) -> np.ndarray:
@@ -183,6 +185,74 @@ def test_a_blocking_reader_waits_for_slots_to_come_back_instead_of_copying() -> 
         reader.close()
     assert lent == [True] * 30
     assert intact == [True] * 30  # no slot was written again while lent
+    assert _leftovers() == []
+
+
+def _mixed_frames() -> list[np.ndarray | None]:
+    """Frames a reader may see: uint16 and float images of one shape (a NaN in one), and ones it cannot bin."""
+    rng = np.random.default_rng(5)
+    nan = rng.normal(2.0, 1.0, (16, 16)).astype(np.float32)
+    nan[3, 4] = np.nan
+    return [
+        rng.poisson(1.5, (16, 16)).astype(np.uint16),
+        rng.poisson(1.5, (16, 16)).astype(np.uint16),
+        rng.poisson(1.5, (16, 16)).astype(np.uint16),
+        nan,
+        rng.poisson(1.5, (8, 8)).astype(np.uint16),  # another shape: for the service to judge
+        rng.random((16, 16)) > 0.5,  # not numeric: likewise
+        rng.normal(2.0, 1.0, (16, 16)),  # float64
+        None,  # the detector missing from the event
+        rng.poisson(1.5, (16, 16)).astype(np.uint16),
+    ]
+
+
+@dataclass(frozen=True)
+class MixedLoop:
+    def __call__(self, sink: FrameSink, delivered: Delivered) -> None:
+        sink.ready("mixed frames")
+        for i, data in enumerate(_mixed_frames()):
+            sink.put(EventId("tst", 1, i), data, truth=None, read_ns=time.perf_counter_ns())
+
+
+def _binning() -> ReaderBinning:
+    mask = np.random.default_rng(6).random((16, 16)) > 0.2
+    calibration = PhotonCalibration(gain=2.0, offset=1.0, threshold=0.3)
+    lit = PrefilterSettings(kind="lit_pixels", lit_threshold=0.5)
+    return ReaderBinning(PreprocessSettings(thumbnail=4), calibration, lit, mask)
+
+
+@pytest.mark.parametrize("told", ["before its start", "once the data is open"])
+def test_a_reader_behind_the_service_bins_frames_itself_as_the_service_would(told: str) -> None:
+    """With the service behind (none of its frames released), the reader bins what it can with the binning the
+    service gave it (in its setup, or with its go once the data is open: it reads nothing before) and sends
+    the bins; frames it cannot bin come whole. The bins, measures and NaN flags are those of the service's
+    own `FrameBinner`."""
+    binning = _binning()
+    reader = SupervisedReader(MixedLoop(), _settings(), "mixed", live=False)
+    try:
+        if told == "before its start":
+            reader.bin_at_reader(binning)
+        reader.start(wait_ready_s=30)
+        if told == "once the data is open":
+            time.sleep(0.5)  # a reader that did not wait for its go would have sent every frame whole by now
+            reader.bin_at_reader(binning)
+        frames, _ = _collect(reader)
+    finally:
+        reader.close()
+    sent = _mixed_frames()
+    assert [f.event.event for f in frames] == list(range(len(sent)))
+    # the first two go whole (the service is not behind yet), then all of the 16 x 16 numeric ones are binned
+    assert [f.binned is not None for f in frames] == [False, False, True, True, False, False, True, False, True]
+    binner = binning.binner((16, 16))
+    for frame, data in zip(frames, sent, strict=True):
+        if frame.binned is None:
+            np.testing.assert_array_equal(frame.data, np.empty(0, np.uint16) if data is None else data)
+            continue
+        assert data is not None and frame.data.size == 0 and frame.shape == data.shape and frame.dtype == data.dtype
+        expected = binner.bin(data)
+        np.testing.assert_array_equal(frame.binned.means, expected.means)
+        assert (frame.binned.measure, frame.binned.finite) == (expected.measure, expected.finite)
+        assert expected.finite == (frame.event.event != 3) and expected.means.shape == (4, 4)
     assert _leftovers() == []
 
 

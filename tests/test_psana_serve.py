@@ -84,10 +84,13 @@ def processes() -> Iterator[list[subprocess.Popen[str] | ShmemServer]]:
             p.wait()
 
 
-@pytest.mark.parametrize("mode", ["xtc2", "exp-mpi"])
-def test_xtc2_run_through_serve_equals_classify(tiny: Model, tmp_path: Path, processes: list[Any], mode: str) -> None:
+@pytest.mark.parametrize(("mode", "binning"), [("xtc2", "never"), ("xtc2", "always"), ("exp-mpi", "always")])
+def test_xtc2_run_through_serve_equals_classify(
+    tiny: Model, tmp_path: Path, processes: list[Any], mode: str, binning: str
+) -> None:
     """The run as a file, and as an experiment directory read by psana's MPI mode (two big-data ranks handing
-    over batches of 4 out of order): the same decisions either way, one per event, seq contiguous."""
+    over batches of 4 out of order): the same decisions either way, one per event, seq contiguous; and the
+    same whether the frames cross to the service whole or binned by the reader (each MPI rank its own)."""
     data = simulate_dataset(tiny.simulate, tmp_path / "data.h5", n=24, workers=1, progress=False)
     xtc2 = tmp_path / "run.xtc2"
     xtc = tmp_path / "xtc"  # the same run in psana's exp= layout, smalldata included
@@ -105,7 +108,7 @@ def test_xtc2_run_through_serve_equals_classify(tiny: Model, tmp_path: Path, pro
     else:
         assert f"--source 'exp:cxitest23:4?dir={xtc}&det=cam&{constants}'" in made.stdout
         source = f"exp:cxitest23:4?dir={xtc}&det=cam&ranks=4&batch=4&{constants}"
-    config = serve_config(tmp_path / "serve.yaml", tiny, source, endpoint)
+    config = serve_config(tmp_path / "serve.yaml", tiny, source, endpoint, reader={"bin_in_reader": binning})
     with DecisionClient(endpoint, (DECISION, RUN), timeout_s=WAIT_S) as client:
         serve = subprocess.Popen([CLI, "serve", "--config", str(config)], stdout=subprocess.PIPE, text=True)
         processes.append(serve)
@@ -120,6 +123,8 @@ def test_xtc2_run_through_serve_equals_classify(tiny: Model, tmp_path: Path, pro
     assert serve.returncode == 0, output
     with Dataset(data) as d:
         n, truth = len(d), d.n_particles.tolist()
+    said = " ".join(output.split())  # the log's lines are wrapped at the terminal's width
+    assert f"{n if binning == 'always' else 0} binned by the reader" in said, said
     assert [m["seq"] for m in decisions] == list(range(n)) and client.gaps == []
     decisions.sort(key=lambda m: m["event"])  # MPI ranks decide their batches as they come
     assert [(m["experiment"], m["run"], m["event"]) for m in decisions] == [("cxitest23", 4, i) for i in range(n)]

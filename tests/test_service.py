@@ -284,7 +284,7 @@ def test_preprocessing_in_place_never_touches_the_callers_frames() -> None:
 def test_lit_pixel_prefilter_counts_each_frame_exactly() -> None:
     import torch
 
-    from lcls_hitfinder.service.pipeline import Prefilter
+    from lcls_hitfinder.service.binning import Prefilter
     from lcls_hitfinder.service.settings import PrefilterSettings
 
     photons = torch.zeros(4, 32, 32)
@@ -304,7 +304,7 @@ def test_lit_pixels_counted_on_raw_frames_equal_those_counted_on_photons(dtype: 
     import torch
 
     from lcls_hitfinder.preprocess import PhotonCalibration, Preprocessor, PreprocessSettings
-    from lcls_hitfinder.service.pipeline import Prefilter
+    from lcls_hitfinder.service.binning import Prefilter
     from lcls_hitfinder.service.settings import PrefilterSettings
 
     rng = np.random.default_rng(0)
@@ -343,7 +343,7 @@ def test_lit_pixels_counted_on_raw_frames_equal_those_counted_on_photons(dtype: 
 def test_all_finite_finds_nan_and_inf_and_is_not_fooled_by_an_overflowing_sum() -> None:
     import torch
 
-    from lcls_hitfinder.service.pipeline import all_finite
+    from lcls_hitfinder.service.binning import all_finite
 
     frames = torch.ones(5, 16, 16)
     frames[1, 3, 4] = float("nan")

@@ -13,7 +13,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from lcls_hitfinder.preprocess import Preprocessor, PreprocessSettings
 from lcls_hitfinder.protocols import EventId, Frame, RunEnd
 from lcls_hitfinder.service import embedder as embedder_module
 from lcls_hitfinder.service.bank_reload import ReloadingBank
+from lcls_hitfinder.service.binning import ReaderBinning
 from lcls_hitfinder.service.client import DecisionClient
 from lcls_hitfinder.service.decision_log import read_decision_log
 from lcls_hitfinder.service.embedder import OnnxEmbedder
@@ -566,10 +567,11 @@ def test_the_pipeline_never_reads_a_frame_after_releasing_it(fx: Fixtures, tmp_p
 def test_frame_by_frame_binning_equals_the_batch_path_and_training(
     fx: Fixtures, tmp_path: Path, prefilter: str, detector: str
 ) -> None:
-    """The CPU bins each frame in a cache-sized buffer; a GPU bins the batch at once. Both must give what
-    training's preprocessing gives on the stacked batch (bins, the pre-filter's measure, NaN checks) for
-    every kind of frame a source hands over, and release each frame once. The batch path runs here on the
-    CPU: only its buffer is pinned on a GPU."""
+    """The CPU bins each frame in a cache-sized buffer; a GPU bins the batch at once; a psana reader bins its
+    frames itself with the `ReaderBinning` the pipeline sends it. All must give what training's preprocessing
+    gives on the stacked batch (bins, the pre-filter's measure, NaN checks) for every kind of frame a source
+    hands over, and release each frame once. The batch path runs here on the CPU: only its buffer is pinned
+    on a GPU."""
     from lcls_hitfinder.preprocess import PhotonCalibration
 
     rng = np.random.default_rng(3)
@@ -600,19 +602,25 @@ def test_frame_by_frame_binning_equals_the_batch_path_and_training(
     settings = _settings(tmp_path, prefilter={"kind": prefilter, "lit_threshold": 0.5})
     r = _start(settings, ListSource([]), fx.model, fx.bank)
     r.publisher.close()
-    for bin_frames in (r.pipeline._bin_on_cpu, r.pipeline._bin_on_device):
+    # as a psana reader bins them in its own process, with what the pipeline sends it
+    at_reader = ReaderBinning(pre.settings, pre.calibration, settings.prefilter, mask).binner(shape)
+    for path in ("frame by frame", "batch", "reader"):
         released: Counter[int] = Counter()
         frames = [
             Frame(EventId("mem", 1, i, 0), a, 0, on_release=functools.partial(released.update, [i]))
             for i, a in enumerate(arrays)
         ]
+        if path == "reader":
+            pairs = zip(frames, arrays, strict=True)
+            frames = [replace(f, data=np.empty(0, a.dtype), binned=at_reader.bin(a)) for f, a in pairs]
+        bin_frames = r.pipeline._bin_on_device if path == "batch" else r.pipeline._bin_on_cpu
         with torch.inference_mode():
             bins, measure, finite = bin_frames(pre, frames)
         assert finite.tolist() == [True, True, True, False, True, True]
         ok = finite.numpy()
         torch.testing.assert_close(bins[ok], expected_bins[ok], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(measure[ok], expected_measure[ok], rtol=1e-6, atol=0.0)
-        assert released == Counter(range(len(arrays)))
+        assert released == (Counter() if path == "reader" else Counter(range(len(arrays))))
     assert float(expected_bins.nansum()) > 0 and (prefilter == "none" or float(expected_measure.nansum()) > 0)
 
 

@@ -156,11 +156,12 @@ def run_service(settings: ServeSettings) -> int:
         publisher.close()
     total = pipeline.total
     log.info(
-        "%d decisions (%s), %d kept, %d dropped; logs: %s",
+        "%d decisions (%s), %d kept, %d dropped, %d binned by the reader; logs: %s",
         total.events,
         ", ".join(f"{k} {v}" for k, v in total.counts.items()),
         total.keep,
         total.dropped,
+        total.binned_at_reader,
         ", ".join(pipeline.logs) or "none",
     )
     return 1 if pipeline.error is not None else 0

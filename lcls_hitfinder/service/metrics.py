@@ -102,6 +102,13 @@ SPECS: tuple[MetricSpec, ...] = (
         "Events the cheap pre-filter labelled blank without running the model.",
     ),
     MetricSpec(
+        "hitfinder_frames_binned_total",
+        "counter",
+        "Frames converted and binned to the model's thumbnail, by where: reader (a psana reader process, which "
+        "shares this work with the service while the service is behind) or service.",
+        ("where",),
+    ),
+    MetricSpec(
         "hitfinder_truth_events_total",
         "counter",
         "Events whose true particle count the source knows (simulation), by true label and agree (yes, no).",
@@ -149,6 +156,7 @@ class ServiceMetrics:
         self.bank_info = self._gauge("hitfinder_bank_info")
         self.bank_reloads = self._counter("hitfinder_bank_reloads_total")
         self.prefilter_blank = self._counter("hitfinder_prefilter_blank_total")
+        self.frames_binned = self._counter("hitfinder_frames_binned_total")
         self.truth_events = self._counter("hitfinder_truth_events_total")
         self.run_open = self._gauge("hitfinder_run_open")
         self.run_number = self._gauge("hitfinder_run_number")
@@ -165,6 +173,8 @@ class ServiceMetrics:
             self.frame_errors.labels(reason=reason)
         for result in ("ok", "refused"):
             self.bank_reloads.labels(result=result)
+        for where in ("reader", "service"):
+            self.frames_binned.labels(where=where)
 
     def _counter(self, name: str) -> Counter:
         s = _BY_NAME[name]

@@ -22,8 +22,8 @@ def main(address: str) -> None:
     conn = Connection(sock.detach())
     rank = int(os.environ["PMI_RANK"])  # set by MPICH's launcher; mpi4py is left for psana to initialise
     conn.send(("hello", rank, os.getpid()))
-    loop, heartbeat, prefix, n_slots, delivered = conn.recv()
-    child_main(loop, conn, heartbeat, rank, prefix, n_slots, delivered)
+    loop, heartbeat, prefix, n_slots, delivered, binning, go, may_bin = conn.recv()
+    child_main(loop, conn, heartbeat, rank, prefix, n_slots, delivered, binning, go, may_bin)
 
 
 if __name__ == "__main__":

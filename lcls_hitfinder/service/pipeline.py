@@ -13,7 +13,6 @@ NaN/Inf pixels, or an unexpected failure of a batch) get `label: error` with a r
 from __future__ import annotations
 
 import logging
-import math
 import queue
 import threading
 import time
@@ -30,20 +29,20 @@ from lcls_hitfinder import __version__
 from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.labels import Label, label_of_count
 from lcls_hitfinder.preprocess import Preprocessor
-from lcls_hitfinder.protocols import EventId, Frame, RunEnd, Source
+from lcls_hitfinder.protocols import Binned, BinsAtReader, EventId, Frame, RunEnd, Source
 from lcls_hitfinder.service.bank_reload import ReloadingBank
 from lcls_hitfinder.service.batcher import Batcher
+from lcls_hitfinder.service.binning import FrameBinner, Prefilter, ReaderBinning, all_finite, fitting_mask
 from lcls_hitfinder.service.decision_log import DecisionLog, log_path
 from lcls_hitfinder.service.embedder import OnnxEmbedder
 from lcls_hitfinder.service.messages import DECISION, HEARTBEAT, RUN, decision_payloads
 from lcls_hitfinder.service.metrics import ServiceMetrics
 from lcls_hitfinder.service.publish import ZmqPublisher
-from lcls_hitfinder.service.settings import PrefilterSettings, ServeSettings
+from lcls_hitfinder.service.settings import ServeSettings
 
 log = logging.getLogger(__name__)
 
 LABEL_TEXT = np.array([label.text for label in Label], dtype=object)  # indexed by label code
-_EXACT_IN_FLOAT32 = {np.dtype(t) for t in ("uint8", "int8", "uint16", "int16", "float32")}
 _IDLE_S = 0.2  # how long the worker waits for frames before doing its idle chores (log flush)
 
 
@@ -63,6 +62,7 @@ class Tally:
     dropped: int = 0
     truth_known: int = 0  # decisions on events whose true particle count the source knew
     truth_agree: int = 0  # ... whose label was the true one
+    binned_at_reader: int = 0  # frames a psana reader binned (service-wide)
 
     def add(self, labels: np.ndarray, keep: np.ndarray) -> None:
         codes, n = np.unique(labels, return_counts=True)
@@ -112,68 +112,6 @@ class Verdicts:
         )
 
 
-class Prefilter:
-    """The cheap pre-filter: a frame whose `measure` (lit pixels, or photons in all) is below the cut is blank.
-
-    On the CPU numpy counts lit pixels: torch's comparison and count of a megapixel frame take 4-5x as long
-    (the count goes through an int64 copy of the lit map). Where the count on the raw frame must come out
-    the same, `raw_count` takes it on the raw frame instead, before it is converted.
-    """
-
-    def __init__(self, settings: PrefilterSettings) -> None:
-        self.settings = settings
-
-    def raw_count(self, pre: Preprocessor, dtypes: set[np.dtype]) -> Callable[[np.ndarray], int] | None:
-        """A count of lit pixels to take on each raw frame of these dtypes, or None where it could differ
-        from the count on photons: `pre` changes values on the way (`keeps_above`), or float32 does not
-        hold every raw value exactly. Taken on the raw frame while it is read anyway, it saves a pass over
-        the photons."""
-        p = self.settings
-        if p.kind != "lit_pixels" or not pre.keeps_above(p.lit_threshold) or not dtypes <= _EXACT_IN_FLOAT32:
-            return None
-        level = np.float32(p.lit_threshold)  # photons are float32: compared with the float32 threshold
-
-        def count(frame: np.ndarray) -> int:
-            if frame.dtype.kind == "f":
-                return int(np.count_nonzero(frame > level))
-            # an integer is above the threshold exactly where it is above its floor
-            return int(np.count_nonzero(frame > min(math.floor(level), np.iinfo(frame.dtype).max)))
-
-        return count
-
-    def measure(self, photons: torch.Tensor) -> torch.Tensor:
-        """(B, H, W) photons -> (B,) float64 on their device: lit pixels or total photons (0 if no pre-filter)."""
-        p = self.settings
-        if p.kind == "lit_pixels":
-            if photons.device.type != "cpu":
-                lit = (photons > p.lit_threshold).flatten(1).sum(1)
-            else:
-                lit = torch.tensor([np.count_nonzero(f > p.lit_threshold) for f in photons.numpy()])
-            return lit.to(torch.float64)
-        if p.kind == "photons":
-            return photons.flatten(1).sum(1, dtype=torch.float64)
-        return torch.zeros(photons.shape[0], dtype=torch.float64, device=photons.device)
-
-    def blank(self, measure: torch.Tensor) -> torch.Tensor:
-        """(B,) measures -> (B,) bool: too dim to be a hit."""
-        p = self.settings
-        if p.kind == "lit_pixels":
-            return measure < p.min_lit_pixels
-        if p.kind == "photons":
-            return measure < p.min_photons
-        return torch.zeros(measure.shape, dtype=torch.bool, device=measure.device)
-
-
-def all_finite(frames: torch.Tensor) -> torch.Tensor:
-    """Per frame of (B, ...): whether every value is finite. A NaN or Inf makes the frame's sum NaN or Inf;
-    a sum can also overflow on finite values, so the few frames whose sum is not finite are looked at
-    pixel by pixel. Exact, at the cost of one float32 sum per frame (no float64 copy of the batch)."""
-    finite = torch.isfinite(frames.flatten(1).sum(1))
-    for i in torch.nonzero(~finite).flatten().tolist():
-        finite[i] = bool(torch.isfinite(frames[i]).all())
-    return finite
-
-
 class Pipeline:
     """Runs the service on an opened source until it ends or `stop()` is called; then drains."""
 
@@ -204,7 +142,7 @@ class Pipeline:
         self._pre: Preprocessor | None = None
         self._host: dict[np.dtype, torch.Tensor] = {}  # a GPU's pinned batch buffers, by raw dtype
         # The frames of a batch are shared among these threads (numpy and torch let go of the GIL), which
-        # bin them one frame a thread on the CPU, each in its own float32 frame (`_scratch`), or copy them
+        # bin them one frame a thread on the CPU, each with a `FrameBinner` of its own (`_scratch`), or copy them
         # into the pinned buffer for a GPU. While the pipeline runs on the CPU, torch's own intra-op
         # threads are off: they wait for each other at every step of every frame, and stall whenever
         # another process (psana's reader) holds a core (BENCHMARKS.md, "Frames binned one at a time").
@@ -235,6 +173,12 @@ class Pipeline:
     def start(self) -> None:
         if self.device.type == "cpu":
             torch.set_num_threads(1)  # the pool works in parallel over frames instead (see __init__)
+            mode = self.settings.reader.bin_in_reader
+            if mode != "never" and isinstance(self.source, BinsAtReader):
+                # psana's reader process shares the binning (a GPU takes frames whole, see _bin_on_device)
+                s, preprocess = self.settings, self.embedder.info.preprocess
+                binning = ReaderBinning(preprocess, s.calibration, s.prefilter, self.source.mask, mode == "always")
+                self.source.bin_at_reader(binning)
         # The bank's distances are one small matrix product a batch. OpenBLAS's threads wait for each other
         # in it, and while every core is busy (psana's reader, the pool) one product took 2-8 ms instead of
         # 0.3-0.7 ms on one thread (BENCHMARKS.md, "numpy's BLAS on one thread"). Set here and restored by
@@ -366,57 +310,54 @@ class Pipeline:
                 f.release()
         self._output(frames, verdicts)
 
-    def _check(self, data: np.ndarray) -> str:
+    def _check(self, frame: Frame) -> str:
         """Why a frame cannot be classified ('' if it can): dtype or shape."""
-        if data.dtype.kind not in "uif":
-            return f"dtype: {data.dtype} is not a numeric image"
-        if self._shape is None and data.ndim in (2, 3):
-            self._shape = tuple(data.shape)
-        if tuple(data.shape) != self._shape:
-            return f"shape: {tuple(data.shape)}, expected {self._shape}"
+        if frame.dtype.kind not in "uif":
+            return f"dtype: {frame.dtype} is not a numeric image"
+        if self._shape is None and len(frame.shape) in (2, 3):
+            self._shape = frame.shape
+        if frame.shape != self._shape:
+            return f"shape: {frame.shape}, expected {self._shape}"
         return ""
 
     def _preprocessor(self) -> Preprocessor:
         if self._pre is None:
             assert self._shape is not None
-            mask = self.source.mask
-            if mask is not None and tuple(mask.shape) != self._shape:
-                log.warning("the source's mask %s does not fit its frames %s; ignoring it", mask.shape, self._shape)
-                mask = None
+            mask = fitting_mask(self.source.mask, self._shape)
+            if mask is None and self.source.mask is not None:
+                log.warning(
+                    "the source's mask %s does not fit its frames %s; ignoring it", self.source.mask.shape, self._shape
+                )
             preprocess = self.embedder.info.preprocess  # the model's own settings, as in training
             self._pre = Preprocessor(preprocess, mask, self._shape, self.settings.calibration, self.device)
         return self._pre
 
     def _bin_on_cpu(self, pre: Preprocessor, frames: list[Frame]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Bin means (B, 1, S, S), pre-filter measures (B,) and finiteness (B,) of frames. Each frame goes
-        through one float32 frame of its thread that stays in the CPU's cache: converted, checked, counted
-        and binned there, so its pixels come from memory once (through a batch-sized buffer every step read
-        the whole batch from memory again: 1.1-2.5x the time a frame, benchmarks/bench_preprocess.py).
-        Each frame is released as soon as it is converted."""
+        """Bin means (B, 1, S, S), pre-filter measures (B,) and finiteness (B,) of frames: each frame as its
+        reader binned it, or by the `FrameBinner` of one pool thread (released as soon as it is converted)."""
         n = len(frames)
         binned = torch.empty((n, 1, pre.settings.thumbnail, pre.settings.thumbnail))
         measure = np.zeros(n, np.float64)
         finite = np.ones(n, bool)
-        count = self._prefilter.raw_count(pre, {f.data.dtype for f in frames})
+
+        def take(i: int, result: Binned) -> None:
+            binned[i, 0] = torch.from_numpy(result.means)
+            measure[i], finite[i] = result.measure, result.finite
 
         @torch.inference_mode()  # a mode of the thread: the pool's threads need it too
         def bin_frame(i: int) -> None:
-            frame, scratch = frames[i], getattr(self._scratch, "frame", None)
-            if scratch is None:  # the thread's first frame (the preprocessor, and so the shape, is built once)
-                scratch = self._scratch.frame = torch.empty((1, *pre.frame_shape), dtype=torch.float32)
-            kind = frame.data.dtype.kind
-            if count is not None:
-                measure[i] = count(frame.data)
-            np.copyto(scratch.numpy()[0], frame.data, casting="unsafe")  # to float32: the one read of its pixels
-            frame.release()
-            if kind == "f":  # integers cannot be NaN or Inf
-                finite[i] = bool(all_finite(scratch)[0])
-            photons = pre.photons(scratch, inplace=True, signed=kind in "if")  # unsigned values need no clamp
-            if count is None:
-                measure[i] = float(self._prefilter.measure(photons)[0])
-            binned[i] = pre.binned(photons)[0]
+            binner = getattr(self._scratch, "binner", None)
+            if binner is None:  # the thread's first frame (the preprocessor, and so the shape, is built once)
+                binner = self._scratch.binner = FrameBinner(pre, self._prefilter)
+            take(i, binner.bin(frames[i].data, frames[i].release))
 
-        list(self._pool.map(bin_frame, range(n)))
+        raw = []
+        for i, frame in enumerate(frames):
+            if frame.binned is not None:
+                take(i, frame.binned)
+            else:
+                raw.append(i)
+        list(self._pool.map(bin_frame, raw))
         return binned, torch.from_numpy(measure), torch.from_numpy(finite)
 
     def _bin_on_device(self, pre: Preprocessor, frames: list[Frame]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -446,7 +387,7 @@ class Pipeline:
     def _decide(self, frames: list[Frame]) -> Verdicts:
         t0 = time.perf_counter()
         v = Verdicts.errors(len(frames))
-        v.reason[:] = [self._check(np.asarray(f.data)) for f in frames]
+        v.reason[:] = [self._check(f) for f in frames]
         good = np.flatnonzero(v.reason == "")
         if not len(good):
             return v
@@ -455,6 +396,10 @@ class Pipeline:
             to_bin = [frames[i] for i in good]
             on_cpu = self.device.type == "cpu"
             binned, measure, finite = self._bin_on_cpu(pre, to_bin) if on_cpu else self._bin_on_device(pre, to_bin)
+            at_reader = sum(f.binned is not None for f in to_bin)
+            self.metrics.frames_binned.labels(where="reader").inc(at_reader)
+            self.metrics.frames_binned.labels(where="service").inc(len(to_bin) - at_reader)
+            self.total.binned_at_reader += at_reader
             blank = self._prefilter.blank(measure) & finite
             to_model = finite & ~blank
             all_to_model = bool(to_model.all())

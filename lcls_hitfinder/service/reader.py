@@ -38,6 +38,8 @@ import logging
 import mmap
 import multiprocessing as mp
 import os
+import pickle
+import select
 import shutil
 import signal
 import socket
@@ -61,6 +63,7 @@ from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.protocols import EventId, Frame, RunEnd
 
 if TYPE_CHECKING:
+    from lcls_hitfinder.service.binning import FrameBinner, ReaderBinning
     from lcls_hitfinder.service.settings import ReaderSettings, ServeSettings
 
 log = logging.getLogger(__name__)
@@ -133,20 +136,42 @@ def _ack(generation: int, slot: int) -> bytes:
 
 
 class FrameSink:
-    """Child side of the ring: `put` blocks while every slot is still in use by the parent."""
+    """Child side of the ring: `put` blocks while every slot is still in use by the parent.
 
-    def __init__(self, conn: Connection, prefix: str, n_slots: int) -> None:
-        self._conn = conn  # messages out, acknowledgements in
+    Once the data is open (`ready`) the reader waits for the service's go, which carries the binning to use
+    (or None): so a file's first frames are not read before the service has said how it wants them.
+    With a `ReaderBinning` the reader shares the binning with
+    the service, or with `always` takes all of it: while more than a quarter of the ring's slots hold frames
+    the service has not finished (it is behind), frames are binned here, with the service's own code
+    (service/binning.py), and only their bins cross, by message: no slot, no copy of the frame; otherwise
+    they cross whole and the service's threads bin them. So both sides stay busy: on two cores binning every
+    frame here made the reader the bottleneck (BENCHMARKS.md, "Binning shared with the reader"). Frames it
+    cannot bin (another shape than the first, not numeric) always cross whole, for the service to judge.
+    """
+
+    def __init__(
+        self, conn: Connection, prefix: str, n_slots: int, binning: ReaderBinning | None = None, go: bool = False
+    ) -> None:
+        self._conn = conn  # messages out; acknowledgements (4 bytes each) and the go (pickled binning or None) in
+        self._incoming = select.poll()
+        self._incoming.register(conn.fileno(), select.POLLIN)
         self._free: deque[int] = deque()  # slots of the current ring the parent has handed back
         self._prefix = prefix
         self._n_slots = n_slots
         self._ring: mmap.mmap | None = None
         self._slot_bytes = 0
         self._generation = 0
+        self._binning: ReaderBinning | None = None
+        self._binner: FrameBinner | None = None
+        self._go = go  # a reader restarted while the service reads has its go (and binning) from the start
+        if binning is not None:
+            self._bin_with(binning)
 
     def ready(self, description: str) -> None:
-        """The data is open and the detector found: the parent's `open()` may return."""
+        """The data is open and the detector found: the parent's `open()` may return. Then wait for its go."""
         self._conn.send(("ready", description))
+        while not self._go:
+            self._receive()
 
     def end_run(self, experiment: str, run: int) -> None:
         """The run's last event has been handed over (it is behind every frame already sent)."""
@@ -154,8 +179,14 @@ class FrameSink:
 
     def put(self, event: EventId, data: np.ndarray | None, truth: int | None, read_ns: int) -> None:
         """Hand one event over; `data` None (the detector is missing from this event) becomes an empty frame."""
+        while self._incoming.poll(0):
+            self._receive()
         if data is None or data.size == 0:
             self._conn.send(("frame", -1, (0,), "<u2", event, truth, read_ns))
+            return
+        binner = self._binner_for(data) if self._shares_binning() else None
+        if binner is not None:
+            self._conn.send(("binned", event, truth, read_ns, binner.bin(data)))
             return
         if data.nbytes > self._slot_bytes:
             self._new_ring(data.nbytes)
@@ -166,15 +197,46 @@ class FrameSink:
         del view  # no export of the buffer may outlive this call, or the ring could not be closed
         self._conn.send(("frame", slot, data.shape, data.dtype.str, event, truth, read_ns))
 
+    def _shares_binning(self) -> bool:
+        """Whether to bin this frame here: always, or while the service holds more than a quarter of the ring."""
+        if self._binning is None or self._binning.always:
+            return self._binning is not None
+        return self._ring is not None and self._n_slots - len(self._free) > self._n_slots // 4
+
+    def _binner_for(self, data: np.ndarray) -> FrameBinner | None:
+        """The binner for this frame: built for the first frame's shape, None for frames it cannot bin."""
+        if self._binning is None or data.dtype.kind not in "uif" or data.ndim not in (2, 3):
+            return None
+        if self._binner is None:
+            self._binner = self._binning.binner(tuple(data.shape))
+        return self._binner if self._binner.pre.frame_shape == data.shape else None
+
+    def _bin_with(self, binning: ReaderBinning) -> None:
+        import torch  # with the binning only: a reader that sends frames whole never loads it
+
+        torch.set_num_threads(1)  # one reader, one core: torch's own threads would wait for each other
+        self._binning = binning
+
+    def _receive(self) -> None:
+        """One message from the parent: a slot handed back, or the go with the binning to use (or None)."""
+        try:
+            message = self._conn.recv_bytes()
+        except (EOFError, OSError):  # the service is gone: nobody will ever free a slot
+            os._exit(3)
+        if len(message) != 4:
+            self._go = True
+            _, binning = pickle.loads(message)
+            if binning is not None:
+                self._bin_with(binning)
+            return
+        ack = int(np.frombuffer(message, np.uint32)[0])
+        if ack >> 16 == self._generation & 0xFFFF:  # a slot of an old ring is nothing to us
+            self._free.append(ack & 0xFFFF)
+
     def _free_slot(self) -> int:
         """A slot of the current ring that the parent is done with; blocks while it holds them all."""
         while not self._free:
-            try:
-                acks = np.frombuffer(self._conn.recv_bytes(), np.uint32)
-            except (EOFError, OSError):  # the service is gone: nobody will ever free a slot
-                os._exit(3)
-            current = acks >> 16 == self._generation & 0xFFFF  # slots of an old ring are nothing to us
-            self._free.extend((acks[current] & 0xFFFF).tolist())
+            self._receive()
         return self._free.popleft()
 
     def _new_ring(self, nbytes: int) -> None:
@@ -219,8 +281,13 @@ def child_main(
     prefix: str,
     n_slots: int,
     delivered: Delivered,
+    binning: ReaderBinning | None = None,
+    go: bool = False,
+    may_bin: bool = False,
 ) -> None:
-    """Run `loop` in this process (the reader child, or one MPI rank), beating slot `index` of `heartbeat`."""
+    """Run `loop` in this process (the reader child, or one MPI rank), beating slot `index` of `heartbeat`.
+    `may_bin`: the service may ask for binning, so its code (and torch) is loaded now, before the data is open:
+    loaded on the go, live data would flow past while it loads (seconds)."""
     beats = np.ndarray((1,), np.uint64, buffer=_map_segment(heartbeat), offset=8 * index)
 
     def beat() -> None:  # stops when the process is frozen with the GIL held: that is the point
@@ -238,7 +305,10 @@ def child_main(
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the service, which stops us in order
     threading.Thread(target=beat, name="heartbeat", daemon=True).start()
-    sink = FrameSink(conn, prefix, n_slots)
+    if may_bin:
+        import lcls_hitfinder.service.binning  # noqa: F401
+
+    sink = FrameSink(conn, prefix, n_slots, binning, go)
     code = 0
     try:
         loop(sink, delivered)
@@ -453,6 +523,8 @@ class SupervisedReader:
     `mpi_ranks` >= 3 runs the loop in that many MPI ranks (psana's parallel mode) instead of one child.
     `block`: with most of the ring lent, wait for the consumer to release a frame (up to an idle tick)
     rather than copy the next one; a blocking service then buffers its frames in the ring.
+    `may_bin`: the service may ask the readers to bin (`bin_at_reader`), so they load that code at start.
+    The readers read nothing before `frames()` is first iterated (their go, which carries the binning).
     """
 
     def __init__(
@@ -463,8 +535,10 @@ class SupervisedReader:
         live: bool,
         mpi_ranks: int = 0,
         block: bool = False,
+        may_bin: bool = False,
     ) -> None:
         self._loop = loop
+        self._may_bin = may_bin  # the service may ask the readers to bin: they load the code at start
         self._settings = settings
         self._name = name
         self._live = live
@@ -477,7 +551,23 @@ class SupervisedReader:
         self._closed = False
         self._lend_most = settings.ring_slots - max(1, settings.ring_slots // 4)  # slots the pipeline may hold
         self._lend_wait_s = IDLE_TICK_S if block else 0.0
+        self._binning: ReaderBinning | None = None
+        self._going = False  # frames() has begun: the readers have had their go
         self.restarts = 0
+
+    def bin_at_reader(self, binning: ReaderBinning) -> None:
+        """Have the readers bin frames (FrameSink) from their go on: call before iterating `frames()`."""
+        self._binning = binning
+
+    def _go(self, child: _Child) -> None:
+        """Let the readers that have said hello read on, with the binning; those that come later get it in their
+        setup (MPI ranks), and so do restarted ones."""
+        message = pickle.dumps(("go", self._binning))  # never 4 bytes long, as an acknowledgement is
+        for channel in child.channels:
+            with channel.loans:
+                if channel.index >= 0 and not channel.shut:  # a rank before its hello waits for its setup
+                    with contextlib.suppress(OSError):  # one that died meanwhile is restarted with its go
+                        channel.conn.send_bytes(message)
 
     def start(self, wait_ready_s: float = 0.0) -> None:
         """Start the child; with `wait_ready_s`, wait that long for the data to open, so errors raise here."""
@@ -528,7 +618,18 @@ class SupervisedReader:
             here, there = _CTX.Pipe(duplex=True)
             process = _CTX.Process(
                 target=child_main,
-                args=(self._loop, there, heartbeat.name, 0, f"{prefix}_0", self._settings.ring_slots, self._delivered),
+                args=(
+                    self._loop,
+                    there,
+                    heartbeat.name,
+                    0,
+                    f"{prefix}_0",
+                    self._settings.ring_slots,
+                    self._delivered,
+                    self._binning,
+                    self._going,
+                    self._may_bin,
+                ),
                 name=f"reader-{self._name}",
                 daemon=True,
             )
@@ -657,7 +758,7 @@ class SupervisedReader:
             assert isinstance(child.process, MpiRun)
             child.process.ranks.append(pid)
             setup = (self._loop, child.heartbeat.name, f"{child.prefix}_{rank}", self._settings.ring_slots)
-            channel.conn.send((*setup, self._delivered))
+            channel.conn.send((*setup, self._delivered, self._binning, self._going, self._may_bin))
         elif kind == "ring":
             channel.new_ring(msg[1], msg[2])
         elif kind == "ready":  # MPI is up in that process: note its segments while it still maps them
@@ -688,9 +789,19 @@ class SupervisedReader:
             else:
                 data = data.copy()
                 channel.hand_back(channel.generation, slot, lent=False)
+        self._arrived(event)
+        return Frame(event=event, data=data, read_ns=read_ns, truth_n_particles=truth, on_release=release)
+
+    def _binned_frame(self, msg: tuple[Any, ...]) -> Frame:
+        """A frame its reader binned: its bins, and no pixels."""
+        _, event, truth, read_ns, binned = msg
+        self._arrived(event)
+        empty = np.empty(0, binned.dtype)
+        return Frame(event=event, data=empty, read_ns=read_ns, truth_n_particles=truth, binned=binned)
+
+    def _arrived(self, event: EventId) -> None:
         self._failures = 0
         self._delivered.add(event.run, event.event)
-        return Frame(event=event, data=data, read_ns=read_ns, truth_n_particles=truth, on_release=release)
 
     def _child_gone(self, child: _Child) -> bool:
         """Handle the end of a child; True when the iteration is over (a file read to its end)."""
@@ -707,6 +818,10 @@ class SupervisedReader:
     def frames(self) -> Iterator[Frame | RunEnd | None]:
         """Frames and run ends as they come, `None` at least every 0.5 s when none do; ends when a file is done."""
         stall = f"stalled (no heartbeat for {self._settings.stall_s:g} s)"
+        if not self._going:
+            self._going = True
+            if self._child is not None:
+                self._go(self._child)
         while not self._closed:
             child = self._child
             if child is None:
@@ -727,6 +842,8 @@ class SupervisedReader:
             if msg[0] == "frame":
                 assert channel is not None
                 yield self._frame(channel, msg)
+            elif msg[0] == "binned":
+                yield self._binned_frame(msg)
             elif msg[0] == "run_end":  # every rank has its part of the run behind it
                 child.run_ends[msg[1], msg[2]] += 1
                 if child.run_ends[msg[1], msg[2]] == child.expected:
@@ -768,18 +885,25 @@ class SupervisedSource:
         self.mask = mask
         self.restarts = 0
         self._open_timeout_s = 0.0 if live else open_timeout_s
+        from lcls_hitfinder.service.pipeline import resolve_device
+
         block = settings.overflow == "block"
-        self._reader = SupervisedReader(loop, settings.reader, uri, live, mpi_ranks, block)
+        on_cpu = resolve_device(settings.device).type == "cpu"
+        may_bin = on_cpu and settings.reader.bin_in_reader != "never"  # as the pipeline will decide
+        self._reader = SupervisedReader(loop, settings.reader, uri, live, mpi_ranks, block, may_bin)
 
     def open(self) -> None:
         """Start the reader; a replayable source waits until psana has opened the data (or failed to)."""
         self._reader.start(self._open_timeout_s)
 
+    def bin_at_reader(self, binning: ReaderBinning) -> None:
+        self._reader.bin_at_reader(binning)
+
     def frames(self) -> Iterator[Frame | RunEnd | None]:
         for frame in self._reader.frames():
             self.restarts = self._reader.restarts
-            if isinstance(frame, Frame) and self.frame_shape is None and frame.data.size:
-                self.frame_shape = tuple(frame.data.shape)
+            if isinstance(frame, Frame) and self.frame_shape is None and (frame.data.size or frame.binned):
+                self.frame_shape = frame.shape
             yield frame
 
     def close(self) -> None:

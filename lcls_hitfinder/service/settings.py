@@ -70,6 +70,13 @@ class ReaderSettings(_Section):
         description="frames in the shared-memory ring between a psana reader and the service (/dev/shm: this "
         "x frame size); up to 3/4 of them are lent to the pipeline, so with overflow = block they are its buffer",
     )
+    bin_in_reader: Literal["shared", "always", "never"] = Field(
+        "shared",
+        description="with preprocessing on the CPU, a psana reader process (each MPI rank) converts, checks, "
+        "counts and bins frames itself, with the service's code, and sends the bins instead of the frame: "
+        "shared = while the service is behind (more than a quarter of the ring out), always = every frame, "
+        "never = frames cross whole (a GPU always takes them whole)",
+    )
 
 
 class ServeSettings(_Section):
