@@ -12,8 +12,9 @@ On one XTC2 file (written with psana's DgramEdit, then read once so it sits in t
   exp, MPI     the same on the run laid out for psana's exp= mode: serial, and MPI in 3 and 4 ranks
                (1 and 2 big-data ranks, batches of 20), plus the whole service on the 4-rank source;
   serve        the whole service on `xtc2:` (the same `Pipeline` run as benchmarks/bench_service.py:
-               checks, preprocessing, ONNX, bank, decision log, ZeroMQ), saturated; and the same with
-               every frame copied out of the reader's ring (the alternative to lending the slots);
+               checks, preprocessing, ONNX, bank, decision log, ZeroMQ), saturated, the reader sharing the
+               binning (the default); the same with every frame crossing whole (`bin_in_reader = never`);
+               and with every frame copied out of the reader's ring (the alternative to lending the slots);
   live shmem   the service on `shmem:` while psana's shmemServer replays the file at --rate (120 Hz):
                events decided and p50/p99 latency from read to publish, with the service's default
                batching (no wait for company) and with batches waiting up to 5 ms.
@@ -189,8 +190,10 @@ def main() -> None:
         psana.shutdown()
         source = source_only(uri, settings)
         service = serve(uri, settings, model, bank)
-        with copying_reader():
-            service_copied = serve(uri, settings, model, bank)
+        whole = settings.model_copy(update={"reader": settings.reader.model_copy(update={"bin_in_reader": "never"})})
+        service_whole = serve(uri, whole, model, bank)
+        with copying_reader():  # no slot stays out, so the reader would never be behind: whole frames
+            service_copied = serve(uri, whole, model, bank)
         exp = f"exp:tstx00001:1?dir={exp_layout(run, tmp / 'xtc', 'tstx00001', 1)}&det=cam"
         mpi = {ranks: source_only(f"{exp}&ranks={ranks}&batch=20", settings) for ranks in (3, 4)}
         exp_serial = source_only(exp, settings)
@@ -209,6 +212,7 @@ def main() -> None:
         ("floor (psana + block-mean)", floor),
         ("Psana2Source (child + ring)", source),
         ("serve on xtc2:, saturated", service["fps"]),
+        ("  same, no binning in reader", service_whole["fps"]),
         ("  same, frames copied from ring", service_copied["fps"]),
         ("Psana2Source exp:, serial", exp_serial),
         ("Psana2Source exp:, MPI 3 ranks", mpi[3]),
@@ -225,6 +229,7 @@ def main() -> None:
             f"(the server drops what a slow reader misses), "
             f"p50 {result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} ms"
         )
+    print(f"serve on xtc2:, frames binned by the reader: {service['binned_at_reader']:.0f} of {service['frames']}")
     per_frame = ", ".join(f"{k.split('_')[0]} {v:.3f}" for k, v in service.items() if k.endswith("_ms_per_frame"))
     print(f"serve, ms per frame by stage: {per_frame}; error decisions: {service['errors']}")
 

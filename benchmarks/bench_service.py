@@ -108,6 +108,7 @@ def serve(uri: str, settings: ServeSettings, model: Path, bank: Path) -> dict[st
         "p50_ms": float(np.percentile(latency_ms, 50)),
         "p99_ms": float(np.percentile(latency_ms, 99)),
         "errors": int((columns["label"] == "error").sum()),
+        "binned_at_reader": metrics.frames_binned.labels(where="reader")._value.get(),
     }
 
 
