@@ -283,6 +283,13 @@ def health() -> list[Json]:
             "none",
         ),
         timeseries(
+            "Where frames are binned",
+            "Frames binned per second: by a psana reader process (which shares the work while the service is "
+            "behind) or by the service. Most of them in the reader: the service is the bottleneck.",
+            [target(f"sum by (where) (rate({sel('hitfinder_frames_binned_total')}[$__rate_interval]))", "{{where}}")],
+            "reqps",
+        ),
+        timeseries(
             "Queue depths",
             "Items waiting in each internal queue. A queue that stays full means a stage cannot keep up.",
             [target(f"max by (queue) ({sel('hitfinder_queue_depth')})", "{{queue}}")],
