@@ -32,7 +32,7 @@ from lcls_hitfinder.service.bank_reload import ReloadingBank
 from lcls_hitfinder.service.decision_log import read_decision_log
 from lcls_hitfinder.service.embedder import OnnxEmbedder
 from lcls_hitfinder.service.metrics import ServiceMetrics
-from lcls_hitfinder.service.pipeline import Pipeline
+from lcls_hitfinder.service.pipeline import Pipeline, service_threads
 from lcls_hitfinder.service.publish import ZmqPublisher
 from lcls_hitfinder.service.settings import ServeSettings
 from lcls_hitfinder.service.sources import open_source
@@ -85,14 +85,17 @@ def serve(uri: str, settings: ServeSettings, model: Path, bank: Path) -> dict[st
     """Run the pipeline to the end of the source; frames/s after warm-up and latency percentiles."""
     publisher = ZmqPublisher("tcp://127.0.0.1:*", settings.publish.sndhwm)
     metrics = ServiceMetrics()
-    embedder = OnnxEmbedder(model, settings.providers, settings.batch.max_size)
     src = open_source(uri, settings)
+    threads, before = service_threads(settings, src), torch.get_num_threads()  # as `lcls-hitfinder serve` sets them
+    torch.set_num_threads(threads)
+    embedder = OnnxEmbedder(model, settings.providers, settings.batch.max_size, threads)
     src.open()
     pipeline = Pipeline(settings, src, embedder, ReloadingBank(bank, embedder.model_hash, metrics), publisher, metrics)
     pipeline.start()
     pipeline.wait()
     src.close()
     publisher.close()
+    torch.set_num_threads(before)
     columns, _ = read_decision_log(pipeline.logs[0])
     t = columns["time_ns"]
     skip = len(t) // 10  # warm-up: first batches build the preprocessor and the ONNX session's caches

@@ -87,7 +87,9 @@ class Source(Protocol):
     until the first frame. `frames()` yields a RunEnd after a run's last frame where the source knows it,
     and None as an idle tick at least every 0.5 s while no data
     comes, so the consumer can notice shutdown and keep heartbeats going. `restarts` counts how often
-    a supervised reader (psana in a child process) was restarted by its watchdog.
+    a supervised reader (psana in a child process) was restarted by its watchdog. A source read by
+    processes of its own (psana's child, MPI ranks) says how many in `reader_processes`; the service leaves
+    them their cores.
     """
 
     uri: str

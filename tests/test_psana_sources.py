@@ -309,3 +309,22 @@ def test_psana1_missing_is_a_clear_error() -> None:
         UserError, match=r"psana1 is not installed: `import psana` gives psana 4\.\d+\.\d+, which is psana2"
     ):
         open_source("psana1:exp=xpptut15:run=54:smd?det=cspad", settings())
+
+
+def test_the_service_leaves_a_core_to_each_process_reading_the_source(tmp_path: Path) -> None:
+    """serve.threads = 0: the cores less one for psana's reader child, or for each of its MPI ranks, at least
+    one; none less for a source read in the service's own process; a number given is taken as it is."""
+    from lcls_hitfinder.service.pipeline import service_threads
+
+    write_run(tmp_path / "r.xtc2", 2, (16, 16), run=5)
+    xtc = exp_layout(tmp_path / "r.xtc2", tmp_path / "xtc", "tstx00001", 5)
+    cores = len(os.sched_getaffinity(0))
+    uris = {
+        "sim:?rate=0": cores,
+        f"xtc2:{tmp_path / 'r.xtc2'}?det=cam": max(1, cores - 1),
+        f"exp:tstx00001:5?dir={xtc}&det=cam&ranks=3": max(1, cores - 3),
+    }
+    for uri, threads in uris.items():
+        source = open_source(uri, settings())  # built, not opened: nothing runs yet
+        assert service_threads(settings(), source) == threads, uri
+        assert service_threads(ServeSettings(threads=3), source) == 3

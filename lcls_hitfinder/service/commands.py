@@ -89,15 +89,13 @@ def run_service(settings: ServeSettings) -> int:
     from lcls_hitfinder.service.bank_reload import ReloadingBank
     from lcls_hitfinder.service.embedder import OnnxEmbedder
     from lcls_hitfinder.service.metrics import ServiceMetrics
-    from lcls_hitfinder.service.pipeline import Pipeline
+    from lcls_hitfinder.service.pipeline import Pipeline, service_threads
     from lcls_hitfinder.service.publish import ZmqPublisher
     from lcls_hitfinder.service.sources import open_source, parse_uri
 
     uri = parse_uri(settings.source)  # a bad URI fails before anything is bound or loaded
     model_path = settings.model or shipped_file("embedder.onnx")
     bank_path = settings.bank or shipped_file("bank.h5")
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
     # Bind first: subscribers connect while the model and the source are still loading.
     publisher = ZmqPublisher(settings.publish.endpoint, settings.publish.sndhwm)
     metrics = ServiceMetrics()
@@ -110,9 +108,11 @@ def run_service(settings: ServeSettings) -> int:
                     f"cannot serve metrics on {settings.metrics.host}:{settings.metrics.port}: {err}"
                 ) from None
             log.info("metrics on http://%s:%d/metrics", settings.metrics.host, port)
-        embedder = OnnxEmbedder(model_path, settings.providers, settings.batch.max_size, settings.threads)
-        reloading_bank = ReloadingBank(bank_path, embedder.model_hash, metrics)
         src = open_source(uri, settings)
+        threads = service_threads(settings, src)
+        torch.set_num_threads(threads)
+        embedder = OnnxEmbedder(model_path, settings.providers, settings.batch.max_size, threads)
+        reloading_bank = ReloadingBank(bank_path, embedder.model_hash, metrics)
         src.open()
     except BaseException:
         publisher.close()

@@ -13,6 +13,7 @@ NaN/Inf pixels, or an unexpected failure of a batch) get `label: error` with a r
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -44,6 +45,16 @@ log = logging.getLogger(__name__)
 
 LABEL_TEXT = np.array([label.text for label in Label], dtype=object)  # indexed by label code
 _IDLE_S = 0.2  # how long the worker waits for frames before doing its idle chores (log flush)
+
+
+def service_threads(settings: ServeSettings, source: Source) -> int:
+    """`serve.threads`, or for 0 the cores less one for each process reading the source (psana's reader child,
+    or its MPI ranks), at least one: they compete for the same cores. With psana's child on two cores one
+    thread decided more frames/s than two in 9 of 10 runs (BENCHMARKS.md, "Threads beside the reader")."""
+    if settings.threads:
+        return settings.threads
+    readers = getattr(source, "reader_processes", 0)
+    return max(1, len(os.sched_getaffinity(0)) - readers)
 
 
 def resolve_device(device: str) -> torch.device:

@@ -884,6 +884,7 @@ class SupervisedSource:
         self.frame_shape: tuple[int, ...] | None = None
         self.mask = mask
         self.restarts = 0
+        self.reader_processes = mpi_ranks or 1  # beside the service, on the same cores
         self._open_timeout_s = 0.0 if live else open_timeout_s
         from lcls_hitfinder.service.pipeline import resolve_device
 

@@ -95,7 +95,8 @@ class ServeSettings(_Section):
         0,
         ge=0,
         description="threads that preprocess frames on the CPU (one frame each) and onnxruntime's intra-op "
-        "threads; 0 = torch's default (the cores)",
+        "threads; 0 = the cores, less one for each process reading a psana source (its reader child, or its "
+        "MPI ranks), at least one",
     )
     calibration: PhotonCalibration = Field(default_factory=PhotonCalibration)
     batch: BatchSettings = Field(default_factory=BatchSettings)
