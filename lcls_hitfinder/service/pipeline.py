@@ -49,8 +49,8 @@ _IDLE_S = 0.2  # how long the worker waits for frames before doing its idle chor
 
 def service_threads(settings: ServeSettings, source: Source) -> int:
     """`serve.threads`, or for 0 the cores less one for each process reading the source (psana's reader child,
-    or its MPI ranks), at least one: they compete for the same cores. With psana's child on two cores one
-    thread decided more frames/s than two in 9 of 10 runs (BENCHMARKS.md, "Threads beside the reader")."""
+    or its MPI ranks), at least one: threads beyond the free cores only wait for each other (a small gain at
+    most on two cores beside psana's child: BENCHMARKS.md, "Threads beside the reader")."""
     if settings.threads:
         return settings.threads
     readers = getattr(source, "reader_processes", 0)
