@@ -140,13 +140,13 @@ class FrameSink:
 
     Once the data is open (`ready`) the reader waits for the service's go, which carries the binning to use
     (or None): so a file's first frames are not read before the service has said how it wants them.
-    With a `ReaderBinning` the reader shares the binning with
-    the service, or with `always` takes all of it: while more than a quarter of the ring's slots hold frames
-    the service has not finished (it is behind), frames are binned here, with the service's own code
-    (service/binning.py), and only their bins cross, by message: no slot, no copy of the frame; otherwise
-    they cross whole and the service's threads bin them. So both sides stay busy: on two cores binning every
-    frame here made the reader the bottleneck (BENCHMARKS.md, "Binning shared with the reader"). Frames it
-    cannot bin (another shape than the first, not numeric) always cross whole, for the service to judge.
+    With a `ReaderBinning` the reader shares the binning with the service, or with `always` takes all of it:
+    while more than a quarter of the ring's slots hold frames the service has not finished (it is behind),
+    frames are binned here, with the service's own code (service/binning.py), and only their bins cross, by
+    message: no slot, no copy of the frame; otherwise they cross whole and the service's threads bin them.
+    So both sides stay busy: on two cores binning every frame here made the reader the bottleneck
+    (BENCHMARKS.md, "Binning shared with the reader"). Frames it cannot bin (another shape than the first,
+    not numeric) always cross whole, for the service to judge.
     """
 
     def __init__(
@@ -212,7 +212,7 @@ class FrameSink:
         return self._binner if self._binner.pre.frame_shape == data.shape else None
 
     def _bin_with(self, binning: ReaderBinning) -> None:
-        import torch  # with the binning only: a reader that sends frames whole never loads it
+        import torch  # loaded with the binning's code (child_main's may_bin), so this costs nothing more
 
         torch.set_num_threads(1)  # one reader, one core: torch's own threads would wait for each other
         self._binning = binning
