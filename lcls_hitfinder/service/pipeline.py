@@ -30,7 +30,7 @@ from lcls_hitfinder import __version__
 from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.labels import Label, label_of_count
 from lcls_hitfinder.preprocess import Preprocessor
-from lcls_hitfinder.protocols import Binned, BinsAtReader, EventId, Frame, RunEnd, Source
+from lcls_hitfinder.protocols import BinsAtReader, EventId, Frame, RunEnd, Source
 from lcls_hitfinder.service.bank_reload import ReloadingBank
 from lcls_hitfinder.service.batcher import Batcher
 from lcls_hitfinder.service.binning import FrameBinner, Prefilter, ReaderBinning, all_finite, fitting_mask
@@ -351,24 +351,22 @@ class Pipeline:
         measure = np.zeros(n, np.float64)
         finite = np.ones(n, bool)
 
-        def take(i: int, result: Binned) -> None:
-            binned[i, 0] = torch.from_numpy(result.means)
-            measure[i], finite[i] = result.measure, result.finite
-
         @torch.inference_mode()  # a mode of the thread: the pool's threads need it too
         def bin_frame(i: int) -> None:
             binner = getattr(self._scratch, "binner", None)
             if binner is None:  # the thread's first frame (the preprocessor, and so the shape, is built once)
                 binner = self._scratch.binner = FrameBinner(pre, self._prefilter)
-            take(i, binner.bin(frames[i].data, frames[i].release))
+            result = binner.bin(frames[i].data, frames[i].release)
+            binned[i, 0] = torch.from_numpy(result.means)
+            measure[i], finite[i] = result.measure, result.finite
 
-        raw = []
-        for i, frame in enumerate(frames):
-            if frame.binned is not None:
-                take(i, frame.binned)
-            else:
-                raw.append(i)
-        list(self._pool.map(bin_frame, raw))
+        at_reader = [(i, f.binned) for i, f in enumerate(frames) if f.binned is not None]
+        if at_reader:  # in one copy: frame by frame, torch's indexing cost more than the 16 KB each
+            rows = [i for i, _ in at_reader]
+            binned[rows, 0] = torch.from_numpy(np.stack([b.means for _, b in at_reader]))
+            measure[rows] = [b.measure for _, b in at_reader]
+            finite[rows] = [b.finite for _, b in at_reader]
+        list(self._pool.map(bin_frame, [i for i, f in enumerate(frames) if f.binned is None]))
         return binned, torch.from_numpy(measure), torch.from_numpy(finite)
 
     def _bin_on_device(self, pre: Preprocessor, frames: list[Frame]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
