@@ -33,7 +33,15 @@ from lcls_hitfinder.preprocess import Preprocessor
 from lcls_hitfinder.protocols import BinsAtReader, EventId, Frame, RunEnd, Source
 from lcls_hitfinder.service.bank_reload import ReloadingBank
 from lcls_hitfinder.service.batcher import Batcher
-from lcls_hitfinder.service.binning import FrameBinner, Prefilter, ReaderBinning, all_finite, fitting_mask
+from lcls_hitfinder.service.binning import (
+    FrameBinner,
+    Prefilter,
+    ReaderBinning,
+    all_finite,
+    fitting_mask,
+    readers_bin,
+    resolve_device,
+)
 from lcls_hitfinder.service.decision_log import DecisionLog, log_path
 from lcls_hitfinder.service.embedder import OnnxEmbedder
 from lcls_hitfinder.service.messages import DECISION, HEARTBEAT, RUN, decision_payloads
@@ -55,13 +63,6 @@ def service_threads(settings: ServeSettings, source: Source) -> int:
         return settings.threads
     readers = getattr(source, "reader_processes", 0)
     return max(1, len(os.sched_getaffinity(0)) - readers)
-
-
-def resolve_device(device: str) -> torch.device:
-    """`auto` is CUDA when torch sees a GPU, else the CPU."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(device)
 
 
 @dataclass
@@ -184,12 +185,10 @@ class Pipeline:
     def start(self) -> None:
         if self.device.type == "cpu":
             torch.set_num_threads(1)  # the pool works in parallel over frames instead (see __init__)
-            mode = self.settings.reader.bin_in_reader
-            if mode != "never" and isinstance(self.source, BinsAtReader):
-                # psana's reader process shares the binning (a GPU takes frames whole, see _bin_on_device)
-                s, preprocess = self.settings, self.embedder.info.preprocess
-                binning = ReaderBinning(preprocess, s.calibration, s.prefilter, self.source.mask, mode == "always")
-                self.source.bin_at_reader(binning)
+        if readers_bin(self.settings) and isinstance(self.source, BinsAtReader):
+            s, preprocess = self.settings, self.embedder.info.preprocess
+            always = s.reader.bin_in_reader == "always"
+            self.source.bin_at_reader(ReaderBinning(preprocess, s.calibration, s.prefilter, self.source.mask, always))
         # The bank's distances are one small matrix product a batch. OpenBLAS's threads wait for each other
         # in it, and while every core is busy (psana's reader, the pool) one product took 2-8 ms instead of
         # 0.3-0.7 ms on one thread (BENCHMARKS.md, "numpy's BLAS on one thread"). Set here and restored by

@@ -886,11 +886,10 @@ class SupervisedSource:
         self.restarts = 0
         self.reader_processes = mpi_ranks or 1  # beside the service, on the same cores
         self._open_timeout_s = 0.0 if live else open_timeout_s
-        from lcls_hitfinder.service.pipeline import resolve_device
+        from lcls_hitfinder.service.binning import readers_bin  # torch: in the service, never in a reader
 
         block = settings.overflow == "block"
-        on_cpu = resolve_device(settings.device).type == "cpu"
-        may_bin = on_cpu and settings.reader.bin_in_reader != "never"  # as the pipeline will decide
+        may_bin = readers_bin(settings)
         self._reader = SupervisedReader(loop, settings.reader, uri, live, mpi_ranks, block, may_bin)
 
     def open(self) -> None:
