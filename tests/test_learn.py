@@ -290,11 +290,11 @@ def test_several_runs_export_as_one_ensemble_whose_distance_is_the_members_mean(
 
 
 def test_cuda_is_used_when_present_and_refused_when_absent(monkeypatch: pytest.MonkeyPatch) -> None:
-    from lcls_hitfinder.learn.train import pick_device
+    from lcls_hitfinder.devices import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert pick_device("auto").type == "cpu"
-    with pytest.raises(UserError, match="no CUDA"):
-        pick_device("cuda")
+    assert resolve_device("auto").type == "cpu"
+    with pytest.raises(UserError, match=r"^train\.device is cuda but torch sees no CUDA device$"):
+        resolve_device("cuda", "train.device")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # CUDA mocked: only the choice is tested
-    assert pick_device("auto").type == "cuda" and pick_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == "cuda" and resolve_device("cpu").type == "cpu"

@@ -14,11 +14,13 @@ import h5py
 import msgpack
 import numpy as np
 import pytest
+import torch
 
 from lcls_hitfinder.config import load_config
 from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.service import messages, metrics, settings
 from lcls_hitfinder.service.batcher import Batcher
+from lcls_hitfinder.service.binning import readers_bin
 from lcls_hitfinder.service.client import SeqTracker
 from lcls_hitfinder.service.decision_log import DecisionLog, read_decision_log
 from lcls_hitfinder.service.embedder import CPU, CUDA, TENSORRT, select_providers
@@ -68,6 +70,12 @@ def test_source_parameters_are_checked_and_converted(tmp_path: Path) -> None:
         open_source("sim:?rate=fast", ServeSettings())
     with pytest.raises(UserError, match="no such file"):
         open_source(f"h5:{tmp_path / 'missing.h5'}", ServeSettings()).open()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="asks for CUDA where there is none")
+def test_serve_device_cuda_without_a_gpu_is_refused_naming_the_key() -> None:
+    with pytest.raises(UserError, match=r"^serve\.device is cuda but torch sees no CUDA device$"):
+        readers_bin(ServeSettings(device="cuda"))
 
 
 def test_psana_timestamp_counts_from_1990() -> None:

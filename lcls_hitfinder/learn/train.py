@@ -26,6 +26,7 @@ from torch import nn
 
 from lcls_hitfinder.bank import ReferenceBank, select_references
 from lcls_hitfinder.dataset import Dataset
+from lcls_hitfinder.devices import resolve_device
 from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.evaluate import cnn_metrics, hit_metrics
 from lcls_hitfinder.labels import MAX_PARTICLES
@@ -40,12 +41,6 @@ RUN_FILE = "run.json"
 CHECKPOINT = "checkpoint.safetensors"
 BEST = "model.safetensors"
 console = Console(stderr=True)
-
-
-def pick_device(setting: str) -> torch.device:
-    if setting == "cuda" and not torch.cuda.is_available():
-        raise UserError("device cuda requested but torch sees no CUDA device")
-    return torch.device("cuda" if setting != "cpu" and torch.cuda.is_available() else "cpu")
 
 
 @dataclass
@@ -203,7 +198,7 @@ class Trainer:
         self.kind, self.settings = kind, settings
         torch.set_num_threads(settings.threads)
         torch.manual_seed(settings.seed)
-        self.device = pick_device(settings.device)
+        self.device = resolve_device(settings.device, "train.device")
         self.train_set = load_patterns(data)
         self.val_set = load_patterns(val)
         self.structures = sorted(

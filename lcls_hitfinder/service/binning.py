@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lcls_hitfinder.devices import resolve_device
 from lcls_hitfinder.preprocess import PhotonCalibration, Preprocessor, PreprocessSettings
 from lcls_hitfinder.protocols import Binned
 from lcls_hitfinder.service.settings import PrefilterSettings, ServeSettings
@@ -22,17 +23,10 @@ from lcls_hitfinder.service.settings import PrefilterSettings, ServeSettings
 _EXACT_IN_FLOAT32 = {np.dtype(t) for t in ("uint8", "int8", "uint16", "int16", "float32")}
 
 
-def resolve_device(device: str) -> torch.device:
-    """`auto` is CUDA when torch sees a GPU, else the CPU."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(device)
-
-
 def readers_bin(settings: ServeSettings) -> bool:
     """Whether the service asks psana readers to bin (`ReaderBinning`): preprocessing on the CPU, and
     `serve.reader.bin_in_reader` not "never" (a GPU takes frames whole and converts them itself)."""
-    return resolve_device(settings.device).type == "cpu" and settings.reader.bin_in_reader != "never"
+    return resolve_device(settings.device, "serve.device").type == "cpu" and settings.reader.bin_in_reader != "never"
 
 
 class Prefilter:

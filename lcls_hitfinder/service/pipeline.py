@@ -27,6 +27,7 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from lcls_hitfinder import __version__
+from lcls_hitfinder.devices import resolve_device
 from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.labels import Label, label_of_count
 from lcls_hitfinder.preprocess import Preprocessor
@@ -40,7 +41,6 @@ from lcls_hitfinder.service.binning import (
     all_finite,
     fitting_mask,
     readers_bin,
-    resolve_device,
 )
 from lcls_hitfinder.service.decision_log import DecisionLog, log_path
 from lcls_hitfinder.service.embedder import OnnxEmbedder
@@ -142,7 +142,7 @@ class Pipeline:
         self.bank = bank
         self.publisher = publisher
         self.metrics = metrics
-        self.device = resolve_device(settings.device)
+        self.device = resolve_device(settings.device, "serve.device")
         self._frames: queue.Queue[Frame | RunEnd | None] = queue.Queue(settings.queue_size)
         self._batcher: Batcher[Frame | RunEnd] = Batcher(
             self._frames, settings.batch.max_size, settings.batch.max_wait_ms / 1e3

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from lcls_hitfinder.dataset import Batch, DatasetWriter
+from lcls_hitfinder.devices import resolve_device
 from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.labels import MAX_PARTICLES
 from lcls_hitfinder.simulate.geometry import DetectorGeometry
@@ -37,14 +38,6 @@ R_E_NM = 2.8179403262e-6
 
 _POINTS_PER_CALL = 1 << 21
 """q points per interpolation call: bounds the memory of large detectors."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("simulate.device is cuda but torch sees no CUDA device")
-    return torch.device(name)
 
 
 def random_quaternions(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -123,7 +116,7 @@ class PatternGenerator:
     ) -> None:
         self.settings = settings
         self.seed = settings.seed if seed is None else seed
-        self.device = resolve_device(device or settings.device)
+        self.device = resolve_device(device or settings.device, "simulate.device")
         self.geometry = DetectorGeometry.from_settings(settings.detector, settings.beam)
         _check_memory(self.geometry.shape, settings.chunk)
         self.mask = self.geometry.mask()
