@@ -43,7 +43,10 @@ SPECS: tuple[MetricSpec, ...] = (
         "hitfinder_stage_duration_seconds",
         "histogram",
         "Seconds per batch in each stage: preprocess, infer, decide, publish; read is per frame and includes "
-        "waiting for the source (at a paced source it is the time between events).",
+        "waiting for the source (at a paced source it is the time between events). preprocess is the service's "
+        'own work: frames a psana reader binned (hitfinder_frames_binned_total{where="reader"}) were binned in '
+        "the reader's process after being read and before the service got them: that time is in "
+        "hitfinder_latency_seconds, not in this stage.",
         ("stage",),
         STAGE_BUCKETS,
     ),
