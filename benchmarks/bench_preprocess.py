@@ -112,7 +112,7 @@ def main() -> None:
             settings = ServeSettings.model_validate(
                 {"prefilter": {"kind": prefilter}, "batch": {"max_size": n}, "metrics": {"port": None}, "log_dir": d}
             )
-            reloading = ReloadingBank(bank, embedder.model_hash, metrics)
+            reloading = ReloadingBank(bank, embedder, metrics)
             pipeline = Pipeline(settings, _NoSource(), embedder, reloading, publisher, metrics)
             torch.set_num_threads(1)  # as `Pipeline.start` has it on the CPU: the pool's threads share the frames
             ours = best_ms(lambda p=pipeline: p._bin_on_cpu(pre, _frames(raw)), n, args.repeats)

@@ -134,7 +134,7 @@ def live(path: Path, settings: ServeSettings, model: Path, bank: Path, rate_hz: 
     embedder = OnnxEmbedder(model, settings.providers, settings.batch.max_size)
     src = open_source(f"shmem:{tag}?det=cam", settings.model_copy(update={"max_events": None}))
     src.open()
-    pipeline = Pipeline(settings, src, embedder, ReloadingBank(bank, embedder.model_hash, metrics), publisher, metrics)
+    pipeline = Pipeline(settings, src, embedder, ReloadingBank(bank, embedder, metrics), publisher, metrics)
     with ShmemServer(tag, [path], rate_hz, SIDE * SIDE * 2) as server:
         pipeline.start()
         while server.running:  # it exits once the whole file is sent

@@ -90,7 +90,7 @@ def serve(uri: str, settings: ServeSettings, model: Path, bank: Path) -> dict[st
     torch.set_num_threads(threads)
     embedder = OnnxEmbedder(model, settings.providers, settings.batch.max_size, threads)
     src.open()
-    pipeline = Pipeline(settings, src, embedder, ReloadingBank(bank, embedder.model_hash, metrics), publisher, metrics)
+    pipeline = Pipeline(settings, src, embedder, ReloadingBank(bank, embedder, metrics), publisher, metrics)
     pipeline.start()
     pipeline.wait()
     src.close()

@@ -67,6 +67,8 @@ class ReferenceBank:
         self.n_particles = np.asarray(self.n_particles, np.int64)
         if self.embeddings.ndim != 2 or len(self.embeddings) != len(self.n_particles):
             raise ValueError("embeddings must be (K, D) with one n_particles per row")
+        if self.method not in ("knn", "prototype") or self.k < 1 or not np.isfinite(self.threshold):
+            raise ValueError(f"method {self.method!r}, k {self.k}, threshold {self.threshold}: not a bank's")
         self._class = np.where(self.n_particles <= 0, Label.BLANK, np.where(self.n_particles == 1, 1, 2))
         if not (self._class == Label.SINGLE).any():
             raise UserError("a bank needs at least one single-hit reference")
@@ -137,8 +139,11 @@ class ReferenceBank:
             )
 
     @classmethod
-    def load(cls, path: Path | str, expected_model_hash: str | None = None) -> ReferenceBank:
-        """Read a bank; refuse it (BankMismatch) if it was built for another model."""
+    def load(
+        cls, path: Path | str, expected_model_hash: str | None = None, expected_embed_dim: int | None = None
+    ) -> ReferenceBank:
+        """Read a bank; refuse it (BankMismatch) if it was built for another model or holds embeddings of
+        another width, and (UserError) if it does not read as a bank: a bad file never reaches a decision."""
         try:
             with h5py.File(path, "r") as f:
                 a = dict(f.attrs)
@@ -151,11 +156,15 @@ class ReferenceBank:
                     k=int(a["k"]),
                     threshold=float(a["threshold"]),
                 )
-        except (OSError, KeyError) as err:
+        except (OSError, KeyError, ValueError, TypeError) as err:
             raise UserError(f"cannot read bank {path}: {err}") from None
         if expected_model_hash is not None and bank.model_hash != expected_model_hash:
             raise BankMismatch(
                 f"bank {path} was built for model {bank.model_hash}, not for the loaded model {expected_model_hash}"
+            )
+        if expected_embed_dim is not None and bank.embed_dim != expected_embed_dim:
+            raise BankMismatch(
+                f"bank {path} holds {bank.embed_dim}-d embeddings, the loaded model makes {expected_embed_dim}-d"
             )
         return bank
 

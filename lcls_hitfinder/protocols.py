@@ -121,6 +121,7 @@ class Embedder(Protocol):
 
     model_hash: str
     provider: str
+    embed_dim: int
 
     def embed(self, thumbnails: torch.Tensor | np.ndarray) -> np.ndarray: ...
 

@@ -254,11 +254,28 @@ def test_decision_log_appends_flushes_and_records_totals(tmp_path: Path) -> None
         )
         assert read.returncode == 0, read.stderr
         assert read.stdout.split() == [str(lo + 2), "False"]
-    log.close({"events": 6, "counts": {"blank": 6}})
+    holder = subprocess.Popen(  # a user's script that still has the log open when the run ends
+        [sys.executable, "-c", HOLD_LOG, str(tmp_path / "r.h5")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "open"
+        log.close({"events": 6, "counts": {"blank": 6}})  # HDF5's file lock must not cost the totals
+    finally:
+        holder.communicate("", timeout=60)
     columns, attrs = read_decision_log(tmp_path / "r.h5")
     assert columns["seq"].tolist() == list(range(6))
     assert attrs["complete"] and attrs["events"] == 6 and attrs["counts"] == '{"blank": 6}'
 
+
+HOLD_LOG = """
+import sys, h5py
+f = h5py.File(sys.argv[1], "r", swmr=True)
+print("open", flush=True)
+sys.stdin.read()
+"""
 
 READ_LOG = """
 import sys

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -37,7 +38,7 @@ from lcls_hitfinder.service import embedder as embedder_module
 from lcls_hitfinder.service.bank_reload import ReloadingBank
 from lcls_hitfinder.service.binning import ReaderBinning
 from lcls_hitfinder.service.client import DecisionClient
-from lcls_hitfinder.service.decision_log import read_decision_log
+from lcls_hitfinder.service.decision_log import DecisionLog, read_decision_log
 from lcls_hitfinder.service.embedder import OnnxEmbedder
 from lcls_hitfinder.service.messages import DECISION, HEARTBEAT, RUN
 from lcls_hitfinder.service.metrics import ServiceMetrics
@@ -164,7 +165,7 @@ def _start(settings: ServeSettings, source: Any, model: Path, bank: Path) -> Run
     publisher = ZmqPublisher(settings.publish.endpoint, settings.publish.sndhwm)
     metrics = ServiceMetrics()
     embedder = OnnxEmbedder(model)
-    reloading = ReloadingBank(bank, embedder.model_hash, metrics)
+    reloading = ReloadingBank(bank, embedder, metrics)
     source.open()
     pipeline = Pipeline(settings, source, embedder, reloading, publisher, metrics)
     return Running(pipeline, publisher, metrics, reloading)
@@ -304,10 +305,23 @@ def test_bank_reloads_when_its_file_changes_and_refuses_a_foreign_one(fx: Fixtur
         refused = r.metrics.bank_reloads.labels(result="refused")
         _wait_until(lambda: refused._value.get() == 1, "the refusal")
         assert r.bank.bank.threshold == -2.0 and r.bank.bank.model_hash != "another-model"
-        r.pipeline.request_bank_reload()  # SIGHUP's path: refused again, and the service goes on
-        _wait_until(lambda: refused._value.get() == 2, "the second refusal")
+        not_a_bank = tmp_path / "not_a_bank.h5"  # the loaded model's hash, but a threshold that is no number
+        bank.save(not_a_bank)
+        with h5py.File(not_a_bank, "r+") as f:
+            f.attrs["threshold"] = "high"
+        os.replace(not_a_bank, bank_path)
+        _wait_until(lambda: refused._value.get() == 2, "the refusal of a file that is not a bank")
+        wide = ReferenceBank(np.hstack([bank.embeddings, bank.embeddings[:, :1]]), bank.n_particles, bank.model_hash)
+        wide.save(tmp_path / "wide.h5")  # the loaded model's hash, embeddings one wider than it makes
+        os.replace(tmp_path / "wide.h5", bank_path)
+        _wait_until(lambda: refused._value.get() == 3, "the refusal of embeddings of another width")
+        r.pipeline.request_bank_reload()  # SIGHUP's path: refused again (the monitor lives on), the service goes on
+        _wait_until(lambda: refused._value.get() == 4, "the refusal on request")
         n = r.pipeline.next_seq
-        _wait_until(lambda: r.pipeline.next_seq > n + 20, "decisions after the refusal")
+        d = next(stream)
+        while d["seq"] <= n + 20:  # the old bank still decides: every frame a keep, none an error
+            assert d["decision"] == "keep", d
+            d = next(stream)
         r.pipeline.stop()
         assert r.pipeline.wait(WAIT_S)
     r.publisher.close()
@@ -375,6 +389,37 @@ port = {_free_port()}
     columns, attrs = read_decision_log(end["log"])
     assert attrs["complete"] and columns["seq"].tolist() == list(range(len(decisions)))
     assert "SIGHUP" in output and "SIGTERM" in output
+
+
+def test_sigterm_while_waiting_for_a_subscriber_reads_nothing(fx: Fixtures, tmp_path: Path) -> None:
+    """Stopped before it served: no event read, no run begun, no log written, a clean exit."""
+    config = tmp_path / "serve.toml"
+    config.write_text(
+        f"""[serve]
+source = "h5:{fx.data}?repeat=0"
+log_dir = "{tmp_path / "logs"}"
+[serve.publish]
+endpoint = "tcp://127.0.0.1:{_free_port()}"
+wait_for_subscriber_s = 60
+[serve.metrics]
+port = {_free_port()}
+"""
+    )
+    args = [*LCLS_HITFINDER, "serve", "--config", str(config), "--model", str(fx.model), "--bank", str(fx.bank)]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    try:
+        assert proc.stdout is not None
+        lines = []
+        while not any("waiting up to" in line for line in lines):
+            lines.append(proc.stdout.readline())
+            assert lines[-1], "".join(lines)  # it exited before waiting
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=WAIT_S)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, output
+    assert "stopped before serving" in output
+    assert not list((tmp_path / "logs").glob("*.h5"))
 
 
 def test_listen_prints_decisions_and_reports_gaps(fx: Fixtures, tmp_path: Path) -> None:
@@ -539,6 +584,116 @@ def test_a_run_end_closes_the_run_while_the_source_waits_for_the_next(fx: Fixtur
     r.pipeline.stop()
     assert r.pipeline.wait(WAIT_S)
     r.publisher.close()
+
+
+class TwoRunSource(ListSource):
+    """Run 1 of the frames, then `between()` (the disk changes under the service), then run 2 of them."""
+
+    def __init__(self, arrays: list[np.ndarray], between: Callable[[], None]) -> None:
+        super().__init__(arrays)
+        self.between = between
+
+    def frames(self) -> Iterator[Frame | RunEnd | None]:
+        for run in (1, 2):
+            for frame in super().frames():
+                yield replace(frame, event=replace(frame.event, run=run))
+            yield RunEnd("mem", run)
+            if run == 1:
+                self.between()
+
+
+def _until_run_ends(client: DecisionClient, runs: int) -> list[tuple[str, dict[str, Any]]]:
+    """Messages up to the `runs`-th run end message."""
+    messages = []
+    for topic, payload in client.messages():
+        messages.append((topic, payload))
+        runs -= topic == RUN and payload["phase"] == "end"
+        if not runs:
+            return messages
+    raise AssertionError(f"no end of every run within {WAIT_S} s")
+
+
+def _serve_two_runs(
+    fx: Fixtures, tmp_path: Path, between: Callable[[], None]
+) -> tuple[Running, list[dict[str, Any]], list[dict[str, Any]]]:
+    """The decisions and the run end messages of two runs of 5 frames, `between` called between them."""
+    images = np.random.default_rng(4).poisson(2.0, (5, SIDE, SIDE)).astype(np.float32)
+
+    def after_run_1() -> None:  # the reader runs ahead of the worker: wait until run 1 is closed
+        _wait_until(lambda: len(r.pipeline.logs) == 1 and r.metrics.run_open._value.get() == 0, "run 1's end")
+        between()
+
+    r = _start(_settings(tmp_path), TwoRunSource(list(images), after_run_1), fx.model, fx.bank)
+    with DecisionClient(r.publisher.endpoint, (DECISION, RUN), timeout_s=WAIT_S) as client:
+        assert r.publisher.wait_for_subscriber(WAIT_S)
+        r.pipeline.start()
+        messages = _until_run_ends(client, 2)
+    assert r.pipeline.wait(WAIT_S)
+    r.publisher.close()
+    decisions = [p for topic, p in messages if topic == DECISION]
+    return r, decisions, [p for topic, p in messages if topic == RUN and p["phase"] == "end"]
+
+
+def test_a_log_folder_that_fails_between_runs_costs_the_log_not_the_decisions(fx: Fixtures, tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+
+    def disk_gone() -> None:  # the folder replaced by a file: the next run's log cannot be created
+        logs.rename(tmp_path / "old_logs")
+        logs.write_text("")
+
+    r, decisions, ends = _serve_two_runs(fx, tmp_path, disk_gone)
+    assert [d["seq"] for d in decisions] == list(range(10)) and {d["label"] for d in decisions} != {"error"}
+    assert [(e["run"], e["events"]) for e in ends] == [(1, 5), (2, 5)]
+    assert ends[1]["log"] is None and len(r.pipeline.logs) == 1 and r.pipeline.error is None
+    columns, attrs = read_decision_log(tmp_path / "old_logs" / Path(r.pipeline.logs[0]).name)
+    assert attrs["complete"] and columns["seq"].tolist() == list(range(5))
+
+
+def test_any_failure_of_the_log_costs_the_log_not_the_decisions(
+    fx: Fixtures, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not only OSError: h5py raises ValueError for a string it cannot encode. The run goes on without its log,
+    and the service still ends (the log's close at the end must not hang `wait`)."""
+
+    def broken(self: DecisionLog) -> None:
+        raise ValueError("a string h5py cannot encode")
+
+    def break_the_log() -> None:
+        monkeypatch.setattr(DecisionLog, "flush", broken)
+
+    r, decisions, ends = _serve_two_runs(fx, tmp_path, break_the_log)
+    assert [d["seq"] for d in decisions] == list(range(10))
+    assert [(e["run"], e["events"], e["log"] is None) for e in ends] == [(1, 5, False), (2, 5, True)]
+    assert r.pipeline.error is None
+
+
+def test_a_heartbeat_never_counts_decisions_not_yet_published(fx: Fixtures, tmp_path: Path) -> None:
+    """`next_seq` and the counts of a heartbeat are those of the decisions published before it, whenever it
+    comes: here one comes after each decision message, mid-batch, the moment most likely to catch them apart."""
+    settings = _settings(tmp_path, source=f"h5:{fx.data}?repeat=2", batch={"max_size": 8, "max_wait_ms": 50})
+    r = _start(settings, open_source(settings.source, settings), fx.model, fx.bank)
+    publish = r.publisher.publish
+
+    def publish_then_beat(topic: str, payload: dict[str, Any]) -> None:
+        publish(topic, payload)
+        if topic == DECISION:
+            r.pipeline._heartbeat(0.0)
+
+    r.publisher.publish = publish_then_beat  # type: ignore[method-assign]
+    with DecisionClient(r.publisher.endpoint, (DECISION, HEARTBEAT, RUN), timeout_s=WAIT_S) as client:
+        assert r.publisher.wait_for_subscriber(WAIT_S)
+        r.pipeline.start()
+        messages = _until_run_ends(client, 1)
+    assert r.pipeline.wait(WAIT_S)
+    r.publisher.close()
+    published, beats = 0, 0
+    for topic, payload in messages:
+        if topic == DECISION:
+            published = payload["seq"] + 1
+        elif topic == HEARTBEAT:
+            beats += 1
+            assert payload["next_seq"] <= published and sum(payload["counts"].values()) == payload["next_seq"]
+    assert published == 80 and beats >= 80
 
 
 def test_the_pipeline_never_reads_a_frame_after_releasing_it(fx: Fixtures, tmp_path: Path) -> None:

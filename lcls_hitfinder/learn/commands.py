@@ -165,7 +165,9 @@ def _decide(model: Path, bank_path: Path, data: Path) -> tuple[Any, Any, Any, An
     from lcls_hitfinder.service.embedder import OnnxEmbedder
 
     embedder = OnnxEmbedder(_existing(model, "model"), threads=2)
-    bank = ReferenceBank.load(_existing(bank_path, "bank"), expected_model_hash=embedder.model_hash)
+    bank = ReferenceBank.load(
+        _existing(bank_path, "bank"), expected_model_hash=embedder.model_hash, expected_embed_dim=embedder.embed_dim
+    )
     dataset = Dataset(_existing(data, "dataset"))
     emb = embed_dataset(embedder, dataset)
     return emb, bank.decide(emb), bank, dataset

@@ -1,9 +1,9 @@
 """The bank in use, swapped without a restart when its file changes or on SIGHUP.
 
 A new bank is only accepted if it was built for the loaded model (ReferenceBank.load raises
-BankMismatch otherwise) and reads cleanly; a refused bank is logged and counted, and the old one
-keeps deciding. Replace the file atomically (write elsewhere, then `mv`) so that a half-written file
-is never seen.
+BankMismatch otherwise: another model's hash, or embeddings of another width) and reads cleanly; a
+refused bank is logged and counted, and the old one keeps deciding. Replace the file atomically (write
+elsewhere, then `mv`) so that a half-written file is never seen.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 
 from lcls_hitfinder.bank import ReferenceBank
 from lcls_hitfinder.errors import UserError
+from lcls_hitfinder.protocols import Embedder
 from lcls_hitfinder.service.metrics import ServiceMetrics
 
 log = logging.getLogger(__name__)
@@ -30,13 +31,17 @@ def _signature(path: Path) -> tuple[int, int, int] | None:
 class ReloadingBank:
     """Holds the current bank; `bank` is read by the pipeline, `check`/`reload` run on the monitor thread."""
 
-    def __init__(self, path: Path, model_hash: str, metrics: ServiceMetrics) -> None:
+    def __init__(self, path: Path, embedder: Embedder, metrics: ServiceMetrics) -> None:
         self.path = path
-        self.model_hash = model_hash
+        self.embedder = embedder
         self.metrics = metrics
         self._signature = _signature(path)
-        self.bank = ReferenceBank.load(path, expected_model_hash=model_hash)  # at start-up a bad bank is fatal
+        self.bank = self._load()  # at start-up a bad bank is fatal
         self._export()
+
+    def _load(self) -> ReferenceBank:
+        e = self.embedder
+        return ReferenceBank.load(self.path, expected_model_hash=e.model_hash, expected_embed_dim=e.embed_dim)
 
     def _export(self) -> None:
         self.metrics.set_bank_info(str(self.path), self.bank.model_hash, len(self.bank.embeddings))
@@ -52,8 +57,8 @@ class ReloadingBank:
         """Load the file again; keep the old bank (and say why) if the new one is refused."""
         self._signature = _signature(self.path)
         try:
-            bank = ReferenceBank.load(self.path, expected_model_hash=self.model_hash)
-        except UserError as err:  # BankMismatch or an unreadable file
+            bank = self._load()
+        except UserError as err:  # BankMismatch, or a file that does not read as a bank
             log.error("bank reload refused, keeping the previous bank: %s", err)
             self.metrics.bank_reloads.labels(result="refused").inc()
             return False

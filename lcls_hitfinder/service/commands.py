@@ -112,7 +112,7 @@ def run_service(settings: ServeSettings) -> int:
         threads = service_threads(settings, src)
         torch.set_num_threads(threads)
         embedder = OnnxEmbedder(model_path, settings.providers, settings.batch.max_size, threads)
-        reloading_bank = ReloadingBank(bank_path, embedder.model_hash, metrics)
+        reloading_bank = ReloadingBank(bank_path, embedder, metrics)
         src.open()
     except BaseException:
         publisher.close()
@@ -140,6 +140,9 @@ def run_service(settings: ServeSettings) -> int:
             deadline = time.monotonic() + wait
             while not (publisher.wait_for_subscriber(0.2) or pipeline.stopping or time.monotonic() > deadline):
                 pass
+            if pipeline.stopping:  # stopped while waiting: nothing was read, so nothing to drain
+                log.info("stopped before serving")
+                return 0
             if not publisher.subscriptions:
                 log.warning("no subscriber yet; serving anyway")
         log.info(

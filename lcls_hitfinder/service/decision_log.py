@@ -7,7 +7,8 @@ totals as attributes. Subscribers never affect it: whatever the PUB socket drops
 The file is written in HDF5's single-writer / multiple-reader (SWMR) mode, so a user's script can read
 it while the run goes on (`read_decision_log`, or `h5py.File(path, 'r', swmr=True)` and `refresh()`)
 and sees every flushed decision, consistent, never a half-written file. HDF5 allows no attribute
-writes in SWMR mode: at the end of the run the file is closed and reopened once to record the totals.
+writes in SWMR mode: at the end of the run the file is closed and reopened once to record the totals
+(past HDF5's file lock if a reader still has it open: the service is its only writer).
 
 Layout: /<field> (N,) for each field of messages.LOG_COLUMNS (nil stored as -1 or ""), attrs:
 schema_version, experiment, run, source, model, complete (set at close) and the run's totals.
@@ -15,6 +16,7 @@ schema_version, experiment, run, source, model, complete (set at close) and the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Mapping
@@ -51,12 +53,16 @@ class DecisionLog:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self._f = h5py.File(path, "w", libver="latest")  # SWMR needs the latest file format
-        self._f.attrs["schema_version"] = SCHEMA_VERSION
-        self._f.attrs["complete"] = False
-        _write_attrs(self._f, attrs)
-        for spec in LOG_COLUMNS:
-            self._f.create_dataset(spec.name, (0,), _dtype(spec.log_dtype), maxshape=(None,), chunks=(4096,))
-        self._f.swmr_mode = True  # from here on readers may open it; no new objects or attributes
+        try:
+            self._f.attrs["schema_version"] = SCHEMA_VERSION
+            self._f.attrs["complete"] = False
+            _write_attrs(self._f, attrs)
+            for spec in LOG_COLUMNS:
+                self._f.create_dataset(spec.name, (0,), _dtype(spec.log_dtype), maxshape=(None,), chunks=(4096,))
+            self._f.swmr_mode = True  # from here on readers may open it; no new objects or attributes
+        except BaseException:
+            self._f.close()
+            raise
         self._pending: list[Mapping[str, np.ndarray]] = []
         self._flush_s = flush_s
         self._last_flush = time.monotonic()
@@ -91,9 +97,18 @@ class DecisionLog:
             return
         self.flush()
         self._f.close()
-        with h5py.File(self.path, "r+") as f:  # out of SWMR mode: attributes may be written again
+        try:
+            f = h5py.File(self.path, "r+")  # out of SWMR mode: attributes may be written again
+        except OSError:  # a user's script still reads it (SWMR), and HDF5's lock says no: we are its only writer
+            f = h5py.File(self.path, "r+", locking=False)
+        with f:
             _write_attrs(f, totals or {})
             f.attrs["complete"] = True
+
+    def abandon(self) -> None:
+        """Close the file after a failure, as far as that goes: what was flushed stays readable."""
+        with contextlib.suppress(Exception):
+            self._f.close()
 
 
 def _write_attrs(f: h5py.File, attrs: Mapping[str, Any]) -> None:

@@ -164,6 +164,8 @@ class Pipeline:
         self._scratch = threading.local()
         self._prefilter = Prefilter(settings.prefilter)
         self._next_seq = 0
+        self._published_seq = 0  # decisions published and counted in the tallies (what heartbeats say)
+        self._tally_lock = threading.Lock()  # the tallies and _published_seq move together
         self._run: Run | None = None
         self._last_run: tuple[str, int] | None = None
         self._restarts_seen = 0
@@ -279,12 +281,17 @@ class Pipeline:
             self.error = err
             self._stop.set()
         finally:
-            self._end_run()
-            self._poll_restarts()
-            self._pool.shutdown()
-            if self.device.type == "cpu":
-                torch.set_num_threads(self._workers)
-            self._done.set()
+            try:
+                self._end_run()
+                self._poll_restarts()
+            except Exception as err:
+                log.exception("ending the last run failed")
+                self.error = self.error or err
+            finally:  # whatever happened, `wait` returns
+                self._pool.shutdown()
+                if self.device.type == "cpu":
+                    torch.set_num_threads(self._workers)
+                self._done.set()
 
     def _process_items(self, items: list[Frame | RunEnd]) -> None:
         """A batch may straddle a run boundary: frames go on in pieces of one run each, and a RunEnd closes
@@ -419,7 +426,6 @@ class Pipeline:
         v.score[prefiltered] = -1.0
         v.n_particles[prefiltered] = 0
         v.reason[prefiltered] = "prefilter"
-        self.metrics.prefilter_blank.inc(len(prefiltered))
         t1 = time.perf_counter()
         self.metrics.stage.labels(stage="preprocess").observe(t1 - t0)
         if thumbs is None:
@@ -472,8 +478,10 @@ class Pipeline:
         for payload in decision_payloads(columns):
             self.publisher.publish(DECISION, payload)
         self._count(columns, v, truth, latency_ns)
-        run.tally.add(v.label, v.keep)
-        self.total.add(v.label, v.keep)
+        with self._tally_lock:  # a heartbeat sees the decisions published and their totals together
+            run.tally.add(v.label, v.keep)
+            self.total.add(v.label, v.keep)
+            self._published_seq = self._next_seq
         self.metrics.stage.labels(stage="publish").observe(time.perf_counter() - t0)
 
     def _count(self, columns: dict[str, np.ndarray], v: Verdicts, truth: np.ndarray, latency_ns: np.ndarray) -> None:
@@ -483,6 +491,7 @@ class Pipeline:
             m.events.labels(label=Label(code).text, decision="keep" if keep else "veto").inc(count)
         for reason in columns["reason"][v.label == Label.ERROR]:
             m.frame_errors.labels(reason=str(reason).split(":")[0]).inc()
+        m.prefilter_blank.inc(int(np.count_nonzero(v.reason == "prefilter")))  # of the decisions made
         known = (truth >= 0) & (v.label != Label.ERROR)
         agree = 0
         for t, label in zip(truth[known].tolist(), v.label[known].tolist(), strict=True):
@@ -509,8 +518,12 @@ class Pipeline:
                 "provider": self.embedder.provider,
                 "bank": str(self.bank.path),
             }
-            decision_log = DecisionLog(path, attrs)
-            self.logs.append(str(path))
+            try:
+                decision_log = DecisionLog(path, attrs)
+            except Exception as err:  # an unwritable log folder must not stop the decisions either
+                log.error("cannot open decision log %s (%s); run %s:%d goes on without it", path, err, experiment, run)
+            else:
+                self.logs.append(str(path))
         self._run = Run(experiment, run, self._next_seq, time.time_ns(), decision_log)
         self._last_run = (experiment, run)
         self.metrics.run_open.set(1)
@@ -526,7 +539,10 @@ class Pipeline:
         self._with_log(
             lambda d: d.close({k: payload[k] for k in ("events", "counts", "keep", "dropped", "duration_s")})
         )
+        if run.decision_log is None:  # it failed at the close: the end names no log it cannot vouch for
+            payload["log"] = None
         self.publisher.publish(RUN, payload)
+        self._dropped_by_run.pop(run.key, None)  # a run served again starts from 0
         self.metrics.run_open.set(0)
         self._run = None
         log.info("run %s:%d ends: %d events, %s", run.experiment, run.run, run.tally.events, run.tally.counts)
@@ -538,8 +554,9 @@ class Pipeline:
             return
         try:
             action(run.decision_log)
-        except OSError as err:  # a full disk must not stop the decisions: they still go out
+        except Exception as err:  # a full disk (or any failure to write) must not stop the decisions
             log.error("decision log %s failed (%s); this run goes on without it", run.decision_log.path, err)
+            run.decision_log.abandon()
             run.decision_log = None
 
     def _run_payload(self, phase: str) -> dict[str, object]:
@@ -569,19 +586,22 @@ class Pipeline:
         next_bank_check = time.monotonic()
         status = _Status(self.total.events, time.monotonic())
         while not self._done.wait(period):
-            now = time.monotonic()
-            events = self.total.events
-            self._heartbeat((events - last_events) / max(now - last_t, 1e-9))
-            last_events, last_t = events, now
-            if self.settings.status_s and now - status.since >= self.settings.status_s:
-                status = self._log_status(status, events, now)
-            self._poll_restarts()
-            if self._reload.is_set():
-                self._reload.clear()
-                self.bank.reload()
-            elif now >= next_bank_check:
-                self.bank.check()
-                next_bank_check = now + self.settings.bank_poll_s
+            try:
+                now = time.monotonic()
+                events = self.total.events
+                self._heartbeat((events - last_events) / max(now - last_t, 1e-9))
+                last_events, last_t = events, now
+                if self.settings.status_s and now - status.since >= self.settings.status_s:
+                    status = self._log_status(status, events, now)
+                self._poll_restarts()
+                if self._reload.is_set():
+                    self._reload.clear()
+                    self.bank.reload()
+                elif now >= next_bank_check:
+                    next_bank_check = now + self.settings.bank_poll_s
+                    self.bank.check()
+            except Exception:  # heartbeats must outlive any one failure: without them the service looks dead
+                log.exception("the monitor's round failed; heartbeats go on")
 
     def _log_status(self, previous: _Status, events: int, now: float) -> _Status:
         """One line for the operator: rate, latency, keep fraction and (simulations) agreement with the truth."""
@@ -615,15 +635,17 @@ class Pipeline:
         now = time.time_ns()
         self.metrics.heartbeat_time.set(now / 1e9)
         last = self._last_run
+        with self._tally_lock:
+            next_seq, counts, keep = self._published_seq, dict(self.total.counts), self.total.keep
         self.publisher.publish(
             HEARTBEAT,
             {
                 "time_ns": now,
                 "uptime_s": time.monotonic() - self._started,
-                "next_seq": self._next_seq,
+                "next_seq": next_seq,
                 "rate_hz": rate_hz,
-                "counts": dict(self.total.counts),
-                "keep": self.total.keep,
+                "counts": counts,
+                "keep": keep,
                 "dropped": self.total.dropped,
                 "source_restarts": self._restarts_seen,
                 "queue_depth": depth,
