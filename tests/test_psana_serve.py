@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from psana_helpers import leftovers, write_run
 from tiny_model import free_port, tiny_model_and_bank
@@ -239,3 +240,26 @@ def test_demo_runs_the_real_path_and_cleans_up(tiny: Model, tmp_path: Path) -> N
     assert set(columns["truth_n_particles"].tolist()) <= {0, 1, 2, 3, 4}  # truth came through shared memory
     assert glob.glob("/dev/shm/PdsMonitorSharedMemory_hitfinder_demo_*") == []
     assert leftovers() == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="makes the service fail by asking for CUDA where there is none")
+def test_demo_fails_with_the_service_s_own_error_when_the_service_fails(tiny: Model, tmp_path: Path) -> None:
+    config = tmp_path / "demo.yaml"
+    config.write_text(
+        yaml.safe_dump({"simulate": {"detector": {"shape": [SIDE, SIDE]}, "seed": 5}, "serve": {"device": "cuda"}})
+    )
+    args = [CLI, "demo", "--n", "5", "--config", str(config), "--model", str(tiny.model)]
+    demo = subprocess.run([*args, "--workdir", str(tmp_path / "demo")], capture_output=True, text=True, timeout=300)
+    assert demo.returncode == 2, demo.stdout + demo.stderr
+    error = "lcls-hitfinder: error: the service failed: serve.device is cuda but torch sees no CUDA device"
+    assert demo.stderr.strip().splitlines()[-1] == error
+    assert leftovers() == []
+
+
+def test_demo_refuses_a_bank_of_another_model_before_simulating(tiny: Model, tmp_path: Path) -> None:
+    bank = tmp_path / "bank.h5"
+    ReferenceBank(np.zeros((1, 4), np.float32), np.ones(1), "another-model").save(bank)
+    args = [CLI, "demo", "--model", str(tiny.model), "--bank", str(bank), "--workdir", str(tmp_path / "demo")]
+    demo = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert demo.returncode == 2 and "was built for model another-model" in demo.stderr, demo.stdout + demo.stderr
+    assert not (tmp_path / "demo" / "run.h5").exists()

@@ -13,15 +13,10 @@ from typing import Annotated, Any
 import typer
 
 from lcls_hitfinder.errors import UserError
+from lcls_hitfinder.paths import existing, output_dir, output_file
 
 KINDS = ("twin", "cnn")
 bank_app = typer.Typer(help="Reference banks: build one from a few labelled patterns.", no_args_is_help=True)
-
-
-def _existing(path: Path, what: str) -> Path:
-    if not path.exists():
-        raise UserError(f"{what} {path} does not exist")
-    return path
 
 
 def train(
@@ -29,7 +24,9 @@ def train(
     data: Annotated[Path, typer.Option(help="training dataset (HDF5)")],
     val: Annotated[Path, typer.Option(help="validation dataset, never the test set")],
     out: Annotated[Path, typer.Option(help="run directory: run.json, checkpoints, best model")],
-    config: Annotated[Path | None, typer.Option(help="config file; its [train] section is the base")] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="config file; its \\[train] section is the base")
+    ] = None,
     embed_dim: Annotated[int | None, typer.Option(help="embedding dimension, 2-128")] = None,
     alpha: Annotated[float | None, typer.Option(help="triplet margin α")] = None,
     mining: Annotated[str | None, typer.Option(help="batch-hard or semi-hard")] = None,
@@ -93,9 +90,10 @@ def train(
     settings = load_config(config, overrides).train
     if photons == "data":
         settings.augment.photons = None
-    if not resume:
-        _existing(data, "dataset")
-        _existing(val, "validation dataset")
+    if not resume:  # resuming, the run directory must be there already (the trainer says so if not)
+        existing(data, "dataset")
+        existing(val, "validation dataset")
+        output_dir(out, "run directory")
     best = Trainer(kind, data, val, out, settings, resume, epochs).fit()  # type: ignore[arg-type]
     print(json.dumps({"run": str(out), "best": best}, indent=2))
 
@@ -113,7 +111,8 @@ def export(
     """
     from lcls_hitfinder.learn.export import export_run
 
-    info, diff = export_run([_existing(d, "run directory") for d in run_dirs], out)
+    runs = [existing(d, "run directory") for d in run_dirs]
+    info, diff = export_run(runs, output_file(out, "model"))
     size = out.stat().st_size / 1e6
     print(f"{out}: model {info.model_hash}, embed dim {info.embed_dim}, {size:.2f} MB, parity {diff:.1e}")
 
@@ -123,13 +122,13 @@ def bank_build(
     model: Annotated[Path, typer.Option(help="embedder ONNX file")],
     data: Annotated[Path, typer.Option(help="labelled patterns to draw references from")],
     out: Annotated[Path, typer.Option(help="bank file to write (HDF5)")],
-    per_class: Annotated[int, typer.Option(help="references per particle count (0-4)")] = 10,
+    per_class: Annotated[int, typer.Option(min=1, help="references per particle count (0-4)")] = 10,
     by_structure: Annotated[bool, typer.Option(help="draw --per-class references per structure too")] = False,
     calibrate: Annotated[
         Path | None, typer.Option(help="held-out data for the threshold (default: the non-reference patterns)")
     ] = None,
     target_precision: Annotated[float, typer.Option(help="single-hit precision the threshold aims for")] = 0.99,
-    k: Annotated[int, typer.Option(help="nearest references averaged per class")] = 5,
+    k: Annotated[int, typer.Option(min=1, help="nearest references averaged per class")] = 5,
     method: Annotated[str, typer.Option(help="knn or prototype")] = "knn",
     seed: Annotated[int, typer.Option(help="seed of the reference draw")] = 0,
 ) -> None:
@@ -140,12 +139,13 @@ def bank_build(
         raise UserError(f"--method must be knn or prototype, not {method!r}")
     if not 0 < target_precision <= 1:
         raise UserError("--target-precision must be in (0, 1]")
+    output_file(out, "bank")
     bank, report = build_bank(
-        _existing(model, "model"),
-        _existing(data, "dataset"),
+        existing(model, "model"),
+        existing(data, "dataset"),
         per_class,
         by_structure,
-        calibrate and _existing(calibrate, "calibration dataset"),
+        calibrate and existing(calibrate, "calibration dataset"),
         target_precision,
         k,
         method,
@@ -164,11 +164,11 @@ def _decide(model: Path, bank_path: Path, data: Path) -> tuple[Any, Any, Any, An
     from lcls_hitfinder.learn.infer import embed_dataset
     from lcls_hitfinder.service.embedder import OnnxEmbedder
 
-    embedder = OnnxEmbedder(_existing(model, "model"), threads=2)
+    embedder = OnnxEmbedder(existing(model, "model"), threads=2)
     bank = ReferenceBank.load(
-        _existing(bank_path, "bank"), expected_model_hash=embedder.model_hash, expected_embed_dim=embedder.embed_dim
+        existing(bank_path, "bank"), expected_model_hash=embedder.model_hash, expected_embed_dim=embedder.embed_dim
     )
-    dataset = Dataset(_existing(data, "dataset"))
+    dataset = Dataset(existing(data, "dataset"))
     emb = embed_dataset(embedder, dataset)
     return emb, bank.decide(emb), bank, dataset
 
@@ -180,10 +180,10 @@ def _decide_per_sample(model: Path, refs: Path, data: Path, per_class: int) -> t
     from lcls_hitfinder.learn.infer import embed_dataset
     from lcls_hitfinder.service.embedder import OnnxEmbedder
 
-    embedder = OnnxEmbedder(_existing(model, "model"), threads=2)
-    with Dataset(_existing(refs, "references")) as r:
+    embedder = OnnxEmbedder(existing(model, "model"), threads=2)
+    with Dataset(existing(refs, "references")) as r:
         ref_emb, ref_n, ref_structure = embed_dataset(embedder, r), r.n_particles, r.structure
-    dataset = Dataset(_existing(data, "dataset"))
+    dataset = Dataset(existing(data, "dataset"))
     emb = embed_dataset(embedder, dataset)
     dec = per_sample_decisions(ref_emb, ref_n, ref_structure, emb, dataset.structure, embedder.model_hash, per_class)
     return emb, dec, dataset
@@ -198,9 +198,9 @@ def classify(
     """Classify every pattern of a dataset offline."""
     from lcls_hitfinder.labels import Label
 
+    output_file(out, "CSV")
     _, dec, _, dataset = _decide(model, bank, data)
     dataset.close()
-    out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["index", "label", "keep", "score", "distance"])
@@ -219,20 +219,22 @@ def evaluate(
         Path | None,
         typer.Option(help="instead of --bank: labelled references; each structure is judged by its own bank"),
     ] = None,
-    per_class: Annotated[int, typer.Option(help="with --refs: references per particle count and structure")] = 10,
+    per_class: Annotated[
+        int, typer.Option(min=1, help="with --refs: references per particle count and structure")
+    ] = 10,
     run: Annotated[Path | None, typer.Option(help="instead of model + bank: a cnn baseline run directory")] = None,
-    examples: Annotated[int, typer.Option(help="patterns in the example grid")] = 24,
+    examples: Annotated[int, typer.Option(min=0, help="patterns in the example grid")] = 24,
 ) -> None:
     """Evaluate model + bank (or a CNN baseline run) on labelled data: metrics, table and plots."""
     import numpy as np
 
     from lcls_hitfinder.evaluate import hit_metrics, markdown_table, pairs_called_single_by_axis, write_report
 
+    output_dir(report, "report directory")
     if run is not None:
         from lcls_hitfinder.learn.baseline import evaluate_cnn
 
-        cnn = evaluate_cnn(_existing(run, "run directory"), _existing(data, "dataset"))
-        report.mkdir(parents=True, exist_ok=True)
+        cnn = evaluate_cnn(existing(run, "run directory"), existing(data, "dataset"))
         (report / "metrics.json").write_text(json.dumps(cnn, indent=2) + "\n")
         (report / "metrics.md").write_text(markdown_table([cnn], list(cnn)))
         print(json.dumps(cnn, indent=2))

@@ -199,10 +199,16 @@ def listen(
     json_lines: Annotated[
         bool, typer.Option("--json", help="one JSON object per line: {topic, ...payload}; NaN as null")
     ] = False,
-    count: Annotated[int | None, typer.Option(help="stop after this many decisions")] = None,
-    timeout: Annotated[float | None, typer.Option(help="stop after this many seconds without a message")] = None,
+    count: Annotated[int | None, typer.Option(min=1, help="stop after this many decisions")] = None,
+    timeout: Annotated[
+        float | None, typer.Option(min=0.001, help="stop after this many seconds without a message")
+    ] = None,
 ) -> None:
-    """Print the service's messages (or record them with --json > FILE) and report gaps in `seq`."""
+    """Print the service's messages (or record them with --json > FILE) and report gaps in `seq`.
+
+    Exits 1 if --timeout passes before any message came: nothing publishes on ENDPOINT."""
+    import zmq
+
     from lcls_hitfinder.service.client import DecisionClient
     from lcls_hitfinder.service.messages import DECISION, TOPICS
 
@@ -210,10 +216,15 @@ def listen(
     unknown = set(topics) - set(TOPICS)
     if unknown:
         raise UserError(f"unknown topic(s) {', '.join(sorted(unknown))}; use {', '.join(TOPICS)}")
-    decisions = 0
-    client = DecisionClient(endpoint, topics, timeout_s=timeout)
+    decisions = messages = 0
+    try:
+        client = DecisionClient(endpoint, topics, timeout_s=timeout)
+    except zmq.ZMQError as err:
+        raise UserError(f"cannot subscribe to {endpoint!r}: {err} (an endpoint is tcp://HOST:PORT)") from None
+    print(f"listening on {endpoint} for {', '.join(topics)} (Ctrl-C to stop)", file=sys.stderr)
     try:
         for name, payload in client.messages():
+            messages += 1
             gaps_before = len(client.gaps)
             print(_json_line(name, payload) if json_lines else _human(name, payload), flush=True)
             if len(client.gaps) > gaps_before:
@@ -233,6 +244,9 @@ def listen(
         + (f", {client.tracker.restarts} service restart(s)" if client.tracker.restarts else ""),
         file=sys.stderr,
     )
+    if not messages and timeout is not None:
+        print(f"no message from {endpoint} in {timeout:g} s: is the service publishing there?", file=sys.stderr)
+        raise typer.Exit(1)
 
 
 def register(app: typer.Typer) -> None:

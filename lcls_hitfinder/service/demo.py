@@ -143,6 +143,7 @@ class Demo:
         self.tag = f"hitfinder_demo_{os.getpid()}"
         self.server: ShmemServer | None = None
         self.service: subprocess.Popen[bytes] | None = None
+        self.service_error: str | None = None  # why the service exited by itself, if it failed
 
     def prepare(self) -> Path:
         """Simulate the run and write it as XTC2 (both with progress bars); returns the XTC2 path."""
@@ -253,6 +254,8 @@ class Demo:
                 assert self.service is not None
                 if self.service.poll() is not None:
                     status = f"the service exited (code {self.service.returncode}); see {self.workdir / 'serve.log'}"
+                    if self.service.returncode:
+                        self.service_error = self._service_error_line() or status
                     break
                 if not self.server.running and time.monotonic() - last_decision > SILENCE_S:
                     status = "the server has sent the whole run: done"
@@ -267,6 +270,12 @@ class Demo:
                 tally.add(payload)
             elif topic == RUN:
                 tally.runs.append(f"{payload['phase']} {payload['experiment']}:{payload['run']}")
+
+    def _service_error_line(self) -> str | None:
+        """The service's own one-line error from its log, if it gave one."""
+        lines = (self.workdir / "serve.log").read_text(errors="replace").splitlines()
+        errors = [line.split("error: ", 1)[1] for line in lines if line.startswith("lcls-hitfinder: error: ")]
+        return errors[-1] if errors else None
 
     def stop(self) -> None:
         """Stop the service (SIGTERM: it drains and closes the run), then the server; clean /dev/shm."""

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from lcls_hitfinder.errors import UserError
+from lcls_hitfinder.paths import existing, output_dir, output_file
 
 
 def xtc2(
@@ -27,7 +28,7 @@ def xtc2(
 
     The dataset's mask goes beside it as psana's pixel_mask constant (OUT.constants.npz). Serve it with
     `lcls-hitfinder serve --source 'xtc2:OUT?det=NAME&constants=OUT.constants.npz'`, or through shared
-    memory with psana's shmemServer. With --adu-gain G/--adu-offset O, serve with [serve.calibration] gain = G and
+    memory with psana's shmemServer. With --adu-gain G/--adu-offset O, serve with \\[serve.calibration] gain = G and
     offset = O so the service turns ADU back into photons. With --exp-dir the run also goes where an
     `exp:` source (serial or MPI, `&ranks=N`) finds it, with the smalldata index of psana's smdwriter.
     """
@@ -36,11 +37,9 @@ def xtc2(
     from lcls_hitfinder.dataset import Dataset
     from lcls_hitfinder.service.sources.xtc2_writer import constants_path, dataset_to_xtc2, exp_layout
 
-    if not data.is_file():
-        raise UserError(f"dataset {data} does not exist")
-    with Dataset(data) as ds:
+    output_file(out, "XTC2 file")
+    with Dataset(existing(data, "dataset")) as ds:
         n = len(ds)
-    out.parent.mkdir(parents=True, exist_ok=True)
     columns = (TextColumn("writing XTC2"), BarColumn(), MofNCompleteColumn())
     with Progress(*columns) as bar:
         task = bar.add_task("events", total=n)
@@ -59,7 +58,7 @@ def demo(
     n: Annotated[int, typer.Option(min=1, help="events in the simulated run")] = 600,
     rate: Annotated[float, typer.Option(min=1, help="shmemServer replay rate in Hz")] = 120.0,
     config: Annotated[
-        Path | None, typer.Option("--config", "-c", help="TOML or YAML: its [simulate] and [serve] sections")
+        Path | None, typer.Option("--config", "-c", help="TOML or YAML: its \\[simulate] and \\[serve] sections")
     ] = None,
     model: Annotated[Path | None, typer.Option(help="embedder ONNX file (default: the shipped one)")] = None,
     bank: Annotated[
@@ -77,20 +76,30 @@ def demo(
     """
     from rich.console import Console
 
+    from lcls_hitfinder.bank import ReferenceBank
     from lcls_hitfinder.config import load_config
+    from lcls_hitfinder.model_io import read_model_info
     from lcls_hitfinder.service.commands import shipped_file
     from lcls_hitfinder.service.demo import Demo, run_demo
 
     settings = load_config(config)
     for path, what in ((model, "model"), (bank, "bank")):
-        if path is not None and not path.is_file():
-            raise UserError(f"{what} {path} does not exist")
-    if model is None and settings.serve.model is None:
-        shipped_file("embedder.onnx")  # no model at all is a one-line error now, not after the simulation
+        if path is not None:
+            existing(path, what)
+    if workdir is not None:
+        output_dir(workdir, "work directory")
+    model_path = model or settings.serve.model or shipped_file("embedder.onnx")  # no model: said now
+    bank_path = bank or settings.serve.bank
+    if bank_path is not None:  # a bank for another model: said now, not after the simulation
+        info = read_model_info(model_path)
+        ReferenceBank.load(bank_path, expected_model_hash=info.model_hash, expected_embed_dim=info.embed_dim)
+    the_demo = Demo(n, rate, workdir, settings, model, bank, Console())
     try:
-        run_demo(Demo(n, rate, workdir, settings, model, bank, Console()))
+        run_demo(the_demo)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
+    if the_demo.service_error is not None:
+        raise UserError(f"the service failed: {the_demo.service_error}")
 
 
 def register(app: typer.Typer) -> None:

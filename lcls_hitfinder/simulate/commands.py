@@ -12,6 +12,7 @@ import numpy as np
 import typer
 
 from lcls_hitfinder.errors import UserError
+from lcls_hitfinder.paths import existing, output_file
 
 
 def parse_particles(text: str) -> dict[int, float]:
@@ -68,7 +69,9 @@ def simulate(
     seed: Annotated[int | None, typer.Option(help="random seed")] = None,
     workers: Annotated[int | None, typer.Option(help="parallel processes")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda")] = None,
-    config: Annotated[Path | None, typer.Option(help="config file; its \\[simulate] section is the base")] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="config file; its \\[simulate] section is the base")
+    ] = None,
 ) -> None:
     """Simulate labelled single-particle diffraction patterns (0-4 particles) into an HDF5 dataset."""
     from rich.console import Console
@@ -79,6 +82,7 @@ def simulate(
 
     if photons_per_pattern is not None and fluence is not None:
         raise UserError("give --photons-per-pattern or --fluence, not both")
+    output_file(out, "dataset")
     overrides: dict[str, Any] = {
         "simulate.structures": structure or None,
         "simulate.n": n,
@@ -135,6 +139,8 @@ def show(
 
     if n < 1:
         raise UserError("--n must be at least 1")
+    for path in data:
+        existing(path, "dataset")
     images: list[np.ndarray] = []
     titles: list[str] = []
     for path in data:
@@ -149,7 +155,7 @@ def show(
                 f"{k} particle{'s' if k != 1 else ''} · {p:.2g} ph\n{s or 'blank'} #{i}"
                 for i, k, s, p in zip(index, counts, structures, photons, strict=True)
             ]
-    target = out or data[0].with_suffix(".png")
+    target = output_file(out or data[0].with_suffix(".png"), "PNG")
     pattern_grid(images, titles, target, ncols=ncols or min(n, 6), log=not linear)
     print(target)
 

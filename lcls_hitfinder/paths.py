@@ -1,0 +1,38 @@
+"""Checks on the paths a command reads and writes, made before any work: a one-line error at once, never a
+traceback after minutes of simulating, training or evaluating."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lcls_hitfinder.errors import UserError
+
+
+def existing(path: Path, what: str) -> Path:
+    """A file or directory to read."""
+    if not path.exists():
+        raise UserError(f"{what} {path} does not exist")
+    return path
+
+
+def output_file(path: Path, what: str) -> Path:
+    """A file to write: not a directory, in a directory that exists or can be made."""
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a directory, not a file")
+    _make_dir(path.parent, what)
+    return path
+
+
+def output_dir(path: Path, what: str) -> Path:
+    """A directory to write into, made if it is not there: not an existing file."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{what} {path} is a file, not a directory")
+    _make_dir(path, what)
+    return path
+
+
+def _make_dir(path: Path, what: str) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot write {what} in {path}: {err.strerror or err}") from None

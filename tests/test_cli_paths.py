@@ -1,0 +1,89 @@
+"""Bad paths and counts are refused in one line before any work: an output that is a directory (or a report
+directory that is a file), a missing input, a count out of range, an endpoint that is not one."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from lcls_hitfinder.cli import app
+from lcls_hitfinder.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = REPO / "models" / "embedder.onnx"
+BANK = REPO / "models" / "bank.h5"
+runner = CliRunner()
+
+
+def _refusal(args: list[str]) -> str:
+    result = runner.invoke(app, args)
+    assert isinstance(result.exception, UserError), result.output
+    return str(result.exception)
+
+
+@pytest.fixture
+def made(tmp_path: Path) -> Path:
+    """A directory and a file where the commands want the other."""
+    (tmp_path / "a_dir").mkdir()
+    (tmp_path / "a_file.h5").write_text("")
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["simulate", "--n", "2", "--out", "{d}/a_dir"], "dataset {d}/a_dir is a directory, not a file"),
+        (
+            ["bank", "build", "--model", "{m}", "--data", "{d}/a_file.h5", "--out", "{d}/a_dir"],
+            "bank {d}/a_dir is a directory, not a file",
+        ),
+        (
+            ["classify", "--model", "{m}", "--bank", "{b}", "--data", "{d}/a_file.h5", "--out", "{d}/a_dir"],
+            "CSV {d}/a_dir is a directory, not a file",
+        ),
+        (
+            ["evaluate", "--model", "{m}", "--bank", "{b}", "--data", "{d}/a_file.h5", "--report", "{d}/a_file.h5"],
+            "report directory {d}/a_file.h5 is a file, not a directory",
+        ),
+        (["export", "{d}/a_dir", "--out", "{d}/a_dir"], "model {d}/a_dir is a directory, not a file"),
+        (["show", "{d}/missing.h5"], "dataset {d}/missing.h5 does not exist"),
+        (["xtc2", "{d}/a_file.h5", "--out", "{d}/a_dir"], "XTC2 file {d}/a_dir is a directory, not a file"),
+        (
+            ["train", "twin", "--data", "{d}/a_file.h5", "--val", "{d}/a_file.h5", "--out", "{d}/a_file.h5"],
+            "run directory {d}/a_file.h5 is a file, not a directory",
+        ),
+    ],
+)
+def test_a_wrong_kind_of_path_is_refused_before_any_work(args: list[str], message: str, made: Path) -> None:
+    def fill(text: str) -> str:
+        return text.format(d=made, m=MODEL, b=BANK)
+
+    assert _refusal([fill(a) for a in args]) == fill(message)
+    assert sorted(p.name for p in made.iterdir()) == ["a_dir", "a_file.h5"]  # nothing written, no OUT.tmp
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["bank", "build", "--model", str(MODEL), "--data", "x.h5", "--out", "b.h5", "--k", "0"],
+        ["bank", "build", "--model", str(MODEL), "--data", "x.h5", "--out", "b.h5", "--per-class", "-2"],
+        ["evaluate", "--model", str(MODEL), "--bank", str(BANK), "--data", "x.h5", "--report", "r", "--examples", "-3"],
+        ["listen", "tcp://127.0.0.1:1", "--timeout", "-1"],
+    ],
+)
+def test_counts_out_of_range_are_usage_errors(args: list[str]) -> None:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "Invalid value" in result.output, result.output
+
+
+def test_listen_refuses_an_endpoint_that_is_not_one_and_says_when_nothing_came() -> None:
+    cli = [str(Path(sys.executable).parent / "lcls-hitfinder"), "listen"]
+    bad = subprocess.run([*cli, "127.0.0.1:5556"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.startswith("lcls-hitfinder: error: cannot subscribe to '127.0.0.1:5556'")
+    assert len(bad.stderr.strip().splitlines()) == 1
+    silent = subprocess.run([*cli, "tcp://127.0.0.1:1", "--timeout", "0.3"], capture_output=True, text=True, timeout=60)
+    assert silent.returncode == 1 and "no message from tcp://127.0.0.1:1 in 0.3 s" in silent.stderr
