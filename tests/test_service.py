@@ -68,6 +68,10 @@ def test_source_parameters_are_checked_and_converted(tmp_path: Path) -> None:
         open_source("sim:?colour=red", ServeSettings())
     with pytest.raises(UserError, match="rate='fast' is not a valid float"):
         open_source("sim:?rate=fast", ServeSettings())
+    with pytest.raises(UserError, match="rate=-5 must be at least 0"):
+        open_source("sim:?rate=-5", ServeSettings())
+    with pytest.raises(UserError, match="repeat=-1 must be at least 0"):
+        open_source(f"h5:{tmp_path / 'x.h5'}?repeat=-1", ServeSettings())
     with pytest.raises(UserError, match="no such file"):
         open_source(f"h5:{tmp_path / 'missing.h5'}", ServeSettings()).open()
 

@@ -209,16 +209,53 @@ def test_subscriber_gets_every_decision_equal_to_offline_classify(fx: Fixtures, 
     assert client.gaps == []
 
     # the same frames through `classify` (training's preprocessing + the same embedder + bank), offline
-    out = tmp_path / "classify.csv"
-    result = CliRunner().invoke(
-        app, ["classify", "--model", str(fx.model), "--bank", str(fx.bank), "--data", str(fx.data), "--out", str(out)]
-    )
-    assert result.exit_code == 0, result.output
-    with out.open() as f:
-        offline = list(csv.DictReader(f))
+    offline = _classify(fx, fx.data, tmp_path / "classify.csv")
     assert [m["label"] for m in decisions] == [row["label"] for row in offline]
     np.testing.assert_allclose([m["score"] for m in decisions], [float(r["score"]) for r in offline], atol=1e-4)
     assert len({m["label"] for m in decisions}) > 1, "a test where every label is the same proves little"
+
+
+def _classify(fx: Fixtures, data: Path, out: Path, *more: str) -> list[dict[str, str]]:
+    args = ["classify", "--model", str(fx.model), "--bank", str(fx.bank), "--data", str(data), "--out", str(out)]
+    result = CliRunner().invoke(app, [*args, *more])
+    assert result.exit_code == 0, result.output
+    with out.open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_a_cxi_file_of_raw_adu_is_classified_offline_as_serve_decides_it(fx: Fixtures, tmp_path: Path) -> None:
+    """No labels, raw uint16 ADU, a CXI mask: `classify --config` with the service's calibration gives the
+    service's answers on `h5:` (one reader, one preprocessing, the file's mask)."""
+    gain, offset = 2.0, 10.0
+    with Dataset(fx.data) as d:
+        photons = d.images()
+    assert (photons == np.round(photons)).all()  # whole photons: the ADU hold them exactly
+    bad = np.zeros(photons.shape[1:], np.uint16)
+    bad[:, 20:24] = 1  # a dead stripe (CXI: non-zero = bad)
+    cxi, unmasked = tmp_path / "run.cxi", tmp_path / "unmasked.cxi"
+    for path in (cxi, unmasked):
+        with h5py.File(path, "w") as f:
+            f["/entry_1/data_1/data"] = np.round(photons * gain + offset).astype(np.uint16)
+            if path == cxi:
+                f["/entry_1/instrument_1/detector_1/mask"] = bad
+    config = tmp_path / "serve.toml"
+    config.write_text(f"[serve.calibration]\ngain = {gain}\noffset = {offset}\n")
+    settings = _settings(tmp_path, source=f"h5:{cxi}", calibration={"gain": gain, "offset": offset})
+    r = _start(settings, open_source(settings.source, settings), fx.model, fx.bank)
+    with DecisionClient(r.publisher.endpoint, (DECISION, RUN), timeout_s=WAIT_S) as client:
+        assert r.publisher.wait_for_subscriber(WAIT_S)
+        r.pipeline.start()
+        decisions, _ = _collect_run(client)
+        assert r.pipeline.wait(WAIT_S)
+    r.publisher.close()
+    offline = _classify(fx, cxi, tmp_path / "cxi.csv", "--config", str(config))
+    without_mask = _classify(fx, unmasked, tmp_path / "unmasked.csv", "--config", str(config))
+    labels = [d["label"] for d in decisions]
+    assert labels == [row["label"] for row in offline]
+    scores = [d["score"] for d in decisions]
+    np.testing.assert_allclose(scores, [float(r["score"]) for r in offline], atol=1e-4)
+    assert np.abs(np.array(scores) - [float(r["score"]) for r in without_mask]).max() > 1e-3  # the mask counted
+    assert len(set(labels)) > 1 and {d["truth_n_particles"] for d in decisions} == {None}
 
 
 def test_decision_log_holds_every_decision_without_subscribers(fx: Fixtures, tmp_path: Path) -> None:

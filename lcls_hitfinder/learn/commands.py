@@ -157,17 +157,24 @@ def bank_build(
     print(json.dumps({"bank": str(out), **report}, indent=2))
 
 
-def _decide(model: Path, bank_path: Path, data: Path) -> tuple[Any, Any, Any, Any]:
-    """Embeddings, decisions, the bank and the dataset reader (left open) for model + bank on data."""
+def _model_and_bank(model: Path, bank_path: Path) -> tuple[Any, Any]:
+    """The embedder and a bank it accepts (built for this model, of its width)."""
     from lcls_hitfinder.bank import ReferenceBank
-    from lcls_hitfinder.dataset import Dataset
-    from lcls_hitfinder.learn.infer import embed_dataset
     from lcls_hitfinder.service.embedder import OnnxEmbedder
 
     embedder = OnnxEmbedder(existing(model, "model"), threads=2)
     bank = ReferenceBank.load(
         existing(bank_path, "bank"), expected_model_hash=embedder.model_hash, expected_embed_dim=embedder.embed_dim
     )
+    return embedder, bank
+
+
+def _decide(model: Path, bank_path: Path, data: Path) -> tuple[Any, Any, Any, Any]:
+    """Embeddings, decisions, the bank and the dataset reader (left open) for model + bank on labelled data."""
+    from lcls_hitfinder.dataset import Dataset
+    from lcls_hitfinder.learn.infer import embed_dataset
+
+    embedder, bank = _model_and_bank(model, bank_path)
     dataset = Dataset(existing(data, "dataset"))
     emb = embed_dataset(embedder, dataset)
     return emb, bank.decide(emb), bank, dataset
@@ -192,15 +199,24 @@ def _decide_per_sample(model: Path, refs: Path, data: Path, per_class: int) -> t
 def classify(
     model: Annotated[Path, typer.Option(help="embedder ONNX file")],
     bank: Annotated[Path, typer.Option(help="reference bank built for this model")],
-    data: Annotated[Path, typer.Option(help="patterns to classify (any image size and mask)")],
+    data: Annotated[Path, typer.Option(help="patterns to classify: a dataset or a CXI file (any image size and mask)")],
     out: Annotated[Path, typer.Option(help="CSV to write: index,label,keep,score,distance")],
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="the service's config: its \\[serve.calibration] for raw ADU frames"),
+    ] = None,
 ) -> None:
-    """Classify every pattern of a dataset offline."""
+    """Classify every pattern of a file offline, as `serve` would on `h5:FILE` (no labels needed)."""
+    from lcls_hitfinder.config import load_config
+    from lcls_hitfinder.frame_file import FrameFile
     from lcls_hitfinder.labels import Label
+    from lcls_hitfinder.learn.infer import embed_dataset
 
     output_file(out, "CSV")
-    _, dec, _, dataset = _decide(model, bank, data)
-    dataset.close()
+    calibration = load_config(config).serve.calibration
+    embedder, ref_bank = _model_and_bank(model, bank)
+    with FrameFile(existing(data, "dataset"), f"dataset {data}") as frames:
+        dec = ref_bank.decide(embed_dataset(embedder, frames, calibration))
     with out.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["index", "label", "keep", "score", "distance"])

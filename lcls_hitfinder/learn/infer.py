@@ -12,15 +12,22 @@ import numpy as np
 
 from lcls_hitfinder.bank import ReferenceBank, calibrate_threshold, select_references
 from lcls_hitfinder.dataset import Dataset
-from lcls_hitfinder.preprocess import Preprocessor
+from lcls_hitfinder.frame_file import FrameFile
+from lcls_hitfinder.preprocess import PhotonCalibration, Preprocessor
 from lcls_hitfinder.service.embedder import OnnxEmbedder
 
 
-def embed_dataset(embedder: OnnxEmbedder, data: Dataset, batch: int = 256) -> np.ndarray:
-    """Embeddings (N, D) of every pattern, preprocessed for this model with the dataset's own mask."""
+def embed_dataset(
+    embedder: OnnxEmbedder,
+    data: Dataset | FrameFile,
+    calibration: PhotonCalibration | None = None,
+    batch: int = 256,
+) -> np.ndarray:
+    """Embeddings (N, D) of every pattern, preprocessed for this model with the file's own mask (and, for raw
+    frames, the calibration the service would use)."""
     from rich.progress import track
 
-    pre = Preprocessor(embedder.info.preprocess, data.mask, data.shape)
+    pre = Preprocessor(embedder.info.preprocess, data.mask, data.shape, calibration)
     chunks = [
         embedder.embed(pre(data.images(slice(lo, lo + batch))))
         for lo in track(range(0, len(data), batch), description=f"embedding {data.path.name}", transient=True)

@@ -48,16 +48,20 @@ class SourceURI:
     params: dict[str, str] = field(default_factory=dict)
     raw: str = ""
 
-    def get(self, name: str, convert: Callable[[str], T], default: T) -> T:
-        """The parameter `name` converted by `convert` (int, float, str...), or `default` when absent."""
+    def get(self, name: str, convert: Callable[[str], T], default: T, at_least: float | None = None) -> T:
+        """The parameter `name` converted by `convert` (int, float, str...), or `default` when absent;
+        a number below `at_least` is refused."""
         value = self.params.get(name)
         if value is None:
             return default
         try:
-            return convert(value)
+            converted = convert(value)
         except ValueError:
             kind = getattr(convert, "__name__", "value")
             raise UserError(f"source {self.raw}: {name}={value!r} is not a valid {kind}") from None
+        if at_least is not None and isinstance(converted, int | float) and converted < at_least:
+            raise UserError(f"source {self.raw}: {name}={value} must be at least {at_least:g}")
+        return converted
 
     def require(self, name: str) -> str:
         """A parameter the source cannot do without."""

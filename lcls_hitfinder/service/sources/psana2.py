@@ -214,9 +214,7 @@ def read_loop(uri: SourceURI) -> Psana2ReadLoop:
     if "batch" in uri.params and not ranks:
         raise UserError(f"source {uri.raw}: batch= is for psana's MPI mode (give ranks=N too)")
     if ranks:
-        datasource["batch_size"] = uri.get("batch", int, DEFAULT_BATCH)
-        if datasource["batch_size"] < 1:
-            raise UserError(f"source {uri.raw}: batch= must be at least 1")
+        datasource["batch_size"] = uri.get("batch", int, DEFAULT_BATCH, at_least=1)
     data = uri.params.get("data", "raw")
     if data not in ("raw", "calib"):
         raise UserError(f"source {uri.raw}: data={data!r} must be raw or calib")

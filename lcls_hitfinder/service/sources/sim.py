@@ -35,8 +35,8 @@ class SimSource:
     def __init__(self, uri: SourceURI, settings: ServeSettings) -> None:
         uri.check_params(("rate", "n", "seed", "experiment", "run", "config"))
         self.uri = uri.raw
-        self.rate = uri.get("rate", float, 120.0)
-        self.n = uri.get("n", int, 0)
+        self.rate = uri.get("rate", float, 120.0, at_least=0)
+        self.n = uri.get("n", int, 0, at_least=0)
         self.seed = uri.get("seed", int, 0)
         self.experiment = uri.get("experiment", str, "sim")
         self.run = uri.get("run", int, 1)

@@ -1,0 +1,97 @@
+"""Frames from an HDF5 file: the project's datasets (with their true particle counts) or CXI files.
+
+One reader for the service's `h5:` source and for offline `classify`, so both see the same frames and the
+same mask. CXI: frames from `/entry_1/data_1/data` (N, H, W) or (N, P, H, W), any dtype, as stored (raw
+ADU or photons), and the CXI pixel mask (non-zero = bad), by default the first of /entry_1/data_1/mask and
+/entry_1/instrument_1/detector_1/mask present.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+
+import h5py
+import numpy as np
+
+from lcls_hitfinder.dataset import Dataset
+from lcls_hitfinder.errors import UserError
+
+CXI_DATA = "/entry_1/data_1/data"
+CXI_MASKS = ("/entry_1/data_1/mask", "/entry_1/instrument_1/detector_1/mask")
+
+
+class FrameFile:
+    """`images(slice)` of an HDF5 file's frames, its `mask` (True = good, or None) and, for the project's
+    datasets, `truth` (particle counts). `name` starts its error messages (e.g. "source h5:run.cxi")."""
+
+    def __init__(self, path: Path, name: str, data_path: str = CXI_DATA, mask_path: str | None = None) -> None:
+        self.path = path
+        self.name = name
+        self.mask: np.ndarray | None = None
+        self.truth: np.ndarray | None = None
+        self._dataset: Dataset | None = None
+        self._file: h5py.File | None = None
+        if not path.is_file():
+            raise UserError(f"{name}: no such file {path}")
+        try:
+            f = h5py.File(path, "r")
+        except OSError as err:
+            raise UserError(f"{name}: cannot read {path} as HDF5: {err}") from None
+        self._read: Callable[[slice], np.ndarray]
+        if "images" in f and "n_particles" in f:  # the project's dataset format, through its one reader
+            f.close()
+            self._dataset = Dataset(path)
+            self.truth, self.mask = self._dataset.n_particles, self._dataset.mask
+            shape: tuple[int, ...] = (len(self._dataset), *self._dataset.shape)
+            self._read = self._dataset.images
+        else:
+            self._file = f
+            if data_path not in f:
+                self.close()
+                raise UserError(f"{name}: neither a dataset file nor CXI (no {data_path})")
+            images = f[data_path]
+            shape = tuple(images.shape)
+            if len(shape) in (3, 4):
+                self.mask = self._cxi_mask(f, mask_path, shape[1:])
+            self._read = images.__getitem__
+        if len(shape) not in (3, 4) or shape[0] == 0:
+            self.close()
+            raise UserError(f"{name}: frames must be (N, H, W) or (N, P, H, W), got {shape}")
+        self._n = int(shape[0])
+        self.shape = tuple(int(s) for s in shape[1:])  # of one frame
+
+    def _cxi_mask(self, f: h5py.File, mask_path: str | None, shape: tuple[int, ...]) -> np.ndarray | None:
+        paths = [mask_path] if mask_path else [p for p in CXI_MASKS if p in f]
+        if not paths:
+            return None
+        if paths[0] not in f:
+            self.close()
+            raise UserError(f"{self.name}: no mask {paths[0]} in {self.path}")
+        mask = np.asarray(f[paths[0]][()])
+        if mask.shape != shape:
+            self.close()
+            raise UserError(f"{self.name}: mask {paths[0]} is {mask.shape}, frames are {shape}")
+        return mask == 0  # CXI: non-zero bits flag bad pixels
+
+    def __len__(self) -> int:
+        return self._n
+
+    def images(self, sel: slice) -> np.ndarray:
+        """Frames `sel`, as stored (a dataset's as float32 photons)."""
+        return self._read(sel)
+
+    def close(self) -> None:
+        if self._dataset is not None:
+            self._dataset.close()
+            self._dataset = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> FrameFile:
+        return self
+
+    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        self.close()
