@@ -108,6 +108,10 @@ def test_bad_sources_are_one_line_errors_at_start(tmp_path: Path) -> None:
     source.close()
     with pytest.raises(UserError, match="does not exist"):
         open_source(f"xtc2:{tmp_path / 'missing.xtc2'}?det=cam", settings())
+    for name, head in (("run.h5", b"\x89HDF\r\n\x1a\n" + bytes(64)), ("empty.xtc2", b"")):
+        (tmp_path / name).write_bytes(head)  # psana's reader would crash on these (a segfault, 5 restarts)
+        with pytest.raises(UserError, match="is not an XTC2 run"):
+            open_source(f"xtc2:{tmp_path / name}?det=cam", settings())
     with pytest.raises(UserError, match="data='adu' must be raw or calib"):
         open_source(f"xtc2:{tmp_path / 'r.xtc2'}?data=adu", settings())
     with pytest.raises(UserError, match="want exp:EXPERIMENT:RUN"):

@@ -52,7 +52,15 @@ FIELDS: dict[str, tuple[FieldSpec, ...]] = {
         FieldSpec("decision", "str", "`keep` (a single hit) or `veto`", "str"),
         FieldSpec("score", "float", "single-hit score in [-1, 1] from the bank; higher is more single-like", "f4"),
         FieldSpec("distance", "float", "embedding distance to the single-hit references (NaN when not computed)", "f4"),
-        FieldSpec("n_particles", "int | nil", "estimated particle count, nil when not estimated (-1 in the log)", "i1"),
+        FieldSpec(
+            "n_particles",
+            "int | nil",
+            "estimated particle count, nil when not estimated (-1 in the log): the majority count of the k "
+            "nearest references, beside `label`, which the threshold decides (a pattern scored below it is "
+            "labelled blank or multi, whichever is nearer, even where most of its nearest references are "
+            "singles and n_particles is 1)",
+            "i1",
+        ),
         FieldSpec("latency_us", "int", "microseconds from the frame being read to this decision being published", "i8"),
         FieldSpec("model", "str", "hash of the embedder model that made the decision", "str"),
         FieldSpec(

@@ -64,6 +64,19 @@ def _existing(uri: SourceURI, path: str, what: str) -> str:
     return path
 
 
+_CONFIGURE = 2  # psana.psexp.transitionid.TransitionId.Configure, in bits 24-27 of a datagram's env word
+
+
+def _xtc2_file(uri: SourceURI, path: str) -> str:
+    """An XTC2 run begins with its Configure datagram (time stamp, then env); anything else would crash psana's
+    reader (a segfault, five times over with the restarts) instead of failing in one line."""
+    with open(_existing(uri, path, "file"), "rb") as f:
+        head = f.read(12)
+    if len(head) < 12 or (int.from_bytes(head[8:12], "little") >> 24) & 0xF != _CONFIGURE:
+        raise UserError(f"source {uri.raw}: {path} is not an XTC2 run (it does not begin with a Configure datagram)")
+    return path
+
+
 class SmallDataIndex:
     """The index of an event in its run, for a big-data rank of psana's MPI mode (which sees only its own
     batches): the event's place among the run's L1Accept timestamps, read from the run's smalldata files
@@ -190,7 +203,7 @@ def read_loop(uri: SourceURI) -> Psana2ReadLoop:
     uri.check_params(PARAMS)
     datasource: dict[str, Any] = {}
     if uri.scheme == "xtc2":
-        datasource["files"] = _existing(uri, uri.target, "file")
+        datasource["files"] = _xtc2_file(uri, uri.target)
     elif uri.scheme == "shmem":
         if not uri.target:
             raise UserError(f"source {uri.raw}: give the shmemServer tag, e.g. shmem:TAG?det=NAME")
