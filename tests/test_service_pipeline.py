@@ -513,6 +513,7 @@ def test_provider_fallback_ends_on_the_cpu(fx: Fixtures, monkeypatch: pytest.Mon
         (["--source", "h5:/nonexistent/run7.h5"], "no such file"),
         (["--source", "sim:?rate=fast"], "rate='fast' is not a valid float"),
         (["--log-dir", str(REPO / "README.md")], "decision log directory"),  # a file: no run could be logged
+        (["--bank", "/nonexistent/bank.h5"], "bank /nonexistent/bank.h5 does not exist"),
     ],
 )
 def test_serve_refuses_a_bad_source_in_one_line(fx: Fixtures, tmp_path: Path, args: list[str], message: str) -> None:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from lcls_hitfinder.errors import UserError
-from lcls_hitfinder.paths import output_dir
+from lcls_hitfinder.paths import existing, output_dir
 
 if TYPE_CHECKING:
     from lcls_hitfinder.service.settings import ServeSettings
@@ -97,8 +97,8 @@ def run_service(settings: ServeSettings) -> int:
     uri = parse_uri(settings.source)  # a URI of an unknown kind fails before anything is bound or loaded
     if settings.log_dir is not None:  # and a log folder that cannot be, rather than every run without its log
         output_dir(settings.log_dir, "decision log directory")
-    model_path = settings.model or shipped_file("embedder.onnx")
-    bank_path = settings.bank or shipped_file("bank.h5")
+    model_path = existing(settings.model, "model") if settings.model else shipped_file("embedder.onnx")
+    bank_path = existing(settings.bank, "bank") if settings.bank else shipped_file("bank.h5")
     # Bind first: subscribers connect while the model and the source are still loading.
     publisher = ZmqPublisher(settings.publish.endpoint, settings.publish.sndhwm)
     metrics = ServiceMetrics()
