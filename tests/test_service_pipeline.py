@@ -190,8 +190,8 @@ def _wait_until(condition: Callable[[], bool], what: str) -> None:
         time.sleep(0.02)
 
 
-def test_subscriber_gets_every_decision_equal_to_offline_classify(fx: Fixtures, tmp_path: Path) -> None:
-    settings = _settings(tmp_path, source=f"h5:{fx.data}")
+def _serve_one_run(fx: Fixtures, settings: ServeSettings) -> tuple[list[dict[str, Any]], dict[str, Any], Running]:
+    """The decisions and the run end message of serving `settings.source` to its end, with a subscriber."""
     r = _start(settings, open_source(settings.source, settings), fx.model, fx.bank)
     with DecisionClient(r.publisher.endpoint, (DECISION, RUN), timeout_s=WAIT_S) as client:
         assert r.publisher.wait_for_subscriber(WAIT_S)
@@ -199,14 +199,19 @@ def test_subscriber_gets_every_decision_equal_to_offline_classify(fx: Fixtures, 
         decisions, end = _collect_run(client)
         assert r.pipeline.wait(WAIT_S)
     r.publisher.close()
+    assert client.gaps == []
+    return decisions, end, r
+
+
+def test_subscriber_gets_every_decision_equal_to_offline_classify(fx: Fixtures, tmp_path: Path) -> None:
+    decisions, end, _ = _serve_one_run(fx, _settings(tmp_path, source=f"h5:{fx.data}"))
 
     with Dataset(fx.data) as d:
         n, truth = len(d), d.n_particles
     assert [m["seq"] for m in decisions] == list(range(n))
     assert [m["event"] for m in decisions] == list(range(n))
     assert [m["truth_n_particles"] for m in decisions] == truth.tolist()
-    assert end["events"] == n and sum(end["counts"].values()) == n
-    assert client.gaps == []
+    assert end["events"] == n and sum(end["counts"].values()) == n  # and no gap (_serve_one_run)
 
     # the same frames through `classify` (training's preprocessing + the same embedder + bank), offline
     offline = _classify(fx, fx.data, tmp_path / "classify.csv")
@@ -241,13 +246,7 @@ def test_a_cxi_file_of_raw_adu_is_classified_offline_as_serve_decides_it(fx: Fix
     config = tmp_path / "serve.toml"
     config.write_text(f"[serve.calibration]\ngain = {gain}\noffset = {offset}\n")
     settings = _settings(tmp_path, source=f"h5:{cxi}", calibration={"gain": gain, "offset": offset})
-    r = _start(settings, open_source(settings.source, settings), fx.model, fx.bank)
-    with DecisionClient(r.publisher.endpoint, (DECISION, RUN), timeout_s=WAIT_S) as client:
-        assert r.publisher.wait_for_subscriber(WAIT_S)
-        r.pipeline.start()
-        decisions, _ = _collect_run(client)
-        assert r.pipeline.wait(WAIT_S)
-    r.publisher.close()
+    decisions, _, _ = _serve_one_run(fx, settings)
     offline = _classify(fx, cxi, tmp_path / "cxi.csv", "--config", str(config))
     without_mask = _classify(fx, unmasked, tmp_path / "unmasked.csv", "--config", str(config))
     labels = [d["label"] for d in decisions]
@@ -374,13 +373,12 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_serve_drains_and_closes_the_run_on_sigterm(fx: Fixtures, tmp_path: Path) -> None:
-    """The real command: SIGTERM stops reading, and every event read is decided, published and logged."""
-    endpoint = f"tcp://127.0.0.1:{_free_port()}"
+def _serve_command(fx: Fixtures, tmp_path: Path, source: str, endpoint: str) -> list[str]:
+    """`lcls-hitfinder serve` with a config file: logs in tmp_path, free ports, waiting for a subscriber."""
     config = tmp_path / "serve.toml"
     config.write_text(
         f"""[serve]
-source = "h5:{fx.data}?repeat=0&rate=200&experiment=cxitest&run=3"
+source = "{source}"
 log_dir = "{tmp_path / "logs"}"
 [serve.publish]
 endpoint = "{endpoint}"
@@ -390,9 +388,16 @@ heartbeat_s = 0.2
 port = {_free_port()}
 """
     )
+    return [*LCLS_HITFINDER, "serve", "--config", str(config), "--model", str(fx.model), "--bank", str(fx.bank)]
+
+
+def test_serve_drains_and_closes_the_run_on_sigterm(fx: Fixtures, tmp_path: Path) -> None:
+    """The real command: SIGTERM stops reading, and every event read is decided, published and logged."""
+    endpoint = f"tcp://127.0.0.1:{_free_port()}"
+    command = _serve_command(fx, tmp_path, f"h5:{fx.data}?repeat=0&rate=200&experiment=cxitest&run=3", endpoint)
     with DecisionClient(endpoint, (DECISION, RUN, HEARTBEAT), timeout_s=WAIT_S) as client:
         proc = subprocess.Popen(
-            [*LCLS_HITFINDER, "serve", "--config", str(config), "--model", str(fx.model), "--bank", str(fx.bank)],
+            command,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -430,20 +435,8 @@ port = {_free_port()}
 
 def test_sigterm_while_waiting_for_a_subscriber_reads_nothing(fx: Fixtures, tmp_path: Path) -> None:
     """Stopped before it served: no event read, no run begun, no log written, a clean exit."""
-    config = tmp_path / "serve.toml"
-    config.write_text(
-        f"""[serve]
-source = "h5:{fx.data}?repeat=0"
-log_dir = "{tmp_path / "logs"}"
-[serve.publish]
-endpoint = "tcp://127.0.0.1:{_free_port()}"
-wait_for_subscriber_s = 60
-[serve.metrics]
-port = {_free_port()}
-"""
-    )
-    args = [*LCLS_HITFINDER, "serve", "--config", str(config), "--model", str(fx.model), "--bank", str(fx.bank)]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    command = _serve_command(fx, tmp_path, f"h5:{fx.data}?repeat=0", f"tcp://127.0.0.1:{_free_port()}")
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
     try:
         assert proc.stdout is not None
         lines = []
