@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -113,8 +115,12 @@ def test_export_carries_preprocessing_and_summary(model: Path) -> None:
 
 def test_bank_classify_and_evaluate(data: Path, model: Path, tmp_path: Path) -> None:
     bank_path = tmp_path / "bank.h5"
-    out = invoke("bank", "build", "--model", model, "--data", data / "val.h5", "--per-class", "5", "--out", bank_path)
-    report = json.loads(out[out.index("{") :])
+    args = ["bank", "build", "--model", model, "--data", data / "val.h5", "--per-class", "5", "--out", bank_path]
+    cli = Path(sys.executable).parent / "lcls-hitfinder"  # a real process: rich writes to a real stdout
+    built = subprocess.run([cli, *args], capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr
+    assert built.stdout.startswith("{"), built.stdout  # the JSON alone: progress and warnings go to stderr
+    report = json.loads(built.stdout)
     assert report["references"] == 25 and report["calibration_patterns"] == 175
     bank = ReferenceBank.load(bank_path, expected_model_hash=file_hash(model))
     assert bank.threshold == report["threshold"] and len(bank.embeddings) == 25

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -153,7 +154,9 @@ def bank_build(
     )
     bank.save(out)
     if not report["reached"]:
-        print(f"warning: no threshold reaches precision {target_precision}; using the most precise one")
+        print(
+            f"warning: no threshold reaches precision {target_precision}; using the most precise one", file=sys.stderr
+        )
     print(json.dumps({"bank": str(out), **report}, indent=2))
 
 

@@ -25,13 +25,17 @@ def embed_dataset(
 ) -> np.ndarray:
     """Embeddings (N, D) of every pattern, preprocessed for this model with the file's own mask (and, for raw
     frames, the calibration the service would use)."""
+    from rich.console import Console
     from rich.progress import track
 
     pre = Preprocessor(embedder.info.preprocess, data.mask, data.shape, calibration)
-    chunks = [
-        embedder.embed(pre(data.images(slice(lo, lo + batch))))
-        for lo in track(range(0, len(data), batch), description=f"embedding {data.path.name}", transient=True)
-    ]
+    progress = track(  # on stderr: stdout is the commands' output (bank build's JSON, classify's summary)
+        range(0, len(data), batch),
+        description=f"embedding {data.path.name}",
+        transient=True,
+        console=Console(stderr=True),
+    )
+    chunks = [embedder.embed(pre(data.images(slice(lo, lo + batch)))) for lo in progress]
     return np.concatenate(chunks) if chunks else np.zeros((0, embedder.info.embed_dim), np.float32)
 
 
