@@ -315,6 +315,31 @@ def test_bad_frames_get_error_decisions_and_the_service_goes_on(fx: Fixtures, tm
     assert r.metrics.frame_errors.labels(reason="shape")._value.get() == 1
 
 
+def test_a_failed_batch_is_errors_and_counted_as_errors_only(
+    fx: Fixtures, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The model failing on a batch: every frame of it an `internal` error decision, and no counter says
+    otherwise (the pre-filter had called the blank frames blank before the model failed)."""
+    bright = np.random.default_rng(5).poisson(3.0, (SIDE, SIDE)).astype(np.float32)
+    frames = [np.zeros((SIDE, SIDE), np.float32), bright, np.zeros((SIDE, SIDE), np.float32), bright.copy()]
+
+    def broken(self: OnnxEmbedder, thumbnails: Any) -> np.ndarray:
+        raise RuntimeError("the GPU fell off the bus")
+
+    monkeypatch.setattr(OnnxEmbedder, "embed", broken)
+    batch = {"max_size": 4, "max_wait_ms": 5000}  # one batch of the four (the source ends before 5 s)
+    settings = _settings(tmp_path, prefilter={"kind": "lit_pixels", "min_lit_pixels": 20}, batch=batch)
+    r = _start(settings, ListSource(frames), fx.model, fx.bank)
+    r.pipeline.start()
+    assert r.pipeline.wait(WAIT_S)
+    r.publisher.close()
+    columns, _ = read_decision_log(r.pipeline.logs[0])
+    assert columns["label"].tolist() == ["error"] * 4
+    assert {str(x) for x in columns["reason"]} == {"internal: RuntimeError: the GPU fell off the bus"}
+    assert r.metrics.frame_errors.labels(reason="internal")._value.get() == 4
+    assert r.metrics.prefilter_blank._value.get() == 0
+
+
 def test_bank_reloads_when_its_file_changes_and_refuses_a_foreign_one(fx: Fixtures, tmp_path: Path) -> None:
     bank_path = tmp_path / "bank.h5"
     bank = ReferenceBank.load(fx.bank)
