@@ -6,17 +6,18 @@ cd "$(dirname "$0")/.."
 EXTRAS="${1:-psana,dev}"
 VENV="${VENV:-.venv}"
 
-# System packages: gcc + libkrb5-dev build pykerberos for psana; prometheus/promtool for the monitoring tests;
-# docker-compose validates docker/compose.yaml (`config`, no engine needed).
-APT_PKGS=(gcc libkrb5-dev prometheus docker-compose)
+# System packages: gcc + libkrb5-dev build pykerberos for psana; prometheus (with promtool) is the node's
+# monitoring and the monitoring tests' server; with the dev extra, docker-compose validates
+# docker/compose.yaml (`config`, no engine needed). Services already running are left as they are: the tests
+# start their own Prometheus on a free port, and a monitoring node's Prometheus must stay up.
+APT_PKGS=(gcc libkrb5-dev prometheus)
+[[ ",$EXTRAS," == *",dev,"* ]] && APT_PKGS+=(docker-compose)
 missing=()
 for p in "${APT_PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if ((${#missing[@]})); then
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-    # The Debian package starts a Prometheus on :9090; the tests run their own.
-    ($SUDO systemctl disable --now prometheus prometheus-node-exporter >/dev/null 2>&1 || true)
 fi
 
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
@@ -26,6 +27,12 @@ if [ ! -f "$stamp" ]; then
     # The CPU wheel of torch first, so that the range in pyproject is already met (no CUDA download).
     "$VENV/bin/python" -c "import torch" 2>/dev/null || "$VENV/bin/pip" install -q "torch==2.13.0"
     "$VENV/bin/pip" install -q -e ".[${EXTRAS}]"
+    if [[ ",$EXTRAS," == *",gpu,"* ]]; then
+        # onnxruntime (a base dependency) and onnxruntime-gpu install the same module: keep the GPU one
+        # (as docker/Dockerfile.gpu does), or the CUDA provider is silently missing.
+        "$VENV/bin/pip" uninstall -q -y onnxruntime
+        "$VENV/bin/pip" install -q --force-reinstall --no-deps "onnxruntime-gpu>=1.27,<2"
+    fi
     rm -f "$VENV"/.installed-*
     touch "$stamp"
 fi

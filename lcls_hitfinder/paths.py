@@ -3,6 +3,7 @@ traceback after minutes of simulating, training or evaluating."""
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 from lcls_hitfinder.errors import UserError
@@ -24,10 +25,16 @@ def output_file(path: Path, what: str) -> Path:
 
 
 def output_dir(path: Path, what: str) -> Path:
-    """A directory to write into, made if it is not there: not an existing file."""
+    """A directory to write into, made if it is not there: not an existing file, and one a file can be
+    written in (tried: permissions alone do not say so, e.g. for root on a read-only mount)."""
     if path.exists() and not path.is_dir():
         raise UserError(f"{what} {path} is a file, not a directory")
     _make_dir(path, what)
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise UserError(f"cannot write {what} in {path}: {err.strerror or err}") from None
     return path
 
 

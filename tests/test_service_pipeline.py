@@ -531,6 +531,7 @@ def test_provider_fallback_ends_on_the_cpu(fx: Fixtures, monkeypatch: pytest.Mon
         (["--source", "h5:/nonexistent/run7.h5"], "no such file"),
         (["--source", "sim:?rate=fast"], "rate='fast' is not a valid float"),
         (["--log-dir", str(REPO / "README.md")], "decision log directory"),  # a file: no run could be logged
+        (["--log-dir", "/proc/self"], "cannot write decision log directory in /proc/self"),  # no file goes there
         (["--bank", "/nonexistent/bank.h5"], "bank /nonexistent/bank.h5 does not exist"),
     ],
 )
@@ -702,6 +703,7 @@ def test_a_log_folder_that_fails_between_runs_costs_the_log_not_the_decisions(fx
     assert [d["seq"] for d in decisions] == list(range(10)) and {d["label"] for d in decisions} != {"error"}
     assert [(e["run"], e["events"]) for e in ends] == [(1, 5), (2, 5)]
     assert ends[1]["log"] is None and len(r.pipeline.logs) == 1 and r.pipeline.error is None
+    assert r.metrics.decision_log_failures._value.get() == 1
     columns, attrs = read_decision_log(tmp_path / "old_logs" / Path(r.pipeline.logs[0]).name)
     assert attrs["complete"] and columns["seq"].tolist() == list(range(5))
 
@@ -721,7 +723,7 @@ def test_any_failure_of_the_log_costs_the_log_not_the_decisions(
     r, decisions, ends = _serve_two_runs(fx, tmp_path, break_the_log)
     assert [d["seq"] for d in decisions] == list(range(10))
     assert [(e["run"], e["events"], e["log"] is None) for e in ends] == [(1, 5, False), (2, 5, True)]
-    assert r.pipeline.error is None
+    assert r.pipeline.error is None and r.metrics.decision_log_failures._value.get() == 1
 
 
 def test_a_heartbeat_never_counts_decisions_not_yet_published(fx: Fixtures, tmp_path: Path) -> None:

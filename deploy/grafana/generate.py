@@ -306,12 +306,17 @@ def health() -> list[Json]:
         ),
         timeseries(
             "Source restarts and bank reloads",
-            "Reader restarts by the watchdog, and bank reloads by result (refused: the old bank stayed).",
+            "Reader restarts by the watchdog, bank reloads by result (refused: the old bank stayed), and decision"
+            " logs that failed (that run went on without its record).",
             [
                 target(f"sum(increase({sel('hitfinder_source_restarts_total')}[$__rate_interval]))", "restarts"),
                 target(
                     f"sum by (result) (increase({sel('hitfinder_bank_reloads_total')}[$__rate_interval]))",
                     "bank reload {{result}}",
+                ),
+                target(
+                    f"sum(increase({sel('hitfinder_decision_log_failures_total')}[$__rate_interval]))",
+                    "decision log failed",
                 ),
             ],
             "none",

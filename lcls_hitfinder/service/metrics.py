@@ -100,6 +100,12 @@ SPECS: tuple[MetricSpec, ...] = (
         ("result",),
     ),
     MetricSpec(
+        "hitfinder_decision_log_failures_total",
+        "counter",
+        "Decision logs that failed: could not be created at a run's start (the folder cannot be written) or "
+        "failed while written (a full disk). That run went on without its log; its decisions were still published.",
+    ),
+    MetricSpec(
         "hitfinder_prefilter_blank_total",
         "counter",
         "Events the cheap pre-filter labelled blank without running the model.",
@@ -158,6 +164,7 @@ class ServiceMetrics:
         self.build_info = self._gauge("hitfinder_build_info")
         self.bank_info = self._gauge("hitfinder_bank_info")
         self.bank_reloads = self._counter("hitfinder_bank_reloads_total")
+        self.decision_log_failures = self._counter("hitfinder_decision_log_failures_total")
         self.prefilter_blank = self._counter("hitfinder_prefilter_blank_total")
         self.frames_binned = self._counter("hitfinder_frames_binned_total")
         self.truth_events = self._counter("hitfinder_truth_events_total")
@@ -235,7 +242,7 @@ def markdown() -> str:
         "sum(rate(hitfinder_events_total[5m]))`",
         '- agreement with the simulated truth: `sum(rate(hitfinder_truth_events_total{agree="yes"}[5m])) / '
         "sum(rate(hitfinder_truth_events_total[5m]))`",
-        "- stuck service: `time() - hitfinder_heartbeat_timestamp_seconds > 5`",
+        "- stuck service (0 until the first heartbeat): `time() - (hitfinder_heartbeat_timestamp_seconds > 0) > 10`",
         "",
     ]
     return "\n".join(lines)

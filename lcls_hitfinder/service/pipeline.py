@@ -522,6 +522,7 @@ class Pipeline:
                 decision_log = DecisionLog(path, attrs)
             except Exception as err:  # an unwritable log folder must not stop the decisions either
                 log.error("cannot open decision log %s (%s); run %s:%d goes on without it", path, err, experiment, run)
+                self.metrics.decision_log_failures.inc()
             else:
                 self.logs.append(str(path))
         self._run = Run(experiment, run, self._next_seq, time.time_ns(), decision_log)
@@ -556,6 +557,7 @@ class Pipeline:
             action(run.decision_log)
         except Exception as err:  # a full disk (or any failure to write) must not stop the decisions
             log.error("decision log %s failed (%s); this run goes on without it", run.decision_log.path, err)
+            self.metrics.decision_log_failures.inc()
             run.decision_log.abandon()
             run.decision_log = None
 
