@@ -141,6 +141,15 @@ def test_exp_run_directory_offline(tmp_path: Path) -> None:
     frames = read_all(open_source(f"exp:tstx00001:5?dir={xtc}&det=cam", settings()))
     assert [(f.event.run, f.event.event, f.truth_n_particles) for f in frames] == [(5, i, i % 5) for i in range(5)]
     np.testing.assert_array_equal(frames[4].data, frame_of(4, (16, 16)))
+    # a run that is not there: psana's own AssertionError, in one line at open (it spun 120 s, then failed late)
+    missing = open_source(f"exp:tstx00001:9?dir={xtc}&det=cam", settings())
+    with pytest.raises(UserError, match="psana cannot open it: AssertionError"):
+        missing.open()
+    missing.close()
+    other = open_source(f"exp:tstx00002:5?dir={xtc}&det=cam", settings())  # psana would read tstx00001's run 5
+    with pytest.raises(UserError, match="run 5 in that directory is tstx00001's, not tstx00002's"):
+        other.open()
+    other.close()
 
 
 def _identity(frames: list[Frame]) -> list[tuple[int, int, int, int | None, int | None]]:
@@ -305,6 +314,34 @@ def test_shmem_survives_a_killed_server_and_resumes_with_the_next(tmp_path: Path
     events = [f.event.event for f in got[2]]
     assert events == sorted(events) and len(set(events)) == len(events)
     np.testing.assert_array_equal(got[2][0].data, frame_of(events[0], shape))
+    assert leftovers() == []
+
+
+def test_a_live_reader_restarted_mid_run_numbers_on(tmp_path: Path, servers: list[ShmemServer]) -> None:
+    """Frozen after 10 events of a run the server goes on serving: the restarted reader's events of that run
+    are numbered after those the service already has, so (run, event) names one event (they began at 0)."""
+    write_run(tmp_path / "a.xtc2", 240, (32, 32), run=1)
+    tag = f"lhfnum{os.getpid()}"
+    servers.append(ShmemServer(tag, [tmp_path / "a.xtc2"], rate_hz=30, buffer_bytes=2 * 32 * 32).start())
+    loop = read_loop(parse_uri(f"shmem:{tag}?det=cam"))
+    reader = SupervisedReader(FreezeOnce(loop, after=10), settings().reader, "freeze", live=True)
+    frames: list[Frame] = []
+    end = time.monotonic() + 90
+    try:
+        reader.start()
+        for item in reader.frames():
+            assert time.monotonic() < end, f"{len(frames)} frames, {reader.restarts} restarts"
+            if isinstance(item, Frame):
+                frames.append(item)
+                item.release()
+            if reader.restarts and len(frames) >= 25:
+                break
+    finally:
+        reader.close()
+    assert reader.restarts == 1
+    events = [f.event.event for f in frames]
+    stamps = [f.event.timestamp for f in frames]
+    assert events == list(range(len(frames))) and stamps == sorted(set(stamps))
     assert leftovers() == []
 
 

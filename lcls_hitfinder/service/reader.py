@@ -78,9 +78,9 @@ _CTX = mp.get_context("spawn")  # never fork the service (torch, ZeroMQ and HTTP
 
 
 class Delivered:
-    """The events of a replayable source that reached the service: per run, every event below a contiguous
-    count from 0, plus those beyond it (MPI ranks deliver their batches out of order). A restarted reader
-    skips them, so a restart neither repeats nor loses an event."""
+    """The events that reached the service: per run, every event below a contiguous count from 0, plus those
+    beyond it (MPI ranks deliver their batches out of order). A restarted reader of a replayable source skips
+    them, so a restart neither repeats nor loses an event; a live one numbers on after them."""
 
     def __init__(self) -> None:
         self._below: dict[int, int] = {}
@@ -103,6 +103,12 @@ class Delivered:
 
     def __len__(self) -> int:
         return sum(self._below.values()) + sum(len(b) for b in self._beyond.values())
+
+    def next_index(self, run: int) -> int:
+        """The index after the last event of `run` delivered: where a live reader restarted mid-run goes on
+        counting, so that (run, event) stays unique."""
+        beyond = self._beyond.get(run)
+        return max(self._below.get(run, 0), max(beyond) + 1 if beyond else 0)
 
 
 class ReadLoop(Protocol):
@@ -583,12 +589,13 @@ class SupervisedReader:
             if msg[0] == "ready":
                 self._handle_control(child, channel, msg)
                 return
-            if msg[0] in ("error", "hello"):  # a rank waits for its answer before it can open the data
+            if msg[0] in ("error", "hello", "crash"):  # a rank waits for its answer; a crash's eof follows
                 self._handle_control(child, channel, msg)
                 continue
-            child.pending.append(got)
-            if msg[0] == "eof":
-                return
+            if msg[0] == "eof" and child.crash and not self._live:
+                self._child_gone(child)  # raises: a file that fails to open fails so every time, no restarts
+            child.pending.append(got)  # eof, end: read in order by `frames` (taken again here, it spun)
+            return
 
     def _spawn(self) -> None:
         self._incarnation += 1

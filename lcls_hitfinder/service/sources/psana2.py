@@ -139,8 +139,8 @@ class Psana2ReadLoop:
 
         try:
             return DataSource(**kwargs)
-        except (OSError, ValueError, KeyError) as err:
-            raise UserError(f"source {self.label}: psana cannot open it: {err}") from None
+        except Exception as err:  # whatever psana raises here (an AssertionError for a run it cannot find)
+            raise UserError(f"source {self.label}: psana cannot open it: {type(err).__name__}: {err}") from None
 
     def _detector_name(self, run: Any) -> str:
         names = sorted(run.detnames)
@@ -168,6 +168,9 @@ class Psana2ReadLoop:
         ds = self._open()
         for run in ds.runs():
             runnum = int(run.runnum or 0)
+            wanted = dict(self.datasource).get("exp")
+            if wanted and run.expt and run.expt != wanted:  # psana finds runs by number alone in dir=
+                raise UserError(f"source {self.label}: run {runnum} in that directory is {run.expt}'s, not {wanted}'s")
             name = self._detector_name(run)
             self._local_constants(run, name)
             det = run.Detector(name).raw
@@ -177,7 +180,8 @@ class Psana2ReadLoop:
             kind = "calib" if self.calib else "raw"
             sink.ready(f"{run.expt or '?'} run {run.runnum}: detector {name}, {kind}{' image' if self.image else ''}")
             index = SmallDataIndex(ds.xtc_path, runnum) if self.mpi_ranks else None
-            for i, evt in enumerate(run.events()):
+            first = delivered.next_index(runnum) if self.live else 0  # a live reader restarted mid-run
+            for i, evt in enumerate(run.events(), start=first):
                 if index is not None:
                     i = index(int(evt.timestamp))
                 if not self.live and (runnum, i) in delivered:
