@@ -78,6 +78,15 @@ def test_photons_are_resampled_with_poisson_noise() -> None:
     assert 0.1 < float(noisy.std()) < 0.5 and float(noisy.min()) < 0
 
 
+def test_fluence_jitter_means_what_the_simulator_means_mean_1_and_that_relative_spread() -> None:
+    s = OFF.model_copy(update={"photons": (20000.0, 20000.0), "fluence_jitter": 1.0})
+    x = ring(10, 4000)
+    totals = Augmenter(s, SHAPE, single_photons=float(x[0].sum()))(x, gen()).sum((1, 2)).numpy() / 20000
+    assert (
+        abs(totals.mean() - 1) < 0.1 and abs(totals.std() - 1) < 0.25
+    )  # as the simulator's (sd of the log: 1.65, 2.2)
+
+
 def test_matched_photons_take_brightness_away_from_multi_hits() -> None:
     """A pair twice as bright as a single: kept so at a fixed fluence, as bright as the single when matched;
     a blank (no hit) is scaled as before, never blown up to a hit's photons."""

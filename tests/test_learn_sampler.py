@@ -31,3 +31,12 @@ def test_per_structure_batches_hold_all_counts_of_each_structure() -> None:
     assert 2 <= len(structures) < 10
     for name in structures:  # every drawn structure brings its singles and its multi-hits
         assert set(N[idx][S[idx] == name]) == {1, 2, 3, 4}
+
+
+def test_a_small_batch_still_holds_two_classes_with_two_members_each() -> None:
+    """A batch smaller than classes x 4 drew one class before: no anchor had a negative, the loss was 0."""
+    labels = class_labels(N, S, TrainSettings(classes="hit"))
+    for size in (4, 5, 6, 7):
+        idx = BalancedSampler(labels)(size, np.random.default_rng(size))
+        counts = np.bincount(labels[idx])
+        assert (counts >= 2).sum() >= 2, (size, counts.tolist())

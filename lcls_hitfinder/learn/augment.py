@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from lcls_hitfinder.learn.settings import AugmentSettings
+from lcls_hitfinder.simulate.generate import lognormal_of_mean_1
 
 
 def poisson(rate: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -93,7 +94,8 @@ class Augmenter:
         if s.photons is not None:
             lo, hi = s.photons
             target = torch.exp(self._uniform(b, math.log(lo), math.log(hi), g, dev))
-            jitter = torch.exp(s.fluence_jitter * torch.randn(b, generator=g, device=dev))
+            mu, sd = lognormal_of_mean_1(s.fluence_jitter)  # as the simulator means it (it was sd of the log)
+            jitter = torch.exp(mu + sd * torch.randn(b, generator=g, device=dev))
             per = torch.full((b,), self.single_photons, device=dev)
             if s.p_matched_photons > 0 and hits is not None:
                 matched = (torch.rand(b, generator=g, device=dev) < s.p_matched_photons) & hits.to(dev)

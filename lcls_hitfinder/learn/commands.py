@@ -153,6 +153,12 @@ def bank_build(
         seed,
     )
     bank.save(out)
+    if report["calibration_singles"] < 100:
+        print(
+            f"warning: the threshold rests on {report['calibration_singles']} single hits; its precision is"
+            " rough (give --calibrate with more)",
+            file=sys.stderr,
+        )
     if not report["reached"]:
         print(
             f"warning: no threshold reaches precision {target_precision}; using the most precise one", file=sys.stderr

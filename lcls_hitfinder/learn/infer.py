@@ -73,6 +73,7 @@ def build_bank(
     report = {
         "references": len(refs),
         "calibration_patterns": len(cal_n),
+        "calibration_singles": int(single.sum()),  # what the precision rests on
         "threshold": bank.threshold,
         "target_precision": target_precision,
         "reached": reached,

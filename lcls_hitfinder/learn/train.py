@@ -111,10 +111,11 @@ class BalancedSampler:
         )
 
     def __call__(self, size: int, rng: np.random.Generator) -> np.ndarray:
-        if len(self.groups) == 1:  # one group: draw classes
+        if len(self.groups) == 1:  # one group: draw classes, at least two (one alone gives no negatives)
             classes = self.groups[0]
-            k = max(2, size // len(classes)) if len(classes) * self.k <= size else self.k
-            picked = rng.choice(classes, size=min(len(classes), max(1, size // k)), replace=False)
+            n = len(classes) if len(classes) * self.k <= size else min(len(classes), max(2, size // self.k))
+            k = max(2, size // n)
+            picked = rng.choice(classes, size=n, replace=False)
         else:
             per_group = self.k * np.mean([len(g) for g in self.groups])
             chosen = rng.choice(

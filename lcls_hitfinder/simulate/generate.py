@@ -40,6 +40,13 @@ _POINTS_PER_CALL = 1 << 21
 """q points per interpolation call: bounds the memory of large detectors."""
 
 
+def lognormal_of_mean_1(spread: float) -> tuple[float, float]:
+    """(mu, sigma) of the logarithm of a log-normal factor with mean 1 and relative sd `spread`: what a fluence
+    jitter means, in simulation and in training's augmentation alike."""
+    sigma = math.sqrt(math.log1p(spread**2))
+    return -sigma * sigma / 2, sigma
+
+
 def random_quaternions(rng: np.random.Generator, n: int) -> np.ndarray:
     """(n, 4) unit quaternions (w, x, y, z), uniform over rotations (Shoemake 1992), w >= 0."""
     u1, u2, u3 = rng.random((3, n))
@@ -236,8 +243,8 @@ class PatternGenerator:
 
     def _jitter(self, rng: np.random.Generator, n: int) -> np.ndarray:
         """Log-normal fluence factors with mean 1 and relative sd fluence_jitter."""
-        sd = math.sqrt(math.log1p(self.settings.beam.fluence_jitter**2))
-        return np.exp(rng.normal(-sd * sd / 2, sd, n))
+        mu, sd = lognormal_of_mean_1(self.settings.beam.fluence_jitter)
+        return np.exp(rng.normal(mu, sd, n))
 
     def expected_intensity(
         self, counts: np.ndarray, species: np.ndarray, quats: np.ndarray, positions: np.ndarray, jitter: np.ndarray
