@@ -166,9 +166,9 @@ class Psana2ReadLoop:
 
     def __call__(self, sink: FrameSink, delivered: Delivered) -> None:
         ds = self._open()
+        wanted = dict(self.datasource).get("exp")
         for run in ds.runs():
             runnum = int(run.runnum or 0)
-            wanted = dict(self.datasource).get("exp")
             if wanted and run.expt and run.expt != wanted:  # psana finds runs by number alone in dir=
                 raise UserError(f"source {self.label}: run {runnum} in that directory is {run.expt}'s, not {wanted}'s")
             name = self._detector_name(run)
