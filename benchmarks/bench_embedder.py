@@ -33,7 +33,7 @@ def rate(fn: Callable[[], object], batch: int, seconds: float) -> float:
     return n / (time.perf_counter() - t0)
 
 
-ARCH_KEYS = ("embed_dim", "width", "depth", "unshuffle", "radial_rings")
+ARCH_KEYS = ("embed_dim", "width", "depth", "convs", "unshuffle", "radial_rings")
 
 
 def torch_twin(model: Path) -> torch.nn.Module | None:

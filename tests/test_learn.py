@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx as onnx_lib
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -228,11 +229,14 @@ def test_space_to_depth_embedder_trains_and_exports_with_parity(data: Path, tmp_
     invoke("export", run, "--out", onnx)
     info = read_model_info(onnx)
     assert info.summary["unshuffle"] == 2 and info.preprocess.thumbnail == 32
-    cfg.write_text("[train]\nunshuffle = 2\ndepth = 3\nradial_rings = 8\n")  # the ring branch exports too
+    cfg.write_text("[train]\nunshuffle = 2\ndepth = 3\nradial_rings = 8\nconvs = 2\n")  # rings and 2 convs a block
     run = tmp_path / "radial"
     invoke("train", "twin", "--config", cfg, "--data", data / "train.h5", "--val", data / "val.h5", "--out", run, *TINY)
     invoke("export", run, "--out", onnx)
-    assert read_model_info(onnx).summary["radial_rings"] == 8
+    summary = read_model_info(onnx).summary
+    assert summary["radial_rings"] == 8 and summary["convs"] == 2
+    convs = [n for n in onnx_lib.load(str(onnx)).graph.node if n.op_type == "Conv"]
+    assert len(convs) == 1 + 3 * 2  # space to depth, then 3 blocks of 2
     cfg.write_text("[train]\nunshuffle = 4\n")  # 4 * 2^5 = 128 does not divide the 32-pixel thumbnail
     result = runner.invoke(
         app,

@@ -39,6 +39,7 @@ def _twin_summary(run_dir: Path, run: dict[str, Any], settings: TrainSettings) -
         "embed_dim": settings.embed_dim,
         "width": settings.width,
         "depth": settings.depth,
+        "convs": settings.convs,
         "unshuffle": settings.unshuffle,
         "radial_rings": settings.radial_rings,
         "alpha": settings.alpha,

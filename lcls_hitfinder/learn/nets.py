@@ -72,7 +72,8 @@ class TwinEmbedder(nn.Module):
     """A small CNN: thumbnail (N, 1, S, S) -> embedding (N, D). Shared by both arms of the twin.
 
     `depth` conv blocks, each halving the size; channels grow from `width` by 1.5x per block (not 2x), so
-    every block costs less than the one before and the whole net stays fast on a CPU. `unshuffle` f > 1
+    every block costs less than the one before and the whole net stays fast on a CPU. Each block has
+    `convs` 3x3 conv layers before its pooling (more capacity and a wider receptive field per scale). `unshuffle` f > 1
     first moves each f x f block of pixels into f² channels (space to depth): a 128 x 128 thumbnail then
     costs what a 64 x 64 one does, and the net, not sum-binning, decides how the four pixels combine.
     `radial_rings` R > 0 adds the thumbnail's ring profile (`RadialProfile`, through one hidden layer) to
@@ -87,6 +88,7 @@ class TwinEmbedder(nn.Module):
         unshuffle: int = 1,
         radial_rings: int = 0,
         size: int = 64,
+        convs: int = 1,
     ) -> None:
         super().__init__()
         if not 2 <= embed_dim <= 128:
@@ -94,7 +96,7 @@ class TwinEmbedder(nn.Module):
         chans = [unshuffle**2] + [round(width * 1.5**i) for i in range(depth)]
         blocks: list[nn.Module] = [SpaceToDepth(unshuffle)] if unshuffle > 1 else []
         for a, b in itertools.pairwise(chans):
-            blocks += [*conv_bn_relu(a, b), nn.MaxPool2d(2)]
+            blocks += [*conv_bn_relu(a, b), *(m for _ in range(convs - 1) for m in conv_bn_relu(b, b)), nn.MaxPool2d(2)]
         self.features = nn.Sequential(*blocks)
         radial_out = 32 if radial_rings else 0
         self.radial = (

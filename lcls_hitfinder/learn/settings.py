@@ -77,6 +77,7 @@ class TrainSettings(_Section):
     embed_dim: int = Field(32, ge=2, le=128)
     width: int = Field(12, ge=2, le=128, description="channels of the embedder's first conv layer")
     depth: int = Field(4, ge=1, le=6, description="conv blocks of the embedder (each halves the size)")
+    convs: int = Field(1, ge=1, le=4, description="embedder: 3x3 conv layers per block")
     unshuffle: int = Field(
         1, ge=1, le=4, description="embedder: f x f pixel blocks into f² channels first (128 x 128 at 64's cost)"
     )

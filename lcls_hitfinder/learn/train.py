@@ -135,6 +135,7 @@ def build_net(kind: Kind, settings: TrainSettings, n_structures: int) -> nn.Modu
             settings.unshuffle,
             settings.radial_rings,
             settings.preprocess.thumbnail,
+            settings.convs,
         )
     return build_cnn(settings.cnn.arch, settings.cnn.width, max(n_structures, 1))
 
