@@ -27,8 +27,17 @@ def write_run(path: Path, n: int, shape: tuple[int, ...], run: int = 1, start_ns
     return w.end_unix_ns
 
 
+def shm_files() -> set[str]:
+    """Every ring segment and MPICH file in /dev/shm now, whoever made it."""
+    return set(glob.glob("/dev/shm/lhf_*") + glob.glob("/dev/shm/mpich_shm_*"))
+
+
+_BEFORE_TESTS = shm_files()  # other users' files, or a killed earlier session's: not this session's leftovers
+
+
 def leftovers(pid: int | None = None) -> list[str]:
     """Ring segments of process `pid` (default: this one) and MPICH files of processes that are gone."""
     mine = glob.glob(f"/dev/shm/lhf_{pid or os.getpid()}_*")
-    orphans = [p for p in glob.glob("/dev/shm/mpich_shm_*") if not Path(f"/proc/{int(p.split('_')[2], 16)}").exists()]
+    mpich = set(glob.glob("/dev/shm/mpich_shm_*")) - _BEFORE_TESTS
+    orphans = [p for p in mpich if not Path(f"/proc/{int(p.split('_')[2], 16)}").exists()]
     return mine + orphans

@@ -55,6 +55,10 @@ def test_zscore_normalisation_and_log_transform() -> None:
     out = Preprocessor(s, None, (64, 64))(frames)
     np.testing.assert_allclose(out.mean(dim=(1, 2, 3)).numpy(), 0.0, atol=1e-5)
     np.testing.assert_allclose(out.std(dim=(1, 2, 3)).numpy(), 1.0, atol=1e-4)
+    # the same by hand: 4 x 4 bin sums, log1p, then per-image z-score (sample std)
+    logged = np.log1p(frames.astype(np.float64).reshape(4, 16, 4, 16, 4).sum(axis=(2, 4)))
+    mean, std = logged.mean(axis=(1, 2), keepdims=True), logged.std(axis=(1, 2), ddof=1, keepdims=True)
+    np.testing.assert_allclose(out[:, 0].numpy(), (logged - mean) / std, atol=1e-4)
 
 
 def test_panels_are_tiled_in_a_grid() -> None:
