@@ -34,6 +34,18 @@ def _small(**kw: object) -> SimulateSettings:
     return SimulateSettings.model_validate(base)
 
 
+@pytest.mark.parametrize("side", [128, 129])  # the beam between two rows, and on one
+@pytest.mark.parametrize("gap", [1, 2, 3, 4])
+def test_the_gap_is_exactly_gap_px_rows_through_the_beam(side: int, gap: int) -> None:
+    from lcls_hitfinder.simulate.geometry import DetectorGeometry
+
+    s = _small(detector={"shape": (side, side), "beamstop_px": 0, "gap_px": gap})
+    rows = np.flatnonzero(~DetectorGeometry.from_settings(s.detector, s.beam).mask().all(axis=1))
+    centre = (side - 1) / 2
+    assert len(rows) == gap and rows.tolist() == list(range(rows[0], rows[0] + gap))
+    assert abs(rows.mean() - centre) <= 0.5  # centred on the beam, to half a row
+
+
 def test_dataset_layout_labels_mask_and_attributes(tmp_path: Path) -> None:
     s = _small(
         structures=["sphere:8", "procedural:6"],
@@ -123,6 +135,23 @@ def test_mixed_species_clusters() -> None:
     g = PatternGenerator(_small(structures=["sphere:8", "sphere:5"], particles={4: 1}, mixed_species=True))
     names = g.chunk(0, 20).structure
     assert any("+" in name for name in names)
+
+
+def test_a_mixed_cluster_is_lit_at_one_fluence() -> None:
+    """With photons_per_pattern each structure has its own fluence (so its singles get the photons asked for),
+    but the particles of one shot all see that of its first particle, as with an explicit `fluence`."""
+    from lcls_hitfinder.simulate.generate import R_E_NM
+
+    g = PatternGenerator(_small(structures=["sphere:5", "sphere:15"], mixed_species=True))
+    assert g.scales[0] / g.scales[1] > 10  # the small sphere needs a far brighter beam for the same photons
+    fluence = g.scales[0] / (1e-6 * R_E_NM**2)
+    fixed = PatternGenerator(_small(structures=["sphere:5", "sphere:15"], beam={"fluence": fluence}))
+    quats = np.zeros((1, 4, 4))
+    quats[0, :2, 0] = 1
+    positions = np.zeros((1, 4, 3))
+    positions[0, 1, 0] = 20.0  # touching: 5 + 15 nm
+    args = (np.array([2]), np.array([[0, 1, 0, 0]]), quats, positions, np.ones(1))
+    np.testing.assert_allclose(g.expected_intensity(*args), fixed.expected_intensity(*args), rtol=1e-4)
 
 
 def test_gzipped_pdb_and_biological_assembly(tmp_path: Path, shared_dir: Path) -> None:

@@ -9,7 +9,8 @@ Intensity of a pattern in photons per pixel:
 where F_j is the amplitude of particle j (electrons), R_j its orientation, r_j its position in the
 cluster, ΔΩ the pixel's solid angle, P the polarization factor and s_j = fluence · r_e² (times the shot's
 jitter). With `photons_per_pattern` the fluence of each structure is set so that one particle gives that
-many photons on the good pixels on average over orientations (computed from the spherical average of |F|²).
+many photons on the good pixels on average over orientations (computed from the spherical average of |F|²);
+a mixed cluster is lit at the fluence of its first particle's structure, the same for all its particles.
 """
 
 from __future__ import annotations
@@ -255,6 +256,8 @@ class PatternGenerator:
         (lab frame), jitter (n,) fluence factors; entries past a pattern's count are ignored.
         """
         n, npix = len(counts), self._q.shape[0]
+        # one fluence per shot, that of its first particle's structure: in a mixed cluster every particle sees it
+        shot_scale = np.asarray(self.scales)[species[:, 0]] * jitter
         amp = torch.zeros(n, npix, dtype=torch.complex64, device=self.device)
         pattern, slot = np.nonzero(np.arange(MAX_PARTICLES)[None, :] < counts[:, None])
         per_call = max(1, _POINTS_PER_CALL // npix)
@@ -265,7 +268,7 @@ class PatternGenerator:
                 pi, ji = p_idx[lo : lo + per_call], j_idx[lo : lo + per_call]
                 rot = torch.from_numpy(rotation_matrices(quats[pi, ji]).astype(np.float32)).to(self.device)
                 pos = torch.from_numpy(positions[pi, ji].astype(np.float32)).to(self.device)
-                weight = torch.from_numpy(np.sqrt(self.scales[s] * jitter[pi]).astype(np.float32)).to(self.device)
+                weight = torch.from_numpy(np.sqrt(shot_scale[pi]).astype(np.float32)).to(self.device)
                 a = volume.rotated_amplitude(self._q, rot)
                 phase = torch.polar(weight[:, None].expand(-1, npix), pos @ self._q.T)
                 amp.index_add_(0, torch.from_numpy(pi).to(self.device), a * phase)
