@@ -230,6 +230,14 @@ def test_uniform_bodies_agree_with_the_sphere() -> None:
     assert shell.rg_nm > load_structure("sphere:5").rg_nm
 
 
+def test_a_pr772_like_capsid_is_built_at_residue_density() -> None:
+    """Heavier beads than residues put a granular floor and lattice peaks at high q: none up to R = 35 nm."""
+    capsid = load_structure("capsid:35")
+    assert isinstance(capsid, AtomModel)
+    weights = capsid.groups[0].weights
+    assert weights.max() == pytest.approx(1.0) and weights.min() == pytest.approx(0.8)  # shell, core
+
+
 def test_capsid_is_an_icosahedral_shell_around_a_lighter_core() -> None:
     capsid = load_structure("capsid:10")
     assert isinstance(capsid, AtomModel)
