@@ -547,6 +547,7 @@ def test_listen_prints_decisions_and_reports_gaps(fx: Fixtures, tmp_path: Path) 
     lines = [json.loads(line, parse_constant=strict) for line in proc.stdout.splitlines()]
     assert len(lines) == 25 and all(m["topic"] == "decision" for m in lines)
     assert all(m["label"] == "blank" and m["reason"] == "prefilter" and m["distance"] is None for m in lines)
+    assert all(m["score"] == -1.0 and m["n_particles"] == 0 for m in lines)  # as docs/messages.md says
     seqs = [m["seq"] for m in lines]
     assert seqs == list(range(seqs[0], seqs[0] + 25))
     assert "25 decisions, 0 gap(s), 0 missing" in proc.stderr

@@ -50,12 +50,19 @@ FIELDS: dict[str, tuple[FieldSpec, ...]] = {
         ),
         FieldSpec("label", "str", "`blank`, `single`, `multi` or `error`", "str"),
         FieldSpec("decision", "str", "`keep` (a single hit) or `veto`", "str"),
-        FieldSpec("score", "float", "single-hit score in [-1, 1] from the bank; higher is more single-like", "f4"),
+        FieldSpec(
+            "score",
+            "float",
+            "single-hit score in [-1, 1] from the bank, higher is more single-like; -1 for pre-filter blanks, NaN "
+            "for `error` decisions (`listen --json` writes null)",
+            "f4",
+        ),
         FieldSpec("distance", "float", "embedding distance to the single-hit references (NaN when not computed)", "f4"),
         FieldSpec(
             "n_particles",
             "int | nil",
-            "estimated particle count, nil when not estimated (-1 in the log): the majority count of the k "
+            "estimated particle count, 0 for pre-filter blanks, nil for `error` decisions (-1 in the log): the "
+            "majority count of the k "
             "nearest references, beside `label`, which the threshold decides (a pattern scored below it is "
             "labelled blank or multi, whichever is nearer, even where most of its nearest references are "
             "singles and n_particles is 1)",
@@ -66,7 +73,13 @@ FIELDS: dict[str, tuple[FieldSpec, ...]] = {
         FieldSpec(
             "truth_n_particles", "int | nil", "true particle count when the source knows it (-1 in the log)", "i1"
         ),
-        FieldSpec("reason", "str | nil", "why the label is `error` (shape, dtype, nonfinite), or `prefilter`", "str"),
+        FieldSpec(
+            "reason",
+            "str | nil",
+            "for `error` decisions `KIND: detail`, KIND one of shape, dtype, nonfinite, internal (e.g. `nonfinite: "
+            "NaN or Inf pixels`); `prefilter` for pre-filter blanks; nil otherwise",
+            "str",
+        ),
     ),
     HEARTBEAT: (
         _V,
