@@ -618,14 +618,21 @@ def test_io_binding_gives_the_same_embeddings(fx: Fixtures) -> None:
 
 
 class StallingSource(ListSource):
-    """One frame, then idle ticks while its (pretend) reader is restarted twice, then one more frame."""
+    """One frame, then idle ticks while its (pretend) reader is restarted twice, then, once `resume` is set,
+    one more frame."""
+
+    def __init__(self, arrays: list[np.ndarray]) -> None:
+        super().__init__(arrays)
+        self.resume = threading.Event()
 
     def frames(self) -> Iterator[Frame | None]:
         frames = super().frames()
         yield next(frames)
         for tick in range(12):
-            time.sleep(0.1)
+            time.sleep(0.05)
             self.restarts = 1 if tick < 6 else 2
+            yield None
+        while not self.resume.wait(0.05):
             yield None
         yield from frames
 
@@ -633,19 +640,22 @@ class StallingSource(ListSource):
 def test_heartbeats_and_restart_counts_go_on_while_the_source_is_idle(fx: Fixtures, tmp_path: Path) -> None:
     panels = np.random.default_rng(2).poisson(2.0, (2, 4, 16, 16)).astype(np.uint16)  # panel stacks (P, H, W)
     settings = _settings(tmp_path, log_dir=None)
-    r = _start(settings, StallingSource(list(panels)), fx.model, fx.bank)
+    source = StallingSource(list(panels))
+    r = _start(settings, source, fx.model, fx.bank)
     with DecisionClient(r.publisher.endpoint, (DECISION, HEARTBEAT), timeout_s=WAIT_S) as client:
         assert r.publisher.wait_for_subscriber(WAIT_S)
         r.pipeline.start()
         decisions, beats = [], []
         for topic, payload in client.messages():
             (decisions if topic == DECISION else beats).append(payload)
+            if sum(b["next_seq"] == 1 and b["source_restarts"] == 2 for b in beats) >= 2:
+                source.resume.set()  # heartbeats went on through the stall: let the second frame come
             if len(decisions) == 2:
                 break
         assert r.pipeline.wait(WAIT_S)
     r.publisher.close()
     idle_beats = [b for b in beats if b["next_seq"] == 1]  # between the two frames
-    assert len(idle_beats) >= 2 and all(b["run_open"] for b in idle_beats)
+    assert sum(b["source_restarts"] == 2 for b in idle_beats) >= 2 and all(b["run_open"] for b in idle_beats)
     assert [d["label"] != "error" for d in decisions] == [True, True]
     assert r.metrics.source_restarts._value.get() == 2
 
