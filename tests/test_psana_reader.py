@@ -36,6 +36,35 @@ def _frame_data(i: int) -> np.ndarray:
     return np.full((side, side), i, dtype=np.uint16)
 
 
+def test_a_reader_starting_removes_the_segments_of_services_that_are_gone() -> None:
+    """A service killed with its resource tracker leaves its rings in /dev/shm; the next one removes them, and
+    never those of a service still running (here: this process's own)."""
+    from multiprocessing.shared_memory import SharedMemory
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(gone.stdout)
+    orphans = [SharedMemory(name=f"lhf_{dead_pid}_1_{part}", create=True, size=64) for part in ("hb", "ring0")]
+    alive = SharedMemory(name=f"lhf_{os.getpid()}_999_hb", create=True, size=64)
+    try:
+        for shm in orphans:
+            shm.close()
+        reader = SupervisedReader(CountingLoop(3), _settings(), "count", live=False)
+        try:
+            reader.start(wait_ready_s=30)
+            frames, _ = _collect(reader)
+        finally:
+            reader.close()
+        assert len(frames) == 3
+        assert glob.glob(f"/dev/shm/lhf_{dead_pid}_*") == []
+        assert os.path.exists(f"/dev/shm/{alive.name}")
+    finally:
+        for shm in orphans:
+            with contextlib.suppress(FileNotFoundError):
+                shm.unlink()
+        alive.close()
+        alive.unlink()
+
+
 @dataclass(frozen=True)
 class CountingLoop:
     n: int

@@ -345,6 +345,18 @@ def remove_leftovers(pid: int, prefix: str) -> None:
                 os.unlink(path)
 
 
+def remove_orphans() -> int:
+    """Delete the /dev/shm segments of services that are gone; returns how many. The resource tracker removes a
+    killed service's segments, but a SIGKILL to its whole cgroup (systemd's final kill) takes the tracker too,
+    and a service restarted in a loop would then fill /dev/shm ring by ring."""
+    owners = {os.path.basename(path).split("_")[1] for path in glob.glob("/dev/shm/lhf_*_*")}
+    dead = [int(pid) for pid in owners if pid.isdigit() and not _running(int(pid))]
+    before = len(glob.glob("/dev/shm/lhf_*"))
+    for pid in dead:
+        remove_leftovers(pid, f"lhf_{pid}")
+    return before - len(glob.glob("/dev/shm/lhf_*"))
+
+
 class MpiRun:
     """`mpirun -n N` of service/mpi_rank.py, handled like a multiprocessing child: each rank sits in a process
     group of its own (hydra's doing), so signals go to mpirun and to every rank that has said hello."""
@@ -577,6 +589,9 @@ class SupervisedReader:
 
     def start(self, wait_ready_s: float = 0.0) -> None:
         """Start the child; with `wait_ready_s`, wait that long for the data to open, so errors raise here."""
+        removed = remove_orphans()
+        if removed:
+            log.warning("removed %d /dev/shm segments left by services that are gone", removed)
         self._spawn()
         child = self._child
         assert child is not None
