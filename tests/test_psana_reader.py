@@ -36,33 +36,51 @@ def _frame_data(i: int) -> np.ndarray:
     return np.full((side, side), i, dtype=np.uint16)
 
 
-def test_a_reader_starting_removes_the_segments_of_services_that_are_gone() -> None:
-    """A service killed with its resource tracker leaves its rings in /dev/shm; the next one removes them, and
-    never those of a service still running (here: this process's own)."""
+def test_a_reader_starting_removes_the_segments_of_readers_that_are_gone() -> None:
+    """A service killed with its resource tracker leaves its segments in /dev/shm; the next reader removes those
+    whose heartbeat nobody holds, and never those of a live reader: one that holds its lock, whatever its pid
+    (another container's pids mean nothing here), nor one too young to have taken it."""
+    import fcntl
     from multiprocessing.shared_memory import SharedMemory
 
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    dead_pid = int(gone.stdout)
-    orphans = [SharedMemory(name=f"lhf_{dead_pid}_1_{part}", create=True, size=64) for part in ("hb", "ring0")]
-    alive = SharedMemory(name=f"lhf_{os.getpid()}_999_hb", create=True, size=64)
-    try:
-        for shm in orphans:
+    def segments(prefix: str) -> list[SharedMemory]:
+        made = [SharedMemory(name=f"{prefix}_{part}", create=True, size=64) for part in ("hb", "0_ring")]
+        for shm in made:
             shm.close()
+        return made
+
+    def age(prefix: str, seconds: float) -> None:
+        for path in glob.glob(f"/dev/shm/{prefix}_*"):
+            os.utime(path, (time.time() - seconds, time.time() - seconds))
+
+    made = segments("lhf_1_dead00_1") + segments("lhf_1_live00_1") + segments("lhf_1_young0_1")
+    age("lhf_1_dead00_1", 120)
+    age("lhf_1_live00_1", 120)
+    lock = os.open("/dev/shm/lhf_1_live00_1_hb", os.O_RDONLY)
+    fcntl.flock(lock, fcntl.LOCK_SH)  # as a live reader of another PID namespace holds it
+    try:
         reader = SupervisedReader(CountingLoop(3), _settings(), "count", live=False)
         try:
             reader.start(wait_ready_s=30)
+            (own,) = glob.glob(f"/dev/shm/lhf_{os.getpid()}_*_hb")
+            probe = os.open(own, os.O_RDONLY)
+            try:
+                with pytest.raises(BlockingIOError):  # the reader holds its own heartbeat's lock
+                    fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            finally:
+                os.close(probe)
             frames, _ = _collect(reader)
         finally:
             reader.close()
         assert len(frames) == 3
-        assert glob.glob(f"/dev/shm/lhf_{dead_pid}_*") == []
-        assert os.path.exists(f"/dev/shm/{alive.name}")
+        assert glob.glob("/dev/shm/lhf_1_dead00_*") == []
+        assert len(glob.glob("/dev/shm/lhf_1_live00_*")) == len(glob.glob("/dev/shm/lhf_1_young0_*")) == 2
+        assert _leftovers() == []  # the reader's own, removed at close
     finally:
-        for shm in orphans:
+        os.close(lock)
+        for shm in made:
             with contextlib.suppress(FileNotFoundError):
                 shm.unlink()
-        alive.close()
-        alive.unlink()
 
 
 @dataclass(frozen=True)

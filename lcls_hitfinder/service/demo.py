@@ -287,7 +287,7 @@ class Demo:
                 self.service.kill()
                 self.service.wait()
         if self.service is not None:
-            remove_leftovers(self.service.pid, f"lhf_{self.service.pid}")
+            remove_leftovers(f"lhf_{self.service.pid}")
         if self.server is not None:
             self.server.stop()
 

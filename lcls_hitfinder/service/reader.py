@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import functools
 import glob
 import logging
@@ -39,6 +40,7 @@ import mmap
 import multiprocessing as mp
 import os
 import pickle
+import secrets
 import select
 import shutil
 import signal
@@ -333,11 +335,13 @@ def child_main(
     os._exit(code)  # psana's reader threads may sit in blocking calls: do not join them
 
 
-def remove_leftovers(pid: int, prefix: str) -> None:
-    """Delete what a killed child leaves in /dev/shm: its segments (rings, heartbeats) and MPICH's per-pid files."""
-    for path in glob.glob(f"/dev/shm/{prefix}_*") + glob.glob(f"/dev/shm/mpich_shm_{pid:x}_*"):
+def remove_leftovers(prefix: str, pid: int | None = None) -> None:
+    """Delete what a killed child leaves in /dev/shm: its segments (rings, heartbeats, the ranks' socket) and,
+    given the child's `pid`, MPICH's per-pid files."""
+    mpich = glob.glob(f"/dev/shm/mpich_shm_{pid:x}_*") if pid is not None else []
+    for path in glob.glob(f"/dev/shm/{prefix}_*") + mpich:
         with contextlib.suppress(OSError):  # gone meanwhile
-            if os.path.basename(path).startswith(prefix):
+            if os.path.basename(path).startswith(prefix) and not path.endswith("_ranks"):
                 shm = SharedMemory(name=os.path.basename(path))  # unlink() also tells the resource tracker
                 shm.close()
                 shm.unlink()
@@ -345,16 +349,45 @@ def remove_leftovers(pid: int, prefix: str) -> None:
                 os.unlink(path)
 
 
+ORPHAN_AGE_S = 60.0
+"""A reader's segments younger than this are never removed as orphans: one that is starting may not hold its lock
+yet."""
+
+
 def remove_orphans() -> int:
-    """Delete the /dev/shm segments of services that are gone; returns how many. The resource tracker removes a
-    killed service's segments, but a SIGKILL to its whole cgroup (systemd's final kill) takes the tracker too,
-    and a service restarted in a loop would then fill /dev/shm ring by ring."""
-    owners = {os.path.basename(path).split("_")[1] for path in glob.glob("/dev/shm/lhf_*_*")}
-    dead = [int(pid) for pid in owners if pid.isdigit() and not _running(int(pid))]
-    before = len(glob.glob("/dev/shm/lhf_*"))
-    for pid in dead:
-        remove_leftovers(pid, f"lhf_{pid}")
-    return before - len(glob.glob("/dev/shm/lhf_*"))
+    """Delete the /dev/shm segments of readers that are gone; returns how many.
+
+    The resource tracker removes a killed service's segments, but a SIGKILL to its whole cgroup (systemd's final
+    kill) takes the tracker too, and a service restarted in a loop would then fill /dev/shm ring by ring. A live
+    reader holds a lock on its heartbeat segment (`_hold`); a pid cannot tell, as /dev/shm may be shared with
+    services in other PID namespaces (containers with the host's IPC)."""
+    removed = 0
+    for heartbeat in glob.glob("/dev/shm/lhf_*_hb"):
+        try:
+            if time.time() - os.stat(heartbeat).st_mtime < ORPHAN_AGE_S:
+                continue
+            fd = os.open(heartbeat, os.O_RDONLY)
+        except OSError:  # gone meanwhile
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # its reader is alive
+        finally:
+            os.close(fd)
+        prefix = os.path.basename(heartbeat)[: -len("_hb")]
+        before = len(glob.glob(f"/dev/shm/{prefix}_*"))
+        remove_leftovers(prefix)
+        removed += before - len(glob.glob(f"/dev/shm/{prefix}_*"))
+    return removed
+
+
+def _hold(segment: str) -> int:
+    """A shared lock on /dev/shm/`segment`, held while the returned descriptor is open: says "alive" to
+    `remove_orphans` of any process that shares /dev/shm."""
+    fd = os.open(f"/dev/shm/{segment}", os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    return fd
 
 
 class MpiRun:
@@ -518,6 +551,7 @@ class _Child:
     crash: str = ""  # last line of a channel's traceback
     mpich: set[str] = field(default_factory=set)  # MPICH's shared-memory files of the ranks
     checked_at: float = 0.0  # when the heartbeats were last looked at
+    lock: int = -1  # descriptor holding the heartbeat's lock (`_hold`)
 
     def note_mpich(self, paths: list[str]) -> None:
         """MPICH segments of the ranks, tracked so that they go even when the service is killed."""
@@ -563,6 +597,7 @@ class SupervisedReader:
         self._mpi_ranks = mpi_ranks
         self._child: _Child | None = None
         self._incarnation = 0
+        self._token = secrets.token_hex(3)  # in segment names: pids repeat across containers sharing /dev/shm
         self._failures = 0  # restarts since the last delivered frame, for the backoff
         self._restart_at: float | None = None
         self._delivered = Delivered()
@@ -614,9 +649,10 @@ class SupervisedReader:
 
     def _spawn(self) -> None:
         self._incarnation += 1
-        prefix = f"lhf_{os.getpid()}_{self._incarnation}"
+        prefix = f"lhf_{os.getpid()}_{self._token}_{self._incarnation}"
         expected = self._mpi_ranks or 1
         heartbeat = SharedMemory(name=f"{prefix}_hb", create=True, size=8 * expected)
+        lock = _hold(f"{prefix}_hb")
         beats = np.ndarray((expected,), np.uint64, buffer=heartbeat.buf)
         beats[:] = 0
         if self._mpi_ranks:
@@ -632,10 +668,13 @@ class SupervisedReader:
                 listener.close()
                 _remove_tracked(address)
                 del beats
+                os.close(lock)
                 heartbeat.close()
                 heartbeat.unlink()
                 raise
-            self._child = _Child(process, heartbeat, beats, prefix, expected, time.monotonic(), listener, address)
+            self._child = _Child(
+                process, heartbeat, beats, prefix, expected, time.monotonic(), listener, address, lock=lock
+            )
         else:
             here, there = _CTX.Pipe(duplex=True)
             process = _CTX.Process(
@@ -657,7 +696,7 @@ class SupervisedReader:
             )
             process.start()
             there.close()  # the child holds the only other end: its death reads as EOF here
-            self._child = _Child(process, heartbeat, beats, prefix, expected, time.monotonic())
+            self._child = _Child(process, heartbeat, beats, prefix, expected, time.monotonic(), lock=lock)
             self._child.channels.append(_Channel(here, 0, process.pid))
         self._restart_at = None
 
@@ -733,8 +772,9 @@ class SupervisedReader:
             _remove_tracked(child.socket_path)
         del child.beats
         child.heartbeat.close()
+        os.close(child.lock)
         for pid in pids:
-            remove_leftovers(pid, child.prefix)
+            remove_leftovers(child.prefix, pid)
         for path in child.mpich:  # MPICH removes its segment at a clean exit, but not always, nor when killed
             _remove_tracked(path)
         self._child = None
