@@ -539,6 +539,7 @@ class _Child:
     prefix: str
     expected: int  # channels it will have: 1, or the MPI ranks
     started_at: float
+    lock: int  # descriptor holding the heartbeat's lock (`_hold`)
     listener: socket.socket | None = None  # MPI: where the ranks connect
     socket_path: str | None = None  # in /dev/shm, tracked
     channels: list[_Channel] = field(default_factory=list)
@@ -551,7 +552,6 @@ class _Child:
     crash: str = ""  # last line of a channel's traceback
     mpich: set[str] = field(default_factory=set)  # MPICH's shared-memory files of the ranks
     checked_at: float = 0.0  # when the heartbeats were last looked at
-    lock: int = -1  # descriptor holding the heartbeat's lock (`_hold`)
 
     def note_mpich(self, paths: list[str]) -> None:
         """MPICH segments of the ranks, tracked so that they go even when the service is killed."""
@@ -672,9 +672,7 @@ class SupervisedReader:
                 heartbeat.close()
                 heartbeat.unlink()
                 raise
-            self._child = _Child(
-                process, heartbeat, beats, prefix, expected, time.monotonic(), listener, address, lock=lock
-            )
+            self._child = _Child(process, heartbeat, beats, prefix, expected, time.monotonic(), lock, listener, address)
         else:
             here, there = _CTX.Pipe(duplex=True)
             process = _CTX.Process(
@@ -696,7 +694,7 @@ class SupervisedReader:
             )
             process.start()
             there.close()  # the child holds the only other end: its death reads as EOF here
-            self._child = _Child(process, heartbeat, beats, prefix, expected, time.monotonic(), lock=lock)
+            self._child = _Child(process, heartbeat, beats, prefix, expected, time.monotonic(), lock)
             self._child.channels.append(_Channel(here, 0, process.pid))
         self._restart_at = None
 
