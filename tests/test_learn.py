@@ -165,9 +165,12 @@ def test_bank_of_another_model_is_refused(data: Path, model: Path, tmp_path: Pat
     assert isinstance(result.exception, BankMismatch)
 
 
-def test_resume_continues_exactly(data: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "extra", ["", 'per_structure = true\nnegatives = "own-structure"\naux_weight = 0.5\n'], ids=["plain", "aux"]
+)
+def test_resume_continues_exactly(data: Path, tmp_path: Path, extra: str) -> None:
     cfg = tmp_path / "c.toml"
-    cfg.write_text('[train]\nlr_schedule = "constant"\n')
+    cfg.write_text(f'[train]\nlr_schedule = "constant"\n{extra}')
     common = ["--data", data / "train.h5", "--val", data / "val.h5", "--config", cfg, *TINY]
     invoke("train", "twin", *common, "--out", tmp_path / "straight")
     invoke("train", "twin", *common, "--out", tmp_path / "resumed", "--epochs", "1")
@@ -175,6 +178,7 @@ def test_resume_continues_exactly(data: Path, tmp_path: Path) -> None:
     a = load_file(str(tmp_path / "straight" / "checkpoint.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "checkpoint.safetensors"))
     assert a.keys() == b.keys() and any(k.startswith("optim.") for k in a)
+    assert any(k.startswith("aux.") for k in a) == bool(extra)  # the auxiliary head resumes with the run
     for key in a:
         torch.testing.assert_close(a[key], b[key], msg=key)
     history = json.loads((tmp_path / "resumed" / "run.json").read_text())["history"]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
+from pydantic import ValidationError
 
 from lcls_hitfinder.learn.settings import TrainSettings
 from lcls_hitfinder.learn.train import BalancedSampler, class_labels
@@ -40,3 +42,9 @@ def test_a_small_batch_still_holds_two_classes_with_two_members_each() -> None:
         idx = BalancedSampler(labels)(size, np.random.default_rng(size))
         counts = np.bincount(labels[idx])
         assert (counts >= 2).sum() >= 2, (size, counts.tolist())
+
+
+def test_own_structure_negatives_need_classes_split_by_structure() -> None:
+    with pytest.raises(ValidationError, match="per_structure"):
+        TrainSettings(negatives="own-structure")
+    assert TrainSettings(negatives="own-structure", per_structure=True).negatives == "own-structure"

@@ -61,3 +61,19 @@ def test_gradient_is_finite_at_coincident_points_and_pulls_classes_apart(mining:
 def test_unknown_mining_is_refused() -> None:
     with pytest.raises(ValueError, match="mining"):
         triplet_loss(X, Y, 0.1, mining="easy")  # type: ignore[arg-type]
+
+
+def test_groups_keep_negatives_to_the_anchors_own_group_and_the_blanks() -> None:
+    # 1-d embeddings (N = 1, d = |x - y|), semi-hard, α = 0.5; group -1 marks a blank
+    x = torch.tensor([[0.0], [1.0], [1.1], [1.2]])
+    labels = torch.tensor([0, 0, 1, 9])  # a pair of class 0, a class of another structure, a blank
+    groups = torch.tensor([0, 0, 1, -1])
+    # without groups: (0,1): nearest farther negative class 1 at 1.1 -> 0.4; (1,0): none farther, farthest 0.2 -> 1.3
+    assert triplet_loss(x, labels, 0.5, "semi-hard")[0].item() == pytest.approx(1.7 / 2)
+    # with groups only the blank is a negative: (0,1): 1 - 1.2 + .5 -> 0.3; (1,0): 1 - .2 + .5 -> 1.3
+    assert triplet_loss(x, labels, 0.5, "semi-hard", groups)[0].item() == pytest.approx(1.6 / 2)
+    # a blank anchor's negatives are every hit, of whatever group
+    x = torch.tensor([[0.0], [1.0], [1.2], [5.0]])
+    labels, groups = torch.tensor([9, 9, 0, 1]), torch.tensor([-1, -1, 0, 1])
+    # (0,1): nearest farther 1.2 -> 0.3; (1,0): nearest farther 4 -> 0 (with no negatives: no loss at all)
+    assert triplet_loss(x, labels, 0.5, "semi-hard", groups)[0].item() == pytest.approx(0.3 / 2)

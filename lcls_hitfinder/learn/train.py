@@ -207,8 +207,18 @@ class Trainer:
             {str(s) for s, n in zip(self.train_set.structure, self.train_set.n_particles, strict=True) if n > 0}
         )
         self.net = build_net(kind, settings, len(self.structures)).to(self.device)
-        self.opt = torch.optim.AdamW(self.net.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+        # the auxiliary head trains beside the embedder and is never exported
+        self.aux = nn.Linear(settings.embed_dim, 3).to(self.device) if kind == "twin" and settings.aux_weight else None
+        params = [*self.net.parameters(), *(self.aux.parameters() if self.aux else [])]
+        self.opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
         self.labels = class_labels(self.train_set.n_particles, self.train_set.structure, settings)
+        index = {name: i for i, name in enumerate(self.structures)}
+        self.groups = np.array(
+            [
+                index[str(v)] if n > 0 else -1
+                for v, n in zip(self.train_set.structure, self.train_set.n_particles, strict=True)
+            ]
+        )
         groups = np.asarray(self.train_set.structure, dtype=str) if settings.per_structure else None
         self.sampler = BalancedSampler(self.labels, groups)
         self.run: dict[str, Any] = {
@@ -224,6 +234,10 @@ class Trainer:
         self.start_epoch = 0
         if resume:
             tensors = load_weights(self.net, out / CHECKPOINT)
+            if self.aux is not None:
+                self.aux.load_state_dict(
+                    {k.removeprefix("aux."): v for k, v in tensors.items() if k.startswith("aux.")}
+                )
             _restore_optimizer(self.opt, tensors)
             self.run = run
             self.start_epoch = len(self.run["history"])
@@ -257,7 +271,13 @@ class Trainer:
         s = self.settings
         if self.kind == "twin":
             labels = torch.from_numpy(self.labels[idx]).to(self.device)
-            return triplet_loss(self.net(x), labels, s.alpha, s.mining)
+            groups = torch.from_numpy(self.groups[idx]).to(self.device) if s.negatives == "own-structure" else None
+            emb = self.net(x)
+            loss, stats = triplet_loss(emb, labels, s.alpha, s.mining, groups)
+            if self.aux is not None:
+                hit_class = torch.from_numpy(np.clip(self.train_set.n_particles[idx], 0, 2)).to(self.device)
+                loss = loss + s.aux_weight * F.cross_entropy(self.aux(emb), hit_class)
+            return loss, stats
         structure_logits, count_logits = self.net(x)
         counts = torch.from_numpy(self.train_set.n_particles[idx]).to(self.device)
         index = {name: i for i, name in enumerate(self.structures)}
@@ -338,7 +358,8 @@ class Trainer:
                 if best is None or metrics["selection"] >= best["selection"]:
                     self.run["best"] = metrics
                     save_weights(self.net, self.out / BEST)
-                save_weights(self.net, self.out / CHECKPOINT, _flatten_optimizer(self.opt))
+                aux = {f"aux.{k}": v.detach().cpu() for k, v in self.aux.state_dict().items()} if self.aux else {}
+                save_weights(self.net, self.out / CHECKPOINT, {**_flatten_optimizer(self.opt), **aux})
                 (self.out / RUN_FILE).write_text(json.dumps(self.run, indent=2) + "\n")
                 shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
                 progress.console.print(f"epoch {epoch + 1}: {shown}")

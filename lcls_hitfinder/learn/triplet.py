@@ -25,7 +25,11 @@ def pairwise_distance(x: torch.Tensor) -> torch.Tensor:
 
 
 def triplet_loss(
-    embeddings: torch.Tensor, labels: torch.Tensor, alpha: float, mining: Mining = "batch-hard"
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    alpha: float,
+    mining: Mining = "batch-hard",
+    groups: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Mean triplet loss over the triplets mined online in this batch, and mining statistics.
 
@@ -33,12 +37,16 @@ def triplet_loss(
     semi-hard: per (anchor, positive) pair, the nearest negative farther than the positive
     (d_n > d_p); where none is, the farthest negative (FaceNet's rule, as in TF Addons).
     Anchors without a positive or without a negative contribute nothing.
+    `groups` (one integer per pattern, negative for a blank) keeps each anchor's negatives to its own
+    group and the blanks (a blank's: every pattern), as a bank of the sample's own references decides.
     """
     d = pairwise_distance(embeddings)
     same = labels[:, None] == labels[None, :]
     eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
     pos = same & ~eye
     neg = ~same
+    if groups is not None:
+        neg &= (groups[:, None] == groups[None, :]) | (groups[:, None] < 0) | (groups[None, :] < 0)
     inf = torch.tensor(float("inf"), device=d.device, dtype=d.dtype)
     if mining == "batch-hard":
         valid = pos.any(1) & neg.any(1)
