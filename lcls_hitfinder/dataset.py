@@ -18,13 +18,16 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h5py
 import numpy as np
 
 from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.labels import MAX_PARTICLES
+
+if TYPE_CHECKING:
+    from lcls_hitfinder.preprocess import PhotonCalibration
 
 FORMAT = "lcls-hitfinder-dataset"
 FORMAT_VERSION = 1
@@ -181,6 +184,20 @@ class Dataset:
         if "structure" not in self._f:
             return np.full(len(self), "", dtype=object)
         return np.asarray(self._f["structure"].asstr()[()], dtype=object)
+
+    @property
+    def calibration(self) -> PhotonCalibration | None:
+        """How the images turn into photons when the file holds them in ADU (written with `noise.adu_gain`), else
+        None: every reader of a dataset decodes it the same way, with the gain and offset the file records."""
+        from lcls_hitfinder.preprocess import PhotonCalibration  # torch stays out of the simulator's imports
+
+        if self._f["images"].attrs.get("units", "photons") != "adu":
+            return None
+        noise = self.attrs.get("noise")
+        noise = noise if isinstance(noise, dict) else {}
+        if not noise.get("adu_gain"):
+            raise UserError(f"{self.path}: its images are in ADU but it records no noise.adu_gain to convert them")
+        return PhotonCalibration(gain=float(noise["adu_gain"]), offset=float(noise.get("adu_offset") or 0.0))
 
     @property
     def photons(self) -> np.ndarray:

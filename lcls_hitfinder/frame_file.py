@@ -17,6 +17,7 @@ import numpy as np
 
 from lcls_hitfinder.dataset import Dataset
 from lcls_hitfinder.errors import UserError
+from lcls_hitfinder.preprocess import PhotonCalibration
 
 CXI_DATA = "/entry_1/data_1/data"
 CXI_MASKS = ("/entry_1/data_1/mask", "/entry_1/instrument_1/detector_1/mask")
@@ -31,6 +32,7 @@ class FrameFile:
         self.name = name
         self.mask: np.ndarray | None = None
         self.truth: np.ndarray | None = None
+        self.calibration: PhotonCalibration | None = None  # a dataset's own, when it holds ADU
         self._dataset: Dataset | None = None
         self._file: h5py.File | None = None
         if not path.is_file():
@@ -44,6 +46,7 @@ class FrameFile:
             f.close()
             self._dataset = Dataset(path)
             self.truth, self.mask = self._dataset.n_particles, self._dataset.mask
+            self.calibration = self._dataset.calibration
             shape: tuple[int, ...] = (len(self._dataset), *self._dataset.shape)
             self._read = self._dataset.images
         else:

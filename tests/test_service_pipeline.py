@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import json
 import os
 import signal
 import subprocess
@@ -33,6 +34,7 @@ from lcls_hitfinder.dataset import Batch, Dataset, DatasetWriter
 from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.labels import Label
 from lcls_hitfinder.learn.nets import TwinEmbedder
+from lcls_hitfinder.learn.train import load_patterns
 from lcls_hitfinder.model_io import export_onnx
 from lcls_hitfinder.preprocess import Preprocessor, PreprocessSettings
 from lcls_hitfinder.protocols import EventId, Frame, RunEnd
@@ -257,6 +259,52 @@ def test_a_cxi_file_of_raw_adu_is_classified_offline_as_serve_decides_it(fx: Fix
     np.testing.assert_allclose(scores, [float(r["score"]) for r in offline], atol=1e-4)
     assert np.abs(np.array(scores) - [float(r["score"]) for r in without_mask]).max() > 1e-3  # the mask counted
     assert len(set(labels)) > 1 and {d["truth_n_particles"] for d in decisions} == {None}
+
+
+def test_a_dataset_in_adu_is_decoded_with_its_own_gain_everywhere(fx: Fixtures, tmp_path: Path) -> None:
+    """A dataset simulated in ADU records its gain and offset: `classify`, `evaluate`, training and `serve` on
+    `h5:` decode it with them and answer as on the same patterns in photons, with no calibration configured."""
+    gain, offset = 2.0, 10.0
+    adu = tmp_path / "adu.h5"
+    with (
+        Dataset(fx.data) as d,
+        DatasetWriter(adu, d.shape, d.mask, {"noise": {"adu_gain": gain, "adu_offset": offset}}, units="adu") as w,
+    ):
+        batch = d.read(slice(None))
+        w.append(replace(batch, images=batch.images * gain + offset))
+    photons = _classify(fx, fx.data, tmp_path / "photons.csv")
+    assert len({row["label"] for row in photons}) > 1
+    decoded = _classify(fx, adu, tmp_path / "adu.csv")
+    assert [r["label"] for r in decoded] == [r["label"] for r in photons]
+    np.testing.assert_allclose([float(r["score"]) for r in decoded], [float(r["score"]) for r in photons], atol=1e-4)
+
+    reports = {}
+    for name, path in (("photons", fx.data), ("adu", adu)):
+        args = ["evaluate", "--model", fx.model, "--bank", fx.bank, "--data", path, "--report", tmp_path / name]
+        assert CliRunner().invoke(app, [str(a) for a in args]).exit_code == 0
+        reports[name] = json.loads((tmp_path / name / "metrics.json").read_text())
+    assert reports["adu"]["accuracy"] == reports["photons"]["accuracy"]
+    np.testing.assert_allclose(load_patterns(adu).images, load_patterns(fx.data).images, atol=1e-4)
+
+    command = [*LCLS_HITFINDER, "serve", "--model", str(fx.model), "--bank", str(fx.bank), "--metrics-port", "0"]
+    endpoint, logs = f"tcp://127.0.0.1:{free_port()}", tmp_path / "logs"
+    more = [
+        "--source",
+        f"h5:{adu}",
+        "--publish",
+        endpoint,
+        "--log-dir",
+        str(logs),
+        "--config",
+        str(tmp_path / "c.toml"),
+    ]
+    (tmp_path / "c.toml").write_text('[serve.prefilter]\nkind = "none"\n')
+    env = {**os.environ, "COLUMNS": "300"}
+    proc = subprocess.run([*command, *more], capture_output=True, text=True, timeout=WAIT_S, cwd=tmp_path, env=env)
+    assert proc.returncode == 0 and "holds ADU" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    (log_file,) = logs.rglob("*.h5")
+    columns, _ = read_decision_log(log_file)
+    assert list(columns["label"]) == [r["label"] for r in photons]
 
 
 def test_decision_log_holds_every_decision_without_subscribers(fx: Fixtures, tmp_path: Path) -> None:

@@ -212,7 +212,11 @@ def classify(
     out: Annotated[Path, typer.Option(help="CSV to write: index,label,keep,score,distance")],
     config: Annotated[
         Path | None,
-        typer.Option("--config", "-c", help="the service's config: its \\[serve.calibration] for raw ADU frames"),
+        typer.Option(
+            "--config",
+            "-c",
+            help="the service's config: its \\[serve.calibration] for raw ADU frames (a dataset in ADU brings its own)",
+        ),
     ] = None,
 ) -> None:
     """Classify every pattern of a file offline, as `serve` would on `h5:FILE` (no labels needed)."""
@@ -222,7 +226,8 @@ def classify(
     from lcls_hitfinder.learn.infer import embed_dataset
 
     output_file(out, "CSV")
-    calibration = load_config(config).serve.calibration
+    serve = load_config(config).serve
+    calibration = serve.calibration if "calibration" in serve.model_fields_set else None
     embedder, ref_bank = _model_and_bank(model, bank)
     with FrameFile(existing(data, "dataset"), f"dataset {data}") as frames:
         dec = ref_bank.decide(embed_dataset(embedder, frames, calibration))

@@ -23,12 +23,12 @@ def embed_dataset(
     calibration: PhotonCalibration | None = None,
     batch: int = 256,
 ) -> np.ndarray:
-    """Embeddings (N, D) of every pattern, preprocessed for this model with the file's own mask (and, for raw
-    frames, the calibration the service would use)."""
+    """Embeddings (N, D) of every pattern, preprocessed for this model with the file's own mask and, for raw
+    frames, `calibration` (the service's), or else the one a dataset in ADU records."""
     from rich.console import Console
     from rich.progress import track
 
-    pre = Preprocessor(embedder.info.preprocess, data.mask, data.shape, calibration)
+    pre = Preprocessor(embedder.info.preprocess, data.mask, data.shape, calibration or data.calibration)
     progress = track(  # on stderr: stdout is the commands' output (bank build's JSON, classify's summary)
         range(0, len(data), batch),
         description=f"embedding {data.path.name}",

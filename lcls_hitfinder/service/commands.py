@@ -18,6 +18,7 @@ from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.paths import existing, output_dir
 
 if TYPE_CHECKING:
+    from lcls_hitfinder.protocols import Source
     from lcls_hitfinder.service.settings import ServeSettings
 
 log = logging.getLogger("lcls_hitfinder.serve")
@@ -83,6 +84,18 @@ def serve(
     raise typer.Exit(code)
 
 
+def recorded_calibration(settings: ServeSettings, src: Source) -> ServeSettings:
+    """With no `[serve.calibration]` configured, a dataset in ADU (h5:) is decoded with the gain and offset it
+    records, as `classify`, `evaluate` and training decode it."""
+    from lcls_hitfinder.service.sources.h5 import H5Source
+
+    if not isinstance(src, H5Source) or src.calibration is None or "calibration" in settings.model_fields_set:
+        return settings
+    c = src.calibration
+    log.info("%s holds ADU: photons = (ADU - %g) / %g, as the file records", src.path, c.offset, c.gain)
+    return settings.model_copy(update={"calibration": c})
+
+
 def run_service(settings: ServeSettings) -> int:
     """Start-up in the order that keeps subscribers and operators informed, then serve until done."""
     import torch
@@ -117,6 +130,7 @@ def run_service(settings: ServeSettings) -> int:
         embedder = OnnxEmbedder(model_path, settings.providers, settings.batch.max_size, threads)
         reloading_bank = ReloadingBank(bank_path, embedder, metrics)
         src.open()
+        settings = recorded_calibration(settings, src)
     except BaseException:
         publisher.close()
         raise

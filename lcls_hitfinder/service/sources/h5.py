@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from lcls_hitfinder.frame_file import CXI_DATA, FrameFile
+from lcls_hitfinder.preprocess import PhotonCalibration
 from lcls_hitfinder.protocols import EventId, Frame
 from lcls_hitfinder.service.settings import ServeSettings
 from lcls_hitfinder.service.sources import Pacer, SourceURI, psana_timestamp
@@ -41,6 +42,7 @@ class H5Source:
         self._mask_path = uri.params.get("mask")
         self.frame_shape: tuple[int, ...] | None = None
         self.mask: np.ndarray | None = None
+        self.calibration: PhotonCalibration | None = None  # a dataset's own, when it holds ADU
         self.restarts = 0
         self._truth: np.ndarray | None = None
         self._read: Callable[[slice], np.ndarray] | None = None
@@ -50,6 +52,7 @@ class H5Source:
     def open(self) -> None:
         f = self._file = FrameFile(self.path, f"source {self.uri}", self._data_path, self._mask_path)
         self.mask, self._truth, self._n, self.frame_shape = f.mask, f.truth, len(f), f.shape
+        self.calibration = f.calibration
         self._read = f.images
         if self.memory:
             everything = f.images(slice(None))
