@@ -166,7 +166,13 @@ def test_bank_of_another_model_is_refused(data: Path, model: Path, tmp_path: Pat
 
 
 @pytest.mark.parametrize(
-    "extra", ["", 'per_structure = true\nnegatives = "own-structure"\naux_weight = 0.5\n'], ids=["plain", "aux"]
+    "extra",
+    [
+        "",
+        'per_structure = true\nnegatives = "own-structure"\naux_weight = 0.5\n',
+        'per_structure = true\nnegatives = "both"\n',
+    ],
+    ids=["plain", "own-aux", "both"],
 )
 def test_resume_continues_exactly(data: Path, tmp_path: Path, extra: str) -> None:
     cfg = tmp_path / "c.toml"
@@ -178,7 +184,7 @@ def test_resume_continues_exactly(data: Path, tmp_path: Path, extra: str) -> Non
     a = load_file(str(tmp_path / "straight" / "checkpoint.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "checkpoint.safetensors"))
     assert a.keys() == b.keys() and any(k.startswith("optim.") for k in a)
-    assert any(k.startswith("aux.") for k in a) == bool(extra)  # the auxiliary head resumes with the run
+    assert any(k.startswith("aux.") for k in a) == ("aux_weight" in extra)  # the auxiliary head resumes with the run
     for key in a:
         torch.testing.assert_close(a[key], b[key], msg=key)
     history = json.loads((tmp_path / "resumed" / "run.json").read_text())["history"]

@@ -93,10 +93,10 @@ class TrainSettings(_Section):
         description="hit: blank, single, multi (validated better); count: blank, 1, 2, 3, 4 are separate classes",
     )
     per_structure: bool = Field(False, description="also split the classes by structure id")
-    negatives: Literal["all", "own-structure"] = Field(
+    negatives: Literal["all", "own-structure", "both"] = Field(
         "all",
         description="twin: own-structure keeps a hit's negatives to its own structure's classes and the blanks "
-        "(needs per_structure)",
+        "(needs per_structure); both: the mean of the two losses",
     )
     aux_weight: float = Field(
         0.0, ge=0, description="twin: weight of a blank/single/multi cross-entropy on the embedding (0: none)"
@@ -108,8 +108,8 @@ class TrainSettings(_Section):
     def _check(self) -> TrainSettings:
         if self.augment.photons is not None and not 0 < self.augment.photons[0] <= self.augment.photons[1]:
             raise ValueError("augment.photons must be 0 < lo <= hi")
-        if self.negatives == "own-structure" and not self.per_structure:
-            raise ValueError("negatives = 'own-structure' needs per_structure = true")
+        if self.negatives != "all" and not self.per_structure:
+            raise ValueError(f"negatives = {self.negatives!r} needs per_structure = true")
         multiple = self.unshuffle * 2 ** (self.depth + 1)
         if self.preprocess.thumbnail % multiple:
             raise ValueError(f"preprocess.thumbnail must be a multiple of unshuffle * 2^(depth + 1) = {multiple}")

@@ -276,9 +276,14 @@ class Trainer:
         s = self.settings
         if self.kind == "twin":
             labels = torch.from_numpy(self.labels[idx]).to(self.device)
-            groups = torch.from_numpy(self.groups[idx]).to(self.device) if s.negatives == "own-structure" else None
             emb = self.net(x)
-            loss, stats = triplet_loss(emb, labels, s.alpha, s.mining, groups)
+            parts = []  # "both": the mean of the pooled and the own-structure losses
+            if s.negatives != "own-structure":
+                parts.append(triplet_loss(emb, labels, s.alpha, s.mining))
+            if s.negatives != "all":
+                groups = torch.from_numpy(self.groups[idx]).to(self.device)
+                parts.append(triplet_loss(emb, labels, s.alpha, s.mining, groups))
+            loss, stats = torch.stack([p[0] for p in parts]).mean(), parts[-1][1]
             if self.aux is not None:
                 hit_class = torch.from_numpy(np.clip(self.train_set.n_particles[idx], 0, 2)).to(self.device)
                 loss = loss + s.aux_weight * F.cross_entropy(self.aux(emb), hit_class)
