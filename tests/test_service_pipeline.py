@@ -261,6 +261,22 @@ def test_a_cxi_file_of_raw_adu_is_classified_offline_as_serve_decides_it(fx: Fix
     assert len(set(labels)) > 1 and {d["truth_n_particles"] for d in decisions} == {None}
 
 
+def test_frames_with_nan_or_inf_are_errors_offline_as_in_serve(fx: Fixtures, tmp_path: Path) -> None:
+    with Dataset(fx.data) as d:
+        frames = d.images()
+    frames[3, 5, 7] = np.nan
+    frames[4] = np.inf
+    cxi = tmp_path / "run.cxi"
+    with h5py.File(cxi, "w") as f:
+        f["/entry_1/data_1/data"] = frames
+    decisions, _, _ = _serve_one_run(fx, _settings(tmp_path, source=f"h5:{cxi}"))
+    offline = _classify(fx, cxi, tmp_path / "cxi.csv")
+    labels = [d["label"] for d in decisions]
+    assert labels == [row["label"] for row in offline]
+    assert [i for i, label in enumerate(labels) if label == "error"] == [3, 4]
+    assert offline[3]["keep"] == "false" and offline[3]["score"] == "nan"
+
+
 def test_a_dataset_in_adu_is_decoded_with_its_own_gain_everywhere(fx: Fixtures, tmp_path: Path) -> None:
     """A dataset simulated in ADU records its gain and offset: `classify`, `evaluate`, training and `serve` on
     `h5:` decode it with them and answer as on the same patterns in photons, with no calibration configured."""

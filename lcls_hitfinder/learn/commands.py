@@ -220,24 +220,34 @@ def classify(
     ] = None,
 ) -> None:
     """Classify every pattern of a file offline, as `serve` would on `h5:FILE` (no labels needed)."""
+    import numpy as np
+
     from lcls_hitfinder.config import load_config
     from lcls_hitfinder.frame_file import FrameFile
     from lcls_hitfinder.labels import Label
-    from lcls_hitfinder.learn.infer import embed_dataset
+    from lcls_hitfinder.learn.infer import embed_frames
 
     output_file(out, "CSV")
     serve = load_config(config).serve
     calibration = serve.calibration if "calibration" in serve.model_fields_set else None
     embedder, ref_bank = _model_and_bank(model, bank)
     with FrameFile(existing(data, "dataset"), f"dataset {data}") as frames:
-        dec = ref_bank.decide(embed_dataset(embedder, frames, calibration))
+        emb, finite = embed_frames(embedder, frames, calibration)
+    # frames with NaN or Inf pixels are errors, as serve labels them
+    label, keep = np.full(len(emb), int(Label.ERROR)), np.zeros(len(emb), bool)
+    score, distance = np.full(len(emb), np.nan), np.full(len(emb), np.nan)
+    if finite.any():
+        dec = ref_bank.decide(emb[finite])
+        label[finite], keep[finite], score[finite], distance[finite] = dec.label, dec.keep, dec.score, dec.distance
     with out.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["index", "label", "keep", "score", "distance"])
-        for i in range(len(dec.label)):
-            keep = "true" if dec.keep[i] else "false"
-            w.writerow([i, Label(int(dec.label[i])).text, keep, f"{dec.score[i]:.6f}", f"{dec.distance[i]:.6f}"])
-    print(f"{out}: {len(dec.label)} patterns, {int(dec.keep.sum())} kept as single hits")
+        for i in range(len(label)):
+            w.writerow(
+                [i, Label(int(label[i])).text, "true" if keep[i] else "false", f"{score[i]:.6f}", f"{distance[i]:.6f}"]
+            )
+    errors = f", {int((~finite).sum())} errors (NaN or Inf pixels)" if not finite.all() else ""
+    print(f"{out}: {len(label)} patterns, {int(keep.sum())} kept as single hits{errors}")
 
 
 def evaluate(

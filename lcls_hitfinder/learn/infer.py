@@ -9,22 +9,25 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from lcls_hitfinder.bank import ReferenceBank, calibrate_threshold, select_references
 from lcls_hitfinder.dataset import Dataset
 from lcls_hitfinder.frame_file import FrameFile
 from lcls_hitfinder.preprocess import PhotonCalibration, Preprocessor
+from lcls_hitfinder.service.binning import all_finite
 from lcls_hitfinder.service.embedder import OnnxEmbedder
 
 
-def embed_dataset(
+def embed_frames(
     embedder: OnnxEmbedder,
     data: Dataset | FrameFile,
     calibration: PhotonCalibration | None = None,
     batch: int = 256,
-) -> np.ndarray:
+) -> tuple[np.ndarray, np.ndarray]:
     """Embeddings (N, D) of every pattern, preprocessed for this model with the file's own mask and, for raw
-    frames, `calibration` (the service's), or else the one a dataset in ADU records."""
+    frames, `calibration` (the service's), or else the one a dataset in ADU records; and per pattern whether
+    all its pixels were finite (the service's check: the embedding of one that was not is NaN)."""
     from rich.console import Console
     from rich.progress import track
 
@@ -35,8 +38,22 @@ def embed_dataset(
         transient=True,
         console=Console(stderr=True),
     )
-    chunks = [embedder.embed(pre(data.images(slice(lo, lo + batch)))) for lo in progress]
-    return np.concatenate(chunks) if chunks else np.zeros((0, embedder.info.embed_dim), np.float32)
+    embeddings = np.full((len(data), embedder.info.embed_dim), np.nan, np.float32)
+    finite = np.ones(len(data), bool)
+    for lo in progress:
+        frames = torch.from_numpy(np.ascontiguousarray(data.images(slice(lo, lo + batch))))
+        ok = all_finite(frames).numpy() if frames.is_floating_point() else np.ones(len(frames), bool)
+        finite[lo : lo + len(frames)] = ok
+        if ok.any():
+            embeddings[lo + np.flatnonzero(ok)] = embedder.embed(pre(frames[torch.from_numpy(ok)]))
+    return embeddings, finite
+
+
+def embed_dataset(
+    embedder: OnnxEmbedder, data: Dataset | FrameFile, calibration: PhotonCalibration | None = None
+) -> np.ndarray:
+    """`embed_frames`' embeddings alone: for labelled data, whose frames are finite."""
+    return embed_frames(embedder, data, calibration)[0]
 
 
 def build_bank(
