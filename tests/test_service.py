@@ -173,7 +173,11 @@ def test_seq_tracker_reports_gaps_and_restarts() -> None:
     for s in [0, 1, 2, 5, 6, 9, 0, 1]:
         t.see(s)
     assert [(g.expected, g.got) for g in t.gaps] == [(3, 5), (7, 9)]
-    assert t.missing == 4 and t.restarts == 1
+    assert t.missing == 4 and t.restarts == 1 and t.first == 0
+    late = SeqTracker()
+    for s in [7, 8]:
+        late.see(s)
+    assert late.first == 7 and late.gaps == []  # what went out before it connected is not a gap
 
 
 # ---- providers ----------------------------------------------------------------------------------------------

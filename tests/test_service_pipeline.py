@@ -592,6 +592,9 @@ def test_listen_prints_decisions_and_reports_gaps(fx: Fixtures, tmp_path: Path) 
     r = _start(settings, open_source(settings.source, settings), fx.model, fx.bank)
     r.pipeline.start()
     try:
+        deadline = time.monotonic() + WAIT_S
+        while r.pipeline.next_seq < 10 and time.monotonic() < deadline:  # so that listen joins late
+            time.sleep(0.01)
         proc = subprocess.run(
             [*LCLS_HITFINDER, "listen", r.publisher.endpoint, "--topic", "decision", "--json", "--count", "25"],
             capture_output=True,
@@ -614,7 +617,8 @@ def test_listen_prints_decisions_and_reports_gaps(fx: Fixtures, tmp_path: Path) 
     assert all(m["score"] == -1.0 and m["n_particles"] == 0 for m in lines)  # as docs/messages.md says
     seqs = [m["seq"] for m in lines]
     assert seqs == list(range(seqs[0], seqs[0] + 25))
-    assert "25 decisions, 0 gap(s), 0 missing" in proc.stderr
+    assert seqs[0] >= 10 and f"25 decisions, 0 gap(s), 0 missing, joined at seq {seqs[0]}" in proc.stderr
+    assert f"joined at seq {seqs[0]}: the decisions before it went out before" in proc.stderr
 
 
 def test_provider_fallback_ends_on_the_cpu(fx: Fixtures, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -5,7 +5,10 @@
 
 `seq` is contiguous while the service runs, so a jump means the PUB socket dropped messages for this
 subscriber (it fell behind its high-water mark); each one is recorded in `gaps`. A `seq` that goes
-back means the service was restarted.
+back means the service was restarted. What went out before the subscriber connected is no gap: ZeroMQ
+delivers to a subscriber only from its connection on, so `first` (the first `seq` seen) says where it
+joined; a subscriber started before the service can still miss the first few decisions unless the
+service waits for it (`serve.publish.wait_for_subscriber_s`). The decision log holds every one.
 """
 
 from __future__ import annotations
@@ -32,14 +35,17 @@ class Gap:
 
 @dataclass
 class SeqTracker:
-    """Follows `seq` across decisions: gaps (lost messages) and restarts (seq going back)."""
+    """Follows `seq` across decisions: where it joined, gaps (lost messages) and restarts (seq going back)."""
 
+    first: int | None = None
     next_seq: int | None = None
     gaps: list[Gap] = field(default_factory=list)
     restarts: int = 0
 
     def see(self, seq: int) -> Gap | None:
         gap = None
+        if self.first is None:
+            self.first = seq
         if self.next_seq is not None:
             if seq > self.next_seq:
                 gap = Gap(self.next_seq, seq)
@@ -71,6 +77,9 @@ class DecisionClient:
         self._sock = self._ctx.socket(zmq.SUB)
         self._sock.setsockopt(zmq.RCVHWM, rcvhwm)
         self._sock.setsockopt(zmq.LINGER, 0)
+        # a service starting after this client: connect within 20 ms of its bind, not ZeroMQ's 100
+        self._sock.setsockopt(zmq.RECONNECT_IVL, 20)
+        self._sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         for topic in topics or ("",):
             self._sock.setsockopt_string(zmq.SUBSCRIBE, topic)
         self._sock.connect(endpoint)

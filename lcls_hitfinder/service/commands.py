@@ -249,16 +249,23 @@ def listen(
                 print(f"gap: seq {gap.expected}..{gap.got - 1} missing ({gap.missing})", file=sys.stderr)
             if name == DECISION:
                 decisions += 1
+                if decisions == 1 and client.tracker.first:
+                    print(
+                        f"joined at seq {client.tracker.first}: the decisions before it went out before this"
+                        " subscriber connected (the service's decision log has them)",
+                        file=sys.stderr,
+                    )
                 if count is not None and decisions >= count:
                     break
     except KeyboardInterrupt:
         pass
     finally:
         client.close()
-    missing = client.tracker.missing
+    tracker = client.tracker
     print(
-        f"{decisions} decisions, {len(client.gaps)} gap(s), {missing} missing"
-        + (f", {client.tracker.restarts} service restart(s)" if client.tracker.restarts else ""),
+        f"{decisions} decisions, {len(client.gaps)} gap(s), {tracker.missing} missing"
+        + (f", joined at seq {tracker.first}" if tracker.first else "")
+        + (f", {tracker.restarts} service restart(s)" if tracker.restarts else ""),
         file=sys.stderr,
     )
     if not messages and timeout is not None:

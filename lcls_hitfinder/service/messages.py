@@ -196,6 +196,12 @@ def markdown() -> str:
         "of the run. It is written in HDF5's SWMR mode, so it can be read at any time, also during the run:",
         "`lcls_hitfinder.service.decision_log.read_decision_log(path)`, or `h5py.File(path, 'r', swmr=True)`.",
         "",
+        "A subscriber receives what is published after it has connected: one that joins a running service starts",
+        "at a later `seq` (`listen` says where it joined; `DecisionClient.tracker.first`). ZeroMQ connects a",
+        "subscriber started before the service within moments of the bind, but the first decisions can go out",
+        "sooner: to receive every one, start the subscriber first and set `serve.publish.wait_for_subscriber_s`",
+        "(the service then waits up to that long for a subscriber before it reads the first event).",
+        "",
     ]
     for topic, fields in FIELDS.items():
         lines += [f"## `{topic}`", "", "| field | type | meaning |", "| --- | --- | --- |"]
