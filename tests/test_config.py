@@ -31,3 +31,14 @@ def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
     bad.write_text("[serve\n")
     with pytest.raises(UserError, match="not valid TOML"):
         load_config(bad)
+
+
+def test_toml_switches_metrics_and_the_decision_log_off_with_false(tmp_path: Path) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text("[serve]\nlog_dir = false\n[serve.metrics]\nport = false\n")
+    serve = load_config(f).serve
+    assert serve.metrics.port is None and serve.log_dir is None  # as null does in YAML
+    assert load_config().serve.metrics.port == 9108
+    f.write_text("[serve.metrics]\nport = true\n")
+    with pytest.raises(UserError, match=r"serve\.metrics\.port: .*false .* switches it off"):
+        load_config(f)

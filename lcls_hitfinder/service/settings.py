@@ -5,13 +5,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from lcls_hitfinder.preprocess import PhotonCalibration
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def _false_is_none(value: object) -> object:
+    """TOML has no null: `false` switches a feature off as null does in YAML (and `true` is refused)."""
+    if value is True:
+        raise ValueError("true is not a value here; false (or null in YAML) switches it off")
+    return None if value is False else value
 
 
 class BatchSettings(_Section):
@@ -47,8 +54,12 @@ class PublishSettings(_Section):
 
 
 class MetricsSettings(_Section):
-    port: int | None = Field(9108, ge=0, le=65535, description="HTTP port of /metrics; null disables it")
+    port: int | None = Field(
+        9108, ge=0, le=65535, description="HTTP port of /metrics (0: any free one); false or null: no /metrics"
+    )
     host: str = Field("127.0.0.1", description="address /metrics binds; 0.0.0.0 exposes it to the network")
+
+    _off = field_validator("port", mode="before")(_false_is_none)
 
 
 class ReaderSettings(_Section):
@@ -104,7 +115,7 @@ class ServeSettings(_Section):
     publish: PublishSettings = Field(default_factory=PublishSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     reader: ReaderSettings = Field(default_factory=ReaderSettings)
-    log_dir: Path | None = Field(Path("decisions"), description="folder of per-run decision logs; null: none")
+    log_dir: Path | None = Field(Path("decisions"), description="folder of per-run decision logs; false or null: none")
     queue_size: int = Field(
         256,
         ge=1,
@@ -119,6 +130,8 @@ class ServeSettings(_Section):
     max_events: int | None = Field(None, ge=1, description="stop after this many events (tests, dry runs)")
     status_s: float = Field(10.0, ge=0, description="seconds between status lines in the log; 0: none")
     bank_poll_s: float = Field(1.0, gt=0, description="seconds between checks of the bank file for changes")
+
+    _off = field_validator("log_dir", mode="before")(_false_is_none)
 
 
 def _rows(model: type[BaseModel], prefix: str) -> list[str]:
