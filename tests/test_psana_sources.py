@@ -369,3 +369,42 @@ def test_the_service_leaves_a_core_to_each_process_reading_the_source(tmp_path: 
         source = open_source(uri, settings())  # built, not opened: nothing runs yet
         assert service_threads(settings(), source) == threads, uri
         assert service_threads(ServeSettings(threads=3), source) == 3
+
+
+@pytest.mark.parametrize("adu", [False, True])
+def test_xtc2_says_how_to_serve_a_run_in_adu(tmp_path: Path, adu: bool) -> None:
+    """A run written in ADU (from a dataset in ADU, or with --adu-gain) needs [serve.calibration]: the
+    command prints a config that holds it; a run in photons needs none."""
+    import tomllib
+
+    from lcls_hitfinder.config import HitfinderConfig
+    from lcls_hitfinder.dataset import Batch, DatasetWriter
+
+    images = np.random.default_rng(0).poisson(0.3, (3, 16, 16)).astype(np.float32)
+    attrs = {"noise": {"adu_gain": 8.0, "adu_offset": 30.0}} if adu else {}
+    with DatasetWriter(
+        tmp_path / "d.h5", (16, 16), np.ones((16, 16), bool), attrs, units="adu" if adu else "photons"
+    ) as w:
+        n = len(images)
+        zeros = np.zeros
+        w.append(
+            Batch(
+                images * 8 + 30 if adu else images,
+                zeros(n, np.int8),
+                np.full(n, "", object),
+                zeros(n, np.float32),
+                zeros((n, 4, 4), np.float32),
+                zeros((n, 4, 3), np.float32),
+            )
+        )
+    cli = Path(sys.executable).parent / "lcls-hitfinder"
+    made = subprocess.run(
+        [cli, "xtc2", tmp_path / "d.h5", "--out", tmp_path / "o.xtc2"], capture_output=True, text=True
+    )
+    assert made.returncode == 0, made.stderr
+    out = made.stdout.split("serve it with: ", 1)[1]
+    assert out.startswith("lcls-hitfinder serve -c FILE --source" if adu else "lcls-hitfinder serve --source")
+    if adu:
+        config = HitfinderConfig.model_validate(tomllib.loads(out.split("where FILE holds:\n", 1)[1]))
+        assert (config.serve.calibration.gain, config.serve.calibration.offset) == (8.0, 30.0)
+    assert leftovers() == []

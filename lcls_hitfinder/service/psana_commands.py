@@ -39,7 +39,7 @@ def xtc2(
 
     output_file(out, "XTC2 file")
     with Dataset(existing(data, "dataset")) as ds:
-        n = len(ds)
+        n, recorded = len(ds), ds.calibration
     columns = (TextColumn("writing XTC2"), BarColumn(), MofNCompleteColumn())
     with Progress(*columns) as bar:
         task = bar.add_task("events", total=n)
@@ -48,7 +48,11 @@ def xtc2(
         )
     print(f"{out}: {written} events of {exp} run {run}, detector {det!r}, truth in 'hitfinder_truth'")
     constants = f"det={det}&constants={constants_path(out)}"
-    print(f"serve it with: lcls-hitfinder serve --source 'xtc2:{out}?{constants}'")
+    gain, offset = (recorded.gain, recorded.offset) if recorded else (adu_gain or 1.0, adu_offset or 0.0)
+    in_adu = (gain, offset) != (1.0, 0.0)  # the service must be told how to turn the run's ADU into photons
+    print(f"serve it with: lcls-hitfinder serve {'-c FILE ' if in_adu else ''}--source 'xtc2:{out}?{constants}'")
+    if in_adu:
+        print(f"where FILE holds:\n[serve.calibration]\ngain = {gain:g}\noffset = {offset:g}")
     if exp_dir is not None:
         exp_layout(out, exp_dir, exp, run)
         print(f"or as an experiment run: --source 'exp:{exp}:{run}?dir={exp_dir}&{constants}' (MPI: add &ranks=4)")
