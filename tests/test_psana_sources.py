@@ -106,6 +106,12 @@ def test_bad_sources_are_one_line_errors_at_start(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"no detector 'jungfrau' in run 1 \(detectors: cam, hitfinder_truth, timing\)"):
         source.open()
     source.close()
+    source = open_source(f"xtc2:{tmp_path / 'r.xtc2'}?det=cam&timing=timming", settings())
+    with pytest.raises(
+        UserError, match=r"no timing detector 'timming' in run 1 \(detectors: cam, hitfinder_truth, timing\)"
+    ):
+        source.open()
+    source.close()
     with pytest.raises(UserError, match="does not exist"):
         open_source(f"xtc2:{tmp_path / 'missing.xtc2'}?det=cam", settings())
     for name, head in (("run.h5", b"\x89HDF\r\n\x1a\n" + bytes(64)), ("empty.xtc2", b"")):

@@ -7,9 +7,10 @@
 Parameters: `det` (the area detector; may be left out when the run has only one), `data=raw|calib`
 (default raw: the service converts ADU to photons with [serve.calibration]), `image=1` (psana's
 assembled 2-D image instead of the (P, H, W) panel stack), `timing=NAME` (the timing detector
-giving pulse ids, default `timing`), `constants=FILE.npz` (local calibration constants, arrays named
-by psana ctype: pedestals, pixel_gain, pixel_mask, ...), `calibdb=1` (ask SLAC's calibration
-database; off by default, since offline it fails with a network error).
+giving pulse ids, default `timing` where the run has one; a name given must be in the run),
+`constants=FILE.npz` (local calibration constants, arrays named by psana ctype: pedestals, pixel_gain,
+pixel_mask, ...), `calibdb=1` (ask SLAC's calibration database; off by default, since offline it fails
+with a network error).
 
 psana runs in a supervised child process (service/reader.py). Event identity: run.expt,
 run.runnum, the event's index in the run, evt.timestamp, the pulse id when a timing detector is
@@ -120,7 +121,7 @@ class Psana2ReadLoop:
     detector: str | None
     calib: bool
     image: bool
-    timing: str
+    timing: str | None  # named in the URI (then it must be in the run), else TIMING_DETECTOR where present
     constants: str | None
     live: bool
     mpi_ranks: int = 0  # psana's MPI mode in that many ranks (exp: only); 0: serial
@@ -151,7 +152,7 @@ class Psana2ReadLoop:
                     f"(detectors: {', '.join(names)})"
                 )
             return self.detector
-        cameras = [n for n in names if n not in _NOT_AREA_DETECTORS and n != self.timing]
+        cameras = [n for n in names if n not in _NOT_AREA_DETECTORS and n != (self.timing or TIMING_DETECTOR)]
         if len(cameras) != 1:
             raise UserError(f"source {self.label}: say which detector with ?det=NAME (detectors: {', '.join(names)})")
         return cameras[0]
@@ -175,7 +176,13 @@ class Psana2ReadLoop:
             self._local_constants(run, name)
             det = run.Detector(name).raw
             names = set(run.detnames)
-            timing = run.Detector(self.timing).raw if self.timing in names else None
+            if self.timing is not None and self.timing not in names:  # a misspelt name would lose every pulse id
+                raise UserError(
+                    f"source {self.label}: no timing detector {self.timing!r} in run {run.runnum} "
+                    f"(detectors: {', '.join(sorted(names))})"
+                )
+            timing_name = self.timing or TIMING_DETECTOR
+            timing = run.Detector(timing_name).raw if timing_name in names else None
             truth = run.Detector(TRUTH_DETECTOR).raw if TRUTH_DETECTOR in names else None
             kind = "calib" if self.calib else "raw"
             sink.ready(f"{run.expt or '?'} run {run.runnum}: detector {name}, {kind}{' image' if self.image else ''}")
@@ -246,7 +253,7 @@ def read_loop(uri: SourceURI) -> Psana2ReadLoop:
         detector=uri.params.get("det") or None,
         calib=data == "calib",
         image=flag(uri, "image"),
-        timing=uri.params.get("timing", TIMING_DETECTOR),
+        timing=uri.params.get("timing") or None,
         constants=constants,
         live=uri.scheme == "shmem",
         mpi_ranks=ranks,
