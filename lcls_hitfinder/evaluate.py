@@ -17,12 +17,12 @@ particle_accuracy (structure right, over hits) and test_accuracy (both right).
 from __future__ import annotations
 
 import itertools
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from lcls_hitfinder import strict_json
 from lcls_hitfinder.bank import ReferenceBank, precision_recall, select_references
 from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.labels import Label
@@ -231,7 +231,7 @@ def write_report(
     import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (out / "metrics.json").write_text(strict_json.dumps(metrics, indent=2) + "\n")
     columns = [k for k, v in metrics.items() if isinstance(v, int | float | str)]
     names = [lab.text for lab in LABELS]
     conf = np.asarray(metrics["confusion"])

@@ -146,6 +146,27 @@ def test_bank_classify_and_evaluate(data: Path, model: Path, tmp_path: Path) -> 
     assert [r["pairs"] > 0 for r in pairs] == [False] * 5 + [True]
 
 
+def test_metrics_are_strict_json_when_a_figure_cannot_be_computed(data: Path, model: Path, tmp_path: Path) -> None:
+    """A file with no single hit has no precision at recall 0.9: null in metrics.json and on stdout, not NaN."""
+    blanks = spheres(20, (48, 48), 5)
+    blanks.images[:] = 0
+    blanks.n_particles[:] = 0
+    with DatasetWriter(tmp_path / "blanks.h5", (48, 48), np.ones((48, 48), bool), {"seed": 5}) as wr:
+        wr.append(blanks)
+    bank = tmp_path / "bank.h5"
+    invoke("bank", "build", "--model", model, "--data", data / "val.h5", "--per-class", "5", "--out", bank)
+    out = invoke(
+        "evaluate", "--model", model, "--bank", bank, "--data", tmp_path / "blanks.h5", "--report", tmp_path / "r"
+    )
+
+    def strict(constant: str) -> None:
+        raise AssertionError(f"{constant} is not JSON")
+
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text(), parse_constant=strict)
+    assert metrics["precision_at_recall_0.9"] is None and metrics["n"] == 20
+    assert json.loads(out[out.index("{") :], parse_constant=strict)["photons_per_single_hit"] is None
+
+
 def test_any_image_size_and_mask(data: Path, model: Path, tmp_path: Path) -> None:
     bank_path = tmp_path / "b.h5"
     invoke("bank", "build", "--model", model, "--data", data / "val.h5", "--per-class", "5", "--out", bank_path)

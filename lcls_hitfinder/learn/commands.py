@@ -6,13 +6,13 @@ Heavy imports (torch, onnxruntime, matplotlib) happen inside the commands so `--
 from __future__ import annotations
 
 import csv
-import json
 import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from lcls_hitfinder import strict_json
 from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.paths import existing, output_dir, output_file
 
@@ -96,7 +96,7 @@ def train(
         existing(val, "validation dataset")
         output_dir(out, "run directory")
     best = Trainer(kind, data, val, out, settings, resume, epochs).fit()  # type: ignore[arg-type]
-    print(json.dumps({"run": str(out), "best": best}, indent=2))
+    print(strict_json.dumps({"run": str(out), "best": best}, indent=2))
 
 
 def export(
@@ -163,7 +163,7 @@ def bank_build(
         print(
             f"warning: no threshold reaches precision {target_precision}; using the most precise one", file=sys.stderr
         )
-    print(json.dumps({"bank": str(out), **report}, indent=2))
+    print(strict_json.dumps({"bank": str(out), **report}, indent=2))
 
 
 def _model_and_bank(model: Path, bank_path: Path) -> tuple[Any, Any]:
@@ -275,9 +275,9 @@ def evaluate(
         from lcls_hitfinder.learn.baseline import evaluate_cnn
 
         cnn = evaluate_cnn(existing(run, "run directory"), existing(data, "dataset"))
-        (report / "metrics.json").write_text(json.dumps(cnn, indent=2) + "\n")
+        (report / "metrics.json").write_text(strict_json.dumps(cnn, indent=2) + "\n")
         (report / "metrics.md").write_text(markdown_table([cnn], list(cnn)))
-        print(json.dumps(cnn, indent=2))
+        print(strict_json.dumps(cnn, indent=2))
         return
     if model is None or (bank is None) == (refs is None):
         raise UserError("evaluate needs --model and one of --bank or --refs (or --run for a CNN baseline)")
@@ -308,7 +308,7 @@ def evaluate(
         idx = np.sort(rng.choice(len(n), size=min(examples, len(n)), replace=False))
         write_report(report, metrics, n, dec, photons, emb, dataset.images(idx), idx)
     tables = ("confusion", "pairs_called_single_by_axis")
-    print(json.dumps({k: v for k, v in metrics.items() if k not in tables}, indent=2))
+    print(strict_json.dumps({k: v for k, v in metrics.items() if k not in tables}, indent=2))
 
 
 def register(app: typer.Typer) -> None:

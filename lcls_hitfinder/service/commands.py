@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import signal
@@ -14,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from lcls_hitfinder import strict_json
 from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.paths import existing, output_dir
 
@@ -204,8 +204,7 @@ def _human(topic: str, p: dict[str, Any]) -> str:
 
 def _json_line(topic: str, payload: dict[str, Any]) -> str:
     """Strict JSON (jq, pandas): a NaN score or distance (not computed) becomes null."""
-    clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in payload.items()}
-    return json.dumps({"topic": topic, **clean}, allow_nan=False)
+    return strict_json.dumps({"topic": topic, **payload})
 
 
 def listen(
