@@ -414,3 +414,70 @@ def test_xtc2_says_how_to_serve_a_run_in_adu(tmp_path: Path, adu: bool) -> None:
         config = HitfinderConfig.model_validate(tomllib.loads(out.split("where FILE holds:\n", 1)[1]))
         assert (config.serve.calibration.gain, config.serve.calibration.offset) == (8.0, 30.0)
     assert leftovers() == []
+
+
+def _pick(tmp_path: Path, source: str, picks: str, *more: str) -> subprocess.CompletedProcess[str]:
+    (tmp_path / "picks.csv").write_text(picks)
+    cli = Path(sys.executable).parent / "lcls-hitfinder"
+    args = ["bank", "pick", "--source", source, "--picks", str(tmp_path / "picks.csv"), *more]
+    return subprocess.run([cli, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_events_picked_from_a_run_become_references_for_bank_build(tmp_path: Path) -> None:
+    """A new sample's bank from its own run: the events a scientist labelled, read through the xtc2 source and
+    converted to photons with the service's calibration, as a labelled file that bank build takes."""
+    from lcls_hitfinder.dataset import Dataset
+    from lcls_hitfinder.learn.nets import TwinEmbedder
+    from lcls_hitfinder.model_io import export_onnx
+    from lcls_hitfinder.preprocess import PreprocessSettings
+
+    shape = (32, 32)
+    write_run(tmp_path / "r.xtc2", 12, shape, run=3)
+    source = f"xtc2:{tmp_path / 'r.xtc2'}?det=cam"
+    (tmp_path / "serve.toml").write_text("[serve.calibration]\ngain = 2.0\noffset = 1.0\n")
+    config = ["--config", str(tmp_path / "serve.toml")]
+    picks = "event,label\n1,single\n2,multi\n5,blank\n6,single\n10,multi\n"
+    made = _pick(tmp_path, source, picks, "--out", str(tmp_path / "refs.h5"), "--sample", "lyso", *config)
+    assert made.returncode == 0, made.stderr
+    assert "5 picked events" in made.stdout
+    with Dataset(tmp_path / "refs.h5") as d:
+        assert d.n_particles.tolist() == [1, 2, 0, 1, 2]
+        assert d.structure.tolist() == ["lyso", "lyso", "", "lyso", "lyso"]
+        expected = [np.clip((frame_of(i, shape).astype(np.float32) - 1.0) / 2.0, 0, None) for i in (1, 2, 5, 6, 10)]
+        np.testing.assert_allclose(d.images(), np.stack(expected))
+        assert d.calibration is None and d.attrs["picked_from"] == source  # photons already
+
+    # by psana timestamp (the decision log's), with the run named; counts given as numbers
+    stamp = psana_timestamp(START_NS + (4 + 1) * round(1e9 / RATE))
+    made = _pick(
+        tmp_path, source, f"run,timestamp,n_particles\n3,{stamp},3\n", "--out", str(tmp_path / "t.h5"), *config
+    )
+    assert made.returncode == 0, made.stderr
+    with Dataset(tmp_path / "t.h5") as d:
+        assert d.n_particles.tolist() == [3] and np.allclose(d.images()[0], (frame_of(4, shape) - 1.0) / 2.0)
+
+    model = export_onnx(TwinEmbedder(8, 4, 2), PreprocessSettings(thumbnail=16), tmp_path / "m.onnx").path
+    cli = Path(sys.executable).parent / "lcls-hitfinder"
+    args = [
+        "bank",
+        "build",
+        "--model",
+        model,
+        "--data",
+        tmp_path / "refs.h5",
+        "--per-class",
+        "1",
+        "--out",
+        tmp_path / "b.h5",
+    ]
+    built = subprocess.run([cli, *args], capture_output=True, text=True, timeout=120)
+    assert built.returncode == 0 and '"references": 3' in built.stdout, built.stderr
+
+    missing = _pick(tmp_path, source, "event,n_particles\n3,1\n40,1\n", "--out", str(tmp_path / "x.h5"))
+    assert (
+        missing.returncode == 2 and "1 of 2 picked events are not in" in missing.stderr and "event 40" in missing.stderr
+    )
+    assert not (tmp_path / "x.h5").exists()
+    bad = _pick(tmp_path, source, "event,count\n3,1\n", "--out", str(tmp_path / "y.h5"))
+    assert bad.returncode == 2 and "needs a column event or timestamp, and n_particles or label" in bad.stderr
+    assert leftovers() == []

@@ -166,6 +166,57 @@ def bank_build(
     print(strict_json.dumps({"bank": str(out), **report}, indent=2))
 
 
+@bank_app.command("pick")
+def bank_pick(
+    source: Annotated[str, typer.Option(help="the run, named as serve names sources: xtc2:, exp:, h5: ...")],
+    picks: Annotated[
+        Path,
+        typer.Option(help="CSV of the picked events: event (or timestamp), optionally run, n_particles (or label)"),
+    ],
+    out: Annotated[Path, typer.Option(help="labelled reference file to write, for bank build --data")],
+    sample: Annotated[str, typer.Option(help="structure name the picked hits are labelled with")] = "sample",
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="the service's config: its \\[serve.calibration] turns ADU into photons"),
+    ] = None,
+) -> None:
+    """Write events picked from a run, with the particle counts you judged, as references for `bank build`.
+
+    The bank of a new sample from its own first minutes: list the events (the decision log's or `listen
+    --json`'s `event` or `timestamp`, labels corrected by eye) and this reads them through serve's own
+    source and calibration.
+    """
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from lcls_hitfinder.config import load_config
+    from lcls_hitfinder.service.pick import pick_references, read_picks
+    from lcls_hitfinder.service.sources import open_source
+
+    output_file(out, "reference file")
+    wanted = read_picks(existing(picks, "picks file"))
+    settings = load_config(config, {"serve.source": source}).serve
+    src = open_source(settings.source, settings)
+    columns = (
+        TextColumn("reading {task.fields[uri]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[seen]}"),
+    )
+    with Progress(*columns, console=Console(stderr=True)) as bar:
+        task = bar.add_task("picked", total=len(wanted.counts), uri=source, seen="")
+        n = pick_references(
+            src,
+            wanted,
+            settings,
+            out,
+            sample,
+            lambda k, seen: bar.update(task, completed=k, seen=f"{seen} events read"),
+        )
+    print(f"{out}: {n} picked events of {source}")
+    print(f"next: lcls-hitfinder bank build --model MODEL.onnx --data {out} --per-class K --out BANK.h5")
+
+
 def _model_and_bank(model: Path, bank_path: Path) -> tuple[Any, Any]:
     """The embedder and a bank it accepts (built for this model, of its width)."""
     from lcls_hitfinder.bank import ReferenceBank

@@ -1,0 +1,148 @@
+"""Reference patterns picked from a run: the bank of a new sample from the sample's own first minutes.
+
+A scientist lists events of a run with the particle counts they judged (a CSV: `event` or `timestamp`,
+optionally `run`, and `n_particles` or `label`, as in the decision log and `listen --json`); the events
+are read through the service's own sources and turned into photons with the service's calibration
+(`Preprocessor.photons`), so the references are what `serve` will see. The result is a labelled dataset
+file for `lcls-hitfinder bank build`.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lcls_hitfinder.dataset import Batch, DatasetWriter
+from lcls_hitfinder.errors import UserError
+from lcls_hitfinder.labels import MAX_PARTICLES, Label
+from lcls_hitfinder.preprocess import Preprocessor, PreprocessSettings
+from lcls_hitfinder.protocols import Frame, Source
+from lcls_hitfinder.service.binning import fitting_mask
+from lcls_hitfinder.service.settings import ServeSettings
+
+KEYS = ("event", "timestamp")  # how a row names its event: the index in its run, or psana's timestamp
+COUNT_OF_LABEL = {Label.BLANK.text: 0, Label.SINGLE.text: 1, Label.MULTI.text: 2}  # a multi-hit of unknown count
+
+
+@dataclass(frozen=True)
+class Picks:
+    """The events wanted, keyed by (run or None, event index or timestamp), with their particle counts."""
+
+    key: str
+    counts: dict[tuple[int | None, int], int]
+
+    def take(self, run: int, event: int, timestamp: int) -> int | None:
+        """The count given to this event, once (None if it was not picked)."""
+        k = event if self.key == "event" else timestamp
+        for slot in ((run, k), (None, k)):
+            if slot in self.counts:
+                return self.counts.pop(slot)
+        return None
+
+
+def read_picks(path: Path) -> Picks:
+    """Parse the CSV; every error names the file and the line."""
+    try:
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+            header = set(rows[0]) if rows else set()
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"cannot read picks {path}: {err}") from None
+    key = next((k for k in KEYS if k in header), None)
+    value = next((v for v in ("n_particles", "label") if v in header), None)
+    if key is None or value is None:
+        raise UserError(
+            f"picks {path}: needs a column event or timestamp, and n_particles or label (has {sorted(header)})"
+        )
+    counts: dict[tuple[int | None, int], int] = {}
+    for line, row in enumerate(rows, start=2):
+        where = f"picks {path}, line {line}"
+        try:
+            run = int(row["run"]) if row.get("run") not in (None, "") else None
+            k = int(row[key])
+            raw = row[value].strip()
+            n = COUNT_OF_LABEL[raw] if value == "label" else int(raw)
+        except (ValueError, KeyError, TypeError):
+            wanted = "blank, single or multi" if value == "label" else f"0-{MAX_PARTICLES}"
+            raise UserError(f"{where}: {row} is not a {key} with {value} {wanted}") from None
+        if not 0 <= n <= MAX_PARTICLES:
+            raise UserError(f"{where}: n_particles {n} is not in 0-{MAX_PARTICLES}")
+        if (run, k) in counts:
+            raise UserError(f"{where}: {key} {k} is picked twice")
+        counts[(run, k)] = n
+    if not counts:
+        raise UserError(f"picks {path}: no events listed")
+    return Picks(key, counts)
+
+
+def pick_references(
+    source: Source,
+    picks: Picks,
+    settings: ServeSettings,
+    out: Path,
+    sample: str,
+    progress: Callable[[int, int], None] | None = None,
+) -> int:
+    """Read `source` until every picked event has come; write them, in photons, as a labelled dataset.
+
+    Returns the number written. Hits are labelled with `sample` as their structure (`bank build
+    --by-structure` draws per sample); blanks with none, as the dataset format has it.
+    """
+    wanted = len(picks.counts)
+    images: list[np.ndarray] = []
+    counts: list[int] = []
+    pre: Preprocessor | None = None
+    mask: np.ndarray | None = None
+    source.open()
+    try:
+        for scanned, item in enumerate(source.frames(), start=1):
+            if not isinstance(item, Frame):
+                continue
+            ident = item.event
+            n = picks.take(ident.run, ident.event, ident.timestamp)
+            if n is None:
+                item.release()
+                continue
+            frame = torch.from_numpy(np.array(item.data, dtype=np.float32))  # a copy: the slot goes back now
+            item.release()
+            if pre is None:
+                shape = tuple(frame.shape)
+                pre = Preprocessor(PreprocessSettings(), fitting_mask(source.mask, shape), shape, settings.calibration)
+                mask = (pre.mask[0] > 0).numpy()
+            if tuple(frame.shape) != pre.frame_shape:
+                raise UserError(f"event {ident.event} is {tuple(frame.shape)}, the first picked one {pre.frame_shape}")
+            images.append(pre.photons(frame[None], inplace=True)[0].numpy())
+            counts.append(n)
+            if progress is not None:
+                progress(len(images), scanned)
+            if not picks.counts:
+                break
+    finally:
+        source.close()
+    if picks.counts:
+        missing = ", ".join(
+            f"{picks.key} {k}" + (f" of run {r}" if r is not None else "") for r, k in list(picks.counts)[:5]
+        )
+        raise UserError(f"{len(picks.counts)} of {wanted} picked events are not in {source.uri}: {missing}")
+    assert mask is not None
+    stack = np.stack(images)
+    n_particles = np.array(counts, np.int8)
+    k = len(stack)
+    attrs = {"picked_from": source.uri, "calibration": settings.calibration.model_dump()}
+    with DatasetWriter(out, mask.shape, mask, attrs) as writer:
+        writer.append(
+            Batch(
+                images=stack,
+                n_particles=n_particles,
+                structure=np.where(n_particles > 0, sample, "").astype(object),
+                photons=stack.sum(axis=(1, 2)).astype(np.float32),
+                orientations=np.zeros((k, MAX_PARTICLES, 4), np.float32),
+                positions=np.zeros((k, MAX_PARTICLES, 3), np.float32),
+            )
+        )
+    return k
