@@ -301,6 +301,11 @@ def test_a_dataset_in_adu_is_decoded_with_its_own_gain_everywhere(fx: Fixtures, 
         reports[name] = json.loads((tmp_path / name / "metrics.json").read_text())
     assert reports["adu"]["accuracy"] == reports["photons"]["accuracy"]
     np.testing.assert_allclose(load_patterns(adu).images, load_patterns(fx.data).images, atol=1e-4)
+    (tmp_path / "picks.csv").write_text("event,n_particles\n2,1\n7,0\n")
+    args = ["bank", "pick", "--source", f"h5:{adu}", "--picks", tmp_path / "picks.csv", "--out", tmp_path / "refs.h5"]
+    assert CliRunner().invoke(app, [str(a) for a in args]).exit_code == 0
+    with Dataset(tmp_path / "refs.h5") as picked, Dataset(fx.data) as d:
+        np.testing.assert_allclose(picked.images(), d.images()[[2, 7]], atol=1e-4)
 
     command = [*LCLS_HITFINDER, "serve", "--model", str(fx.model), "--bank", str(fx.bank), "--metrics-port", "0"]
     endpoint, logs = f"tcp://127.0.0.1:{free_port()}", tmp_path / "logs"

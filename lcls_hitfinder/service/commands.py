@@ -18,7 +18,6 @@ from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.paths import existing, output_dir
 
 if TYPE_CHECKING:
-    from lcls_hitfinder.protocols import Source
     from lcls_hitfinder.service.settings import ServeSettings
 
 log = logging.getLogger("lcls_hitfinder.serve")
@@ -84,18 +83,6 @@ def serve(
     raise typer.Exit(code)
 
 
-def recorded_calibration(settings: ServeSettings, src: Source) -> ServeSettings:
-    """With no `[serve.calibration]` configured, a dataset in ADU (h5:) is decoded with the gain and offset it
-    records, as `classify`, `evaluate` and training decode it."""
-    from lcls_hitfinder.service.sources.h5 import H5Source
-
-    if not isinstance(src, H5Source) or src.calibration is None or "calibration" in settings.model_fields_set:
-        return settings
-    c = src.calibration
-    log.info("%s holds ADU: photons = (ADU - %g) / %g, as the file records", src.path, c.offset, c.gain)
-    return settings.model_copy(update={"calibration": c})
-
-
 def run_service(settings: ServeSettings) -> int:
     """Start-up in the order that keeps subscribers and operators informed, then serve until done."""
     import torch
@@ -106,6 +93,7 @@ def run_service(settings: ServeSettings) -> int:
     from lcls_hitfinder.service.pipeline import Pipeline, service_threads
     from lcls_hitfinder.service.publish import ZmqPublisher
     from lcls_hitfinder.service.sources import open_source, parse_uri
+    from lcls_hitfinder.service.sources.h5 import recorded_calibration
 
     uri = parse_uri(settings.source)  # a URI of an unknown kind fails before anything is bound or loaded
     if settings.log_dir is not None:  # and a log folder that cannot be, rather than every run without its log

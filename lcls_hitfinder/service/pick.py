@@ -24,6 +24,7 @@ from lcls_hitfinder.preprocess import Preprocessor, PreprocessSettings
 from lcls_hitfinder.protocols import Frame, Source
 from lcls_hitfinder.service.binning import fitting_mask
 from lcls_hitfinder.service.settings import ServeSettings
+from lcls_hitfinder.service.sources.h5 import recorded_calibration
 
 KEYS = ("event", "timestamp")  # how a row names its event: the index in its run, or psana's timestamp
 COUNT_OF_LABEL = {Label.BLANK.text: 0, Label.SINGLE.text: 1, Label.MULTI.text: 2}  # a multi-hit of unknown count
@@ -99,6 +100,7 @@ def pick_references(
     pre: Preprocessor | None = None
     mask: np.ndarray | None = None
     source.open()
+    settings = recorded_calibration(settings, source)
     try:
         for scanned, item in enumerate(source.frames(), start=1):
             if not isinstance(item, Frame):

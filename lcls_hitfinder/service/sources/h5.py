@@ -11,6 +11,7 @@ which `classify` reads files with too).
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,11 +20,12 @@ import numpy as np
 
 from lcls_hitfinder.frame_file import CXI_DATA, FrameFile
 from lcls_hitfinder.preprocess import PhotonCalibration
-from lcls_hitfinder.protocols import EventId, Frame
+from lcls_hitfinder.protocols import EventId, Frame, Source
 from lcls_hitfinder.service.settings import ServeSettings
 from lcls_hitfinder.service.sources import Pacer, SourceURI, psana_timestamp
 
 _CHUNK = 16  # frames read per HDF5 access
+log = logging.getLogger(__name__)
 
 
 class H5Source:
@@ -78,3 +80,13 @@ class H5Source:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def recorded_calibration(settings: ServeSettings, source: Source) -> ServeSettings:
+    """With no `[serve.calibration]` configured, a dataset in ADU (h5:) is decoded with the gain and offset it
+    records, as `classify`, `evaluate` and training decode it. Call after `source.open()`."""
+    if not isinstance(source, H5Source) or source.calibration is None or "calibration" in settings.model_fields_set:
+        return settings
+    c = source.calibration
+    log.info("%s holds ADU: photons = (ADU - %g) / %g, as the file records", source.path, c.offset, c.gain)
+    return settings.model_copy(update={"calibration": c})
