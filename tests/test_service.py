@@ -4,6 +4,7 @@ provider choice, the h5: and sim: sources, the decision log and the metrics endp
 from __future__ import annotations
 
 import queue
+import re
 import subprocess
 import sys
 import threading
@@ -24,6 +25,7 @@ from lcls_hitfinder.service.binning import readers_bin
 from lcls_hitfinder.service.client import SeqTracker
 from lcls_hitfinder.service.decision_log import DecisionLog, read_decision_log
 from lcls_hitfinder.service.embedder import CPU, CUDA, TENSORRT, select_providers
+from lcls_hitfinder.service.pick import read_picks
 from lcls_hitfinder.service.settings import ServeSettings
 from lcls_hitfinder.service.sources import REGISTRY, open_source, parse_uri, psana_timestamp
 
@@ -385,3 +387,28 @@ def test_all_finite_finds_nan_and_inf_and_is_not_fooled_by_an_overflowing_sum() 
     frames[4] = 3e38  # every value finite, their float32 sum is not
     assert torch.isinf(frames[4].sum())
     assert all_finite(frames).tolist() == [True, False, False, False, True]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("event,count\n3,1\n", "needs a column event or timestamp, and n_particles or label"),
+        ("event,label\n", "no events listed"),
+        ("event,label\n3,maybe\n", "line 2: label 'maybe' is not one of blank, single, multi"),
+        ("event,n_particles\n3,7\n", "line 2: n_particles '7' is not a count of 0-4"),
+        ("event,n_particles\nx,1\n", "line 2: run and event must be whole numbers"),
+        ("run,timestamp,label\n1,5,single\n1,5,multi\n", "line 3: timestamp 5 is picked twice"),
+    ],
+)
+def test_picks_files_are_checked_line_by_line(tmp_path: Path, text: str, message: str) -> None:
+    (tmp_path / "p.csv").write_text(text)
+    with pytest.raises(UserError, match=re.escape(message)):
+        read_picks(tmp_path / "p.csv")
+
+
+def test_picks_take_each_event_once_by_run_or_in_any_run(tmp_path: Path) -> None:
+    (tmp_path / "p.csv").write_text("run,event,label\n2,5,single\n,7, multi \n")
+    picks = read_picks(tmp_path / "p.csv")
+    assert picks.take(run=1, event=5, timestamp=0) is None  # event 5 of run 2 only
+    assert picks.take(run=2, event=5, timestamp=0) == 1 and picks.take(run=2, event=5, timestamp=0) is None
+    assert picks.take(run=9, event=7, timestamp=0) == 2 and picks.counts == {}  # no run given: any run's

@@ -50,8 +50,9 @@ def read_picks(path: Path) -> Picks:
     """Parse the CSV; every error names the file and the line."""
     try:
         with path.open(newline="") as f:
-            rows = list(csv.DictReader(f))
-            header = set(rows[0]) if rows else set()
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            header = set(reader.fieldnames or ())
     except (OSError, UnicodeDecodeError) as err:
         raise UserError(f"cannot read picks {path}: {err}") from None
     key = next((k for k in KEYS if k in header), None)
@@ -63,16 +64,20 @@ def read_picks(path: Path) -> Picks:
     counts: dict[tuple[int | None, int], int] = {}
     for line, row in enumerate(rows, start=2):
         where = f"picks {path}, line {line}"
+        cells = {name: (row.get(name) or "").strip() for name in ("run", key, value)}
         try:
-            run = int(row["run"]) if row.get("run") not in (None, "") else None
-            k = int(row[key])
-            raw = row[value].strip()
-            n = COUNT_OF_LABEL[raw] if value == "label" else int(raw)
-        except (ValueError, KeyError, TypeError):
-            wanted = "blank, single or multi" if value == "label" else f"0-{MAX_PARTICLES}"
-            raise UserError(f"{where}: {row} is not a {key} with {value} {wanted}") from None
+            run = int(cells["run"]) if cells["run"] else None
+            k = int(cells[key])
+        except ValueError:
+            raise UserError(f"{where}: run and {key} must be whole numbers, not {cells}") from None
+        if value == "label" and cells[value] not in COUNT_OF_LABEL:
+            raise UserError(f"{where}: label {cells[value]!r} is not one of {', '.join(COUNT_OF_LABEL)}")
+        try:
+            n = COUNT_OF_LABEL[cells[value]] if value == "label" else int(cells[value])
+        except ValueError:
+            n = -1
         if not 0 <= n <= MAX_PARTICLES:
-            raise UserError(f"{where}: n_particles {n} is not in 0-{MAX_PARTICLES}")
+            raise UserError(f"{where}: n_particles {cells[value]!r} is not a count of 0-{MAX_PARTICLES}")
         if (run, k) in counts:
             raise UserError(f"{where}: {key} {k} is picked twice")
         counts[(run, k)] = n
