@@ -77,6 +77,57 @@ def test_dockerfile_copies_what_exists_and_runs_serve(dockerfile: Path) -> None:
         pytest.skip("models/ (the shipped embedder and bank) is not committed: the images cannot be built yet")
 
 
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_images_install_the_shipped_model_with_the_package(dockerfile: Path, tmp_path: Path) -> None:
+    """A non-editable install has no checkout beside it: the model and bank must be package data. The image
+    copies models/ into lcls_hitfinder/data before installing; a wheel built that way carries them, and the
+    installed package finds them from any working directory."""
+    steps = instructions(dockerfile)
+    copy = steps.index(("COPY", "models/ lcls_hitfinder/data/"))
+    install = next(
+        i for i, (word, args) in enumerate(steps) if word == "RUN" and 'pip install --no-cache-dir ".[' in args
+    )
+    assert copy < install
+    tracked = subprocess.run(
+        ["git", "ls-files", "pyproject.toml", "README.md", "lcls_hitfinder", "models"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    for name in tracked:
+        (tmp_path / "src" / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / name, tmp_path / "src" / name)
+    shutil.copytree(tmp_path / "src" / "models", tmp_path / "src" / "lcls_hitfinder" / "data")
+    pip = [
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "-q",
+        "--no-deps",
+        "--no-build-isolation",
+        "-w",
+        str(tmp_path / "dist"),
+        ".",
+    ]
+    subprocess.run(pip, cwd=tmp_path / "src", check=True, capture_output=True, timeout=300)
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    shutil.unpack_archive(wheel, tmp_path / "site", "zip")
+    found = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from lcls_hitfinder.service.commands import shipped_file as f; print(f('embedder.onnx'))",
+        ],
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+    )
+    assert found.stdout.strip() == str(tmp_path / "site" / "lcls_hitfinder" / "data" / "embedder.onnx"), found.stderr
+
+
 def test_gpu_image_keeps_torch_and_onnxruntime_on_cuda_13() -> None:
     text = re.sub(r"\\\n", " ", (DOCKER / "Dockerfile.gpu").read_text())
     assert re.search(r"^ARG CUDA_IMAGE=nvidia/cuda:13\.\d+\.\d+-cudnn-runtime-", text, re.M)
@@ -138,7 +189,9 @@ def test_example_configs_load(path: Path) -> None:
     parse_uri(settings.source)
     assert settings.publish.endpoint == "tcp://0.0.0.0:5556"  # users' scripts subscribe from elsewhere
     assert settings.metrics.host == "127.0.0.1"  # Prometheus is beside the service
-    assert settings.model is not None and settings.bank is not None
+    # the systemd node runs from its checkout's models/; an image has the shipped ones as package data
+    in_image = path.parent.name == "docker"
+    assert (settings.model is None, settings.bank is None) == (in_image, in_image)
 
 
 def test_systemd_unit(tmp_path: Path) -> None:
