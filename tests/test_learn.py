@@ -201,7 +201,7 @@ def test_resume_continues_exactly(data: Path, tmp_path: Path, extra: str) -> Non
     common = ["--data", data / "train.h5", "--val", data / "val.h5", "--config", cfg, *TINY]
     invoke("train", "twin", *common, "--out", tmp_path / "straight")
     invoke("train", "twin", *common, "--out", tmp_path / "resumed", "--epochs", "1")
-    invoke("train", "twin", "--out", tmp_path / "resumed", "--resume", "--epochs", "2", "--data", "x", "--val", "x")
+    invoke("train", "twin", "--out", tmp_path / "resumed", "--resume", "--epochs", "2")
     a = load_file(str(tmp_path / "straight" / "checkpoint.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "checkpoint.safetensors"))
     assert a.keys() == b.keys() and any(k.startswith("optim.") for k in a)
@@ -210,6 +210,30 @@ def test_resume_continues_exactly(data: Path, tmp_path: Path, extra: str) -> Non
         torch.testing.assert_close(a[key], b[key], msg=key)
     history = json.loads((tmp_path / "resumed" / "run.json").read_text())["history"]
     assert [h["epoch"] for h in history] == [1, 2]
+
+
+def test_resume_refuses_what_it_would_ignore(data: Path, tmp_path: Path) -> None:
+    """A resumed run keeps its own data and settings: a flag that would be ignored, another kind, or no epoch
+    left to train is an error, not a silent no-op."""
+    invoke("train", "twin", "--data", data / "train.h5", "--val", data / "val.h5", "--out", tmp_path / "r", *TINY[:4])
+    for args, message in [
+        (["twin", "--batch-size", "32", "--data", "d.h5"], "leave out --batch-size, --data"),
+        (["cnn"], "holds a twin run, not a cnn one"),
+        (["twin", "--epochs", "2"], "has trained 2 epochs already: --epochs N with N > 2 extends it"),
+    ]:
+        result = runner.invoke(app, ["train", args[0], "--out", str(tmp_path / "r"), "--resume", *args[1:]])
+        assert isinstance(result.exception, UserError) and message in str(result.exception), result.output
+    no_singles = tmp_path / "blanks.h5"
+    batch = spheres(30, (48, 48), 7)
+    batch.n_particles[:] = np.where(batch.n_particles == 1, 2, batch.n_particles)
+    with DatasetWriter(no_singles, (48, 48), np.ones((48, 48), bool), {"seed": 7}) as wr:
+        wr.append(batch)
+    args = ["train", "twin", "--data", str(data / "train.h5"), "--val", str(no_singles), "--out", str(tmp_path / "n")]
+    result = runner.invoke(app, args)
+    assert isinstance(result.exception, UserError) and "has no single hits: the validation bank" in str(
+        result.exception
+    )
+    assert not (tmp_path / "n" / "run.json").exists()  # refused before an epoch was spent
 
 
 def test_cnn_baseline_trains_and_evaluates(data: Path, tmp_path: Path) -> None:
@@ -229,7 +253,8 @@ def test_cnn_baseline_trains_and_evaluates(data: Path, tmp_path: Path) -> None:
         (["train", "siamese", "--data", "a", "--val", "b", "--out", "c"], "kind must be"),
         (["train", "twin", "--data", "/nonexistent.h5", "--val", "b", "--out", "c"], "does not exist"),
         (["train", "twin", "--data", "a", "--val", "b", "--out", "c", "--embed-dim", "300"], "embed_dim"),
-        (["train", "twin", "--data", "a", "--val", "b", "--out", "/nonexistent", "--resume"], "nothing to resume"),
+        (["train", "twin", "--out", "/nonexistent", "--resume"], "nothing to resume"),
+        (["train", "twin", "--out", "c"], "train needs --data and --val (or --resume for a run in --out)"),
         (["export", "/nonexistent", "--out", "x.onnx"], "does not exist"),
         (["evaluate", "--data", "x.h5", "--report", "r"], "needs --model and one of --bank or --refs"),
     ],

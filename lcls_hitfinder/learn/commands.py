@@ -22,9 +22,9 @@ bank_app = typer.Typer(help="Reference banks: build one from a few labelled patt
 
 def train(
     kind: Annotated[str, typer.Argument(help="twin (the embedder) or cnn (a multi-output CNN baseline)")],
-    data: Annotated[Path, typer.Option(help="training dataset (HDF5)")],
-    val: Annotated[Path, typer.Option(help="validation dataset, never the test set")],
     out: Annotated[Path, typer.Option(help="run directory: run.json, checkpoints, best model")],
+    data: Annotated[Path | None, typer.Option(help="training dataset (HDF5); not with --resume")] = None,
+    val: Annotated[Path | None, typer.Option(help="validation dataset, never the test set; not with --resume")] = None,
     config: Annotated[
         Path | None, typer.Option("--config", "-c", help="config file; its \\[train] section is the base")
     ] = None,
@@ -52,7 +52,11 @@ def train(
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda")] = None,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
     resume: Annotated[
-        bool, typer.Option(help="continue the run in --out from its last checkpoint (--epochs extends it)")
+        bool,
+        typer.Option(
+            help="continue the run in --out from its last checkpoint, with its own data and settings "
+            "(--epochs extends it)"
+        ),
     ] = False,
 ) -> None:
     """Train a twin embedder (triplet loss) or a CNN baseline; progress bars and per-epoch validation."""
@@ -67,31 +71,42 @@ def train(
             photon_range = [float(v) for v in photons.split(",")]
         except ValueError:
             raise UserError(f"--photons must be LO,HI or data, not {photons!r}") from None
-    overrides: dict[str, Any] = {
-        "train.embed_dim": embed_dim,
-        "train.alpha": alpha,
-        "train.mining": mining,
-        "train.epochs": epochs,
-        "train.steps_per_epoch": steps_per_epoch,
-        "train.batch_size": batch_size,
-        "train.preprocess.thumbnail": thumbnail,
-        "train.width": width,
-        "train.cnn.arch": arch,
-        "train.cnn.width": cnn_width,
-        "train.augment.enabled": augment,
-        "train.augment.photons": photon_range,
-        "train.augment.gaussian_sigma": gaussian_sigma,
-        "train.classes": classes,
-        "train.per_structure": per_structure,
-        "train.bank_per_class": bank_per_class,
-        "train.seed": seed,
-        "train.device": device,
-        "train.threads": threads,
+    flags: dict[str, tuple[str, Any]] = {  # each setting flag: the config key it overrides, its value
+        "--embed-dim": ("train.embed_dim", embed_dim),
+        "--alpha": ("train.alpha", alpha),
+        "--mining": ("train.mining", mining),
+        "--epochs": ("train.epochs", epochs),
+        "--steps-per-epoch": ("train.steps_per_epoch", steps_per_epoch),
+        "--batch-size": ("train.batch_size", batch_size),
+        "--thumbnail": ("train.preprocess.thumbnail", thumbnail),
+        "--width": ("train.width", width),
+        "--arch": ("train.cnn.arch", arch),
+        "--cnn-width": ("train.cnn.width", cnn_width),
+        "--augment": ("train.augment.enabled", augment),
+        "--photons": ("train.augment.photons", photon_range),
+        "--gaussian-sigma": ("train.augment.gaussian_sigma", gaussian_sigma),
+        "--classes": ("train.classes", classes),
+        "--per-structure": ("train.per_structure", per_structure),
+        "--bank-per-class": ("train.bank_per_class", bank_per_class),
+        "--seed": ("train.seed", seed),
+        "--device": ("train.device", device),
+        "--threads": ("train.threads", threads),
     }
-    settings = load_config(config, overrides).train
+    overrides = dict(flags.values())
+    settings = load_config(config, overrides).train  # a bad value is named first, whatever else is wrong
     if photons == "data":
         settings.augment.photons = None
-    if not resume:  # resuming, the run directory must be there already (the trainer says so if not)
+    if resume:  # the run's own data and settings; a flag that would be ignored is refused instead
+        named = {**{flag: v for flag, (_, v) in flags.items()}, "--photons": photons, "--config": config}
+        ignored = [flag for flag, v in {**named, "--data": data, "--val": val}.items() if v is not None]
+        ignored = [flag for flag in ignored if flag != "--epochs"]
+        if ignored:
+            raise UserError(
+                f"--resume continues the run with its own data and settings: leave out {', '.join(ignored)}"
+            )
+    elif data is None or val is None:
+        raise UserError("train needs --data and --val (or --resume for a run in --out)")
+    else:
         existing(data, "dataset")
         existing(val, "validation dataset")
         output_dir(out, "run directory")

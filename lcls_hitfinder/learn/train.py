@@ -181,33 +181,42 @@ class Trainer:
     def __init__(
         self,
         kind: Kind,
-        data: Path,
-        val: Path,
+        data: Path | None,
+        val: Path | None,
         out: Path,
         settings: TrainSettings,
         resume: bool = False,
         epochs: int | None = None,
     ) -> None:
-        """`resume` continues the run in `out` with its saved settings; `epochs` there extends it."""
+        """`resume` continues the run in `out` with its saved data and settings; `epochs` there extends it."""
         self.out = out
         run_file = out / RUN_FILE
         if resume:
             if not (out / CHECKPOINT).exists():
                 raise UserError(f"nothing to resume in {out} (no {CHECKPOINT})")
             run = json.loads(run_file.read_text())
-            kind, data, val = run["kind"], Path(run["data"]), Path(run["val"])
+            if run["kind"] != kind:
+                raise UserError(f"{out} holds a {run['kind']} run, not a {kind} one")
+            data, val = Path(run["data"]), Path(run["val"])
             settings = TrainSettings.model_validate(run["settings"])
+            done = len(run["history"])
             if epochs is not None:
                 settings.epochs = epochs
                 run["settings"]["epochs"] = epochs
+            if settings.epochs <= done:
+                raise UserError(f"{out} has trained {done} epochs already: --epochs N with N > {done} extends it")
         elif (out / CHECKPOINT).exists():
             raise UserError(f"{out} already holds a run: pass --resume to continue it, or choose a new --out")
+        if data is None or val is None:
+            raise UserError("training needs --data and --val")
         self.kind, self.settings = kind, settings
         torch.set_num_threads(settings.threads)
         torch.manual_seed(settings.seed)
         self.device = resolve_device(settings.device, "train.device")
         self.train_set = load_patterns(data)
         self.val_set = load_patterns(val)
+        if kind == "twin" and not (self.val_set.n_particles == 1).any():  # before an epoch is spent, not after
+            raise UserError(f"{val} has no single hits: the validation bank needs some")
         self.structures = sorted(
             {str(s) for s, n in zip(self.train_set.structure, self.train_set.n_particles, strict=True) if n > 0}
         )
