@@ -364,6 +364,10 @@ def test_several_runs_export_as_one_ensemble_whose_distance_is_the_members_mean(
     result = runner.invoke(app, args)
     assert isinstance(result.exception, UserError) and "must share their preprocessing" in str(result.exception)
     assert not (tmp_path / "x.onnx").exists()
+    invoke(*train, "--out", tmp_path / "d4", *TINY[:-2], "--embed-dim", "4")  # 4 against the others' 8
+    result = runner.invoke(app, ["export", str(data / "run"), str(tmp_path / "d4"), "--out", str(tmp_path / "y.onnx")])
+    assert isinstance(result.exception, UserError) and "must have one embedding dimension" in str(result.exception)
+    assert not (tmp_path / "y.onnx").exists()
 
 
 def test_cuda_is_used_when_present_and_refused_when_absent(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -55,9 +55,10 @@ def export_run(run_dirs: list[Path], out: Path) -> tuple[ModelInfo, float]:
     """Export the best weights of one twin run, or of several as one ensemble, with preprocessing and
     training summary as metadata.
 
-    An ensemble's members must share their preprocessing (one thumbnail feeds them all); its summary lists
-    theirs under "members". Refuses to leave a file behind whose outputs differ from torch's by more than
-    PARITY_TOLERANCE.
+    An ensemble's members must share their preprocessing (one thumbnail feeds them all) and their embedding
+    dimension (the RMS distance over the concatenation weighs each member by its dimension: equal ones make
+    it the members' mean squared distance); its summary lists theirs under "members". Refuses to leave a
+    file behind whose outputs differ from torch's by more than PARITY_TOLERANCE.
     """
     if not run_dirs:
         raise UserError("export needs at least one run directory")
@@ -70,6 +71,12 @@ def export_run(run_dirs: list[Path], out: Path) -> tuple[ModelInfo, float]:
                 f"{d} preprocesses differently from {run_dirs[0]} ({settings.preprocess} against {preprocess}); "
                 "an ensemble's members must share their preprocessing (one thumbnail feeds them all)"
             )
+    dims = {str(d): s["embed_dim"] for d, s in zip(run_dirs, summaries, strict=True)}
+    if len(set(dims.values())) > 1:
+        raise UserError(
+            f"an ensemble's members must have one embedding dimension, not {dims}: the bank's distance would "
+            "weigh them by their dimensions instead of averaging them"
+        )
     nets = [net for *_, net in loaded]
     if len(nets) == 1:
         net, summary = nets[0], summaries[0]
