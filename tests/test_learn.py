@@ -101,6 +101,8 @@ def model(data: Path) -> Path:
 
 
 def test_training_run_records_history_and_checkpoints(data: Path, model: Path) -> None:
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (data / "run").iterdir()}
+    assert modes["model.safetensors"] == modes["checkpoint.safetensors"] == modes["run.json"]  # as the umask says
     run = json.loads((data / "run" / "run.json").read_text())
     assert [h["epoch"] for h in run["history"]] == [1, 2]
     assert run["settings"]["embed_dim"] == 8 and run["settings"]["preprocess"]["thumbnail"] == 32

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from lcls_hitfinder.bank import ReferenceBank, select_references
@@ -164,7 +164,9 @@ def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tens
 def save_weights(net: nn.Module, path: Path, extra: dict[str, torch.Tensor] | None = None) -> None:
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     tmp = path.with_suffix(".tmp")
-    save_file({**tensors, **(extra or {})}, str(tmp))
+    # written as bytes: safetensors' save_file makes the file owner-only, and a shared run directory's
+    # weights must be as readable as its run.json (the umask decides)
+    tmp.write_bytes(save({**tensors, **(extra or {})}))
     tmp.replace(path)
 
 
