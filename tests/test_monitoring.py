@@ -138,7 +138,8 @@ def test_dashboard_structure(name: str) -> None:
         for t in targets:
             assert t["datasource"] == DATASOURCE, f"{p['title']!r} {t['refId']}"
             assert t["expr"].strip()
-        assert "unit" in p["fieldConfig"]["defaults"], p["title"]
+        unit = p["fieldConfig"]["defaults"]["unit"]
+        assert unit not in ("reqps", "rps", "wps"), f"{p['title']!r}: a rate of events in HTTP request units"
     for (a, ga), (b, gb) in combinations(rects, 2):
         overlap_x = ga["x"] < gb["x"] + gb["w"] and gb["x"] < ga["x"] + ga["w"]
         overlap_y = ga["y"] < gb["y"] + gb["h"] and gb["y"] < ga["y"] + ga["h"]

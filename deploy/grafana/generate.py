@@ -26,6 +26,9 @@ DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 WIDTH = 24  # Grafana's grid is 24 columns wide
 
 Json = dict[str, Any]
+# Grafana custom units: a rate of events (or frames), not of HTTP requests ("reqps" would say req/s)
+EVENTS_PER_S = "suffix: events/s"
+FRAMES_PER_S = "suffix: frames/s"
 
 
 @cache
@@ -137,7 +140,7 @@ def overview() -> list[Json]:
             "Event rate",
             "Events decided per second (all labels), over the last minute.",
             f"sum({sel('hitfinder:events_all:rate1m')})",
-            "reqps",
+            EVENTS_PER_S,
             [(None, "red"), (1, "green")],
         ),
         stat(
@@ -204,7 +207,7 @@ def events() -> list[Json]:
                 target(f"sum by (label) ({sel('hitfinder:events:rate1m')})", "{{label}}"),
                 target(f"sum({sel('hitfinder:events:rate1m', decision='keep')})", "kept"),
             ],
-            "reqps",
+            EVENTS_PER_S,
         ),
         timeseries(
             "Keep fraction",
@@ -287,7 +290,7 @@ def health() -> list[Json]:
             "Frames binned per second: by a psana reader process (which shares the work while the service is "
             "behind) or by the service. Most of them in the reader: the service is the bottleneck.",
             [target(f"sum by (where) (rate({sel('hitfinder_frames_binned_total')}[$__rate_interval]))", "{{where}}")],
-            "reqps",
+            FRAMES_PER_S,
         ),
         timeseries(
             "Queue depths",
@@ -302,7 +305,7 @@ def health() -> list[Json]:
                 target(f"sum by (reason) ({sel('hitfinder:dropped_events:rate1m')})", "dropped: {{reason}}"),
                 target(f"sum by (reason) ({sel('hitfinder:frame_errors:rate1m')})", "error: {{reason}}"),
             ],
-            "reqps",
+            EVENTS_PER_S,
         ),
         timeseries(
             "Source restarts and bank reloads",
