@@ -306,6 +306,9 @@ def test_a_dataset_in_adu_is_decoded_with_its_own_gain_everywhere(fx: Fixtures, 
     assert CliRunner().invoke(app, [str(a) for a in args]).exit_code == 0
     with Dataset(tmp_path / "refs.h5") as picked, Dataset(fx.data) as d:
         np.testing.assert_allclose(picked.images(), d.images()[[2, 7]], atol=1e-4)
+    (tmp_path / "picks.csv").write_text("timestamp,n_particles\n2,1\n")
+    result = CliRunner().invoke(app, [str(a) for a in args])  # an h5: file's stamps are the time of reading
+    assert isinstance(result.exception, UserError) and "pick them by event" in str(result.exception)
 
     command = [*LCLS_HITFINDER, "serve", "--model", str(fx.model), "--bank", str(fx.bank), "--metrics-port", "0"]
     endpoint, logs = f"tcp://127.0.0.1:{free_port()}", tmp_path / "logs"

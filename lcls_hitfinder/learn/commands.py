@@ -199,19 +199,23 @@ def bank_pick(
 
     The bank of a new sample from its own first minutes: list the events (the decision log's or `listen
     --json`'s `event` or `timestamp`, labels corrected by eye) and this reads them through serve's own
-    source and calibration.
+    source and calibration, until every picked event has come (a live shmem: source: until they pass).
+    psana sources' timestamps are the run's; h5: files' are the time of reading, so pick those by event.
     """
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from lcls_hitfinder.config import load_config
     from lcls_hitfinder.service.pick import pick_references, read_picks
-    from lcls_hitfinder.service.sources import open_source
+    from lcls_hitfinder.service.sources import open_source, parse_uri
 
     output_file(out, "reference file")
     wanted = read_picks(existing(picks, "picks file"))
     settings = load_config(config, {"serve.source": source}).serve
-    src = open_source(settings.source, settings)
+    uri = parse_uri(settings.source)
+    if wanted.key == "timestamp" and uri.scheme in ("h5", "sim"):
+        raise UserError(f"{uri.scheme}: sources stamp events with the time they are read: pick them by event")
+    src = open_source(uri, settings)
     columns = (
         TextColumn("reading {task.fields[uri]}"),
         BarColumn(),
