@@ -439,7 +439,7 @@ def test_events_picked_from_a_run_become_references_for_bank_build(tmp_path: Pat
     picks = "event,label\n1,single\n2,multi\n5,blank\n6,single\n10,multi\n"
     made = _pick(tmp_path, source, picks, "--out", str(tmp_path / "refs.h5"), "--sample", "lyso", *config)
     assert made.returncode == 0, made.stderr
-    assert "5 picked events" in made.stdout
+    assert "5 picked events" in made.stdout and "no [serve.calibration] is configured" not in made.stderr
     with Dataset(tmp_path / "refs.h5") as d:
         assert d.n_particles.tolist() == [1, 2, 0, 1, 2]
         assert d.structure.tolist() == ["lyso", "lyso", "", "lyso", "lyso"]
@@ -478,6 +478,7 @@ def test_events_picked_from_a_run_become_references_for_bank_build(tmp_path: Pat
         missing.returncode == 2 and "1 of 2 picked events are not in" in missing.stderr and "event 40" in missing.stderr
     )
     assert not (tmp_path / "x.h5").exists()
+    assert "integers (raw detector values?) and no [serve.calibration] is configured" in missing.stderr
     bad = _pick(tmp_path, source, "event,count\n3,1\n", "--out", str(tmp_path / "y.h5"))
     assert bad.returncode == 2 and "needs a column event or timestamp, and n_particles or label" in bad.stderr
     assert leftovers() == []

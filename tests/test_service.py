@@ -398,12 +398,22 @@ def test_all_finite_finds_nan_and_inf_and_is_not_fooled_by_an_overflowing_sum() 
         ("event,n_particles\n3,7\n", "line 2: n_particles '7' is not a count of 0-4"),
         ("event,n_particles\nx,1\n", "line 2: run and event must be whole numbers"),
         ("run,timestamp,label\n1,5,single\n1,5,multi\n", "line 3: timestamp 5 is picked twice"),
+        ("run,event,label\n,4,single\n0,4,single\n", "line 3: event 4 is picked twice"),  # in any run, and in 0
+        ("event,label\n4,single\n\n12,maybe\n", "line 4: label 'maybe'"),  # blank lines count
+        # the decision log's columns: a label corrected by eye must not be overruled by the model's count
+        ("event,label,n_particles\n4,single,2\n", "line 2: label single and n_particles 2 disagree"),
+        ("event,label,n_particles\n4,,\n", "line 2: neither a label nor n_particles"),
     ],
 )
 def test_picks_files_are_checked_line_by_line(tmp_path: Path, text: str, message: str) -> None:
     (tmp_path / "p.csv").write_text(text)
     with pytest.raises(UserError, match=re.escape(message)):
         read_picks(tmp_path / "p.csv")
+
+
+def test_picks_with_label_and_count_take_the_count_where_they_agree(tmp_path: Path) -> None:
+    (tmp_path / "p.csv").write_text("event,label,n_particles\n1,multi,3\n2,single,\n3,,0\n")
+    assert read_picks(tmp_path / "p.csv").counts == {(None, 1): 3, (None, 2): 1, (None, 3): 0}
 
 
 def test_picks_take_each_event_once_by_run_or_in_any_run(tmp_path: Path) -> None:

@@ -306,6 +306,9 @@ def test_a_dataset_in_adu_is_decoded_with_its_own_gain_everywhere(fx: Fixtures, 
     assert CliRunner().invoke(app, [str(a) for a in args]).exit_code == 0
     with Dataset(tmp_path / "refs.h5") as picked, Dataset(fx.data) as d:
         np.testing.assert_allclose(picked.images(), d.images()[[2, 7]], atol=1e-4)
+    same = ["bank", "pick", "--source", f"h5:{adu}", "--picks", str(tmp_path / "picks.csv"), "--out", str(adu)]
+    result = CliRunner().invoke(app, same)
+    assert isinstance(result.exception, UserError) and "is the file the events are read from" in str(result.exception)
     (tmp_path / "picks.csv").write_text("timestamp,n_particles\n2,1\n")
     result = CliRunner().invoke(app, [str(a) for a in args])  # an h5: file's stamps are the time of reading
     assert isinstance(result.exception, UserError) and "pick them by event" in str(result.exception)

@@ -213,6 +213,8 @@ def bank_pick(
     wanted = read_picks(existing(picks, "picks file"))
     settings = load_config(config, {"serve.source": source}).serve
     uri = parse_uri(settings.source)
+    if Path(uri.target).expanduser().resolve() == out.resolve():
+        raise UserError(f"--out {out} is the file the events are read from")
     if wanted.key == "timestamp" and uri.scheme in ("h5", "sim"):
         raise UserError(f"{uri.scheme}: sources stamp events with the time they are read: pick them by event")
     src = open_source(uri, settings)

@@ -10,6 +10,7 @@ file for `lcls-hitfinder bank build`.
 from __future__ import annotations
 
 import csv
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from lcls_hitfinder.service.binning import fitting_mask
 from lcls_hitfinder.service.settings import ServeSettings
 from lcls_hitfinder.service.sources.h5 import recorded_calibration
 
+log = logging.getLogger(__name__)
 KEYS = ("event", "timestamp")  # how a row names its event: the index in its run, or psana's timestamp
 COUNT_OF_LABEL = {Label.BLANK.text: 0, Label.SINGLE.text: 1, Label.MULTI.text: 2}  # a multi-hit of unknown count
 
@@ -47,43 +49,54 @@ class Picks:
 
 
 def read_picks(path: Path) -> Picks:
-    """Parse the CSV; every error names the file and the line."""
+    """Parse the CSV; every error names the file and the line.
+
+    With both `label` and `n_particles` (the decision log's columns: the model's label and its estimate),
+    a row's two must agree on blank / single / multi, so a label corrected by eye is never overruled by the
+    model's count left beside it; a row may leave either empty.
+    """
     try:
         with path.open(newline="") as f:
             reader = csv.DictReader(f)
-            rows = list(reader)
+            rows = [(reader.line_num, row) for row in reader]
             header = set(reader.fieldnames or ())
     except (OSError, UnicodeDecodeError) as err:
         raise UserError(f"cannot read picks {path}: {err}") from None
     key = next((k for k in KEYS if k in header), None)
-    value = next((v for v in ("n_particles", "label") if v in header), None)
-    if key is None or value is None:
+    if key is None or not header & {"n_particles", "label"}:
         raise UserError(
             f"picks {path}: needs a column event or timestamp, and n_particles or label (has {sorted(header)})"
         )
     counts: dict[tuple[int | None, int], int] = {}
-    for line, row in enumerate(rows, start=2):
+    for line, row in rows:
         where = f"picks {path}, line {line}"
-        cells = {name: (row.get(name) or "").strip() for name in ("run", key, value)}
+        cells = {name: (row.get(name) or "").strip() for name in ("run", key, "label", "n_particles")}
         try:
             run = int(cells["run"]) if cells["run"] else None
             k = int(cells[key])
         except ValueError:
             raise UserError(f"{where}: run and {key} must be whole numbers, not {cells}") from None
-        if value == "label" and cells[value] not in COUNT_OF_LABEL:
-            raise UserError(f"{where}: label {cells[value]!r} is not one of {', '.join(COUNT_OF_LABEL)}")
-        try:
-            n = COUNT_OF_LABEL[cells[value]] if value == "label" else int(cells[value])
-        except ValueError:
-            n = -1
-        if not 0 <= n <= MAX_PARTICLES:
-            raise UserError(f"{where}: n_particles {cells[value]!r} is not a count of 0-{MAX_PARTICLES}")
-        if (run, k) in counts:
+        n = _count(cells["label"], cells["n_particles"], where)
+        if (run, k) in counts or (None, k) in counts or (run is None and any(c[1] == k for c in counts)):
             raise UserError(f"{where}: {key} {k} is picked twice")
         counts[(run, k)] = n
     if not counts:
         raise UserError(f"picks {path}: no events listed")
     return Picks(key, counts)
+
+
+def _count(label: str, n_particles: str, where: str) -> int:
+    """A row's particle count from its label and/or its count, which must agree where both are given."""
+    if label and label not in COUNT_OF_LABEL:
+        raise UserError(f"{where}: label {label!r} is not one of {', '.join(COUNT_OF_LABEL)}")
+    n = int(n_particles) if n_particles.isdigit() else -1
+    if n_particles and not 0 <= n <= MAX_PARTICLES:
+        raise UserError(f"{where}: n_particles {n_particles!r} is not a count of 0-{MAX_PARTICLES}")
+    if not label and not n_particles:
+        raise UserError(f"{where}: neither a label nor n_particles")
+    if label and n_particles and COUNT_OF_LABEL[label] != min(n, 2):
+        raise UserError(f"{where}: label {label} and n_particles {n} disagree: correct or clear one of them")
+    return n if n_particles else COUNT_OF_LABEL[label]
 
 
 def pick_references(
@@ -115,9 +128,15 @@ def pick_references(
             if n is None:
                 item.release()
                 continue
-            frame = torch.from_numpy(np.array(item.data, dtype=np.float32))  # a copy: the slot goes back now
+            raw = item.data
+            frame = torch.from_numpy(np.array(raw, dtype=np.float32))  # a copy: the slot goes back now
             item.release()
             if pre is None:
+                if raw.dtype.kind in "iu" and "calibration" not in settings.model_fields_set:
+                    log.warning(
+                        "the frames are integers (raw detector values?) and no [serve.calibration] is configured: "
+                        "they are taken as photons, as serve would take them (pass --config if they are ADU)"
+                    )
                 shape = tuple(frame.shape)
                 pre = Preprocessor(PreprocessSettings(), fitting_mask(source.mask, shape), shape, settings.calibration)
                 mask = (pre.mask[0] > 0).numpy()
