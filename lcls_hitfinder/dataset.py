@@ -82,13 +82,15 @@ class DatasetWriter:
         shape: tuple[int, int],
         mask: np.ndarray,
         attrs: Mapping[str, Any],
-        chunk: int = 16,
+        chunk: int | None = None,
         compression: str = "gzip",
         units: str = "photons",
     ) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         h, w = shape
+        # HDF5 chunks of up to 16 frames and at most ~4 MB (docs/dataset.md): one frame at 1024²
+        chunk = chunk or max(1, min(16, (4 << 20) // (4 * h * w)))
         if mask.shape != (h, w):
             raise ValueError(f"mask shape {mask.shape} != image shape {(h, w)}")
         self._tmp = self.path.with_suffix(self.path.suffix + ".tmp")

@@ -58,3 +58,14 @@ def test_failed_write_leaves_no_file(tmp_path: Path) -> None:
 def test_not_a_dataset(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="cannot read dataset"):
         Dataset(tmp_path / "nope.h5")
+
+
+@pytest.mark.parametrize(("side", "frames"), [(64, 16), (512, 4), (1024, 1), (2048, 1)])
+def test_image_chunks_hold_at_most_16_frames_and_about_4_mb(tmp_path: Path, side: int, frames: int) -> None:
+    """Every writer (simulate, bank pick) gets docs/dataset.md's chunks: a reader of one frame reads ~4 MB."""
+    import h5py
+
+    with DatasetWriter(tmp_path / "d.h5", (side, side), np.ones((side, side), bool), {}):
+        pass
+    with h5py.File(tmp_path / "d.h5") as f:
+        assert f["images"].chunks == (frames, side, side)

@@ -319,10 +319,9 @@ def simulate_dataset(
     generator = PatternGenerator(settings, progress=progress)  # builds and caches the volumes before the workers
     jobs = list(enumerate(_chunk_sizes(n, settings.chunk)))
     h_w = generator.shape
-    frames = max(1, min(16, (4 << 20) // (4 * h_w[0] * h_w[1])))  # HDF5 chunks of at most ~4 MB
     columns = (TextColumn("simulating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with (
-        DatasetWriter(out, h_w, generator.mask, generator.attrs, chunk=frames, units=generator.units) as writer,
+        DatasetWriter(out, h_w, generator.mask, generator.attrs, units=generator.units) as writer,
         Progress(*columns, disable=not progress) as bar,
     ):
         task = bar.add_task("patterns", total=n)
