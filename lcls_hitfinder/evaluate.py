@@ -207,13 +207,15 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 
 def projection_2d(embeddings: np.ndarray) -> np.ndarray:
-    """First two principal components (an embedding of dimension 2 is returned as is)."""
+    """First two principal components (an embedding of dimension 2 is returned as is); always (N, 2), also for
+    a single pattern, which has fewer components."""
     e = np.asarray(embeddings, np.float64)
     if e.shape[1] <= 2:
         return e
     centred = e - e.mean(0)
     _, _, vt = np.linalg.svd(centred, full_matrices=False)
-    return centred @ vt[:2].T
+    xy = centred @ vt[:2].T
+    return np.pad(xy, ((0, 0), (0, 2 - xy.shape[1])))
 
 
 def write_report(

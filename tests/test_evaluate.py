@@ -78,6 +78,7 @@ def test_markdown_and_projection() -> None:
     e = np.random.default_rng(0).normal(size=(50, 8)) * np.array([10, 5, 1, 1, 1, 1, 1, 1])
     xy = projection_2d(e)
     assert xy.shape == (50, 2) and xy[:, 0].var() > xy[:, 1].var() > 5
+    assert projection_2d(e[:1]).shape == (1, 2)  # one pattern has one component: still two columns to plot
 
 
 def test_report_files(tmp_path: Path) -> None:
