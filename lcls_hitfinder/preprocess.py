@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 class PreprocessSettings(BaseModel):
     """Model-side preprocessing parameters, stored in the model's metadata."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     thumbnail: int = Field(64, ge=2, le=512, description="side of the square thumbnail fed to the model")
     clip_photons: float | None = Field(
@@ -39,7 +39,7 @@ class PhotonCalibration(BaseModel):
     in photons (simulations, calibrated psana data) the defaults do nothing.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     gain: float = Field(1.0, gt=0, description="ADU per photon")
     offset: float = Field(0.0, description="ADU pedestal subtracted before dividing by the gain")

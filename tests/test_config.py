@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -41,4 +42,23 @@ def test_toml_switches_metrics_and_the_decision_log_off_with_false(tmp_path: Pat
     assert load_config().serve.metrics.port == 9108
     f.write_text("[serve.metrics]\nport = true\n")
     with pytest.raises(UserError, match=r"serve\.metrics\.port: .*false .* switches it off"):
+        load_config(f)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "[simulate.beam]\nphotons_per_pattern = inf",
+        "[simulate.particles]\n1 = nan",
+        "[train]\nalpha = nan",
+        "[serve.batch]\nmax_wait_ms = inf",
+        "[serve.calibration]\ngain = inf",
+    ],
+)
+def test_nan_and_inf_settings_are_config_errors(tmp_path: Path, line: str) -> None:
+    """Not a traceback deep in the simulator or the service (e.g. numpy's 'lam value too large')."""
+    f = tmp_path / "c.toml"
+    f.write_text(line + "\n")
+    key = line.split("]")[0].lstrip("[") + "." + line.split("\n")[1].split(" =")[0]
+    with pytest.raises(UserError, match=re.escape(key) + ": Input should be a finite number"):
         load_config(f)

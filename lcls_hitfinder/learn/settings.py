@@ -14,7 +14,7 @@ from lcls_hitfinder.preprocess import PreprocessSettings
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # a NaN or inf setting is an error, not a crash
 
 
 class AugmentSettings(_Section):

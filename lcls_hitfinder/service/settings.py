@@ -11,7 +11,7 @@ from lcls_hitfinder.preprocess import PhotonCalibration
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # a NaN or inf setting is an error, not a crash
 
 
 def _false_is_none(value: object) -> object:

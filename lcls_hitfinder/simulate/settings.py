@@ -15,7 +15,7 @@ from lcls_hitfinder.labels import MAX_PARTICLES
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # a NaN or inf setting is an error, not a crash
 
 
 class DetectorSettings(_Section):
