@@ -215,6 +215,22 @@ class Dataset:
         ds = self._f["images"]
         return np.asarray(ds[()] if sel is None else ds[sel], dtype=np.float32)
 
+    def photon_images(self, sel: slice | np.ndarray | None = None) -> np.ndarray:
+        """`images(sel)` in photons: a file in ADU decoded with its recorded calibration by the service's own
+        conversion (`Preprocessor.photons`), in place; a file in photons as it is."""
+        images = self.images(sel)
+        calibration = self.calibration
+        if calibration is None:
+            return images
+        import torch
+
+        from lcls_hitfinder.preprocess import Preprocessor, PreprocessSettings
+
+        Preprocessor(PreprocessSettings(), None, self.shape, calibration).photons(
+            torch.from_numpy(images), inplace=True
+        )
+        return images
+
     def read(self, sel: slice) -> Batch:
         f = self._f
         n = len(range(*sel.indices(len(self))))

@@ -105,6 +105,8 @@ def test_adu_output_gain_offset_and_units(tmp_path: Path) -> None:
     with Dataset(out) as ds, h5py.File(out) as f:
         assert f["images"].attrs["units"] == "adu" and ds.attrs["image_units"] == "adu"
         photons = (ds.images()[:, ds.mask] - 100.0) / 10.0
+        # what show, evaluate's examples and training see: the file's own calibration applied
+        np.testing.assert_allclose(ds.photon_images()[:, ds.mask], np.clip(photons, 0, None), atol=1e-4)
     assert np.allclose(photons, np.rint(photons), atol=1e-3) and photons.min() >= 0 and photons.max() > 0
 
 
@@ -249,3 +251,18 @@ def test_capsid_is_an_icosahedral_shell_around_a_lighter_core() -> None:
     moments = np.linalg.eigvalsh((beads * weights[:, None]).T @ beads)
     assert moments.max() / moments.min() < 1.03
     assert np.abs(beads[:, 0]).max() == pytest.approx(0.851 * capsid.radius_nm, rel=0.04)
+
+
+def test_show_draws_a_dataset_in_adu_in_photons(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from lcls_hitfinder import plots
+    from lcls_hitfinder.cli import app
+
+    s = _small(noise={"kind": "poisson", "adu_gain": 10.0, "adu_offset": 100.0}, particles={0: 1})
+    out = simulate_dataset(s, tmp_path / "adu.h5", n=2, progress=False)
+    drawn: list[np.ndarray] = []
+    monkeypatch.setattr(plots, "pattern_grid", lambda images, *a, **k: drawn.extend(images))
+    result = CliRunner().invoke(app, ["show", str(out), "--out", str(tmp_path / "s.png")])
+    assert result.exit_code == 0, result.output
+    assert len(drawn) == 2 and all(float(d.max()) == 0.0 for d in drawn)  # blanks: no photon, not the pedestal

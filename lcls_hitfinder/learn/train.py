@@ -34,7 +34,7 @@ from lcls_hitfinder.learn.augment import Augmenter
 from lcls_hitfinder.learn.nets import TwinEmbedder, build_cnn
 from lcls_hitfinder.learn.settings import TrainSettings
 from lcls_hitfinder.learn.triplet import triplet_loss
-from lcls_hitfinder.preprocess import Preprocessor, PreprocessSettings
+from lcls_hitfinder.preprocess import Preprocessor
 
 Kind = Literal["twin", "cnn"]
 RUN_FILE = "run.json"
@@ -74,11 +74,7 @@ def load_patterns(path: Path) -> Patterns:
         if n.min() < 0 or n.max() > MAX_PARTICLES:
             raise UserError(f"{path}: n_particles must be 0..{MAX_PARTICLES}")
         bc = data.attrs.get("beam_center")
-        images = torch.from_numpy(data.images())
-        if data.calibration is not None:  # augmentation works in photons: decode ADU as the service would
-            images = Preprocessor(PreprocessSettings(), None, data.shape, data.calibration).photons(
-                images, inplace=True
-            )
+        images = torch.from_numpy(data.photon_images())  # augmentation works in photons
         return Patterns(
             path=Path(path),
             images=images,

@@ -150,7 +150,7 @@ def show(
                 index = _spread_over_counts(ds.n_particles, n)
             structures, photons, counts = ds.structure[index], ds.photons[index], ds.n_particles[index]
             order = np.argsort(index)  # h5py reads increasing indices only
-            images += list((ds.images(index[order]) * ds.mask)[np.argsort(order)])
+            images += list((ds.photon_images(index[order]) * ds.mask)[np.argsort(order)])
             titles += [
                 f"{k} particle{'s' if k != 1 else ''} · {p:.2g} ph\n{s or 'blank'} #{i}"
                 for i, k, s, p in zip(index, counts, structures, photons, strict=True)
