@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -266,3 +267,20 @@ def test_show_draws_a_dataset_in_adu_in_photons(tmp_path: Path, monkeypatch: pyt
     result = CliRunner().invoke(app, ["show", str(out), "--out", str(tmp_path / "s.png")])
     assert result.exit_code == 0, result.output
     assert len(drawn) == 2 and all(float(d.max()) == 0.0 for d in drawn)  # blanks: no photon, not the pedestal
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("procedural:1,0", "structure procedural:1,0: sizes must be positive"),  # the spec given, not a part
+        ("coreshell:5,10,-1", "structure coreshell:5,10,-1: sizes must be positive, densities not negative"),
+        ("ellipsoid:5,inf,3", "structure ellipsoid:5,inf,3: parameters must be finite"),
+    ],
+)
+def test_bad_structure_numbers_name_the_spec(spec: str, message: str) -> None:
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_structure(spec)
+
+
+def test_a_hollow_core_shell_is_a_structure() -> None:
+    assert load_structure("coreshell:5,10,0").params == (5.0, 10.0, 0.0)  # RHO is a density ratio: 0 is a hollow shell

@@ -154,16 +154,19 @@ def _centred(groups: list[AtomGroup]) -> tuple[AtomGroup, ...]:
     return tuple(AtomGroup(g.form_factor, g.positions - centre, g.weights) for g in groups)
 
 
-def _numbers(name: str, text: str, count: tuple[int, int]) -> list[float]:
-    """Parse `a,b,c` into positive floats, between count[0] and count[1] of them."""
+def _numbers(spec: str, text: str, count: tuple[int, int], sizes: int | None = None) -> list[float]:
+    """Parse `a,b,c` (part of `spec`, which errors name) into floats, between count[0] and count[1] of them:
+    the first `sizes` (default all) positive, the others not negative."""
     try:
         values = [float(x) for x in text.split(",")] if text else []
     except ValueError:
-        raise UserError(f"structure {name}:{text}: parameters must be numbers") from None
+        raise UserError(f"structure {spec}: parameters must be numbers") from None
     if not count[0] <= len(values) <= count[1]:
-        raise UserError(f"structure {name}:{text}: expected {count[0]} to {count[1]} numbers")
-    if any(not math.isfinite(v) or v <= 0 for v in values):
-        raise UserError(f"structure {name}:{text}: sizes must be positive")
+        raise UserError(f"structure {spec}: expected {count[0]} to {count[1]} numbers")
+    if any(not math.isfinite(v) for v in values):
+        raise UserError(f"structure {spec}: parameters must be finite")
+    if any(v <= 0 for v in values[:sizes]) or any(v < 0 for v in values[sizes or len(values) :]):
+        raise UserError(f"structure {spec}: sizes must be positive" + (", densities not negative" if sizes else ""))
     return values
 
 
@@ -178,11 +181,11 @@ def load_structure(spec: str) -> Structure:
 
 
 def _sphere(spec: str, rest: str) -> Body:
-    return Body(spec, "sphere", tuple(_numbers("sphere", rest, (1, 1))))
+    return Body(spec, "sphere", tuple(_numbers(spec, rest, (1, 1))))
 
 
 def _coreshell(spec: str, rest: str) -> Body:
-    values = _numbers("coreshell", rest, (2, 3))
+    values = _numbers(spec, rest, (2, 3), sizes=2)
     rc, r, rho = values[0], values[1], values[2] if len(values) == 3 else 0.5
     if rc >= r:
         raise UserError(f"structure {spec}: the core radius must be smaller than the outer radius")
@@ -190,7 +193,7 @@ def _coreshell(spec: str, rest: str) -> Body:
 
 
 def _ellipsoid(spec: str, rest: str) -> Body:
-    return Body(spec, "ellipsoid", tuple(_numbers("ellipsoid", rest, (3, 3))))
+    return Body(spec, "ellipsoid", tuple(_numbers(spec, rest, (3, 3))))
 
 
 def read_atoms(spec: str) -> AtomModel:
@@ -322,7 +325,7 @@ def _procedural(spec: str, rest: str) -> AtomModel:
         raise UserError(f"structure {spec}: the seed must be an integer") from None
     if seed < 0:
         raise UserError(f"structure {spec}: the seed must be >= 0")
-    diameter = _numbers("procedural", parts[1], (1, 1))[0] if len(parts) > 1 else None
+    diameter = _numbers(spec, parts[1], (1, 1))[0] if len(parts) > 1 else None
     symmetry = parts[2].upper() if len(parts) > 2 else None
     if symmetry is not None and symmetry not in _SYMMETRIES:
         raise UserError(f"structure {spec}: symmetry must be one of {', '.join(_SYMMETRIES)}")
@@ -358,7 +361,7 @@ def _capsid(spec: str, rest: str) -> AtomModel:
     raise the granular high-q floor w-fold (R/35 had put 3.6x too much intensity at q = 2 nm⁻¹ for R = 35, and
     Bragg peaks of the bead lattice on the detector above R ≈ 74 nm: found by a review).
     """
-    r = _numbers("capsid", rest, (1, 1))[0]
+    r = _numbers(spec, rest, (1, 1))[0]
     normals = _icosahedron_normals()
     inradius = r * 0.7947  # icosahedron inradius over circumradius
     shell = 0.1 * r
