@@ -191,10 +191,7 @@ def calibrate_threshold(scores: np.ndarray, is_single: np.ndarray, target_precis
     (and reached=False), so the caller can say so.
     """
     if len(scores) == 0 or not np.any(is_single):
-        raise UserError(
-            "threshold calibration needs held-out patterns including single hits: every single became a "
-            "reference (use fewer --per-class than the file has singles, or give --calibrate FILE)"
-        )
+        raise UserError("threshold calibration needs held-out patterns including single hits")
     t, precision, _ = precision_recall(scores, is_single)
     ok = np.nonzero(precision >= target_precision)[0]
     if len(ok):

@@ -8,6 +8,7 @@ import csv
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -148,6 +149,20 @@ def test_bank_classify_and_evaluate(data: Path, model: Path, tmp_path: Path) -> 
     assert [r["pairs"] > 0 for r in pairs] == [False] * 5 + [True]
 
 
+def test_bank_build_says_which_file_lacks_singles_to_calibrate_on(data: Path, model: Path, tmp_path: Path) -> None:
+    blanks = spheres(10, (48, 48), 5)
+    blanks.n_particles[:] = 0
+    with DatasetWriter(tmp_path / "blanks.h5", (48, 48), np.ones((48, 48), bool), {"seed": 5}) as wr:
+        wr.append(blanks)
+    build = ["bank", "build", "--model", str(model), "--data", str(data / "val.h5"), "--out", str(tmp_path / "b.h5")]
+    for more, message in [
+        (["--per-class", "1000"], f"every single hit of {data / 'val.h5'} became a reference"),
+        (["--calibrate", str(tmp_path / "blanks.h5")], f"{tmp_path / 'blanks.h5'} has no single hits to calibrate"),
+    ]:
+        result = runner.invoke(app, [*build, *more])
+        assert isinstance(result.exception, UserError) and message in str(result.exception), result.output
+
+
 def test_metrics_are_strict_json_when_a_figure_cannot_be_computed(data: Path, model: Path, tmp_path: Path) -> None:
     """A file with no single hit has no precision at recall 0.9: null in metrics.json and on stdout, not NaN."""
     blanks = spheres(20, (48, 48), 5)
@@ -225,17 +240,23 @@ def test_resume_refuses_what_it_would_ignore(data: Path, tmp_path: Path) -> None
     ]:
         result = runner.invoke(app, ["train", args[0], "--out", str(tmp_path / "r"), "--resume", *args[1:]])
         assert isinstance(result.exception, UserError) and message in str(result.exception), result.output
-    no_singles = tmp_path / "blanks.h5"
+    few_singles = tmp_path / "few.h5"  # 30 patterns, about 6 singles: the validation bank draws them all
     batch = spheres(30, (48, 48), 7)
-    batch.n_particles[:] = np.where(batch.n_particles == 1, 2, batch.n_particles)
-    with DatasetWriter(no_singles, (48, 48), np.ones((48, 48), bool), {"seed": 7}) as wr:
+    assert 0 < (batch.n_particles == 1).sum() <= 10
+    with DatasetWriter(few_singles, (48, 48), np.ones((48, 48), bool), {"seed": 7}) as wr:
         wr.append(batch)
-    args = ["train", "twin", "--data", str(data / "train.h5"), "--val", str(no_singles), "--out", str(tmp_path / "n")]
+    args = ["train", "twin", "--data", str(data / "train.h5"), "--val", str(few_singles), "--out", str(tmp_path / "n")]
     result = runner.invoke(app, args)
-    assert isinstance(result.exception, UserError) and "has no single hits: the validation bank" in str(
-        result.exception
-    )
+    assert isinstance(result.exception, UserError), result.output
+    assert "has no single hits beside the 10 per class its validation bank draws" in str(result.exception)
     assert not (tmp_path / "n" / "run.json").exists()  # refused before an epoch was spent
+    invoke(*args, *TINY[:4], "--bank-per-class", "2")  # with a smaller bank some singles are left: it trains
+
+    def strict(constant: str) -> None:
+        raise AssertionError(f"{constant} in run.json is not JSON")
+
+    history = json.loads((tmp_path / "n" / "run.json").read_text(), parse_constant=strict)["history"]
+    assert all(h["selection"] is not None for h in history)
 
 
 def test_cnn_baseline_trains_and_evaluates(data: Path, tmp_path: Path) -> None:
@@ -245,6 +266,14 @@ def test_cnn_baseline_trains_and_evaluates(data: Path, tmp_path: Path) -> None:
     m = json.loads((tmp_path / "rep" / "metrics.json").read_text())
     assert m["arch"] == "early3" and m["n"] == 150
     assert 0 <= m["test_accuracy"] <= m["count_accuracy"] <= 1 and m["particle_accuracy"] == 1.0  # one structure
+    adu = tmp_path / "adu.h5"  # the same patterns in ADU: judged in photons, as the CNN was trained
+    with Dataset(data / "test.h5") as d:
+        batch = d.read(slice(None))
+        noise = {"noise": {"adu_gain": 4.0, "adu_offset": 20.0}}
+        with DatasetWriter(adu, d.shape, d.mask, noise, units="adu") as wr:
+            wr.append(replace(batch, images=batch.images * 4.0 + 20.0))
+    invoke("evaluate", "--run", tmp_path / "cnn", "--data", adu, "--report", tmp_path / "rep_adu")
+    assert json.loads((tmp_path / "rep_adu" / "metrics.json").read_text())["count_accuracy"] == m["count_accuracy"]
     result = runner.invoke(app, ["export", str(tmp_path / "cnn"), "--out", str(tmp_path / "x.onnx")])
     assert isinstance(result.exception, UserError) and "only twin" in str(result.exception)
 

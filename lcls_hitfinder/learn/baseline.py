@@ -25,7 +25,7 @@ def evaluate_cnn(run_dir: Path, data: Path, batch: int = 256) -> dict[str, float
     with Dataset(data) as d:
         pre = Preprocessor(settings.preprocess, d.mask, d.shape)
         for lo in range(0, len(d), batch):
-            s, c = net(pre(d.images(slice(lo, lo + batch))))
+            s, c = net(pre(d.photon_images(slice(lo, lo + batch))))  # in photons, as it was trained
             structures.append(s.argmax(1).numpy())
             counts.append(c.argmax(1).numpy())
         truth = np.array([index.get(str(x), -1) for x in d.structure])

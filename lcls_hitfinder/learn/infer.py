@@ -13,6 +13,7 @@ import torch
 
 from lcls_hitfinder.bank import ReferenceBank, calibrate_threshold, select_references
 from lcls_hitfinder.dataset import Dataset
+from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.frame_file import FrameFile
 from lcls_hitfinder.preprocess import PhotonCalibration, Preprocessor
 from lcls_hitfinder.service.binning import all_finite
@@ -83,6 +84,13 @@ def build_bank(
     else:
         rest = np.setdiff1d(np.arange(len(n)), refs)
         cal_emb, cal_n = emb[rest], n[rest]
+    if not (cal_n == 1).any():  # say which file lacks them, and what to do
+        if calibrate is not None:
+            raise UserError(f"{calibrate} has no single hits to calibrate the threshold on")
+        raise UserError(
+            f"every single hit of {data} became a reference, none is left to calibrate the threshold on: "
+            "use fewer --per-class, or give --calibrate FILE"
+        )
     scores, _ = bank.scores(cal_emb)
     single = cal_n == 1
     bank.threshold, reached = calibrate_threshold(scores, single, target_precision)

@@ -24,6 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from safetensors.torch import load_file, save
 from torch import nn
 
+from lcls_hitfinder import strict_json
 from lcls_hitfinder.bank import ReferenceBank, select_references
 from lcls_hitfinder.dataset import Dataset
 from lcls_hitfinder.devices import resolve_device
@@ -213,8 +214,16 @@ class Trainer:
         self.device = resolve_device(settings.device, "train.device")
         self.train_set = load_patterns(data)
         self.val_set = load_patterns(val)
-        if kind == "twin" and not (self.val_set.n_particles == 1).any():  # before an epoch is spent, not after
-            raise UserError(f"{val} has no single hits: the validation bank needs some")
+        if kind == "twin":  # before an epoch is spent, not after: the validation needs singles beside its bank
+            v = self.val_set
+            refs = select_references(
+                v.n_particles, v.structure if settings.per_structure else None, settings.bank_per_class, settings.seed
+            )
+            if not np.delete(v.n_particles == 1, refs).any():
+                raise UserError(
+                    f"{val} has no single hits beside the {settings.bank_per_class} per class its validation bank "
+                    "draws: give it more singles, or a smaller bank_per_class"
+                )
         self.structures = sorted(
             {str(s) for s, n in zip(self.train_set.structure, self.train_set.n_particles, strict=True) if n > 0}
         )
@@ -377,7 +386,7 @@ class Trainer:
                     save_weights(self.net, self.out / BEST)
                 aux = {f"aux.{k}": v.detach().cpu() for k, v in self.aux.state_dict().items()} if self.aux else {}
                 save_weights(self.net, self.out / CHECKPOINT, {**_flatten_optimizer(self.opt), **aux})
-                (self.out / RUN_FILE).write_text(json.dumps(self.run, indent=2) + "\n")
+                (self.out / RUN_FILE).write_text(strict_json.dumps(self.run, indent=2) + "\n")
                 shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
                 progress.console.print(f"epoch {epoch + 1}: {shown}")
         return dict(self.run["best"] or {})
