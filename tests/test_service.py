@@ -411,6 +411,11 @@ def test_picks_files_are_checked_line_by_line(tmp_path: Path, text: str, message
         read_picks(tmp_path / "p.csv")
 
 
+def test_picks_saved_by_a_spreadsheet_with_a_byte_order_mark(tmp_path: Path) -> None:
+    (tmp_path / "p.csv").write_text("\ufeffevent,label\n3,single\n", encoding="utf-8")
+    assert read_picks(tmp_path / "p.csv").counts == {(None, 3): 1}
+
+
 def test_picks_with_label_and_count_take_the_count_where_they_agree(tmp_path: Path) -> None:
     (tmp_path / "p.csv").write_text("event,label,n_particles\n1,multi,3\n2,single,\n3,,0\n")
     assert read_picks(tmp_path / "p.csv").counts == {(None, 1): 3, (None, 2): 1, (None, 3): 0}

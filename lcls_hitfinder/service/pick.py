@@ -56,7 +56,7 @@ def read_picks(path: Path) -> Picks:
     model's count left beside it; a row may leave either empty.
     """
     try:
-        with path.open(newline="") as f:
+        with path.open(newline="", encoding="utf-8-sig") as f:  # spreadsheets save a byte-order mark
             reader = csv.DictReader(f)
             rows = [(reader.line_num, row) for row in reader]
             header = set(reader.fieldnames or ())

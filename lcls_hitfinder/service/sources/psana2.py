@@ -152,7 +152,7 @@ class Psana2ReadLoop:
                     f"(detectors: {', '.join(names)})"
                 )
             return self.detector
-        cameras = [n for n in names if n not in _NOT_AREA_DETECTORS and n != (self.timing or TIMING_DETECTOR)]
+        cameras = [n for n in names if n not in {*_NOT_AREA_DETECTORS, self.timing, TIMING_DETECTOR}]
         if len(cameras) != 1:
             raise UserError(f"source {self.label}: say which detector with ?det=NAME (detectors: {', '.join(names)})")
         return cameras[0]
@@ -172,15 +172,15 @@ class Psana2ReadLoop:
             runnum = int(run.runnum or 0)
             if wanted and run.expt and run.expt != wanted:  # psana finds runs by number alone in dir=
                 raise UserError(f"source {self.label}: run {runnum} in that directory is {run.expt}'s, not {wanted}'s")
-            name = self._detector_name(run)
-            self._local_constants(run, name)
-            det = run.Detector(name).raw
             names = set(run.detnames)
             if self.timing is not None and self.timing not in names:  # a misspelt name would lose every pulse id
                 raise UserError(
                     f"source {self.label}: no timing detector {self.timing!r} in run {run.runnum} "
                     f"(detectors: {', '.join(sorted(names))})"
                 )
+            name = self._detector_name(run)
+            self._local_constants(run, name)
+            det = run.Detector(name).raw
             timing_name = self.timing or TIMING_DETECTOR
             timing = run.Detector(timing_name).raw if timing_name in names else None
             truth = run.Detector(TRUTH_DETECTOR).raw if TRUTH_DETECTOR in names else None
