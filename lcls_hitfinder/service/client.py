@@ -77,9 +77,9 @@ class DecisionClient:
         self._sock = self._ctx.socket(zmq.SUB)
         self._sock.setsockopt(zmq.RCVHWM, rcvhwm)
         self._sock.setsockopt(zmq.LINGER, 0)
-        # a service starting after this client: connect within 20 ms of its bind, not ZeroMQ's 100
+        # a service starting after this client: connect within 20 ms of its bind, not ZeroMQ's 100 (no back-off:
+        # RECONNECT_IVL_MAX stays 0, since an exponential back-off would have it connect up to a second late)
         self._sock.setsockopt(zmq.RECONNECT_IVL, 20)
-        self._sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         for topic in topics or ("",):
             self._sock.setsockopt_string(zmq.SUBSCRIBE, topic)
         self._sock.connect(endpoint)
