@@ -19,6 +19,7 @@ import torch
 
 from lcls_hitfinder.config import load_config
 from lcls_hitfinder.errors import UserError
+from lcls_hitfinder.protocols import Frame
 from lcls_hitfinder.service import messages, metrics, settings
 from lcls_hitfinder.service.batcher import Batcher
 from lcls_hitfinder.service.binning import readers_bin
@@ -72,6 +73,12 @@ def test_source_parameters_are_checked_and_converted(tmp_path: Path) -> None:
         open_source("sim:?rate=fast", ServeSettings())
     with pytest.raises(UserError, match="rate=-5 must be at least 0"):
         open_source("sim:?rate=-5", ServeSettings())
+    with pytest.raises(UserError, match="rate=nan must be a finite number"):
+        open_source("sim:?rate=nan", ServeSettings())
+    with pytest.raises(UserError, match="seed=-1 must be at least 0"):  # not a numpy traceback at the first event
+        open_source("sim:?seed=-1", ServeSettings())
+    with pytest.raises(UserError, match=re.escape("sim: takes its parameters after '?' (sim:?rate=0&n=5)")):
+        open_source("sim:rate=0&n=5", ServeSettings())  # not a stream at the defaults, forever
     with pytest.raises(UserError, match="repeat=-1 must be at least 0"):
         open_source(f"h5:{tmp_path / 'x.h5'}?repeat=-1", ServeSettings())
     with pytest.raises(UserError, match="no such file"):
@@ -235,6 +242,24 @@ def test_sim_source_streams_labelled_patterns(tmp_path: Path) -> None:
     assert all(f.data.shape == (32, 48) and f.event.run == 9 for f in frames)
     truth = [f.truth_n_particles for f in frames]
     assert all(t is not None and 0 <= t <= 4 for t in truth) and len(set(truth)) > 1
+
+
+def test_sim_source_takes_the_seed_of_its_config_unless_the_uri_gives_one(tmp_path: Path) -> None:
+    def truth(uri: str) -> list[int | None]:
+        src = open_source(uri, ServeSettings())
+        src.open()
+        frames = [f.truth_n_particles for f in src.frames() if isinstance(f, Frame)]
+        src.close()
+        return frames
+
+    config = tmp_path / "sim.toml"
+    config.write_text("[simulate]\nseed = 99\n[simulate.detector]\nshape = [16, 16]\n")
+    plain = tmp_path / "plain.toml"
+    plain.write_text("[simulate.detector]\nshape = [16, 16]\n")
+    from_file = truth(f"sim:?rate=0&n=30&config={config}")
+    assert from_file == truth(f"sim:?rate=0&n=30&seed=99&config={plain}")
+    assert from_file != truth(f"sim:?rate=0&n=30&config={plain}")  # seed 0
+    assert truth(f"sim:?rate=0&n=30&seed=0&config={config}") == truth(f"sim:?rate=0&n=30&config={plain}")
 
 
 # ---- settings and the decision log --------------------------------------------------------------------------

@@ -9,6 +9,7 @@ class is built as `Class(uri: SourceURI, settings: ServeSettings)`.
 from __future__ import annotations
 
 import importlib
+import math
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -59,6 +60,8 @@ class SourceURI:
         except ValueError:
             kind = getattr(convert, "__name__", "value")
             raise UserError(f"source {self.raw}: {name}={value!r} is not a valid {kind}") from None
+        if isinstance(converted, float) and not math.isfinite(converted):
+            raise UserError(f"source {self.raw}: {name}={value} must be a finite number")
         if at_least is not None and isinstance(converted, int | float) and converted < at_least:
             raise UserError(f"source {self.raw}: {name}={value} must be at least {at_least:g}")
         return converted

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from lcls_hitfinder.dataset import Batch
+from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.protocols import EventId, Frame
 from lcls_hitfinder.service.settings import ServeSettings
 from lcls_hitfinder.service.sources import TICK_S, Pacer, SourceURI, psana_timestamp
@@ -34,12 +35,14 @@ class SimSource:
 
     def __init__(self, uri: SourceURI, settings: ServeSettings) -> None:
         uri.check_params(("rate", "n", "seed", "experiment", "run", "config"))
+        if uri.target:  # 'sim:rate=0' would otherwise run at the defaults
+            raise UserError(f"source {uri.raw}: sim: takes its parameters after '?' (sim:?{uri.target})")
         self.uri = uri.raw
         self.rate = uri.get("rate", float, 120.0, at_least=0)
         self.n = uri.get("n", int, 0, at_least=0)
-        self.seed = uri.get("seed", int, 0)
+        self.seed: int | None = uri.get("seed", int, 0, at_least=0) if "seed" in uri.params else None
         self.experiment = uri.get("experiment", str, "sim")
-        self.run = uri.get("run", int, 1)
+        self.run = uri.get("run", int, 1, at_least=0)
         self.config = uri.params.get("config")
         self.frame_shape: tuple[int, ...] | None = None
         self.mask: np.ndarray | None = None
@@ -53,7 +56,9 @@ class SimSource:
         from lcls_hitfinder.simulate.generate import PatternGenerator
 
         sim = load_config(Path(self.config) if self.config else None).simulate
-        generator = PatternGenerator(sim, seed=self.seed)
+        generator = PatternGenerator(
+            sim, seed=sim.seed if self.seed is None else self.seed
+        )  # the URI's, else the file's
         self.frame_shape = tuple(generator.shape)
         self.mask = generator.mask
         self._thread = threading.Thread(target=self._generate, args=(generator,), name="sim", daemon=True)
