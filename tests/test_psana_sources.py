@@ -408,6 +408,7 @@ def test_xtc2_says_how_to_serve_a_run_in_adu(tmp_path: Path, adu: bool) -> None:
         [cli, "xtc2", tmp_path / "d.h5", "--out", tmp_path / "o.xtc2"], capture_output=True, text=True
     )
     assert made.returncode == 0, made.stderr
+    assert "writing XTC2" not in made.stdout  # the progress bar goes to stderr, the results to stdout
     out = made.stdout.split("serve it with: ", 1)[1]
     assert out.startswith("lcls-hitfinder serve -c FILE --source" if adu else "lcls-hitfinder serve --source")
     if adu:

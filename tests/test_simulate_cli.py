@@ -48,6 +48,8 @@ def test_simulate_with_config_and_flags_then_show(tmp_path: Path) -> None:
         cache=tmp_path / "cache",
     )
     assert done.returncode == 0, done.stderr
+    (result,) = done.stdout.strip().splitlines()  # the result alone on stdout: progress goes to stderr
+    assert result.startswith("wrote 12 patterns") and result.endswith(str(out))
     with Dataset(out) as ds:
         assert len(ds) == 12 and ds.shape == (40, 40) and set(ds.n_particles) <= {1, 2}
         assert ds.attrs["seed"] == 3 and ds.attrs["noise"]["gaussian_sigma"] == 0.2

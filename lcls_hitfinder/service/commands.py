@@ -49,14 +49,24 @@ def serve(
         Path | None, typer.Option("--config", "-c", help="TOML or YAML config file (its serve section)")
     ] = None,
     source: Annotated[
-        str | None, typer.Option(help="source URI, e.g. xtc2:run.xtc2?det=pnccd, shmem:TAG?det=NAME, h5:FILE, sim:")
+        str | None,
+        typer.Option(
+            help="source URI, e.g. xtc2:run.xtc2?det=pnccd, shmem:TAG?det=NAME, exp:EXP:RUN?dir=DIR&det=NAME, "
+            "psana1:DATASOURCE?det=NAME, h5:FILE, sim: (default: sim:?rate=120)"
+        ),
     ] = None,
     model: Annotated[Path | None, typer.Option(help="embedder ONNX file (default: the shipped one)")] = None,
     bank: Annotated[Path | None, typer.Option(help="reference bank file (default: the shipped one)")] = None,
-    publish: Annotated[str | None, typer.Option(help="ZeroMQ endpoint to bind, e.g. tcp://0.0.0.0:5556")] = None,
-    metrics_port: Annotated[int | None, typer.Option(help="HTTP port of /metrics (Prometheus)")] = None,
+    publish: Annotated[
+        str | None, typer.Option(help="ZeroMQ endpoint to bind (default tcp://127.0.0.1:5556; tcp://0.0.0.0:5556: all)")
+    ] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="HTTP port of /metrics for Prometheus (default 9108; 0: any free one)")
+    ] = None,
     max_events: Annotated[int | None, typer.Option(help="stop after this many events")] = None,
-    log_dir: Annotated[Path | None, typer.Option(help="folder of the per-run decision logs")] = None,
+    log_dir: Annotated[
+        Path | None, typer.Option(help="folder of the per-run decision logs (default ./decisions)")
+    ] = None,
     device: Annotated[str | None, typer.Option(help="where preprocessing runs: auto, cpu or cuda")] = None,
 ) -> None:
     """Classify every event of a source in real time; publish decisions on ZeroMQ and metrics over HTTP.

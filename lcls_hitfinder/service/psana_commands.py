@@ -26,12 +26,14 @@ def xtc2(
 ) -> None:
     """Write a simulated dataset as an XTC2 run of uint16 ADU with psana's own writer, truth included.
 
-    The dataset's mask goes beside it as psana's pixel_mask constant (OUT.constants.npz). Serve it with
-    `lcls-hitfinder serve --source 'xtc2:OUT?det=NAME&constants=OUT.constants.npz'`, or through shared
+    The dataset's mask goes beside it as psana's pixel_mask constant (RUN.constants.npz for --out RUN.xtc2).
+    Serve it with `lcls-hitfinder serve --source 'xtc2:RUN.xtc2?det=NAME&constants=RUN.constants.npz'` (the
+    command prints it), or through shared
     memory with psana's shmemServer. With --adu-gain G/--adu-offset O, serve with \\[serve.calibration] gain = G and
     offset = O so the service turns ADU back into photons. With --exp-dir the run also goes where an
     `exp:` source (serial or MPI, `&ranks=N`) finds it, with the smalldata index of psana's smdwriter.
     """
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from lcls_hitfinder.dataset import Dataset
@@ -41,7 +43,7 @@ def xtc2(
     with Dataset(existing(data, "dataset")) as ds:
         n, recorded = len(ds), ds.calibration
     columns = (TextColumn("writing XTC2"), BarColumn(), MofNCompleteColumn())
-    with Progress(*columns) as bar:
+    with Progress(*columns, console=Console(stderr=True)) as bar:  # stdout: the result lines alone
         task = bar.add_task("events", total=n)
         written = dataset_to_xtc2(
             data, out, det, exp, run, adu_gain, adu_offset, rate, progress=lambda k: bar.update(task, completed=k)

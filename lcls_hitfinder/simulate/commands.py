@@ -74,7 +74,6 @@ def simulate(
     ] = None,
 ) -> None:
     """Simulate labelled single-particle diffraction patterns (0-4 particles) into an HDF5 dataset."""
-    from rich.console import Console
 
     from lcls_hitfinder.config import load_config
     from lcls_hitfinder.dataset import Dataset
@@ -107,9 +106,7 @@ def simulate(
     simulate_dataset(settings, out)
     with Dataset(out) as ds:
         total, counts = len(ds), {k: int((ds.n_particles == k).sum()) for k in range(5)}
-    Console(stderr=True).print(
-        f"wrote {total} patterns ({', '.join(f'{v} x {k}' for k, v in counts.items() if v)} particles) to {out}"
-    )
+    print(f"wrote {total} patterns ({', '.join(f'{v} x {k}' for k, v in counts.items() if v)} particles) to {out}")
 
 
 def _spread_over_counts(n_particles: np.ndarray, n: int) -> np.ndarray:

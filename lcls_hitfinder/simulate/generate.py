@@ -312,6 +312,7 @@ def simulate_dataset(
     settings: SimulateSettings, out: Path, n: int | None = None, workers: int | None = None, progress: bool = True
 ) -> Path:
     """Write n (default settings.n) patterns to `out`, chunk by chunk, with `workers` processes."""
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     n = settings.n if n is None else n
@@ -322,7 +323,7 @@ def simulate_dataset(
     columns = (TextColumn("simulating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with (
         DatasetWriter(out, h_w, generator.mask, generator.attrs, units=generator.units) as writer,
-        Progress(*columns, disable=not progress) as bar,
+        Progress(*columns, disable=not progress, console=Console(stderr=True)) as bar,  # stdout: results only
     ):
         task = bar.add_task("patterns", total=n)
         batches: Iterator[Batch]
