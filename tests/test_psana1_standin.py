@@ -13,6 +13,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 import pytest
@@ -75,3 +76,39 @@ def test_psana1_unknown_detector_is_a_one_line_error(psana1: ModuleType) -> None
     source.close()
     with pytest.raises(UserError, match="missing \\?det="):
         open_source("psana1:exp=cxitest17:run=3:smd", ServeSettings())
+
+
+def test_psana1_ends_each_run_and_a_live_restart_numbers_on(psana1: ModuleType) -> None:
+    """psana1's events() has no EndRun: each run ends where the next begins, and after the last event; a live
+    reader restarted mid-run goes on counting after the events delivered, so (run, event) stays unique."""
+    from lcls_hitfinder.service.reader import Delivered
+    from lcls_hitfinder.service.sources.psana1 import Psana1ReadLoop
+
+    class Sink:
+        def __init__(self) -> None:
+            self.items: list[tuple[str, int, int]] = []
+
+        def ready(self, message: str) -> None:
+            pass
+
+        def put(self, event: Any, data: Any, truth: Any, read_ns: int) -> None:
+            self.items.append(("event", event.run, event.event))
+
+        def end_run(self, experiment: str, run: int) -> None:
+            self.items.append(("end", run, -1))
+
+    def read(live: bool, delivered: Delivered) -> list[tuple[str, int, int]]:
+        sink = Sink()
+        loop = Psana1ReadLoop("psana1:test", "exp=cxitest17:run=3,4:smd", "pnccdFront", False, False, None, live)
+        loop(sink, delivered)  # type: ignore[arg-type]
+        return sink.items
+
+    n = psana1.N_EVENTS
+    expected = [("event", r, i) for r in (3,) for i in range(n)] + [("end", 3, -1)]
+    expected += [("event", 4, i) for i in range(n)] + [("end", 4, -1)]
+    assert read(False, Delivered()) == expected
+    delivered = Delivered()
+    for i in range(3):
+        delivered.add(3, i)
+    live = read(True, delivered)
+    assert [item for item in live if item[1] == 3] == [("event", 3, i) for i in range(3, 3 + n)] + [("end", 3, -1)]

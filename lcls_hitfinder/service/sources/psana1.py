@@ -77,12 +77,19 @@ class Psana1ReadLoop:
         experiment = ds.env().experiment()
         det = self._detector(psana)
         sink.ready(f"{experiment} {self.datasource}: detector {self.detector}, {'calib' if self.calib else 'raw'}")
-        run, index = None, -1
+        last: int | None = None
+        index = -1
         for evt in ds.events():
             read_ns = time.perf_counter_ns()
             eid = evt.get(psana.EventId)
-            index = index + 1 if eid.run() == run else 0
-            run = eid.run()
+            run = int(eid.run())
+            if run == last:
+                index += 1
+            else:  # psana1's events() has no EndRun: a run ends where the next one's first event comes
+                if last is not None:
+                    sink.end_run(experiment, last)
+                last = run
+                index = delivered.next_index(run) if self.live else 0  # a live reader restarted mid-run
             if not self.live and (run, index) in delivered:
                 continue
             data = det.calib(evt) if self.calib else det.raw(evt)
@@ -91,12 +98,14 @@ class Psana1ReadLoop:
             sec, nsec = eid.time()  # unix epoch in psana1
             event = EventId(
                 experiment=experiment,
-                run=int(run),
+                run=run,
                 event=index,
                 timestamp=((int(sec) - EPICS_EPOCH_UNIX) << 32) | int(nsec),
                 pulse_id=int(eid.fiducials()),
             )
             sink.put(event, data, None, read_ns)
+        if last is not None:
+            sink.end_run(experiment, last)
 
 
 class Psana1Source(SupervisedSource):
