@@ -111,7 +111,9 @@ def test_xtc2_run_through_serve_equals_classify(
         source = f"exp:cxitest23:4?dir={xtc}&det=cam&ranks=4&batch=4&{constants}"
     config = serve_config(tmp_path / "serve.yaml", tiny, source, endpoint, reader={"bin_in_reader": binning})
     with DecisionClient(endpoint, (DECISION, RUN), timeout_s=WAIT_S) as client:
-        serve = subprocess.Popen([CLI, "serve", "--config", str(config)], stdout=subprocess.PIPE, text=True)
+        serve = subprocess.Popen(
+            [CLI, "serve", "--config", str(config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         processes.append(serve)
         decisions, end = [], {}
         for topic, payload in client.messages():
@@ -180,7 +182,9 @@ def test_live_shmem_survives_a_killed_server(tiny: Model, tmp_path: Path, proces
     beats_while_down = 0
     second: ShmemServer | None = None
     with DecisionClient(endpoint, (DECISION, HEARTBEAT, RUN), timeout_s=WAIT_S) as client:
-        serve = subprocess.Popen([CLI, "serve", "--config", str(config)], stdout=subprocess.PIPE, text=True)
+        serve = subprocess.Popen(
+            [CLI, "serve", "--config", str(config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         processes.append(serve)
         for topic, payload in client.messages():
             if topic == DECISION:

@@ -34,13 +34,14 @@ def shipped_file(name: str) -> Path:
 
 
 def _setup_logging() -> None:
+    from rich.console import Console
     from rich.logging import RichHandler
 
-    logging.basicConfig(
+    logging.basicConfig(  # on stderr, as a service's log goes: stdout is left to results
         level=logging.INFO,
         format="%(message)s",
         datefmt="%H:%M:%S",
-        handlers=[RichHandler(console=None, show_path=False, rich_tracebacks=False)],
+        handlers=[RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False)],
     )
 
 
