@@ -75,6 +75,8 @@ def test_source_parameters_are_checked_and_converted(tmp_path: Path) -> None:
         open_source("sim:?rate=-5", ServeSettings())
     with pytest.raises(UserError, match="rate=nan must be a finite number"):
         open_source("sim:?rate=nan", ServeSettings())
+    with pytest.raises(UserError, match="experiment= is empty"):  # it names the run and its decision log
+        open_source("sim:?experiment=", ServeSettings())
     with pytest.raises(UserError, match="seed=-1 must be at least 0"):  # not a numpy traceback at the first event
         open_source("sim:?seed=-1", ServeSettings())
     with pytest.raises(UserError, match=re.escape("sim: takes its parameters after '?' (sim:?rate=0&n=5)")):

@@ -55,6 +55,8 @@ class SourceURI:
         value = self.params.get(name)
         if value is None:
             return default
+        if value == "":
+            raise UserError(f"source {self.raw}: {name}= is empty")
         try:
             converted = convert(value)
         except ValueError:
