@@ -312,6 +312,29 @@ def test_watchdog_restarts_a_reader_frozen_with_the_gil_held() -> None:
     assert _leftovers() == []
 
 
+@dataclass(frozen=True)
+class NeverServedLoop:
+    """A live reader whose source never delivers: psana waiting, GIL held, for a shmem server that is not there."""
+
+    def __call__(self, sink: FrameSink, delivered: Delivered) -> None:
+        sink.ready("a shmem tag nobody serves")
+        ctypes.PyDLL(None).sleep(3600)
+
+
+def test_a_live_source_stalled_before_any_event_says_it_may_not_be_served(caplog: pytest.LogCaptureFixture) -> None:
+    with _started(NeverServedLoop(), "unserved", live=True) as reader:
+        deadline = time.monotonic() + 60
+        for _ in reader.frames():
+            if reader.restarts or time.monotonic() > deadline:
+                break
+    assert reader.restarts == 1
+    assert (
+        "stalled (no heartbeat for" in caplog.text
+        and "before any event: is the live source served here?" in caplog.text
+    )
+    assert _leftovers() == []
+
+
 def test_a_file_reader_that_keeps_dying_without_frames_is_an_error() -> None:
     message = r"dying: the reader exited \(code 3\), 3 times in a row without"
     with (

@@ -895,7 +895,10 @@ class SupervisedReader:
             got = self._next_message(child, IDLE_TICK_S)
             if got is None:
                 if self._stalled(child):
-                    self._schedule_restart(stall)
+                    never = self._live and not len(self._delivered)  # a tag nobody serves looks like a freeze
+                    self._schedule_restart(
+                        stall + (" before any event: is the live source served here?" if never else "")
+                    )
                 yield None
                 continue
             channel, msg = got

@@ -65,7 +65,9 @@ class MetricsSettings(_Section):
 class ReaderSettings(_Section):
     """Supervision of readers that run in a child process (psana): stall detection and restarts."""
 
-    stall_s: float = Field(5.0, gt=0, description="seconds without progress while a run is open: restart")
+    stall_s: float = Field(
+        5.0, gt=0, description="seconds without progress while the source opens or a run is open: restart"
+    )
     backoff_s: float = Field(1.0, gt=0, description="first delay before a restart, doubled each time")
     max_backoff_s: float = Field(30.0, gt=0, description="longest delay between restarts")
     give_up_after: int = Field(
