@@ -330,6 +330,9 @@ def test_a_dataset_in_adu_is_decoded_with_its_own_gain_everywhere(fx: Fixtures, 
     proc = subprocess.run([*command, *more], capture_output=True, text=True, timeout=WAIT_S, cwd=tmp_path, env=env)
     assert proc.returncode == 0 and "holds ADU" in proc.stderr, proc.stdout + proc.stderr  # the log, on stderr
     assert proc.stdout == ""
+    # not a terminal (journald, a file): one line per record, however long, with its level and time
+    (line,) = [x for x in proc.stderr.splitlines() if "holds ADU" in x]
+    assert str(adu) in line and " INFO " in line
     (log_file,) = logs.rglob("*.h5")
     columns, _ = read_decision_log(log_file)
     assert list(columns["label"]) == [r["label"] for r in photons]

@@ -37,12 +37,15 @@ def _setup_logging() -> None:
     from rich.console import Console
     from rich.logging import RichHandler
 
-    logging.basicConfig(  # on stderr, as a service's log goes: stdout is left to results
-        level=logging.INFO,
-        format="%(message)s",
-        datefmt="%H:%M:%S",
-        handlers=[RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False)],
-    )
+    # On stderr, as a service's log goes (stdout is left to results). Rich on a terminal; elsewhere (journald,
+    # a log file) one plain line per record, since rich wraps long lines at 80 columns there.
+    handler: logging.Handler
+    if sys.stderr.isatty():
+        handler = RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False)
+        fmt = "%(message)s"
+    else:
+        handler, fmt = logging.StreamHandler(sys.stderr), "%(asctime)s %(levelname)s %(message)s"
+    logging.basicConfig(level=logging.INFO, format=fmt, datefmt="%Y-%m-%d %H:%M:%S", handlers=[handler])
 
 
 def serve(
