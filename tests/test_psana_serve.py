@@ -242,6 +242,11 @@ def test_demo_runs_the_real_path_and_cleans_up(tiny: Model, tmp_path: Path) -> N
     assert len(logs) == 1
     columns, attrs = read_decision_log(logs[0])
     assert attrs["complete"] and 0 < len(columns["seq"]) <= 40  # live shared memory may skip events
+    assert f"files in {tmp_path / 'demo'}" in demo.stdout.splitlines()  # whole, on a line of its own
+    kept, true_single = columns["label"] == "single", columns["truth_n_particles"] == 1
+    if kept.any() and true_single.any():  # the kept events' purity, as the log has it
+        purity = f"{(kept & true_single).sum() / kept.sum():.1%} of the kept are true singles"
+        assert purity in " ".join(demo.stdout.split())
     assert columns["seq"].tolist() == list(range(len(columns["seq"])))
     assert set(columns["truth_n_particles"].tolist()) <= {0, 1, 2, 3, 4}  # truth came through shared memory
     assert glob.glob("/dev/shm/PdsMonitorSharedMemory_hitfinder_demo_*") == []

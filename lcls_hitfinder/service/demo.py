@@ -103,6 +103,10 @@ class Tally:
         t.add_row("rate", f"{now:.1f} Hz now, {mean:.1f} Hz on average")
         t.add_row("latency", f"p50 {p50:.2f} ms   p99 {p99:.2f} ms")
         t.add_row("keep", f"{self.keep / max(self.decisions, 1):.1%} kept as single hits")
+        kept, singles = self.confusion[:, Label.SINGLE].sum(), self.confusion[1].sum()
+        if kept and singles:  # what a keep/veto user needs: how pure the kept events are, and how many singles
+            hits = self.confusion[1, Label.SINGLE]
+            t.add_row("", f"{hits / kept:.1%} of the kept are true singles; {hits / singles:.1%} of true singles kept")
         accuracy = f"{self.correct / self.with_truth:.1%}" if self.with_truth else "-"
         t.add_row("accuracy", f"{accuracy} of {self.with_truth} events with a known particle count")
         t.add_row("labels", "  ".join(f"{k} {v}" for k, v in self.labels.items()))
@@ -307,6 +311,7 @@ def run_demo(demo: Demo) -> Tally:
         raise
     finally:
         demo.stop()
-    console.print(tally.table(f"runs: {', '.join(tally.runs) or '-'}; files in {demo.workdir}"))
+    console.print(tally.table(f"runs: {', '.join(tally.runs) or '-'}"))
     console.print(tally.confusion_table())
+    console.print(f"files in {demo.workdir}", soft_wrap=True)  # whole, to copy
     return tally
