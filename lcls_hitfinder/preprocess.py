@@ -16,13 +16,15 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
+
+from lcls_hitfinder.settings_base import Section
 
 
-class PreprocessSettings(BaseModel):
+class PreprocessSettings(Section):
     """Model-side preprocessing parameters, stored in the model's metadata."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    model_config = ConfigDict(frozen=True)  # and Section's: no unknown key, no NaN
 
     thumbnail: int = Field(64, ge=2, le=512, description="side of the square thumbnail fed to the model")
     clip_photons: float | None = Field(
@@ -32,14 +34,14 @@ class PreprocessSettings(BaseModel):
     normalise: Literal["zscore", "max", "none"] = "zscore"
 
 
-class PhotonCalibration(BaseModel):
+class PhotonCalibration(Section):
     """Detector-side conversion of raw values to photons: photons = (value - offset) / gain.
 
     Values below `threshold` photons are set to zero (single-photon discrimination). For data already
     in photons (simulations, calibrated psana data) the defaults do nothing.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    model_config = ConfigDict(frozen=True)  # and Section's: no unknown key, no NaN
 
     gain: float = Field(1.0, gt=0, description="ADU per photon")
     offset: float = Field(0.0, description="ADU pedestal subtracted before dividing by the gain")

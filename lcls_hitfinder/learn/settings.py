@@ -8,16 +8,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from lcls_hitfinder.preprocess import PreprocessSettings
+from lcls_hitfinder.settings_base import Section
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # a NaN or inf setting is an error, not a crash
-
-
-class AugmentSettings(_Section):
+class AugmentSettings(Section):
     """On-the-fly augmentation of photon images (before the shared preprocessing), as in the design study.
 
     Geometry: radial rescale (detector distance / photon energy), beam-centre shift, in-plane rotation.
@@ -52,7 +49,7 @@ class AugmentSettings(_Section):
     beamstop_max_frac: float = Field(0.08, ge=0, le=0.5, description="largest beam-stop radius, fraction of width")
 
 
-class CnnSettings(_Section):
+class CnnSettings(Section):
     """Multi-output CNN baselines of the design study (predict structure and particle count)."""
 
     arch: Literal[
@@ -61,7 +58,7 @@ class CnnSettings(_Section):
     width: int = Field(16, ge=4, le=128, description="channels of the first layer (VGG16/ResNet18 use 64 at full size)")
 
 
-class TrainSettings(_Section):
+class TrainSettings(Section):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present, else CPU")
     threads: int = Field(1, ge=1, le=64, description="torch CPU threads (on a shared CPU, 1 is often faster than 2)")

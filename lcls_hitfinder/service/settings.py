@@ -5,13 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, Field, field_validator
 
 from lcls_hitfinder.preprocess import PhotonCalibration
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # a NaN or inf setting is an error, not a crash
+from lcls_hitfinder.settings_base import Section
 
 
 def _false_is_none(value: object) -> object:
@@ -21,7 +18,7 @@ def _false_is_none(value: object) -> object:
     return None if value is False else value
 
 
-class BatchSettings(_Section):
+class BatchSettings(Section):
     """Dynamic batching: a batch goes out when full or when its first frame has waited `max_wait_ms`."""
 
     max_size: int = Field(32, ge=1, le=4096, description="most frames per inference batch")
@@ -33,7 +30,7 @@ class BatchSettings(_Section):
     )
 
 
-class PrefilterSettings(_Section):
+class PrefilterSettings(Section):
     """The cheap blank test before the model: frames below the cut are labelled blank without inference."""
 
     kind: Literal["lit_pixels", "photons", "none"] = Field(
@@ -44,7 +41,7 @@ class PrefilterSettings(_Section):
     min_photons: float = Field(50.0, ge=0, description="fewer photons in total than this: blank")
 
 
-class PublishSettings(_Section):
+class PublishSettings(Section):
     endpoint: str = Field("tcp://127.0.0.1:5556", description="ZeroMQ endpoint the PUB socket binds")
     sndhwm: int = Field(100_000, ge=0, description="messages queued per subscriber before ZeroMQ drops")
     heartbeat_s: float = Field(1.0, gt=0, description="seconds between heartbeat messages")
@@ -53,7 +50,7 @@ class PublishSettings(_Section):
     )
 
 
-class MetricsSettings(_Section):
+class MetricsSettings(Section):
     port: int | None = Field(
         9108, ge=0, le=65535, description="HTTP port of /metrics (0: any free one); false or null: no /metrics"
     )
@@ -62,7 +59,7 @@ class MetricsSettings(_Section):
     _off = field_validator("port", mode="before")(_false_is_none)
 
 
-class ReaderSettings(_Section):
+class ReaderSettings(Section):
     """Supervision of readers that run in a child process (psana): stall detection and restarts."""
 
     stall_s: float = Field(
@@ -92,7 +89,7 @@ class ReaderSettings(_Section):
     )
 
 
-class ServeSettings(_Section):
+class ServeSettings(Section):
     """Everything `lcls-hitfinder serve` needs; each CLI flag overrides one key here."""
 
     source: str = Field("sim:?rate=120", description="source URI: xtc2:, shmem:, exp:, psana1:, h5:, sim:")

@@ -9,16 +9,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from lcls_hitfinder.labels import MAX_PARTICLES
+from lcls_hitfinder.settings_base import Section
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # a NaN or inf setting is an error, not a crash
-
-
-class DetectorSettings(_Section):
+class DetectorSettings(Section):
     """A flat detector perpendicular to the beam; rows run along y (vertical), columns along x."""
 
     shape: tuple[int, int] = Field((128, 128), description="pixels (rows, columns)")
@@ -41,7 +38,7 @@ class DetectorSettings(_Section):
         return v
 
 
-class BeamSettings(_Section):
+class BeamSettings(Section):
     """Photon energy and fluence. Fluence is given directly or as a mean photon count per single hit."""
 
     photon_energy_ev: float = Field(1700.0, gt=0, description="photon energy in eV")
@@ -57,14 +54,14 @@ class BeamSettings(_Section):
     )
 
 
-class NoiseSettings(_Section):
+class NoiseSettings(Section):
     kind: Literal["none", "poisson", "poisson+gaussian"] = Field("poisson", description="detector noise model")
     gaussian_sigma: float = Field(0.0, ge=0, description="read-noise sd, in photons (or ADU when adu_gain is set)")
     adu_gain: float | None = Field(None, gt=0, description="write ADU (gain * photons + offset) instead of photons")
     adu_offset: float = Field(0.0, description="pedestal in ADU, with adu_gain")
 
 
-class BackgroundSettings(_Section):
+class BackgroundSettings(Section):
     """Smooth scatter from the gas or the carrier liquid, added to the expected counts before noise."""
 
     kind: Literal["none", "flat", "radial"] = "none"
@@ -72,7 +69,7 @@ class BackgroundSettings(_Section):
     q0_inv_nm: float = Field(0.5, gt=0, description="radial background falls as 1 / (1 + (q / q0)²)")
 
 
-class SimulateSettings(_Section):
+class SimulateSettings(Section):
     """Everything `lcls-hitfinder simulate` needs to make a dataset, and the live `sim:` source too."""
 
     structures: list[str] = Field(
