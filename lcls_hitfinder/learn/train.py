@@ -214,16 +214,16 @@ class Trainer:
         self.device = resolve_device(settings.device, "train.device")
         self.train_set = load_patterns(data)
         self.val_set = load_patterns(val)
-        if kind == "twin":  # before an epoch is spent, not after: the validation needs singles beside its bank
-            v = self.val_set
-            refs = select_references(
-                v.n_particles, v.structure if settings.per_structure else None, settings.bank_per_class, settings.seed
+        # the validation bank's references, drawn once (seeded): every epoch is judged on the same split
+        v = self.val_set
+        self.val_refs = select_references(
+            v.n_particles, v.structure if settings.per_structure else None, settings.bank_per_class, settings.seed
+        )
+        if kind == "twin" and not np.delete(v.n_particles == 1, self.val_refs).any():
+            raise UserError(  # before an epoch is spent, not after: the validation needs singles beside its bank
+                f"{val} has no single hits beside the {settings.bank_per_class} per class its validation bank "
+                "draws: give it more singles, or a smaller bank_per_class"
             )
-            if not np.delete(v.n_particles == 1, refs).any():
-                raise UserError(
-                    f"{val} has no single hits beside the {settings.bank_per_class} per class its validation bank "
-                    "draws: give it more singles, or a smaller bank_per_class"
-                )
         self.structures = sorted(
             {str(s) for s, n in zip(self.train_set.structure, self.train_set.n_particles, strict=True) if n > 0}
         )
@@ -330,7 +330,7 @@ class Trainer:
         if self.kind == "twin":
             (emb,) = self._outputs(self.val_thumbs)
             e = emb.numpy()
-            refs = select_references(v.n_particles, v.structure if s.per_structure else None, s.bank_per_class, s.seed)
+            refs = self.val_refs
             rest = np.setdiff1d(np.arange(len(e)), refs)
             bank = ReferenceBank(e[refs], v.n_particles[refs], model_hash="validation")
             labels = torch.from_numpy(class_labels(v.n_particles, v.structure, s))
