@@ -401,6 +401,48 @@ def test_several_runs_export_as_one_ensemble_whose_distance_is_the_members_mean(
     assert not (tmp_path / "y.onnx").exists()
 
 
+def test_export_averages_over_quarter_turns_inside_the_model(data: Path, model: Path, tmp_path: Path) -> None:
+    """--views 2 embeds a thumbnail as the mean of the plain model's embeddings of it and of its quarter turn
+    (numpy's rot90), made from the run or from the exported model alike; --views 4 is invariant to a quarter
+    turn, which the plain model is not."""
+    from lcls_hitfinder.model_io import INPUT_NAME
+    from lcls_hitfinder.preprocess import Preprocessor
+
+    with Dataset(data / "test.h5") as d:
+        thumbs = Preprocessor(read_model_info(model).preprocess, d.mask, d.shape)(d.images(slice(0, 24))).numpy()
+    turned = np.ascontiguousarray(np.rot90(thumbs, 1, axes=(2, 3)))
+
+    def embed(path: Path, x: np.ndarray) -> np.ndarray:
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {INPUT_NAME: x})[0]
+
+    invoke("export", data / "run", "--views", "2", "--out", tmp_path / "run2.onnx")
+    out = invoke("export", model, "--views", "2", "--out", tmp_path / "m2.onnx")
+    assert "averaged over 2 rotations" in out
+    expected = (embed(model, thumbs) + embed(model, turned)) / 2
+    for averaged in (tmp_path / "run2.onnx", tmp_path / "m2.onnx"):
+        np.testing.assert_allclose(embed(averaged, thumbs), expected, atol=1e-5)
+        info = read_model_info(averaged)
+        assert info.views == 2 and info.summary["kind"] == "twin" and info.embed_dim == 8
+        assert info.model_hash != file_hash(model)  # a bank of the plain model refuses it
+    invoke("export", model, "--views", "4", "--out", tmp_path / "m4.onnx")
+    np.testing.assert_allclose(embed(tmp_path / "m4.onnx", thumbs), embed(tmp_path / "m4.onnx", turned), atol=1e-5)
+    assert np.abs(embed(model, thumbs) - embed(model, turned)).max() > 1e-3
+
+    for args, message in [
+        (["--views", "3", "--out", tmp_path / "x.onnx"], "--views must be one of 1, 2, 4, not 3"),
+        (["--out", tmp_path / "x.onnx"], "is already exported: give --views 2 or 4"),
+        (["--views", "2", "--out", model], "is the model itself"),
+    ]:
+        result = runner.invoke(app, [str(a) for a in ["export", model, *args]])
+        assert isinstance(result.exception, UserError) and message in str(result.exception), result.output
+    args = ["export", str(tmp_path / "m2.onnx"), "--views", "2", "--out", str(tmp_path / "x.onnx")]
+    result = runner.invoke(app, args)
+    assert isinstance(result.exception, UserError) and "already averages over 2 rotations" in str(result.exception)
+    result = runner.invoke(app, ["export", str(data / "run"), "--views", "3", "--out", str(tmp_path / "y.onnx")])
+    assert isinstance(result.exception, UserError) and not (tmp_path / "y.onnx").exists()
+    assert not (tmp_path / "x.onnx").exists()
+
+
 def test_cuda_is_used_when_present_and_refused_when_absent(monkeypatch: pytest.MonkeyPatch) -> None:
     from lcls_hitfinder.devices import resolve_device
 

@@ -116,21 +116,40 @@ def train(
 
 def export(
     run_dirs: Annotated[
-        list[Path], typer.Argument(help="a twin training run directory; several make one ensemble model")
+        list[Path],
+        typer.Argument(
+            help="a twin training run directory; several make one ensemble model; or one exported model (.onnx) "
+            "to make average over --views rotations"
+        ),
     ],
     out: Annotated[Path, typer.Option(help="ONNX file to write")],
+    views: Annotated[
+        int, typer.Option(help="average each embedding over this many 90-degree rotations of the thumbnail: 1, 2 or 4")
+    ] = 1,
 ) -> None:
     """Export a twin run's best weights to ONNX, with preprocessing and training summary in the metadata.
 
     Several runs export as one ensemble: their embeddings concatenated, so the bank's distance is the
-    members' mean squared distance.
+    members' mean squared distance. --views 2 or 4 averages each embedding over the thumbnail's quarter turns
+    inside the model (docs/RESULTS.md: higher single-hit precision for that many times the inference).
     """
-    from lcls_hitfinder.learn.export import export_run
+    from lcls_hitfinder.learn.export import export_rotations, export_run
+    from lcls_hitfinder.model_io import VIEWS
 
-    runs = [existing(d, "run directory") for d in run_dirs]
-    info, diff = export_run(runs, output_file(out, "model"))
+    if views not in VIEWS:
+        raise UserError(f"--views must be one of {', '.join(map(str, VIEWS))}, not {views}")
+    paths = [existing(d, "run directory") for d in run_dirs]
+    if paths[0].suffix == ".onnx" and paths[0].is_file():
+        if len(paths) > 1:
+            raise UserError("an exported model is made to average over rotations on its own, not with runs")
+        if views == 1:
+            raise UserError(f"{paths[0]} is already exported: give --views 2 or 4 to make it average over rotations")
+        info, diff = export_rotations(paths[0], views, output_file(out, "model"))
+    else:
+        info, diff = export_run(paths, output_file(out, "model"), views)
     size = out.stat().st_size / 1e6
-    print(f"{out}: model {info.model_hash}, embed dim {info.embed_dim}, {size:.2f} MB, parity {diff:.1e}")
+    averaged = f", averaged over {info.views} rotations" if info.views > 1 else ""
+    print(f"{out}: model {info.model_hash}, embed dim {info.embed_dim}{averaged}, {size:.2f} MB, parity {diff:.1e}")
 
 
 @bank_app.command("build")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,18 +14,44 @@ from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.learn.nets import ConcatEmbedder
 from lcls_hitfinder.learn.settings import TrainSettings
 from lcls_hitfinder.learn.train import load_run
-from lcls_hitfinder.model_io import INPUT_NAME, ModelInfo, export_onnx
+from lcls_hitfinder.model_io import INPUT_NAME, ModelInfo, export_onnx, read_model_info, rotations, with_rotations
 
 PARITY_TOLERANCE = 1e-4
 
 
-def parity(module: torch.nn.Module, model: Path, thumbnails: np.ndarray) -> float:
-    """max |onnxruntime - torch| over the embeddings of `thumbnails`."""
+def onnx_embedding(model: Path) -> Callable[[np.ndarray], np.ndarray]:
     session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-    onnx_out = session.run(None, {INPUT_NAME: thumbnails.astype(np.float32)})[0]
-    with torch.no_grad():
-        torch_out = module.eval()(torch.from_numpy(thumbnails)).numpy()
-    return float(np.abs(onnx_out - torch_out).max())
+    return lambda thumbnails: session.run(None, {INPUT_NAME: thumbnails.astype(np.float32)})[0]
+
+
+def torch_embedding(module: torch.nn.Module) -> Callable[[np.ndarray], np.ndarray]:
+    def embed(thumbnails: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return module.eval()(torch.from_numpy(thumbnails)).numpy()
+
+    return embed
+
+
+Reference = torch.nn.Module | Callable[[np.ndarray], np.ndarray]
+
+
+def parity(reference: Reference, model: Path, thumbnails: np.ndarray) -> float:
+    """max |onnxruntime - reference| over the embeddings of `thumbnails`, the reference (a torch module, or the
+    plain model's embedding) averaged over as many rotations as the model averages over."""
+    embed = torch_embedding(reference) if isinstance(reference, torch.nn.Module) else reference
+    views = read_model_info(model).views
+    expected = np.mean([embed(t) for t in rotations(thumbnails, views)], axis=0)
+    return float(np.abs(onnx_embedding(model)(thumbnails) - expected).max())
+
+
+def _checked(reference: Reference, out: Path, thumbnail: int) -> float:
+    """Parity on random thumbnails; the file is removed when it fails."""
+    probe = np.random.default_rng(0).normal(size=(16, 1, thumbnail, thumbnail)).astype(np.float32)
+    diff = parity(reference, out, probe)
+    if diff > PARITY_TOLERANCE:
+        Path(out).unlink()
+        raise UserError(f"exported model differs from its reference by {diff:.2e} > {PARITY_TOLERANCE}; not written")
+    return diff
 
 
 def _twin_summary(run_dir: Path, run: dict[str, Any], settings: TrainSettings) -> dict[str, Any]:
@@ -51,9 +78,9 @@ def _twin_summary(run_dir: Path, run: dict[str, Any], settings: TrainSettings) -
     }
 
 
-def export_run(run_dirs: list[Path], out: Path) -> tuple[ModelInfo, float]:
+def export_run(run_dirs: list[Path], out: Path, views: int = 1) -> tuple[ModelInfo, float]:
     """Export the best weights of one twin run, or of several as one ensemble, with preprocessing and
-    training summary as metadata.
+    training summary as metadata; with `views` > 1, averaging over that many rotations (`with_rotations`).
 
     An ensemble's members must share their preprocessing (one thumbnail feeds them all) and their embedding
     dimension (the RMS distance over the concatenation weighs each member by its dimension: equal ones make
@@ -89,10 +116,14 @@ def export_run(run_dirs: list[Path], out: Path) -> tuple[ModelInfo, float]:
             "members": summaries,
         }
     info = export_onnx(net, preprocess, out, summary)
-    s = preprocess.thumbnail
-    probe = np.random.default_rng(0).normal(size=(16, 1, s, s)).astype(np.float32)
-    diff = parity(net, out, probe)
-    if diff > PARITY_TOLERANCE:
-        Path(out).unlink()
-        raise UserError(f"exported model differs from torch by {diff:.2e} > {PARITY_TOLERANCE}; not written")
-    return info, diff
+    if views != 1:
+        info = with_rotations(out, views, out)
+    return info, _checked(net, out, preprocess.thumbnail)
+
+
+def export_rotations(model: Path, views: int, out: Path) -> tuple[ModelInfo, float]:
+    """An exported model made to average over `views` rotations, checked against the model itself."""
+    if out.resolve() == model.resolve():
+        raise UserError(f"--out {out} is the model itself: write the averaging model to another file")
+    info = with_rotations(model, views, out)
+    return info, _checked(onnx_embedding(model), out, info.preprocess.thumbnail)
