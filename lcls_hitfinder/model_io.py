@@ -118,9 +118,10 @@ def with_rotations(model: Path | str, views: int, out: Path | str) -> ModelInfo:
     quarter turns.
 
     Why: the embedder learns rotation invariance only from augmentation, and averaging over exact rotations
-    (interpolation-free on a square thumbnail) raised single-hit precision on every model measured
-    (docs/RESULTS.md, "Embeddings averaged over rotations"). The rotations run inside the graph (one batch of
-    views * N through the network), so the bank, serving and offline tools need not know.
+    (interpolation-free on a square thumbnail) raised single-hit precision on validation sets for every
+    model measured, though not on every test set (docs/RESULTS.md, "Embeddings averaged over rotations").
+    The rotations run inside the graph (one batch of views * N through the network), so the bank, serving
+    and offline tools need not know.
     """
     if views not in VIEWS:
         raise UserError(f"views must be one of {', '.join(map(str, VIEWS))}, not {views}")
