@@ -62,7 +62,7 @@ def format_validation_error(err: ValidationError, origin: str) -> str:
     parts = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
         parts.append(f"{key}: {msg}")
     return f"config error ({origin}): " + "; ".join(parts)
 

@@ -47,6 +47,34 @@ def test_the_gap_is_exactly_gap_px_rows_through_the_beam(side: int, gap: int) ->
     assert abs(rows.mean() - centre) <= 0.5  # centred on the beam, to half a row
 
 
+@pytest.mark.parametrize("side", [128, 129])
+def test_no_beam_stop_masks_no_pixel_and_dead_lines_must_be_on_the_detector(side: int) -> None:
+    from lcls_hitfinder.config import format_validation_error
+    from lcls_hitfinder.simulate.geometry import DetectorGeometry
+
+    s = _small(detector={"shape": (side, side), "beamstop_px": 0})
+    assert DetectorGeometry.from_settings(s.detector, s.beam).mask().all()  # 129: the beam on a pixel's centre
+    with pytest.raises(ValueError) as err:
+        _small(detector={"shape": (16, 16), "dead_rows": [3, -1, 16]})
+    message = format_validation_error(err.value, "x.toml")  # type: ignore[arg-type]
+    assert message == "config error (x.toml): detector: dead_rows [-1, 16] are not on the detector (0 to 15)"
+
+
+def test_gaussian_sigma_without_its_noise_kind_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"gaussian_sigma is added only with noise.kind poisson\+gaussian"):
+        _small(noise={"kind": "poisson", "gaussian_sigma": 0.3})
+
+
+def test_a_damaged_cached_volume_is_built_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LCLS_HITFINDER_CACHE", str(tmp_path))
+    s = _small(structures=["procedural:3,5,C1"])
+    first = PatternGenerator(s, seed=1).generate(4).images
+    for damage in (lambda b: b[:1000], lambda b: b""):  # a truncated file, an empty one
+        for cached in tmp_path.rglob("*.npz"):
+            cached.write_bytes(damage(cached.read_bytes()))
+        np.testing.assert_array_equal(PatternGenerator(s, seed=1).generate(4).images, first)
+
+
 def test_dataset_layout_labels_mask_and_attributes(tmp_path: Path) -> None:
     s = _small(
         structures=["sphere:8", "procedural:6"],
@@ -275,6 +303,10 @@ def test_show_draws_a_dataset_in_adu_in_photons(tmp_path: Path, monkeypatch: pyt
         ("procedural:1,0", "structure procedural:1,0: sizes must be positive"),  # the spec given, not a part
         ("coreshell:5,10,-1", "structure coreshell:5,10,-1: sizes must be positive, densities not negative"),
         ("ellipsoid:5,inf,3", "structure ellipsoid:5,inf,3: parameters must be finite"),
+        ("sphere:1,2", "structure sphere:1,2: expected 1 number, got 2"),
+        ("coreshell:5", "structure coreshell:5: expected 2 to 3 numbers, got 1"),
+        ("procedural:1,,", "structure procedural:1,,: expected 1 number, got 0"),
+        ("sphere:1,,2", "structure sphere:1,,2: parameters must be numbers, comma-separated, none empty"),
     ],
 )
 def test_bad_structure_numbers_name_the_spec(spec: str, message: str) -> None:

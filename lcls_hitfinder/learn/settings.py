@@ -31,7 +31,9 @@ class AugmentSettings(Section):
         description="photons per single hit, log-uniform in [lo, hi], then Poisson noise; null keeps the "
         "data's own photons and noise (use null for data that already has Poisson noise)",
     )
-    fluence_jitter: float = Field(0.3, ge=0, description="relative shot-to-shot fluence jitter (log-normal sd)")
+    fluence_jitter: float = Field(
+        0.3, ge=0, description="shot-to-shot fluence jitter: the relative sd of a log-normal factor of mean 1"
+    )
     p_matched_photons: float = Field(
         0.0,
         ge=0,

@@ -44,7 +44,7 @@ def simulate(
         typer.Option(
             "--structure",
             "-s",
-            help="PDB/mmCIF file (FILE@ASSEMBLY), sphere:R, coreshell:RC,R,RHO, ellipsoid:A,B,C, capsid:R, "
+            help="PDB/mmCIF file (FILE@ASSEMBLY), sphere:R, coreshell:RC,R[,RHO], ellipsoid:A,B,C, capsid:R, "
             "procedural:SEED[,D[,SYM]] (nm); repeat for several",
         ),
     ] = None,

@@ -81,12 +81,12 @@ class DetectorGeometry:
         d = self.detector
         cy, cx = self.beam_center
         rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-        good = (rows - cy) ** 2 + (cols - cx) ** 2 > d.beamstop_px**2
+        good = (rows - cy) ** 2 + (cols - cx) ** 2 > d.beamstop_px**2 if d.beamstop_px > 0 else np.ones((h, w), bool)
         if d.gap_px:  # exactly gap_px rows, centred on the beam (one more below it when that cannot be even)
             lo = math.ceil(cy - d.gap_px / 2)
             good[max(lo, 0) : max(lo + d.gap_px, 0), :] = False
-        good[[r for r in d.dead_rows if 0 <= r < h], :] = False
-        good[:, [c for c in d.dead_columns if 0 <= c < w]] = False
+        good[d.dead_rows, :] = False
+        good[:, d.dead_columns] = False
         return good
 
     def attrs(self) -> dict[str, Any]:

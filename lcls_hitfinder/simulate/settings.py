@@ -37,6 +37,17 @@ class DetectorSettings(Section):
             raise ValueError(f"detector shape must be positive, got {v[0]}x{v[1]}")
         return v
 
+    @model_validator(mode="after")
+    def _dead_lines_on_the_detector(self) -> DetectorSettings:
+        for key, lines, size in (
+            ("dead_rows", self.dead_rows, self.shape[0]),
+            ("dead_columns", self.dead_columns, self.shape[1]),
+        ):
+            outside = [i for i in lines if not 0 <= i < size]
+            if outside:
+                raise ValueError(f"{key} {outside} are not on the detector (0 to {size - 1})")
+        return self
+
 
 class BeamSettings(Section):
     """Photon energy and fluence. Fluence is given directly or as a mean photon count per single hit."""
@@ -48,7 +59,9 @@ class BeamSettings(Section):
     fluence: float | None = Field(
         None, gt=0, description="photons per µm² at the particle; when set it replaces photons_per_pattern"
     )
-    fluence_jitter: float = Field(0.0, ge=0, description="relative shot-to-shot fluence spread (log-normal sd)")
+    fluence_jitter: float = Field(
+        0.0, ge=0, description="shot-to-shot fluence spread: the relative sd of a log-normal factor of mean 1"
+    )
     polarization: Literal["horizontal", "vertical", "none"] = Field(
         "horizontal", description="linear polarization of the beam (LCLS: horizontal); none: unpolarized"
     )
@@ -114,5 +127,9 @@ class SimulateSettings(Section):
     @model_validator(mode="after")
     def _gaussian_needs_sigma(self) -> SimulateSettings:
         if self.noise.kind == "poisson+gaussian" and self.noise.gaussian_sigma <= 0:
-            raise ValueError("noise.kind poisson+gaussian needs noise.gaussian_sigma > 0")
+            raise ValueError("noise.kind poisson+gaussian needs noise.gaussian_sigma > 0 (--gaussian-sigma)")
+        if self.noise.kind != "poisson+gaussian" and self.noise.gaussian_sigma > 0:
+            raise ValueError(
+                f"noise.gaussian_sigma is added only with noise.kind poisson+gaussian (--noise), not {self.noise.kind}"
+            )
         return self

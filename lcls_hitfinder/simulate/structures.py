@@ -160,9 +160,12 @@ def _numbers(spec: str, text: str, count: tuple[int, int], sizes: int | None = N
     try:
         values = [float(x) for x in text.split(",")] if text else []
     except ValueError:
-        raise UserError(f"structure {spec}: parameters must be numbers") from None
+        raise UserError(f"structure {spec}: parameters must be numbers, comma-separated, none empty") from None
     if not count[0] <= len(values) <= count[1]:
-        raise UserError(f"structure {spec}: expected {count[0]} to {count[1]} numbers")
+        expected = (
+            f"{count[0]} to {count[1]} numbers" if count[0] < count[1] else f"{count[0]} number" + "s" * (count[0] > 1)
+        )
+        raise UserError(f"structure {spec}: expected {expected}, got {len(values)}")
     if any(not math.isfinite(v) for v in values):
         raise UserError(f"structure {spec}: parameters must be finite")
     if any(v <= 0 for v in values[:sizes]) or any(v < 0 for v in values[sizes or len(values) :]):

@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -273,7 +274,7 @@ def _load_grid(
         try:
             with np.load(path) as f:
                 return f["values"], float(f["dq"])
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # damaged: built again
             path.unlink(missing_ok=True)
     values = build_grid(model, plan, device)
     path.parent.mkdir(parents=True, exist_ok=True)
