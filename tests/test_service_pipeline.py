@@ -1013,6 +1013,67 @@ def test_with_overflow_drop_every_frame_is_decided_or_counted(fx: Fixtures, tmp_
     assert columns["event"].tolist() == sorted(columns["event"].tolist())
 
 
+class OddIdentitySource(ListSource):
+    """Frames whose identities strain the log's columns: a run number beyond int32 (psana's is uint32), a truth
+    count beyond int8, and one event index beyond int64, which no column can hold."""
+
+    def frames(self) -> Iterator[Frame | None]:
+        for i, a in enumerate(self.arrays):
+            event = 2**63 if i == 5 else i
+            yield Frame(EventId("mem", 3_000_000_000, event, 0), a, time.perf_counter_ns(), 300 if i == 2 else 1)
+
+
+def test_an_identity_the_log_cannot_hold_costs_that_event_alone_and_is_counted(fx: Fixtures, tmp_path: Path) -> None:
+    frames = list(np.random.default_rng(4).poisson(1.0, (12, SIDE, SIDE)).astype(np.float32))
+    settings = _settings(tmp_path, batch={"max_size": 8, "max_wait_ms": 5000})  # event 5 inside a batch of 8
+    r = _start(settings, OddIdentitySource(frames), fx.model, fx.bank)
+    with DecisionClient(r.publisher.endpoint, (DECISION, RUN), timeout_s=WAIT_S) as client:
+        assert r.publisher.wait_for_subscriber(WAIT_S)
+        r.pipeline.start()
+        decisions, end = _collect_run(client)
+        assert r.pipeline.wait(WAIT_S)
+    r.publisher.close()
+    assert r.pipeline.error is None
+    columns, attrs = read_decision_log(r.pipeline.logs[0])
+    events = [0, 1, 2, 3, 4, 6, 7, 8, 9, 10, 11]
+    assert columns["event"].tolist() == [d["event"] for d in decisions] == events
+    assert columns["seq"].tolist() == [d["seq"] for d in decisions] == list(range(11))  # no hole where 5 was
+    assert set(columns["run"].tolist()) == {d["run"] for d in decisions} == {3_000_000_000}
+    assert columns["truth_n_particles"].tolist() == [1, 1, -1, 1, 1, 1, 1, 1, 1, 1, 1]  # unknown, not wrapped
+    assert r.metrics.dropped.labels(reason="internal")._value.get() == 1
+    assert attrs["events"] == end["events"] == 11 and attrs["dropped"] == end["dropped"] == 1
+
+
+def test_a_worker_that_fails_counts_what_it_never_decided(
+    fx: Fixtures, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Publishing fails for good after 20 decisions: the worker stops, and every frame read is in the log or
+    counted as dropped (internal), none released twice or kept."""
+    published = 0
+
+    def failing(self: ZmqPublisher, topic: str, payload: dict[str, Any]) -> None:
+        nonlocal published
+        if topic == DECISION:
+            published += 1
+            if published > 20:
+                raise RuntimeError("the socket is gone")
+
+    monkeypatch.setattr(ZmqPublisher, "publish", failing)
+    frames = list(np.random.default_rng(6).poisson(1.0, (200, SIDE, SIDE)).astype(np.uint16))
+    source = ListSource(frames)
+    r = _start(_settings(tmp_path, queue_size=64, batch={"max_size": 4}), source, fx.model, fx.bank)
+    r.pipeline.start()
+    assert r.pipeline.wait(WAIT_S)
+    r.publisher.close()
+    assert isinstance(r.pipeline.error, RuntimeError)
+    columns, attrs = read_decision_log(r.pipeline.logs[0])
+    dropped = r.metrics.dropped.labels(reason="internal")._value.get()
+    assert dropped > 0 and attrs["dropped"] == dropped
+    read = len(source.released)  # the reader stops once the worker has failed: not every frame is read
+    assert source.released == Counter(range(read))  # each read frame handed back once
+    assert attrs["events"] + dropped == len(columns["seq"]) + dropped == read  # the batch that failed: logged
+
+
 def _blas_threads() -> set[int]:
     return {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"}
 

@@ -41,7 +41,7 @@ FIELDS: dict[str, tuple[FieldSpec, ...]] = {
         FieldSpec(
             "experiment", "str", "experiment name (psana), e.g. `tmoc00123`; `sim` or the file stem otherwise", "str"
         ),
-        FieldSpec("run", "int", "run number", "i4"),
+        FieldSpec("run", "int", "run number", "i8"),
         FieldSpec("event", "int", "event index within the run, from 0", "i8"),
         FieldSpec("timestamp", "int", "psana 64-bit timestamp: seconds since 1990-01-01 << 32 | nanoseconds", "u8"),
         FieldSpec("time_ns", "int", "unix time in ns when the decision was made", "i8"),

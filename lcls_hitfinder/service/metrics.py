@@ -19,6 +19,7 @@ STAGE_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 STAGES = ("read", "preprocess", "infer", "decide", "publish")
 ERROR_REASONS = ("shape", "dtype", "nonfinite", "internal")  # the part before ':' of an error decision's reason
+DROP_REASONS = ("queue_full", "internal")
 
 Kind = Literal["counter", "gauge", "histogram"]
 
@@ -61,7 +62,8 @@ SPECS: tuple[MetricSpec, ...] = (
     MetricSpec(
         "hitfinder_dropped_events_total",
         "counter",
-        "Events read but never decided, by reason (queue_full: the service fell behind a live source).",
+        "Events read but never decided, by reason (queue_full: the service fell behind a live source; internal: "
+        "a failure of the service itself, which it logs).",
         ("reason",),
     ),
     MetricSpec(
@@ -178,7 +180,8 @@ class ServiceMetrics:
         for label in Label:
             for decision in ("keep", "veto"):
                 self.events.labels(label=label.text, decision=decision)
-        self.dropped.labels(reason="queue_full")
+        for reason in DROP_REASONS:
+            self.dropped.labels(reason=reason)
         for reason in ERROR_REASONS:
             self.frame_errors.labels(reason=reason)
         for result in ("ok", "refused"):

@@ -12,6 +12,7 @@ NaN/Inf pixels, or an unexpected failure of a batch) get `label: error` with a r
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import queue
@@ -101,6 +102,10 @@ class Run:
         return self.experiment, self.run
 
 
+class ColumnsError(Exception):
+    """A batch's decisions cannot be put into the log's columns (e.g. an event index beyond int64)."""
+
+
 @dataclass
 class Verdicts:
     """Per-frame results of one batch, as arrays in the decision log's dtypes."""
@@ -122,6 +127,9 @@ class Verdicts:
             n_particles=np.full(n, -1, np.int8),
             reason=np.full(n, reason, dtype=object),
         )
+
+    def __getitem__(self, rows: slice) -> Verdicts:
+        return Verdicts(**{f.name: getattr(self, f.name)[rows] for f in dataclasses.fields(self)})
 
 
 class Pipeline:
@@ -261,8 +269,13 @@ class Pipeline:
         try:
             self._frames.put_nowait(frame)
         except queue.Full:
-            frame.release()
-            self.metrics.dropped.labels(reason="queue_full").inc()
+            self._drop(frame, "queue_full")
+
+    def _drop(self, frame: Frame, reason: str) -> None:
+        """An event read that will get no decision: counted, so that the run's totals account for it."""
+        frame.release()
+        self.metrics.dropped.labels(reason=reason).inc()
+        with self._tally_lock:  # the reader (queue_full) and the worker (internal) both drop
             self.total.dropped += 1
             self._dropped_by_run[_run_key(frame.event)] += 1  # its run may not have begun yet
 
@@ -280,6 +293,7 @@ class Pipeline:
             log.exception("the pipeline failed")
             self.error = err
             self._stop.set()
+            self._drop_queued()
         finally:
             try:
                 self._end_run()
@@ -292,6 +306,17 @@ class Pipeline:
                 if self.device.type == "cpu":
                     torch.set_num_threads(self._workers)
                 self._done.set()
+
+    def _drop_queued(self) -> None:
+        """After the worker failed: the frames queued, and those the stopping reader still puts, are dropped
+        (reason internal) until its end of stream, or until none came for a while."""
+        while not self._batcher.ended:
+            items = self._batcher.next(_IDLE_S)
+            if not items:
+                return
+            for item in items:
+                if isinstance(item, Frame):
+                    self._drop(item, "internal")
 
     def _process_items(self, items: list[Frame | RunEnd]) -> None:
         """A batch may straddle a run boundary: frames go on in pieces of one run each, and a RunEnd closes
@@ -325,7 +350,15 @@ class Pipeline:
         finally:
             for f in frames:  # those not converted (bad frames, a failed batch) too
                 f.release()
-        self._output(frames, verdicts)
+        try:
+            self._output(self._columns(frames, verdicts), verdicts)
+        except ColumnsError:  # an event identity the log cannot hold: only that event is lost, and counted
+            for i, frame in enumerate(frames):
+                try:
+                    self._output(self._columns([frame], verdicts[i : i + 1]), verdicts[i : i + 1])
+                except ColumnsError as err:
+                    log.error("event %s cannot be recorded (%s); dropped", frame.event, err)
+                    self._drop(frame, "internal")
 
     def _check(self, frame: Frame) -> str:
         """Why a frame cannot be classified ('' if it can): dtype or shape."""
@@ -444,20 +477,25 @@ class Pipeline:
         self.metrics.stage.labels(stage="decide").observe(time.perf_counter() - t2)
         return v
 
-    def _output(self, frames: list[Frame], v: Verdicts) -> None:
-        """Log first, then publish: the log holds every decision whatever happens to the messages."""
-        t0 = time.perf_counter()
+    def _columns(self, frames: list[Frame], v: Verdicts) -> dict[str, np.ndarray]:
+        """The decisions of `frames` as the log's columns, numbered from the next `seq` (taken only once they
+        are all built, so that a failure here leaves no gap)."""
+        try:
+            return self._build_columns(frames, v)
+        except (OverflowError, ValueError, TypeError) as err:
+            raise ColumnsError(err) from err
+
+    def _build_columns(self, frames: list[Frame], v: Verdicts) -> dict[str, np.ndarray]:
         n = len(frames)
         events = [f.event for f in frames]
-        truth = np.array([-1 if f.truth_n_particles is None else f.truth_n_particles for f in frames], np.int8)
-        now_perf = time.perf_counter_ns()
-        latency_ns = now_perf - np.array([f.read_ns for f in frames], np.int64)
+        truth = np.array([-1 if f.truth_n_particles is None else f.truth_n_particles for f in frames], np.int64)
+        truth[(truth < 0) | (truth > np.iinfo(np.int8).max)] = -1  # unknown rather than wrapped
+        latency_ns = time.perf_counter_ns() - np.array([f.read_ns for f in frames], np.int64)
         seq = np.arange(self._next_seq, self._next_seq + n, dtype=np.int64)
-        self._next_seq += n
         columns = {
             "seq": seq,
             "experiment": np.array([e.experiment for e in events], dtype=object),
-            "run": np.array([e.run for e in events], np.int32),
+            "run": np.array([e.run for e in events], np.int64),
             "event": np.array([e.event for e in events], np.int64),
             "timestamp": np.array([e.timestamp for e in events], np.uint64),
             "time_ns": np.full(n, time.time_ns(), np.int64),
@@ -469,19 +507,28 @@ class Pipeline:
             "n_particles": v.n_particles,
             "latency_us": latency_ns // 1000,
             "model": np.full(n, self.embedder.model_hash, dtype=object),
-            "truth_n_particles": truth,
+            "truth_n_particles": truth.astype(np.int8),
             "reason": v.reason,
         }
+        self._next_seq += n
+        return columns
+
+    def _output(self, columns: dict[str, np.ndarray], v: Verdicts) -> None:
+        """Log first, then publish: the log holds every decision whatever happens to the messages."""
+        t0 = time.perf_counter()
+        truth, latency_ns = columns["truth_n_particles"], columns["latency_us"] * 1000
         run = self._run
         assert run is not None
         self._with_log(lambda d: d.append(columns))
-        for payload in decision_payloads(columns):
-            self.publisher.publish(DECISION, payload)
-        self._count(columns, v, truth, latency_ns)
-        with self._tally_lock:  # a heartbeat sees the decisions published and their totals together
-            run.tally.add(v.label, v.keep)
-            self.total.add(v.label, v.keep)
-            self._published_seq = self._next_seq
+        try:
+            for payload in decision_payloads(columns):
+                self.publisher.publish(DECISION, payload)
+        finally:  # decided and logged even where publishing failed: counted in the run's totals
+            self._count(columns, v, truth, latency_ns)
+            with self._tally_lock:  # a heartbeat sees the decisions published and their totals together
+                run.tally.add(v.label, v.keep)
+                self.total.add(v.label, v.keep)
+                self._published_seq = self._next_seq
         self.metrics.stage.labels(stage="publish").observe(time.perf_counter() - t0)
 
     def _count(self, columns: dict[str, np.ndarray], v: Verdicts, truth: np.ndarray, latency_ns: np.ndarray) -> None:

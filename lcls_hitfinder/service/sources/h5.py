@@ -39,7 +39,7 @@ class H5Source:
         self.repeat = uri.get("repeat", int, 1, at_least=0)
         self.memory = uri.get("memory", int, 0) != 0
         self.experiment = uri.get("experiment", str, self.path.stem)
-        self.run = uri.get("run", int, 0)
+        self.run = uri.get("run", int, 0, at_least=0)
         self._data_path = uri.get("data", str, CXI_DATA)
         self._mask_path = uri.params.get("mask")
         self.frame_shape: tuple[int, ...] | None = None
