@@ -75,6 +75,34 @@ def test_xtc2_file_gives_every_event_with_identity_truth_and_pixels(tmp_path: Pa
     assert leftovers() == []
 
 
+def test_a_reader_closed_from_two_threads_at_once_stops_its_child_once(tmp_path: Path) -> None:
+    """The service closes its source while the pipeline's reader thread may be stopping the same child (a
+    worker that failed): each must find the child stopped, neither fail nor schedule a restart."""
+    import threading
+
+    write_run(tmp_path / "r.xtc2", 20, (16, 16))
+    source = open_source(f"xtc2:{tmp_path / 'r.xtc2'}?det=cam", settings())
+    source.open()
+    frames = source.frames()
+    assert isinstance(next(f for f in frames if f is not None), Frame)
+    barrier, errors = threading.Barrier(4), []
+
+    def close() -> None:
+        barrier.wait()
+        try:
+            source.close()
+        except Exception as err:  # any failure is what the test looks for
+            errors.append(err)
+
+    threads = [threading.Thread(target=close) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert errors == [] and source.restarts == 0
+    assert leftovers() == []
+
+
 def test_a_run_end_follows_the_last_frame_of_a_run(tmp_path: Path) -> None:
     write_run(tmp_path / "r.xtc2", 3, (8, 8), run=5)
     items = read_items(open_source(f"xtc2:{tmp_path / 'r.xtc2'}?det=cam", settings()))

@@ -174,8 +174,10 @@ def run_service(settings: ServeSettings) -> int:
         log.warning("%s: quitting before the drain finished; the decision log may end early", why)
         return 130
     finally:
-        src.close()
-        publisher.close()
+        try:
+            src.close()
+        finally:  # the run end message goes out whatever closing the source did
+            publisher.close()
     total = pipeline.total
     log.info(
         "%d decisions (%s), %d kept, %d dropped, %d binned by the reader; logs: %s",

@@ -552,6 +552,7 @@ class _Child:
     crash: str = ""  # last line of a channel's traceback
     mpich: set[str] = field(default_factory=set)  # MPICH's shared-memory files of the ranks
     checked_at: float = 0.0  # when the heartbeats were last looked at
+    stopped: bool = False  # _stop_child has run (or runs): once only
 
     def note_mpich(self, paths: list[str]) -> None:
         """MPICH segments of the ranks, tracked so that they go even when the service is killed."""
@@ -602,6 +603,7 @@ class SupervisedReader:
         self._restart_at: float | None = None
         self._delivered = Delivered()
         self._closed = False
+        self._stopping = threading.Lock()  # close() may come from another thread while frames() stops a child
         self._lend_most = settings.ring_slots - max(1, settings.ring_slots // 4)  # slots the pipeline may hold
         self._lend_wait_s = IDLE_TICK_S if block else 0.0
         self._binning: ReaderBinning | None = None
@@ -750,6 +752,10 @@ class SupervisedReader:
             child.finished[channel.index] = True
 
     def _stop_child(self, child: _Child, graceful: bool) -> None:
+        with self._stopping:
+            if child.stopped:
+                return
+            child.stopped = True
         proc = child.process
         pids = {pid for pid in (proc.pid, *(ch.pid for ch in child.channels)) if pid is not None}
         child.note_mpich([path for pid in pids for path in _mpich_segments(pid)])  # before the processes go
@@ -783,6 +789,8 @@ class SupervisedReader:
         a service that waits for it for ever looks alive while it decides nothing."""
         if self._child is not None:
             self._stop_child(self._child, graceful=False)
+        if self._closed:  # the child went because the source was closed: nothing to restart
+            return
         if not self._live and self._failures + 1 >= self._settings.give_up_after:
             raise UserError(
                 f"{self._name}: the reader {why}, {self._failures + 1} times in a row without delivering a frame"
