@@ -67,6 +67,8 @@ class ReferenceBank:
         self.n_particles = np.asarray(self.n_particles, np.int64)
         if self.embeddings.ndim != 2 or len(self.embeddings) != len(self.n_particles):
             raise ValueError("embeddings must be (K, D) with one n_particles per row")
+        if not np.isfinite(self.embeddings).all():  # a NaN reference is nearest to nothing: every call multi
+            raise ValueError("embeddings must be finite")
         if self.method not in ("knn", "prototype") or self.k < 1 or not np.isfinite(self.threshold):
             raise ValueError(f"method {self.method!r}, k {self.k}, threshold {self.threshold}: not a bank's")
         self._class = np.where(self.n_particles <= 0, Label.BLANK, np.where(self.n_particles == 1, 1, 2))
@@ -156,7 +158,7 @@ class ReferenceBank:
                     k=int(a["k"]),
                     threshold=float(a["threshold"]),
                 )
-        except (OSError, KeyError, ValueError, TypeError) as err:
+        except (OSError, KeyError, ValueError, TypeError, AttributeError) as err:  # AttributeError: a group
             raise UserError(f"cannot read bank {path}: {err}") from None
         if expected_model_hash is not None and bank.model_hash != expected_model_hash:
             raise BankMismatch(

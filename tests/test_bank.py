@@ -94,6 +94,24 @@ def test_save_load_and_model_check(tmp_path: Path) -> None:
         ReferenceBank.load(tmp_path / "b.h5", expected_model_hash="other")
 
 
+@pytest.mark.parametrize("damage", ["nan", "group"])
+def test_a_bank_that_does_not_read_cleanly_is_refused_in_one_line(tmp_path: Path, damage: str) -> None:
+    """What a reload refuses and counts (UserError): NaN embeddings (every decision would be multi), a group
+    where a dataset belongs."""
+    import h5py
+
+    _bank().save(tmp_path / "b.h5")
+    with h5py.File(tmp_path / "b.h5", "r+") as f:
+        if damage == "nan":
+            f["embeddings"][3] = np.nan
+        else:
+            del f["structure"]
+            f.create_group("structure")
+    message = "embeddings must be finite" if damage == "nan" else "has no attribute 'asstr'"
+    with pytest.raises(UserError, match=f"^cannot read bank {tmp_path / 'b.h5'}: .*{message}"):
+        ReferenceBank.load(tmp_path / "b.h5", expected_model_hash="abc")
+
+
 def test_precision_recall_by_hand() -> None:
     from lcls_hitfinder.bank import precision_recall
 
