@@ -27,7 +27,7 @@ class FrameFile:
     """`images(slice)` of an HDF5 file's frames, its `mask` (True = good, or None) and, for the project's
     datasets, `truth` (particle counts). `name` starts its error messages (e.g. "source h5:run.cxi")."""
 
-    def __init__(self, path: Path, name: str, data_path: str = CXI_DATA, mask_path: str | None = None) -> None:
+    def __init__(self, path: Path, name: str, data_path: str | None = None, mask_path: str | None = None) -> None:
         self.path = path
         self.name = name
         self.mask: np.ndarray | None = None
@@ -35,6 +35,8 @@ class FrameFile:
         self.calibration: PhotonCalibration | None = None  # a dataset's own, when it holds ADU
         self._dataset: Dataset | None = None
         self._file: h5py.File | None = None
+        if path.is_dir():
+            raise UserError(f"{name}: {path} is a directory; give an HDF5 file")
         if not path.is_file():
             raise UserError(f"{name}: no such file {path}")
         try:
@@ -44,6 +46,9 @@ class FrameFile:
         self._read: Callable[[slice], np.ndarray]
         if "images" in f and "n_particles" in f:  # the project's dataset format, through its one reader
             f.close()
+            if data_path or mask_path:  # its frames and mask are where the format says
+                given = " and ".join(p for p, v in (("data=", data_path), ("mask=", mask_path)) if v)
+                raise UserError(f"{name}: {path} is a dataset file; {given} are for CXI files only")
             self._dataset = Dataset(path)
             self.truth, self.mask = self._dataset.n_particles, self._dataset.mask
             self.calibration = self._dataset.calibration
@@ -51,17 +56,24 @@ class FrameFile:
             self._read = self._dataset.images
         else:
             self._file = f
+            data_path = data_path or CXI_DATA
             if data_path not in f:
                 self.close()
                 raise UserError(f"{name}: neither a dataset file nor CXI (no {data_path})")
             images = f[data_path]
+            if not isinstance(images, h5py.Dataset):
+                self.close()
+                raise UserError(f"{name}: {data_path} in {path} is a group, not the frames' dataset")
             shape = tuple(images.shape)
             if len(shape) in (3, 4):
                 self.mask = self._cxi_mask(f, mask_path, shape[1:])
             self._read = images.__getitem__
-        if len(shape) not in (3, 4) or shape[0] == 0:
+        if len(shape) not in (3, 4) or 0 in shape[1:]:
             self.close()
-            raise UserError(f"{name}: frames must be (N, H, W) or (N, P, H, W), got {shape}")
+            raise UserError(f"{name}: frames must be (N, H, W) or (N, P, H, W) with pixels, got {shape}")
+        if shape[0] == 0:
+            self.close()
+            raise UserError(f"{name}: {path} holds no frames")
         self._n = int(shape[0])
         self.shape = tuple(int(s) for s in shape[1:])  # of one frame
 

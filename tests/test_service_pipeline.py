@@ -7,6 +7,7 @@ import csv
 import functools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -672,6 +673,34 @@ def test_serve_refuses_a_bad_source_in_one_line(fx: Fixtures, tmp_path: Path, ar
     errors = [line for line in proc.stderr.splitlines() if line.startswith("lcls-hitfinder: error:")]
     assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("layout", "query", "message"),
+    [
+        ("group", "?data=/entry_1", "/entry_1 in {path} is a group, not the frames' dataset"),
+        ("zero_pixels", "", "frames must be (N, H, W) or (N, P, H, W) with pixels, got (5, 0, 16)"),
+        ("no_frames", "", "{path} holds no frames"),
+        ("dataset", "?data=/x&mask=/y", "{path} is a dataset file; data= and mask= are for CXI files only"),
+        ("dataset", "?data=", "data= is empty"),
+        ("directory", "", "{path} is a directory; give an HDF5 file"),
+    ],
+)
+def test_an_h5_source_that_cannot_be_served_is_one_line_at_start(
+    fx: Fixtures, tmp_path: Path, layout: str, query: str, message: str
+) -> None:
+    path = tmp_path / ("d" if layout == "directory" else "f.h5")
+    if layout == "directory":
+        path.mkdir()
+    elif layout == "dataset":
+        shutil.copy(fx.data, path)
+    else:
+        with h5py.File(path, "w") as f:
+            frames = {"zero_pixels": (5, 0, 16), "no_frames": (0, 16, 16)}.get(layout, (3, 16, 16))
+            f.create_dataset("/entry_1/data_1/data", data=np.zeros(frames, np.uint16))
+    with pytest.raises(UserError) as err:
+        open_source(f"h5:{path}{query}", _settings(tmp_path)).open()
+    assert str(err.value).endswith(message.format(path=path)), str(err.value)
 
 
 def test_simulated_stream_carries_its_truth_to_the_decisions(fx: Fixtures, tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lcls_hitfinder.frame_file import CXI_DATA, FrameFile
+from lcls_hitfinder.frame_file import FrameFile
 from lcls_hitfinder.preprocess import PhotonCalibration
 from lcls_hitfinder.protocols import EventId, Frame, Source
 from lcls_hitfinder.service.settings import ServeSettings
@@ -40,7 +40,7 @@ class H5Source:
         self.memory = uri.get("memory", int, 0) != 0
         self.experiment = uri.get("experiment", str, self.path.stem)
         self.run = uri.get("run", int, 0, at_least=0)
-        self._data_path = uri.get("data", str, CXI_DATA)
+        self._data_path: str | None = uri.get("data", str, None)
         self._mask_path = uri.params.get("mask")
         self.frame_shape: tuple[int, ...] | None = None
         self.mask: np.ndarray | None = None
