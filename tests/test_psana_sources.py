@@ -134,6 +134,11 @@ def test_bad_sources_are_one_line_errors_at_start(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"no detector 'jungfrau' in run 1 \(detectors: cam, hitfinder_truth, timing\)"):
         source.open()
     source.close()
+    for other in ("timing", "hitfinder_truth"):  # in the run, but no image
+        source = open_source(f"xtc2:{tmp_path / 'r.xtc2'}?det={other}", settings())
+        with pytest.raises(UserError, match=f"'{other}' is not an area detector: it has no raw image"):
+            source.open()
+        source.close()
     source = open_source(f"xtc2:{tmp_path / 'r.xtc2'}?timing=timming", settings())  # det left to find
     with pytest.raises(
         UserError, match=r"no timing detector 'timming' in run 1 \(detectors: cam, hitfinder_truth, timing\)"

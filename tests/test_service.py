@@ -275,6 +275,23 @@ def test_serve_settings_from_a_file_with_overrides(tmp_path: Path) -> None:
         load_config(cfg)
 
 
+@pytest.mark.parametrize(
+    ("experiment", "name"),
+    [("tmoc00123", "tmoc00123"), ("run.v2", "run.v2"), ("sub/dir", "sub_dir"), ("../../etc", "_.._etc"), ("", "_")],
+)
+def test_a_runs_log_is_one_file_in_the_log_folder_whatever_the_experiment_is_called(
+    tmp_path: Path, experiment: str, name: str
+) -> None:
+    from lcls_hitfinder.service.decision_log import log_path
+
+    path = log_path(tmp_path / "logs", experiment, 7)
+    assert path.parent == tmp_path / "logs" and path.name.startswith(f"{name}-r0007-") and path.suffix == ".h5"
+    (tmp_path / "logs").mkdir()
+    path.touch()
+    again = log_path(tmp_path / "logs", experiment, 7)  # never the existing file, in the same second or not
+    assert again.parent == path.parent and again != path and again.suffix == ".h5"
+
+
 def test_decision_log_appends_flushes_and_records_totals(tmp_path: Path) -> None:
     log = DecisionLog(tmp_path / "r.h5", {"experiment": "x", "run": 1}, flush_s=0.0)
     for lo in (0, 3):

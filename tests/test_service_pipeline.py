@@ -368,7 +368,9 @@ def test_bad_frames_get_error_decisions_and_the_service_goes_on(fx: Fixtures, tm
     nan[3, 4] = np.nan
     inf = good.copy()
     inf[0, 0] = np.inf
+    missing = np.zeros(0, np.uint16)  # how a psana reader hands over an event without the detector
     frames = [
+        missing,  # first: before the service knows the frames' shape
         good,
         nan,
         np.zeros((SIDE, SIDE + 1), np.float32),  # wrong shape
@@ -376,6 +378,7 @@ def test_bad_frames_get_error_decisions_and_the_service_goes_on(fx: Fixtures, tm
         np.zeros((SIDE, SIDE), complex),  # not an image
         inf,
         good,
+        missing,
     ]
     settings = _settings(tmp_path, batch={"max_size": 4, "max_wait_ms": 50})
     source = ListSource(frames)
@@ -387,14 +390,17 @@ def test_bad_frames_get_error_decisions_and_the_service_goes_on(fx: Fixtures, tm
     assert source.released == Counter(range(len(frames)))  # every frame handed back once, the bad ones too
     columns, _ = read_decision_log(r.pipeline.logs[0])
     labels = columns["label"].tolist()
-    reasons = [str(x).split(":")[0] for x in columns["reason"]]
-    assert labels[1] == labels[2] == labels[4] == labels[5] == "error"
-    assert [reasons[i] for i in (1, 2, 4, 5)] == ["nonfinite", "shape", "dtype", "nonfinite"]
-    assert "error" not in (labels[0], labels[3], labels[6])
-    assert labels[0] == labels[3] == labels[6]  # the same pattern, whatever its dtype, whatever the batch
+    reasons = [str(x) for x in columns["reason"]]
+    errors = (0, 2, 3, 5, 6, 8)
+    assert [labels[i] for i in errors] == ["error"] * 6
+    assert [reasons[i].split(":")[0] for i in errors] == ["shape", "nonfinite", "shape", "dtype", "nonfinite", "shape"]
+    assert reasons[0] == reasons[8] == "shape: the detector is missing from this event"
+    assert reasons[3] == f"shape: ({SIDE}, {SIDE + 1}), expected ({SIDE}, {SIDE})"
+    assert "error" not in (labels[1], labels[4], labels[7])
+    assert labels[1] == labels[4] == labels[7]  # the same pattern, whatever its dtype, whatever the batch
     assert columns["seq"].tolist() == list(range(len(frames)))
     assert r.metrics.frame_errors.labels(reason="nonfinite")._value.get() == 2
-    assert r.metrics.frame_errors.labels(reason="shape")._value.get() == 1
+    assert r.metrics.frame_errors.labels(reason="shape")._value.get() == 3
 
 
 def test_a_failed_batch_is_errors_and_counted_as_errors_only(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -39,10 +40,11 @@ def _dtype(spec_dtype: str) -> Any:
 def log_path(log_dir: Path, experiment: str, run: int) -> Path:
     """A new file name for a run's log; never one that exists (a run served twice keeps both)."""
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
-    base = log_dir / f"{experiment}-r{run:04d}-{stamp}"
-    path, n = base.with_suffix(".h5"), 1
+    name = re.sub(r"[^\w.-]", "_", experiment).lstrip(".") or "_"  # one file in log_dir, whatever the name holds
+    base = f"{name}-r{run:04d}-{stamp}"  # a dot in the name is not a suffix to replace
+    path, n = log_dir / f"{base}.h5", 1
     while path.exists():
-        path, n = base.with_name(f"{base.name}-{n}").with_suffix(".h5"), n + 1
+        path, n = log_dir / f"{base}-{n}.h5", n + 1
     return path
 
 

@@ -362,6 +362,8 @@ class Pipeline:
 
     def _check(self, frame: Frame) -> str:
         """Why a frame cannot be classified ('' if it can): dtype or shape."""
+        if frame.shape == (0,):  # how readers hand over an event without this detector's data
+            return "shape: the detector is missing from this event"
         if frame.dtype.kind not in "uif":
             return f"dtype: {frame.dtype} is not a numeric image"
         if self._shape is None and len(frame.shape) in (2, 3):
