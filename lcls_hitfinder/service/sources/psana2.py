@@ -181,15 +181,15 @@ class Psana2ReadLoop:
             name = self._detector_name(run)
             self._local_constants(run, name)
             det = run.Detector(name).raw
-            if not callable(getattr(det, "calib" if self.calib else "raw", None)):  # timing, truth, epics, ...
+            kind = "calib" if self.calib else "raw"
+            if not callable(getattr(det, kind, None)):  # timing, truth, epics, ...
                 raise UserError(
-                    f"source {self.label}: {name!r} is not an area detector: it has no {'calib' if self.calib else 'raw'} "
-                    f"image (detectors: {', '.join(sorted(names))})"
+                    f"source {self.label}: {name!r} is not an area detector: it has no {kind} image "
+                    f"(detectors: {', '.join(sorted(names))})"
                 )
             timing_name = self.timing or TIMING_DETECTOR
             timing = run.Detector(timing_name).raw if timing_name in names else None
             truth = run.Detector(TRUTH_DETECTOR).raw if TRUTH_DETECTOR in names else None
-            kind = "calib" if self.calib else "raw"
             sink.ready(f"{run.expt or '?'} run {run.runnum}: detector {name}, {kind}{' image' if self.image else ''}")
             index = SmallDataIndex(ds.xtc_path, runnum) if self.mpi_ranks else None
             first = delivered.next_index(runnum) if self.live else 0  # a live reader restarted mid-run
