@@ -10,7 +10,7 @@ VENV="${VENV:-.venv}"
 # monitoring and the monitoring tests' server; with the dev extra, docker-compose validates
 # docker/compose.yaml (`config`, no engine needed). Services already running are left as they are: the tests
 # start their own Prometheus on a free port, and a monitoring node's Prometheus must stay up.
-APT_PKGS=(gcc libkrb5-dev prometheus)
+APT_PKGS=(gcc libkrb5-dev prometheus python3-venv)
 [[ ",$EXTRAS," == *",dev,"* ]] && APT_PKGS+=(docker-compose)
 missing=()
 for p in "${APT_PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
@@ -24,8 +24,11 @@ fi
 stamp="$VENV/.installed-$(cat pyproject.toml | sha256sum | cut -c1-16)-${EXTRAS//,/_}"
 if [ ! -f "$stamp" ]; then
     "$VENV/bin/pip" install -q --upgrade pip
-    # The CPU wheel of torch first, so that the range in pyproject is already met (no CUDA download).
-    "$VENV/bin/python" -c "import torch" 2>/dev/null || "$VENV/bin/pip" install -q "torch==2.13.0"
+    # The CPU wheel of torch first, from PyTorch's CPU index (PyPI's Linux wheel is the CUDA build; the
+    # configured index where that one is unreachable), so that the range in pyproject is already met.
+    "$VENV/bin/python" -c "import torch" 2>/dev/null \
+        || "$VENV/bin/pip" install -q --timeout 20 --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0" \
+        || "$VENV/bin/pip" install -q "torch==2.13.0"
     "$VENV/bin/pip" install -q -e ".[${EXTRAS}]"
     if [[ ",$EXTRAS," == *",gpu,"* ]]; then
         # onnxruntime (a base dependency) and onnxruntime-gpu install the same module: keep the GPU one
