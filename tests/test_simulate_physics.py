@@ -14,6 +14,7 @@ import gemmi
 import numpy as np
 import pytest
 import torch
+from scipy.spatial import cKDTree
 
 from lcls_hitfinder.simulate.generate import R_E_NM, PatternGenerator, touching_cluster
 from lcls_hitfinder.simulate.settings import SimulateSettings
@@ -216,11 +217,51 @@ def test_touching_cluster_touches_without_overlap() -> None:
     rng = np.random.default_rng(3)
     for _ in range(50):
         radii = list(rng.uniform(2, 8, 4))
-        pos = touching_cluster(radii, rng)
+        pos = touching_cluster([lambda u, r=r: r for r in radii], rng)
         for i in range(1, 4):
             gaps = [np.linalg.norm(pos[i] - pos[j]) - radii[i] - radii[j] for j in range(4) if j != i]
             assert min(gaps) > -1e-6
             assert min(abs(g) for g in gaps[:i]) < 1e-6 or min(abs(g) for g in gaps) < 1e-6
+
+
+def _pairs(structure: str, n: int = 150) -> tuple[PatternGenerator, np.ndarray, np.ndarray]:
+    """Orientations (n, 2, 3, 3) and centres (n, 2, 3) of simulated pairs of `structure`."""
+    from lcls_hitfinder.simulate.generate import rotation_matrices
+
+    g = PatternGenerator(SimulateSettings(structures=[structure], particles={2: 1}, detector={"shape": (8, 8)}))
+    batch = g.chunk(0, n)
+    rots = rotation_matrices(batch.orientations[:, :2].reshape(-1, 4)).reshape(n, 2, 3, 3)
+    return g, rots, batch.positions[:, :2].astype(np.float64)
+
+
+def test_pairs_of_anisotropic_or_hollow_particles_touch_and_never_interpenetrate() -> None:
+    """Particles touch where their shapes say, in their orientations: an elongated ellipsoid never reaches
+    into its neighbour (a sphere of the same Rg did in a third of the pairs), hollow shells touch at their
+    outer radius (not the larger radius of a sphere of the same Rg)."""
+    axes = np.array([10.0, 5.0, 5.0])
+    _, rots, centres = _pairs("ellipsoid:10,5,5")
+    sphere = np.random.default_rng(0).normal(size=(4000, 3))
+    surface = axes * sphere / np.linalg.norm(sphere, axis=1, keepdims=True)
+    for (ra, rb), (ca, cb) in zip(rots, centres, strict=True):
+        in_a = (surface @ rb.T + cb - ca) @ ra  # b's surface in a's frame: Rᵀ(lab - centre)
+        assert (((in_a / axes) ** 2).sum(1) >= 1 - 1e-6).all()
+    assert np.linalg.norm(centres[:, 0] - centres[:, 1], axis=1).min() < 10.5  # side by side too, not only end on
+    _, _, shells = _pairs("coreshell:9,10,0")
+    np.testing.assert_allclose(np.linalg.norm(shells[:, 0] - shells[:, 1], axis=1), 20.0, rtol=1e-6)  # float32
+
+
+def test_pairs_of_bead_models_leave_a_residue_between_their_beads() -> None:
+    from lcls_hitfinder.simulate.structures import load_structure
+    from lcls_hitfinder.simulate.volume import CONTACT_MARGIN_NM
+
+    beads = load_structure("procedural:5")._all[0]
+    _, rots, centres = _pairs("procedural:5", 60)
+    closest = []
+    for (ra, rb), (ca, cb) in zip(rots, centres, strict=True):
+        a, b = beads @ ra.T + ca, beads @ rb.T + cb
+        closest.append(cKDTree(a).query(b)[0].min())
+    assert min(closest) >= 2 * CONTACT_MARGIN_NM - 1e-6  # never closer than two margins: no overlap
+    assert np.median(closest) < 2 * CONTACT_MARGIN_NM + 1.0  # and touching, about
 
 
 def _atomic_rg(path: Path) -> float:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import multiprocessing as mp
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -85,23 +85,38 @@ def rotation_matrices(q: np.ndarray) -> np.ndarray:
     )
 
 
-def touching_cluster(radii: list[float], rng: np.random.Generator) -> np.ndarray:
-    """(k, 3) centres (nm) of spheres with these radii, each touching an earlier one, none overlapping.
+Extent = Callable[[np.ndarray], float]  # how far a particle reaches from its centre along a unit lab direction
 
-    Each new particle touches a randomly chosen earlier one from a random direction, as aggregates form;
-    the cluster is centred on the mean position.
+
+def touching_cluster(extents: Sequence[Extent], rng: np.random.Generator) -> np.ndarray:
+    """(k, 3) centres (nm) of particles that reach extents[i](u) along a direction u, each touching an
+    earlier one, none overlapping.
+
+    Each new particle comes from a random direction u at a randomly chosen earlier one, as aggregates form,
+    and stops where the planes normal to u that bound the two meet: spheres touch there, other convex
+    shapes touch that plane (and each other, or nearly). It must be separated the same way (by a plane
+    normal to the line between their centres) from every other particle. The cluster is centred on the mean
+    position.
     """
     pos = [np.zeros(3)]
-    for i in range(1, len(radii)):
+    for i in range(1, len(extents)):
         for _ in range(1000):
             j = int(rng.integers(i))
             u = rng.normal(size=3)
-            p = pos[j] + (radii[j] + radii[i]) * u / np.linalg.norm(u)
-            if all(np.linalg.norm(p - pos[k]) >= radii[k] + radii[i] - 1e-9 for k in range(i)):
+            u /= np.linalg.norm(u)
+            p = pos[j] + (extents[j](u) + extents[i](-u)) * u
+            if all(_separated(p - pos[k], extents[k], extents[i]) for k in range(i) if k != j):
                 break
         pos.append(p)
     out = np.array(pos)
     return out - out.mean(0)
+
+
+def _separated(offset: np.ndarray, first: Extent, second: Extent) -> bool:
+    """Whether a particle at `offset` from another clears it along the line between them."""
+    distance = float(np.linalg.norm(offset))
+    n = offset / distance
+    return distance >= first(n) + second(-n) - 1e-9
 
 
 def _check_memory(shape: tuple[int, int], chunk: int) -> None:
@@ -224,7 +239,8 @@ class PatternGenerator:
         jitter = self._jitter(rng, n)
         positions = np.zeros((n, MAX_PARTICLES, 3))
         for i in np.flatnonzero(counts > 1):
-            positions[i, : counts[i]] = touching_cluster(self.contact_radii(species[i, : counts[i]]), rng)
+            extents = [self._extent(int(species[i, k]), quats[i, k]) for k in range(counts[i])]
+            positions[i, : counts[i]] = touching_cluster(extents, rng)
         intensity = self.expected_intensity(counts, species, quats, positions, jitter)
         photons = (intensity * self._good).sum(1)
         images = self.detect(intensity + self._background, rng)
@@ -238,9 +254,10 @@ class PatternGenerator:
             positions=positions.astype(np.float32),
         )
 
-    def contact_radii(self, species: np.ndarray) -> list[float]:
-        """Radii (nm) at which particles of these structures touch: that of a sphere of the same Rg."""
-        return [math.sqrt(5 / 3) * self.volumes[int(s)].rg_nm for s in species]
+    def _extent(self, species: int, quat: np.ndarray) -> Extent:
+        """A particle of this structure turned by this rotation: its extent along lab directions."""
+        volume, rot = self.volumes[species], rotation_matrices(quat[None])[0]
+        return lambda u: float(volume.extent((u @ rot)[None])[0])  # (Rᵀu)ᵀ = uᵀR: the particle's frame
 
     def _jitter(self, rng: np.random.Generator, n: int) -> np.ndarray:
         """Log-normal fluence factors with mean 1 and relative sd fluence_jitter."""

@@ -114,6 +114,16 @@ class AtomModel:
         pos, w = self._all
         return float(np.sqrt((w * (pos**2).sum(1)).sum() / w.sum()))
 
+    def surface(self) -> np.ndarray:
+        """(S, 3) the scatterers on the convex hull: all that a particle's extent in any direction needs."""
+        from scipy.spatial import ConvexHull, QhullError
+
+        pos, _ = self._all
+        try:
+            return pos[ConvexHull(pos).vertices]
+        except (QhullError, ValueError):  # too few scatterers, or all in a plane
+            return pos
+
     @property
     def electrons(self) -> float:
         return float(self._all[1].sum())
@@ -142,6 +152,12 @@ class Body:
     @property
     def radius_nm(self) -> float:
         return max(self.params[:3]) if self.kind == "ellipsoid" else self.params[1 if self.kind == "coreshell" else 0]
+
+    def extent(self, u: np.ndarray) -> np.ndarray:
+        """(k,) how far the body reaches from its centre along unit directions u (k, 3), particle frame."""
+        if self.kind == "ellipsoid":
+            return np.sqrt(((u * np.asarray(self.params)) ** 2).sum(-1))
+        return np.full(len(u), self.radius_nm)
 
 
 Structure = AtomModel | Body

@@ -38,6 +38,7 @@ from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.simulate.structures import PROTEIN_DENSITY_E_NM3, AtomModel, Body, Structure
 
 VOLUME_VERSION = 1
+CONTACT_MARGIN_NM = 0.2  # beyond the outermost scatterers' centres: about a residue's radius
 """Bump when the grid construction changes, so cached volumes are rebuilt."""
 
 _KERNEL_SIGMA_QMAX = 1.5
@@ -66,6 +67,11 @@ class Volume(Protocol):
     @property
     def rg_nm(self) -> float:
         """Radius of gyration of the electron density."""
+        ...
+
+    def extent(self, u: np.ndarray) -> np.ndarray:
+        """(k,) how far the matter reaches from the centre along unit directions u (k, 3), particle frame:
+        where particles touch in a multi-particle hit."""
         ...
 
     def amplitude(self, q: torch.Tensor) -> torch.Tensor:
@@ -110,6 +116,9 @@ class BodyVolume:
     def rg_nm(self) -> float:
         return self.body.rg_nm
 
+    def extent(self, u: np.ndarray) -> np.ndarray:
+        return self.body.extent(u)
+
     def amplitude(self, q: torch.Tensor) -> torch.Tensor:
         rho = PROTEIN_DENSITY_E_NM3
         p = self.body.params
@@ -138,6 +147,11 @@ class GridVolume:
     dq: float
     radius_nm: float
     rg_nm: float
+    surface: np.ndarray
+    """(S, 3) nm: the scatterers on the structure's convex hull."""
+
+    def extent(self, u: np.ndarray) -> np.ndarray:
+        return (u @ self.surface.T).max(-1) + CONTACT_MARGIN_NM
 
     def amplitude(self, q: torch.Tensor) -> torch.Tensor:
         eye = torch.eye(3, dtype=q.dtype, device=q.device)[None]
@@ -293,7 +307,7 @@ def make_volume(
     q_grid = math.ceil(q_max * 1.02 / _Q_STEP) * _Q_STEP
     values, dq = _load_grid(structure, q_grid, oversampling, max_volume_gb * 1e9, device)
     tensor = torch.from_numpy(np.stack([values.real, values.imag])[None].astype(np.float32)).to(device)
-    return GridVolume(structure.name, tensor, dq, structure.radius_nm, structure.rg_nm)
+    return GridVolume(structure.name, tensor, dq, structure.radius_nm, structure.rg_nm, structure.surface())
 
 
 def fibonacci_directions(n: int) -> np.ndarray:
