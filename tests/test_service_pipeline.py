@@ -195,9 +195,12 @@ def _wait_until(condition: Callable[[], bool], what: str) -> None:
         time.sleep(0.02)
 
 
-def _serve_one_run(fx: Fixtures, settings: ServeSettings) -> tuple[list[dict[str, Any]], dict[str, Any], Running]:
-    """The decisions and the run end message of serving `settings.source` to its end, with a subscriber."""
-    r = _start(settings, open_source(settings.source, settings), fx.model, fx.bank)
+def _serve_one_run(
+    fx: Fixtures, settings: ServeSettings, source: Any = None
+) -> tuple[list[dict[str, Any]], dict[str, Any], Running]:
+    """The decisions and the run end message of serving `source` (default `settings.source`) to its end, with
+    a subscriber."""
+    r = _start(settings, source or open_source(settings.source, settings), fx.model, fx.bank)
     with DecisionClient(r.publisher.endpoint, (DECISION, RUN), timeout_s=WAIT_S) as client:
         assert r.publisher.wait_for_subscriber(WAIT_S)
         r.pipeline.start()
@@ -1061,13 +1064,7 @@ class OddIdentitySource(ListSource):
 def test_an_identity_the_log_cannot_hold_costs_that_event_alone_and_is_counted(fx: Fixtures, tmp_path: Path) -> None:
     frames = list(np.random.default_rng(4).poisson(1.0, (12, SIDE, SIDE)).astype(np.float32))
     settings = _settings(tmp_path, batch={"max_size": 8, "max_wait_ms": 5000})  # event 5 inside a batch of 8
-    r = _start(settings, OddIdentitySource(frames), fx.model, fx.bank)
-    with DecisionClient(r.publisher.endpoint, (DECISION, RUN), timeout_s=WAIT_S) as client:
-        assert r.publisher.wait_for_subscriber(WAIT_S)
-        r.pipeline.start()
-        decisions, end = _collect_run(client)
-        assert r.pipeline.wait(WAIT_S)
-    r.publisher.close()
+    decisions, end, r = _serve_one_run(fx, settings, OddIdentitySource(frames))
     assert r.pipeline.error is None
     columns, attrs = read_decision_log(r.pipeline.logs[0])
     events = [0, 1, 2, 3, 4, 6, 7, 8, 9, 10, 11]
