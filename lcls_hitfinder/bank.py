@@ -198,7 +198,8 @@ def calibrate_threshold(scores: np.ndarray, is_single: np.ndarray, target_precis
     ok = np.nonzero(precision >= target_precision)[0]
     if len(ok):
         return float(t[ok[-1]]), True
-    return float(t[int(np.argmax(precision))]), False
+    best = np.flatnonzero(precision == precision.max())[-1]  # of the thresholds tied at it, the most recall
+    return float(t[best]), False
 
 
 def select_references(

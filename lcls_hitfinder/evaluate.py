@@ -3,8 +3,10 @@
 Training's per-epoch validation, `lcls-hitfinder evaluate`, the sweeps and the model card all use
 these definitions:
   accuracy                 blank / single / multi label correct
-  single_vs_multi_accuracy among true hits (1-4 particles): single-or-not decided correctly
-  precision, recall        of single-hit selection (keep) at the bank's calibrated threshold
+  single_vs_multi_accuracy among true hits (1-4 particles): single-or-not decided correctly (a
+                           multi-hit labelled blank counts as right: it is not kept)
+  precision, recall        of single-hit selection (keep) at the bank's threshold (calibrated with
+                           --bank; 0 with --refs)
   precision_at_recall_0.9  best single-hit precision with recall >= 0.9 (over all thresholds)
   recall_at_precision_0.99 best recall with precision >= 0.99
   count_accuracy           particle count (0-4) estimated correctly
@@ -144,7 +146,8 @@ def cnn_metrics(
 def accuracy_by_photons(
     photons: np.ndarray, correct: np.ndarray, bins: int = 8
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Accuracy in log-spaced bins of photons per pattern: (bin centres, accuracy, counts)."""
+    """Accuracy in log-spaced bins of photons per pattern: (bin centres, accuracy, counts). Patterns without
+    photons (the blanks: a dataset records the particles' noise-free photons) are left out."""
     p = np.asarray(photons, np.float64)
     ok = p > 0
     if not ok.any():
@@ -278,7 +281,8 @@ def write_report(
     if np.any(truth == Label.SINGLE):
         _, precision, recall = precision_recall(decisions.score, truth == Label.SINGLE)
         ax.plot(recall, precision)
-        ax.plot([metrics["recall"]], [metrics["precision"]], "o", label="calibrated threshold")
+        where = f"threshold {metrics['threshold']:.3g}" if "threshold" in metrics else "threshold 0"
+        ax.plot([metrics["recall"]], [metrics["precision"]], "o", label=where)
         ax.legend(loc="lower left")
     ax.set(xlabel="single-hit recall", ylabel="single-hit precision", xlim=(0, 1.01), ylim=(0, 1.01))
     ax.grid(alpha=0.3)
@@ -287,9 +291,15 @@ def write_report(
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(4.5, 3.6))
-    centres, acc, _ = accuracy_by_photons(photons, correct)
+    centres, acc, counts = accuracy_by_photons(photons, correct)
     ax.semilogx(centres, acc, "o-")
-    ax.set(xlabel="photons per pattern", ylabel="accuracy (blank/single/multi)", ylim=(0, 1.01))
+    for x, y, c in zip(centres, acc, counts, strict=True):  # how much each point rests on
+        ax.annotate(str(c), (x, y), textcoords="offset points", xytext=(0, -12), ha="center", fontsize=7)
+    ax.set(
+        xlabel="noise-free photons per pattern (all its particles)",
+        ylabel="accuracy of hits (single/multi)",
+        ylim=(0, 1.01),
+    )
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / "accuracy_vs_photons.png", dpi=120)

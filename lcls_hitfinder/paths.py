@@ -16,6 +16,12 @@ def existing(path: Path, what: str) -> Path:
     return path
 
 
+def apart(first: Path, second: Path, why: str) -> None:
+    """Refuse two arguments that name one file (by any path); `why` says what that would do."""
+    if first.expanduser().resolve() == second.expanduser().resolve():
+        raise UserError(why)
+
+
 def output_file(path: Path, what: str) -> Path:
     """A file to write: not a directory, in a directory that exists or can be made."""
     if path.is_dir():

@@ -132,6 +132,9 @@ def test_calibrated_threshold_is_the_lowest_reaching_the_target() -> None:
     assert calibrate_threshold(scores, single, 0.8) == (0.2, True)  # 4/5 >= 0.8 at the lowest score
     t, reached = calibrate_threshold(np.array([0.5, 0.4]), np.array([False, True]), 0.99)
     assert not reached and t == 0.4
+    # unreachable, with its best precision (0.5) at two thresholds: the one with more recall
+    t, reached = calibrate_threshold(np.array([0.9, 0.8, 0.7, 0.6]), np.array([False, True, False, True]), 0.99)
+    assert not reached and t == 0.6
     with pytest.raises(UserError, match="single hits"):
         calibrate_threshold(scores, np.zeros(5, bool), 0.9)
 

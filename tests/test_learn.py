@@ -288,6 +288,14 @@ def test_cnn_baseline_trains_and_evaluates(data: Path, tmp_path: Path) -> None:
         (["train", "twin", "--out", "c"], "train needs --data and --val (or --resume for a run in --out)"),
         (["export", "/nonexistent", "--out", "x.onnx"], "does not exist"),
         (["evaluate", "--data", "x.h5", "--report", "r"], "needs --model and one of --bank or --refs"),
+        (
+            ["evaluate", "--model", "m.onnx", "--refs", "./t.h5", "--data", "t.h5", "--report", "r"],
+            "--refs t.h5 is the file under test",  # ./t.h5 and t.h5: one file
+        ),
+        (
+            ["bank", "build", "--model", "m.onnx", "--data", "r.h5", "--calibrate", "r.h5", "--out", "b.h5"],
+            "--calibrate r.h5 is the file the references come from",
+        ),
     ],
 )
 def test_bad_input_is_a_user_error(args: list[str], message: str) -> None:

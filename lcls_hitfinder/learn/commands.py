@@ -14,7 +14,7 @@ import typer
 
 from lcls_hitfinder import strict_json
 from lcls_hitfinder.errors import UserError
-from lcls_hitfinder.paths import existing, output_dir, output_file
+from lcls_hitfinder.paths import apart, existing, output_dir, output_file
 
 KINDS = ("twin", "cnn")
 bank_app = typer.Typer(help="Reference banks: build one from a few labelled patterns.", no_args_is_help=True)
@@ -175,6 +175,13 @@ def bank_build(
     if not 0 < target_precision <= 1:
         raise UserError("--target-precision must be in (0, 1]")
     output_file(out, "bank")
+    if calibrate is not None:
+        apart(
+            calibrate,
+            data,
+            f"--calibrate {calibrate} is the file the references come from (they would be "
+            "calibrated on); leave it out to calibrate on its other patterns",
+        )
     bank, report = build_bank(
         existing(model, "model"),
         existing(data, "dataset"),
@@ -232,8 +239,7 @@ def bank_pick(
     wanted = read_picks(existing(picks, "picks file"))
     settings = load_config(config, {"serve.source": source}).serve
     uri = parse_uri(settings.source)
-    if Path(uri.target).expanduser().resolve() == out.resolve():
-        raise UserError(f"--out {out} is the file the events are read from")
+    apart(Path(uri.target), out, f"--out {out} is the file the events are read from")
     if wanted.key == "timestamp" and uri.scheme in ("h5", "sim"):
         raise UserError(f"{uri.scheme}: sources stamp events with the time they are read: pick them by event")
     src = open_source(uri, settings)
@@ -374,6 +380,7 @@ def evaluate(
         raise UserError("evaluate needs --model and one of --bank or --refs (or --run for a CNN baseline)")
     ref_bank = None
     if refs is not None:
+        apart(refs, data, f"--refs {refs} is the file under test: its references would be judged by themselves")
         emb, dec, dataset = _decide_per_sample(model, refs, data, per_class)
     elif bank is not None:
         emb, dec, ref_bank, dataset = _decide(model, bank, data)

@@ -15,6 +15,7 @@ from lcls_hitfinder.learn.nets import ConcatEmbedder
 from lcls_hitfinder.learn.settings import TrainSettings
 from lcls_hitfinder.learn.train import load_run
 from lcls_hitfinder.model_io import INPUT_NAME, ModelInfo, export_onnx, read_model_info, rotations, with_rotations
+from lcls_hitfinder.paths import apart
 
 PARITY_TOLERANCE = 1e-4
 
@@ -123,7 +124,6 @@ def export_run(run_dirs: list[Path], out: Path, views: int = 1) -> tuple[ModelIn
 
 def export_rotations(model: Path, views: int, out: Path) -> tuple[ModelInfo, float]:
     """An exported model made to average over `views` rotations, checked against the model itself."""
-    if out.resolve() == model.resolve():
-        raise UserError(f"--out {out} is the model itself: write the averaging model to another file")
+    apart(out, model, f"--out {out} is the model itself: write the averaging model to another file")
     info = with_rotations(model, views, out)
     return info, _checked(onnx_embedding(model), out, info.preprocess.thumbnail)
