@@ -74,6 +74,8 @@ class ReferenceBank:
         self._class = np.where(self.n_particles <= 0, Label.BLANK, np.where(self.n_particles == 1, 1, 2))
         if not (self._class == Label.SINGLE).any():
             raise UserError("a bank needs at least one single-hit reference")
+        if (self._class == Label.SINGLE).all():  # a score is a distance to the others: nothing to weigh it against
+            raise UserError("a bank needs blank or multi-hit references beside its singles")
         # each class's rows of `embeddings`, or its prototype (mean embedding)
         self._members: dict[int, np.ndarray] = {}
         self._prototypes: dict[int, np.ndarray] = {}

@@ -71,8 +71,8 @@ def hit_metrics(n_particles: np.ndarray, decisions: Decisions) -> dict[str, Any]
         "single_vs_multi_accuracy": float(((pred[hits] == Label.SINGLE) == single[hits]).mean())
         if hits.any()
         else float("nan"),
-        "precision": tp / max(int(keep.sum()), 1),
-        "recall": tp / max(int(single.sum()), 1),
+        "precision": tp / int(keep.sum()) if keep.any() else float("nan"),  # undefined, not 0: nothing kept
+        "recall": tp / int(single.sum()) if single.any() else float("nan"),
         "precision_at_recall_0.9": best_at(decisions.score, single, min_recall=0.9),
         "recall_at_precision_0.99": best_at(decisions.score, single, min_precision=0.99),
         "count_accuracy": float((np.asarray(decisions.n_particles) == np.asarray(n_particles)).mean()),

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import ConfigDict, Field
 
+from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.settings_base import Section
 
 
@@ -112,6 +113,8 @@ class Preprocessor:
             if tuple(m.shape) != self.frame_shape:
                 raise ValueError(f"mask shape {tuple(m.shape)} != frame shape {self.frame_shape}")
             m = m.to(torch.float32)
+            if not bool(m.any()):  # e.g. a CXI mask read the wrong way round (there non-zero means bad)
+                raise UserError("the mask marks every pixel bad: no pattern could be seen through it")
         self.mask = assemble_panels(m.unsqueeze(0)).to(self.device)  # (1, H', W')
         self._all_good = bool((self.mask == 1).all())
         s = settings.thumbnail

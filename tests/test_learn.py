@@ -23,6 +23,7 @@ from lcls_hitfinder.bank import BankMismatch, ReferenceBank
 from lcls_hitfinder.cli import app
 from lcls_hitfinder.dataset import Batch, Dataset, DatasetWriter
 from lcls_hitfinder.errors import UserError
+from lcls_hitfinder.labels import Label
 from lcls_hitfinder.model_io import file_hash, read_model_info
 
 runner = CliRunner()
@@ -229,6 +230,56 @@ def test_resume_continues_exactly(data: Path, tmp_path: Path, extra: str) -> Non
     assert [h["epoch"] for h in history] == [1, 2]
 
 
+def test_a_run_resumes_on_another_machine_and_a_damaged_record_is_one_line(data: Path, tmp_path: Path) -> None:
+    """--device and --threads say where a resumed run runs (a CUDA run goes on on a laptop); a run record
+    truncated by a kill is a one-line error, not a traceback."""
+    invoke("train", "twin", "--data", data / "train.h5", "--val", data / "val.h5", "--out", tmp_path / "r", *TINY[:4])
+    invoke("train", "twin", "--out", tmp_path / "r", "--resume", "--epochs", "3", "--device", "cpu", "--threads", "2")
+    run = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert len(run["history"]) == 3 and run["settings"]["threads"] == 2 and run["settings"]["device"] == "cpu"
+    record = tmp_path / "r" / "run.json"
+    record.write_text(record.read_text()[:300])
+    for args in (["train", "twin", "--out", tmp_path / "r", "--resume", "--epochs", "4"], ["export", tmp_path / "r"]):
+        result = runner.invoke(
+            app, [str(a) for a in [*args, *(["--out", tmp_path / "m.onnx"] if "export" in args else [])]]
+        )
+        assert isinstance(result.exception, UserError), result.output
+        assert f"cannot read the run record {record}" in str(result.exception)
+
+
+def test_data_that_cannot_teach_or_judge_is_refused(data: Path, model: Path, tmp_path: Path) -> None:
+    """Training on one kind of pattern (no negative for any anchor), validating on the training file, an
+    ensemble of one run twice, and a bank of singles alone (its scores weigh singles against nothing)."""
+    batch = spheres(120, (48, 48), 9)
+    only = batch.n_particles == 1
+    singles = tmp_path / "singles.h5"
+    with DatasetWriter(singles, (48, 48), np.ones((48, 48), bool), {"seed": 9}) as wr:
+        wr.append(
+            replace(
+                batch,
+                **{
+                    f: getattr(batch, f)[only]
+                    for f in ("images", "n_particles", "structure", "photons", "orientations", "positions")
+                },
+            )
+        )
+    train = ["train", "twin", "--val", str(data / "val.h5"), *map(str, TINY[:4])]
+    for args, message in [
+        ([*train, "--data", str(singles), "--out", str(tmp_path / "a")], "holds one kind of pattern only"),
+        ([*train, "--data", str(data / "val.h5"), "--out", str(tmp_path / "b")], "is the training data"),
+        (
+            ["export", str(data / "run"), str(data / "run") + "/", "--out", str(tmp_path / "e.onnx")],
+            "must be different runs",
+        ),
+        (
+            ["bank", "build", "--model", str(model), "--data", str(singles), "--out", str(tmp_path / "k.h5")],
+            "blank or multi-hit references beside",
+        ),
+    ]:
+        result = runner.invoke(app, args)
+        assert isinstance(result.exception, UserError) and message in str(result.exception), (args, result.output)
+
+
 def test_resume_refuses_what_it_would_ignore(data: Path, tmp_path: Path) -> None:
     """A resumed run keeps its own data and settings: a flag that would be ignored, another kind, or no epoch
     left to train is an error, not a silent no-op."""
@@ -288,6 +339,9 @@ def test_cnn_baseline_trains_and_evaluates(data: Path, tmp_path: Path) -> None:
         (["train", "twin", "--out", "c"], "train needs --data and --val (or --resume for a run in --out)"),
         (["export", "/nonexistent", "--out", "x.onnx"], "does not exist"),
         (["evaluate", "--data", "x.h5", "--report", "r"], "needs --model and one of --bank or --refs"),
+        (["train", "twin", "--data", "a", "--val", "b", "--out", "c", "--seed", "-1"], "train.seed"),
+        (["train", "twin", "--data", "a", "--val", "b", "--out", "c", "--photons", "100"], "--photons must be LO,HI"),
+        (["export", "missing.onnx", "--views", "2", "--out", "x.onnx"], "model missing.onnx does not exist"),
         (
             ["evaluate", "--model", "m.onnx", "--refs", "./t.h5", "--data", "t.h5", "--report", "r"],
             "--refs t.h5 is the file under test",  # ./t.h5 and t.h5: one file
@@ -449,6 +503,41 @@ def test_export_averages_over_quarter_turns_inside_the_model(data: Path, model: 
     result = runner.invoke(app, ["export", str(data / "run"), "--views", "3", "--out", str(tmp_path / "y.onnx")])
     assert isinstance(result.exception, UserError) and not (tmp_path / "y.onnx").exists()
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_batches_hold_about_batch_size_patterns_with_few_structures_or_many() -> None:
+    """Classes split by structure: a new sample's data (one structure and blanks) fills its batches with more
+    members per class, as many structures fill them with more classes."""
+    from lcls_hitfinder.learn.train import BalancedSampler
+
+    rng = np.random.default_rng(0)
+    for n_structures in (1, 2, 300):
+        counts = rng.integers(0, 3, 6000)
+        structure = np.where(counts > 0, rng.integers(0, n_structures, 6000).astype(str), "")
+        labels = np.unique(np.char.add(counts.astype(str), structure), return_inverse=True)[1]
+        sampler = BalancedSampler(labels, structure)
+        for size in (32, 96, 128):
+            assert 0.8 * size <= len(sampler(size, rng)) <= 1.2 * size, (n_structures, size)
+
+
+def test_settings_and_masks_that_cannot_work_are_refused() -> None:
+    from lcls_hitfinder.evaluate import hit_metrics
+    from lcls_hitfinder.learn.settings import TrainSettings
+    from lcls_hitfinder.preprocess import Preprocessor, PreprocessSettings
+    from lcls_hitfinder.protocols import Decisions
+
+    assert TrainSettings.model_validate({"augment": {"photons": "data"}}).augment.photons is None  # TOML: no null
+    with pytest.raises(UserError, match="the mask marks every pixel bad"):
+        Preprocessor(PreprocessSettings(thumbnail=32), np.zeros((48, 48), bool), (48, 48))
+    none_kept = Decisions(
+        label=np.array([Label.MULTI] * 3),
+        keep=np.zeros(3, bool),
+        score=np.array([-0.5, -0.2, -0.1]),
+        distance=np.ones(3),
+        n_particles=np.array([2, 2, 2]),
+    )
+    m = hit_metrics(np.array([1, 2, 2]), none_kept)
+    assert np.isnan(m["precision"]) and m["recall"] == 0.0  # nothing kept: precision undefined, not 0
 
 
 def test_cuda_is_used_when_present_and_refused_when_absent(monkeypatch: pytest.MonkeyPatch) -> None:

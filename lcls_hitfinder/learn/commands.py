@@ -34,7 +34,9 @@ def train(
     epochs: Annotated[int | None, typer.Option(help="epochs")] = None,
     steps_per_epoch: Annotated[int | None, typer.Option(help="batches per epoch (default: one pass)")] = None,
     batch_size: Annotated[int | None, typer.Option(help="patterns per batch")] = None,
-    thumbnail: Annotated[int | None, typer.Option(help="thumbnail side, 64 or 128")] = None,
+    thumbnail: Annotated[
+        int | None, typer.Option(help="thumbnail side: a multiple of 2^(depth + 1), 32 by default (shipped: 64)")
+    ] = None,
     width: Annotated[int | None, typer.Option(help="embedder width (first-layer channels)")] = None,
     arch: Annotated[str | None, typer.Option(help="cnn: late3..late18, early3..early18, resnet18, vgg16")] = None,
     cnn_width: Annotated[int | None, typer.Option(help="cnn: first-layer channels")] = None,
@@ -49,8 +51,8 @@ def train(
     ] = None,
     bank_per_class: Annotated[int | None, typer.Option(help="validation bank: references per class")] = None,
     seed: Annotated[int | None, typer.Option(help="random seed")] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda")] = None,
-    threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda (also with --resume)")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads (also with --resume)")] = None,
     resume: Annotated[
         bool,
         typer.Option(
@@ -65,12 +67,14 @@ def train(
 
     if kind not in KINDS:
         raise UserError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
-    photon_range: list[float] | None = None
+    photon_range: list[float] | str | None = photons
     if photons not in (None, "data"):
         try:
             photon_range = [float(v) for v in photons.split(",")]
         except ValueError:
-            raise UserError(f"--photons must be LO,HI or data, not {photons!r}") from None
+            photon_range = []
+        if len(photon_range) != 2:
+            raise UserError(f"--photons must be LO,HI or data, not {photons!r}")
     flags: dict[str, tuple[str, Any]] = {  # each setting flag: the config key it overrides, its value
         "--embed-dim": ("train.embed_dim", embed_dim),
         "--alpha": ("train.alpha", alpha),
@@ -94,12 +98,11 @@ def train(
     }
     overrides = dict(flags.values())
     settings = load_config(config, overrides).train  # a bad value is named first, whatever else is wrong
-    if photons == "data":
-        settings.augment.photons = None
+    machine = {k: v for k, v in (("device", device), ("threads", threads)) if v is not None}
     if resume:  # the run's own data and settings; a flag that would be ignored is refused instead
         named = {**{flag: v for flag, (_, v) in flags.items()}, "--photons": photons, "--config": config}
         ignored = [flag for flag, v in {**named, "--data": data, "--val": val}.items() if v is not None]
-        ignored = [flag for flag in ignored if flag != "--epochs"]
+        ignored = [flag for flag in ignored if flag not in ("--epochs", "--device", "--threads")]
         if ignored:
             raise UserError(
                 f"--resume continues the run with its own data and settings: leave out {', '.join(ignored)}"
@@ -109,8 +112,9 @@ def train(
     else:
         existing(data, "dataset")
         existing(val, "validation dataset")
+        apart(data, val, f"--val {val} is the training data: validation would judge the patterns trained on")
         output_dir(out, "run directory")
-    best = Trainer(kind, data, val, out, settings, resume, epochs).fit()  # type: ignore[arg-type]
+    best = Trainer(kind, data, val, out, settings, resume, epochs, machine).fit()  # type: ignore[arg-type]
     print(strict_json.dumps({"run": str(out), "best": best}, indent=2))
 
 
@@ -138,7 +142,7 @@ def export(
 
     if views not in VIEWS:
         raise UserError(f"--views must be one of {', '.join(map(str, VIEWS))}, not {views}")
-    paths = [existing(d, "run directory") for d in run_dirs]
+    paths = [existing(d, "model" if d.suffix == ".onnx" else "run directory") for d in run_dirs]
     if paths[0].suffix == ".onnx" and paths[0].is_file():
         if len(paths) > 1:
             raise UserError("an exported model is made to average over rotations on its own, not with runs")
@@ -165,7 +169,7 @@ def bank_build(
     target_precision: Annotated[float, typer.Option(help="single-hit precision the threshold aims for")] = 0.99,
     k: Annotated[int, typer.Option(min=1, help="nearest references averaged per class")] = 5,
     method: Annotated[str, typer.Option(help="knn or prototype")] = "knn",
-    seed: Annotated[int, typer.Option(help="seed of the reference draw")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=2**32 - 1, help="seed of the reference draw")] = 0,
 ) -> None:
     """Build a reference bank and calibrate its threshold for a target single-hit precision."""
     from lcls_hitfinder.learn.infer import build_bank
@@ -198,6 +202,12 @@ def bank_build(
         print(
             f"warning: the threshold rests on {report['calibration_singles']} single hits; its precision is"
             " rough (give --calibrate with more)",
+            file=sys.stderr,
+        )
+    if report["calibration_singles"] == report["calibration_patterns"]:
+        print(
+            "warning: the calibration patterns are all single hits: the precision reached says nothing "
+            "(give --calibrate with blanks and multi-hits)",
             file=sys.stderr,
         )
     if not report["reached"]:

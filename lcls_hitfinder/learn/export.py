@@ -90,6 +90,8 @@ def export_run(run_dirs: list[Path], out: Path, views: int = 1) -> tuple[ModelIn
     """
     if not run_dirs:
         raise UserError("export needs at least one run directory")
+    if len({d.resolve() for d in run_dirs}) < len(run_dirs):
+        raise UserError("an ensemble's members must be different runs: one run given twice costs twice the time")
     loaded = [(d, *load_run(d)) for d in run_dirs]
     summaries = [_twin_summary(d, run, settings) for d, run, settings, _ in loaded]
     preprocess = loaded[0][2].preprocess

@@ -102,7 +102,7 @@ def build_bank(
         "threshold": bank.threshold,
         "target_precision": target_precision,
         "reached": reached,
-        "precision": float((keep & single).sum() / max(int(keep.sum()), 1)),
-        "recall": float((keep & single).sum() / max(int(single.sum()), 1)),
+        "precision": float((keep & single).sum() / keep.sum()) if keep.any() else float("nan"),
+        "recall": float((keep & single).sum() / single.sum()),  # single.any(): checked above
     }
     return bank, report

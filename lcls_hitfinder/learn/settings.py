@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from lcls_hitfinder.preprocess import PreprocessSettings
 from lcls_hitfinder.settings_base import Section
@@ -28,9 +28,15 @@ class AugmentSettings(Section):
     rotate: bool = Field(True, description="random in-plane rotation")
     photons: tuple[float, float] | None = Field(
         (500.0, 20000.0),
-        description="photons per single hit, log-uniform in [lo, hi], then Poisson noise; null keeps the "
-        "data's own photons and noise (use null for data that already has Poisson noise)",
+        description='photons per single hit, log-uniform in [lo, hi], then Poisson noise; "data" (or null) keeps '
+        "the data's own photons and noise (for data that already has Poisson noise)",
     )
+
+    @field_validator("photons", mode="before")
+    @classmethod
+    def _data_photons(cls, v: object) -> object:
+        return None if v == "data" else v  # TOML has no null
+
     fluence_jitter: float = Field(
         0.3, ge=0, description="shot-to-shot fluence jitter: the relative sd of a log-normal factor of mean 1"
     )
@@ -61,7 +67,7 @@ class CnnSettings(Section):
 
 
 class TrainSettings(Section):
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32, description="seeds torch, the sampler and the validation bank's draw")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present, else CPU")
     threads: int = Field(1, ge=1, le=64, description="torch CPU threads (on a shared CPU, 1 is often faster than 2)")
     epochs: int = Field(10, ge=1)

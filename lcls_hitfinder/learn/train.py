@@ -113,6 +113,7 @@ class BalancedSampler:
         )
 
     def __call__(self, size: int, rng: np.random.Generator) -> np.ndarray:
+        """About `size` patterns: with fewer classes than size / K (few structures), more members each."""
         if len(self.groups) == 1:  # one group: draw classes, at least two (one alone gives no negatives)
             classes = self.groups[0]
             n = len(classes) if len(classes) * self.k <= size else min(len(classes), max(2, size // self.k))
@@ -124,7 +125,7 @@ class BalancedSampler:
                 len(self.groups), size=min(len(self.groups), max(2, round(size / per_group))), replace=False
             )
             picked = np.concatenate([self.groups[i] for i in chosen])
-            k = self.k
+            k = max(self.k, size // len(picked))
         return np.concatenate([rng.choice(self.members[int(c)], size=k) for c in picked])
 
 
@@ -167,6 +168,21 @@ def save_weights(net: nn.Module, path: Path, extra: dict[str, torch.Tensor] | No
     tmp.replace(path)
 
 
+def write_run(run_dir: Path, run: dict[str, Any]) -> None:
+    """The run's record, replaced whole (as the weights are): a run stopped while saving keeps the last one."""
+    tmp = run_dir / f"{RUN_FILE}.tmp"
+    tmp.write_text(strict_json.dumps(run, indent=2) + "\n")
+    tmp.replace(run_dir / RUN_FILE)
+
+
+def read_run(run_dir: Path) -> dict[str, Any]:
+    try:
+        run: dict[str, Any] = json.loads((run_dir / RUN_FILE).read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read the run record {run_dir / RUN_FILE}: {err}") from None
+    return run
+
+
 def load_weights(net: nn.Module, path: Path) -> dict[str, torch.Tensor]:
     """Load the model part of a safetensors file into `net`; return all its tensors."""
     tensors = load_file(str(path))
@@ -186,18 +202,20 @@ class Trainer:
         settings: TrainSettings,
         resume: bool = False,
         epochs: int | None = None,
+        machine: dict[str, Any] | None = None,
     ) -> None:
-        """`resume` continues the run in `out` with its saved data and settings; `epochs` there extends it."""
+        """`resume` continues the run in `out` with its saved data and settings; `epochs` there extends it, and
+        `machine` ({"device": ..., "threads": ...}) says where it runs now (a CUDA run resumed on a CPU)."""
         self.out = out
-        run_file = out / RUN_FILE
         if resume:
             if not (out / CHECKPOINT).exists():
                 raise UserError(f"nothing to resume in {out} (no {CHECKPOINT})")
-            run = json.loads(run_file.read_text())
+            run = read_run(out)
             if run["kind"] != kind:
                 raise UserError(f"{out} holds a {run['kind']} run, not a {kind} one")
             data, val = Path(run["data"]), Path(run["val"])
-            settings = TrainSettings.model_validate(run["settings"])
+            settings = TrainSettings.model_validate({**run["settings"], **(machine or {})})
+            run["settings"].update(machine or {})
             done = len(run["history"])
             if epochs is not None:
                 settings.epochs = epochs
@@ -233,6 +251,10 @@ class Trainer:
         params = [*self.net.parameters(), *(self.aux.parameters() if self.aux else [])]
         self.opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
         self.labels = class_labels(self.train_set.n_particles, self.train_set.structure, settings)
+        if len(np.unique(np.clip(self.train_set.n_particles, 0, 2))) < 2:  # no negative for any anchor
+            raise UserError(
+                f"{data} holds one kind of pattern only: training needs blanks or multi-hits beside singles"
+            )
         index = {name: i for i, name in enumerate(self.structures)}
         self.groups = np.array(
             [
@@ -386,7 +408,7 @@ class Trainer:
                     save_weights(self.net, self.out / BEST)
                 aux = {f"aux.{k}": v.detach().cpu() for k, v in self.aux.state_dict().items()} if self.aux else {}
                 save_weights(self.net, self.out / CHECKPOINT, {**_flatten_optimizer(self.opt), **aux})
-                (self.out / RUN_FILE).write_text(strict_json.dumps(self.run, indent=2) + "\n")
+                write_run(self.out, self.run)
                 shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
                 progress.console.print(f"epoch {epoch + 1}: {shown}")
         return dict(self.run["best"] or {})
@@ -397,7 +419,7 @@ def load_run(run_dir: Path) -> tuple[dict[str, Any], TrainSettings, nn.Module]:
     run_file = Path(run_dir) / RUN_FILE
     if not run_file.exists() or not (Path(run_dir) / BEST).exists():
         raise UserError(f"{run_dir} is not a training run directory (needs {RUN_FILE} and {BEST})")
-    run = json.loads(run_file.read_text())
+    run = read_run(Path(run_dir))
     settings = TrainSettings.model_validate(run["settings"])
     net = build_net(run["kind"], settings, len(run["structures"]))
     load_weights(net, Path(run_dir) / BEST)
