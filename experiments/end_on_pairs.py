@@ -25,9 +25,13 @@ def end_on_pairs(gen: PatternGenerator, n: int, cone_deg: float, rng: np.random.
     quats = random_quaternions(rng, n * MAX_PARTICLES).reshape(n, MAX_PARTICLES, 4)
     quats[:, 2:] = 0
     axis = axes_from_beam(rng, n, 0.0, cone_deg)
-    radii = np.array([gen.contact_radii(row[:2]) for row in species])
+    # touching along the axis, as the simulator's clusters do: each particle's extent in its orientation
+    reach = [
+        gen.extent(int(s[0]), q[0])(a) + gen.extent(int(s[1]), q[1])(-a)
+        for s, q, a in zip(species, quats, axis, strict=True)
+    ]
     positions = np.zeros((n, MAX_PARTICLES, 3))
-    positions[:, 1] = radii.sum(1)[:, None] * axis
+    positions[:, 1] = np.array(reach)[:, None] * axis
     positions[:, :2] -= positions[:, :2].mean(1, keepdims=True)
     intensity = gen.expected_intensity(counts, species, quats, positions, np.ones(n))
     good = gen.mask.reshape(-1)

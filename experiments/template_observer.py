@@ -42,7 +42,9 @@ def expected(
     quats[:, k:] = 0
     positions = np.zeros((n, MAX_PARTICLES, 3))
     if pair_bin is not None:
-        positions[:, 1] = sum(gen.contact_radii(np.zeros(2, int))) * axes_from_beam(rng, n, *pair_bin)
+        axes = axes_from_beam(rng, n, *pair_bin)  # touching along each axis, in the particles' orientations
+        reach = [gen.extent(0, q[0])(a) + gen.extent(0, q[1])(-a) for q, a in zip(quats, axes, strict=True)]
+        positions[:, 1] = np.array(reach)[:, None] * axes
         positions[:, :2] -= positions[:, :2].mean(1, keepdims=True)
     out = [
         gen.expected_intensity(counts[s], species[s], quats[s], positions[s], np.ones(len(counts[s]))).cpu().numpy()

@@ -51,3 +51,16 @@ def test_axes_from_beam_lie_in_their_band_on_both_sides() -> None:
     assert 0.4 < (axes[:, 2] > 0).mean() < 0.6
     share = (np.cos(np.radians(15)) - np.cos(np.radians(23))) / (np.cos(np.radians(15)) - np.cos(np.radians(30)))
     assert abs((theta < 23).mean() - share) < 0.03
+
+
+def test_the_observers_pairs_are_the_simulators_touching_pairs() -> None:
+    """Pairs of touching spheres along axes near the beam: the coherent sum of two particles, not one."""
+    from lcls_hitfinder.simulate.generate import PatternGenerator
+    from lcls_hitfinder.simulate.settings import SimulateSettings
+
+    gen = PatternGenerator(SimulateSettings(structures=["sphere:6"], detector={"shape": (32, 32)}))
+    pairs = observer.expected(gen, 3, (0.0, 15.0), np.random.default_rng(1))
+    singles = observer.expected(gen, 3, None, np.random.default_rng(1))
+    assert pairs.shape == singles.shape == (3, 32, 32)
+    ratio = pairs.sum((1, 2)) / singles.sum((1, 2))
+    assert np.all((ratio > 1.5) & (ratio <= 4.0))  # two coherent particles: up to 4x one where they add in phase

@@ -239,7 +239,7 @@ class PatternGenerator:
         jitter = self._jitter(rng, n)
         positions = np.zeros((n, MAX_PARTICLES, 3))
         for i in np.flatnonzero(counts > 1):
-            extents = [self._extent(int(species[i, k]), quats[i, k]) for k in range(counts[i])]
+            extents = [self.extent(int(species[i, k]), quats[i, k]) for k in range(counts[i])]
             positions[i, : counts[i]] = touching_cluster(extents, rng)
         intensity = self.expected_intensity(counts, species, quats, positions, jitter)
         photons = (intensity * self._good).sum(1)
@@ -254,7 +254,7 @@ class PatternGenerator:
             positions=positions.astype(np.float32),
         )
 
-    def _extent(self, species: int, quat: np.ndarray) -> Extent:
+    def extent(self, species: int, quat: np.ndarray) -> Extent:
         """A particle of this structure turned by this rotation: its extent along lab directions."""
         volume, rot = self.volumes[species], rotation_matrices(quat[None])[0]
         return lambda u: float(volume.extent((u @ rot)[None])[0])  # (Rᵀu)ᵀ = uᵀR: the particle's frame
