@@ -99,7 +99,10 @@ def test_a_reader_closed_from_two_threads_at_once_stops_its_child_once(tmp_path:
         t.start()
     for t in threads:
         t.join(30)
-    assert errors == [] and source.restarts == 0
+    assert not any(t.is_alive() for t in threads) and errors == []
+    reader = source._reader  # what frames() does when it finds its child gone after the close
+    reader._schedule_restart("exited (code 0)")
+    assert reader.restarts == 0 and reader._restart_at is None  # a closed source restarts nothing
     assert leftovers() == []
 
 

@@ -1106,6 +1106,31 @@ def test_a_worker_that_fails_counts_what_it_never_decided(
     assert attrs["events"] + dropped == len(columns["seq"]) + dropped == read  # the batch that failed: logged
 
 
+def test_a_failure_between_runs_of_one_batch_counts_the_frames_after_it(
+    fx: Fixtures, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One batch holds run 1's frames, its end and run 2's frames; announcing run 2 fails. Run 1's frames
+    are decided, run 2's counted as dropped (internal): none is left unaccounted for or handed back twice."""
+    real = ZmqPublisher.publish
+
+    def failing(self: ZmqPublisher, topic: str, payload: dict[str, Any]) -> None:
+        if topic == RUN and payload["phase"] == "begin" and payload["run"] == 2:
+            raise RuntimeError("the socket is gone")
+        real(self, topic, payload)
+
+    monkeypatch.setattr(ZmqPublisher, "publish", failing)
+    source = TwoRunSource(list(np.random.default_rng(8).poisson(1.0, (4, SIDE, SIDE)).astype(np.uint16)), lambda: None)
+    batch = {"max_size": 16, "max_wait_ms": 5000}  # all of both runs in one batch (the source ends before 5 s)
+    r = _start(_settings(tmp_path, batch=batch), source, fx.model, fx.bank)
+    r.pipeline.start()
+    assert r.pipeline.wait(WAIT_S)
+    r.publisher.close()
+    assert isinstance(r.pipeline.error, RuntimeError)
+    assert r.pipeline.total.events == 4 and r.pipeline.total.dropped == 4
+    assert r.metrics.dropped.labels(reason="internal")._value.get() == 4
+    assert source.released == Counter({i: 2 for i in range(4)})  # each frame of each run handed back once
+
+
 def _blas_threads() -> set[int]:
     return {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"}
 

@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 
 LABEL_TEXT = np.array([label.text for label in Label], dtype=object)  # indexed by label code
 _IDLE_S = 0.2  # how long the worker waits for frames before doing its idle chores (log flush)
+_DRAIN_QUIET_S = 2.0  # after a failure: how long without a frame before the reader is taken to have stopped
 
 
 def service_threads(settings: ServeSettings, source: Source) -> int:
@@ -174,6 +175,7 @@ class Pipeline:
         self._next_seq = 0
         self._published_seq = 0  # decisions published and counted in the tallies (what heartbeats say)
         self._tally_lock = threading.Lock()  # the tallies and _published_seq move together
+        self._accounted = 0  # frames the worker has logged or dropped: what a failure must not count again
         self._run: Run | None = None
         self._last_run: tuple[str, int] | None = None
         self._restarts_seen = 0
@@ -278,6 +280,8 @@ class Pipeline:
         with self._tally_lock:  # the reader (queue_full) and the worker (internal) both drop
             self.total.dropped += 1
             self._dropped_by_run[_run_key(frame.event)] += 1  # its run may not have begun yet
+            if reason == "internal":
+                self._accounted += 1
 
     # ---- worker --------------------------------------------------------------------------------------------
     def _work(self) -> None:
@@ -308,19 +312,32 @@ class Pipeline:
                 self._done.set()
 
     def _drop_queued(self) -> None:
-        """After the worker failed: the frames queued, and those the stopping reader still puts, are dropped
-        (reason internal) until its end of stream, or until none came for a while."""
-        while not self._batcher.ended:
+        """After the worker failed: the frames queued, and those the stopping reader still puts (it stops
+        after the frame in hand), are dropped (reason internal) until its end of stream, or until none came
+        for longer than a reader goes between frames."""
+        quiet_since = time.monotonic()
+        while not self._batcher.ended and time.monotonic() - quiet_since < _DRAIN_QUIET_S:
             items = self._batcher.next(_IDLE_S)
-            if not items:
-                return
+            if items:
+                quiet_since = time.monotonic()
             for item in items:
                 if isinstance(item, Frame):
                     self._drop(item, "internal")
 
     def _process_items(self, items: list[Frame | RunEnd]) -> None:
         """A batch may straddle a run boundary: frames go on in pieces of one run each, and a RunEnd closes
-        its run once the frames before it are out."""
+        its run once the frames before it are out. If this fails, its frames not yet recorded (logged or
+        dropped) are dropped before the failure goes on up."""
+        frames = [item for item in items if isinstance(item, Frame)]
+        accounted = self._accounted
+        try:
+            self._process_pieces(items)
+        except Exception:
+            for frame in frames[self._accounted - accounted :]:  # recorded in order: the rest never were
+                self._drop(frame, "internal")
+            raise
+
+    def _process_pieces(self, items: list[Frame | RunEnd]) -> None:
         n_frames = sum(isinstance(item, Frame) for item in items)
         if n_frames:
             self.metrics.batch_size.observe(n_frames)
@@ -522,6 +539,7 @@ class Pipeline:
         run = self._run
         assert run is not None
         self._with_log(lambda d: d.append(columns))
+        self._accounted += len(columns["seq"])  # recorded: whatever publishing does now
         try:
             for payload in decision_payloads(columns):
                 self.publisher.publish(DECISION, payload)

@@ -752,10 +752,16 @@ class SupervisedReader:
             child.finished[channel.index] = True
 
     def _stop_child(self, child: _Child, graceful: bool) -> None:
+        """Stop a child and clean up after it, once: a second caller (close() from another thread while
+        frames() stops the same child) waits until the first is done."""
         with self._stopping:
-            if child.stopped:
-                return
-            child.stopped = True
+            if not child.stopped:
+                child.stopped = True
+                self._clean_up(child, graceful)
+            if self._child is child:
+                self._child = None
+
+    def _clean_up(self, child: _Child, graceful: bool) -> None:
         proc = child.process
         pids = {pid for pid in (proc.pid, *(ch.pid for ch in child.channels)) if pid is not None}
         child.note_mpich([path for pid in pids for path in _mpich_segments(pid)])  # before the processes go
@@ -781,14 +787,14 @@ class SupervisedReader:
             remove_leftovers(child.prefix, pid)
         for path in child.mpich:  # MPICH removes its segment at a clean exit, but not always, nor when killed
             _remove_tracked(path)
-        self._child = None
 
     def _schedule_restart(self, why: str) -> None:
         """Stop the child and start a new one after a backoff. Data that can be read again (a file, a run)
         whose reader keeps failing without delivering anything fails instead: it will not get better, and
         a service that waits for it for ever looks alive while it decides nothing."""
-        if self._child is not None:
-            self._stop_child(self._child, graceful=False)
+        child = self._child  # read once: close() may clear it from another thread
+        if child is not None:
+            self._stop_child(child, graceful=False)
         if self._closed:  # the child went because the source was closed: nothing to restart
             return
         if not self._live and self._failures + 1 >= self._settings.give_up_after:
@@ -931,8 +937,9 @@ class SupervisedReader:
     def close(self) -> None:
         """Stop the child (it finalizes MPI when it can) and remove everything it left in /dev/shm."""
         self._closed = True
-        if self._child is not None:
-            self._stop_child(self._child, graceful=True)
+        child = self._child
+        if child is not None:
+            self._stop_child(child, graceful=True)
 
 
 class SupervisedSource:
