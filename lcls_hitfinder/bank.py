@@ -162,6 +162,8 @@ class ReferenceBank:
                 )
         except (OSError, KeyError, ValueError, TypeError, AttributeError) as err:  # AttributeError: a group
             raise UserError(f"cannot read bank {path}: {err}") from None
+        except UserError as err:  # read, but not a bank that can decide
+            raise UserError(f"bank {path}: {err}") from None
         if expected_model_hash is not None and bank.model_hash != expected_model_hash:
             raise BankMismatch(
                 f"bank {path} was built for model {bank.model_hash}, not for the loaded model {expected_model_hash}"

@@ -297,7 +297,7 @@ def write_report(
         ax.annotate(str(c), (x, y), textcoords="offset points", xytext=(0, -12), ha="center", fontsize=7)
     ax.set(
         xlabel="noise-free photons per pattern (all its particles)",
-        ylabel="accuracy of hits (single/multi)",
+        ylabel="label accuracy of hits (blank/single/multi)",
         ylim=(0, 1.01),
     )
     ax.grid(alpha=0.3)

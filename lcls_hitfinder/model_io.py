@@ -130,7 +130,7 @@ def with_rotations(model: Path | str, views: int, out: Path | str) -> ModelInfo:
         raise UserError(f"{model} already averages over {info.views} rotations")
     plain = onnx.load(str(model))
     inner = add_prefix(plain, "plain/")
-    dim = plain.graph.output[0].type.tensor_type.shape.dim[1].dim_value
+    dim = info.embed_dim
     consts = {
         "flip_start": [-1],
         "flip_end": [np.iinfo(np.int64).min],

@@ -94,7 +94,7 @@ def test_save_load_and_model_check(tmp_path: Path) -> None:
         ReferenceBank.load(tmp_path / "b.h5", expected_model_hash="other")
 
 
-@pytest.mark.parametrize("damage", ["nan", "group"])
+@pytest.mark.parametrize("damage", ["nan", "group", "singles"])
 def test_a_bank_that_does_not_read_cleanly_is_refused_in_one_line(tmp_path: Path, damage: str) -> None:
     """What a reload refuses and counts (UserError): NaN embeddings (every decision would be multi), a group
     where a dataset belongs."""
@@ -104,11 +104,17 @@ def test_a_bank_that_does_not_read_cleanly_is_refused_in_one_line(tmp_path: Path
     with h5py.File(tmp_path / "b.h5", "r+") as f:
         if damage == "nan":
             f["embeddings"][3] = np.nan
+        elif damage == "singles":
+            f["n_particles"][...] = 1
         else:
             del f["structure"]
             f.create_group("structure")
-    message = "embeddings must be finite" if damage == "nan" else "has no attribute 'asstr'"
-    with pytest.raises(UserError, match=f"^cannot read bank {tmp_path / 'b.h5'}: .*{message}"):
+    message = {
+        "nan": "cannot read bank {path}: embeddings must be finite",
+        "group": "cannot read bank {path}: .*has no attribute 'asstr'",
+        "singles": "bank {path}: a bank needs blank or multi-hit references beside its singles",
+    }[damage]
+    with pytest.raises(UserError, match="^" + message.format(path=tmp_path / "b.h5")):
         ReferenceBank.load(tmp_path / "b.h5", expected_model_hash="abc")
 
 

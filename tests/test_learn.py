@@ -237,6 +237,7 @@ def test_a_run_resumes_on_another_machine_and_a_damaged_record_is_one_line(data:
     invoke("train", "twin", "--out", tmp_path / "r", "--resume", "--epochs", "3", "--device", "cpu", "--threads", "2")
     run = json.loads((tmp_path / "r" / "run.json").read_text())
     assert len(run["history"]) == 3 and run["settings"]["threads"] == 2 and run["settings"]["device"] == "cpu"
+    assert torch.get_num_threads() == 2  # trained so, not only recorded (the trainer sets torch's threads)
     record = tmp_path / "r" / "run.json"
     record.write_text(record.read_text()[:300])
     for args in (["train", "twin", "--out", tmp_path / "r", "--resume", "--epochs", "4"], ["export", tmp_path / "r"]):
@@ -273,7 +274,7 @@ def test_data_that_cannot_teach_or_judge_is_refused(data: Path, model: Path, tmp
         ),
         (
             ["bank", "build", "--model", str(model), "--data", str(singles), "--out", str(tmp_path / "k.h5")],
-            "blank or multi-hit references beside",
+            f"references from {singles}: a bank needs blank or multi-hit references beside",
         ),
     ]:
         result = runner.invoke(app, args)
@@ -352,9 +353,13 @@ def test_cnn_baseline_trains_and_evaluates(data: Path, tmp_path: Path) -> None:
         ),
     ],
 )
-def test_bad_input_is_a_user_error(args: list[str], message: str) -> None:
+def test_bad_input_is_a_user_error(
+    args: list[str], message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # the relative paths above: nothing may land in the repository
     result = runner.invoke(app, args)
     assert isinstance(result.exception, UserError) and message in str(result.exception)
+    assert list(tmp_path.iterdir()) == []  # refused before anything was written
 
 
 def test_onnx_matches_torch_on_real_thumbnails(data: Path, model: Path) -> None:
@@ -503,21 +508,6 @@ def test_export_averages_over_quarter_turns_inside_the_model(data: Path, model: 
     result = runner.invoke(app, ["export", str(data / "run"), "--views", "3", "--out", str(tmp_path / "y.onnx")])
     assert isinstance(result.exception, UserError) and not (tmp_path / "y.onnx").exists()
     assert not (tmp_path / "x.onnx").exists()
-
-
-def test_batches_hold_about_batch_size_patterns_with_few_structures_or_many() -> None:
-    """Classes split by structure: a new sample's data (one structure and blanks) fills its batches with more
-    members per class, as many structures fill them with more classes."""
-    from lcls_hitfinder.learn.train import BalancedSampler
-
-    rng = np.random.default_rng(0)
-    for n_structures in (1, 2, 300):
-        counts = rng.integers(0, 3, 6000)
-        structure = np.where(counts > 0, rng.integers(0, n_structures, 6000).astype(str), "")
-        labels = np.unique(np.char.add(counts.astype(str), structure), return_inverse=True)[1]
-        sampler = BalancedSampler(labels, structure)
-        for size in (32, 96, 128):
-            assert 0.8 * size <= len(sampler(size, rng)) <= 1.2 * size, (n_structures, size)
 
 
 def test_settings_and_masks_that_cannot_work_are_refused() -> None:

@@ -48,3 +48,16 @@ def test_own_structure_negatives_need_classes_split_by_structure() -> None:
     with pytest.raises(ValidationError, match="per_structure"):
         TrainSettings(negatives="own-structure")
     assert TrainSettings(negatives="own-structure", per_structure=True).negatives == "own-structure"
+
+
+def test_batches_hold_about_batch_size_patterns_with_few_structures_or_many() -> None:
+    """Classes split by structure: a new sample's data (one structure and blanks) fills its batches with more
+    members per class, as many structures fill them with more classes."""
+    rng = np.random.default_rng(0)
+    settings = TrainSettings(classes="hit", per_structure=True)
+    for n_structures in (1, 2, 300):
+        counts = rng.integers(0, 3, 6000)
+        structure = np.where(counts > 0, rng.integers(0, n_structures, 6000).astype(str), "").astype(object)
+        sampler = BalancedSampler(class_labels(counts, structure, settings), structure)
+        for size in (32, 96, 128):
+            assert 0.8 * size <= len(sampler(size, rng)) <= 1.2 * size, (n_structures, size)

@@ -251,6 +251,8 @@ def test_pairs_of_anisotropic_or_hollow_particles_touch_and_never_interpenetrate
 
 
 def test_pairs_of_bead_models_leave_a_residue_between_their_beads() -> None:
+    """A pair of bead models stops where the planes normal to their axis that bound them, a margin beyond
+    their outermost beads, meet: exactly that far apart, so never closer than two margins bead to bead."""
     from lcls_hitfinder.simulate.structures import load_structure
     from lcls_hitfinder.simulate.volume import CONTACT_MARGIN_NM
 
@@ -258,10 +260,12 @@ def test_pairs_of_bead_models_leave_a_residue_between_their_beads() -> None:
     _, rots, centres = _pairs("procedural:5", 60)
     closest = []
     for (ra, rb), (ca, cb) in zip(rots, centres, strict=True):
-        a, b = beads @ ra.T + ca, beads @ rb.T + cb
-        closest.append(cKDTree(a).query(b)[0].min())
-    assert min(closest) >= 2 * CONTACT_MARGIN_NM - 1e-6  # never closer than two margins: no overlap
-    assert np.median(closest) < 2 * CONTACT_MARGIN_NM + 1.0  # and touching, about
+        a, b = beads @ ra.T, beads @ rb.T  # about their centres, in the lab frame
+        n = (cb - ca) / np.linalg.norm(cb - ca)
+        reach = (a @ n).max() + (-(b @ n)).max() + 2 * CONTACT_MARGIN_NM
+        assert np.linalg.norm(cb - ca) == pytest.approx(reach, rel=1e-5)  # positions are float32
+        closest.append(cKDTree(a + ca).query(b + cb)[0].min())
+    assert min(closest) >= 2 * CONTACT_MARGIN_NM - 1e-4
 
 
 def _atomic_rg(path: Path) -> float:

@@ -35,7 +35,8 @@ def train(
     steps_per_epoch: Annotated[int | None, typer.Option(help="batches per epoch (default: one pass)")] = None,
     batch_size: Annotated[int | None, typer.Option(help="patterns per batch")] = None,
     thumbnail: Annotated[
-        int | None, typer.Option(help="thumbnail side: a multiple of 2^(depth + 1), 32 by default (shipped: 64)")
+        int | None,
+        typer.Option(help="thumbnail side (default 64): a multiple of unshuffle x 2^(depth + 1), 32 by default"),
     ] = None,
     width: Annotated[int | None, typer.Option(help="embedder width (first-layer channels)")] = None,
     arch: Annotated[str | None, typer.Option(help="cnn: late3..late18, early3..early18, resnet18, vgg16")] = None,
@@ -135,7 +136,8 @@ def export(
 
     Several runs export as one ensemble: their embeddings concatenated, so the bank's distance is the
     members' mean squared distance. --views 2 or 4 averages each embedding over the thumbnail's quarter turns
-    inside the model (docs/RESULTS.md: higher single-hit precision for that many times the inference).
+    inside the model, for that many times the inference (docs/RESULTS.md: higher single-hit precision on
+    validation sets, not on every test set).
     """
     from lcls_hitfinder.learn.export import export_rotations, export_run
     from lcls_hitfinder.model_io import VIEWS
@@ -377,20 +379,23 @@ def evaluate(
 
     from lcls_hitfinder.evaluate import hit_metrics, markdown_table, pairs_called_single_by_axis, write_report
 
-    output_dir(report, "report directory")
+    if run is None and (model is None or (bank is None) == (refs is None)):
+        raise UserError("evaluate needs --model and one of --bank or --refs (or --run for a CNN baseline)")
+    if refs is not None:
+        apart(refs, data, f"--refs {refs} is the file under test: its references would be judged by themselves")
+    existing(data, "dataset")
+    output_dir(report, "report directory")  # once the arguments hold: a refused command leaves no folder
     if run is not None:
         from lcls_hitfinder.learn.baseline import evaluate_cnn
 
-        cnn = evaluate_cnn(existing(run, "run directory"), existing(data, "dataset"))
+        cnn = evaluate_cnn(existing(run, "run directory"), data)
         (report / "metrics.json").write_text(strict_json.dumps(cnn, indent=2) + "\n")
         (report / "metrics.md").write_text(markdown_table([cnn], list(cnn)))
         print(strict_json.dumps(cnn, indent=2))
         return
-    if model is None or (bank is None) == (refs is None):
-        raise UserError("evaluate needs --model and one of --bank or --refs (or --run for a CNN baseline)")
+    assert model is not None
     ref_bank = None
     if refs is not None:
-        apart(refs, data, f"--refs {refs} is the file under test: its references would be judged by themselves")
         emb, dec, dataset = _decide_per_sample(model, refs, data, per_class)
     elif bank is not None:
         emb, dec, ref_bank, dataset = _decide(model, bank, data)

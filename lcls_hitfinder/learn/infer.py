@@ -77,7 +77,10 @@ def build_bank(
     with Dataset(data) as d:
         emb, n, structure = embed_dataset(embedder, d), d.n_particles, d.structure
     refs = select_references(n, structure if by_structure else None, per_class, seed)
-    bank = ReferenceBank(emb[refs], n[refs], embedder.model_hash, method, k, structure=structure[refs])  # type: ignore[arg-type]
+    try:
+        bank = ReferenceBank(emb[refs], n[refs], embedder.model_hash, method, k, structure=structure[refs])  # type: ignore[arg-type]
+    except UserError as err:  # say which file the references came from
+        raise UserError(f"references from {data}: {err}") from None
     if calibrate is not None:
         with Dataset(calibrate) as c:
             cal_emb, cal_n = embed_dataset(embedder, c), c.n_particles

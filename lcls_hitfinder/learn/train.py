@@ -214,8 +214,8 @@ class Trainer:
             if run["kind"] != kind:
                 raise UserError(f"{out} holds a {run['kind']} run, not a {kind} one")
             data, val = Path(run["data"]), Path(run["val"])
-            settings = TrainSettings.model_validate({**run["settings"], **(machine or {})})
             run["settings"].update(machine or {})
+            settings = TrainSettings.model_validate(run["settings"])
             done = len(run["history"])
             if epochs is not None:
                 settings.epochs = epochs
@@ -251,7 +251,7 @@ class Trainer:
         params = [*self.net.parameters(), *(self.aux.parameters() if self.aux else [])]
         self.opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
         self.labels = class_labels(self.train_set.n_particles, self.train_set.structure, settings)
-        if len(np.unique(np.clip(self.train_set.n_particles, 0, 2))) < 2:  # no negative for any anchor
+        if len(np.unique(np.clip(self.train_set.n_particles, 0, 2))) < 2:  # nothing to tell singles from
             raise UserError(
                 f"{data} holds one kind of pattern only: training needs blanks or multi-hits beside singles"
             )

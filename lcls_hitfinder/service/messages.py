@@ -89,7 +89,12 @@ FIELDS: dict[str, tuple[FieldSpec, ...]] = {
         FieldSpec("rate_hz", "float", "decisions per second since the previous heartbeat"),
         FieldSpec("counts", "map", "decisions so far by label: {blank, single, multi, error}"),
         FieldSpec("keep", "int", "decisions so far that said keep"),
-        FieldSpec("dropped", "int", "events read but not decided (the service fell behind a live source)"),
+        FieldSpec(
+            "dropped",
+            "int",
+            "events read but not decided (the service fell behind a live source, or failed on them: "
+            "`hitfinder_dropped_events_total` by reason)",
+        ),
         FieldSpec("source_restarts", "int", "watchdog restarts of the source's reader"),
         FieldSpec("queue_depth", "int", "frames waiting between reader and batcher"),
         FieldSpec("subscriptions", "int", "topic subscriptions currently held by subscribers"),

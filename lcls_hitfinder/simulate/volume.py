@@ -38,8 +38,10 @@ from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.simulate.structures import PROTEIN_DENSITY_E_NM3, AtomModel, Body, Structure
 
 VOLUME_VERSION = 1
-CONTACT_MARGIN_NM = 0.2  # beyond the outermost scatterers' centres: about a residue's radius
 """Bump when the grid construction changes, so cached volumes are rebuilt."""
+
+CONTACT_MARGIN_NM = 0.2
+"""How far a bead or atom model reaches beyond its outermost scatterers' centres: about a residue's radius."""
 
 _KERNEL_SIGMA_QMAX = 1.5
 """Gaussian kernel sd times the output q range: aliasing exp(-4 x 1.5²) ≈ 1e-4, gain at qmax exp(1.125)."""
