@@ -387,6 +387,70 @@ def test_a_live_reader_restarted_mid_run_numbers_on(tmp_path: Path, servers: lis
     assert leftovers() == []
 
 
+def test_a_server_of_the_same_run_served_again_is_numbered_on(tmp_path: Path, servers: list[ShmemServer]) -> None:
+    """The server stopped and started again at once on the same run: psana reconnects by itself (no
+    restart of the reader), and the run's events go on from where they were, never named twice."""
+    end = write_run(tmp_path / "a.xtc2", 60, (32, 32), run=1)
+    write_run(tmp_path / "b.xtc2", 60, (32, 32), run=1, start_ns=end + 10**9)  # the same run, later stamps
+    tag = f"lhfre{os.getpid()}"
+    servers.append(ShmemServer(tag, [tmp_path / "a.xtc2"], rate_hz=30, buffer_bytes=2 * 32 * 32).start())
+    source = open_source(f"shmem:{tag}?det=cam", settings(stall_s=30))
+    source.open()
+    frames: list[Frame] = []
+    end_by = time.monotonic() + 90
+    try:
+        for item in source.frames():
+            assert time.monotonic() < end_by, f"{len(frames)} frames"
+            if isinstance(item, Frame):
+                frames.append(item)
+                item.release()
+            if len(frames) == 5 and len(servers) == 1:
+                servers[0].stop()
+                servers.append(ShmemServer(tag, [tmp_path / "b.xtc2"], rate_hz=30, buffer_bytes=2 * 32 * 32).start())
+            if len(frames) >= 25:
+                break
+    finally:
+        source.close()
+    events = [f.event.event for f in frames]
+    assert events == list(range(len(frames))), events
+    assert leftovers() == []
+
+
+def test_a_live_source_that_cannot_connect_yet_restarts_until_it_can(
+    tmp_path: Path, servers: list[ShmemServer]
+) -> None:
+    """The server's one client slot is taken: psana cannot open the shared memory. A live source restarts its
+    reader (counted) instead of ending the service, and reads once the slot is free."""
+    write_run(tmp_path / "a.xtc2", 2000, (32, 32), run=1)
+    tag = f"lhfslot{os.getpid()}"
+    servers.append(ShmemServer(tag, [tmp_path / "a.xtc2"], rate_hz=30, buffer_bytes=2 * 32 * 32, clients=1).start())
+    first = open_source(f"shmem:{tag}?det=cam", settings())
+    first.open()
+    taken = first.frames()
+    assert isinstance(next(f for f in taken if isinstance(f, Frame)), Frame)  # the slot is taken
+    second = open_source(f"shmem:{tag}?det=cam", settings())
+    second.open()
+    frames: list[Frame] = []
+    end_by = time.monotonic() + 90
+    try:
+        for item in second.frames():
+            assert time.monotonic() < end_by, f"{second.restarts} restarts, {len(frames)} frames"
+            if second.restarts and first is not None:  # refused and restarted: now free the slot
+                first.close()
+                first = None
+            if isinstance(item, Frame):
+                frames.append(item)
+                item.release()
+            if len(frames) >= 3:
+                break
+    finally:
+        second.close()
+        if first is not None:
+            first.close()
+    assert second.restarts >= 1 and len(frames) == 3
+    assert leftovers() == []
+
+
 def test_psana1_missing_is_a_clear_error() -> None:
     with pytest.raises(
         UserError, match=r"psana1 is not installed: `import psana` gives psana 4\.\d+\.\d+, which is psana2"

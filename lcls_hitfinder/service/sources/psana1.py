@@ -73,6 +73,8 @@ class Psana1ReadLoop:
         try:
             ds = psana.DataSource(self.datasource)
         except Exception as err:  # psana1 raises plain Exceptions for a bad string or a missing run
+            if self.live:  # shared memory not served yet: a crash, which restarts the reader with backoff
+                raise
             raise UserError(f"source {self.label}: psana cannot open it: {err}") from None
         experiment = ds.env().experiment()
         det = self._detector(psana)
@@ -104,6 +106,8 @@ class Psana1ReadLoop:
                 pulse_id=int(eid.fiducials()),
             )
             sink.put(event, data, None, read_ns)
+            if self.live:  # psana may reconnect to a server of the same run by itself: number on
+                delivered.add(run, index)
         if last is not None:
             sink.end_run(experiment, last)
 

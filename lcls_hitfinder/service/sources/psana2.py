@@ -141,6 +141,8 @@ class Psana2ReadLoop:
         try:
             return DataSource(**kwargs)
         except Exception as err:  # whatever psana raises here (an AssertionError for a run it cannot find)
+            if self.live:  # no slot yet, a server starting: a crash, which restarts the reader with backoff
+                raise
             raise UserError(f"source {self.label}: psana cannot open it: {type(err).__name__}: {err}") from None
 
     def _detector_name(self, run: Any) -> str:
@@ -211,6 +213,8 @@ class Psana2ReadLoop:
                     pulse_id=int(timing.pulseId(evt)) if timing is not None else None,
                 )
                 sink.put(event, data, None if n is None or n < 0 else int(n), read_ns)
+                if self.live:  # psana may reconnect to a server of the same run by itself: number on
+                    delivered.add(runnum, i)
             sink.end_run(run.expt or "", runnum)
 
 
