@@ -27,7 +27,7 @@ if [ ! -f "$stamp" ]; then
     # The CPU wheel of torch first, from PyTorch's CPU index (PyPI's Linux wheel is the CUDA build; the
     # configured index where that one is unreachable), so that the range in pyproject is already met.
     "$VENV/bin/python" -c "import torch" 2>/dev/null \
-        || "$VENV/bin/pip" install -q --timeout 20 --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0" \
+        || "$VENV/bin/pip" install -q --retries 0 --timeout 20 --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0" \
         || "$VENV/bin/pip" install -q "torch==2.13.0"
     "$VENV/bin/pip" install -q -e ".[${EXTRAS}]"
     if [[ ",$EXTRAS," == *",gpu,"* ]]; then

@@ -53,7 +53,7 @@ def made(tmp_path: Path) -> Path:
         (["show", "{d}/missing.h5"], "dataset {d}/missing.h5 does not exist"),
         (["xtc2", "{d}/a_file.h5", "--out", "{d}/a_dir"], "XTC2 file {d}/a_dir is a directory, not a file"),
         (
-            ["train", "twin", "--data", "{d}/a_file.h5", "--val", "{d}/a_file.h5", "--out", "{d}/a_file.h5"],
+            ["train", "twin", "--data", "{d}/a_file.h5", "--val", "{m}", "--out", "{d}/a_file.h5"],  # any two files
             "run directory {d}/a_file.h5 is a file, not a directory",
         ),
     ],

@@ -117,12 +117,6 @@ def run_service(settings: ServeSettings) -> int:
     # Bind first: subscribers connect while the model and the source are still loading.
     publisher = ZmqPublisher(settings.publish.endpoint, settings.publish.sndhwm)
     metrics = ServiceMetrics()
-
-    def interrupted(signum: int, _frame: FrameType | None) -> None:  # SIGTERM while starting: as Ctrl-C
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    signal.signal(signal.SIGTERM, interrupted)  # until the pipeline's own handlers below
-    src = None
     try:
         if settings.metrics.port is not None:
             try:
@@ -139,13 +133,8 @@ def run_service(settings: ServeSettings) -> int:
         reloading_bank = ReloadingBank(bank_path, embedder, metrics)
         src.open()
         settings = recorded_calibration(settings, src)
-    except BaseException as err:  # a source half open (a reader child, MPI ranks) is closed, not left behind
-        if src is not None:
-            src.close()
+    except BaseException:
         publisher.close()
-        if isinstance(err, KeyboardInterrupt):
-            log.info("%s while starting: stopped before serving", err or "SIGINT")
-            return 0
         raise
     pipeline = Pipeline(settings, src, embedder, reloading_bank, publisher, metrics)
 

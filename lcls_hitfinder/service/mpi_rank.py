@@ -18,7 +18,10 @@ from lcls_hitfinder.service.reader import child_main
 
 def main(address: str) -> None:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.connect(address)
+    try:
+        sock.connect(address)
+    except (FileNotFoundError, ConnectionRefusedError):  # the service stopped while mpirun started us
+        sys.exit(1)
     conn = Connection(sock.detach())
     rank = int(os.environ["PMI_RANK"])  # set by MPICH's launcher; mpi4py is left for psana to initialise
     conn.send(("hello", rank, os.getpid()))
