@@ -279,6 +279,7 @@ def test_data_that_cannot_teach_or_judge_is_refused(data: Path, model: Path, tmp
     ]:
         result = runner.invoke(app, args)
         assert isinstance(result.exception, UserError) and message in str(result.exception), (args, result.output)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # no empty run folder left behind
 
 
 def test_resume_refuses_what_it_would_ignore(data: Path, tmp_path: Path) -> None:

@@ -100,6 +100,7 @@ def train(
     overrides = dict(flags.values())
     settings = load_config(config, overrides).train  # a bad value is named first, whatever else is wrong
     machine = {k: v for k, v in (("device", device), ("threads", threads)) if v is not None}
+    made = not resume and not out.exists()  # a folder this command makes, and removes if it refuses to train
     if resume:  # the run's own data and settings; a flag that would be ignored is refused instead
         named = {**{flag: v for flag, (_, v) in flags.items()}, "--photons": photons, "--config": config}
         ignored = [flag for flag, v in {**named, "--data": data, "--val": val}.items() if v is not None]
@@ -115,7 +116,13 @@ def train(
         existing(val, "validation dataset")
         apart(data, val, f"--val {val} is the training data: validation would judge the patterns trained on")
         output_dir(out, "run directory")
-    best = Trainer(kind, data, val, out, settings, resume, epochs, machine).fit()  # type: ignore[arg-type]
+    try:
+        trainer = Trainer(kind, data, val, out, settings, resume, epochs, machine)  # type: ignore[arg-type]
+    except UserError:  # refused before training: a run directory made for it goes again
+        if made and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+    best = trainer.fit()
     print(strict_json.dumps({"run": str(out), "best": best}, indent=2))
 
 

@@ -33,11 +33,13 @@ def embed_frames(
     from rich.progress import track
 
     pre = Preprocessor(embedder.info.preprocess, data.mask, data.shape, calibration or data.calibration)
-    progress = track(  # on stderr: stdout is the commands' output (bank build's JSON, classify's summary)
+    console = Console(stderr=True)  # stdout is the commands' output (bank build's JSON, classify's summary)
+    progress = track(
         range(0, len(data), batch),
         description=f"embedding {data.path.name}",
         transient=True,
-        console=Console(stderr=True),
+        console=console,
+        disable=not console.is_terminal,  # a transient bar leaves only an empty line in a log file
     )
     embeddings = np.full((len(data), embedder.info.embed_dim), np.nan, np.float32)
     finite = np.ones(len(data), bool)
