@@ -108,6 +108,13 @@ def read_model_info(path: Path | str) -> ModelInfo:
     )
 
 
+def check_views(views: int) -> int:
+    """`views`, if a model may average over that many quarter turns."""
+    if views not in VIEWS:
+        raise UserError(f"views must be one of {', '.join(map(str, VIEWS))}, not {views}")
+    return views
+
+
 def rotations(thumbnails: np.ndarray, views: int) -> list[np.ndarray]:
     """The first `views` quarter turns of (N, 1, S, S) thumbnails, as `with_rotations` computes them."""
     return [np.ascontiguousarray(np.rot90(thumbnails, k, axes=(2, 3))) for k in range(views)]
@@ -123,8 +130,7 @@ def with_rotations(model: Path | str, views: int, out: Path | str) -> ModelInfo:
     The rotations run inside the graph (one batch of views * N through the network), so the bank, serving
     and offline tools need not know.
     """
-    if views not in VIEWS:
-        raise UserError(f"views must be one of {', '.join(map(str, VIEWS))}, not {views}")
+    check_views(views)
     info = read_model_info(model)
     if info.views != 1:
         raise UserError(f"{model} already averages over {info.views} rotations")

@@ -497,7 +497,7 @@ def test_export_averages_over_quarter_turns_inside_the_model(data: Path, model: 
     assert np.abs(embed(model, thumbs) - embed(model, turned)).max() > 1e-3
 
     for args, message in [
-        (["--views", "3", "--out", tmp_path / "x.onnx"], "--views must be one of 1, 2, 4, not 3"),
+        (["--views", "3", "--out", tmp_path / "x.onnx"], "views must be one of 1, 2, 4, not 3"),
         (["--out", tmp_path / "x.onnx"], "is already exported: give --views 2 or 4"),
         (["--views", "2", "--out", model], "is the model itself"),
     ]:

@@ -147,10 +147,9 @@ def export(
     validation sets, not on every test set).
     """
     from lcls_hitfinder.learn.export import export_rotations, export_run
-    from lcls_hitfinder.model_io import VIEWS
+    from lcls_hitfinder.model_io import check_views
 
-    if views not in VIEWS:
-        raise UserError(f"--views must be one of {', '.join(map(str, VIEWS))}, not {views}")
+    check_views(views)  # before any file is written
     paths = [existing(d, "model" if d.suffix == ".onnx" else "run directory") for d in run_dirs]
     if paths[0].suffix == ".onnx" and paths[0].is_file():
         if len(paths) > 1:
