@@ -161,18 +161,21 @@ def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tens
 
 def save_weights(net: nn.Module, path: Path, extra: dict[str, torch.Tensor] | None = None) -> None:
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    tmp = path.with_suffix(".tmp")
     # written as bytes: safetensors' save_file makes the file owner-only, and a shared run directory's
     # weights must be as readable as its run.json (the umask decides)
-    tmp.write_bytes(save({**tensors, **(extra or {})}))
+    _replace_whole(path, save({**tensors, **(extra or {})}))
+
+
+def _replace_whole(path: Path, data: bytes) -> None:
+    """Write through a temporary file: a run stopped while saving keeps the previous file whole."""
+    tmp = path.with_name(f"{path.name}.tmp")
+    tmp.write_bytes(data)
     tmp.replace(path)
 
 
 def write_run(run_dir: Path, run: dict[str, Any]) -> None:
-    """The run's record, replaced whole (as the weights are): a run stopped while saving keeps the last one."""
-    tmp = run_dir / f"{RUN_FILE}.tmp"
-    tmp.write_text(strict_json.dumps(run, indent=2) + "\n")
-    tmp.replace(run_dir / RUN_FILE)
+    """The run's record, replaced whole, as the weights are."""
+    _replace_whole(run_dir / RUN_FILE, (strict_json.dumps(run, indent=2) + "\n").encode())
 
 
 def read_run(run_dir: Path) -> dict[str, Any]:
