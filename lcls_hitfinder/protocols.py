@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import numpy as np
 
 if TYPE_CHECKING:  # annotations only: a psana reader process imports this module without paying for torch
+    import threading
+
     import torch
 
     from lcls_hitfinder.service.binning import ReaderBinning
@@ -89,7 +91,8 @@ class Source(Protocol):
     comes, so the consumer can notice shutdown and keep heartbeats going. `restarts` counts how often
     a supervised reader (psana in a child process) was restarted by its watchdog. A source read by
     processes of its own (psana's child, MPI ranks) says how many in `reader_processes`; the service leaves
-    them their cores.
+    them their cores. `open(cancel)`: a source that waits for its data to open (psana) stops waiting once
+    `cancel` is set, so a SIGTERM during start-up is answered in a tick, and `close()` then cleans up.
     """
 
     uri: str
@@ -97,7 +100,7 @@ class Source(Protocol):
     mask: np.ndarray | None
     restarts: int
 
-    def open(self) -> None: ...
+    def open(self, cancel: threading.Event | None = None) -> None: ...
 
     def frames(self) -> Iterator[Frame | RunEnd | None]: ...
 

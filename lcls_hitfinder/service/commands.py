@@ -6,6 +6,7 @@ import logging
 import math
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from types import FrameType
@@ -117,6 +118,20 @@ def run_service(settings: ServeSettings) -> int:
     # Bind first: subscribers connect while the model and the source are still loading.
     publisher = ZmqPublisher(settings.publish.endpoint, settings.publish.sndhwm)
     metrics = ServiceMetrics()
+    # A stop asked for while starting is noted, not raised into whatever is starting (a half-started reader
+    # or MPI run cannot be cleaned up reliably); the start-up stops at its next step. Twice: quit at once.
+    stop_asked = threading.Event()
+
+    def on_early_stop(signum: int, _frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if stop_asked.is_set():
+            raise KeyboardInterrupt(f"second {name}")
+        log.info("%s while starting: stopping once the step under way is done (again to quit at once)", name)
+        stop_asked.set()
+
+    signal.signal(signal.SIGINT, on_early_stop)
+    signal.signal(signal.SIGTERM, on_early_stop)
+    src = None
     try:
         if settings.metrics.port is not None:
             try:
@@ -131,9 +146,16 @@ def run_service(settings: ServeSettings) -> int:
         torch.set_num_threads(threads)
         embedder = OnnxEmbedder(model_path, settings.providers, settings.batch.max_size, threads)
         reloading_bank = ReloadingBank(bank_path, embedder, metrics)
-        src.open()
+        if not stop_asked.is_set():
+            src.open(stop_asked)
         settings = recorded_calibration(settings, src)
+    except KeyboardInterrupt as why:  # the second stop: what was started dies with the process (readers do)
+        publisher.close()
+        log.warning("%s while starting: quitting at once", why)
+        return 130
     except BaseException:
+        if src is not None:  # a reader that failed to open is not left running
+            src.close()
         publisher.close()
         raise
     pipeline = Pipeline(settings, src, embedder, reloading_bank, publisher, metrics)
@@ -153,6 +175,9 @@ def run_service(settings: ServeSettings) -> int:
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGHUP, on_hup)
     try:
+        if stop_asked.is_set():  # asked while starting (checked after the handlers above: none is missed)
+            log.info("stopped before serving")
+            return 0
         wait = settings.publish.wait_for_subscriber_s
         if wait > 0:
             log.info("waiting up to %.0f s for a subscriber on %s", wait, publisher.endpoint)

@@ -624,16 +624,19 @@ class SupervisedReader:
                     with contextlib.suppress(OSError):  # one that died meanwhile is restarted with its go
                         channel.conn.send_bytes(message)
 
-    def start(self, wait_ready_s: float = 0.0) -> None:
-        """Start the child; with `wait_ready_s`, wait that long for the data to open, so errors raise here."""
+    def start(self, wait_ready_s: float = 0.0, cancel: threading.Event | None = None) -> None:
+        """Start the child; with `wait_ready_s`, wait that long for the data to open, so errors raise here.
+        Once `cancel` is set the child is not started, or no longer waited for (`close()` stops it)."""
         removed = remove_orphans()
         if removed:
             log.warning("removed %d /dev/shm segments left by services that are gone", removed)
+        if cancel is not None and cancel.is_set():
+            return
         self._spawn()
         child = self._child
         assert child is not None
         deadline = time.monotonic() + wait_ready_s
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not (cancel is not None and cancel.is_set()):
             got = self._next_message(child, 0.1)
             if got is None:
                 continue
@@ -970,9 +973,9 @@ class SupervisedSource:
         may_bin = readers_bin(settings)
         self._reader = SupervisedReader(loop, settings.reader, uri, live, mpi_ranks, block, may_bin)
 
-    def open(self) -> None:
+    def open(self, cancel: threading.Event | None = None) -> None:
         """Start the reader; a replayable source waits until psana has opened the data (or failed to)."""
-        self._reader.start(self._open_timeout_s)
+        self._reader.start(self._open_timeout_s, cancel)
 
     def bin_at_reader(self, binning: ReaderBinning) -> None:
         self._reader.bin_at_reader(binning)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -51,7 +52,7 @@ class H5Source:
         self._n = 0
         self._file: FrameFile | None = None
 
-    def open(self) -> None:
+    def open(self, cancel: threading.Event | None = None) -> None:  # opens at once: nothing to cancel
         f = self._file = FrameFile(self.path, f"source {self.uri}", self._data_path, self._mask_path)
         self.mask, self._truth, self._n, self.frame_shape = f.mask, f.truth, len(f), f.shape
         self.calibration = f.calibration

@@ -51,7 +51,7 @@ class SimSource:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def open(self) -> None:
+    def open(self, cancel: threading.Event | None = None) -> None:  # opens at once: nothing to cancel
         from lcls_hitfinder.config import load_config
         from lcls_hitfinder.simulate.generate import PatternGenerator
 
