@@ -104,9 +104,10 @@ class ServeSettings(Section):
     threads: int = Field(
         0,
         ge=0,
+        le=256,
         description="threads that preprocess frames on the CPU (one frame each) and onnxruntime's intra-op "
-        "threads; 0 = the cores, less one for each process reading a psana source (its reader child, or its "
-        "MPI ranks), at least one",
+        "threads, at most 256; 0 = the cores, less one for each process reading a psana source (its reader "
+        "child, or its MPI ranks), at least one",
     )
     calibration: PhotonCalibration = Field(default_factory=PhotonCalibration)
     batch: BatchSettings = Field(default_factory=BatchSettings)
