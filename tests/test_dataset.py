@@ -50,7 +50,7 @@ def test_round_trip_in_chunks(tmp_path: Path) -> None:
 
 def test_failed_write_leaves_no_file(tmp_path: Path) -> None:
     out = tmp_path / "d.h5"
-    with pytest.raises(RuntimeError), DatasetWriter(out, (8, 6), np.ones((8, 6), bool), {}):
+    with pytest.raises(RuntimeError, match=r"^boom$"), DatasetWriter(out, (8, 6), np.ones((8, 6), bool), {}):
         raise RuntimeError("boom")
     assert not out.exists() and not list(tmp_path.iterdir())
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -104,12 +105,13 @@ def model(data: Path) -> Path:
 
 def test_training_run_records_history_and_checkpoints(data: Path, model: Path) -> None:
     modes = {p.name: p.stat().st_mode & 0o777 for p in (data / "run").iterdir()}
-    assert modes["model.safetensors"] == modes["checkpoint.safetensors"] == modes["run.json"]  # as the umask says
+    umask = os.umask(0)
+    os.umask(umask)
+    assert modes["model.safetensors"] == modes["checkpoint.safetensors"] == modes["run.json"] == 0o666 & ~umask
     run = json.loads((data / "run" / "run.json").read_text())
     assert [h["epoch"] for h in run["history"]] == [1, 2]
     assert run["settings"]["embed_dim"] == 8 and run["settings"]["preprocess"]["thumbnail"] == 32
     assert {"accuracy", "precision_at_recall_0.9", "val_loss"} <= set(run["best"])
-    assert (data / "run" / "checkpoint.safetensors").exists() and (data / "run" / "model.safetensors").exists()
 
 
 def test_export_carries_preprocessing_and_summary(model: Path) -> None:
@@ -318,7 +320,9 @@ def test_cnn_baseline_trains_and_evaluates(data: Path, tmp_path: Path) -> None:
     invoke("evaluate", "--run", tmp_path / "cnn", "--data", data / "test.h5", "--report", tmp_path / "rep")
     m = json.loads((tmp_path / "rep" / "metrics.json").read_text())
     assert m["arch"] == "early3" and m["n"] == 150
-    assert 0 <= m["test_accuracy"] <= m["count_accuracy"] <= 1 and m["particle_accuracy"] == 1.0  # one structure
+    history = json.loads((tmp_path / "cnn" / "run.json").read_text())["history"]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]  # it learned
+    assert m["count_accuracy"] > 0.3  # above chance (0.2: counts 0-4 in equal shares); seeded, so not a flake
     adu = tmp_path / "adu.h5"  # the same patterns in ADU: judged in photons, as the CNN was trained
     with Dataset(data / "test.h5") as d:
         batch = d.read(slice(None))

@@ -21,7 +21,7 @@ def test_count_classes_are_balanced() -> None:
 
 
 def test_hit_classes_merge_multi_hits() -> None:
-    assert set(class_labels(N, S, TrainSettings(classes="hit"))) == {0, 1, 2}
+    np.testing.assert_array_equal(class_labels(N, S, TrainSettings(classes="hit")), np.minimum(N, 2))
 
 
 def test_per_structure_batches_hold_all_counts_of_each_structure() -> None:

@@ -39,12 +39,17 @@ def test_semi_hard_by_hand() -> None:
 
 
 def test_anchors_without_positive_or_negative_are_skipped() -> None:
+    """With a margin large enough that every counted anchor is active, the mean shows which were counted."""
     x = torch.tensor([[0.0], [1.0], [5.0]])
-    # class 1 has one member: only anchors 0 and 1 count: d_p 1, d_n 5 and 4 -> max(1-5+2,0)=0, max(1-4+2,0)=0
-    loss, _ = triplet_loss(x, torch.tensor([0, 0, 1]), alpha=2.0)
-    assert loss.item() == 0.0
-    loss, _ = triplet_loss(x, torch.tensor([0, 0, 0]), alpha=1.0)  # no negatives at all
-    assert loss.item() == 0.0
+    # batch-hard: anchor 2 has no positive; anchors 0 and 1 give 1-5+10 = 6 and 1-4+10 = 7 (with anchor 2: 6.33)
+    loss, _ = triplet_loss(x, torch.tensor([0, 0, 1]), alpha=10.0)
+    assert loss.item() == pytest.approx(6.5)
+    # semi-hard, negatives kept to the anchor's group: anchor 3 (alone in group 1) has none, so the pair (3, 2)
+    # is skipped; (0,1), (1,0), (2,3) give 6, 7, 7 (counting (3, 2) would make the loss infinite)
+    x = torch.tensor([[0.0], [1.0], [5.0], [6.0]])
+    labels, groups = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 0, 0, 1])
+    loss, _ = triplet_loss(x, labels, alpha=10.0, mining="semi-hard", groups=groups)
+    assert loss.item() == pytest.approx(20 / 3)
 
 
 @pytest.mark.parametrize("mining", ["batch-hard", "semi-hard"])

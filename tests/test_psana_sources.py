@@ -75,7 +75,9 @@ def test_xtc2_file_gives_every_event_with_identity_truth_and_pixels(tmp_path: Pa
     assert leftovers() == []
 
 
-def test_a_reader_closed_from_two_threads_at_once_stops_its_child_once(tmp_path: Path) -> None:
+def test_a_reader_closed_from_two_threads_at_once_stops_its_child_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The service closes its source while the pipeline's reader thread may be stopping the same child (a
     worker that failed): each must find the child stopped, neither fail nor schedule a restart."""
     import threading
@@ -85,7 +87,10 @@ def test_a_reader_closed_from_two_threads_at_once_stops_its_child_once(tmp_path:
     source.open()
     frames = source.frames()
     assert isinstance(next(f for f in frames if f is not None), Frame)
-    barrier, errors = threading.Barrier(4), []
+    barrier, errors, cleanups = threading.Barrier(4), [], []
+    reader = source._reader
+    clean_up = reader._clean_up
+    monkeypatch.setattr(reader, "_clean_up", lambda *args: (cleanups.append(args), clean_up(*args)))
 
     def close() -> None:
         barrier.wait()
@@ -99,8 +104,8 @@ def test_a_reader_closed_from_two_threads_at_once_stops_its_child_once(tmp_path:
         t.start()
     for t in threads:
         t.join(30)
-    assert not any(t.is_alive() for t in threads) and errors == []
-    reader = source._reader  # what frames() does when it finds its child gone after the close
+    assert not any(t.is_alive() for t in threads) and errors == [] and len(cleanups) == 1
+    # what frames() does when it finds its child gone after the close
     reader._schedule_restart("exited (code 0)")
     assert reader.restarts == 0 and reader._restart_at is None  # a closed source restarts nothing
     assert leftovers() == []
@@ -413,6 +418,7 @@ def test_a_server_of_the_same_run_served_again_is_numbered_on(tmp_path: Path, se
         source.close()
     events = [f.event.event for f in frames]
     assert events == list(range(len(frames))), events
+    assert source.restarts == 0  # psana's own reconnection, not the watchdog's restart, was tested
     assert leftovers() == []
 
 
@@ -466,14 +472,15 @@ def test_the_service_leaves_a_core_to_each_process_reading_the_source(tmp_path: 
     write_run(tmp_path / "r.xtc2", 2, (16, 16), run=5)
     xtc = exp_layout(tmp_path / "r.xtc2", tmp_path / "xtc", "tstx00001", 5)
     cores = len(os.sched_getaffinity(0))
-    uris = {
-        "sim:?rate=0": cores,
-        f"xtc2:{tmp_path / 'r.xtc2'}?det=cam": max(1, cores - 1),
-        f"exp:tstx00001:5?dir={xtc}&det=cam&ranks=3": max(1, cores - 3),
+    readers = {
+        "sim:?rate=0": 0,
+        f"xtc2:{tmp_path / 'r.xtc2'}?det=cam": 1,
+        f"exp:tstx00001:5?dir={xtc}&det=cam&ranks=3": 3,
     }
-    for uri, threads in uris.items():
+    for uri, n in readers.items():
         source = open_source(uri, settings())  # built, not opened: nothing runs yet
-        assert service_threads(settings(), source) == threads, uri
+        assert getattr(source, "reader_processes", 0) == n, uri  # sim reads in the service's own process
+        assert service_threads(settings(), source) == max(1, cores - n), uri
         assert service_threads(ServeSettings(threads=3), source) == 3
 
 

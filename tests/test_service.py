@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -172,8 +173,13 @@ def test_batcher_waits_for_company_then_goes() -> None:
     q: queue.Queue[int | None] = queue.Queue()
     b = Batcher(q, max_size=4, max_wait_s=5.0)
     q.put(1)
-    threading.Timer(0.05, q.put, args=(2,)).start()
-    threading.Timer(0.1, q.put, args=(None,)).start()
+
+    def later() -> None:  # one thread: the frame comes before the end, however loaded the machine
+        time.sleep(0.05)
+        q.put(2)
+        q.put(None)
+
+    threading.Thread(target=later).start()
     assert b.next(1.0) == [1, 2]  # the second came within the wait; the end closed the batch
     assert b.ended
     assert Batcher(queue.Queue(), 4, 0.0).next(0.01) == []  # idle: nothing, not ended

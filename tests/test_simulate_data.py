@@ -6,6 +6,7 @@ import gzip
 import math
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import gemmi
@@ -24,9 +25,12 @@ from lcls_hitfinder.simulate.volume import BodyVolume
 
 
 @pytest.fixture(autouse=True)
-def _volume_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+def _volume_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setenv("LCLS_HITFINDER_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)  # not left to the tests of other modules
 
 
 def _small(**kw: object) -> SimulateSettings:
@@ -70,8 +74,10 @@ def test_a_damaged_cached_volume_is_built_again(tmp_path: Path, monkeypatch: pyt
     s = _small(structures=["procedural:3,5,C1"])
     first = PatternGenerator(s, seed=1).generate(4).images
     for damage in (lambda b: b[:1000], lambda b: b""):  # a truncated file, an empty one
-        for cached in tmp_path.rglob("*.npz"):
-            cached.write_bytes(damage(cached.read_bytes()))
+        cached = list(tmp_path.rglob("*.npz"))
+        assert cached  # the volume was cached where the test damages it
+        for path in cached:
+            path.write_bytes(damage(path.read_bytes()))
         np.testing.assert_array_equal(PatternGenerator(s, seed=1).generate(4).images, first)
 
 
@@ -262,11 +268,15 @@ def test_uniform_bodies_agree_with_the_sphere() -> None:
 
 
 def test_a_pr772_like_capsid_is_built_at_residue_density() -> None:
-    """Heavier beads than residues put a granular floor and lattice peaks at high q: none up to R = 35 nm."""
+    """Heavier beads than residues put a granular floor and lattice peaks at high q: up to R = 35 nm each bead
+    is one residue (weight 1 in the shell, 0.8 in the core), one per 0.135 nm³ of the icosahedron."""
     capsid = load_structure("capsid:35")
     assert isinstance(capsid, AtomModel)
     weights = capsid.groups[0].weights
     assert weights.max() == pytest.approx(1.0) and weights.min() == pytest.approx(0.8)  # shell, core
+    edge = 4 * 35 / np.sqrt(10 + 2 * np.sqrt(5))  # of the icosahedron of circumradius 35 nm
+    volume = 5 / 12 * (3 + np.sqrt(5)) * edge**3
+    assert len(weights) == pytest.approx(volume / 0.135, rel=0.01)
 
 
 def test_capsid_is_an_icosahedral_shell_around_a_lighter_core() -> None:
