@@ -11,17 +11,20 @@ def test_empty_config_gives_defaults() -> None:
     assert load_config() == HitfinderConfig()
 
 
-def test_unknown_key_is_named(tmp_path: Path) -> None:
-    f = tmp_path / "c.toml"
-    f.write_text("[serve]\nnot_a_key = 3\n")
-    with pytest.raises(UserError, match=r"serve\.not_a_key: unknown key"):
-        load_config(f)
-
-
-def test_unknown_section_is_named(tmp_path: Path) -> None:
-    f = tmp_path / "c.yaml"
-    f.write_text("servee: {}\n")
-    with pytest.raises(UserError, match="servee: unknown key"):
+@pytest.mark.parametrize(
+    ("text", "name", "message"),
+    [
+        ("[serve]\nnot_a_key = 3\n", "c.toml", r"serve\.not_a_key: unknown key"),
+        ("servee: {}\n", "c.yaml", "servee: unknown key"),
+        ("[serve.batch]\nmax_sise = 64\n", "c.toml", r"serve\.batch\.max_sise: unknown key"),
+        ("[serve]\nthreads = 100000\n", "c.toml", r"serve\.threads: Input should be less than or equal to 256"),
+        ("[serve.batch]\nmax_size = 0\n", "c.toml", r"serve\.batch\.max_size: Input should be greater than"),
+    ],
+)
+def test_a_bad_key_or_value_is_named(tmp_path: Path, text: str, name: str, message: str) -> None:
+    f = tmp_path / name
+    f.write_text(text)
+    with pytest.raises(UserError, match=message):
         load_config(f)
 
 
