@@ -152,13 +152,25 @@ def test_compose_wiring() -> None:
     assert set(services) == {"hitfinder", "prometheus", "grafana"}
     build = services["hitfinder"]["build"]
     assert (DOCKER / build["context"] / build["dockerfile"]).is_file()
-    # Prometheus lives in the service's network namespace, so deploy/prometheus's 127.0.0.1:9108 target works
-    assert services["prometheus"]["network_mode"] == "service:hitfinder"
-    scrape = yaml.safe_load((REPO / "deploy/prometheus/prometheus.yml").read_text())["scrape_configs"]
-    assert scrape[0]["static_configs"][0]["targets"] == ["127.0.0.1:9108"]
+    # Prometheus on the compose network (not in the service's namespace, which a restart of the service replaces):
+    # the node's config and rules, with the targets file of compose mounted over the node's
+    assert "network_mode" not in services["prometheus"]
+    (job,) = yaml.safe_load((REPO / "deploy/prometheus/prometheus.yml").read_text())["scrape_configs"]
+    assert job["file_sd_configs"] == [{"files": ["targets/*.yml"]}]
+
+    def targets(path: Path) -> list[str]:
+        return [t for group in yaml.safe_load(path.read_text()) for t in group["targets"]]
+
+    assert targets(REPO / "deploy/prometheus/targets/hitfinder.yml") == ["127.0.0.1:9108"]
+    assert targets(DOCKER / "prometheus-targets/hitfinder.yml") == ["hitfinder:9108"]
+    mounts = dict(v.split(":")[:2] for v in services["prometheus"]["volumes"])
+    assert mounts["../deploy/prometheus"] == "/etc/prometheus"
+    assert mounts["../docker/prometheus-targets"] == "/etc/prometheus/targets"
+    serve = tomllib.loads((DOCKER / "serve.toml").read_text())["serve"]
+    assert serve["metrics"]["host"] == "0.0.0.0" and "9108" not in str(services["hitfinder"]["ports"])
     assert "--web.listen-address=0.0.0.0:9090" in services["prometheus"]["command"]
-    assert services["grafana"]["environment"]["PROMETHEUS_URL"] == "http://hitfinder:9090"
-    assert "127.0.0.1:9090:9090" in services["hitfinder"]["ports"]
+    assert services["grafana"]["environment"]["PROMETHEUS_URL"] == "http://prometheus:9090"
+    assert "127.0.0.1:9090:9090" in services["prometheus"]["ports"]
     assert "127.0.0.1:5556:5556" in services["hitfinder"]["ports"]
     for name, service in services.items():
         for volume in service.get("volumes", []):
@@ -188,9 +200,10 @@ def test_example_configs_load(path: Path) -> None:
     settings = load_config(path).serve
     parse_uri(settings.source)
     assert settings.publish.endpoint == "tcp://0.0.0.0:5556"  # users' scripts subscribe from elsewhere
-    assert settings.metrics.host == "127.0.0.1"  # Prometheus is beside the service
     # the systemd node runs from its checkout's models/; an image has the shipped ones as package data
     in_image = path.parent.name == "docker"
+    # Prometheus beside the service on a node; in compose on the compose network (the port is not published)
+    assert settings.metrics.host == ("0.0.0.0" if in_image else "127.0.0.1")
     assert (settings.model is None, settings.bank is None) == (in_image, in_image)
 
 

@@ -76,6 +76,15 @@ def test_every_alert_is_unit_tested_and_documented() -> None:
         assert rule["labels"]["severity"] in {"warning", "critical"}
 
 
+def test_the_latency_budget_is_an_edge_of_the_latency_buckets() -> None:
+    """Within a bucket histogram_quantile interpolates: a budget inside one (20 ms in (10, 25] ms) read a p99
+    of 11 ms as 22 ms and raised the alert."""
+    from lcls_hitfinder.service.metrics import STAGE_BUCKETS
+
+    budget = next(r for r in rules() if r.get("record") == "hitfinder:threshold:latency_p99_seconds")
+    assert float(budget["expr"].removeprefix("vector(").removesuffix(")")) in STAGE_BUCKETS
+
+
 def test_every_series_in_rules_and_dashboards_exists() -> None:
     """No invented names: each series read is exported by the service (metrics.py) or recorded by a rule."""
     known = exported_series() | recorded_series() | {"up"}
