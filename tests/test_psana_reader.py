@@ -281,11 +281,13 @@ def test_a_reader_behind_the_service_bins_frames_itself_as_the_service_would(tol
             reader.bin_at_reader(binning)
         reader.start(wait_ready_s=30)
         if told == "once the data is open":
-            time.sleep(0.5)  # a reader that did not wait for its go would have sent every frame whole by now
+            time.sleep(0.5)  # time for a reader that did not wait for its go to read
             reader.bin_at_reader(binning)
+        go_ns = time.perf_counter_ns()  # the go goes with the first iteration of frames(), after this
         frames, _ = _collect(reader)
     finally:
         reader.close()
+    assert all(f.read_ns > go_ns for f in frames)  # read after the go (perf_counter: one clock for all processes)
     sent = _mixed_frames()
     assert [f.event.event for f in frames] == list(range(len(sent)))
     # the first two go whole (the service is not behind yet), then all of the 16 x 16 numeric ones are binned
