@@ -77,7 +77,9 @@ def test_a_wrong_kind_of_path_is_refused_before_any_work(args: list[str], messag
 )
 def test_counts_out_of_range_are_usage_errors(args: list[str]) -> None:
     result = runner.invoke(app, args)
+    option = args[-2]
     assert result.exit_code == 2 and "Invalid value" in result.output, result.output
+    assert f"'{option}'" in " ".join(result.output.replace("│", " ").split()), result.output  # the one out of range
 
 
 def test_listen_refuses_an_endpoint_that_is_not_one_and_says_when_nothing_came() -> None:

@@ -67,25 +67,24 @@ def test_bad_uris_are_one_line_user_errors(uri: str, message: str) -> None:
     assert "\n" not in str(err.value)
 
 
-def test_source_parameters_are_checked_and_converted(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match=r"unknown parameter.*colour"):
-        open_source("sim:?colour=red", ServeSettings())
-    with pytest.raises(UserError, match="rate='fast' is not a valid float"):
-        open_source("sim:?rate=fast", ServeSettings())
-    with pytest.raises(UserError, match="rate=-5 must be at least 0"):
-        open_source("sim:?rate=-5", ServeSettings())
-    with pytest.raises(UserError, match="rate=nan must be a finite number"):
-        open_source("sim:?rate=nan", ServeSettings())
-    with pytest.raises(UserError, match="experiment= is empty"):  # it names the run and its decision log
-        open_source("sim:?experiment=", ServeSettings())
-    with pytest.raises(UserError, match="seed=-1 must be at least 0"):  # not a numpy traceback at the first event
-        open_source("sim:?seed=-1", ServeSettings())
-    with pytest.raises(UserError, match=re.escape("sim: takes its parameters after '?' (sim:?rate=0&n=5)")):
-        open_source("sim:rate=0&n=5", ServeSettings())  # not a stream at the defaults, forever
-    with pytest.raises(UserError, match="repeat=-1 must be at least 0"):
-        open_source(f"h5:{tmp_path / 'x.h5'}?repeat=-1", ServeSettings())
-    with pytest.raises(UserError, match="no such file"):
-        open_source(f"h5:{tmp_path / 'missing.h5'}", ServeSettings()).open()
+@pytest.mark.parametrize(
+    ("uri", "message"),
+    [
+        ("sim:?colour=red", r"unknown parameter.*colour"),
+        ("sim:?rate=fast", "rate='fast' is not a valid float"),
+        ("sim:?rate=-5", "rate=-5 must be at least 0"),
+        ("sim:?rate=nan", "rate=nan must be a finite number"),
+        ("sim:?experiment=", "experiment= is empty"),  # it names the run and its decision log
+        ("sim:?seed=-1", "seed=-1 must be at least 0"),  # not a numpy traceback at the first event
+        ("sim:rate=0&n=5", re.escape("sim: takes its parameters after '?' (sim:?rate=0&n=5)")),  # not the defaults
+        ("h5:{tmp}/x.h5?repeat=-1", "repeat=-1 must be at least 0"),
+        ("h5:{tmp}/missing.h5", "no such file"),
+    ],
+)
+def test_source_parameters_are_checked_and_converted(tmp_path: Path, uri: str, message: str) -> None:
+    with pytest.raises(UserError, match=message) as err:
+        open_source(uri.format(tmp=tmp_path), ServeSettings()).open()
+    assert "\n" not in str(err.value)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="asks for CUDA where there is none")
