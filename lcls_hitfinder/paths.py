@@ -4,6 +4,7 @@ traceback after minutes of simulating, training or evaluating."""
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 from lcls_hitfinder.errors import UserError
@@ -22,10 +23,14 @@ def apart(first: Path, second: Path, why: str) -> None:
         raise UserError(why)
 
 
-def output_file(path: Path, what: str) -> Path:
-    """A file to write: not a directory, in a directory that exists or can be made."""
+def output_file(path: Path, what: str, reads: Mapping[str, Path | None] | None = None) -> Path:
+    """A file to write: not a directory, in a directory that exists or can be made, and none of the files the
+    command reads (`reads`: option -> path), which writing would destroy before or while they are read."""
     if path.is_dir():
         raise UserError(f"{what} {path} is a directory, not a file")
+    for option, read in (reads or {}).items():
+        if read is not None:
+            apart(path, read, f"the {what} to write, {path}, is the {option} file the command reads")
     _make_dir(path.parent, what)
     return path
 

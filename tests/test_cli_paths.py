@@ -67,6 +67,49 @@ def test_a_wrong_kind_of_path_is_refused_before_any_work(args: list[str], messag
 
 
 @pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["xtc2", "{d}/a_file.h5", "--out", "{d}/a_file.h5"],
+            "the XTC2 file to write, {d}/a_file.h5, is the DATA file",
+        ),
+        (
+            ["bank", "build", "--model", "{d}/m.onnx", "--data", "{d}/a_file.h5", "--out", "{d}/a_file.h5"],
+            "the bank to write, {d}/a_file.h5, is the --data file",
+        ),
+        (
+            ["bank", "build", "--model", "{d}/m.onnx", "--data", "{d}/a_file.h5", "--out", "{d}/m.onnx"],
+            "the bank to write, {d}/m.onnx, is the --model file",
+        ),
+        (
+            ["classify", "--model", "{d}/m.onnx", "--bank", "{b}", "--data", "{d}/a_file.h5", "--out", "{d}/m.onnx"],
+            "the CSV to write, {d}/m.onnx, is the --model file",
+        ),
+        (
+            ["classify", "--model", "{m}", "--bank", "{b}", "--data", "{d}/a_file.h5", "--out", "{d}/./a_file.h5"],
+            "the CSV to write, {d}/a_file.h5, is the --data file",
+        ),
+        (
+            ["bank", "pick", "--source", "h5:{d}/a_file.h5", "--picks", "{d}/p.csv", "--out", "{d}/p.csv"],
+            "the reference file to write, {d}/p.csv, is the --picks file",
+        ),
+        (["show", "{d}/a_file.h5", "--out", "{d}/grid"], "--out {d}/grid must end in .png"),
+    ],
+)
+def test_an_output_that_is_an_input_is_refused_and_both_stay(args: list[str], message: str, made: Path) -> None:
+    """Writing would destroy what the command reads (xtc2 used to empty its dataset, then fail)."""
+    for name in ("m.onnx", "p.csv"):
+        (made / name).write_text(name)
+
+    def fill(text: str) -> str:
+        return text.format(d=made, m=MODEL, b=BANK)
+
+    assert _refusal([fill(a) for a in args]).startswith(fill(message))
+    assert (made / "m.onnx").read_text() == "m.onnx" and (made / "p.csv").read_text() == "p.csv"
+    assert (made / "a_file.h5").read_text() == ""
+
+
+@pytest.mark.parametrize(
     "args",
     [
         ["bank", "build", "--model", str(MODEL), "--data", "x.h5", "--out", "b.h5", "--k", "0"],

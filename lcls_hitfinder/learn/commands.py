@@ -186,7 +186,7 @@ def bank_build(
         raise UserError(f"--method must be knn or prototype, not {method!r}")
     if not 0 < target_precision <= 1:
         raise UserError("--target-precision must be in (0, 1]")
-    output_file(out, "bank")
+    output_file(out, "bank", {"--model": model, "--data": data, "--calibrate": calibrate})
     if calibrate is not None:
         apart(
             calibrate,
@@ -253,7 +253,7 @@ def bank_pick(
     from lcls_hitfinder.service.pick import pick_references, read_picks
     from lcls_hitfinder.service.sources import open_source, parse_uri
 
-    output_file(out, "reference file")
+    output_file(out, "reference file", {"--picks": picks, "--config": config})
     wanted = read_picks(existing(picks, "picks file"))
     settings = load_config(config, {"serve.source": source}).serve
     uri = parse_uri(settings.source)
@@ -342,7 +342,7 @@ def classify(
     from lcls_hitfinder.labels import Label
     from lcls_hitfinder.learn.infer import embed_frames
 
-    output_file(out, "CSV")
+    output_file(out, "CSV", {"--model": model, "--bank": bank, "--data": data, "--config": config})
     serve = load_config(config).serve
     calibration = serve.calibration if "calibration" in serve.model_fields_set else None
     embedder, ref_bank = _model_and_bank(model, bank)

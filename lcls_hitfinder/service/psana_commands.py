@@ -39,7 +39,7 @@ def xtc2(
     from lcls_hitfinder.dataset import Dataset
     from lcls_hitfinder.service.sources.xtc2_writer import constants_path, dataset_to_xtc2, exp_layout
 
-    output_file(out, "XTC2 file")
+    output_file(out, "XTC2 file", {"DATA": data})
     with Dataset(existing(data, "dataset")) as ds:
         n, recorded = len(ds), ds.calibration
     columns = (TextColumn("writing XTC2"), BarColumn(), MofNCompleteColumn())

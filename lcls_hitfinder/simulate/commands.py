@@ -12,7 +12,7 @@ import numpy as np
 import typer
 
 from lcls_hitfinder.errors import UserError
-from lcls_hitfinder.paths import existing, output_file
+from lcls_hitfinder.paths import apart, existing, output_file
 
 
 def parse_particles(text: str) -> dict[int, float]:
@@ -81,7 +81,7 @@ def simulate(
 
     if photons_per_pattern is not None and fluence is not None:
         raise UserError("give --photons-per-pattern or --fluence, not both")
-    output_file(out, "dataset")
+    output_file(out, "dataset", {"--config": config})
     overrides: dict[str, Any] = {
         "simulate.structures": structure or None,
         "simulate.n": n,
@@ -127,7 +127,7 @@ def show(
     per_count: Annotated[
         bool, typer.Option("--per-count/--first", help="spread the picks over particle counts, or the first n")
     ] = True,
-    ncols: Annotated[int | None, typer.Option(help="columns of the grid (default: n, at most 6)")] = None,
+    ncols: Annotated[int | None, typer.Option(min=1, help="columns of the grid (default: n, at most 6)")] = None,
     linear: Annotated[bool, typer.Option(help="linear colour scale instead of log")] = False,
 ) -> None:
     """Render a labelled grid of patterns (log scale, masked pixels black) to PNG."""
@@ -138,6 +138,12 @@ def show(
         raise UserError("--n must be at least 1")
     for path in data:
         existing(path, "dataset")
+    target = out or data[0].with_suffix(".png")
+    if target.suffix.lower() != ".png":
+        raise UserError(f"--out {target} must end in .png")
+    output_file(target, "PNG")
+    for path in data:
+        apart(target, path, f"--out {target} is the dataset {path}, which it would overwrite")
     images: list[np.ndarray] = []
     titles: list[str] = []
     for path in data:
@@ -152,7 +158,6 @@ def show(
                 f"{k} particle{'s' if k != 1 else ''} · {p:.2g} ph\n{s or 'blank'} #{i}"
                 for i, k, s, p in zip(index, counts, structures, photons, strict=True)
             ]
-    target = output_file(out or data[0].with_suffix(".png"), "PNG")
     pattern_grid(images, titles, target, ncols=ncols or min(n, 6), log=not linear)
     print(target)
 
