@@ -30,15 +30,34 @@ class HitfinderConfig(BaseModel):
     serve: ServeSettings = Field(default_factory=ServeSettings)
 
 
+class _StrictYamlLoader(yaml.SafeLoader):
+    """A key given twice is an error, as in TOML, rather than the last one silently winning."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_FORMATS = {".toml": "TOML", ".yaml": "YAML", ".yml": "YAML"}
+
+
 def _read(path: Path) -> dict[str, Any]:
+    kind = _FORMATS.get(path.suffix.lower())
+    if kind is None:
+        raise UserError(f"config {path}: give a .toml, .yaml or .yml file (the suffix says which)")
     try:
         text = path.read_text()
     except OSError as err:
         raise UserError(f"cannot read config {path}: {err.strerror or err}") from None
     try:
-        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+        data = tomllib.loads(text) if kind == "TOML" else yaml.load(text, Loader=_StrictYamlLoader)
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as err:
-        raise UserError(f"config {path} is not valid {'TOML' if path.suffix == '.toml' else 'YAML'}: {err}") from None
+        raise UserError(f"config {path} is not valid {kind}: {' '.join(str(err).split())}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -47,11 +66,14 @@ def _read(path: Path) -> dict[str, Any]:
 
 
 def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
-    """data['a']['b'] = value for key 'a.b', creating tables on the way."""
+    """data['a']['b'] = value for key 'a.b', creating tables on the way (also for a section left empty, which
+    YAML reads as null)."""
     *parents, leaf = key.split(".")
     node = data
     for part in parents:
-        node = node.setdefault(part, {})
+        if node.get(part) is None:
+            node[part] = {}
+        node = node[part]
         if not isinstance(node, dict):
             raise UserError(f"config key {key}: {part} is not a table")
     node[leaf] = value

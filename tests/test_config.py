@@ -19,6 +19,12 @@ def test_empty_config_gives_defaults() -> None:
         ("[serve.batch]\nmax_sise = 64\n", "c.toml", r"serve\.batch\.max_sise: unknown key"),
         ("[serve]\nthreads = 100000\n", "c.toml", r"serve\.threads: Input should be less than or equal to 256"),
         ("[serve.batch]\nmax_size = 0\n", "c.toml", r"serve\.batch\.max_size: Input should be greater than"),
+        ("[serve.publish]\nsndhwm = 0\n", "c.toml", r"serve\.publish\.sndhwm: Input should be greater than"),
+        ("[serve]\nmax_events = true\n", "c.toml", r"serve\.max_events: a number is needed here, not true"),
+        ("serve:\n  status_s: true\n", "c.yaml", r"serve\.status_s: a number is needed here, not true"),
+        ("serve:\n  source: a\n  source: b\n", "c.yaml", "not valid YAML: .*key 'source' is given twice"),
+        ("[serve]\n", "c.conf", r"c\.conf: give a \.toml, \.yaml or \.yml file"),
+        ('[serve.publish]\nendpoint = "tcp://*:99999"\n', "c.toml", r"serve\.publish\.endpoint: .*1-65535 or \*"),
     ],
 )
 def test_a_bad_key_or_value_is_named(tmp_path: Path, text: str, name: str, message: str) -> None:
@@ -65,3 +71,20 @@ def test_nan_and_inf_settings_are_config_errors(tmp_path: Path, line: str) -> No
     key = line.split("]")[0].lstrip("[") + "." + line.split("\n")[1].split(" =")[0]
     with pytest.raises(UserError, match=re.escape(key) + ": Input should be a finite number"):
         load_config(f)
+
+
+def test_the_suffix_says_the_format_in_any_case_and_an_empty_section_takes_overrides(tmp_path: Path) -> None:
+    upper = tmp_path / "Serve.TOML"
+    upper.write_text('[serve]\nsource = "sim:?rate=5"\n')
+    assert load_config(upper).serve.source == "sim:?rate=5"
+    empty = tmp_path / "c.yml"
+    empty.write_text("serve:\n  # every key left out\n")  # YAML reads the section as null
+    assert load_config(empty, {"serve.source": "sim:?rate=7"}).serve.source == "sim:?rate=7"
+
+
+def test_a_yaml_error_is_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "c.yaml"
+    bad.write_text("serve:\n  source: [unclosed\n")
+    with pytest.raises(UserError, match="not valid YAML") as err:
+        load_config(bad)
+    assert "\n" not in str(err.value)
