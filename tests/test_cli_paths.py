@@ -130,5 +130,7 @@ def test_listen_refuses_an_endpoint_that_is_not_one_and_says_when_nothing_came()
     bad = subprocess.run([*cli, "127.0.0.1:5556"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and bad.stderr.startswith("lcls-hitfinder: error: cannot subscribe to '127.0.0.1:5556'")
     assert len(bad.stderr.strip().splitlines()) == 1
+    beyond = subprocess.run([*cli, "tcp://127.0.0.1:99999"], capture_output=True, text=True, timeout=60)
+    assert beyond.returncode == 2 and "the port must be 1-65535 or *, not '99999'" in beyond.stderr  # not 34463
     silent = subprocess.run([*cli, "tcp://127.0.0.1:1", "--timeout", "0.3"], capture_output=True, text=True, timeout=60)
     assert silent.returncode == 1 and "no message from tcp://127.0.0.1:1 in 0.3 s" in silent.stderr

@@ -668,6 +668,11 @@ def test_provider_fallback_ends_on_the_cpu(fx: Fixtures, monkeypatch: pytest.Mon
         (["--log-dir", str(REPO / "README.md")], "decision log directory"),  # a file: no run could be logged
         (["--log-dir", "/proc/self"], "cannot write decision log directory in /proc/self"),  # no file goes there
         (["--bank", "/nonexistent/bank.h5"], "bank /nonexistent/bank.h5 does not exist"),
+        pytest.param(
+            ["--device", "cuda", "--source", "sim:?rate=50&n=30"],  # was refused after the simulator had started
+            "serve.device is cuda but torch sees no CUDA device",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="asks for CUDA where there is none"),
+        ),
     ],
 )
 def test_serve_refuses_a_bad_source_in_one_line(fx: Fixtures, tmp_path: Path, args: list[str], message: str) -> None:
@@ -682,6 +687,24 @@ def test_serve_refuses_a_bad_source_in_one_line(fx: Fixtures, tmp_path: Path, ar
     errors = [line for line in proc.stderr.splitlines() if line.startswith("lcls-hitfinder: error:")]
     assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "decisions").exists()  # the default log folder is made only for a service that starts
+    assert "publishing on" not in proc.stderr  # refused before binding
+
+
+def test_serve_switches_the_decision_log_and_metrics_off_from_the_command_line(fx: Fixtures, tmp_path: Path) -> None:
+    """As false does in the config file (a folder named "false" used to be made)."""
+    files = ["--model", str(fx.model), "--bank", str(fx.bank), "--publish", f"tcp://127.0.0.1:{free_port()}"]
+    off = ["--log-dir", "false", "--metrics-port", "off", "--source", "sim:?rate=0&n=5"]
+    proc = subprocess.run(
+        [*LCLS_HITFINDER, "serve", *files, *off],
+        capture_output=True,
+        text=True,
+        timeout=WAIT_S,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "5 decisions" in proc.stderr and "logs: none" in proc.stderr and "metrics on" not in proc.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize(

@@ -66,11 +66,12 @@ def serve(
         str | None, typer.Option(help="ZeroMQ endpoint to bind (default tcp://127.0.0.1:5556; tcp://0.0.0.0:5556: all)")
     ] = None,
     metrics_port: Annotated[
-        int | None, typer.Option(help="HTTP port of /metrics for Prometheus (default 9108; 0: any free one)")
+        str | None,
+        typer.Option(help="HTTP port of /metrics for Prometheus (default 9108; 0: any free one; false: none)"),
     ] = None,
     max_events: Annotated[int | None, typer.Option(help="stop after this many events")] = None,
     log_dir: Annotated[
-        Path | None, typer.Option(help="folder of the per-run decision logs (default ./decisions)")
+        str | None, typer.Option(help="folder of the per-run decision logs (default ./decisions; false: none)")
     ] = None,
     device: Annotated[str | None, typer.Option(help="where preprocessing runs: auto, cpu or cuda")] = None,
 ) -> None:
@@ -82,14 +83,19 @@ def serve(
     """
     from lcls_hitfinder.config import load_config
 
+    def off(value: str | None) -> str | bool | None:  # as false in the config file switches it off
+        return False if value is not None and value.lower() in ("false", "off", "none") else value
+
+    if log_dir == "":
+        raise UserError("--log-dir is empty: give a folder, or false for no decision log")
     overrides: dict[str, Any] = {
         "serve.source": source,
         "serve.model": model,
         "serve.bank": bank,
         "serve.publish.endpoint": publish,
-        "serve.metrics.port": metrics_port,
+        "serve.metrics.port": off(metrics_port),
         "serve.max_events": max_events,
-        "serve.log_dir": log_dir,
+        "serve.log_dir": off(log_dir),
         "serve.device": device,
     }
     settings = load_config(config, {k: str(v) if isinstance(v, Path) else v for k, v in overrides.items()}).serve
@@ -102,6 +108,7 @@ def run_service(settings: ServeSettings) -> int:
     """Start-up in the order that keeps subscribers and operators informed, then serve until done."""
     import torch
 
+    from lcls_hitfinder.devices import resolve_device
     from lcls_hitfinder.service.bank_reload import ReloadingBank
     from lcls_hitfinder.service.embedder import OnnxEmbedder
     from lcls_hitfinder.service.metrics import ServiceMetrics
@@ -110,11 +117,16 @@ def run_service(settings: ServeSettings) -> int:
     from lcls_hitfinder.service.sources import open_source, parse_uri
     from lcls_hitfinder.service.sources.h5 import recorded_calibration
 
-    uri = parse_uri(settings.source)  # a URI of an unknown kind fails before anything is bound or loaded
-    if settings.log_dir is not None:  # and a log folder that cannot be, rather than every run without its log
-        output_dir(settings.log_dir, "decision log directory")
+    # What can be refused is refused before anything is bound, loaded or made: the source URI and its parameters
+    # (the source is built, not opened: nothing runs yet), a GPU that is not there, missing files, and a log
+    # folder that cannot be (rather than every run without its log).
+    uri = parse_uri(settings.source)
+    resolve_device(settings.device, "serve.device")
     model_path = existing(settings.model, "model") if settings.model else shipped_file("embedder.onnx")
     bank_path = existing(settings.bank, "bank") if settings.bank else shipped_file("bank.h5")
+    src = open_source(uri, settings)
+    if settings.log_dir is not None:
+        output_dir(settings.log_dir, "decision log directory")
     # Bind first: subscribers connect while the model and the source are still loading.
     publisher = ZmqPublisher(settings.publish.endpoint, settings.publish.sndhwm)
     metrics = ServiceMetrics()
@@ -131,7 +143,6 @@ def run_service(settings: ServeSettings) -> int:
 
     signal.signal(signal.SIGINT, on_early_stop)
     signal.signal(signal.SIGTERM, on_early_stop)
-    src = None
     try:
         if settings.metrics.port is not None:
             try:
@@ -141,7 +152,6 @@ def run_service(settings: ServeSettings) -> int:
                     f"cannot serve metrics on {settings.metrics.host}:{settings.metrics.port}: {err}"
                 ) from None
             log.info("metrics on http://%s:%d/metrics", settings.metrics.host, port)
-        src = open_source(uri, settings)
         threads = service_threads(settings, src)
         torch.set_num_threads(threads)
         embedder = OnnxEmbedder(model_path, settings.providers, settings.batch.max_size, threads)
@@ -149,16 +159,15 @@ def run_service(settings: ServeSettings) -> int:
         if not stop_asked.is_set():
             src.open(stop_asked)
         settings = recorded_calibration(settings, src)
+        pipeline = Pipeline(settings, src, embedder, reloading_bank, publisher, metrics)
     except KeyboardInterrupt as why:  # the second stop: what was started dies with the process (readers do)
         publisher.close()
         log.warning("%s while starting: quitting at once", why)
         return 130
     except BaseException:
-        if src is not None:  # a reader that failed to open is not left running
-            src.close()
+        src.close()  # a reader that failed to open is not left running, nor a simulator thread
         publisher.close()
         raise
-    pipeline = Pipeline(settings, src, embedder, reloading_bank, publisher, metrics)
 
     def on_stop(signum: int, _frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
@@ -256,11 +265,16 @@ def listen(
 
     from lcls_hitfinder.service.client import DecisionClient
     from lcls_hitfinder.service.messages import DECISION, TOPICS
+    from lcls_hitfinder.service.settings import tcp_port_checked
 
     topics = tuple(topic or TOPICS)
     unknown = set(topics) - set(TOPICS)
     if unknown:
         raise UserError(f"unknown topic(s) {', '.join(sorted(unknown))}; use {', '.join(TOPICS)}")
+    try:
+        tcp_port_checked(endpoint)
+    except ValueError as err:
+        raise UserError(f"cannot subscribe to {err}") from None
     decisions = messages = 0
     try:
         client = DecisionClient(endpoint, topics, timeout_s=timeout)

@@ -41,9 +41,19 @@ class PrefilterSettings(Section):
     min_photons: float = Field(50.0, ge=0, description="fewer photons in total than this: blank")
 
 
+def tcp_port_checked(endpoint: str) -> str:
+    """A tcp:// endpoint's port must be one (1-65535, or * for any free one): ZeroMQ takes 99999 as 34463."""
+    if endpoint.startswith("tcp://"):
+        port = endpoint.rpartition(":")[2]
+        if port != "*" and not (port.isdigit() and 0 < int(port) < 65536):
+            raise ValueError(f"{endpoint}: the port must be 1-65535 or *, not {port!r}")
+    return endpoint
+
+
 class PublishSettings(Section):
     endpoint: str = Field("tcp://127.0.0.1:5556", description="ZeroMQ endpoint the PUB socket binds")
-    sndhwm: int = Field(100_000, ge=0, description="messages queued per subscriber before ZeroMQ drops")
+    _port = field_validator("endpoint")(tcp_port_checked)
+    sndhwm: int = Field(100_000, ge=1, description="messages queued per subscriber before ZeroMQ drops")
     heartbeat_s: float = Field(1.0, gt=0, description="seconds between heartbeat messages")
     wait_for_subscriber_s: float = Field(
         0.0, ge=0, description="at start-up, wait up to this long for a first subscriber before reading"

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.frame_file import FrameFile
 from lcls_hitfinder.preprocess import PhotonCalibration
 from lcls_hitfinder.protocols import EventId, Frame, Source
@@ -43,6 +44,8 @@ class H5Source:
         self.run = uri.get("run", int, 0, at_least=0)
         self._data_path: str | None = uri.get("data", str, None)
         self._mask_path = uri.params.get("mask")
+        if not self.path.exists():  # refused before the service binds or makes anything; the rest when it opens
+            raise UserError(f"source {self.uri}: no such file {self.path}")
         self.frame_shape: tuple[int, ...] | None = None
         self.mask: np.ndarray | None = None
         self.calibration: PhotonCalibration | None = None  # a dataset's own, when it holds ADU
