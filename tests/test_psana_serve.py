@@ -62,7 +62,7 @@ def serve_config(path: Path, tiny: Model, source: str, endpoint: str, **extra: A
         "source": source,
         "model": str(tiny.model),
         "bank": str(tiny.bank),
-        "prefilter": {"kind": "none"},  # classify has no prefilter: compare the model's answers
+        "prefilter": {"kind": "none"},  # every event through the model (one test sets the default's)
         "log_dir": str(path.parent / "logs"),
         "publish": {"endpoint": endpoint, "wait_for_subscriber_s": WAIT_S, "heartbeat_s": 0.2},
         "metrics": {"port": None},
@@ -85,13 +85,17 @@ def processes() -> Iterator[list[subprocess.Popen[str] | ShmemServer]]:
             p.wait()
 
 
-@pytest.mark.parametrize(("mode", "binning"), [("xtc2", "never"), ("xtc2", "always"), ("exp-mpi", "always")])
+@pytest.mark.parametrize(
+    ("mode", "binning", "prefilter"),
+    [("xtc2", "never", "none"), ("xtc2", "always", "none"), ("exp-mpi", "always", "none"), ("xtc2", "never", "lit")],
+)
 def test_xtc2_run_through_serve_equals_classify(
-    tiny: Model, tmp_path: Path, processes: list[Any], mode: str, binning: str
+    tiny: Model, tmp_path: Path, processes: list[Any], mode: str, binning: str, prefilter: str
 ) -> None:
     """The run as a file, and as an experiment directory read by psana's MPI mode (two big-data ranks handing
     over batches of 4 out of order): the same decisions either way, one per event, seq contiguous; and the
-    same whether the frames cross to the service whole or binned by the reader (each MPI rank its own)."""
+    same whether the frames cross to the service whole or binned by the reader (each MPI rank its own).
+    `classify` with the service's config gives the same labels, its pre-filter's blanks included."""
     data = simulate_dataset(tiny.simulate, tmp_path / "data.h5", n=24, workers=1, progress=False)
     xtc2 = tmp_path / "run.xtc2"
     xtc = tmp_path / "xtc"  # the same run in psana's exp= layout, smalldata included
@@ -109,7 +113,12 @@ def test_xtc2_run_through_serve_equals_classify(
     else:
         assert f"--source 'exp:cxitest23:4?dir={xtc}&det=cam&{constants}'" in made.stdout
         source = f"exp:cxitest23:4?dir={xtc}&det=cam&ranks=4&batch=4&{constants}"
-    config = serve_config(tmp_path / "serve.yaml", tiny, source, endpoint, reader={"bin_in_reader": binning})
+    with Dataset(data) as d:  # a cut that finds some of the hits too dim (the model would have judged them)
+        lit_pixels = ((d.photon_images(np.arange(len(d))) * d.mask) > 0.5).sum((1, 2))
+        cut = int(np.median(lit_pixels[d.n_particles > 0]))
+    lit = {"kind": "lit_pixels", "min_lit_pixels": cut} if prefilter == "lit" else {"kind": "none"}
+    reader = {"bin_in_reader": binning}
+    config = serve_config(tmp_path / "serve.yaml", tiny, source, endpoint, reader=reader, prefilter=lit)
     with DecisionClient(endpoint, (DECISION, RUN), timeout_s=WAIT_S) as client:
         serve = subprocess.Popen(
             [CLI, "serve", "--config", str(config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -138,8 +147,9 @@ def test_xtc2_run_through_serve_equals_classify(
     assert end["events"] == n
 
     csv_out = str(tmp_path / "classify.csv")
+    files = ["--model", str(tiny.model), "--bank", str(tiny.bank), "--data", str(data), "--out", csv_out]
     classified = subprocess.run(
-        [CLI, "classify", "--model", str(tiny.model), "--bank", str(tiny.bank), "--data", str(data), "--out", csv_out],
+        [CLI, "classify", *files, "--config", str(config)],
         capture_output=True,
         text=True,
         timeout=WAIT_S,
@@ -149,8 +159,11 @@ def test_xtc2_run_through_serve_equals_classify(
         offline = list(csv.DictReader(f))
     assert [m["label"] for m in decisions] == [row["label"] for row in offline]
     np.testing.assert_allclose([m["score"] for m in decisions], [float(r["score"]) for r in offline], atol=1e-4)
+    served_distance = [np.nan if m["distance"] is None else m["distance"] for m in decisions]
+    np.testing.assert_allclose(served_distance, [float(r["distance"]) for r in offline], atol=1e-4)  # NaN: none
     assert len({m["label"] for m in decisions}) > 1, "a test where every label is the same proves little"
-    assert leftovers(serve.pid) == []
+    prefiltered = [m["truth_n_particles"] for m in decisions if m["reason"] == "prefilter"]
+    assert (0 < sum(t > 0 for t in prefiltered) < n) if prefilter == "lit" else prefiltered == [], prefiltered
 
 
 def test_sigterm_while_the_source_opens_closes_what_was_started(

@@ -330,7 +330,8 @@ def classify(
         typer.Option(
             "--config",
             "-c",
-            help="the service's config: its \\[serve.calibration] for raw ADU frames (a dataset in ADU brings its own)",
+            help="the service's config: its \\[serve.calibration] for raw ADU frames (a dataset in ADU brings its own) "
+            "and its \\[serve.prefilter]",
         ),
     ] = None,
 ) -> None:
@@ -341,19 +342,22 @@ def classify(
     from lcls_hitfinder.frame_file import FrameFile
     from lcls_hitfinder.labels import Label
     from lcls_hitfinder.learn.infer import embed_frames
+    from lcls_hitfinder.service.binning import Prefilter
 
     output_file(out, "CSV", {"--model": model, "--bank": bank, "--data": data, "--config": config})
     serve = load_config(config).serve
     calibration = serve.calibration if "calibration" in serve.model_fields_set else None
     embedder, ref_bank = _model_and_bank(model, bank)
     with FrameFile(existing(data, "dataset"), f"dataset {data}") as frames:
-        emb, finite = embed_frames(embedder, frames, calibration)
-    # frames with NaN or Inf pixels are errors, as serve labels them
+        emb, finite, blank = embed_frames(embedder, frames, calibration, prefilter=Prefilter(serve.prefilter))
+    # as serve labels them: frames with NaN or Inf pixels are errors, those the pre-filter finds dim are blank
     label, keep = np.full(len(emb), int(Label.ERROR)), np.zeros(len(emb), bool)
     score, distance = np.full(len(emb), np.nan), np.full(len(emb), np.nan)
-    if finite.any():
-        dec = ref_bank.decide(emb[finite])
-        label[finite], keep[finite], score[finite], distance[finite] = dec.label, dec.keep, dec.score, dec.distance
+    label[blank], score[blank] = int(Label.BLANK), -1.0
+    judged = finite & ~blank
+    if judged.any():
+        dec = ref_bank.decide(emb[judged])
+        label[judged], keep[judged], score[judged], distance[judged] = dec.label, dec.keep, dec.score, dec.distance
     with out.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["index", "label", "keep", "score", "distance"])
@@ -362,7 +366,8 @@ def classify(
                 [i, Label(int(label[i])).text, "true" if keep[i] else "false", f"{score[i]:.6f}", f"{distance[i]:.6f}"]
             )
     errors = f", {int((~finite).sum())} errors (NaN or Inf pixels)" if not finite.all() else ""
-    print(f"{out}: {len(label)} patterns, {int(keep.sum())} kept as single hits{errors}")
+    dim = f", {int(blank.sum())} blank by the pre-filter" if blank.any() else ""
+    print(f"{out}: {len(label)} patterns, {int(keep.sum())} kept as single hits{dim}{errors}")
 
 
 def evaluate(

@@ -16,7 +16,7 @@ from lcls_hitfinder.dataset import Dataset
 from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.frame_file import FrameFile
 from lcls_hitfinder.preprocess import PhotonCalibration, Preprocessor
-from lcls_hitfinder.service.binning import all_finite
+from lcls_hitfinder.service.binning import Prefilter, all_finite
 from lcls_hitfinder.service.embedder import OnnxEmbedder
 
 
@@ -25,10 +25,12 @@ def embed_frames(
     data: Dataset | FrameFile,
     calibration: PhotonCalibration | None = None,
     batch: int = 256,
-) -> tuple[np.ndarray, np.ndarray]:
+    prefilter: Prefilter | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Embeddings (N, D) of every pattern, preprocessed for this model with the file's own mask and, for raw
-    frames, `calibration` (the service's), or else the one a dataset in ADU records; and per pattern whether
-    all its pixels were finite (the service's check: the embedding of one that was not is NaN)."""
+    frames, `calibration` (the service's), or else the one a dataset in ADU records; per pattern whether all
+    its pixels were finite (the service's check), and whether `prefilter` (the service's) calls it blank.
+    Patterns that are not finite or are blank by the pre-filter are not embedded: their embedding is NaN."""
     from rich.console import Console
     from rich.progress import track
 
@@ -42,14 +44,20 @@ def embed_frames(
         disable=not console.is_terminal,  # a transient bar leaves only an empty line in a log file
     )
     embeddings = np.full((len(data), embedder.info.embed_dim), np.nan, np.float32)
-    finite = np.ones(len(data), bool)
+    finite, blank = np.ones(len(data), bool), np.zeros(len(data), bool)
     for lo in progress:
         frames = torch.from_numpy(np.ascontiguousarray(data.images(slice(lo, lo + batch))))
         ok = all_finite(frames).numpy() if frames.is_floating_point() else np.ones(len(frames), bool)
         finite[lo : lo + len(frames)] = ok
-        if ok.any():
-            embeddings[lo + np.flatnonzero(ok)] = embedder.embed(pre(frames[torch.from_numpy(ok)]))
-    return embeddings, finite
+        rows = lo + np.flatnonzero(ok)
+        photons = pre.photons(frames[torch.from_numpy(ok)])
+        if prefilter is not None:
+            dim = prefilter.blank(prefilter.measure(photons)).numpy()
+            blank[rows[dim]] = True
+            rows, photons = rows[~dim], photons[torch.from_numpy(~dim)]
+        if len(rows):
+            embeddings[rows] = embedder.embed(pre.thumbnails(photons))
+    return embeddings, finite, blank
 
 
 def embed_dataset(
