@@ -205,6 +205,22 @@ def test_bank_of_another_model_is_refused(data: Path, model: Path, tmp_path: Pat
     args = ["classify", "--model", model, "--bank", tmp_path / "other.h5", "--data", data / "test.h5"]
     result = runner.invoke(app, [str(a) for a in [*args, "--out", tmp_path / "x.csv"]])
     assert isinstance(result.exception, BankMismatch)
+    args = ["evaluate", "--model", model, "--bank", tmp_path / "other.h5", "--data", data / "test.h5"]
+    result = runner.invoke(app, [str(a) for a in [*args, "--report", tmp_path / "rep"]])
+    assert isinstance(result.exception, BankMismatch) and not (tmp_path / "rep").exists()  # no empty report left
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--run", "r", "--model", "m.onnx"], "--run evaluates a CNN baseline on its own"),
+        (["--model", "m.onnx", "--bank", "b.h5", "--per-class", "7"], "--per-class draws each sample's bank from"),
+    ],
+)
+def test_evaluate_refuses_options_it_would_ignore(tmp_path: Path, extra: list[str], message: str) -> None:
+    result = runner.invoke(app, ["evaluate", "--data", "x.h5", "--report", str(tmp_path / "rep"), *extra])
+    assert isinstance(result.exception, UserError) and message in str(result.exception), result.output
+    assert not (tmp_path / "rep").exists()
 
 
 @pytest.mark.parametrize(

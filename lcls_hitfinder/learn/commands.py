@@ -380,22 +380,45 @@ def evaluate(
         typer.Option(help="instead of --bank: labelled references; each structure is judged by its own bank"),
     ] = None,
     per_class: Annotated[
-        int, typer.Option(min=1, help="with --refs: references per particle count and structure")
-    ] = 10,
+        int | None, typer.Option(min=1, help="with --refs: references per particle count and structure (10)")
+    ] = None,
     run: Annotated[Path | None, typer.Option(help="instead of model + bank: a cnn baseline run directory")] = None,
     examples: Annotated[int, typer.Option(min=0, help="patterns in the example grid")] = 24,
 ) -> None:
     """Evaluate model + bank (or a CNN baseline run) on labelled data: metrics, table and plots."""
+    if run is None and (model is None or (bank is None) == (refs is None)):
+        raise UserError("evaluate needs --model and one of --bank or --refs (or --run for a CNN baseline)")
+    if run is not None and (model, bank, refs) != (None, None, None):
+        raise UserError("--run evaluates a CNN baseline on its own: leave out --model, --bank and --refs")
+    if per_class is not None and refs is None:
+        raise UserError("--per-class draws each sample's bank from --refs; a --bank is used as it is")
+    if refs is not None:
+        apart(refs, data, f"--refs {refs} is the file under test: its references would be judged by themselves")
+    existing(data, "dataset")
+    made = not report.exists()
+    output_dir(report, "report directory")  # once the arguments hold: a refused command leaves no folder
+    try:
+        _evaluate_into(report, data, model, bank, refs, per_class or 10, run, examples)
+    except BaseException:
+        if made and not any(report.iterdir()):  # refused on reading the model, the bank or the run
+            report.rmdir()
+        raise
+
+
+def _evaluate_into(
+    report: Path,
+    data: Path,
+    model: Path | None,
+    bank: Path | None,
+    refs: Path | None,
+    per_class: int,
+    run: Path | None,
+    examples: int,
+) -> None:
     import numpy as np
 
     from lcls_hitfinder.evaluate import hit_metrics, markdown_table, pairs_called_single_by_axis, write_report
 
-    if run is None and (model is None or (bank is None) == (refs is None)):
-        raise UserError("evaluate needs --model and one of --bank or --refs (or --run for a CNN baseline)")
-    if refs is not None:
-        apart(refs, data, f"--refs {refs} is the file under test: its references would be judged by themselves")
-    existing(data, "dataset")
-    output_dir(report, "report directory")  # once the arguments hold: a refused command leaves no folder
     if run is not None:
         from lcls_hitfinder.learn.baseline import evaluate_cnn
 
