@@ -148,6 +148,8 @@ class ReferenceBank:
     ) -> ReferenceBank:
         """Read a bank; refuse it (BankMismatch) if it was built for another model or holds embeddings of
         another width, and (UserError) if it does not read as a bank: a bad file never reaches a decision."""
+        if Path(path).is_dir():
+            raise UserError(f"cannot read bank {path}: it is a directory; give a bank file")
         try:
             with h5py.File(path, "r") as f:
                 a = dict(f.attrs)
@@ -161,7 +163,7 @@ class ReferenceBank:
                     threshold=float(a["threshold"]),
                 )
         except (OSError, KeyError, ValueError, TypeError, AttributeError) as err:  # AttributeError: a group
-            raise UserError(f"cannot read bank {path}: {err}") from None
+            raise UserError(f"cannot read bank {path}: {' '.join(str(err).split())}") from None  # one line
         except UserError as err:  # read, but not a bank that can decide
             raise UserError(f"bank {path}: {err}") from None
         if expected_model_hash is not None and bank.model_hash != expected_model_hash:

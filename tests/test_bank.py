@@ -95,25 +95,29 @@ def test_save_load_and_model_check(tmp_path: Path) -> None:
         ReferenceBank.load(tmp_path / "b.h5", expected_model_hash="other")
 
 
-@pytest.mark.parametrize("damage", ["nan", "group", "singles"])
+@pytest.mark.parametrize("damage", ["nan", "group", "singles", "directory"])
 def test_a_bank_that_does_not_read_cleanly_is_refused_in_one_line(tmp_path: Path, damage: str) -> None:
     """What a reload refuses and counts (UserError): NaN embeddings (every decision would be multi), a group
     where a dataset belongs."""
     import h5py
 
-    _bank().save(tmp_path / "b.h5")
-    with h5py.File(tmp_path / "b.h5", "r+") as f:
-        if damage == "nan":
-            f["embeddings"][3] = np.nan
-        elif damage == "singles":
-            f["n_particles"][...] = 1
-        else:
-            del f["structure"]
-            f.create_group("structure")
+    if damage == "directory":
+        (tmp_path / "b.h5").mkdir()
+    else:
+        _bank().save(tmp_path / "b.h5")
+        with h5py.File(tmp_path / "b.h5", "r+") as f:
+            if damage == "nan":
+                f["embeddings"][3] = np.nan
+            elif damage == "singles":
+                f["n_particles"][...] = 1
+            else:
+                del f["structure"]
+                f.create_group("structure")
     message = {
         "nan": "cannot read bank {path}: embeddings must be finite",
         "group": "cannot read bank {path}: .*has no attribute 'asstr'",
         "singles": "bank {path}: a bank needs blank or multi-hit references beside its singles",
+        "directory": "cannot read bank {path}: it is a directory; give a bank file",
     }[damage]
     with pytest.raises(UserError, match="^" + message.format(path=re.escape(str(tmp_path / "b.h5")))) as err:
         ReferenceBank.load(tmp_path / "b.h5", expected_model_hash="abc")

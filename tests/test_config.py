@@ -24,6 +24,7 @@ def test_empty_config_gives_defaults() -> None:
         ("serve:\n  status_s: true\n", "c.yaml", r"serve\.status_s: a number is needed here, not true"),
         ("serve:\n  source: a\n  source: b\n", "c.yaml", "not valid YAML: .*key 'source' is given twice"),
         ("[serve]\n", "c.conf", r"c\.conf: give a \.toml, \.yaml or \.yml file"),
+        ("[serve]\nproviders = []\n", "c.toml", r"serve\.providers: List should have at least 1 item"),
         ('[serve.publish]\nendpoint = "tcp://*:99999"\n', "c.toml", r"serve\.publish\.endpoint: .*1-65535 or \*"),
     ],
 )

@@ -204,8 +204,14 @@ def test_provider_preference_follows_what_the_build_offers() -> None:
     assert select_providers(None, ["AzureExecutionProvider", CPU]) == [CPU]
     assert select_providers(["cuda", "cpu"], gpu_build) == [CUDA, CPU]
     assert select_providers(["tensorrt"], gpu_build) == [TENSORRT, CPU]  # the CPU is always the last resort
-    with pytest.raises(UserError, match="unknown onnxruntime provider 'cdua'"):
-        select_providers(["cdua"], gpu_build)
+    for typo in ("cdua", "FooExecutionProvider", "CudaExecutionProvider"):  # not the CPU in silence
+        with pytest.raises(UserError, match=f"unknown onnxruntime provider '{typo}'"):
+            select_providers([typo], gpu_build)
+
+
+def test_a_provider_the_build_lacks_is_said(caplog: pytest.LogCaptureFixture) -> None:
+    assert select_providers(["cuda"], [CPU]) == [CPU]
+    assert "onnxruntime provider CUDAExecutionProvider is not in this build" in caplog.text
 
 
 # ---- sources ------------------------------------------------------------------------------------------------

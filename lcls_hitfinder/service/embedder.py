@@ -33,14 +33,18 @@ _GPU_PROVIDERS = (TENSORRT, CUDA)
 
 
 def select_providers(preferred: Sequence[str] | None, available: Sequence[str]) -> list[str]:
-    """The preferred providers (full or short names) that this build has, in order, always ending with CPU."""
+    """The preferred providers (full or short names) that this build has, in order, always ending with CPU.
+    A name onnxruntime does not know is refused (a typo would otherwise mean the CPU); one it knows but this
+    build lacks is said, and skipped."""
     chain = []
     for name in preferred or DEFAULT_PROVIDERS:
         full = SHORT_NAMES.get(name.lower(), name)
-        if not full.endswith("ExecutionProvider"):
+        if full not in ort.get_all_providers():
             raise UserError(f"unknown onnxruntime provider {name!r} (use tensorrt, cuda, cpu or a full provider name)")
         if full in available and full not in chain:
             chain.append(full)
+        elif preferred and full not in available:
+            log.warning("onnxruntime provider %s is not in this build (it has %s): skipped", full, ", ".join(available))
     if CPU not in chain:
         chain.append(CPU)
     return chain

@@ -109,7 +109,7 @@ class ServeSettings(Section):
         "auto", description="where preprocessing runs: auto (CUDA when torch sees a GPU), cpu or cuda"
     )
     providers: list[str] | None = Field(
-        None, description="onnxruntime providers in order of preference; default TensorRT, CUDA, CPU"
+        None, min_length=1, description="onnxruntime providers in order of preference; default TensorRT, CUDA, CPU"
     )
     threads: int = Field(
         0,
