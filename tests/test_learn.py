@@ -114,6 +114,14 @@ def test_training_run_records_history_and_checkpoints(data: Path, model: Path) -
     assert {"accuracy", "precision_at_recall_0.9", "val_loss"} <= set(run["best"])
 
 
+def test_batches_larger_than_the_training_set_are_said(data: Path, tmp_path: Path) -> None:
+    args = ["train", "twin", "--data", data / "val.h5", "--val", data / "test.h5", "--out", tmp_path / "r"]
+    tiny = ["--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "300", "--thumbnail", "32", "--embed-dim", "8"]
+    result = runner.invoke(app, [str(a) for a in [*args, *tiny]])
+    assert result.exit_code == 0, result.output
+    assert "warning: batches of 300 from 200 training patterns repeat patterns" in " ".join(result.output.split())
+
+
 def test_export_carries_preprocessing_and_summary(model: Path) -> None:
     info = read_model_info(model)
     assert info.embed_dim == 8 and info.preprocess.thumbnail == 32

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -298,6 +299,12 @@ class Trainer:
         )
         n_train = len(self.train_set.images)
         self.steps = settings.steps_per_epoch or max(1, n_train // settings.batch_size)
+        if settings.batch_size > n_train:  # drawn with replacement: it trains, on copies
+            print(
+                f"warning: batches of {settings.batch_size} from {n_train} training patterns repeat patterns "
+                "in every batch",
+                file=sys.stderr,
+            )
 
     def _lr(self, step: int) -> float:
         """Cosine decay over the whole run, from the global step (so resuming needs no scheduler state)."""
