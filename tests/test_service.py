@@ -59,6 +59,7 @@ def test_uris_parse_into_scheme_target_and_params(uri: str, scheme: str, target:
         ("ftp:run7", "unknown scheme 'ftp'"),
         ("sim:?rate", "cannot parse"),
         ("sim:?rate=1&rate=2", "given twice"),
+        ("sim:?experiment=caf\udce9", "is not valid UTF-8"),  # a Latin-1 byte from the command line
     ],
 )
 def test_bad_uris_are_one_line_user_errors(uri: str, message: str) -> None:

@@ -21,9 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import h5py
+import msgpack
 import numpy as np
 import pytest
 import torch
+import zmq
 from prometheus_client import generate_latest
 from threadpoolctl import threadpool_info, threadpool_limits
 from tiny_model import free_port
@@ -1228,3 +1230,35 @@ def test_io_binding_on_cuda_tensors_gives_the_host_embeddings(fx: Fixtures) -> N
         pytest.skip(f"onnxruntime has no GPU provider here ({emb.provider}): install onnxruntime-gpu")
     thumbs = torch.randn(7, 1, 16, 16)
     np.testing.assert_allclose(emb.embed(thumbs.cuda()), emb.embed(thumbs.numpy()), rtol=1e-4, atol=1e-5)
+
+
+def test_the_publisher_counts_every_subscription_and_survives_a_message_it_cannot_encode() -> None:
+    """XPUB_VERBOSER: a topic two subscribers hold counts twice, and each leaving counts. A message msgpack
+    cannot pack (an integer beyond 64 bits) is logged and skipped; the publisher thread goes on."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    publisher = ZmqPublisher(endpoint, 1000)
+    try:
+        both = DecisionClient(endpoint, (DECISION, HEARTBEAT), timeout_s=WAIT_S)
+        one = DecisionClient(endpoint, (DECISION,), timeout_s=WAIT_S)
+        deadline = time.monotonic() + WAIT_S
+        while publisher.subscriptions < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert publisher.subscriptions == 3
+        one.close()
+        while publisher.subscriptions > 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert publisher.subscriptions == 2
+        both.close()
+        raw = zmq.Context.instance().socket(zmq.SUB)  # the payloads below are no schema's: read them raw
+        raw.setsockopt(zmq.SUBSCRIBE, b"")
+        raw.connect(endpoint)
+        while publisher.subscriptions < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        publisher.publish(HEARTBEAT, {"next_seq": 2**64})  # msgpack cannot pack it
+        publisher.publish(HEARTBEAT, {"next_seq": 5})
+        assert raw.poll(WAIT_S * 1000)
+        topic, body = raw.recv_multipart()
+        raw.close(0)
+        assert (topic, msgpack.unpackb(body)["next_seq"]) == (HEARTBEAT.encode(), 5)
+    finally:
+        publisher.close()

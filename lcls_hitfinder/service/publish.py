@@ -47,6 +47,7 @@ class ZmqPublisher:
     def _run(self, endpoint: str, sndhwm: int, linger_ms: int) -> None:
         ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         sock = ctx.socket(zmq.XPUB)
+        sock.setsockopt(zmq.XPUB_VERBOSER, 1)  # every subscribe and unsubscribe, not the first/last per topic
         sock.setsockopt(zmq.SNDHWM, sndhwm)
         sock.setsockopt(zmq.LINGER, linger_ms)
         try:
@@ -73,7 +74,7 @@ class ZmqPublisher:
                 if item:
                     try:
                         sock.send_multipart(encode(*item), copy=False)
-                    except (TypeError, ValueError, zmq.ZMQError) as err:  # one bad message must not stop the rest
+                    except Exception as err:  # one bad message (e.g. msgpack's OverflowError) must not stop the rest
                         log.error("cannot publish a %s message: %s", item[0], err)
         finally:
             sock.close()  # lingers up to linger_ms so that what was queued reaches connected subscribers

@@ -85,7 +85,15 @@ class SourceURI:
 
 
 def parse_uri(uri: str) -> SourceURI:
-    """`scheme:target?k=v&...` -> SourceURI; a malformed or unknown one is a one-line UserError."""
+    """`scheme:target?k=v&...` -> SourceURI; a malformed or unknown one is a one-line UserError.
+
+    Its text names the run in every message and log, which carry UTF-8: bytes that are not (a Latin-1 file
+    name) are refused here, not found at the first message, which could then not be sent."""
+    try:
+        uri.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = uri.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        raise UserError(f"source {shown!r} is not valid UTF-8: name its files and experiment in UTF-8") from None
     m = _SCHEME.match(uri.strip())
     if m is None:
         raise UserError(f"source {uri!r} is not a URI of the form scheme:target?key=value (e.g. h5:patterns.h5)")
