@@ -11,9 +11,12 @@ from typing import Any
 
 
 def finite_or_null(value: Any) -> Any:
-    """`value` with every non-finite float, at any depth of dicts, lists and tuples, replaced by None."""
+    """`value` with every non-finite float, at any depth of dicts, lists and tuples, replaced by None (and bytes
+    by their text)."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
+    if isinstance(value, bytes):  # msgpack binary from a foreign publisher: as text, not a TypeError
+        return value.decode(errors="replace")
     if isinstance(value, dict):
         return {k: finite_or_null(v) for k, v in value.items()}
     if isinstance(value, list | tuple):

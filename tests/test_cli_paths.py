@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from lcls_hitfinder.cli import app
 from lcls_hitfinder.errors import UserError
+from lcls_hitfinder.service.client import DecisionClient
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "models" / "embedder.onnx"
@@ -132,5 +133,11 @@ def test_listen_refuses_an_endpoint_that_is_not_one_and_says_when_nothing_came()
     assert len(bad.stderr.strip().splitlines()) == 1
     beyond = subprocess.run([*cli, "tcp://127.0.0.1:99999"], capture_output=True, text=True, timeout=60)
     assert beyond.returncode == 2 and "the port must be 1-65535 or *, not '99999'" in beyond.stderr  # not 34463
+    with pytest.raises(ValueError, match="the port must be 1-65535"):  # the Python client alike
+        DecisionClient("tcp://127.0.0.1:99999")
+    endless = subprocess.run(
+        [*cli, "tcp://127.0.0.1:1", "--topic", "heartbeat", "--count", "1"], capture_output=True, timeout=60
+    )
+    assert endless.returncode == 2 and b"--count counts decisions" in endless.stderr  # it would never stop
     silent = subprocess.run([*cli, "tcp://127.0.0.1:1", "--timeout", "0.3"], capture_output=True, text=True, timeout=60)
     assert silent.returncode == 1 and "no message from tcp://127.0.0.1:1 in 0.3 s" in silent.stderr

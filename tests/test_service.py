@@ -195,6 +195,23 @@ def test_seq_tracker_reports_gaps_and_restarts() -> None:
     for s in [7, 8]:
         late.see(s)
     assert late.first == 7 and late.gaps == []  # what went out before it connected is not a gap
+    restarted = SeqTracker()
+    for s in [0, 1, 2, 3, 4, 3, 4]:  # the new service's 0..2 never came
+        restarted.see(s)
+    assert restarted.restarts == 1 and [(g.expected, g.got) for g in restarted.gaps] == [(0, 3)]
+
+
+def test_seq_tracker_takes_the_next_seq_that_heartbeats_and_run_ends_announce() -> None:
+    """Decisions lost at the end of a stream show no later seq; the heartbeat's next_seq does."""
+    t = SeqTracker()
+    for s in range(7):
+        t.see(s)
+    assert t.expect(7) is None and t.expect(5) is None  # nothing lost; an older announcement changes nothing
+    gap = t.expect(10)
+    assert gap is not None and (gap.expected, gap.got) == (7, 10) and t.missing == 3  # 7, 8 and 9
+    t.see(10)  # announced as next: it is no gap nor restart
+    assert t.missing == 3 and t.restarts == 0
+    assert SeqTracker().expect(5) is None  # joined: nothing seen yet, nothing lost
 
 
 # ---- providers ----------------------------------------------------------------------------------------------
@@ -299,6 +316,20 @@ def test_a_runs_log_is_one_file_in_the_log_folder_whatever_the_experiment_is_cal
     path.touch()
     again = log_path(tmp_path / "logs", experiment, 7)  # never the existing file, in the same second or not
     assert again.parent == path.parent and again != path and again.suffix == ".h5"
+
+
+def test_a_runs_log_path_is_absolute_and_a_log_that_cannot_be_made_leaves_no_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run messages carry the path to subscribers that run elsewhere; a log without its columns is no log."""
+    from lcls_hitfinder.service.decision_log import log_path
+
+    monkeypatch.chdir(tmp_path)
+    path = log_path(Path("logs"), "x", 1)
+    assert path.is_absolute() and path.parent == tmp_path.resolve() / "logs"
+    with pytest.raises(TypeError):
+        DecisionLog(tmp_path / "bad.h5", {"experiment": object()})  # an attribute HDF5 cannot hold
+    assert not (tmp_path / "bad.h5").exists()
 
 
 def test_decision_log_appends_flushes_and_records_totals(tmp_path: Path) -> None:

@@ -47,7 +47,7 @@ from lcls_hitfinder.service.binning import ReaderBinning
 from lcls_hitfinder.service.client import DecisionClient
 from lcls_hitfinder.service.decision_log import DecisionLog, read_decision_log
 from lcls_hitfinder.service.embedder import OnnxEmbedder
-from lcls_hitfinder.service.messages import DECISION, HEARTBEAT, RUN
+from lcls_hitfinder.service.messages import DECISION, FIELDS, HEARTBEAT, RUN, SCHEMA_VERSION
 from lcls_hitfinder.service.metrics import ServiceMetrics
 from lcls_hitfinder.service.pipeline import Pipeline
 from lcls_hitfinder.service.publish import ZmqPublisher
@@ -1262,3 +1262,81 @@ def test_the_publisher_counts_every_subscription_and_survives_a_message_it_canno
         assert (topic, msgpack.unpackb(body)["next_seq"]) == (HEARTBEAT.encode(), 5)
     finally:
         publisher.close()
+
+
+def _listen_to(messages: list[list[bytes]], *args: str) -> subprocess.CompletedProcess[str]:
+    """`listen --json` on an XPUB of our own that sends `messages` once listen has subscribed."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    xpub = zmq.Context.instance().socket(zmq.XPUB)
+    xpub.bind(endpoint)
+    try:
+        listen = subprocess.Popen(
+            [*LCLS_HITFINDER, "listen", endpoint, "--json", "--timeout", "2", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3):  # decision, heartbeat, run
+            assert xpub.poll(WAIT_S * 1000), "listen never subscribed"
+            xpub.recv()
+        for frames in messages:
+            xpub.send_multipart(frames)
+        out, err = listen.communicate(timeout=WAIT_S)
+    finally:
+        xpub.close(0)
+    return subprocess.CompletedProcess(listen.args, listen.returncode, out, err)
+
+
+def _message(topic: str, version: int = SCHEMA_VERSION, **values: Any) -> list[bytes]:
+    payload = {f.name: 0 for f in FIELDS[topic]} | values | {"v": version}
+    return [topic.encode(), msgpack.packb(payload)]
+
+
+def test_listen_skips_what_is_not_the_services_and_reports_losses_a_heartbeat_reveals() -> None:
+    """Decisions 7-9 lost at the end of the stream show in no later decision: the heartbeat's next_seq says so.
+    A topic that only shares a prefix, and a payload that does not decode, are skipped and counted."""
+    decisions = [_message(DECISION, seq=s, experiment=b"raw\xffbytes") for s in range(7)]
+    foreign = [[b"runner", msgpack.packb({"x": 1})], [b"decision", b"\xff"]]
+    done = _listen_to([*decisions, *foreign, _message(HEARTBEAT, next_seq=10)])
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [m["topic"] for m in lines] == [DECISION] * 7 + [HEARTBEAT]
+    assert lines[0]["experiment"] == "raw\ufffdbytes"  # msgpack bytes as text in --json, not a TypeError
+    assert "gap: seq 7..9 missing (3)" in done.stderr
+    assert "7 decisions, 1 gap(s), 3 missing, 1 message(s) not the service's skipped" in done.stderr
+
+
+def test_listen_refuses_another_schema_version_in_one_line() -> None:
+    done = _listen_to([_message(DECISION, version=SCHEMA_VERSION + 1, seq=0)])
+    errors = [line for line in done.stderr.splitlines() if line.startswith("lcls-hitfinder: error:")]
+    assert done.returncode == 2 and len(errors) == 1 and "schema version" in errors[0], done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_listen_piped_into_a_reader_that_stops_ends_with_its_summary() -> None:
+    """`listen --json | head -1`: the closed pipe ends listen quietly (exit 0) with the gap summary on stderr."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    xpub = zmq.Context.instance().socket(zmq.XPUB)
+    xpub.bind(endpoint)
+    read_fd, write_fd = os.pipe()
+    try:
+        listen = subprocess.Popen(
+            [*LCLS_HITFINDER, "listen", endpoint, "--json", "--timeout", "5"],
+            stdout=write_fd,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        os.close(write_fd)
+        for _ in range(3):
+            assert xpub.poll(WAIT_S * 1000), "listen never subscribed"
+            xpub.recv()
+        xpub.send_multipart(_message(DECISION, seq=0))
+        with os.fdopen(read_fd) as reader:
+            assert json.loads(reader.readline())["seq"] == 0
+        for seq in range(1, 200):  # the pipe is closed: listen's next writes fail
+            xpub.send_multipart(_message(DECISION, seq=seq))
+        _, err = listen.communicate(timeout=WAIT_S)
+    finally:
+        xpub.close(0)
+    assert listen.returncode == 0 and "Traceback" not in err, err
+    assert "decisions, 0 gap(s), 0 missing" in err

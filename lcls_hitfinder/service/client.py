@@ -4,8 +4,11 @@
         ...
 
 `seq` is contiguous while the service runs, so a jump means the PUB socket dropped messages for this
-subscriber (it fell behind its high-water mark); each one is recorded in `gaps`. A `seq` that goes
-back means the service was restarted. What went out before the subscriber connected is no gap: ZeroMQ
+subscriber (it fell behind its high-water mark); each one is recorded in `gaps`. Heartbeats and run ends
+say which `seq` comes next, so decisions lost at the end of a stream are gaps too (with heartbeats or run
+messages subscribed). A `seq` that goes back means the service was restarted; the new one's decisions
+before the first seen are a gap. Messages that are not the service's (another schema version excepted,
+which raises) are skipped and counted in `skipped`. What went out before the subscriber connected is no gap: ZeroMQ
 delivers to a subscriber only from its connection on, so `first` (the first `seq` seen) says where it
 joined; a subscriber started before the service can still miss the first few decisions unless the
 service waits for it (`serve.publish.wait_for_subscriber_s`). The decision log holds every one.
@@ -20,7 +23,15 @@ from typing import Any
 
 import zmq
 
-from lcls_hitfinder.service.messages import DECISION, decode
+from lcls_hitfinder.service.messages import (
+    DECISION,
+    HEARTBEAT,
+    RUN,
+    MessageError,
+    SchemaVersionError,
+    decode,
+    tcp_port_checked,
+)
 
 
 @dataclass(frozen=True)
@@ -43,16 +54,29 @@ class SeqTracker:
     restarts: int = 0
 
     def see(self, seq: int) -> Gap | None:
+        """A decision's `seq`: the gap it reveals, if any."""
         gap = None
         if self.first is None:
             self.first = seq
         if self.next_seq is not None:
             if seq > self.next_seq:
                 gap = Gap(self.next_seq, seq)
-                self.gaps.append(gap)
-            elif seq < self.next_seq:
+            elif seq < self.next_seq:  # a new service counts from 0: what it sent before this one was lost
                 self.restarts += 1
+                gap = Gap(0, seq) if seq > 0 else None
+        if gap is not None:
+            self.gaps.append(gap)
         self.next_seq = seq + 1
+        return gap
+
+    def expect(self, next_seq: int) -> Gap | None:
+        """The `seq` the service says comes next (heartbeat `next_seq`, run end `first_seq + events`): decisions
+        before it that never came are a gap, also when no later decision would show it."""
+        if self.next_seq is None or next_seq <= self.next_seq:
+            return None
+        gap = Gap(self.next_seq, next_seq)
+        self.gaps.append(gap)
+        self.next_seq = next_seq
         return gap
 
     @property
@@ -70,9 +94,11 @@ class DecisionClient:
         timeout_s: float | None = None,
         rcvhwm: int = 1_000_000,
     ) -> None:
-        self.endpoint = endpoint
+        self.endpoint = tcp_port_checked(endpoint)
         self.timeout_ms = None if timeout_s is None else int(timeout_s * 1000)
         self.tracker = SeqTracker()
+        self.skipped: list[str] = []  # why each message that was not the service's was skipped
+        self._topics = topics
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.SUB)
         self._sock.setsockopt(zmq.RCVHWM, rcvhwm)
@@ -93,9 +119,22 @@ class DecisionClient:
         while True:
             if self.timeout_ms is not None and not self._sock.poll(self.timeout_ms):
                 return
-            topic, payload = decode(self._sock.recv_multipart())
+            frames = self._sock.recv_multipart()
+            if self._topics and bytes(frames[0]).decode(errors="replace") not in self._topics:
+                continue  # ZeroMQ matches prefixes: "run" also lets "runner" through
+            try:
+                topic, payload = decode(frames)
+            except SchemaVersionError:
+                raise
+            except MessageError as err:
+                self.skipped.append(str(err))
+                continue
             if topic == DECISION:
                 self.tracker.see(int(payload["seq"]))
+            elif topic == HEARTBEAT:
+                self.tracker.expect(int(payload["next_seq"]))
+            elif topic == RUN and payload["phase"] == "end":
+                self.tracker.expect(int(payload["first_seq"]) + int(payload["events"]))
             yield topic, payload
 
     def __iter__(self) -> Iterator[dict[str, Any]]:

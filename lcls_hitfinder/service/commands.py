@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 import sys
 import threading
@@ -253,7 +254,9 @@ def listen(
     json_lines: Annotated[
         bool, typer.Option("--json", help="one JSON object per line: {topic, ...payload}; NaN as null")
     ] = False,
-    count: Annotated[int | None, typer.Option(min=1, help="stop after this many decisions")] = None,
+    count: Annotated[
+        int | None, typer.Option(min=1, help="stop after this many decisions (decision must be a topic)")
+    ] = None,
     timeout: Annotated[
         float | None, typer.Option(min=0.001, help="stop after this many seconds without a message")
     ] = None,
@@ -264,13 +267,14 @@ def listen(
     import zmq
 
     from lcls_hitfinder.service.client import DecisionClient
-    from lcls_hitfinder.service.messages import DECISION, TOPICS
-    from lcls_hitfinder.service.settings import tcp_port_checked
+    from lcls_hitfinder.service.messages import DECISION, TOPICS, SchemaVersionError, tcp_port_checked
 
     topics = tuple(topic or TOPICS)
     unknown = set(topics) - set(TOPICS)
     if unknown:
         raise UserError(f"unknown topic(s) {', '.join(sorted(unknown))}; use {', '.join(TOPICS)}")
+    if count is not None and DECISION not in topics:
+        raise UserError("--count counts decisions: add --topic decision, or stop with --timeout")
     try:
         tcp_port_checked(endpoint)
     except ValueError as err:
@@ -281,14 +285,17 @@ def listen(
     except zmq.ZMQError as err:
         raise UserError(f"cannot subscribe to {endpoint!r}: {err} (an endpoint is tcp://HOST:PORT)") from None
     print(f"listening on {endpoint} for {', '.join(topics)} (Ctrl-C to stop)", file=sys.stderr)
+    gaps_seen = restarts_seen = 0
     try:
         for name, payload in client.messages():
             messages += 1
-            gaps_before = len(client.gaps)
             print(_json_line(name, payload) if json_lines else _human(name, payload), flush=True)
-            if len(client.gaps) > gaps_before:
-                gap = client.gaps[-1]
+            if client.tracker.restarts > restarts_seen:
+                restarts_seen = client.tracker.restarts
+                print(f"the service was restarted: seq went back to {payload['seq']}", file=sys.stderr)
+            for gap in client.gaps[gaps_seen:]:
                 print(f"gap: seq {gap.expected}..{gap.got - 1} missing ({gap.missing})", file=sys.stderr)
+            gaps_seen = len(client.gaps)
             if name == DECISION:
                 decisions += 1
                 if decisions == 1 and client.tracker.first:
@@ -301,13 +308,18 @@ def listen(
                     break
     except KeyboardInterrupt:
         pass
+    except BrokenPipeError:  # `listen | head`: the reader has what it wanted; the summary still goes to stderr
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except SchemaVersionError as err:
+        raise UserError(f"{endpoint}: {err}: use the lcls-hitfinder of that service") from None
     finally:
         client.close()
     tracker = client.tracker
     print(
         f"{decisions} decisions, {len(client.gaps)} gap(s), {tracker.missing} missing"
         + (f", joined at seq {tracker.first}" if tracker.first else "")
-        + (f", {tracker.restarts} service restart(s)" if tracker.restarts else ""),
+        + (f", {tracker.restarts} service restart(s)" if tracker.restarts else "")
+        + (f", {len(client.skipped)} message(s) not the service's skipped" if client.skipped else ""),
         file=sys.stderr,
     )
     if not messages and timeout is not None:

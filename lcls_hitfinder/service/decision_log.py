@@ -38,10 +38,12 @@ def _dtype(spec_dtype: str) -> Any:
 
 
 def log_path(log_dir: Path, experiment: str, run: int) -> Path:
-    """A new file name for a run's log; never one that exists (a run served twice keeps both)."""
+    """A new file name for a run's log, absolute (subscribers elsewhere read it from the run messages); never one
+    that exists (a run served twice keeps both)."""
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     name = re.sub(r"[^\w.-]", "_", experiment).lstrip(".") or "_"  # one file in log_dir, whatever the name holds
     base = f"{name}-r{run:04d}-{stamp}"  # a dot in the name is not a suffix to replace
+    log_dir = log_dir.expanduser().resolve()
     path, n = log_dir / f"{base}.h5", 1
     while path.exists():
         path, n = log_dir / f"{base}-{n}.h5", n + 1
@@ -64,6 +66,7 @@ class DecisionLog:
             self._f.swmr_mode = True  # from here on readers may open it; no new objects or attributes
         except BaseException:
             self._f.close()
+            path.unlink(missing_ok=True)  # not a log without columns that no reader can read
             raise
         self._pending: list[Mapping[str, np.ndarray]] = []
         self._flush_s = flush_s

@@ -151,6 +151,20 @@ class MessageError(ValueError):
     """A message that is not one of ours: wrong frame count, unknown topic or schema version, missing fields."""
 
 
+class SchemaVersionError(MessageError):
+    """A message of another schema version: this client and that service do not speak the same schema."""
+
+
+def tcp_port_checked(endpoint: str) -> str:
+    """A tcp:// endpoint's port must be one (1-65535, or * for any free one): ZeroMQ takes 99999 as 34463.
+    For the service's bind and a subscriber's connect alike."""
+    if endpoint.startswith("tcp://"):
+        port = endpoint.rpartition(":")[2]
+        if port != "*" and not (port.isdigit() and 0 < int(port) < 65536):
+            raise ValueError(f"{endpoint}: the port must be 1-65535 or *, not {port!r}")
+    return endpoint
+
+
 def encode(topic: str, payload: Mapping[str, Any]) -> list[bytes]:
     """[topic, msgpack payload] with `v` set; the two frames of a ZeroMQ multipart message."""
     body = dict(payload)
@@ -169,13 +183,21 @@ def decode(frames: Sequence[bytes]) -> tuple[str, dict[str, Any]]:
         payload = msgpack.unpackb(frames[1], raw=False)
     except (ValueError, msgpack.ExtraData) as err:
         raise MessageError(f"undecodable {topic} payload: {err}") from None
-    if not isinstance(payload, dict) or payload.get("v") != SCHEMA_VERSION:
-        version = payload.get("v") if isinstance(payload, dict) else None
-        raise MessageError(f"{topic} message of schema version {version!r}; this client reads {SCHEMA_VERSION}")
+    if not isinstance(payload, dict) or "v" not in payload:
+        raise MessageError(f"{topic} payload is not a map with a schema version `v`")
+    if payload["v"] != SCHEMA_VERSION:
+        raise SchemaVersionError(
+            f"{topic} message of schema version {payload['v']!r}; this client reads {SCHEMA_VERSION}"
+        )
     missing = [f.name for f in FIELDS[topic] if f.name not in payload]
     if missing:
         raise MessageError(f"{topic} message without {', '.join(missing)}")
     return topic, payload
+
+
+def _cell(text: str) -> str:
+    """A table cell: a `|` in it (`int | nil`) would end the cell."""
+    return text.replace("|", "\\|")
 
 
 def markdown() -> str:
@@ -210,7 +232,7 @@ def markdown() -> str:
     ]
     for topic, fields in FIELDS.items():
         lines += [f"## `{topic}`", "", "| field | type | meaning |", "| --- | --- | --- |"]
-        lines += [f"| `{f.name}` | {f.type} | {f.doc} |" for f in fields]
+        lines += [f"| `{f.name}` | {_cell(f.type)} | {_cell(f.doc)} |" for f in fields]
         lines.append("")
     lines += [
         "## Reading it",

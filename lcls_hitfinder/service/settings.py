@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, field_validator
 
 from lcls_hitfinder.preprocess import PhotonCalibration
+from lcls_hitfinder.service.messages import tcp_port_checked
 from lcls_hitfinder.settings_base import Section
 
 
@@ -39,15 +40,6 @@ class PrefilterSettings(Section):
     lit_threshold: float = Field(0.5, ge=0, description="photons above which a pixel is lit")
     min_lit_pixels: int = Field(20, ge=0, description="fewer lit pixels than this: blank")
     min_photons: float = Field(50.0, ge=0, description="fewer photons in total than this: blank")
-
-
-def tcp_port_checked(endpoint: str) -> str:
-    """A tcp:// endpoint's port must be one (1-65535, or * for any free one): ZeroMQ takes 99999 as 34463."""
-    if endpoint.startswith("tcp://"):
-        port = endpoint.rpartition(":")[2]
-        if port != "*" and not (port.isdigit() and 0 < int(port) < 65536):
-            raise ValueError(f"{endpoint}: the port must be 1-65535 or *, not {port!r}")
-    return endpoint
 
 
 class PublishSettings(Section):
