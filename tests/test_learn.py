@@ -25,6 +25,7 @@ from lcls_hitfinder.cli import app
 from lcls_hitfinder.dataset import Batch, Dataset, DatasetWriter
 from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.labels import Label
+from lcls_hitfinder.learn import train as train_module
 from lcls_hitfinder.model_io import file_hash, read_model_info
 
 runner = CliRunner()
@@ -257,22 +258,98 @@ def test_resume_continues_exactly(data: Path, tmp_path: Path, extra: str) -> Non
     assert [h["epoch"] for h in history] == [1, 2]
 
 
-def test_a_run_resumes_on_another_machine_and_a_damaged_record_is_one_line(data: Path, tmp_path: Path) -> None:
-    """--device and --threads say where a resumed run runs (a CUDA run goes on on a laptop); a run record
-    truncated by a kill is a one-line error, not a traceback."""
+def test_a_run_resumes_on_another_machine_and_a_damaged_checkpoint_is_one_line(data: Path, tmp_path: Path) -> None:
+    """--device and --threads say where a resumed run runs (a CUDA run goes on on a laptop); a checkpoint
+    truncated (a disk filled up) is a one-line error, not a traceback."""
     invoke("train", "twin", "--data", data / "train.h5", "--val", data / "val.h5", "--out", tmp_path / "r", *TINY[:4])
     invoke("train", "twin", "--out", tmp_path / "r", "--resume", "--epochs", "3", "--device", "cpu", "--threads", "2")
     run = json.loads((tmp_path / "r" / "run.json").read_text())
     assert len(run["history"]) == 3 and run["settings"]["threads"] == 2 and run["settings"]["device"] == "cpu"
     assert torch.get_num_threads() == 2  # trained so, not only recorded (the trainer sets torch's threads)
-    record = tmp_path / "r" / "run.json"
-    record.write_text(record.read_text()[:300])
+    checkpoint = tmp_path / "r" / "checkpoint.safetensors"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:300])
     for args in (["train", "twin", "--out", tmp_path / "r", "--resume", "--epochs", "4"], ["export", tmp_path / "r"]):
         result = runner.invoke(
             app, [str(a) for a in [*args, *(["--out", tmp_path / "m.onnx"] if "export" in args else [])]]
         )
         assert isinstance(result.exception, UserError), result.output
-        assert f"cannot read the run record {record}" in str(result.exception)
+        assert f"cannot read {checkpoint}" in str(result.exception)
+
+
+class Stopped(Exception):
+    """A kill, at a chosen point of saving an epoch."""
+
+
+def test_a_run_stopped_between_its_files_resumes_exactly(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stopped after the checkpoint of epoch 2 was written and before run.json: the resumed run trains epoch 3,
+    not epoch 2 once more, and ends as an uninterrupted one does."""
+    common = ["--data", data / "train.h5", "--val", data / "val.h5", "--epochs", "3", *TINY[2:]]
+    invoke("train", "twin", *common, "--out", tmp_path / "straight")
+    write_run = train_module.write_run
+    calls = []
+
+    def stop_at_epoch_2(run_dir: Path, run: dict[str, object]) -> None:
+        calls.append(run_dir)
+        if len(calls) == 2:
+            raise Stopped
+        write_run(run_dir, run)
+
+    monkeypatch.setattr(train_module, "write_run", stop_at_epoch_2)
+    result = runner.invoke(app, [str(a) for a in ["train", "twin", *common, "--out", tmp_path / "stopped"]])
+    assert isinstance(result.exception, Stopped)
+    assert len(json.loads((tmp_path / "stopped" / "run.json").read_text())["history"]) == 1  # behind its checkpoint
+    monkeypatch.setattr(train_module, "write_run", write_run)
+    invoke("train", "twin", "--out", tmp_path / "stopped", "--resume")
+    a = load_file(str(tmp_path / "straight" / "checkpoint.safetensors"))
+    b = load_file(str(tmp_path / "stopped" / "checkpoint.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], msg=key)
+    history = json.loads((tmp_path / "stopped" / "run.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+
+
+def test_a_run_stopped_before_copying_out_its_best_weights_exports_and_resumes_them(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Epoch 2 is the best (validation scores 0.1, 0.9, 0.5, set here) and the run stops after its checkpoint,
+    before model.safetensors is replaced: export ships epoch 2 (from the checkpoint), and the resumed run's
+    model.safetensors holds epoch 2 though epoch 3 does not replace it."""
+    validate = train_module.Trainer.validate
+
+    def scored(self: train_module.Trainer) -> dict[str, object]:
+        return {**validate(self), "selection": [0.1, 0.9, 0.5][len(self.run["history"])]}
+
+    save_weights = train_module.save_weights
+
+    def stop_at_best_of_epoch_2(net: torch.nn.Module, path: Path, *args: object, **kwargs: object) -> None:
+        if path.name == "model.safetensors" and kwargs.get("metadata") == {"epoch": "2"}:
+            raise Stopped
+        save_weights(net, path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(train_module.Trainer, "validate", scored)
+    monkeypatch.setattr(train_module, "save_weights", stop_at_best_of_epoch_2)
+    run = tmp_path / "r"
+    args = ["train", "twin", "--data", data / "train.h5", "--val", data / "val.h5", "--out", run, "--epochs", "3"]
+    result = runner.invoke(app, [str(a) for a in [*args, *TINY[2:]]])
+    assert isinstance(result.exception, Stopped)
+    monkeypatch.setattr(train_module, "save_weights", save_weights)
+    epoch_2 = {k: v for k, v in load_file(str(run / "checkpoint.safetensors")).items() if k.startswith("model.")}
+    epoch_1 = load_file(str(run / "model.safetensors"))
+    assert any(not torch.equal(epoch_1[k], epoch_2[k]) for k in epoch_2)
+
+    def exported() -> dict[str, torch.Tensor]:
+        return {f"model.{k}": v for k, v in train_module.load_run(run)[2].state_dict().items()}
+
+    for key, value in exported().items():
+        torch.testing.assert_close(value, epoch_2[key], msg=key)
+    invoke("train", "twin", "--out", run, "--resume")
+    assert [h["epoch"] for h in json.loads((run / "run.json").read_text())["history"]] == [1, 2, 3]
+    for key, value in load_file(str(run / "model.safetensors")).items():
+        torch.testing.assert_close(value, epoch_2[key], msg=key)
+    for key, value in exported().items():
+        torch.testing.assert_close(value, epoch_2[key], msg=key)
 
 
 def test_data_that_cannot_teach_or_judge_is_refused(data: Path, model: Path, tmp_path: Path) -> None:

@@ -4,7 +4,8 @@ A run directory holds run.json (kind, settings, data, per-epoch history), checkp
 latest weights and optimiser moments: what `--resume` continues from) and model.safetensors (the
 weights of the best validation epoch: what `export` ships). Every batch is drawn, augmented and
 preprocessed on the fly from a generator seeded by (seed, epoch), so a resumed run continues exactly
-as an uninterrupted one would.
+as an uninterrupted one would. The checkpoint carries its own copy of the run record and the best weights
+their epoch, so a run stopped between writing one file and the next resumes and exports consistently.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 from torch import nn
 
@@ -160,11 +162,21 @@ def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tens
     opt.load_state_dict(sd)
 
 
-def save_weights(net: nn.Module, path: Path, extra: dict[str, torch.Tensor] | None = None) -> None:
+def save_weights(
+    net: nn.Module, path: Path, extra: dict[str, torch.Tensor] | None = None, metadata: dict[str, str] | None = None
+) -> None:
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     # written as bytes: safetensors' save_file makes the file owner-only, and a shared run directory's
     # weights must be as readable as its run.json (the umask decides)
-    _replace_whole(path, save({**tensors, **(extra or {})}))
+    _replace_whole(path, save({**tensors, **(extra or {})}, metadata=metadata))
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    try:
+        with safe_open(str(path), "pt") as f:
+            return f.metadata() or {}
+    except (OSError, SafetensorError) as err:
+        raise UserError(f"cannot read {path}: {err}") from None
 
 
 def _replace_whole(path: Path, data: bytes) -> None:
@@ -180,10 +192,12 @@ def write_run(run_dir: Path, run: dict[str, Any]) -> None:
 
 
 def read_run(run_dir: Path) -> dict[str, Any]:
-    try:
-        run: dict[str, Any] = json.loads((run_dir / RUN_FILE).read_text())
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot read the run record {run_dir / RUN_FILE}: {err}") from None
+    """The record saved with the latest weights. run.json is its copy for reading: a run stopped between
+    writing the two is an epoch behind there, and resuming from it would train that epoch twice."""
+    record = _metadata(run_dir / CHECKPOINT).get(RUN_FILE)
+    if record is None:
+        raise UserError(f"{run_dir / CHECKPOINT} carries no run record (written by an older version)")
+    run: dict[str, Any] = json.loads(record)
     return run
 
 
@@ -286,6 +300,8 @@ class Trainer:
                     {k.removeprefix("aux."): v for k, v in tensors.items() if k.startswith("aux.")}
                 )
             _restore_optimizer(self.opt, tensors)
+            if best_weights(out, run) == out / CHECKPOINT:  # stopped before the best weights were copied out
+                save_weights(self.net, out / BEST, metadata={"epoch": str(run["best"]["epoch"])})
             self.run = run
             self.start_epoch = len(self.run["history"])
         out.mkdir(parents=True, exist_ok=True)
@@ -415,9 +431,11 @@ class Trainer:
                 best = self.run["best"]
                 if best is None or metrics["selection"] >= best["selection"]:
                     self.run["best"] = metrics
-                    save_weights(self.net, self.out / BEST)
                 aux = {f"aux.{k}": v.detach().cpu() for k, v in self.aux.state_dict().items()} if self.aux else {}
-                save_weights(self.net, self.out / CHECKPOINT, {**_flatten_optimizer(self.opt), **aux})
+                record = {RUN_FILE: strict_json.dumps(self.run)}
+                save_weights(self.net, self.out / CHECKPOINT, {**_flatten_optimizer(self.opt), **aux}, record)
+                if self.run["best"] is metrics:  # after the checkpoint, which holds these weights until then
+                    save_weights(self.net, self.out / BEST, metadata={"epoch": str(epoch + 1)})
                 write_run(self.out, self.run)
                 shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
                 progress.console.print(f"epoch {epoch + 1}: {shown}")
@@ -426,11 +444,21 @@ class Trainer:
 
 def load_run(run_dir: Path) -> tuple[dict[str, Any], TrainSettings, nn.Module]:
     """A finished run's record, settings and best network (on the CPU, in eval mode)."""
-    run_file = Path(run_dir) / RUN_FILE
-    if not run_file.exists() or not (Path(run_dir) / BEST).exists():
-        raise UserError(f"{run_dir} is not a training run directory (needs {RUN_FILE} and {BEST})")
+    if not (Path(run_dir) / CHECKPOINT).exists():
+        raise UserError(f"{run_dir} is not a training run directory (no {CHECKPOINT})")
     run = read_run(Path(run_dir))
     settings = TrainSettings.model_validate(run["settings"])
     net = build_net(run["kind"], settings, len(run["structures"]))
-    load_weights(net, Path(run_dir) / BEST)
+    load_weights(net, best_weights(Path(run_dir), run))
     return run, settings, net.eval()
+
+
+def best_weights(run_dir: Path, run: dict[str, Any]) -> Path:
+    """The file holding the best epoch's weights: model.safetensors, or the checkpoint when the best epoch is
+    the last one saved and the run stopped before copying it out (the checkpoint is written first)."""
+    best = str(run["best"]["epoch"])
+    if (run_dir / BEST).exists() and _metadata(run_dir / BEST).get("epoch") == best:
+        return run_dir / BEST
+    if best == str(len(run["history"])):
+        return run_dir / CHECKPOINT
+    raise UserError(f"{run_dir / BEST} does not hold the weights of epoch {best}, the run's best")
