@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -17,7 +18,7 @@ import onnx as onnx_lib
 import onnxruntime as ort
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from lcls_hitfinder.bank import BankMismatch, ReferenceBank
@@ -352,6 +353,33 @@ def test_a_run_stopped_before_copying_out_its_best_weights_exports_and_resumes_t
         torch.testing.assert_close(value, epoch_2[key], msg=key)
 
 
+def test_runs_without_a_checkpoint_or_of_an_older_version_export_and_are_not_overwritten(
+    data: Path, model: Path, tmp_path: Path
+) -> None:
+    """A finished run whose checkpoint (the optimiser's moments) was deleted to save space exports from run.json
+    and its best weights, and a new run refuses its folder; a run of an older version (no record in the
+    checkpoint, no epoch on the best weights) exports and resumes from run.json."""
+    invoke("export", data / "run", "--out", tmp_path / "m.onnx")
+    kept = tmp_path / "kept"
+    shutil.copytree(data / "run", kept)
+    (kept / "checkpoint.safetensors").unlink()
+    invoke("export", kept, "--out", tmp_path / "kept.onnx")
+    assert file_hash(tmp_path / "kept.onnx") == file_hash(tmp_path / "m.onnx")
+    best = (kept / "model.safetensors").read_bytes()
+    args = ["train", "twin", "--data", data / "train.h5", "--val", data / "val.h5", "--out", kept, *TINY]
+    result = runner.invoke(app, [str(a) for a in args])
+    assert isinstance(result.exception, UserError) and "already holds a run" in str(result.exception), result.output
+    assert (kept / "model.safetensors").read_bytes() == best
+    old = tmp_path / "old"
+    shutil.copytree(data / "run", old)
+    for name in ("checkpoint.safetensors", "model.safetensors"):  # as an older version wrote them: no metadata
+        save_file(load_file(str(old / name)), str(old / name))
+    invoke("export", old, "--out", tmp_path / "old.onnx")
+    assert file_hash(tmp_path / "old.onnx") == file_hash(tmp_path / "m.onnx")
+    invoke("train", "twin", "--out", old, "--resume", "--epochs", "3")
+    assert len(json.loads((old / "run.json").read_text())["history"]) == 3
+
+
 def test_data_that_cannot_teach_or_judge_is_refused(data: Path, model: Path, tmp_path: Path) -> None:
     """Training on one kind of pattern (no negative for any anchor), validating on the training file, an
     ensemble of one run twice, and a bank of singles alone (its scores weigh singles against nothing)."""
@@ -373,6 +401,10 @@ def test_data_that_cannot_teach_or_judge_is_refused(data: Path, model: Path, tmp
         ([*train, "--data", str(singles), "--out", str(tmp_path / "a")], "holds one kind of pattern only"),
         ([*train, "--data", str(data / "val.h5"), "--out", str(tmp_path / "b")], "is the training data"),
         (
+            ["train", "twin", "--data", str(data / "train.h5"), "--val", str(singles), "--out", str(tmp_path / "c")],
+            f"{singles} holds single hits only: validation needs blanks or multi-hits",
+        ),
+        (
             ["export", str(data / "run"), str(data / "run") + "/", "--out", str(tmp_path / "e.onnx")],
             "must be different runs",
         ),
@@ -383,7 +415,8 @@ def test_data_that_cannot_teach_or_judge_is_refused(data: Path, model: Path, tmp
     ]:
         result = runner.invoke(app, args)
         assert isinstance(result.exception, UserError) and message in str(result.exception), (args, result.output)
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # no empty run folder left behind
+    for name in "abc":
+        assert not (tmp_path / name).exists()  # no empty run folder left behind
 
 
 def test_resume_refuses_what_it_would_ignore(data: Path, tmp_path: Path) -> None:

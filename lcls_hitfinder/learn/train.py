@@ -192,12 +192,14 @@ def write_run(run_dir: Path, run: dict[str, Any]) -> None:
 
 
 def read_run(run_dir: Path) -> dict[str, Any]:
-    """The record saved with the latest weights. run.json is its copy for reading: a run stopped between
-    writing the two is an epoch behind there, and resuming from it would train that epoch twice."""
-    record = _metadata(run_dir / CHECKPOINT).get(RUN_FILE)
-    if record is None:
-        raise UserError(f"{run_dir / CHECKPOINT} carries no run record (written by an older version)")
-    run: dict[str, Any] = json.loads(record)
+    """The record saved with the latest weights. run.json is its copy for reading (a run stopped between
+    writing the two is an epoch behind there, and resuming from it would train that epoch twice), read when
+    the checkpoint carries none (an older version's) or was deleted from a finished run."""
+    record = _metadata(run_dir / CHECKPOINT).get(RUN_FILE) if (run_dir / CHECKPOINT).exists() else None
+    try:
+        run: dict[str, Any] = json.loads(record or (run_dir / RUN_FILE).read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read the run record {run_dir / RUN_FILE}: {err}") from None
     return run
 
 
@@ -240,7 +242,7 @@ class Trainer:
                 run["settings"]["epochs"] = epochs
             if settings.epochs <= done:
                 raise UserError(f"{out} has trained {done} epochs already: --epochs N with N > {done} extends it")
-        elif (out / CHECKPOINT).exists():
+        elif any((out / name).exists() for name in (CHECKPOINT, BEST, RUN_FILE)):
             raise UserError(f"{out} already holds a run: pass --resume to continue it, or choose a new --out")
         if data is None or val is None:
             raise UserError("training needs --data and --val")
@@ -255,8 +257,12 @@ class Trainer:
         self.val_refs = select_references(
             v.n_particles, v.structure if settings.per_structure else None, settings.bank_per_class, settings.seed
         )
+        # before an epoch is spent, not after: the validation bank weighs singles against blanks or multi-hits,
+        # and needs singles beside it to judge
+        if kind == "twin" and (v.n_particles[self.val_refs] == 1).all():
+            raise UserError(f"{val} holds single hits only: validation needs blanks or multi-hits beside them")
         if kind == "twin" and not np.delete(v.n_particles == 1, self.val_refs).any():
-            raise UserError(  # before an epoch is spent, not after: the validation needs singles beside its bank
+            raise UserError(
                 f"{val} has no single hits beside the {settings.bank_per_class} per class its validation bank "
                 "draws: give it more singles, or a smaller bank_per_class"
             )
@@ -444,8 +450,8 @@ class Trainer:
 
 def load_run(run_dir: Path) -> tuple[dict[str, Any], TrainSettings, nn.Module]:
     """A finished run's record, settings and best network (on the CPU, in eval mode)."""
-    if not (Path(run_dir) / CHECKPOINT).exists():
-        raise UserError(f"{run_dir} is not a training run directory (no {CHECKPOINT})")
+    if not (Path(run_dir) / RUN_FILE).exists():
+        raise UserError(f"{run_dir} is not a training run directory (no {RUN_FILE})")
     run = read_run(Path(run_dir))
     settings = TrainSettings.model_validate(run["settings"])
     net = build_net(run["kind"], settings, len(run["structures"]))
@@ -457,8 +463,8 @@ def best_weights(run_dir: Path, run: dict[str, Any]) -> Path:
     """The file holding the best epoch's weights: model.safetensors, or the checkpoint when the best epoch is
     the last one saved and the run stopped before copying it out (the checkpoint is written first)."""
     best = str(run["best"]["epoch"])
-    if (run_dir / BEST).exists() and _metadata(run_dir / BEST).get("epoch") == best:
+    if (run_dir / BEST).exists() and _metadata(run_dir / BEST).get("epoch", best) == best:  # none: older version
         return run_dir / BEST
-    if best == str(len(run["history"])):
+    if best == str(len(run["history"])) and (run_dir / CHECKPOINT).exists():
         return run_dir / CHECKPOINT
     raise UserError(f"{run_dir / BEST} does not hold the weights of epoch {best}, the run's best")
