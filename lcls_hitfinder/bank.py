@@ -25,6 +25,7 @@ import numpy as np
 
 from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.labels import Label
+from lcls_hitfinder.paths import replaced
 from lcls_hitfinder.protocols import Decisions
 
 BANK_FORMAT_VERSION = 1
@@ -129,7 +130,7 @@ class ReferenceBank:
     def save(self, path: Path | str) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with h5py.File(path, "w") as f:
+        with replaced(path) as tmp, h5py.File(tmp, "w") as f:
             f.create_dataset("embeddings", data=self.embeddings)
             f.create_dataset("n_particles", data=self.n_particles.astype(np.int8))
             structure = self.structure if len(self.structure) == len(self.embeddings) else [""] * len(self.embeddings)

@@ -3,8 +3,10 @@ traceback after minutes of simulating, training or evaluating."""
 
 from __future__ import annotations
 
+import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 from lcls_hitfinder.errors import UserError
@@ -54,3 +56,16 @@ def _make_dir(path: Path, what: str) -> None:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UserError(f"cannot write {what} in {path}: {err.strerror or err}") from None
+
+
+@contextmanager
+def replaced(path: Path) -> Iterator[Path]:
+    """A temporary file beside `path` (its suffix, this process's own) that replaces `path` when the block ends
+    and is removed when it fails: a reader (a service reloading its bank) never sees a half-written file, and
+    a refused or stopped write leaves the previous file as it was."""
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        yield tmp
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -162,3 +162,30 @@ def test_references_are_drawn_per_count_and_structure() -> None:
     picked = {(int(a), str(b)) for a, b in zip(n[idx], s[idx], strict=True)}
     assert (1, "a") in picked and (1, "b") in picked and len(idx) == 2 + 2 + 2 + 3
     assert np.array_equal(idx, np.sort(idx))
+
+
+def test_a_bank_is_replaced_whole_or_not_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A service reloads its bank when the file changes: a save that fails half way (here: at the last
+    dataset) leaves the previous bank readable and no temporary file beside it."""
+    import h5py
+
+    path = tmp_path / "bank.h5"
+    old = _bank()
+    old.save(path)
+    create = h5py.Group.create_dataset
+
+    def fail_at_structure(self: h5py.Group, name: str, *args: object, **kwargs: object) -> object:
+        if name == "structure":
+            raise OSError("disk full")
+        return create(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(h5py.Group, "create_dataset", fail_at_structure)
+    new = ReferenceBank(old.embeddings + 1.0, old.n_particles, model_hash="another")
+    with pytest.raises(OSError, match="disk full"):
+        new.save(path)
+    monkeypatch.undo()
+    kept = ReferenceBank.load(path)
+    assert kept.model_hash == old.model_hash and np.array_equal(kept.embeddings, old.embeddings)
+    assert [p.name for p in tmp_path.iterdir()] == ["bank.h5"]
+    new.save(path)
+    assert ReferenceBank.load(path).model_hash == "another"

@@ -502,6 +502,33 @@ def test_bad_input_is_a_user_error(
     assert list(tmp_path.iterdir()) == []  # refused before anything was written
 
 
+@pytest.mark.parametrize("fault", ["parity", "stopped"])
+def test_a_refused_or_stopped_export_leaves_the_model_at_out_as_it_was(
+    data: Path, model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str
+) -> None:
+    """Parity refused, or the export stopped between writing the plain model and its rotation-averaging
+    form: the model already at --out (the one a service serves) is untouched and no temporary file stays."""
+    from lcls_hitfinder.learn import export
+
+    out = tmp_path / "served.onnx"
+    invoke("export", data / "run", "--out", out, "--views", "2")
+    before = out.read_bytes()
+    if fault == "parity":
+        monkeypatch.setattr(export, "parity", lambda *args: 1.0)
+    else:
+
+        def stop(*args: object) -> None:
+            raise Stopped
+
+        monkeypatch.setattr(export, "with_rotations", stop)
+    for args in (["export", data / "run"], ["export", model]):
+        result = runner.invoke(app, [str(a) for a in [*args, "--out", out, "--views", "4"]])
+        expected = UserError if fault == "parity" else Stopped
+        assert isinstance(result.exception, expected), result.output
+        assert out.read_bytes() == before
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["served.onnx"]
+
+
 def test_onnx_matches_torch_on_real_thumbnails(data: Path, model: Path) -> None:
     from lcls_hitfinder.dataset import Dataset
     from lcls_hitfinder.learn.export import PARITY_TOLERANCE, parity

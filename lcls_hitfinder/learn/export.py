@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from lcls_hitfinder.learn.nets import ConcatEmbedder
 from lcls_hitfinder.learn.settings import TrainSettings
 from lcls_hitfinder.learn.train import load_run
 from lcls_hitfinder.model_io import INPUT_NAME, ModelInfo, export_onnx, read_model_info, rotations, with_rotations
-from lcls_hitfinder.paths import apart
+from lcls_hitfinder.paths import apart, replaced
 
 PARITY_TOLERANCE = 1e-4
 
@@ -45,12 +46,11 @@ def parity(reference: Reference, model: Path, thumbnails: np.ndarray) -> float:
     return float(np.abs(onnx_embedding(model)(thumbnails) - expected).max())
 
 
-def _checked(reference: Reference, out: Path, thumbnail: int) -> float:
-    """Parity on random thumbnails; the file is removed when it fails."""
+def _checked(reference: Reference, model: Path, thumbnail: int) -> float:
+    """Parity on random thumbnails (the caller's file is not written when it fails)."""
     probe = np.random.default_rng(0).normal(size=(16, 1, thumbnail, thumbnail)).astype(np.float32)
-    diff = parity(reference, out, probe)
+    diff = parity(reference, model, probe)
     if diff > PARITY_TOLERANCE:
-        Path(out).unlink()
         raise UserError(f"exported model differs from its reference by {diff:.2e} > {PARITY_TOLERANCE}; not written")
     return diff
 
@@ -118,14 +118,16 @@ def export_run(run_dirs: list[Path], out: Path, views: int = 1) -> tuple[ModelIn
             "embed_dim": sum(m["embed_dim"] for m in summaries),
             "members": summaries,
         }
-    info = export_onnx(net, preprocess, out, summary)
-    if views != 1:
-        info = with_rotations(out, views, out)
-    return info, _checked(net, out, preprocess.thumbnail)
+    with replaced(out) as tmp:  # a model already at `out` stays until this one is whole and checked
+        info = export_onnx(net, preprocess, tmp, summary)
+        if views != 1:
+            info = with_rotations(tmp, views, tmp)
+        return dataclasses.replace(info, path=out), _checked(net, tmp, preprocess.thumbnail)
 
 
 def export_rotations(model: Path, views: int, out: Path) -> tuple[ModelInfo, float]:
     """An exported model made to average over `views` rotations, checked against the model itself."""
     apart(out, model, f"--out {out} is the model itself: write the averaging model to another file")
-    info = with_rotations(model, views, out)
-    return info, _checked(onnx_embedding(model), out, info.preprocess.thumbnail)
+    with replaced(out) as tmp:
+        info = with_rotations(model, views, tmp)
+        return dataclasses.replace(info, path=out), _checked(onnx_embedding(model), tmp, info.preprocess.thumbnail)

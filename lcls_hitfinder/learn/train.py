@@ -38,6 +38,7 @@ from lcls_hitfinder.learn.augment import Augmenter
 from lcls_hitfinder.learn.nets import TwinEmbedder, build_cnn
 from lcls_hitfinder.learn.settings import TrainSettings
 from lcls_hitfinder.learn.triplet import triplet_loss
+from lcls_hitfinder.paths import replaced
 from lcls_hitfinder.preprocess import Preprocessor
 
 Kind = Literal["twin", "cnn"]
@@ -180,10 +181,8 @@ def _metadata(path: Path) -> dict[str, str]:
 
 
 def _replace_whole(path: Path, data: bytes) -> None:
-    """Write through a temporary file: a run stopped while saving keeps the previous file whole."""
-    tmp = path.with_name(f"{path.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+    with replaced(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def write_run(run_dir: Path, run: dict[str, Any]) -> None:

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from lcls_hitfinder.errors import UserError
+from lcls_hitfinder.paths import replaced
 from lcls_hitfinder.simulate.structures import PROTEIN_DENSITY_E_NM3, AtomModel, Body, Structure
 
 VOLUME_VERSION = 1
@@ -294,9 +295,8 @@ def _load_grid(
             path.unlink(missing_ok=True)
     values = build_grid(model, plan, device)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
-    np.savez(tmp, values=values, dq=plan.dq, key=key)
-    tmp.replace(path)
+    with replaced(path) as tmp:
+        np.savez(tmp, values=values, dq=plan.dq, key=key)
     return values, plan.dq
 
 
