@@ -176,6 +176,35 @@ def test_bank_build_says_which_file_lacks_singles_to_calibrate_on(data: Path, mo
         assert isinstance(result.exception, UserError) and message in str(result.exception), result.output
 
 
+def test_labelled_frames_with_nan_pixels_are_refused_by_their_index(data: Path, model: Path, tmp_path: Path) -> None:
+    """bank build, evaluate and bank pick meet a pattern with a NaN pixel: a one-line error that names the file
+    and the pattern, not a traceback, a NaN embedding scored as a kept single, or a reference no frame has."""
+    batch = spheres(40, (48, 48), 11)
+    batch.images[3, 3, 3] = np.nan
+    nan = tmp_path / "nan.h5"
+    with DatasetWriter(nan, (48, 48), np.ones((48, 48), bool), {"seed": 11}) as wr:
+        wr.append(batch)
+    bank = tmp_path / "bank.h5"
+    invoke("bank", "build", "--model", model, "--data", data / "val.h5", "--per-class", "5", "--out", bank)
+    for args in (
+        ["bank", "build", "--model", model, "--data", nan, "--per-class", "2", "--out", tmp_path / "b.h5"],
+        ["bank", "build", "--model", model, "--data", data / "val.h5", "--calibrate", nan, "--out", tmp_path / "b.h5"],
+        ["evaluate", "--model", model, "--bank", bank, "--data", nan, "--report", tmp_path / "rep"],
+        ["evaluate", "--model", model, "--refs", data / "val.h5", "--data", nan, "--report", tmp_path / "rep"],
+    ):
+        result = runner.invoke(app, [str(a) for a in args])
+        assert isinstance(result.exception, UserError), (args, result.output)
+        assert f"{nan}: 1 pattern(s) hold NaN or Inf pixels (index 3)" in str(result.exception)
+    assert not (tmp_path / "b.h5").exists() and not (tmp_path / "rep").exists()
+    picks = tmp_path / "picks.csv"
+    picks.write_text("event,n_particles\n1,1\n3,1\n")
+    result = runner.invoke(
+        app, ["bank", "pick", "--source", f"h5:{nan}", "--picks", str(picks), "--out", str(tmp_path / "r.h5")]
+    )
+    assert isinstance(result.exception, UserError), result.output
+    assert "event 3 holds NaN or Inf pixels" in str(result.exception)
+
+
 def test_metrics_are_strict_json_when_a_figure_cannot_be_computed(data: Path, model: Path, tmp_path: Path) -> None:
     """A file with no single hit has no precision at recall 0.9: null in metrics.json and on stdout, not NaN."""
     blanks = spheres(20, (48, 48), 5)

@@ -63,8 +63,17 @@ def embed_frames(
 def embed_dataset(
     embedder: OnnxEmbedder, data: Dataset | FrameFile, calibration: PhotonCalibration | None = None
 ) -> np.ndarray:
-    """`embed_frames`' embeddings alone: for labelled data, whose frames are finite."""
-    return embed_frames(embedder, data, calibration)[0]
+    """`embed_frames`' embeddings alone, for labelled data (references, evaluation): a frame with NaN or Inf
+    pixels has no embedding to draw or judge, and is refused by its index rather than scored."""
+    embeddings, finite, _ = embed_frames(embedder, data, calibration)
+    if not finite.all():
+        bad = np.flatnonzero(~finite)
+        shown = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
+        raise UserError(
+            f"{data.path}: {len(bad)} pattern(s) hold NaN or Inf pixels (index {shown}); labelled data must be "
+            "finite (`classify` labels such frames error)"
+        )
+    return embeddings
 
 
 def build_bank(

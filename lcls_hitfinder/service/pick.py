@@ -23,7 +23,7 @@ from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.labels import MAX_PARTICLES, Label
 from lcls_hitfinder.preprocess import Preprocessor, PreprocessSettings
 from lcls_hitfinder.protocols import Frame, Source
-from lcls_hitfinder.service.binning import fitting_mask
+from lcls_hitfinder.service.binning import all_finite, fitting_mask
 from lcls_hitfinder.service.settings import ServeSettings
 from lcls_hitfinder.service.sources.h5 import recorded_calibration
 
@@ -142,6 +142,8 @@ def pick_references(
                 mask = (pre.mask[0] > 0).numpy()
             if tuple(frame.shape) != pre.frame_shape:
                 raise UserError(f"event {ident.event} is {tuple(frame.shape)}, the first picked one {pre.frame_shape}")
+            if not bool(all_finite(frame[None])[0]):  # serve decides such a frame `error`: no reference
+                raise UserError(f"event {ident.event} holds NaN or Inf pixels: pick another event")
             images.append(pre.photons(frame[None], inplace=True)[0].numpy())
             counts.append(n)
             if progress is not None:
