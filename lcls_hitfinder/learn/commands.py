@@ -58,7 +58,8 @@ def train(
         bool,
         typer.Option(
             help="continue the run in --out from its last checkpoint, with its own data and settings "
-            "(--epochs extends it)"
+            "(--epochs extends it; the cosine learning rate is then spread over the new total, so it rises "
+            "again: an extended run is not the run it would have been with those epochs from the start)"
         ),
     ] = False,
 ) -> None:
