@@ -315,6 +315,39 @@ def test_watchdog_restarts_a_reader_frozen_with_the_gil_held() -> None:
 
 
 @dataclass(frozen=True)
+class StoppedMidMessageLoop:
+    """Stopped (SIGSTOP: a frozen cgroup) halfway through sending a message, after `after` frames of its first
+    life: the service's reading thread waits in that message for bytes that never come."""
+
+    n: int
+    after: int
+
+    def __call__(self, sink: FrameSink, delivered: Delivered) -> None:
+        sink.ready(f"{self.n} frames, stopped mid-message after {self.after}")
+        for i in range(self.n):
+            if (1, i) in delivered:
+                continue
+            if not delivered and i == self.after:
+                fd = sink._conn.fileno()  # a bigger message (a binned frame's) written in pieces, the first only
+                os.write(fd, (100_000).to_bytes(4, "big") + bytes(1000))
+                os.kill(os.getpid(), signal.SIGSTOP)
+            sink.put(EventId("tst", 1, i, timestamp=1000 + i), _frame_data(i), None, time.perf_counter_ns())
+
+
+def test_watchdog_restarts_a_reader_stopped_in_the_middle_of_a_message() -> None:
+    collected: queue.Queue[tuple[list[Frame], int]] = queue.Queue()
+    with _started(StoppedMidMessageLoop(8, after=3), "midway") as reader:
+        thread = threading.Thread(target=lambda: collected.put(_collect(reader)), daemon=True)
+        thread.start()
+        thread.join(120)  # a guard against a hang, not a speed limit: the stall takes 1 s to see
+        assert not thread.is_alive(), "the reading thread stayed blocked in the half-sent message"
+    frames, _ = collected.get_nowait()
+    assert [f.event.event for f in frames] == list(range(8))
+    assert reader.restarts == 1
+    assert _leftovers() == []
+
+
+@dataclass(frozen=True)
 class NeverServedLoop:
     """A live reader whose source never delivers: psana waiting, GIL held, for a shmem server that is not there."""
 

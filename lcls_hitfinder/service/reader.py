@@ -4,10 +4,11 @@ Why a child: psana's shared-memory client freezes its whole process with the GIL
 server goes away (and `DataSource(shmem=...)` does the same while no server is up), so no thread of
 the service could even notice. The child runs a picklable `ReadLoop`; each frame is copied into one
 fixed slot of a shared-memory ring (/dev/shm) and only its identity travels on a socket. A thread in
-the child bumps its counter in a shared heartbeat segment; the parent's `frames()` watches it, and when
-it stops (stall) the parent kills the child, cleans up after it and starts a new one with exponential
-backoff, counting restarts. Meanwhile `frames()` keeps yielding `None` idle ticks at least every
-0.5 s so the service goes on heartbeating.
+the child bumps its counter in a shared heartbeat segment; a watchdog thread of the parent watches it,
+and when it stops (stall) kills the child, whose end `frames()` then meets (also in the middle of a
+message the child never finished sending, where `frames()` itself is blocked): it cleans up after the
+child and starts a new one with exponential backoff, counting restarts. Meanwhile `frames()` keeps
+yielding `None` idle ticks at least every 0.5 s so the service goes on heartbeating.
 
 Ring protocol: the child writes a free slot and sends (slot, shape, dtype, event, truth, read time);
 the parent hands the slot back on the same socket (an acknowledgement: the ring's generation and the
@@ -551,7 +552,7 @@ class _Child:
     run_ends: Counter[tuple[str, int]] = field(default_factory=Counter)
     crash: str = ""  # last line of a channel's traceback
     mpich: set[str] = field(default_factory=set)  # MPICH's shared-memory files of the ranks
-    checked_at: float = 0.0  # when the heartbeats were last looked at
+    stalled: str = ""  # why the watchdog killed it
     stopped: bool = False  # _stop_child has run (or runs): once only
 
     def note_mpich(self, paths: list[str]) -> None:
@@ -702,6 +703,11 @@ class SupervisedReader:
             self._child = _Child(process, heartbeat, beats, prefix, expected, time.monotonic(), lock)
             self._child.channels.append(_Channel(here, 0, process.pid))
         self._restart_at = None
+        if self._going:  # a restart: watched from its start (a first child from the go, after opening)
+            self._start_watchdog(self._child)
+
+    def _start_watchdog(self, child: _Child) -> None:
+        threading.Thread(target=self._watch, args=(child,), name=f"watchdog-{self._name}", daemon=True).start()
 
     def _next_message(self, child: _Child, timeout: float) -> tuple[_Channel | None, tuple[Any, ...]] | None:
         """The next message of any channel; ("eof",) once the child is gone and all it sent has been read."""
@@ -812,19 +818,29 @@ class SupervisedReader:
         self._restart_at = time.monotonic() + delay
 
     def _stalled(self, child: _Child) -> bool:
-        """Whether a channel that is still reading has not beaten for `stall_s` (30 s before its first beat).
-
-        Looked at no more often than the children beat, not once per frame.
-        """
+        """Whether a channel that is still reading has not beaten for `stall_s` (30 s before its first beat)."""
         now = time.monotonic()
-        if now - child.checked_at < _HEARTBEAT_PERIOD_S:
-            return False
-        child.checked_at = now
         beats = child.beats.copy()
         child.last_change[beats != child.last_beats] = now
         child.last_beats = beats
         limit = np.where(beats == 0, _STARTUP_GRACE_S, self._settings.stall_s)
         return bool(((now - child.last_change > limit) & ~child.finished).any())
+
+    def _watch(self, child: _Child) -> None:
+        """Kill the child once it stalls, from beside the thread reading it: that one may be blocked in the
+        middle of a message a frozen child never finishes, where no check of its own would ever run."""
+        while True:
+            time.sleep(_HEARTBEAT_PERIOD_S)
+            with self._stopping:  # the heartbeat segment goes with the child's clean-up
+                if child.stopped:
+                    return
+                if self._stalled(child):
+                    never = self._live and not len(self._delivered)  # a tag nobody serves looks like a freeze
+                    child.stalled = f"stalled (no heartbeat for {self._settings.stall_s:g} s)" + (
+                        " before any event: is the live source served here?" if never else ""
+                    )
+                    child.process.kill()  # its sockets close: frames() reads their end and restarts it
+                    return
 
     def _handle_control(self, child: _Child, channel: _Channel | None, msg: tuple[Any, ...]) -> None:
         kind = msg[0]
@@ -889,16 +905,16 @@ class SupervisedReader:
             return True
         if not self._live and child.crash:
             raise UserError(f"{self._name}: psana failed: {child.crash}")
-        self._schedule_restart("reached the end of its data" if ended else f"exited (code {code})")
+        self._schedule_restart(child.stalled or ("reached the end of its data" if ended else f"exited (code {code})"))
         return False
 
     def frames(self) -> Iterator[Frame | RunEnd | None]:
         """Frames and run ends as they come, `None` at least every 0.5 s when none do; ends when a file is done."""
-        stall = f"stalled (no heartbeat for {self._settings.stall_s:g} s)"
         if not self._going:
             self._going = True
             if self._child is not None:
                 self._go(self._child)
+                self._start_watchdog(self._child)
         while not self._closed:
             child = self._child
             if child is None:
@@ -911,11 +927,6 @@ class SupervisedReader:
                 continue
             got = self._next_message(child, IDLE_TICK_S)
             if got is None:
-                if self._stalled(child):
-                    never = self._live and not len(self._delivered)  # a tag nobody serves looks like a freeze
-                    self._schedule_restart(
-                        stall + (" before any event: is the live source served here?" if never else "")
-                    )
                 yield None
                 continue
             channel, msg = got
@@ -934,8 +945,6 @@ class SupervisedReader:
                 continue
             else:
                 self._handle_control(child, channel, msg)
-            if self._stalled(child):
-                self._schedule_restart(stall)
 
     def close(self) -> None:
         """Stop the child (it finalizes MPI when it can) and remove everything it left in /dev/shm."""
