@@ -210,6 +210,36 @@ def test_sigterm_while_the_source_opens_closes_what_was_started(
     assert _ranks_of(serve.pid) == []  # MpiRun.join waited for them; nothing is left to psana's hydra
 
 
+def test_sighup_while_the_source_opens_is_a_reload_once_serving(
+    tiny: Model, tmp_path: Path, processes: list[Any]
+) -> None:
+    """`systemctl reload` (SIGHUP) while psana opens the run: by default it ended the service (and systemd
+    does not restart a service ended by SIGHUP); now the bank is reloaded once serving and the run is served."""
+    data = simulate_dataset(tiny.simulate, tmp_path / "data.h5", n=8, workers=1, progress=False)
+    made = subprocess.run(
+        [CLI, "xtc2", str(data), "--out", str(tmp_path / "run.xtc2")], capture_output=True, text=True, timeout=WAIT_S
+    )
+    assert made.returncode == 0, made.stdout + made.stderr
+    publish = {"endpoint": f"tcp://127.0.0.1:{free_port()}"}
+    config = serve_config(tmp_path / "serve.yaml", tiny, f"xtc2:{tmp_path / 'run.xtc2'}?det=cam", "", publish=publish)
+    serve = subprocess.Popen(
+        [CLI, "serve", "--config", str(config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    processes.append(serve)
+    deadline = time.monotonic() + WAIT_S
+    while not glob.glob(f"/dev/shm/lhf_{serve.pid}_*"):  # the reader's segments: the source is opening
+        assert serve.poll() is None and time.monotonic() < deadline, "the source never began to open"
+        time.sleep(0.05)
+    serve.send_signal(signal.SIGHUP)
+    output, _ = serve.communicate(timeout=WAIT_S)
+    assert serve.returncode == 0 and "Traceback" not in output, output
+    assert "SIGHUP while starting" in output and "bank reloaded from" in output, output
+    (log_file,) = (tmp_path / "logs").rglob("*.h5")
+    columns, attrs = read_decision_log(log_file)
+    assert attrs["complete"] and columns["seq"].tolist() == list(range(8))
+    assert leftovers(serve.pid) == []
+
+
 def _ranks_of(pid: int) -> list[str]:
     """Command lines of live MPI ranks of service `pid` (their socket lies under /dev/shm/lhf_PID_*)."""
     found = []

@@ -669,6 +669,7 @@ def test_provider_fallback_ends_on_the_cpu(fx: Fixtures, monkeypatch: pytest.Mon
         (["--source", "sim:?rate=fast"], "rate='fast' is not a valid float"),
         (["--log-dir", str(REPO / "README.md")], "decision log directory"),  # a file: no run could be logged
         (["--log-dir", "/proc/self"], "cannot write decision log directory in /proc/self"),  # no file goes there
+        (["--log-dir", "~/taken"], "home/taken is a file, not a directory"),  # checked where it is written: $HOME
         (["--bank", "/nonexistent/bank.h5"], "bank /nonexistent/bank.h5 does not exist"),
         pytest.param(
             ["--device", "cuda", "--source", "sim:?rate=50&n=30"],  # was refused after the simulator had started
@@ -678,18 +679,21 @@ def test_provider_fallback_ends_on_the_cpu(fx: Fixtures, monkeypatch: pytest.Mon
     ],
 )
 def test_serve_refuses_a_bad_source_in_one_line(fx: Fixtures, tmp_path: Path, args: list[str], message: str) -> None:
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "taken").write_text("")
     proc = subprocess.run(
         [*LCLS_HITFINDER, "serve", "--model", str(fx.model), "--bank", str(fx.bank), "--metrics-port", "0", *args],
         capture_output=True,
         text=True,
         timeout=WAIT_S,
         cwd=tmp_path,
-        env={**os.environ, "COLUMNS": "200"},
+        env={**os.environ, "COLUMNS": "200", "HOME": str(tmp_path / "home")},
     )
     errors = [line for line in proc.stderr.splitlines() if line.startswith("lcls-hitfinder: error:")]
     assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "decisions").exists()  # the default log folder is made only for a service that starts
+    assert not (tmp_path / "~").exists()
     assert "publishing on" not in proc.stderr  # refused before binding
 
 

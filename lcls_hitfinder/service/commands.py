@@ -107,6 +107,26 @@ def serve(
 
 def run_service(settings: ServeSettings) -> int:
     """Start-up in the order that keeps subscribers and operators informed, then serve until done."""
+    # A stop asked for while starting is noted, not raised into whatever is starting (a half-started reader
+    # or MPI run cannot be cleaned up reliably); the start-up stops at its next step. Twice: quit at once.
+    # A bank reload asked for (SIGHUP, `systemctl reload`) is done once serving: by default it would end the
+    # process, and systemd does not restart a service that a SIGHUP ended.
+    stop_asked, reload_asked = threading.Event(), threading.Event()
+
+    def on_early_stop(signum: int, _frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if stop_asked.is_set():
+            raise KeyboardInterrupt(f"second {name}")
+        log.info("%s while starting: stopping once the step under way is done (again to quit at once)", name)
+        stop_asked.set()
+
+    def on_early_hup(_signum: int, _frame: FrameType | None) -> None:
+        log.info("SIGHUP while starting: the bank is reloaded once serving")
+        reload_asked.set()
+
+    signal.signal(signal.SIGINT, on_early_stop)
+    signal.signal(signal.SIGTERM, on_early_stop)
+    signal.signal(signal.SIGHUP, on_early_hup)
     import torch
 
     from lcls_hitfinder.devices import resolve_device
@@ -131,19 +151,6 @@ def run_service(settings: ServeSettings) -> int:
     # Bind first: subscribers connect while the model and the source are still loading.
     publisher = ZmqPublisher(settings.publish.endpoint, settings.publish.sndhwm)
     metrics = ServiceMetrics()
-    # A stop asked for while starting is noted, not raised into whatever is starting (a half-started reader
-    # or MPI run cannot be cleaned up reliably); the start-up stops at its next step. Twice: quit at once.
-    stop_asked = threading.Event()
-
-    def on_early_stop(signum: int, _frame: FrameType | None) -> None:
-        name = signal.Signals(signum).name
-        if stop_asked.is_set():
-            raise KeyboardInterrupt(f"second {name}")
-        log.info("%s while starting: stopping once the step under way is done (again to quit at once)", name)
-        stop_asked.set()
-
-    signal.signal(signal.SIGINT, on_early_stop)
-    signal.signal(signal.SIGTERM, on_early_stop)
     try:
         if settings.metrics.port is not None:
             try:
@@ -188,6 +195,8 @@ def run_service(settings: ServeSettings) -> int:
         if stop_asked.is_set():  # asked while starting (checked after the handlers above: none is missed)
             log.info("stopped before serving")
             return 0
+        if reload_asked.is_set():
+            pipeline.request_bank_reload()
         wait = settings.publish.wait_for_subscriber_s
         if wait > 0:
             log.info("waiting up to %.0f s for a subscriber on %s", wait, publisher.endpoint)

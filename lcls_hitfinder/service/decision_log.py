@@ -43,7 +43,7 @@ def log_path(log_dir: Path, experiment: str, run: int) -> Path:
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     name = re.sub(r"[^\w.-]", "_", experiment).lstrip(".") or "_"  # one file in log_dir, whatever the name holds
     base = f"{name}-r{run:04d}-{stamp}"  # a dot in the name is not a suffix to replace
-    log_dir = log_dir.expanduser().resolve()
+    log_dir = log_dir.resolve()
     path, n = log_dir / f"{base}.h5", 1
     while path.exists():
         path, n = log_dir / f"{base}-{n}.h5", n + 1

@@ -19,6 +19,12 @@ def _false_is_none(value: object) -> object:
     return None if value is False else value
 
 
+def _expanded(path: Path | None) -> Path | None:
+    """`~` in a config file's paths, as a shell would expand it on the command line: once, here, so that the
+    folder checked at start-up is the folder written."""
+    return None if path is None else path.expanduser()
+
+
 class BatchSettings(Section):
     """Dynamic batching: a batch goes out when full or when its first frame has waited `max_wait_ms`."""
 
@@ -131,9 +137,14 @@ class ServeSettings(Section):
     )
     max_events: int | None = Field(None, ge=1, description="stop after this many events (tests, dry runs)")
     status_s: float = Field(10.0, ge=0, description="seconds between status lines in the log; 0: none")
-    bank_poll_s: float = Field(1.0, gt=0, description="seconds between checks of the bank file for changes")
+    bank_poll_s: float = Field(
+        1.0,
+        gt=0,
+        description="seconds between checks of the bank file for changes (at most one per publish.heartbeat_s)",
+    )
 
     _off = field_validator("log_dir", mode="before")(_false_is_none)
+    _home = field_validator("model", "bank", "log_dir")(_expanded)
 
 
 def _rows(model: type[BaseModel], prefix: str) -> list[str]:
