@@ -144,7 +144,7 @@ def test_xtc2_run_through_serve_equals_classify(
     stamps = [m["timestamp"] for m in decisions]
     assert stamps == sorted(stamps) and len(set(stamps)) == n
     assert all(m["pulse_id"] is not None for m in decisions)
-    assert end["events"] == n
+    assert end["events"] == n and end["ended"] == "run_end"  # psana's EndRun: the whole run was read
 
     csv_out = str(tmp_path / "classify.csv")
     files = ["--model", str(tiny.model), "--bank", str(tiny.bank), "--data", str(data), "--out", csv_out]

@@ -511,3 +511,12 @@ def test_picks_take_each_event_once_by_run_or_in_any_run(tmp_path: Path) -> None
     assert picks.take(run=1, event=5, timestamp=0) is None  # event 5 of run 2 only
     assert picks.take(run=2, event=5, timestamp=0) == 1 and picks.take(run=2, event=5, timestamp=0) is None
     assert picks.take(run=9, event=7, timestamp=0) == 2 and picks.counts == {}  # no run given: any run's
+
+
+def test_listen_says_why_a_run_ended() -> None:
+    """A run cut short (a stop, max_events) is told from a whole one on listen's run lines."""
+    from lcls_hitfinder.service.commands import _human
+
+    end = {"phase": "end", "experiment": "cxi", "run": 7, "events": 40, "counts": {"single": 40}, "log": None}
+    assert _human("run", {**end, "ended": "max_events"}).startswith("run end (max_events): cxi:7, 40 events")
+    assert _human("run", {**end, "phase": "begin", "ended": None}).startswith("run begin: cxi:7")

@@ -353,7 +353,7 @@ def test_decision_log_holds_every_decision_without_subscribers(fx: Fixtures, tmp
     r.publisher.close()
     (path,) = r.pipeline.logs
     columns, attrs = read_decision_log(path)
-    assert attrs["complete"] and attrs["events"] == 120
+    assert attrs["complete"] and attrs["events"] == 120 and attrs["ended"] == "source_end"
     assert columns["seq"].tolist() == list(range(120))
     assert columns["event"].tolist() == list(range(120))
     assert set(columns["experiment"]) == {"xpptest"} and set(columns["run"].tolist()) == {12}
@@ -365,6 +365,19 @@ def test_decision_log_holds_every_decision_without_subscribers(fx: Fixtures, tmp
     )
     assert events == 120
     assert 'hitfinder_stage_duration_seconds_count{stage="infer"}' in exported
+
+
+def test_a_run_cut_short_by_max_events_says_so(fx: Fixtures, tmp_path: Path) -> None:
+    """The log is complete (closed with its totals) either way; `ended` tells a whole run from a cut one."""
+    settings = _settings(tmp_path, source=f"h5:{fx.data}?repeat=0", max_events=7)
+    r = _start(settings, open_source(settings.source, settings), fx.model, fx.bank)
+    r.pipeline.start()
+    assert r.pipeline.wait(WAIT_S)
+    r.publisher.close()
+    (path,) = r.pipeline.logs
+    columns, attrs = read_decision_log(path)
+    assert attrs["complete"] and attrs["events"] == 7 and attrs["ended"] == "max_events"
+    assert columns["seq"].tolist() == list(range(7))
 
 
 def test_bad_frames_get_error_decisions_and_the_service_goes_on(fx: Fixtures, tmp_path: Path) -> None:
@@ -521,6 +534,7 @@ def test_stop_drains_every_frame_read(fx: Fixtures, tmp_path: Path) -> None:
     columns, attrs = read_decision_log(r.pipeline.logs[0])
     assert source.released == Counter(range(40))  # each frame read handed back once, none read after the stop
     assert columns["event"].tolist() == list(range(40)) and attrs["events"] == 40 and attrs["complete"]
+    assert attrs["ended"] == "stopped"
 
 
 def _serve_command(fx: Fixtures, tmp_path: Path, source: str, endpoint: str, metrics_port: int = 0) -> list[str]:
@@ -587,6 +601,7 @@ def test_serve_drains_and_closes_the_run_on_sigterm(fx: Fixtures, tmp_path: Path
     assert end["events"] == len(decisions) and end["experiment"] == "cxitest" and end["run"] == 3
     columns, attrs = read_decision_log(end["log"])
     assert attrs["complete"] and columns["seq"].tolist() == list(range(len(decisions)))
+    assert end["ended"] == attrs["ended"] == "stopped"
     assert "bank reloaded from" in output and "SIGTERM" in output
 
 

@@ -247,7 +247,8 @@ def _human(topic: str, p: dict[str, Any]) -> str:
     if topic == "heartbeat":
         restarts = p["source_restarts"]
         return f"heartbeat: {p['rate_hz']:.1f} Hz, next seq {p['next_seq']}, {p['counts']}, restarts {restarts}"
-    return f"run {p['phase']}: {p['experiment']}:{p['run']}, {p['events']} events {p['counts']}, log {p['log']}"
+    ended = f" ({p['ended']})" if p["ended"] else ""
+    return f"run {p['phase']}{ended}: {p['experiment']}:{p['run']}, {p['events']} events {p['counts']}, log {p['log']}"
 
 
 def _json_line(topic: str, payload: dict[str, Any]) -> str:

@@ -125,6 +125,13 @@ FIELDS: dict[str, tuple[FieldSpec, ...]] = {
         FieldSpec("dropped", "int", "events of the run read but not decided"),
         FieldSpec("duration_s", "float", "seconds from begin to end (0 at begin)"),
         FieldSpec("log", "str | nil", "path of the run's decision log"),
+        FieldSpec(
+            "ended",
+            "str | nil",
+            "why the run ended (nil at begin): `run_end` (psana's EndRun: the whole run was read), `source_end` "
+            "(a file or simulation read to its end), `next_run` (a frame of another run came first), "
+            "`max_events` or `stopped` (cut short: serve.max_events, a signal), `source_failed`, `failed`",
+        ),
     ),
 }
 
@@ -219,8 +226,9 @@ def markdown() -> str:
         "A PUB socket drops messages for a subscriber that falls behind its high-water mark",
         "(`serve.publish.sndhwm`): compare `seq` with the previous one (`lcls-hitfinder listen` reports gaps)",
         "and read the run's decision log (`serve.log_dir`, HDF5, one column per logged field) for the full record.",
-        "The log is flushed every second and marked `complete` (an attribute, with the run's totals) at the end",
-        "of the run. It is written in HDF5's SWMR mode, so it can be read at any time, also during the run:",
+        "The log is flushed every second and marked `complete` (an attribute, with the run's totals and `ended`,",
+        "which says whether the whole run was read) when the run ends. It is written in HDF5's SWMR mode, so it",
+        "can be read at any time, also during the run:",
         "`lcls_hitfinder.service.decision_log.read_decision_log(path)`, or `h5py.File(path, 'r', swmr=True)`.",
         "",
         "A subscriber receives what is published after it has connected: one that joins a running service starts",

@@ -185,6 +185,7 @@ class Pipeline:
         self._dropped_by_run: Counter[tuple[str, int]] = Counter()
         self._recent_latency_ns: deque[np.ndarray] = deque(maxlen=64)  # last batches, for the status line
         self.error: BaseException | None = None
+        self._read_ended = "source_end"  # why the reader stopped: the last run's end says it
         self.logs: list[str] = []  # decision logs written, in run order
         metrics.set_build_info(__version__, embedder.model_hash, embedder.provider)
         self._threads = [
@@ -250,14 +251,15 @@ class Pipeline:
                     self._put(frame)
                     n += 1
                 if self._stop.is_set() or (limit is not None and n >= limit):
+                    self._read_ended = "stopped" if self._stop.is_set() else "max_events"
                     break
                 t = time.perf_counter()
         except UserError as err:  # said in one line: the source's own words
             log.error("the source failed, ending the run: %s", err)
-            self.error = err
+            self.error, self._read_ended = err, "source_failed"
         except Exception as err:
             log.exception("the source failed; ending the run")
-            self.error = err
+            self.error, self._read_ended = err, "source_failed"
         finally:
             close = getattr(frames, "close", None)
             if close is not None:
@@ -285,6 +287,7 @@ class Pipeline:
 
     # ---- worker --------------------------------------------------------------------------------------------
     def _work(self) -> None:
+        failed = False
         try:
             while True:
                 batch = self._batcher.next(_IDLE_S)
@@ -295,12 +298,12 @@ class Pipeline:
                 self._with_log(DecisionLog.flush_if_due)
         except Exception as err:
             log.exception("the pipeline failed")
-            self.error = err
+            self.error, failed = err, True
             self._stop.set()
             self._drop_queued()
         finally:
             try:
-                self._end_run()
+                self._end_run("failed" if failed else self._read_ended)
                 self._poll_restarts()
             except Exception as err:
                 log.exception("ending the last run failed")
@@ -350,14 +353,14 @@ class Pipeline:
                 self._process(piece)
             piece = [item] if isinstance(item, Frame) else []
             if isinstance(item, RunEnd) and self._run is not None and self._run.key == (item.experiment, item.run):
-                self._end_run()
+                self._end_run("run_end")
         if piece:
             self._process(piece)
 
     def _process(self, frames: list[Frame]) -> None:
         key = _run_key(frames[0].event)
         if self._run is None or self._run.key != key:
-            self._end_run()
+            self._end_run("next_run")
             self._begin_run(*key)
         try:
             verdicts = self._decide(frames)
@@ -599,14 +602,14 @@ class Pipeline:
         self.publisher.publish(RUN, self._run_payload("begin"))
         log.info("run %s:%d begins (seq %d)", experiment, run, self._next_seq)
 
-    def _end_run(self) -> None:
+    def _end_run(self, ended: str) -> None:
+        """Close the open run, saying why (`ended`, as the run message's field documents)."""
         run = self._run
         if run is None:
             return
-        payload = self._run_payload("end")
-        self._with_log(
-            lambda d: d.close({k: payload[k] for k in ("events", "counts", "keep", "dropped", "duration_s")})
-        )
+        payload = {**self._run_payload("end"), "ended": ended}
+        totals = ("events", "counts", "keep", "dropped", "duration_s", "ended")
+        self._with_log(lambda d: d.close({k: payload[k] for k in totals}))
         if run.decision_log is None:  # it failed at the close: the end names no log it cannot vouch for
             payload["log"] = None
         self.publisher.publish(RUN, payload)
@@ -646,6 +649,7 @@ class Pipeline:
             "dropped": self._dropped_by_run[(run.experiment, run.run)],
             "duration_s": (time.time_ns() - run.started_ns) / 1e9 if phase == "end" else 0.0,
             "log": None if run.decision_log is None else str(run.decision_log.path),
+            "ended": None,
         }
 
     # ---- monitor -------------------------------------------------------------------------------------------
