@@ -28,7 +28,7 @@ from lcls_hitfinder.service.settings import ServeSettings
 from lcls_hitfinder.service.sources import open_source, parse_uri
 from lcls_hitfinder.service.sources.psana2 import Psana2ReadLoop, read_loop
 from lcls_hitfinder.service.sources.shmem_server import ShmemServer
-from lcls_hitfinder.service.sources.xtc2_writer import exp_layout, psana_timestamp
+from lcls_hitfinder.service.sources.xtc2_writer import Xtc2Writer, exp_layout, psana_timestamp
 
 pytest.importorskip("psana.psexp", reason="psana2 is not installed (pip install 'lcls-hitfinder[psana]')")
 
@@ -72,6 +72,19 @@ def test_xtc2_file_gives_every_event_with_identity_truth_and_pixels(tmp_path: Pa
         assert f.truth_n_particles == i % 5
         assert f.data.dtype == np.uint16
         np.testing.assert_array_equal(f.data, frame_of(i, shape))
+    assert leftovers() == []
+
+
+def test_an_event_without_timing_data_has_no_pulse_id_and_the_run_goes_on(tmp_path: Path) -> None:
+    """psana's timing detector raises on an event that lacks its data: that event gets pulse_id nil, and the
+    run is read to its end (the reader crashed on it, and a file source failed for good)."""
+    shape = (8, 8)
+    with Xtc2Writer(tmp_path / "r.xtc2", shape, rate_hz=RATE, start_unix_ns=START_NS) as w:
+        for i in range(4):
+            w.write(frame_of(i, shape), n_particles=1, timing=i != 2)
+    frames = read_all(open_source(f"xtc2:{tmp_path / 'r.xtc2'}?det=cam", settings()))
+    assert [f.event.event for f in frames] == [0, 1, 2, 3]
+    assert [f.event.pulse_id is None for f in frames] == [False, False, True, False]
     assert leftovers() == []
 
 

@@ -210,12 +210,23 @@ class Psana2ReadLoop:
                     run=runnum,
                     event=i,
                     timestamp=int(evt.timestamp),
-                    pulse_id=int(timing.pulseId(evt)) if timing is not None else None,
+                    pulse_id=_pulse_id(timing, evt),
                 )
                 sink.put(event, data, None if n is None or n < 0 else int(n), read_ns)
                 if self.live:  # psana may reconnect to a server of the same run by itself: number on
                     delivered.add(runnum, i)
             sink.end_run(run.expt or "", runnum)
+
+
+def _pulse_id(timing: Any, evt: Any) -> int | None:
+    """The event's pulse id; None without a timing detector, or for an event that lacks its data, where psana's
+    timing detector raises AttributeError (reading None's pulseId) instead of returning None."""
+    if timing is None:
+        return None
+    try:
+        return int(timing.pulseId(evt))
+    except AttributeError:
+        return None
 
 
 def read_loop(uri: SourceURI) -> Psana2ReadLoop:

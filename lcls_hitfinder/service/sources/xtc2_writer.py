@@ -124,13 +124,15 @@ class Xtc2Writer:
         """The i-th event's timestamp: ts0 + i/rate, carrying nanoseconds into seconds."""
         return psana_timestamp(unix_ns(self._ts0) + (i + 1) * self._dt_ns)
 
-    def write(self, frame: np.ndarray, n_particles: int | None = None) -> None:
-        """One L1Accept with the frame, its pulse id and (when the file carries truth) its particle count."""
+    def write(self, frame: np.ndarray, n_particles: int | None = None, timing: bool = True) -> None:
+        """One L1Accept with the frame, its pulse id and (when the file carries truth) its particle count;
+        `timing=False` leaves the timing system's data out of this event, as a DAQ event missing it has."""
         if frame.shape != self.frame_shape:
             raise ValueError(f"frame shape {frame.shape} != {self.frame_shape}")
         d = self._dgram(self._tid.L1Accept, self._event_ts(self.n))
-        self._timing.raw.pulseId = self._pulse0 + self.n * self._dpulse
-        d.adddata(self._timing.raw)
+        if timing:
+            self._timing.raw.pulseId = self._pulse0 + self.n * self._dpulse
+            d.adddata(self._timing.raw)
         self._cam.raw.image = np.ascontiguousarray(frame, dtype=self.dtype)
         d.adddata(self._cam.raw)
         if self._truth is not None:
