@@ -194,16 +194,7 @@ def test_sigterm_while_the_source_opens_closes_what_was_started(
     assert made.returncode == 0, made.stdout + made.stderr
     source = f"exp:cxitest23:4?dir={xtc}&det=cam&ranks=3"
     config = serve_config(tmp_path / "serve.yaml", tiny, source, f"tcp://127.0.0.1:{free_port()}")
-    serve = subprocess.Popen(
-        [CLI, "serve", "--config", str(config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    processes.append(serve)
-    deadline = time.monotonic() + WAIT_S
-    while not glob.glob(f"/dev/shm/lhf_{serve.pid}_*"):  # the reader's segments: the source is opening
-        assert serve.poll() is None and time.monotonic() < deadline, "the source never began to open"
-        time.sleep(0.05)
-    serve.send_signal(signal.SIGTERM)
-    output, _ = serve.communicate(timeout=WAIT_S)
+    serve, output = _signalled_while_opening(config, processes, signal.SIGTERM)
     assert serve.returncode == 0 and "stopped before serving" in output and "Traceback" not in output, output
     assert "SIGTERM while starting" in output and "serving exp:" not in output, output  # it came while opening
     assert leftovers(serve.pid) == []
@@ -222,6 +213,19 @@ def test_sighup_while_the_source_opens_is_a_reload_once_serving(
     assert made.returncode == 0, made.stdout + made.stderr
     publish = {"endpoint": f"tcp://127.0.0.1:{free_port()}"}
     config = serve_config(tmp_path / "serve.yaml", tiny, f"xtc2:{tmp_path / 'run.xtc2'}?det=cam", "", publish=publish)
+    serve, output = _signalled_while_opening(config, processes, signal.SIGHUP)
+    assert serve.returncode == 0 and "Traceback" not in output, output
+    assert "SIGHUP while starting" in output and "bank reloaded from" in output, output
+    (log_file,) = (tmp_path / "logs").rglob("*.h5")
+    columns, attrs = read_decision_log(log_file)
+    assert attrs["complete"] and columns["seq"].tolist() == list(range(8))
+    assert leftovers(serve.pid) == []
+
+
+def _signalled_while_opening(
+    config: Path, processes: list[Any], signum: signal.Signals
+) -> tuple[subprocess.Popen[str], str]:
+    """`serve --config config`, sent `signum` once its psana reader has begun to open the source; its output."""
     serve = subprocess.Popen(
         [CLI, "serve", "--config", str(config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -230,14 +234,9 @@ def test_sighup_while_the_source_opens_is_a_reload_once_serving(
     while not glob.glob(f"/dev/shm/lhf_{serve.pid}_*"):  # the reader's segments: the source is opening
         assert serve.poll() is None and time.monotonic() < deadline, "the source never began to open"
         time.sleep(0.05)
-    serve.send_signal(signal.SIGHUP)
+    serve.send_signal(signum)
     output, _ = serve.communicate(timeout=WAIT_S)
-    assert serve.returncode == 0 and "Traceback" not in output, output
-    assert "SIGHUP while starting" in output and "bank reloaded from" in output, output
-    (log_file,) = (tmp_path / "logs").rglob("*.h5")
-    columns, attrs = read_decision_log(log_file)
-    assert attrs["complete"] and columns["seq"].tolist() == list(range(8))
-    assert leftovers(serve.pid) == []
+    return serve, output
 
 
 def _ranks_of(pid: int) -> list[str]:

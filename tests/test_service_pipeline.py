@@ -344,15 +344,20 @@ def test_a_dataset_in_adu_is_decoded_with_its_own_gain_everywhere(fx: Fixtures, 
     assert list(columns["label"]) == [r["label"] for r in photons]
 
 
-def test_decision_log_holds_every_decision_without_subscribers(fx: Fixtures, tmp_path: Path) -> None:
-    settings = _settings(tmp_path, source=f"h5:{fx.data}?repeat=3&run=12&experiment=xpptest")
+def _served_unheard(fx: Fixtures, settings: ServeSettings) -> tuple[Running, dict[str, Any], dict[str, Any]]:
+    """Serve settings.source to its end with no subscriber; the one run's log, read back."""
     r = _start(settings, open_source(settings.source, settings), fx.model, fx.bank)
     assert r.publisher.subscriptions == 0
     r.pipeline.start()
     assert r.pipeline.wait(WAIT_S)
     r.publisher.close()
     (path,) = r.pipeline.logs
-    columns, attrs = read_decision_log(path)
+    return r, *read_decision_log(path)
+
+
+def test_decision_log_holds_every_decision_without_subscribers(fx: Fixtures, tmp_path: Path) -> None:
+    settings = _settings(tmp_path, source=f"h5:{fx.data}?repeat=3&run=12&experiment=xpptest")
+    r, columns, attrs = _served_unheard(fx, settings)
     assert attrs["complete"] and attrs["events"] == 120 and attrs["ended"] == "source_end"
     assert columns["seq"].tolist() == list(range(120))
     assert columns["event"].tolist() == list(range(120))
@@ -369,13 +374,7 @@ def test_decision_log_holds_every_decision_without_subscribers(fx: Fixtures, tmp
 
 def test_a_run_cut_short_by_max_events_says_so(fx: Fixtures, tmp_path: Path) -> None:
     """The log is complete (closed with its totals) either way; `ended` tells a whole run from a cut one."""
-    settings = _settings(tmp_path, source=f"h5:{fx.data}?repeat=0", max_events=7)
-    r = _start(settings, open_source(settings.source, settings), fx.model, fx.bank)
-    r.pipeline.start()
-    assert r.pipeline.wait(WAIT_S)
-    r.publisher.close()
-    (path,) = r.pipeline.logs
-    columns, attrs = read_decision_log(path)
+    _, columns, attrs = _served_unheard(fx, _settings(tmp_path, source=f"h5:{fx.data}?repeat=0", max_events=7))
     assert attrs["complete"] and attrs["events"] == 7 and attrs["ended"] == "max_events"
     assert columns["seq"].tolist() == list(range(7))
 
@@ -603,6 +602,45 @@ def test_serve_drains_and_closes_the_run_on_sigterm(fx: Fixtures, tmp_path: Path
     assert attrs["complete"] and columns["seq"].tolist() == list(range(len(decisions)))
     assert end["ended"] == attrs["ended"] == "stopped"
     assert "bank reloaded from" in output and "SIGTERM" in output
+
+
+def test_signals_while_starting_are_kept_for_serving_and_a_second_stop_quits(fx: Fixtures, tmp_path: Path) -> None:
+    """serve's signal handling (its `_Signals`) with real signals: while starting a SIGHUP is noted (by default it
+    ends the process) and a SIGTERM stops at the next step, a second one quits at once; once serving, the
+    SIGHUP noted before reloads the bank, and a SIGTERM drains."""
+    from lcls_hitfinder.service.commands import _Signals
+
+    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    saved = {s: signal.getsignal(s) for s in handled}
+    try:
+        signals = _Signals()
+        os.kill(os.getpid(), signal.SIGHUP)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert signals.stop_asked.is_set()
+        with pytest.raises(KeyboardInterrupt, match="second SIGTERM"):
+            os.kill(os.getpid(), signal.SIGTERM)
+        signals = _Signals()  # another start-up, which serves
+        os.kill(os.getpid(), signal.SIGHUP)
+        settings = _settings(tmp_path, source=f"h5:{fx.data}?repeat=0&rate=200")
+        r = _start(settings, open_source(settings.source, settings), fx.model, fx.bank)
+        signals.serving(r.pipeline)
+        r.pipeline.start()
+        try:
+            reloads = r.metrics.bank_reloads.labels(result="ok")
+            deadline = time.monotonic() + WAIT_S
+            while reloads._value.get() < 1:
+                assert time.monotonic() < deadline, "the SIGHUP noted while starting did not reload the bank"
+                time.sleep(0.05)
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert r.pipeline.stopping and r.pipeline.wait(WAIT_S)
+            assert reloads._value.get() == 1 and signals.stop_asked.is_set()
+        finally:
+            r.pipeline.stop()
+            r.pipeline.wait(WAIT_S)
+            r.publisher.close()
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
 
 
 def test_sigterm_while_waiting_for_a_subscriber_reads_nothing(fx: Fixtures, tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.paths import existing, output_dir
 
 if TYPE_CHECKING:
+    from lcls_hitfinder.service.pipeline import Pipeline
     from lcls_hitfinder.service.settings import ServeSettings
 
 log = logging.getLogger("lcls_hitfinder.serve")
@@ -105,28 +106,50 @@ def serve(
     raise typer.Exit(code)
 
 
+class _Signals:
+    """SIGINT and SIGTERM stop the service (a second one quits at once), SIGHUP reloads the bank.
+
+    While it starts both are noted, not acted on: a stop is not raised into whatever is starting (a half-started
+    reader or MPI run cannot be cleaned up reliably), the start-up stops at its next step; a reload (`systemctl
+    reload`) is done once serving (by default SIGHUP would end the process, which systemd does not restart).
+    """
+
+    def __init__(self) -> None:
+        self.stop_asked, self._reload_asked = threading.Event(), threading.Event()
+        self._pipeline: Pipeline | None = None
+        signal.signal(signal.SIGINT, self._stop)
+        signal.signal(signal.SIGTERM, self._stop)
+        signal.signal(signal.SIGHUP, self._hup)
+
+    def serving(self, pipeline: Pipeline) -> None:
+        """From now on the pipeline is stopped and reloaded; a reload asked for while starting is done now."""
+        self._pipeline = pipeline
+        if self._reload_asked.is_set():
+            pipeline.request_bank_reload()
+
+    def _stop(self, signum: int, _frame: FrameType | None) -> None:
+        name, pipeline = signal.Signals(signum).name, self._pipeline
+        if self.stop_asked.is_set() or (pipeline is not None and pipeline.stopping):  # the operator will not wait
+            raise KeyboardInterrupt(f"second {name}")
+        self.stop_asked.set()
+        if pipeline is None:
+            log.info("%s while starting: stopping once the step under way is done (again to quit at once)", name)
+            return
+        log.info("%s: stopping the reader, draining what is in flight (again to quit at once)", name)
+        pipeline.stop()
+
+    def _hup(self, _signum: int, _frame: FrameType | None) -> None:
+        if self._pipeline is None:
+            log.info("SIGHUP while starting: the bank is reloaded once serving")
+            self._reload_asked.set()
+            return
+        log.info("SIGHUP: reloading the bank")
+        self._pipeline.request_bank_reload()
+
+
 def run_service(settings: ServeSettings) -> int:
     """Start-up in the order that keeps subscribers and operators informed, then serve until done."""
-    # A stop asked for while starting is noted, not raised into whatever is starting (a half-started reader
-    # or MPI run cannot be cleaned up reliably); the start-up stops at its next step. Twice: quit at once.
-    # A bank reload asked for (SIGHUP, `systemctl reload`) is done once serving: by default it would end the
-    # process, and systemd does not restart a service that a SIGHUP ended.
-    stop_asked, reload_asked = threading.Event(), threading.Event()
-
-    def on_early_stop(signum: int, _frame: FrameType | None) -> None:
-        name = signal.Signals(signum).name
-        if stop_asked.is_set():
-            raise KeyboardInterrupt(f"second {name}")
-        log.info("%s while starting: stopping once the step under way is done (again to quit at once)", name)
-        stop_asked.set()
-
-    def on_early_hup(_signum: int, _frame: FrameType | None) -> None:
-        log.info("SIGHUP while starting: the bank is reloaded once serving")
-        reload_asked.set()
-
-    signal.signal(signal.SIGINT, on_early_stop)
-    signal.signal(signal.SIGTERM, on_early_stop)
-    signal.signal(signal.SIGHUP, on_early_hup)
+    signals = _Signals()
     import torch
 
     from lcls_hitfinder.devices import resolve_device
@@ -164,8 +187,8 @@ def run_service(settings: ServeSettings) -> int:
         torch.set_num_threads(threads)
         embedder = OnnxEmbedder(model_path, settings.providers, settings.batch.max_size, threads)
         reloading_bank = ReloadingBank(bank_path, embedder, metrics)
-        if not stop_asked.is_set():
-            src.open(stop_asked)
+        if not signals.stop_asked.is_set():
+            src.open(signals.stop_asked)
         settings = recorded_calibration(settings, src)
         pipeline = Pipeline(settings, src, embedder, reloading_bank, publisher, metrics)
     except KeyboardInterrupt as why:  # the second stop: what was started dies with the process (readers do)
@@ -177,26 +200,11 @@ def run_service(settings: ServeSettings) -> int:
         publisher.close()
         raise
 
-    def on_stop(signum: int, _frame: FrameType | None) -> None:
-        name = signal.Signals(signum).name
-        if pipeline.stopping:  # a second request: the operator does not want to wait for the drain
-            raise KeyboardInterrupt(f"second {name}")
-        log.info("%s: stopping the reader, draining what is in flight (again to quit at once)", name)
-        pipeline.stop()
-
-    def on_hup(_signum: int, _frame: FrameType | None) -> None:
-        log.info("SIGHUP: reloading the bank")
-        pipeline.request_bank_reload()
-
-    signal.signal(signal.SIGINT, on_stop)
-    signal.signal(signal.SIGTERM, on_stop)
-    signal.signal(signal.SIGHUP, on_hup)
+    signals.serving(pipeline)
     try:
-        if stop_asked.is_set():  # asked while starting (checked after the handlers above: none is missed)
+        if signals.stop_asked.is_set():  # asked while starting (checked after the handlers above: none is missed)
             log.info("stopped before serving")
             return 0
-        if reload_asked.is_set():
-            pipeline.request_bank_reload()
         wait = settings.publish.wait_for_subscriber_s
         if wait > 0:
             log.info("waiting up to %.0f s for a subscriber on %s", wait, publisher.endpoint)
