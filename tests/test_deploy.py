@@ -4,6 +4,7 @@ No container engine here: nothing is built or run; docs/operations.md says so.""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -179,8 +180,20 @@ def test_compose_wiring() -> None:
                 assert (DOCKER / host).exists(), f"{name}: {host} is not in the repository"
 
 
-def test_compose_config_validates() -> None:
-    """`docker compose config` (the v2 plugin) or Debian's docker-compose: schema check, no engine needed."""
+def _gpu_variant(text: str) -> str:
+    """compose.yaml with its commented GPU reservation switched on, as its comment tells a GPU host to."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip().startswith("# deploy:"))
+    end = next(i for i in range(start, len(lines)) if "devices:" in lines[i])
+    for i in range(start, end + 1):
+        lines[i] = lines[i].replace("# ", "", 1)
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("variant", ["cpu", "gpu"])
+def test_compose_config_validates(variant: str) -> None:
+    """`docker compose config` (the v2 plugin) or Debian's docker-compose: schema check, no engine needed; also of
+    the file as its comment has a GPU host change it."""
     docker = shutil.which("docker")
     plugin = docker and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0
     if plugin:
@@ -189,9 +202,18 @@ def test_compose_config_validates() -> None:
         command = [legacy]
     else:
         pytest.skip("neither `docker compose` nor docker-compose is installed (deploy/install.sh installs the latter)")
-    proc = subprocess.run(
-        [*command, "-f", str(DOCKER / "compose.yaml"), "config", "-q"], capture_output=True, text=True, timeout=60
-    )
+    path = DOCKER / "compose.yaml"
+    if variant == "gpu":  # beside the original: its relative paths resolve from the same folder
+        text = _gpu_variant(path.read_text())
+        devices = yaml.safe_load(text)["services"]["hitfinder"]["deploy"]["resources"]["reservations"]["devices"]
+        assert devices == [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
+        path = DOCKER / f".compose-gpu-{os.getpid()}.yaml"
+        path.write_text(text)
+    try:
+        proc = subprocess.run([*command, "-f", str(path), "config", "-q"], capture_output=True, text=True, timeout=60)
+    finally:
+        if variant == "gpu":
+            path.unlink()
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
