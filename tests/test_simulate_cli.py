@@ -71,6 +71,13 @@ def test_simulate_with_config_and_flags_then_show(tmp_path: Path) -> None:
         (["--shape", "200000,200000"], "more than this machine"),
         (["--particles", "1,9"], "particle counts must be 0 to 4"),
         (["--noise", "poisson+gaussian"], "gaussian_sigma"),
+        (["--structure", "EINSTEINIUM"], "no IT92 scattering factor for element 'Es'"),
+        (["--structure", "ZERO_OCCUPANCY"], "holds no scattering matter"),
+        (["--structure", "procedural:1,2"], "structure procedural:1,2,D2 holds no scattering matter"),
+        (["--structure", "capsid:0.1"], "structure capsid:0.1 holds no scattering matter"),
+        (["--particles", "1:1e308,2:1e308"], "particle weights must be >= 0 with a positive, finite sum"),
+        (["--seed", "100000000000000000000000"], "seed"),
+        (["--photons-per-pattern", "1e21"], "photons_per_pattern"),
     ],
 )
 def test_bad_input_is_one_line_and_a_nonzero_exit(
@@ -81,6 +88,15 @@ def test_bad_input_is_one_line_and_a_nonzero_exit(
         bad = tmp_path / "bad.pdb"
         bad.write_text("\n".join([atoms[0][:76] + "Qq" + atoms[0][78:], *atoms[1:], "END"]))
         args = ["--structure", str(bad)]
+    if "EINSTEINIUM" in args or "ZERO_OCCUPANCY" in args:
+        atoms = [x for x in (shared_dir / "data/pdb/2cex.pdb").read_text().splitlines() if x.startswith("ATOM")][:3]
+        if "EINSTEINIUM" in args:
+            atoms[0] = atoms[0][:76] + "ES" + atoms[0][78:]
+        else:
+            atoms = [a[:54] + "  0.00" + a[60:] for a in atoms]
+        odd = tmp_path / "odd.pdb"
+        odd.write_text("\n".join([*atoms, "END"]))
+        args = ["--structure", str(odd)]
     if "UNREADABLE" in args:
         junk = tmp_path / "junk.cif"
         junk.write_text("data_x\nloop_\n_atom_site.id\n'unterminated\n")
@@ -90,4 +106,15 @@ def test_bad_input_is_one_line_and_a_nonzero_exit(
     assert "Traceback" not in done.stderr
     lines = [x for x in done.stderr.splitlines() if x.strip()]
     assert len(lines) == 1 and message in lines[0], done.stderr
+    assert not (tmp_path / "x.h5").exists()
+
+
+def test_a_fluence_too_bright_to_draw_is_one_error(tmp_path: Path) -> None:
+    """Photons a pixel beyond what numpy can draw (a fluence typed with the wrong exponent): an error that says
+    what to lower, not numpy's "lam value too large"."""
+    args = ["--structure", "sphere:10", "--particles", "1", "--fluence", "1e40", "--noise", "poisson"]
+    done = _run("simulate", "--out", str(tmp_path / "x.h5"), "--n", "2", *args, cache=tmp_path / "cache")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    errors = [x for x in done.stderr.splitlines() if x.startswith("lcls-hitfinder: error:")]
+    assert len(errors) == 1 and "photons expected in one pixel, too many to draw" in errors[0], done.stderr
     assert not (tmp_path / "x.h5").exists()

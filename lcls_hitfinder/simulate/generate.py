@@ -295,7 +295,13 @@ class PatternGenerator:
         """Expected photons -> recorded values: Poisson, read noise, ADU, dead pixels, saturation."""
         noise = self.settings.noise
         lam = expected.double().cpu().numpy()
-        values = rng.poisson(lam).astype(np.float32) if noise.kind != "none" else lam.astype(np.float32)
+        try:
+            values = rng.poisson(lam).astype(np.float32) if noise.kind != "none" else lam.astype(np.float32)
+        except ValueError:  # numpy draws Poisson counts up to about 1e19 photons a pixel
+            raise UserError(
+                f"{lam.max():.3g} photons expected in one pixel, too many to draw: lower the photons per pattern "
+                "or the fluence"
+            ) from None
         if noise.adu_gain is not None:
             values = values * np.float32(noise.adu_gain) + np.float32(noise.adu_offset)
         if noise.kind == "poisson+gaussian":

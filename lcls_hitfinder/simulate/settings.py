@@ -7,6 +7,7 @@ AMO PR772 geometry, scaled): a 10-40 nm particle shows 3 to 14 fringes from the 
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -54,7 +55,10 @@ class BeamSettings(Section):
 
     photon_energy_ev: float = Field(1700.0, gt=0, description="photon energy in eV")
     photons_per_pattern: float = Field(
-        1e4, gt=0, description="mean photons on the good pixels from one particle, averaged over orientations"
+        1e4,
+        gt=0,
+        le=1e15,  # numpy draws Poisson counts up to about 1e19 a pixel; no X-ray pattern comes near either
+        description="mean photons on the good pixels from one particle, averaged over orientations",
     )
     fluence: float | None = Field(
         None, gt=0, description="photons per µm² at the particle; when set it replaces photons_per_pattern"
@@ -97,7 +101,7 @@ class SimulateSettings(Section):
     )
     mixed_species: bool = Field(False, description="a multi-hit may mix structures (otherwise one per pattern)")
     n: int = Field(1000, ge=1, description="patterns to write")
-    seed: int = Field(0, ge=0, description="everything random derives from this and the chunk index")
+    seed: int = Field(0, ge=0, le=2**63 - 1, description="everything random derives from this and the chunk index")
     detector: DetectorSettings = Field(default_factory=DetectorSettings)
     beam: BeamSettings = Field(default_factory=BeamSettings)
     noise: NoiseSettings = Field(default_factory=NoiseSettings)
@@ -120,8 +124,8 @@ class SimulateSettings(Section):
         bad = [k for k in v if not 0 <= k <= MAX_PARTICLES]
         if bad:
             raise ValueError(f"particle counts must be 0 to {MAX_PARTICLES}, got {bad}")
-        if any(w < 0 for w in v.values()) or sum(v.values()) <= 0:
-            raise ValueError("particle weights must be >= 0 with a positive sum")
+        if any(w < 0 for w in v.values()) or not 0 < sum(v.values()) < math.inf:
+            raise ValueError("particle weights must be >= 0 with a positive, finite sum")
         return v
 
     @model_validator(mode="after")

@@ -61,6 +61,8 @@ def element_form_factor(symbol: str) -> FormFactor:
     el = gemmi.Element(symbol)
     if el.atomic_number == 0 or not symbol.strip():
         raise UserError(f"unknown element {symbol!r}")
+    if el.it92 is None:  # gemmi has IT92 coefficients up to californium (Z 98)
+        raise UserError(f"no IT92 scattering factor for element {symbol!r}")
     coefs = el.it92.get_coefs()
     return FormFactor(tuple(coefs[:4]), tuple(coefs[4:8]), float(coefs[8]))
 
@@ -163,9 +165,14 @@ class Body:
 Structure = AtomModel | Body
 
 
-def _centred(groups: list[AtomGroup]) -> tuple[AtomGroup, ...]:
+def _centred(groups: list[AtomGroup], spec: str) -> tuple[AtomGroup, ...]:
     pos = np.concatenate([g.positions for g in groups])
     w = np.concatenate([g.weights * g.form_factor.electrons for g in groups])
+    if not len(w) or w.sum() <= 0:  # a shape too small for one residue bead, atoms of occupancy 0 only
+        raise UserError(
+            f"structure {spec} holds no scattering matter: too small for one residue bead, or all its atoms"
+            " have occupancy 0"
+        )
     centre = (pos * w[:, None]).sum(0) / w.sum()
     return tuple(AtomGroup(g.form_factor, g.positions - centre, g.weights) for g in groups)
 
@@ -262,7 +269,7 @@ def read_atoms(spec: str) -> AtomModel:
         for symbol, (pos, w) in sorted(by_element.items())
     ]
     key = hashlib.sha256(data).hexdigest()[:16] + (f"@{assembly}" if assembly else "")
-    return AtomModel(spec, _centred(groups), key)
+    return AtomModel(spec, _centred(groups, spec), key)
 
 
 def _rotation(rng: np.random.Generator) -> np.ndarray:
@@ -333,7 +340,8 @@ def procedural(seed: int, diameter_nm: float | None = None, symmetry: str | None
     beads = np.concatenate([sub @ op.T for op in ops])
     group = AtomGroup(residue_form_factor(), beads, np.ones(len(beads)))
     key = f"procedural-v1:{seed}:{diameter:.6g}:{symmetry}"
-    return AtomModel(f"procedural:{seed},{diameter:.3g},{symmetry}", _centred([group]), key)
+    name = f"procedural:{seed},{diameter:.3g},{symmetry}"
+    return AtomModel(name, _centred([group], name), key)
 
 
 def _procedural(spec: str, rest: str) -> AtomModel:
@@ -391,7 +399,7 @@ def _capsid(spec: str, rest: str) -> AtomModel:
     per_bead = spacing**3 / RESIDUE_VOLUME_NM3
     weights = np.where(depth <= shell, per_bead, 0.8 * per_bead)
     group = AtomGroup(residue_form_factor(), pts, weights)
-    return AtomModel(spec, _centred([group]), f"capsid-v2:{r:.6g}")
+    return AtomModel(spec, _centred([group], spec), f"capsid-v2:{r:.6g}")
 
 
 _BUILTINS: dict[str, Callable[[str, str], Structure]] = {
