@@ -32,6 +32,8 @@ from lcls_hitfinder.service.sources.xtc2_writer import Xtc2Writer, exp_layout, p
 
 pytest.importorskip("psana.psexp", reason="psana2 is not installed (pip install 'lcls-hitfinder[psana]')")
 
+CLI = Path(sys.executable).parent / "lcls-hitfinder"
+
 pytestmark = pytest.mark.psana
 
 
@@ -184,9 +186,8 @@ def test_bad_sources_are_one_line_errors_at_start(tmp_path: Path) -> None:
         open_source(f"xtc2:{tmp_path / 'r.xtc2'}?det=cam&ranks=4", settings())
     with pytest.raises(UserError, match="ranks='four' is not a valid int"):
         open_source("exp:tstx00001:5?det=cam&ranks=four", settings())
-    cli = Path(sys.executable).parent / "lcls-hitfinder"
     made = subprocess.run(
-        [cli, "xtc2", tmp_path / "none.h5", "--out", tmp_path / "o.xtc2"], capture_output=True, text=True
+        [CLI, "xtc2", tmp_path / "none.h5", "--out", tmp_path / "o.xtc2"], capture_output=True, text=True
     )
     assert made.returncode == 2 and made.stderr.strip().splitlines() == [
         f"lcls-hitfinder: error: dataset {tmp_path / 'none.h5'} does not exist"
@@ -497,20 +498,13 @@ def test_the_service_leaves_a_core_to_each_process_reading_the_source(tmp_path: 
         assert service_threads(ServeSettings(threads=3), source) == 3
 
 
-@pytest.mark.parametrize("adu", [False, True])
-def test_xtc2_says_how_to_serve_a_run_in_adu(tmp_path: Path, adu: bool) -> None:
-    """A run written in ADU (from a dataset in ADU, or with --adu-gain) needs [serve.calibration]: the
-    command prints a config that holds it; a run in photons needs none."""
-    import tomllib
-
-    from lcls_hitfinder.config import HitfinderConfig
+def _blank_dataset(path: Path, adu: bool = False) -> Path:
+    """Three 16 x 16 patterns of sparse photons (in ADU: 8 a photon over a pedestal of 30)."""
     from lcls_hitfinder.dataset import Batch, DatasetWriter
 
     images = np.random.default_rng(0).poisson(0.3, (3, 16, 16)).astype(np.float32)
     attrs = {"noise": {"adu_gain": 8.0, "adu_offset": 30.0}} if adu else {}
-    with DatasetWriter(
-        tmp_path / "d.h5", (16, 16), np.ones((16, 16), bool), attrs, units="adu" if adu else "photons"
-    ) as w:
+    with DatasetWriter(path, (16, 16), np.ones((16, 16), bool), attrs, units="adu" if adu else "photons") as w:
         n = len(images)
         zeros = np.zeros
         w.append(
@@ -523,10 +517,19 @@ def test_xtc2_says_how_to_serve_a_run_in_adu(tmp_path: Path, adu: bool) -> None:
                 zeros((n, 4, 3), np.float32),
             )
         )
-    cli = Path(sys.executable).parent / "lcls-hitfinder"
-    made = subprocess.run(
-        [cli, "xtc2", tmp_path / "d.h5", "--out", tmp_path / "o.xtc2"], capture_output=True, text=True
-    )
+    return path
+
+
+@pytest.mark.parametrize("adu", [False, True])
+def test_xtc2_says_how_to_serve_a_run_in_adu(tmp_path: Path, adu: bool) -> None:
+    """A run written in ADU (from a dataset in ADU, or with --adu-gain) needs [serve.calibration]: the
+    command prints a config that holds it; a run in photons needs none."""
+    import tomllib
+
+    from lcls_hitfinder.config import HitfinderConfig
+
+    data = _blank_dataset(tmp_path / "d.h5", adu)
+    made = subprocess.run([CLI, "xtc2", data, "--out", tmp_path / "o.xtc2"], capture_output=True, text=True)
     assert made.returncode == 0, made.stderr
     assert "writing XTC2" not in made.stdout  # the progress bar goes to stderr, the results to stdout
     out = made.stdout.split("serve it with: ", 1)[1]
@@ -537,11 +540,35 @@ def test_xtc2_says_how_to_serve_a_run_in_adu(tmp_path: Path, adu: bool) -> None:
     assert leftovers() == []
 
 
+@pytest.mark.parametrize("det", ["my-cam", "timing", "hitfinder_truth"])
+def test_xtc2_refuses_a_detector_name_psana_cannot_keep(tmp_path: Path, det: str) -> None:
+    """psana aborted the process on "my-cam" (leaving an empty run); "timing" or "hitfinder_truth" silently lost
+    the camera or the truth to the writer's own detector of that name."""
+    data = _blank_dataset(tmp_path / "d.h5")
+    made = subprocess.run(
+        [CLI, "xtc2", data, "--out", tmp_path / "o.xtc2", "--det", det], capture_output=True, text=True, timeout=60
+    )
+    errors = [line for line in made.stderr.splitlines() if line.startswith("lcls-hitfinder: error:")]
+    assert made.returncode == 2 and len(errors) == 1 and f"detector name {det!r}" in errors[0], made.stderr
+    assert not (tmp_path / "o.xtc2").exists() and leftovers() == []
+
+
+def test_xtc2_written_where_its_exp_layout_puts_it_is_kept(tmp_path: Path) -> None:
+    """--out already the exp= name in --exp-dir: the layout unlinked the run it had just written."""
+    data = _blank_dataset(tmp_path / "d.h5")
+    out = tmp_path / "ed" / "tstx00001-r0001-s000-c000.xtc2"
+    made = subprocess.run(
+        [CLI, "xtc2", data, "--out", out, "--exp-dir", tmp_path / "ed"], capture_output=True, text=True, timeout=60
+    )
+    assert made.returncode == 0, made.stderr
+    frames = read_all(open_source(f"exp:tstx00001:1?dir={tmp_path / 'ed'}&det=cam", settings()))
+    assert len(frames) == 3 and out.exists()
+
+
 def _pick(tmp_path: Path, source: str, picks: str, *more: str) -> subprocess.CompletedProcess[str]:
     (tmp_path / "picks.csv").write_text(picks)
-    cli = Path(sys.executable).parent / "lcls-hitfinder"
     args = ["bank", "pick", "--source", source, "--picks", str(tmp_path / "picks.csv"), *more]
-    return subprocess.run([cli, *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([CLI, *args], capture_output=True, text=True, timeout=120)
 
 
 def test_events_picked_from_a_run_become_references_for_bank_build(tmp_path: Path) -> None:
@@ -578,7 +605,6 @@ def test_events_picked_from_a_run_become_references_for_bank_build(tmp_path: Pat
         assert d.n_particles.tolist() == [3] and np.allclose(d.images()[0], (frame_of(4, shape) - 1.0) / 2.0)
 
     model = export_onnx(TwinEmbedder(8, 4, 2), PreprocessSettings(thumbnail=16), tmp_path / "m.onnx").path
-    cli = Path(sys.executable).parent / "lcls-hitfinder"
     args = [
         "bank",
         "build",
@@ -591,7 +617,7 @@ def test_events_picked_from_a_run_become_references_for_bank_build(tmp_path: Pat
         "--out",
         tmp_path / "b.h5",
     ]
-    built = subprocess.run([cli, *args], capture_output=True, text=True, timeout=120)
+    built = subprocess.run([CLI, *args], capture_output=True, text=True, timeout=120)
     assert built.returncode == 0 and '"references": 3' in built.stdout, built.stderr
 
     missing = _pick(tmp_path, source, "event,n_particles\n3,1\n40,1\n", "--out", str(tmp_path / "x.h5"))

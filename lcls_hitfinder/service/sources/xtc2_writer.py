@@ -12,6 +12,7 @@ then Disable, EndStep, EndRun and (for shmemServer) Unconfigure. Three detectors
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import time
@@ -65,6 +66,7 @@ class Xtc2Writer:
         from psana.dgramedit import AlgDef, DetectorDef, DgramEdit
         from psana.psexp import TransitionId
 
+        _check_detector_name(detector)
         self._edit, self._tid = DgramEdit, TransitionId
         self.frame_shape = tuple(int(s) for s in frame_shape)
         if len(self.frame_shape) not in (2, 3):
@@ -220,6 +222,15 @@ def dataset_to_xtc2(
             return writer.n
 
 
+def _check_detector_name(name: str) -> None:
+    """psana aborts the process (C++) on a name it cannot store, and a name the writer uses for its own
+    detectors would silently replace the camera or the truth."""
+    if not re.fullmatch(r"[A-Za-z0-9_]+", name):
+        raise UserError(f"detector name {name!r}: psana takes letters, digits and _ only")
+    if name in (TIMING_DETECTOR, TRUTH_DETECTOR, "runinfo"):
+        raise UserError(f"detector name {name!r} is taken by the run's own {name} detector: choose another")
+
+
 def exp_layout(xtc2: Path, root: Path, experiment: str, run: int) -> Path:
     """Put an XTC2 run where psana's exp= mode (and its MPI mode) looks for it: root/<exp>-r<run>-s000-c000.xtc2
     (a hard link where the file system allows, else a copy) and its smalldata index root/smalldata/...smd.xtc2
@@ -227,11 +238,12 @@ def exp_layout(xtc2: Path, root: Path, experiment: str, run: int) -> Path:
     base = f"{experiment}-r{run:04d}-s000-c000"
     big, smd = root / f"{base}.xtc2", root / "smalldata" / f"{base}.smd.xtc2"
     smd.parent.mkdir(parents=True, exist_ok=True)
-    big.unlink(missing_ok=True)
-    try:
-        big.hardlink_to(xtc2)
-    except OSError:
-        shutil.copyfile(xtc2, big)
+    if not (big.exists() and big.samefile(xtc2)):  # written there already: unlinking it would lose the run
+        big.unlink(missing_ok=True)
+        try:
+            big.hardlink_to(xtc2)
+        except OSError:
+            shutil.copyfile(xtc2, big)
     made = subprocess.run([psana_tool("smdwriter"), "-f", big, "-o", smd], capture_output=True, text=True)
     if made.returncode != 0:
         raise UserError(f"psana's smdwriter failed on {big}: {(made.stderr or made.stdout).strip()[-300:]}")
