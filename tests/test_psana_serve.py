@@ -334,6 +334,7 @@ def test_demo_runs_the_real_path_and_cleans_up(tiny: Model, tmp_path: Path) -> N
     )
     assert demo.returncode == 0, demo.stdout + demo.stderr
     assert "accuracy" in demo.stdout and "true particle count vs label" in demo.stdout
+    assert "Hz on average" in demo.stdout and "Hz now" not in demo.stdout  # the run is over: no rate of late
     assert "building this sample's bank" in demo.stdout
     bank = ReferenceBank.load(tmp_path / "demo" / "bank.h5", expected_model_hash=file_hash(tiny.model))
     assert sorted(np.bincount(bank.n_particles).tolist()) == [10] * 5  # 10 references per particle count
@@ -367,10 +368,16 @@ def test_demo_fails_with_the_service_s_own_error_when_the_service_fails(tiny: Mo
     assert shm_files() - before == set()
 
 
-def test_demo_refuses_a_bank_of_another_model_before_simulating(tiny: Model, tmp_path: Path) -> None:
+@pytest.mark.parametrize("wrong", ["bank", "model"])
+def test_demo_refuses_a_bank_of_another_model_or_a_file_that_is_no_model_before_simulating(
+    tiny: Model, tmp_path: Path, wrong: str
+) -> None:
     bank = tmp_path / "bank.h5"
     ReferenceBank(np.zeros((2, 4), np.float32), np.array([0, 1]), "another-model").save(bank)
-    args = [CLI, "demo", "--model", str(tiny.model), "--bank", str(bank), "--workdir", str(tmp_path / "demo")]
-    demo = subprocess.run(args, capture_output=True, text=True, timeout=300)
-    assert demo.returncode == 2 and "was built for model another-model" in demo.stderr, demo.stdout + demo.stderr
+    files = ["--model", str(tiny.model), "--bank", str(bank)] if wrong == "bank" else ["--model", str(bank)]
+    demo = subprocess.run(
+        [CLI, "demo", *files, "--workdir", str(tmp_path / "demo")], capture_output=True, text=True, timeout=300
+    )
+    message = "was built for model another-model" if wrong == "bank" else f"cannot read model {bank}"
+    assert demo.returncode == 2 and message in demo.stderr, demo.stdout + demo.stderr
     assert not (tmp_path / "demo" / "run.h5").exists()

@@ -92,7 +92,8 @@ class Tally:
         recent = sum(now - t <= window_s for t in self.arrivals)
         return recent / window_s, (len(self.arrivals) - 1) / (self.arrivals[-1] - self.arrivals[0])
 
-    def table(self, status: str) -> Panel:
+    def table(self, status: str, live: bool = True) -> Panel:
+        """The summary; once the run is over (`live` false) without the rate of the last seconds, which is 0."""
         t = Table.grid(padding=(0, 2))
         t.add_column(style="bold")
         t.add_column()
@@ -100,7 +101,7 @@ class Tally:
         p50, p99 = (np.percentile(lat, 50), np.percentile(lat, 99)) if lat.size else (float("nan"),) * 2
         t.add_row("decisions", f"{self.decisions} ({self.events} events in the run)")
         now, mean = self.rate_hz()
-        t.add_row("rate", f"{now:.1f} Hz now, {mean:.1f} Hz on average")
+        t.add_row("rate", f"{now:.1f} Hz now, {mean:.1f} Hz on average" if live else f"{mean:.1f} Hz on average")
         t.add_row("latency", f"p50 {p50:.2f} ms   p99 {p99:.2f} ms")
         t.add_row("keep", f"{self.keep / max(self.decisions, 1):.1%} kept as single hits")
         kept, singles = self.confusion[:, Label.SINGLE].sum(), self.confusion[1].sum()
@@ -311,7 +312,7 @@ def run_demo(demo: Demo) -> Tally:
         raise
     finally:
         demo.stop()
-    console.print(tally.table(f"runs: {', '.join(tally.runs) or '-'}"))
+    console.print(tally.table(f"runs: {', '.join(tally.runs) or '-'}", live=False))
     console.print(tally.confusion_table())
     console.print(f"files in {demo.workdir}", soft_wrap=True)  # whole, to copy
     return tally

@@ -96,8 +96,8 @@ def demo(
         output_dir(workdir, "work directory")
     model_path = model or settings.serve.model or shipped_file("embedder.onnx")  # no model: said now
     bank_path = bank or settings.serve.bank
-    if bank_path is not None:  # a bank for another model: said now, not after the simulation
-        info = read_model_info(model_path)
+    info = read_model_info(model_path)  # a file that is no model: said now, not after the simulation
+    if bank_path is not None:  # a bank for another model likewise
         ReferenceBank.load(bank_path, expected_model_hash=info.model_hash, expected_embed_dim=info.embed_dim)
     the_demo = Demo(n, rate, workdir, settings, model, bank, Console())
     try:
