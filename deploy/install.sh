@@ -6,11 +6,12 @@ cd "$(dirname "$0")/.."
 EXTRAS="${1:-psana,dev}"
 VENV="${VENV:-.venv}"
 
-# System packages: gcc + libkrb5-dev build pykerberos for psana; prometheus (with promtool) is the node's
+# System packages: gcc, libkrb5-dev and python3-dev (Python.h, for a venv of Debian's python3) build
+# pykerberos for psana (an sdist only); prometheus (with promtool) is the node's
 # monitoring and the monitoring tests' server; with the dev extra, docker-compose validates
 # docker/compose.yaml (`config`, no engine needed). Services already running are left as they are: the tests
 # start their own Prometheus on a free port, and a monitoring node's Prometheus must stay up.
-APT_PKGS=(gcc libkrb5-dev prometheus python3-venv)
+APT_PKGS=(gcc libkrb5-dev prometheus python3-dev python3-venv)
 [[ ",$EXTRAS," == *",dev,"* ]] && APT_PKGS+=(docker-compose)
 missing=()
 for p in "${APT_PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done

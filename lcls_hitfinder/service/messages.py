@@ -68,7 +68,13 @@ FIELDS: dict[str, tuple[FieldSpec, ...]] = {
             "singles and n_particles is 1)",
             "i1",
         ),
-        FieldSpec("latency_us", "int", "microseconds from the frame being read to this decision being published", "i8"),
+        FieldSpec(
+            "latency_us",
+            "int",
+            "microseconds from the frame being read to this decision being ready, just before it is logged and "
+            "published (hitfinder_latency_seconds)",
+            "i8",
+        ),
         FieldSpec("model", "str", "hash of the embedder model that made the decision", "str"),
         FieldSpec(
             "truth_n_particles", "int | nil", "true particle count when the source knows it (-1 in the log)", "i1"

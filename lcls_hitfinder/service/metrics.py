@@ -56,7 +56,9 @@ SPECS: tuple[MetricSpec, ...] = (
     MetricSpec(
         "hitfinder_latency_seconds",
         "histogram",
-        "End-to-end seconds per event, from the frame being read to its decision being published.",
+        "End-to-end seconds per event, from the frame being read to its decision being ready, just before it is "
+        'logged and handed to the publisher (that last step is the stage "publish" of '
+        "hitfinder_stage_duration_seconds, tens of microseconds).",
         (),
         STAGE_BUCKETS,
     ),
