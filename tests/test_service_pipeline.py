@@ -701,17 +701,55 @@ def test_listen_prints_decisions_and_reports_gaps(fx: Fixtures, tmp_path: Path) 
     assert f"joined at seq {seqs[0]}: the decisions before it went out before" in proc.stderr
 
 
-def test_provider_fallback_ends_on_the_cpu(fx: Fixtures, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A build that claims TensorRT and CUDA but cannot run them still serves, on the CPU, and says so."""
+def _gpu_providers_that_fail(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """A build that claims TensorRT and CUDA but cannot start them (on a GPU machine too); the provider lists
+    the embedder tried, in order."""
     monkeypatch.setattr(
         embedder_module.ort,
         "get_available_providers",
         lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
     )
+    session, tried = embedder_module.ort.InferenceSession, []
+
+    def cpu_only(path: str, options: Any, providers: list[tuple[str, dict[str, Any]]]) -> Any:
+        tried.append([name for name, _ in providers])
+        if providers[0][0] != "CPUExecutionProvider":
+            raise RuntimeError(f"{providers[0][0]} cannot start here")
+        return session(path, options, providers=providers)
+
+    monkeypatch.setattr(embedder_module.ort, "InferenceSession", cpu_only)
+    return tried
+
+
+def test_provider_fallback_ends_on_the_cpu(fx: Fixtures, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A build that claims TensorRT and CUDA but cannot run them still serves, on the CPU, and says so; also
+    where TensorRT's engine cache folder cannot be made (it stopped the start-up)."""
+    tried = _gpu_providers_that_fail(monkeypatch)
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "a_file"))  # no folder can be made below a file
     emb = OnnxEmbedder(fx.model)
     assert emb.provider == "CPUExecutionProvider" and not emb.on_gpu
+    assert tried == [["CUDAExecutionProvider", "CPUExecutionProvider"], ["CPUExecutionProvider"]]
     out = emb.embed(np.zeros((3, 1, 16, 16), np.float32))
     assert out.shape == (3, 8) and np.isfinite(out).all()
+
+
+def test_more_thumbnails_than_a_batch_are_embedded_in_batches(fx: Fixtures, monkeypatch: pytest.MonkeyPatch) -> None:
+    """TensorRT's engine takes batches up to `max_batch` only; offline commands embed 256 at a time."""
+    emb = OnnxEmbedder(fx.model, max_batch=8)
+    thumbs = np.random.default_rng(3).normal(size=(21, 1, 16, 16)).astype(np.float32)
+    whole = emb.embed(thumbs[:8])
+    sizes: list[int] = []
+    run = emb.session.run
+
+    def counted(names: Any, feeds: dict[str, np.ndarray]) -> Any:
+        sizes.append(len(next(iter(feeds.values()))))
+        return run(names, feeds)
+
+    monkeypatch.setattr(emb.session, "run", counted)
+    out = emb.embed(thumbs)
+    assert sizes == [8, 8, 5] and out.shape == (21, 8)
+    np.testing.assert_allclose(out[:8], whole, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -1246,7 +1284,12 @@ def test_the_bank_decides_on_one_blas_thread_and_the_callers_setting_returns(
     assert r.pipeline.error is None
 
 
-CUDA_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the device machine)")
+# HITFINDER_REQUIRE_CUDA=1 (the device machine's check) makes them run, and fail, where torch sees no GPU (a CPU
+# wheel of torch carried to the GPU machine would otherwise skip them and look green)
+REQUIRE_CUDA = os.environ.get("HITFINDER_REQUIRE_CUDA") == "1"
+CUDA_ONLY = pytest.mark.skipif(
+    not torch.cuda.is_available() and not REQUIRE_CUDA, reason="needs a CUDA device (run on the device machine)"
+)
 
 
 def _decide_all(settings: ServeSettings, frames: list[np.ndarray], fx: Fixtures) -> tuple[dict[str, Any], Running]:
@@ -1275,6 +1318,8 @@ def test_the_cuda_path_decides_as_the_cpu_path(fx: Fixtures, tmp_path: Path) -> 
         if device == "cuda":
             assert r.pipeline.device.type == "cuda"
             assert all(buf.is_pinned() for buf in r.pipeline._host.values())
+            assert np.dtype(np.uint16) in r.pipeline._host  # whole batches of raw uint16 went to the device as such
+            assert r.pipeline.embedder.on_gpu, "IO binding needs onnxruntime-gpu (the gpu extra)"
     assert on["cuda"]["label"].tolist() == on["cpu"]["label"].tolist()
     assert on["cuda"]["label"][len(raw)] == "error"
     np.testing.assert_allclose(on["cuda"]["score"], on["cpu"]["score"], atol=1e-4)
@@ -1284,7 +1329,8 @@ def test_the_cuda_path_decides_as_the_cpu_path(fx: Fixtures, tmp_path: Path) -> 
 def test_io_binding_on_cuda_tensors_gives_the_host_embeddings(fx: Fixtures) -> None:
     emb = OnnxEmbedder(fx.model)
     if not emb.on_gpu:
-        pytest.skip(f"onnxruntime has no GPU provider here ({emb.provider}): install onnxruntime-gpu")
+        why = f"onnxruntime has no GPU provider here ({emb.provider}): install onnxruntime-gpu"
+        pytest.fail(why) if REQUIRE_CUDA else pytest.skip(why)
     thumbs = torch.randn(7, 1, 16, 16)
     np.testing.assert_allclose(emb.embed(thumbs.cuda()), emb.embed(thumbs.numpy()), rtol=1e-4, atol=1e-5)
 

@@ -65,7 +65,9 @@ def provider_options(provider: str, thumbnail: int, max_batch: int, device_id: i
             "trt_profile_max_shapes": f"{INPUT_NAME}:{max_batch}x{shape}",
         }
     if provider == CUDA:
-        return {"device_id": device_id}
+        # cuDNN's exhaustive search would benchmark its convolutions anew for each batch size dynamic batching
+        # makes (1 to max_batch): a latency spike each first time
+        return {"device_id": device_id, "cudnn_conv_algo_search": "HEURISTIC"}
     return {}
 
 
@@ -93,9 +95,10 @@ class OnnxEmbedder:
             options.inter_op_num_threads = 1
         chain = select_providers(providers, ort.get_available_providers())
         self.session: ort.InferenceSession | None = None
+        self.max_batch = max_batch
         for i, first in enumerate(chain):
-            tried = [(p, provider_options(p, info.preprocess.thumbnail, max_batch, device_id)) for p in chain[i:]]
-            try:
+            try:  # the options too: TensorRT's engine cache folder may not be writable
+                tried = [(p, provider_options(p, info.preprocess.thumbnail, max_batch, device_id)) for p in chain[i:]]
                 self.session = ort.InferenceSession(str(model), options, providers=tried)
                 break
             except Exception as err:  # onnxruntime raises its own unrelated types per provider
@@ -112,7 +115,12 @@ class OnnxEmbedder:
         return self.provider in _GPU_PROVIDERS
 
     def embed(self, thumbnails: torch.Tensor | np.ndarray) -> np.ndarray:
+        """Embeddings of any number of thumbnails, in batches of at most `max_batch`: TensorRT's engine is
+        built for that range (offline commands embed 256 at a time)."""
         assert self.session is not None
+        if len(thumbnails) > self.max_batch:
+            step = self.max_batch
+            return np.concatenate([self.embed(thumbnails[i : i + step]) for i in range(0, len(thumbnails), step)])
         if isinstance(thumbnails, torch.Tensor) and thumbnails.is_cuda and self.on_gpu:
             return self._embed_bound(thumbnails)
         x = thumbnails.detach().cpu().numpy() if isinstance(thumbnails, torch.Tensor) else thumbnails
