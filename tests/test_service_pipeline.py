@@ -379,6 +379,39 @@ def test_a_run_cut_short_by_max_events_says_so(fx: Fixtures, tmp_path: Path) -> 
     assert columns["seq"].tolist() == list(range(7))
 
 
+def test_a_failed_gpu_stops_the_service_with_an_error(
+    fx: Fixtures, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CUDA runtime error (simulated: no GPU here) leaves the device context unusable, so every later batch
+    would fail too: the batch becomes error decisions, and the service stops with the error (to be restarted)
+    instead of deciding `error` for ever. Another failure of one batch stays that batch's."""
+    settings = _settings(tmp_path, source=f"h5:{fx.data}?repeat=0")
+    r = _start(settings, open_source(settings.source, settings), fx.model, fx.bank)
+    embed, calls = r.pipeline.embedder.embed, []
+
+    def failing(thumbnails: Any) -> np.ndarray:
+        calls.append(len(thumbnails))
+        if len(calls) == 2:
+            raise ValueError("one odd batch")
+        if len(calls) == 4:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return embed(thumbnails)
+
+    monkeypatch.setattr(r.pipeline.embedder, "embed", failing)
+    r.pipeline.start()
+    try:
+        assert r.pipeline.wait(WAIT_S)  # a source without end: only the failed GPU ends it
+    finally:
+        r.pipeline.stop()
+        r.pipeline.wait(WAIT_S)
+        r.publisher.close()
+    assert isinstance(r.pipeline.error, RuntimeError) and "CUDA error" in str(r.pipeline.error)
+    columns, attrs = read_decision_log(r.pipeline.logs[0])
+    reasons = [str(x) for x in columns["reason"] if str(x).startswith("internal")]
+    assert any("ValueError: one odd batch" in x for x in reasons) and any("CUDA error" in x for x in reasons)
+    assert attrs["complete"] and columns["seq"].tolist() == list(range(len(columns["seq"])))
+
+
 def test_bad_frames_get_error_decisions_and_the_service_goes_on(fx: Fixtures, tmp_path: Path) -> None:
     good = np.random.default_rng(1).poisson(3.0, (SIDE, SIDE)).astype(np.float32)
     nan = good.copy()

@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import os
 import queue
+import re
 import threading
 import time
 from collections import Counter, deque
@@ -54,6 +55,8 @@ log = logging.getLogger(__name__)
 
 LABEL_TEXT = np.array([label.text for label in Label], dtype=object)  # indexed by label code
 _IDLE_S = 0.2  # how long the worker waits for frames before doing its idle chores (log flush)
+# torch's and onnxruntime's words for a CUDA runtime error, after which the device context is unusable
+_GPU_FAILED = re.compile(r"\bCUDA (error|failure)\b")
 _DRAIN_QUIET_S = 2.0  # after a failure: how long without a frame before the reader is taken to have stopped
 
 
@@ -367,6 +370,10 @@ class Pipeline:
         except Exception as err:  # never lose the events: a failed batch becomes error decisions
             log.exception("a batch of %d frames failed", len(frames))
             verdicts = Verdicts.errors(len(frames), f"internal: {type(err).__name__}: {err}")
+            if _GPU_FAILED.search(str(err)):  # a broken CUDA context fails every later batch as well
+                log.error("the GPU failed: stopping with an error, so that the service is restarted")
+                self.error = self.error or err
+                self.stop()
         finally:
             for f in frames:  # those not converted (bad frames, a failed batch) too
                 f.release()
