@@ -381,3 +381,25 @@ def test_demo_refuses_a_bank_of_another_model_or_a_file_that_is_no_model_before_
     message = "was built for model another-model" if wrong == "bank" else f"cannot read model {bank}"
     assert demo.returncode == 2 and message in demo.stderr, demo.stdout + demo.stderr
     assert not (tmp_path / "demo" / "run.h5").exists()
+
+
+def test_a_demo_whose_server_fails_is_an_error_not_a_success(
+    tiny: Model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """shmemServer exits at once (here: /bin/false in its place; at a beamline, say, a container's small
+    /dev/shm): no decision comes, and the demo says so and fails instead of reporting "done"."""
+    from typer.testing import CliRunner
+
+    from lcls_hitfinder.cli import app
+    from lcls_hitfinder.errors import UserError
+    from lcls_hitfinder.service.sources import shmem_server
+
+    monkeypatch.setattr(shmem_server, "psana_tool", lambda name: Path("/bin/false"))
+    config = tmp_path / "demo.yaml"
+    config.write_text(yaml.safe_dump({"simulate": {"detector": {"shape": [SIDE, SIDE]}, "seed": 5}}))
+    args = ["demo", "--n", "10", "--config", str(config), "--model", str(tiny.model), "--workdir", str(tmp_path / "d")]
+    result = CliRunner().invoke(app, args)
+    assert isinstance(result.exception, UserError), result.output
+    assert "no decision came from the service" in str(result.exception)
+    assert str(tmp_path / "d" / "shmemServer.log") in str(result.exception)
+    assert "shmemServer exited with code 1" in result.output and "done" not in result.output

@@ -263,7 +263,10 @@ class Demo:
                         self.service_error = self._service_error_line() or status
                     break
                 if not self.server.running and time.monotonic() - last_decision > SILENCE_S:
+                    code = self.server.returncode
                     status = "the server has sent the whole run: done"
+                    if code:
+                        status = f"shmemServer exited with code {code}; see {self.workdir / 'shmemServer.log'}"
                     break
                 if tally.decisions:
                     status = f"serving for {time.monotonic() - started:.0f} s; Ctrl-C stops"

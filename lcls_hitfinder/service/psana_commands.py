@@ -101,11 +101,14 @@ def demo(
         ReferenceBank.load(bank_path, expected_model_hash=info.model_hash, expected_embed_dim=info.embed_dim)
     the_demo = Demo(n, rate, workdir, settings, model, bank, Console())
     try:
-        run_demo(the_demo)
+        tally = run_demo(the_demo)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
     if the_demo.service_error is not None:
         raise UserError(f"the service failed: {the_demo.service_error}")
+    if not tally.decisions:  # e.g. shmemServer could not make its shared memory (a container's small /dev/shm)
+        logs = f"{the_demo.workdir / 'serve.log'} and {the_demo.workdir / 'shmemServer.log'}"
+        raise UserError(f"no decision came from the service: nothing was served; see {logs}")
 
 
 def register(app: typer.Typer) -> None:

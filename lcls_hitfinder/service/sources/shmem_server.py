@@ -73,6 +73,11 @@ class ShmemServer:
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
+    @property
+    def returncode(self) -> int | None:
+        """Its exit code once it has ended (0: it served its files), else None."""
+        return None if self._process is None else self._process.poll()
+
     def kill(self) -> None:
         """Kill it as a crash would (SIGKILL): what the service's watchdog has to survive."""
         if self._process is not None and self._process.poll() is None:
