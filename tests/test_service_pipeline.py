@@ -412,6 +412,32 @@ def test_a_failed_gpu_stops_the_service_with_an_error(
     assert attrs["complete"] and columns["seq"].tolist() == list(range(len(columns["seq"])))
 
 
+def test_a_dead_publisher_stops_the_service_with_an_error(
+    fx: Fixtures, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The publisher's thread ends (here: made to fail on a subscription): no message would go out again while
+    the metrics count decisions, so the service stops with an error (systemd restarts it); the log has all."""
+    settings = _settings(tmp_path, source=f"h5:{fx.data}?repeat=0&rate=200")
+    r = _start(settings, open_source(settings.source, settings), fx.model, fx.bank)
+
+    def broken(message: bytes) -> None:
+        raise RuntimeError("the publisher's thread fails")
+
+    monkeypatch.setattr(r.publisher, "_subscription", broken)
+    r.pipeline.start()
+    client = DecisionClient(r.publisher.endpoint, (DECISION,), timeout_s=1)  # its subscription ends the thread
+    try:
+        assert r.pipeline.wait(WAIT_S)  # a source without end: only the dead publisher ends it
+    finally:
+        client.close()
+        r.pipeline.stop()
+        r.pipeline.wait(WAIT_S)
+        r.publisher.close()
+    assert isinstance(r.pipeline.error, RuntimeError) and "publisher" in str(r.pipeline.error)
+    columns, attrs = read_decision_log(r.pipeline.logs[0])
+    assert attrs["complete"] and len(columns["seq"]) > 0
+
+
 def test_bad_frames_get_error_decisions_and_the_service_goes_on(fx: Fixtures, tmp_path: Path) -> None:
     good = np.random.default_rng(1).poisson(3.0, (SIDE, SIDE)).astype(np.float32)
     nan = good.copy()

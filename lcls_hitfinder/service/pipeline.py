@@ -674,6 +674,10 @@ class Pipeline:
                 if self.settings.status_s and now - status.since >= self.settings.status_s:
                     status = self._log_status(status, events, now)
                 self._poll_restarts()
+                if not self.publisher.alive and not self._stop.is_set():  # the log still holds every decision
+                    log.error("the publisher's thread has ended: stopping with an error, to be restarted")
+                    self.error = self.error or RuntimeError("the publisher's thread ended")
+                    self.stop()
                 if self._reload.is_set():
                     self._reload.clear()
                     self.bank.reload()

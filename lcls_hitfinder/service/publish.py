@@ -95,6 +95,11 @@ class ZmqPublisher:
         self._queue.put((topic, payload))
 
     @property
+    def alive(self) -> bool:
+        """Whether its thread still sends (until `close`): a thread that died would leave every message queued."""
+        return self._thread.is_alive()
+
+    @property
     def depth(self) -> int:
         """Messages queued but not yet handed to ZeroMQ."""
         return self._queue.qsize()
