@@ -861,6 +861,8 @@ def test_serve_switches_the_decision_log_and_metrics_off_from_the_command_line(f
     assert proc.returncode == 0, proc.stderr
     assert "5 decisions" in proc.stderr and "logs: none" in proc.stderr and "metrics on" not in proc.stderr
     assert list(tmp_path.iterdir()) == []
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # serve.device auto
+    assert f"; preprocessing on {device})" in " ".join(proc.stderr.split()), proc.stderr  # said beside the provider
 
 
 @pytest.mark.parametrize(

@@ -217,7 +217,12 @@ def run_service(settings: ServeSettings) -> int:
             if not publisher.subscriptions:
                 log.warning("no subscriber yet; serving anyway")
         log.info(
-            "serving %s on %s with model %s (%s)", uri.raw, publisher.endpoint, embedder.model_hash, embedder.provider
+            "serving %s on %s with model %s (%s; preprocessing on %s)",
+            uri.raw,
+            publisher.endpoint,
+            embedder.model_hash,
+            embedder.provider,
+            pipeline.device,  # serve.device auto with a CPU build of torch: the CPU, whatever the provider
         )
         pipeline.start()
         while not pipeline.wait(0.5):
