@@ -107,7 +107,7 @@ def _decision(seq: int = 0) -> dict[str, object]:
     }
     columns["seq"] = np.array([seq])
     columns["label"] = np.array(["single"], dtype=object)
-    return messages.decision_payloads(columns)[0]
+    return messages.decision_payloads(columns, "5e2f")[0]
 
 
 def test_decision_round_trip_with_nil_fields() -> None:
@@ -187,31 +187,49 @@ def test_batcher_waits_for_company_then_goes() -> None:
 
 def test_seq_tracker_reports_gaps_and_restarts() -> None:
     t = SeqTracker()
-    for s in [0, 1, 2, 5, 6, 9, 0, 1]:
-        t.see(s)
+    for s, instance in [(0, "a"), (1, "a"), (2, "a"), (5, "a"), (6, "a"), (9, "a"), (0, "b"), (1, "b")]:
+        t.see(s, instance)
     assert [(g.expected, g.got) for g in t.gaps] == [(3, 5), (7, 9)]
     assert t.missing == 4 and t.restarts == 1 and t.first == 0
     late = SeqTracker()
     for s in [7, 8]:
-        late.see(s)
+        late.see(s, "a")
     assert late.first == 7 and late.gaps == []  # what went out before it connected is not a gap
     restarted = SeqTracker()
-    for s in [0, 1, 2, 3, 4, 3, 4]:  # the new service's 0..2 never came
-        restarted.see(s)
+    for s, instance in [(0, "a"), (1, "a"), (2, "a"), (3, "a"), (4, "a"), (3, "b"), (4, "b")]:
+        restarted.see(s, instance)  # the new service's 0..2 never came
     assert restarted.restarts == 1 and [(g.expected, g.got) for g in restarted.gaps] == [(0, 3)]
+
+
+def test_seq_tracker_tells_a_restart_by_the_instance_whatever_seq_the_new_one_reached() -> None:
+    """A subscriber that reconnects after the new service has passed the old one's seq: by seq alone 5..8 would
+    look lost from the old service (a gap of 4) and no restart; the new instance says restart, and 0..8 lost."""
+    t = SeqTracker()
+    for s in range(5):
+        t.see(s, "old")
+    t.see(9, "new")
+    assert t.restarts == 1 and [(g.expected, g.got) for g in t.gaps] == [(0, 9)]
+    t.see(10, "new")
+    assert t.restarts == 1 and t.missing == 9
+    beat = SeqTracker()  # a new instance's heartbeat before any of its decisions reached the subscriber
+    beat.see(0, "old")
+    gap = beat.expect(6, "new")
+    assert beat.restarts == 1 and gap is not None and (gap.expected, gap.got) == (0, 6)
+    beat.see(6, "new")
+    assert beat.restarts == 1 and beat.missing == 6
 
 
 def test_seq_tracker_takes_the_next_seq_that_heartbeats_and_run_ends_announce() -> None:
     """Decisions lost at the end of a stream show no later seq; the heartbeat's next_seq does."""
     t = SeqTracker()
     for s in range(7):
-        t.see(s)
-    assert t.expect(7) is None and t.expect(5) is None  # nothing lost; an older announcement changes nothing
-    gap = t.expect(10)
+        t.see(s, "a")
+    assert t.expect(7, "a") is None and t.expect(5, "a") is None  # nothing lost; an older announcement: nothing
+    gap = t.expect(10, "a")
     assert gap is not None and (gap.expected, gap.got) == (7, 10) and t.missing == 3  # 7, 8 and 9
-    t.see(10)  # announced as next: it is no gap nor restart
+    t.see(10, "a")  # announced as next: it is no gap nor restart
     assert t.missing == 3 and t.restarts == 0
-    assert SeqTracker().expect(5) is None  # joined: nothing seen yet, nothing lost
+    assert SeqTracker().expect(5, "a") is None  # joined: nothing seen yet, nothing lost
 
 
 # ---- providers ----------------------------------------------------------------------------------------------

@@ -230,6 +230,35 @@ def test_subscriber_gets_every_decision_equal_to_offline_classify(fx: Fixtures, 
     assert len({m["label"] for m in decisions}) > 1, "a test where every label is the same proves little"
 
 
+def test_a_subscriber_tells_a_restarted_service_by_its_instance(fx: Fixtures, tmp_path: Path) -> None:
+    """Two services one after the other on one endpoint, as systemd restarts one: a subscriber that stays
+    connected (and reading: ZeroMQ reconnects a SUB socket, and subscribes again, only while it is used) follows
+    both, every message of each carries that service's own instance, and the second is counted as a restart
+    with nothing lost (the log of each run names its instance too)."""
+    publish = {"endpoint": f"tcp://127.0.0.1:{free_port()}", "heartbeat_s": 0.2}
+    settings = _settings(tmp_path, source=f"h5:{fx.data}", publish=publish)
+    services: list[Running] = []
+    with DecisionClient(settings.publish.endpoint, (DECISION, RUN), timeout_s=WAIT_S) as client:
+        heard: list[tuple[list[dict[str, Any]], dict[str, Any]]] = []
+        reading = threading.Thread(target=lambda: heard.extend(_collect_run(client) for _ in range(2)))
+        reading.start()
+        for _ in range(2):
+            r = _start(settings, open_source(settings.source, settings), fx.model, fx.bank)
+            assert r.publisher.wait_for_subscriber(WAIT_S)
+            r.pipeline.start()
+            assert r.pipeline.wait(WAIT_S)
+            _wait_until(lambda: len(heard) == len(services) + 1, "the run's end at the subscriber")
+            r.publisher.close()
+            services.append(r)
+        reading.join(WAIT_S)
+    for r, (decisions, end) in zip(services, heard, strict=True):
+        assert {m["instance"] for m in decisions} == {end["instance"]} == {r.pipeline.instance}
+        assert len(decisions) == end["events"] > 0
+        assert read_decision_log(r.pipeline.logs[0])[1]["instance"] == r.pipeline.instance
+    assert services[0].pipeline.instance != services[1].pipeline.instance
+    assert client.tracker.restarts == 1 and client.gaps == []
+
+
 def _classify(fx: Fixtures, data: Path, out: Path, *more: str) -> list[dict[str, str]]:
     args = ["classify", "--model", str(fx.model), "--bank", str(fx.bank), "--data", str(data), "--out", str(out)]
     result = CliRunner().invoke(app, [*args, *more])

@@ -4,14 +4,16 @@
         ...
 
 `seq` is contiguous while the service runs, so a jump means the PUB socket dropped messages for this
-subscriber (it fell behind its high-water mark); each one is recorded in `gaps`. Heartbeats and run ends
+subscriber (it fell behind its high-water mark); each one is recorded in `gaps`. Heartbeats and run messages
 say which `seq` comes next, so decisions lost at the end of a stream are gaps too (with heartbeats or run
-messages subscribed). A `seq` that goes back means the service was restarted; the new one's decisions
-before the first seen are a gap. Messages that are not the service's (another schema version excepted,
-which raises) are skipped and counted in `skipped`. What went out before the subscriber connected is no gap: ZeroMQ
-delivers to a subscriber only from its connection on, so `first` (the first `seq` seen) says where it
-joined; a subscriber started before the service can still miss the first few decisions unless the
-service waits for it (`serve.publish.wait_for_subscriber_s`). The decision log holds every one.
+messages subscribed). Every message names the service's `instance`, new at each start: another one means
+the service was restarted (counted in `restarts`), and the new one's decisions before the first seen are a
+gap. ZeroMQ reconnects to a restarted service, and subscribes again, while the client reads. Messages that
+are not the service's (another schema version excepted, which raises) are skipped and counted in `skipped`.
+What went out before the subscriber connected is no gap: ZeroMQ delivers to a subscriber only from its
+connection on, so `first` (the first `seq` seen) says where it joined; a subscriber started before the
+service can still miss the first few decisions unless the service waits for it
+(`serve.publish.wait_for_subscriber_s`). The decision log holds every one.
 """
 
 from __future__ import annotations
@@ -46,38 +48,46 @@ class Gap:
 
 @dataclass
 class SeqTracker:
-    """Follows `seq` across decisions: where it joined, gaps (lost messages) and restarts (seq going back)."""
+    """Follows `seq` across decisions: where it joined, gaps (lost messages) and restarts (a new `instance`)."""
 
     first: int | None = None
     next_seq: int | None = None
+    instance: str | None = None
     gaps: list[Gap] = field(default_factory=list)
     restarts: int = 0
 
-    def see(self, seq: int) -> Gap | None:
-        """A decision's `seq`: the gap it reveals, if any."""
-        gap = None
+    def see(self, seq: int, instance: str) -> Gap | None:
+        """A decision's `seq` and `instance`: the gap it reveals, if any."""
         if self.first is None:
             self.first = seq
-        if self.next_seq is not None:
-            if seq > self.next_seq:
-                gap = Gap(self.next_seq, seq)
-            elif seq < self.next_seq:  # a new service counts from 0: what it sent before this one was lost
-                self.restarts += 1
-                gap = Gap(0, seq) if seq > 0 else None
+        if self._restarted(instance):  # a new service counts from 0: what it sent before this one was lost
+            gap = Gap(0, seq) if seq > 0 else None
+        else:
+            gap = Gap(self.next_seq, seq) if self.next_seq is not None and seq > self.next_seq else None
         if gap is not None:
             self.gaps.append(gap)
         self.next_seq = seq + 1
         return gap
 
-    def expect(self, next_seq: int) -> Gap | None:
+    def expect(self, next_seq: int, instance: str) -> Gap | None:
         """The `seq` the service says comes next (heartbeat `next_seq`, run end `first_seq + events`): decisions
-        before it that never came are a gap, also when no later decision would show it."""
+        before it that never came are a gap, also when no later decision would show it. A new instance's
+        announcement is a restart, and its decisions before `next_seq` the gap."""
+        if self._restarted(instance):
+            self.next_seq = 0
         if self.next_seq is None or next_seq <= self.next_seq:
             return None
         gap = Gap(self.next_seq, next_seq)
         self.gaps.append(gap)
         self.next_seq = next_seq
         return gap
+
+    def _restarted(self, instance: str) -> bool:
+        """Whether `instance` is another service than the one followed so far (counted as a restart)."""
+        restarted = self.instance is not None and instance != self.instance
+        self.instance = instance
+        self.restarts += restarted
+        return restarted
 
     @property
     def missing(self) -> int:
@@ -130,11 +140,11 @@ class DecisionClient:
                 self.skipped.append(str(err))
                 continue
             if topic == DECISION:
-                self.tracker.see(int(payload["seq"]))
+                self.tracker.see(int(payload["seq"]), str(payload["instance"]))
             elif topic == HEARTBEAT:
-                self.tracker.expect(int(payload["next_seq"]))
-            elif topic == RUN and payload["phase"] == "end":
-                self.tracker.expect(int(payload["first_seq"]) + int(payload["events"]))
+                self.tracker.expect(int(payload["next_seq"]), str(payload["instance"]))
+            elif topic == RUN:  # a run's begin announces its first seq, its end the one after its last
+                self.tracker.expect(int(payload["first_seq"]) + int(payload["events"]), str(payload["instance"]))
             yield topic, payload
 
     def __iter__(self) -> Iterator[dict[str, Any]]:

@@ -315,7 +315,7 @@ def listen(
             print(_json_line(name, payload) if json_lines else _human(name, payload), flush=True)
             if client.tracker.restarts > restarts_seen:
                 restarts_seen = client.tracker.restarts
-                print(f"the service was restarted: seq went back to {payload['seq']}", file=sys.stderr)
+                print(f"the service was restarted: instance {payload['instance']} counts seq from 0", file=sys.stderr)
             for gap in client.gaps[gaps_seen:]:
                 print(f"gap: seq {gap.expected}..{gap.got - 1} missing ({gap.missing})", file=sys.stderr)
             gaps_seen = len(client.gaps)

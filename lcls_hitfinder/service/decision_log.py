@@ -11,8 +11,8 @@ writes in SWMR mode: at the end of the run the file is closed and reopened once 
 (past HDF5's file lock if a reader still has it open: the service is its only writer).
 
 Layout: /<field> (N,) for each field of messages.LOG_COLUMNS (nil stored as -1 or ""), attrs:
-schema_version, experiment, run, source, model, complete (set at close), the run's totals and why it ended
-(`ended`, as the run message has it).
+schema_version, experiment, run, source, model, provider, bank, instance (the service process's, as in its
+messages), complete (set at close), the run's totals and why it ended (`ended`, as the run message has it).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: `instance` in every payload
 
 DECISION = "decision"
 HEARTBEAT = "heartbeat"
@@ -31,6 +31,12 @@ class FieldSpec:
 
 
 _V = FieldSpec("v", "int", "schema version of this payload", "")
+_INSTANCE = FieldSpec(
+    "instance",
+    "str",
+    "identifies the service process that sent it, new at every start or restart (where `seq` starts again from "
+    "0): a subscriber tells a restart by it, whatever `seq` the new process has reached",
+)
 
 FIELDS: dict[str, tuple[FieldSpec, ...]] = {
     DECISION: (
@@ -38,6 +44,7 @@ FIELDS: dict[str, tuple[FieldSpec, ...]] = {
         FieldSpec(
             "seq", "int", "contiguous from 0 and never reused while the service runs: a gap = a lost message", "i8"
         ),
+        _INSTANCE,
         FieldSpec(
             "experiment", "str", "experiment name (psana), e.g. `tmoc00123`; `sim` or the file stem otherwise", "str"
         ),
@@ -89,6 +96,7 @@ FIELDS: dict[str, tuple[FieldSpec, ...]] = {
     ),
     HEARTBEAT: (
         _V,
+        _INSTANCE,
         FieldSpec("time_ns", "int", "unix time in ns"),
         FieldSpec("uptime_s", "float", "seconds since the service started"),
         FieldSpec("next_seq", "int", "the `seq` the next decision will carry (= decisions published so far)"),
@@ -113,6 +121,7 @@ FIELDS: dict[str, tuple[FieldSpec, ...]] = {
     ),
     RUN: (
         _V,
+        _INSTANCE,
         FieldSpec(
             "phase",
             "str",
@@ -147,7 +156,7 @@ LOG_COLUMNS: tuple[FieldSpec, ...] = tuple(f for f in FIELDS[DECISION] if f.log_
 _NIL_SENTINEL = {f.name: (-1 if f.log_dtype != "str" else "") for f in LOG_COLUMNS if "nil" in f.type}
 
 
-def decision_payloads(columns: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
+def decision_payloads(columns: Mapping[str, np.ndarray], instance: str) -> list[dict[str, Any]]:
     """Decision payloads (without `v`) from decision-log columns: -1 or "" become nil where a field allows it."""
     names = [f.name for f in LOG_COLUMNS]
     values = []
@@ -157,7 +166,7 @@ def decision_payloads(columns: Mapping[str, np.ndarray]) -> list[dict[str, Any]]
         if sentinel is not None:
             col = [None if x == sentinel else x for x in col]
         values.append(col)
-    return [dict(zip(names, row, strict=True)) for row in zip(*values, strict=True)]
+    return [{"instance": instance, **dict(zip(names, row, strict=True))} for row in zip(*values, strict=True)]
 
 
 class MessageError(ValueError):

@@ -17,6 +17,7 @@ import logging
 import os
 import queue
 import re
+import secrets
 import threading
 import time
 from collections import Counter, deque
@@ -184,6 +185,7 @@ class Pipeline:
         self._restarts_seen = 0
         self._restarts_lock = threading.Lock()
         self._started = time.monotonic()
+        self.instance = secrets.token_hex(8)  # in every message: a subscriber tells a restart by it
         self.total = Tally()
         self._dropped_by_run: Counter[tuple[str, int]] = Counter()
         self._recent_latency_ns: deque[np.ndarray] = deque(maxlen=64)  # last batches, for the status line
@@ -551,7 +553,7 @@ class Pipeline:
         self._with_log(lambda d: d.append(columns))
         self._accounted += len(columns["seq"])  # recorded: whatever publishing does now
         try:
-            for payload in decision_payloads(columns):
+            for payload in decision_payloads(columns, self.instance):
                 self.publisher.publish(DECISION, payload)
         finally:  # decided and logged even where publishing failed: counted in the run's totals
             self._count(columns, v, truth, latency_ns)
@@ -594,6 +596,7 @@ class Pipeline:
                 "model": self.embedder.model_hash,
                 "provider": self.embedder.provider,
                 "bank": str(self.bank.path),
+                "instance": self.instance,
             }
             try:
                 decision_log = DecisionLog(path, attrs)
@@ -642,6 +645,7 @@ class Pipeline:
         run = self._run
         assert run is not None
         return {
+            "instance": self.instance,
             "phase": phase,
             "experiment": run.experiment,
             "run": run.run,
@@ -724,6 +728,7 @@ class Pipeline:
         self.publisher.publish(
             HEARTBEAT,
             {
+                "instance": self.instance,
                 "time_ns": now,
                 "uptime_s": time.monotonic() - self._started,
                 "next_seq": next_seq,
