@@ -571,6 +571,14 @@ def _pick(tmp_path: Path, source: str, picks: str, *more: str) -> subprocess.Com
     return subprocess.run([CLI, *args], capture_output=True, text=True, timeout=120)
 
 
+def test_picking_from_live_shared_memory_is_refused_in_one_line(tmp_path: Path) -> None:
+    """Its events pass once: those picked from its decision log would never come again (it read on forever)."""
+    made = _pick(tmp_path, "shmem:hitfinder?det=cam", "event,label\n1,single\n", "--out", str(tmp_path / "r.h5"))
+    errors = [line for line in made.stderr.splitlines() if line.startswith("lcls-hitfinder: error:")]
+    assert made.returncode == 2 and len(errors) == 1 and "exp:EXPERIMENT:RUN" in errors[0], made.stderr
+    assert not (tmp_path / "r.h5").exists()
+
+
 def test_events_picked_from_a_run_become_references_for_bank_build(tmp_path: Path) -> None:
     """A new sample's bank from its own run: the events a scientist labelled, read through the xtc2 source and
     converted to photons with the service's calibration, as a labelled file that bank build takes."""
