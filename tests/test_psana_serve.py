@@ -353,6 +353,40 @@ def test_demo_runs_the_real_path_and_cleans_up(tiny: Model, tmp_path: Path) -> N
     assert shm_files() - before == set()
 
 
+def _children(pid: int) -> set[int]:
+    """Processes whose parent is `pid` (the demo's service and shmemServer run in sessions of their own)."""
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return {int(p) for p in out.split()}
+
+
+def test_a_hangup_stops_the_demo_and_everything_it_started(tiny: Model, tmp_path: Path) -> None:
+    """A closed terminal (SIGHUP): psana's MPI library (UCX) takes SIGHUP when psana is imported, and the demo
+    went on with its server and service; now it stops them as Ctrl-C does and leaves nothing behind."""
+    before = shm_files()
+    config = tmp_path / "demo.yaml"
+    config.write_text(yaml.safe_dump({"simulate": {"detector": {"shape": [SIDE, SIDE]}, "seed": 5}}))
+    workdir = tmp_path / "demo"
+    args = ["demo", "--n", "2000", "--rate", "20", "--config", str(config), "--model", str(tiny.model)]
+    demo = subprocess.Popen([CLI, *args, "--workdir", str(workdir)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + WAIT_S
+        serve_log = workdir / "serve.log"
+        while not (serve_log.exists() and " begins " in serve_log.read_text(errors="replace")):
+            assert demo.poll() is None and time.monotonic() < deadline, "the demo's service never began its run"
+            time.sleep(0.2)
+        started = _children(demo.pid)
+        assert len(started) == 2  # the service and shmemServer
+        demo.send_signal(signal.SIGHUP)
+        out, _ = demo.communicate(timeout=WAIT_S)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+    assert demo.returncode == 130 and b"stopping the service and the server" in out, out.decode(errors="replace")
+    assert all(not Path(f"/proc/{pid}").exists() for pid in started)
+    assert glob.glob("/dev/shm/PdsMonitorSharedMemory_hitfinder_demo_*") == []
+    assert shm_files() - before == set()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="makes the service fail by asking for CUDA where there is none")
 def test_demo_fails_with_the_service_s_own_error_when_the_service_fails(tiny: Model, tmp_path: Path) -> None:
     before = shm_files()

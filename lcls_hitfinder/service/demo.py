@@ -6,13 +6,14 @@ of it -> write the run as XTC2 with psana's own writer
 shared memory as it would the DAQ's -> this process subscribes to the service's ZeroMQ stream and
 shows a live summary: rate, p50/p99 latency, keep fraction and accuracy against the truth.
 
-Every process started here runs in its own session, so Ctrl-C (or SIGTERM) reaches only the demo,
+Every process started here runs in its own session, so Ctrl-C (or SIGTERM, or SIGHUP) reaches only the demo,
 which then stops them in order (the service drains and closes its run, then the server) and removes
 what they leave in /dev/shm.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -304,10 +305,13 @@ def run_demo(demo: Demo) -> Tally:
     """The whole demo with its live table; returns the tally. Ctrl-C stops it cleanly."""
     console = demo.console
 
-    def interrupt(signum: int, _frame: object) -> None:  # SIGTERM stops the demo as Ctrl-C does
+    def interrupt(signum: int, _frame: object) -> None:  # SIGTERM and SIGHUP stop the demo as Ctrl-C does
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, interrupt)
+    with contextlib.suppress(ImportError):  # psana's MPI library (UCX) takes SIGHUP on import: take it back
+        import psana  # noqa: F401
+    for signum in (signal.SIGTERM, signal.SIGHUP):  # SIGHUP: the terminal closed, which must not orphan them
+        signal.signal(signum, interrupt)
     try:
         tally = demo.run(demo.prepare())
     except KeyboardInterrupt:
