@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from multiprocessing import Pipe
 from pathlib import Path
 
 import numpy as np
@@ -245,7 +246,7 @@ def _mixed_frames() -> list[np.ndarray | None]:
         rng.poisson(1.5, (16, 16)).astype(np.uint16),
         rng.poisson(1.5, (16, 16)).astype(np.uint16),
         nan,
-        rng.poisson(1.5, (8, 8)).astype(np.uint16),  # another shape: for the service to judge
+        rng.poisson(1.5, (8, 8)).astype(np.uint16),  # another shape (a run's): binned, for the service to judge
         rng.random((16, 16)) > 0.5,  # not numeric: likewise
         rng.normal(2.0, 1.0, (16, 16)),  # float64
         None,  # the detector missing from the event
@@ -272,8 +273,9 @@ def _binning() -> ReaderBinning:
 def test_a_reader_behind_the_service_bins_frames_itself_as_the_service_would(told: str) -> None:
     """With the service behind (none of its frames released), the reader bins what it can with the binning the
     service gave it (in its setup, or with its go once the data is open: it reads nothing before) and sends
-    the bins; frames it cannot bin come whole. The bins, measures and NaN flags are those of the service's
-    own `FrameBinner`."""
+    the bins, those of another shape too (a run of another detector setting; the service judges the shape);
+    frames it cannot bin come whole. The bins, measures and NaN flags are those of the service's own
+    `FrameBinner` for the frame's shape."""
     binning = _binning()
     reader = SupervisedReader(MixedLoop(), _settings(), "mixed", live=False)
     try:
@@ -291,18 +293,33 @@ def test_a_reader_behind_the_service_bins_frames_itself_as_the_service_would(tol
     sent = _mixed_frames()
     assert [f.event.event for f in frames] == list(range(len(sent)))
     # the first two go whole (the service is not behind yet), then all of the 16 x 16 numeric ones are binned
-    assert [f.binned is not None for f in frames] == [False, False, True, True, False, False, True, False, True]
-    binner = binning.binner((16, 16))
+    assert [f.binned is not None for f in frames] == [False, False, True, True, True, False, True, False, True]
     for frame, data in zip(frames, sent, strict=True):
         if frame.binned is None:
             np.testing.assert_array_equal(frame.data, np.empty(0, np.uint16) if data is None else data)
             continue
         assert data is not None and frame.data.size == 0 and frame.shape == data.shape and frame.dtype == data.dtype
-        expected = binner.bin(data)
+        expected = binning.binner(data.shape).bin(data)
         np.testing.assert_array_equal(frame.binned.means, expected.means)
         assert (frame.binned.measure, frame.binned.finite) == (expected.measure, expected.finite)
         assert expected.finite == (frame.event.event != 3) and expected.means.shape == (4, 4)
     assert _leftovers() == []
+
+
+def test_a_reader_bins_a_few_frame_shapes_and_sends_yet_others_whole() -> None:
+    """A binner for each shape met (runs of other detector settings), up to four: a stream of ever new shapes
+    (broken frames) must not build one for each."""
+    here, there = Pipe()
+    try:
+        sink = FrameSink(there, "lhf_test_shapes", 4, _binning(), go=True)
+        shapes = [(16, 16), (8, 8), (2, 8, 8), (32, 16), (12, 12)]
+        binners = [sink._binner_for(np.zeros(shape, np.uint16)) for shape in shapes]
+        built = [b is not None and b.pre.frame_shape == shape for b, shape in zip(binners, shapes, strict=True)]
+        assert built == [True] * 4 + [False]
+        assert sink._binner_for(np.ones((16, 16), np.float32)) is binners[0]  # built once for its shape
+    finally:
+        here.close()
+        there.close()
 
 
 def test_watchdog_restarts_a_reader_frozen_with_the_gil_held() -> None:

@@ -133,8 +133,9 @@ class ListSource:
     reader's next frame would overwrite its slot.
     """
 
-    def __init__(self, arrays: list[np.ndarray], scribble: bool = False) -> None:
+    def __init__(self, arrays: list[np.ndarray], scribble: bool = False, runs: list[int] | None = None) -> None:
         self.uri = "list:"
+        self.runs = runs or [7] * len(arrays)  # each frame's run
         self.frame_shape: tuple[int, ...] | None = None
         self.mask: np.ndarray | None = None
         self.restarts = 0
@@ -154,7 +155,7 @@ class ListSource:
     def frames(self) -> Iterator[Frame | None]:
         for i, a in enumerate(self.arrays):
             release = functools.partial(self._release, i)
-            yield Frame(EventId("mem", 7, i, 0), a, time.perf_counter_ns(), None, on_release=release)
+            yield Frame(EventId("mem", self.runs[i], i, 0), a, time.perf_counter_ns(), None, on_release=release)
 
     def close(self) -> None:
         pass
@@ -506,6 +507,29 @@ def test_bad_frames_get_error_decisions_and_the_service_goes_on(fx: Fixtures, tm
     assert columns["seq"].tolist() == list(range(len(frames)))
     assert r.metrics.frame_errors.labels(reason="nonfinite")._value.get() == 2
     assert r.metrics.frame_errors.labels(reason="shape")._value.get() == 3
+
+
+def test_each_run_may_bring_frames_of_its_own_shape(fx: Fixtures, tmp_path: Path) -> None:
+    """A detector setting changed between runs (binning, a region of interest): the next run's frames are
+    decided, not refused as the first run's shape; within a run another shape is still an error. Run 8
+    holds run 7's patterns upsampled 2 x 2 (each photon count shared among four pixels), which bin to the same
+    thumbnails: the same labels and scores."""
+    rng = np.random.default_rng(3)
+    patterns = [rng.poisson(lam, (SIDE, SIDE)).astype(np.float32) for lam in (0.5, 2.0, 3.0, 6.0)]
+    upsampled = [np.kron(p, np.full((2, 2), 0.25, np.float32)) for p in patterns]
+    frames = [*patterns, *upsampled, patterns[0]]
+    runs = [7] * 4 + [8] * 5
+    settings = _settings(tmp_path, batch={"max_size": 3, "max_wait_ms": 50})
+    r = _start(settings, ListSource(frames, runs=runs), fx.model, fx.bank)
+    r.pipeline.start()
+    assert r.pipeline.wait(WAIT_S)
+    r.publisher.close()
+    assert r.pipeline.error is None
+    (first, _), (second, _) = (read_decision_log(path) for path in r.pipeline.logs)
+    assert "error" not in first["label"].tolist() and first["label"].tolist() == second["label"][:4].tolist()
+    np.testing.assert_allclose(second["score"][:4], first["score"], atol=1e-4)
+    assert second["label"][4] == "error"
+    assert second["reason"][4] == f"shape: ({SIDE}, {SIDE}), expected ({2 * SIDE}, {2 * SIDE})"
 
 
 def test_a_failed_batch_is_errors_and_counted_as_errors_only(

@@ -141,6 +141,6 @@ class ReaderBinning:
     always: bool = False  # bin every frame it can, not only while the service is behind
 
     def binner(self, shape: tuple[int, ...]) -> FrameBinner:
-        """A binner for frames of `shape` (the first frame's), on the CPU."""
+        """A binner for frames of `shape`, on the CPU."""
         pre = Preprocessor(self.preprocess, fitting_mask(self.mask, shape), shape, self.calibration, "cpu")
         return FrameBinner(pre, Prefilter(self.prefilter))

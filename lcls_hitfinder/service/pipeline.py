@@ -164,8 +164,8 @@ class Pipeline:
         self._reload = threading.Event()
         self._done = threading.Event()
         self._shape: tuple[int, ...] | None = source.frame_shape
-        self._pre: Preprocessor | None = None
-        self._host: dict[np.dtype, torch.Tensor] = {}  # a GPU's pinned batch buffers, by raw dtype
+        self._pres: dict[tuple[int, ...], Preprocessor] = {}  # by frame shape: a run may bring another one
+        self._host: dict[tuple[np.dtype, tuple[int, ...]], torch.Tensor] = {}  # a GPU's pinned batch buffers
         # The frames of a batch are shared among these threads (numpy and torch let go of the GIL), which
         # bin them one frame a thread on the CPU, each with a `FrameBinner` of its own (`_scratch`), or copy them
         # into the pinned buffer for a GPU. While the pipeline runs on the CPU, torch's own intra-op
@@ -396,22 +396,27 @@ class Pipeline:
         if frame.dtype.kind not in "uif":
             return f"dtype: {frame.dtype} is not a numeric image"
         if self._shape is None and len(frame.shape) in (2, 3):
+            if self._pres and frame.shape not in self._pres:
+                log.warning("frames of %s from this run on, before of %s", frame.shape, ", ".join(map(str, self._pres)))
             self._shape = frame.shape
         if frame.shape != self._shape:
             return f"shape: {frame.shape}, expected {self._shape}"
         return ""
 
     def _preprocessor(self) -> Preprocessor:
-        if self._pre is None:
-            assert self._shape is not None
-            mask = fitting_mask(self.source.mask, self._shape)
+        """The preprocessing of the run's frame shape, built once for each shape the service meets."""
+        shape = self._shape
+        assert shape is not None
+        pre = self._pres.get(shape)
+        if pre is None:
+            mask = fitting_mask(self.source.mask, shape)
             if mask is None and self.source.mask is not None:
                 log.warning(
-                    "the source's mask %s does not fit its frames %s; ignoring it", self.source.mask.shape, self._shape
+                    "the source's mask %s does not fit its frames %s; ignoring it", self.source.mask.shape, shape
                 )
             preprocess = self.embedder.info.preprocess  # the model's own settings, as in training
-            self._pre = Preprocessor(preprocess, mask, self._shape, self.settings.calibration, self.device)
-        return self._pre
+            pre = self._pres[shape] = Preprocessor(preprocess, mask, shape, self.settings.calibration, self.device)
+        return pre
 
     def _bin_on_cpu(self, pre: Preprocessor, frames: list[Frame]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Bin means (B, 1, S, S), pre-filter measures (B,) and finiteness (B,) of frames: each frame as its
@@ -424,7 +429,7 @@ class Pipeline:
         @torch.inference_mode()  # a mode of the thread: the pool's threads need it too
         def bin_frame(i: int) -> None:
             binner = getattr(self._scratch, "binner", None)
-            if binner is None:  # the thread's first frame (the preprocessor, and so the shape, is built once)
+            if binner is None or binner.pre is not pre:  # the thread's first frame, or a run of another shape
                 binner = self._scratch.binner = FrameBinner(pre, self._prefilter)
             result = binner.bin(frames[i].data, frames[i].release)
             binned[i, 0] = torch.from_numpy(result.means)
@@ -445,12 +450,12 @@ class Pipeline:
         and binned on the device as one batch."""
         arrays = [f.data for f in frames]
         dtype = np.result_type(*(a.dtype for a in arrays))
-        buf = self._host.get(dtype)
+        buf = self._host.get((dtype, pre.frame_shape))
         if buf is None:
             torch_dtype = torch.from_numpy(np.empty(0, dtype)).dtype
             shape = (self.settings.batch.max_size, *pre.frame_shape)
             buf = torch.empty(shape, dtype=torch_dtype, pin_memory=self.device.type == "cuda")
-            self._host[dtype] = buf
+            self._host[dtype, pre.frame_shape] = buf
         view = buf[: len(arrays)]
         out = view.numpy()
         list(self._pool.map(lambda i: np.copyto(out[i], arrays[i], casting="unsafe"), range(len(arrays))))
@@ -586,6 +591,7 @@ class Pipeline:
 
     # ---- runs ----------------------------------------------------------------------------------------------
     def _begin_run(self, experiment: str, run: int) -> None:
+        self._shape = self.source.frame_shape  # where the source cannot tell, each run's first frame says
         decision_log = None
         if self.settings.log_dir is not None:
             path = log_path(self.settings.log_dir, experiment, run)

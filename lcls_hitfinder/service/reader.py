@@ -73,6 +73,7 @@ log = logging.getLogger(__name__)
 
 IDLE_TICK_S = 0.5  # longest time frames() goes without yielding, so the service keeps heartbeating
 _HEARTBEAT_PERIOD_S = 0.05
+_MAX_BINNERS = 4  # frame shapes a reader bins: runs of another detector setting, not every bad frame
 _STARTUP_GRACE_S = 30.0  # spawn + imports before the child's first heartbeat (a loaded 2-core machine)
 _TERM_GRACE_S = 2.0  # a child asked to stop gets this long to finalize MPI before SIGKILL
 _EXIT_GRACE_S = 10.0  # a child that hung up on its own gets this long to exit (MPI ranks finalize together)
@@ -154,8 +155,8 @@ class FrameSink:
     frames are binned here, with the service's own code (service/binning.py), and only their bins cross, by
     message: no slot, no copy of the frame; otherwise they cross whole and the service's threads bin them.
     So both sides stay busy: on two cores binning every frame here made the reader the bottleneck
-    (BENCHMARKS.md, "Binning shared with the reader"). Frames it cannot bin (another shape than the first,
-    not numeric) always cross whole, for the service to judge.
+    (BENCHMARKS.md, "Binning shared with the reader"). Frames it cannot bin (not numeric, or of a shape beyond
+    the first few it met) always cross whole, for the service to judge.
     """
 
     def __init__(
@@ -171,7 +172,7 @@ class FrameSink:
         self._slot_bytes = 0
         self._generation = 0
         self._binning: ReaderBinning | None = None
-        self._binner: FrameBinner | None = None
+        self._binners: dict[tuple[int, ...], FrameBinner] = {}  # by shape: a new run may bring another
         self._go = go  # a reader restarted while the service reads has its go (and binning) from the start
         if binning is not None:
             self._bin_with(binning)
@@ -213,12 +214,15 @@ class FrameSink:
         return self._ring is not None and self._n_slots - len(self._free) > self._n_slots // 4
 
     def _binner_for(self, data: np.ndarray) -> FrameBinner | None:
-        """The binner for this frame: built for the first frame's shape, None for frames it cannot bin."""
+        """The binner for this frame's shape, built when first met (a few shapes at most: frames of yet
+        other shapes go whole, and the service decides them), None for frames it cannot bin."""
         if self._binning is None or data.dtype.kind not in "uif" or data.ndim not in (2, 3):
             return None
-        if self._binner is None:
-            self._binner = self._binning.binner(tuple(data.shape))
-        return self._binner if self._binner.pre.frame_shape == data.shape else None
+        shape = tuple(data.shape)
+        binner = self._binners.get(shape)
+        if binner is None and len(self._binners) < _MAX_BINNERS:
+            binner = self._binners[shape] = self._binning.binner(shape)
+        return binner
 
     def _bin_with(self, binning: ReaderBinning) -> None:
         import torch  # loaded with the binning's code (child_main's may_bin), so this costs nothing more
