@@ -151,10 +151,10 @@ def test_the_issue_s_metric_names_exist() -> None:
 
 def test_metrics_are_served_on_localhost() -> None:
     m = metrics.ServiceMetrics()
-    m.set_build_info("1.0", "abc", "CPUExecutionProvider")
+    m.set_build_info("1.0", "abc", "CPUExecutionProvider", "cuda:0")
     port = m.serve_http("127.0.0.1", 0)
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    assert 'hitfinder_build_info{model="abc",provider="CPUExecutionProvider",version="1.0"} 1.0' in text
+    assert 'hitfinder_build_info{device="cuda:0",model="abc",provider="CPUExecutionProvider",version="1.0"} 1.0' in text
     assert 'hitfinder_stage_duration_seconds_bucket{le="5e-05",stage="infer"} 0.0' in text
 
 

@@ -400,6 +400,7 @@ def test_decision_log_holds_every_decision_without_subscribers(fx: Fixtures, tmp
     )
     assert events == 120
     assert 'hitfinder_stage_duration_seconds_count{stage="infer"}' in exported
+    assert 'hitfinder_build_info{device="cpu",' in exported  # where it preprocesses, beside the provider
 
 
 def test_a_run_cut_short_by_max_events_says_so(fx: Fixtures, tmp_path: Path) -> None:

@@ -185,9 +185,10 @@ def build_info() -> list[Json]:
     return [
         info_table(
             "Model and provider",
-            "What is live: package version, model hash and the onnxruntime execution provider.",
+            "What is live: package version, model hash, the onnxruntime execution provider and the device that "
+            "preprocesses the frames.",
             sel("hitfinder_build_info"),
-            ["instance", "version", "model", "provider"],
+            ["instance", "version", "model", "provider", "device"],
         ),
         info_table(
             "Reference bank",

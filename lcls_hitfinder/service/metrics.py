@@ -90,8 +90,9 @@ SPECS: tuple[MetricSpec, ...] = (
     MetricSpec(
         "hitfinder_build_info",
         "gauge",
-        "Always 1; the labels name the package version, the model hash and the active onnxruntime provider.",
-        ("version", "model", "provider"),
+        "Always 1; the labels name the package version, the model hash, the active onnxruntime provider and "
+        "the device that preprocesses the frames (`cpu`, `cuda:0`).",
+        ("version", "model", "provider", "device"),
     ),
     MetricSpec(
         "hitfinder_bank_info",
@@ -205,9 +206,9 @@ class ServiceMetrics:
         s = _BY_NAME[name]
         return Histogram(s.name, s.help, s.labels, registry=self.registry, buckets=s.buckets)
 
-    def set_build_info(self, version: str, model: str, provider: str) -> None:
+    def set_build_info(self, version: str, model: str, provider: str, device: str) -> None:
         self.build_info.clear()
-        self.build_info.labels(version=version, model=model, provider=provider).set(1)
+        self.build_info.labels(version=version, model=model, provider=provider, device=device).set(1)
 
     def set_bank_info(self, path: str, model: str, references: int) -> None:
         self.bank_info.clear()

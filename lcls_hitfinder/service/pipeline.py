@@ -192,7 +192,7 @@ class Pipeline:
         self.error: BaseException | None = None
         self._read_ended = "source_end"  # why the reader stopped: the last run's end says it
         self.logs: list[str] = []  # decision logs written, in run order
-        metrics.set_build_info(__version__, embedder.model_hash, embedder.provider)
+        metrics.set_build_info(__version__, embedder.model_hash, embedder.provider, str(self.device))
         self._threads = [
             threading.Thread(target=self._read, name="reader", daemon=True),
             threading.Thread(target=self._work, name="worker", daemon=True),
