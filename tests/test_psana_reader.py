@@ -322,6 +322,26 @@ def test_a_reader_bins_a_few_frame_shapes_and_sends_yet_others_whole() -> None:
         there.close()
 
 
+def test_a_reader_process_that_cannot_start_leaves_nothing_behind(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The system refuses a process (fork: EAGAIN): the heartbeat segment made for it, its lock and the pipe go
+    too, at the first start as at a watchdog's restart (the same path), and the error is the system's."""
+    import multiprocessing.context
+
+    def refused(self: object) -> None:
+        raise OSError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(multiprocessing.context.SpawnProcess, "start", refused)
+    fds = []
+    for _ in range(2):  # the first may start multiprocessing's resource tracker (a descriptor of its own)
+        reader = SupervisedReader(CountingLoop(3), _settings(), "refused", live=False)
+        with pytest.raises(OSError, match="temporarily unavailable"):
+            reader.start(wait_ready_s=5)
+        reader.close()
+        assert _leftovers() == []
+        fds.append(len(os.listdir("/proc/self/fd")))
+    assert fds[1] == fds[0]
+
+
 def test_watchdog_restarts_a_reader_frozen_with_the_gil_held() -> None:
     with _started(CountingLoop(8, freeze_after=4), "freeze") as reader:
         frames, ticks = _collect(reader)

@@ -518,19 +518,22 @@ def test_each_run_may_bring_frames_of_its_own_shape(fx: Fixtures, tmp_path: Path
     rng = np.random.default_rng(3)
     patterns = [rng.poisson(lam, (SIDE, SIDE)).astype(np.float32) for lam in (0.5, 2.0, 3.0, 6.0)]
     upsampled = [np.kron(p, np.full((2, 2), 0.25, np.float32)) for p in patterns]
-    frames = [*patterns, *upsampled, patterns[0]]
-    runs = [7] * 4 + [8] * 5
+    others = [rng.poisson(2.0, shape).astype(np.float32) for shape in [(SIDE, 2 * SIDE), (2 * SIDE, SIDE), (32, 32)]]
+    frames = [*patterns, *upsampled, patterns[0], *others]
+    runs = [7] * 4 + [8] * 5 + [9, 10, 11]  # five shapes in all: the service keeps the preprocessing of four
     settings = _settings(tmp_path, batch={"max_size": 3, "max_wait_ms": 50})
     r = _start(settings, ListSource(frames, runs=runs), fx.model, fx.bank)
     r.pipeline.start()
     assert r.pipeline.wait(WAIT_S)
     r.publisher.close()
     assert r.pipeline.error is None
-    (first, _), (second, _) = (read_decision_log(path) for path in r.pipeline.logs)
+    (first, _), (second, _) = (read_decision_log(path) for path in r.pipeline.logs[:2])
     assert "error" not in first["label"].tolist() and first["label"].tolist() == second["label"][:4].tolist()
     np.testing.assert_allclose(second["score"][:4], first["score"], atol=1e-4)
     assert second["label"][4] == "error"
     assert second["reason"][4] == f"shape: ({SIDE}, {SIDE}), expected ({2 * SIDE}, {2 * SIDE})"
+    assert all("error" not in read_decision_log(path)[0]["label"].tolist() for path in r.pipeline.logs[2:])
+    assert list(r.pipeline._pres) == [(2 * SIDE, 2 * SIDE), (SIDE, 2 * SIDE), (2 * SIDE, SIDE), (32, 32)]
 
 
 def test_a_failed_batch_is_errors_and_counted_as_errors_only(

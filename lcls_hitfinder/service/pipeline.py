@@ -50,6 +50,7 @@ from lcls_hitfinder.service.embedder import OnnxEmbedder
 from lcls_hitfinder.service.messages import DECISION, HEARTBEAT, RUN, decision_payloads
 from lcls_hitfinder.service.metrics import ServiceMetrics
 from lcls_hitfinder.service.publish import ZmqPublisher
+from lcls_hitfinder.service.reader import MAX_FRAME_SHAPES
 from lcls_hitfinder.service.settings import ServeSettings
 
 log = logging.getLogger(__name__)
@@ -163,9 +164,11 @@ class Pipeline:
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._done = threading.Event()
-        self._shape: tuple[int, ...] | None = source.frame_shape
+        # the shape the source states when opened (h5, sim); a psana source's comes from each run's first frame
+        self._stated_shape: tuple[int, ...] | None = source.frame_shape
+        self._shape = self._stated_shape
         self._pres: dict[tuple[int, ...], Preprocessor] = {}  # by frame shape: a run may bring another one
-        self._host: dict[tuple[np.dtype, tuple[int, ...]], torch.Tensor] = {}  # a GPU's pinned batch buffers
+        self._host: dict[np.dtype, torch.Tensor] = {}  # a GPU's pinned batch buffers, by raw dtype
         # The frames of a batch are shared among these threads (numpy and torch let go of the GIL), which
         # bin them one frame a thread on the CPU, each with a `FrameBinner` of its own (`_scratch`), or copy them
         # into the pinned buffer for a GPU. While the pipeline runs on the CPU, torch's own intra-op
@@ -409,6 +412,8 @@ class Pipeline:
         assert shape is not None
         pre = self._pres.get(shape)
         if pre is None:
+            if len(self._pres) >= MAX_FRAME_SHAPES:  # the oldest goes: a few detector settings, not every run's
+                del self._pres[next(iter(self._pres))]
             mask = fitting_mask(self.source.mask, shape)
             if mask is None and self.source.mask is not None:
                 log.warning(
@@ -450,12 +455,12 @@ class Pipeline:
         and binned on the device as one batch."""
         arrays = [f.data for f in frames]
         dtype = np.result_type(*(a.dtype for a in arrays))
-        buf = self._host.get((dtype, pre.frame_shape))
-        if buf is None:
+        buf = self._host.get(dtype)
+        if buf is None or tuple(buf.shape[1:]) != pre.frame_shape:  # the first batch, or a run of another shape
             torch_dtype = torch.from_numpy(np.empty(0, dtype)).dtype
             shape = (self.settings.batch.max_size, *pre.frame_shape)
             buf = torch.empty(shape, dtype=torch_dtype, pin_memory=self.device.type == "cuda")
-            self._host[dtype, pre.frame_shape] = buf
+            self._host[dtype] = buf
         view = buf[: len(arrays)]
         out = view.numpy()
         list(self._pool.map(lambda i: np.copyto(out[i], arrays[i], casting="unsafe"), range(len(arrays))))
@@ -591,7 +596,7 @@ class Pipeline:
 
     # ---- runs ----------------------------------------------------------------------------------------------
     def _begin_run(self, experiment: str, run: int) -> None:
-        self._shape = self.source.frame_shape  # where the source cannot tell, each run's first frame says
+        self._shape = self._stated_shape  # where the source does not state it, the run's first frame sets it
         decision_log = None
         if self.settings.log_dir is not None:
             path = log_path(self.settings.log_dir, experiment, run)

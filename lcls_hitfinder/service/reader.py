@@ -73,7 +73,8 @@ log = logging.getLogger(__name__)
 
 IDLE_TICK_S = 0.5  # longest time frames() goes without yielding, so the service keeps heartbeating
 _HEARTBEAT_PERIOD_S = 0.05
-_MAX_BINNERS = 4  # frame shapes a reader bins: runs of another detector setting, not every bad frame
+MAX_FRAME_SHAPES = 4  # binnings kept at once (here and in the service), a frame shape each: runs of other
+# detector settings, not every broken frame
 _STARTUP_GRACE_S = 30.0  # spawn + imports before the child's first heartbeat (a loaded 2-core machine)
 _TERM_GRACE_S = 2.0  # a child asked to stop gets this long to finalize MPI before SIGKILL
 _EXIT_GRACE_S = 10.0  # a child that hung up on its own gets this long to exit (MPI ranks finalize together)
@@ -220,7 +221,7 @@ class FrameSink:
             return None
         shape = tuple(data.shape)
         binner = self._binners.get(shape)
-        if binner is None and len(self._binners) < _MAX_BINNERS:
+        if binner is None and len(self._binners) < MAX_FRAME_SHAPES:
             binner = self._binners[shape] = self._binning.binner(shape)
         return binner
 
@@ -665,50 +666,65 @@ class SupervisedReader:
         lock = _hold(f"{prefix}_hb")
         beats = np.ndarray((expected,), np.uint64, buffer=heartbeat.buf)
         beats[:] = 0
+        try:
+            process, listener, address, conn = self._start_process(prefix, heartbeat.name)
+        except BaseException:  # nothing started: the heartbeat segment and its lock go too
+            del beats
+            os.close(lock)
+            heartbeat.close()
+            heartbeat.unlink()
+            raise
+        self._child = _Child(process, heartbeat, beats, prefix, expected, time.monotonic(), lock, listener, address)
+        if conn is not None:
+            self._child.channels.append(_Channel(conn, 0, process.pid))
+        self._restart_at = None
+        if self._going:  # a restart: watched from its start (a first child from the go, after opening)
+            self._start_watchdog(self._child)
+
+    def _start_process(
+        self, prefix: str, heartbeat: str
+    ) -> tuple[mp.process.BaseProcess | MpiRun, socket.socket | None, str | None, Connection | None]:
+        """The reader process, with the MPI ranks' listener and its path, or the one reader's end of its pipe;
+        what it opened is closed again if it fails to start."""
         if self._mpi_ranks:
             address = f"/dev/shm/{prefix}_ranks"  # beside the rings: gone with them, also if the service is killed
             listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             listener.bind(address)
             _track(address)
-            listener.listen(expected)
+            listener.listen(self._mpi_ranks)
             listener.setblocking(False)
             try:
-                process: mp.process.BaseProcess | MpiRun = MpiRun(expected, address)
+                return MpiRun(self._mpi_ranks, address), listener, address, None
             except BaseException:
                 listener.close()
                 _remove_tracked(address)
-                del beats
-                os.close(lock)
-                heartbeat.close()
-                heartbeat.unlink()
                 raise
-            self._child = _Child(process, heartbeat, beats, prefix, expected, time.monotonic(), lock, listener, address)
-        else:
-            here, there = _CTX.Pipe(duplex=True)
-            process = _CTX.Process(
-                target=child_main,
-                args=(
-                    self._loop,
-                    there,
-                    heartbeat.name,
-                    0,
-                    f"{prefix}_0",
-                    self._settings.ring_slots,
-                    self._delivered,
-                    self._binning,
-                    self._going,
-                    self._may_bin,
-                ),
-                name=f"reader-{self._name}",
-                daemon=True,
-            )
+        here, there = _CTX.Pipe(duplex=True)
+        process = _CTX.Process(
+            target=child_main,
+            args=(
+                self._loop,
+                there,
+                heartbeat,
+                0,
+                f"{prefix}_0",
+                self._settings.ring_slots,
+                self._delivered,
+                self._binning,
+                self._going,
+                self._may_bin,
+            ),
+            name=f"reader-{self._name}",
+            daemon=True,
+        )
+        try:
             process.start()
+        except BaseException:
+            here.close()
+            raise
+        finally:
             there.close()  # the child holds the only other end: its death reads as EOF here
-            self._child = _Child(process, heartbeat, beats, prefix, expected, time.monotonic(), lock)
-            self._child.channels.append(_Channel(here, 0, process.pid))
-        self._restart_at = None
-        if self._going:  # a restart: watched from its start (a first child from the go, after opening)
-            self._start_watchdog(self._child)
+        return process, None, None, here
 
     def _start_watchdog(self, child: _Child) -> None:
         threading.Thread(target=self._watch, args=(child,), name=f"watchdog-{self._name}", daemon=True).start()
