@@ -342,6 +342,30 @@ def test_a_reader_process_that_cannot_start_leaves_nothing_behind(monkeypatch: p
     assert fds[1] == fds[0]
 
 
+def test_mpirun_gone_is_never_signalled_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A restart stops mpirun, waits for it, then kills the ranks that outlived it: mpirun's pid and the ranks'
+    already gone may belong to other processes by then, so none of them is signalled."""
+    from lcls_hitfinder.service.reader import MpiRun
+
+    run = MpiRun.__new__(MpiRun)  # its processes, without mpirun: one reaped, one rank that has exited
+    run._proc = subprocess.Popen(["true"])
+    run._proc.wait()
+    rank = subprocess.Popen(["true"])
+    rank.wait()
+    run.pid, run.ranks = run._proc.pid, [rank.pid]
+    signalled: list[int] = []
+    monkeypatch.setattr(os, "kill", lambda pid, signum: signalled.append(pid))
+    run.kill()
+    assert signalled == []
+    live = subprocess.Popen(["sleep", "30"])
+    run.ranks.append(live.pid)
+    run.kill()
+    assert signalled == [live.pid]
+    monkeypatch.undo()  # os.kill itself again, to end the sleep
+    live.kill()
+    live.wait()
+
+
 def test_watchdog_restarts_a_reader_frozen_with_the_gil_held() -> None:
     with _started(CountingLoop(8, freeze_after=4), "freeze") as reader:
         frames, ticks = _collect(reader)

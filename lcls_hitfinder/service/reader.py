@@ -420,9 +420,12 @@ class MpiRun:
         return self._proc.poll()
 
     def _signal(self, signum: int) -> None:
-        for pid in (self.pid, *self.ranks):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signum)
+        """To mpirun until it is reaped and to the ranks still running: a pid gone may be another process's."""
+        self._proc.send_signal(signum)  # Popen's: nothing once the process has been waited for
+        for pid in self.ranks:
+            if _running(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signum)
 
     def terminate(self) -> None:
         self._signal(signal.SIGTERM)
