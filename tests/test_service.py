@@ -25,6 +25,7 @@ from lcls_hitfinder.service import messages, metrics, settings
 from lcls_hitfinder.service.batcher import Batcher
 from lcls_hitfinder.service.binning import readers_bin
 from lcls_hitfinder.service.client import SeqTracker
+from lcls_hitfinder.service.commands import logs_said
 from lcls_hitfinder.service.decision_log import DecisionLog, read_decision_log
 from lcls_hitfinder.service.embedder import CPU, CUDA, TENSORRT, select_providers
 from lcls_hitfinder.service.pick import read_picks
@@ -183,6 +184,13 @@ def test_batcher_waits_for_company_then_goes() -> None:
     assert b.next(1.0) == [1, 2]  # the second came within the wait; the end closed the batch
     assert b.ended
     assert Batcher(queue.Queue(), 4, 0.0).next(0.01) == []  # idle: nothing, not ended
+
+
+def test_the_last_line_names_a_shifts_decision_logs_by_their_folder() -> None:
+    assert logs_said([]) == "none" and logs_said(["d/a.h5", "d/b.h5"]) == "d/a.h5, d/b.h5"
+    shift = [f"/data/decisions/r{run:04d}.h5" for run in range(1, 301)]
+    assert logs_said(shift) == "300 in /data/decisions, the last /data/decisions/r0300.h5"
+    assert logs_said(["a/1.h5", "b/2.h5", "a/3.h5", "b/4.h5"]) == "4 in 2 folders, the last b/4.h5"
 
 
 def test_seq_tracker_reports_gaps_and_restarts() -> None:

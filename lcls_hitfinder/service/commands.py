@@ -243,9 +243,18 @@ def run_service(settings: ServeSettings) -> int:
         total.keep,
         total.dropped,
         total.binned_at_reader,
-        ", ".join(pipeline.logs) or "none",
+        logs_said(pipeline.logs),
     )
     return 1 if pipeline.error is not None else 0
+
+
+def logs_said(paths: list[str]) -> str:
+    """The decision logs written, for the last line: a shift's hundreds of runs by their folder and the last."""
+    if len(paths) <= 3:
+        return ", ".join(paths) or "none"
+    folders = {str(Path(p).parent) for p in paths}
+    where = f"in {folders.pop()}" if len(folders) == 1 else f"in {len(folders)} folders"
+    return f"{len(paths)} {where}, the last {paths[-1]}"
 
 
 def _human(topic: str, p: dict[str, Any]) -> str:
