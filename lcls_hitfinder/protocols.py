@@ -85,10 +85,10 @@ class RunEnd:
 class Source(Protocol):
     """Yields frames with event identity.
 
-    `frame_shape` and `mask` are known after `open()` where the source can tell (h5, sim), else None
-    until the first frame. `frames()` yields a RunEnd after a run's last frame where the source knows it,
-    and None as an idle tick at least every 0.5 s while no data
-    comes, so the consumer can notice shutdown and keep heartbeats going. `restarts` counts how often
+    `frame_shape` and `mask` are known after `open()` where the source can tell (h5, sim); `frame_shape` stays
+    None where runs may differ (psana: each run's first frame says). `frames()` yields a RunEnd after a run's
+    last frame where the source knows it, and None as an idle tick at least every 0.5 s while no data comes,
+    so the consumer can notice shutdown and keep heartbeats going. `restarts` counts how often
     a supervised reader (psana in a child process) was restarted by its watchdog. A source read by
     processes of its own (psana's child, MPI ranks) says how many in `reader_processes`; the service leaves
     them their cores. `open(cancel)`: a source that waits for its data to open (psana) stops waiting once

@@ -307,8 +307,8 @@ def test_a_reader_behind_the_service_bins_frames_itself_as_the_service_would(tol
 
 
 def test_a_reader_bins_a_few_frame_shapes_and_sends_yet_others_whole() -> None:
-    """A binner for each shape met (runs of other detector settings), up to four: a stream of ever new shapes
-    (broken frames) must not build one for each."""
+    """A binner for each shape met (runs of other detector settings), up to four a run: a stream of ever new
+    shapes (broken frames) must not build one for each."""
     here, there = Pipe()
     try:
         sink = FrameSink(there, "lhf_test_shapes", 4, _binning(), go=True)
@@ -317,20 +317,31 @@ def test_a_reader_bins_a_few_frame_shapes_and_sends_yet_others_whole() -> None:
         built = [b is not None and b.pre.frame_shape == shape for b, shape in zip(binners, shapes, strict=True)]
         assert built == [True] * 4 + [False]
         assert sink._binner_for(np.ones((16, 16), np.float32)) is binners[0]  # built once for its shape
+        sink.end_run("tst", 1)  # the next run may bring other shapes
+        assert sink._binner_for(np.zeros((12, 12), np.uint16)) is not None
     finally:
         here.close()
         there.close()
 
 
-def test_a_reader_process_that_cannot_start_leaves_nothing_behind(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The system refuses a process (fork: EAGAIN): the heartbeat segment made for it, its lock and the pipe go
-    too, at the first start as at a watchdog's restart (the same path), and the error is the system's."""
+@pytest.mark.parametrize("refused", ["process", "lock"])
+def test_a_reader_process_that_cannot_start_leaves_nothing_behind(
+    monkeypatch: pytest.MonkeyPatch, refused: str
+) -> None:
+    """The system refuses a process (fork: EAGAIN) or a descriptor (EMFILE): the heartbeat segment made for
+    it, its lock and the pipe go too, at the first start as at a watchdog's restart (the same path), and the
+    error is the system's."""
     import multiprocessing.context
 
-    def refused(self: object) -> None:
+    from lcls_hitfinder.service import reader as reader_module
+
+    def refuse(*args: object) -> None:
         raise OSError(11, "Resource temporarily unavailable")
 
-    monkeypatch.setattr(multiprocessing.context.SpawnProcess, "start", refused)
+    if refused == "process":
+        monkeypatch.setattr(multiprocessing.context.SpawnProcess, "start", refuse)
+    else:
+        monkeypatch.setattr(reader_module, "_hold", refuse)
     fds = []
     for _ in range(2):  # the first may start multiprocessing's resource tracker (a descriptor of its own)
         reader = SupervisedReader(CountingLoop(3), _settings(), "refused", live=False)

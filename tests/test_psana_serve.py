@@ -363,15 +363,22 @@ def _children(pid: int) -> set[int]:
     return {int(p) for p in out.split()}
 
 
-def test_a_hangup_stops_the_demo_and_everything_it_started(tiny: Model, tmp_path: Path) -> None:
+@pytest.mark.parametrize("nohup", [False, True])
+def test_a_hangup_stops_the_demo_and_everything_it_started(tiny: Model, tmp_path: Path, nohup: bool) -> None:
     """A closed terminal (SIGHUP): psana's MPI library (UCX) takes SIGHUP when psana is imported, and the demo
-    went on with its server and service; now it stops them as Ctrl-C does and leaves nothing behind."""
+    went on with its server and service; now it stops them as Ctrl-C does and leaves nothing behind. Under
+    nohup (SIGHUP ignored) it goes on, until SIGTERM stops it."""
     before = shm_files()
     config = tmp_path / "demo.yaml"
     config.write_text(yaml.safe_dump({"simulate": {"detector": {"shape": [SIDE, SIDE]}, "seed": 5}}))
     workdir = tmp_path / "demo"
     args = ["demo", "--n", "2000", "--rate", "20", "--config", str(config), "--model", str(tiny.model)]
-    demo = subprocess.Popen([CLI, *args, "--workdir", str(workdir)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    demo = subprocess.Popen(
+        [CLI, *args, "--workdir", str(workdir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        preexec_fn=(lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)) if nohup else None,
+    )
     try:
         deadline = time.monotonic() + WAIT_S
         serve_log = workdir / "serve.log"
@@ -381,6 +388,11 @@ def test_a_hangup_stops_the_demo_and_everything_it_started(tiny: Model, tmp_path
         started = _children(demo.pid)
         assert len(started) == 2  # the service and shmemServer
         demo.send_signal(signal.SIGHUP)
+        if nohup:
+            with pytest.raises(subprocess.TimeoutExpired):
+                demo.wait(3)  # a deadline it must outlive, not a speed: the run lasts 100 s
+            assert _children(demo.pid) == started
+            demo.send_signal(signal.SIGTERM)
         out, _ = demo.communicate(timeout=WAIT_S)
     finally:
         if demo.poll() is None:

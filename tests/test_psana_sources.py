@@ -144,7 +144,8 @@ def test_panel_stack_calib_with_local_constants_and_assembled_image(tmp_path: Pa
     source = open_source(uri, settings())
     assert source.mask is not None and not source.mask[1, 2, 3] and source.mask.sum() == mask.sum()
     frames = read_all(source)
-    assert len(frames) == 3 and source.frame_shape == shape
+    assert len(frames) == 3 and frames[0].shape == shape
+    assert source.frame_shape is None  # a psana source states none: each run's first frame says
     np.testing.assert_allclose(frames[1].data, frame_of(1, shape).astype(np.float32) - 2.0)
     image = read_all(open_source(f"xtc2:{tmp_path / 'p.xtc2'}?image=1", settings()))  # det picked: the only camera
     assert image[0].data.shape == (32, 12)
@@ -571,9 +572,10 @@ def _pick(tmp_path: Path, source: str, picks: str, *more: str) -> subprocess.Com
     return subprocess.run([CLI, *args], capture_output=True, text=True, timeout=120)
 
 
-def test_picking_from_live_shared_memory_is_refused_in_one_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize("source", ["shmem:hitfinder?det=cam", "psana1:shmem=psana.0:stop=no?det=cspad"])
+def test_picking_from_live_shared_memory_is_refused_in_one_line(tmp_path: Path, source: str) -> None:
     """Its events pass once: those picked from its decision log would never come again (it read on forever)."""
-    made = _pick(tmp_path, "shmem:hitfinder?det=cam", "event,label\n1,single\n", "--out", str(tmp_path / "r.h5"))
+    made = _pick(tmp_path, source, "event,label\n1,single\n", "--out", str(tmp_path / "r.h5"))
     errors = [line for line in made.stderr.splitlines() if line.startswith("lcls-hitfinder: error:")]
     assert made.returncode == 2 and len(errors) == 1 and "exp:EXPERIMENT:RUN" in errors[0], made.stderr
     assert not (tmp_path / "r.h5").exists()

@@ -237,7 +237,10 @@ def test_seq_tracker_takes_the_next_seq_that_heartbeats_and_run_ends_announce() 
     assert gap is not None and (gap.expected, gap.got) == (7, 10) and t.missing == 3  # 7, 8 and 9
     t.see(10, "a")  # announced as next: it is no gap nor restart
     assert t.missing == 3 and t.restarts == 0
-    assert SeqTracker().expect(5, "a") is None  # joined: nothing seen yet, nothing lost
+    joined = SeqTracker()
+    assert joined.expect(5, "a") is None  # joined: nothing seen yet, nothing lost
+    gap = joined.see(8, "a")  # but 5, 6 and 7 were announced, and never came
+    assert gap is not None and (gap.expected, gap.got) == (5, 8) and joined.first == 8
 
 
 # ---- providers ----------------------------------------------------------------------------------------------

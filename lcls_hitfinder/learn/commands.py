@@ -244,8 +244,8 @@ def bank_pick(
 
     The bank of a new sample from its own first minutes: list the events (the decision log's or `listen
     --json`'s `event` or `timestamp`, labels corrected by eye) and this reads them through serve's own
-    source and calibration, until every picked event has come. Live shared memory (shmem:) is refused: its
-    events pass once, so those picked from its decision log are gone; read the run's files instead (exp:).
+    source and calibration, until every picked event has come. Live shared memory is refused: its events
+    pass once, so those picked from its decision log are gone; read the run's files instead (exp:).
     psana sources' timestamps are the run's; h5: files' are the time of reading, so pick those by event.
     """
     from rich.console import Console
@@ -260,10 +260,10 @@ def bank_pick(
     settings = load_config(config, {"serve.source": source}).serve
     uri = parse_uri(settings.source)
     apart(Path(uri.target), out, f"--out {out} is the file the events are read from")
-    if uri.scheme == "shmem":
+    if uri.live:
         raise UserError(
-            "shmem: live events pass once, so those picked from the decision log are gone: pick them from the "
-            "run's files (exp:EXPERIMENT:RUN?dir=...&det=..., or xtc2:FILE?det=...)"
+            f"{uri.raw}: live events pass once, so those picked from the decision log are gone: pick them from "
+            "the run's files (exp:EXPERIMENT:RUN?dir=...&det=..., xtc2:FILE?det=..., psana1:exp=EXP:run=N?det=...)"
         )
     if wanted.key == "timestamp" and uri.scheme in ("h5", "sim"):
         raise UserError(f"{uri.scheme}: sources stamp events with the time they are read: pick them by event")

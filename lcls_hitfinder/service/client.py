@@ -75,7 +75,10 @@ class SeqTracker:
         announcement is a restart, and its decisions before `next_seq` the gap."""
         if self._restarted(instance):
             self.next_seq = 0
-        if self.next_seq is None or next_seq <= self.next_seq:
+        if self.next_seq is None:  # joined: decisions from here on are owed
+            self.next_seq = next_seq
+            return None
+        if next_seq <= self.next_seq:
             return None
         gap = Gap(self.next_seq, next_seq)
         self.gaps.append(gap)

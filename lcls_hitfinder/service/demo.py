@@ -308,10 +308,11 @@ def run_demo(demo: Demo) -> Tally:
     def interrupt(signum: int, _frame: object) -> None:  # SIGTERM and SIGHUP stop the demo as Ctrl-C does
         raise KeyboardInterrupt
 
+    hangup = signal.getsignal(signal.SIGHUP)  # ignored under nohup: it stays so
     with contextlib.suppress(ImportError):  # psana's MPI library (UCX) takes SIGHUP on import: take it back
         import psana  # noqa: F401
-    for signum in (signal.SIGTERM, signal.SIGHUP):  # SIGHUP: the terminal closed, which must not orphan them
-        signal.signal(signum, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN if hangup == signal.SIG_IGN else interrupt)  # a closed terminal
     try:
         tally = demo.run(demo.prepare())
     except KeyboardInterrupt:

@@ -91,7 +91,7 @@ SPECS: tuple[MetricSpec, ...] = (
         "hitfinder_build_info",
         "gauge",
         "Always 1; the labels name the package version, the model hash, the active onnxruntime provider and "
-        "the device that preprocesses the frames (`cpu`, `cuda:0`).",
+        "the device that preprocesses the frames (`cpu` or `cuda`).",
         ("version", "model", "provider", "device"),
     ),
     MetricSpec(

@@ -185,8 +185,10 @@ class FrameSink:
             self._receive()
 
     def end_run(self, experiment: str, run: int) -> None:
-        """The run's last event has been handed over (it is behind every frame already sent)."""
+        """The run's last event has been handed over (it is behind every frame already sent); the next run
+        may bring other shapes."""
         self._conn.send(("run_end", experiment, run))
+        self._binners.clear()
 
     def put(self, event: EventId, data: np.ndarray | None, truth: int | None, read_ns: int) -> None:
         """Hand one event over; `data` None (the detector is missing from this event) becomes an empty frame."""
@@ -215,7 +217,7 @@ class FrameSink:
         return self._ring is not None and self._n_slots - len(self._free) > self._n_slots // 4
 
     def _binner_for(self, data: np.ndarray) -> FrameBinner | None:
-        """The binner for this frame's shape, built when first met (a few shapes at most: frames of yet
+        """The binner for this frame's shape, built when first met (a few shapes a run at most: frames of yet
         other shapes go whole, and the service decides them), None for frames it cannot bin."""
         if self._binning is None or data.dtype.kind not in "uif" or data.ndim not in (2, 3):
             return None
@@ -665,18 +667,15 @@ class SupervisedReader:
         self._incarnation += 1
         prefix = f"lhf_{os.getpid()}_{self._token}_{self._incarnation}"
         expected = self._mpi_ranks or 1
-        heartbeat = SharedMemory(name=f"{prefix}_hb", create=True, size=8 * expected)
-        lock = _hold(f"{prefix}_hb")
-        beats = np.ndarray((expected,), np.uint64, buffer=heartbeat.buf)
-        beats[:] = 0
-        try:
+        with contextlib.ExitStack() as undo:  # what was made for a process that fails to start goes again
+            heartbeat = SharedMemory(name=f"{prefix}_hb", create=True, size=8 * expected)  # zeros, as made
+            undo.callback(heartbeat.unlink)
+            undo.callback(heartbeat.close)
+            lock = _hold(f"{prefix}_hb")
+            undo.callback(os.close, lock)
             process, listener, address, conn = self._start_process(prefix, heartbeat.name)
-        except BaseException:  # nothing started: the heartbeat segment and its lock go too
-            del beats
-            os.close(lock)
-            heartbeat.close()
-            heartbeat.unlink()
-            raise
+            undo.pop_all()
+        beats = np.ndarray((expected,), np.uint64, buffer=heartbeat.buf)
         self._child = _Child(process, heartbeat, beats, prefix, expected, time.monotonic(), lock, listener, address)
         if conn is not None:
             self._child.channels.append(_Channel(conn, 0, process.pid))
@@ -691,17 +690,17 @@ class SupervisedReader:
         what it opened is closed again if it fails to start."""
         if self._mpi_ranks:
             address = f"/dev/shm/{prefix}_ranks"  # beside the rings: gone with them, also if the service is killed
-            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            listener.bind(address)
-            _track(address)
-            listener.listen(self._mpi_ranks)
-            listener.setblocking(False)
-            try:
-                return MpiRun(self._mpi_ranks, address), listener, address, None
-            except BaseException:
-                listener.close()
-                _remove_tracked(address)
-                raise
+            with contextlib.ExitStack() as undo:
+                listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                undo.callback(listener.close)
+                listener.bind(address)
+                _track(address)
+                undo.callback(_remove_tracked, address)
+                listener.listen(self._mpi_ranks)
+                listener.setblocking(False)
+                run = MpiRun(self._mpi_ranks, address)
+                undo.pop_all()
+            return run, listener, address, None
         here, there = _CTX.Pipe(duplex=True)
         process = _CTX.Process(
             target=child_main,
@@ -994,7 +993,7 @@ class SupervisedSource:
         mpi_ranks: int = 0,
     ) -> None:
         self.uri = uri
-        self.frame_shape: tuple[int, ...] | None = None
+        self.frame_shape: tuple[int, ...] | None = None  # psana's runs may differ: each run's first frame says
         self.mask = mask
         self.restarts = 0
         self.reader_processes = mpi_ranks or 1  # beside the service, on the same cores
@@ -1015,8 +1014,6 @@ class SupervisedSource:
     def frames(self) -> Iterator[Frame | RunEnd | None]:
         for frame in self._reader.frames():
             self.restarts = self._reader.restarts
-            if isinstance(frame, Frame) and self.frame_shape is None and (frame.data.size or frame.binned):
-                self.frame_shape = frame.shape
             yield frame
 
     def close(self) -> None:

@@ -68,6 +68,11 @@ class SourceURI:
             raise UserError(f"source {self.raw}: {name}={value} must be at least {at_least:g}")
         return converted
 
+    @property
+    def live(self) -> bool:
+        """Shared memory, whose events pass once: psana2's `shmem:`, psana1's `psana1:shmem=...`."""
+        return self.scheme == "shmem" or (self.scheme == "psana1" and self.target.startswith("shmem="))
+
     def require(self, name: str) -> str:
         """A parameter the source cannot do without."""
         value = self.params.get(name)

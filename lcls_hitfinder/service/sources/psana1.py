@@ -128,6 +128,6 @@ class Psana1Source(SupervisedSource):
             calib=data == "calib",
             image=flag(uri, "image"),
             calib_dir=uri.params.get("calibdir"),
-            live=uri.target.startswith("shmem="),
+            live=uri.live,
         )
         super().__init__(uri.raw, loop, settings, loop.live, OPEN_TIMEOUT_S)

@@ -275,7 +275,7 @@ def read_loop(uri: SourceURI) -> Psana2ReadLoop:
         image=flag(uri, "image"),
         timing=uri.params.get("timing") or None,
         constants=constants,
-        live=uri.scheme == "shmem",
+        live=uri.live,
         mpi_ranks=ranks,
     )
 
