@@ -1485,6 +1485,28 @@ def test_the_publisher_counts_every_subscription_and_survives_a_message_it_canno
         publisher.close()
 
 
+def test_a_frozen_subscriber_is_dropped_with_its_subscriptions() -> None:
+    """A subscriber that stops answering ZeroMQ's pings (its process stopped: a host gone to sleep looks the
+    same) is dropped after the peer timeout, with its subscriptions and the messages queued for it; one that
+    is alive stays. Without pings it would be held until TCP gave up (many minutes while data flow)."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    publisher = ZmqPublisher(endpoint, 1000, peer_timeout_s=0.6)
+    code = f"import time, zmq; s = zmq.Context().socket(zmq.SUB); s.subscribe(b'decision'); s.connect({endpoint!r})"
+    frozen = subprocess.Popen([sys.executable, "-c", code + "; time.sleep(600)"])
+    try:
+        alive = DecisionClient(endpoint, (DECISION,), timeout_s=WAIT_S)
+        _wait_until(lambda: publisher.subscriptions == 2, "both subscriptions")
+        frozen.send_signal(signal.SIGSTOP)
+        _wait_until(lambda: publisher.subscriptions == 1, "the frozen subscriber dropped")
+        publisher.publish(DECISION, {"seq": 0})  # no schema's payload: read raw below
+        assert alive._sock.poll(WAIT_S * 1000)  # the live one still receives
+        alive.close()
+    finally:
+        frozen.kill()
+        frozen.wait()
+        publisher.close()
+
+
 def _listen_to(messages: list[list[bytes]], *args: str) -> subprocess.CompletedProcess[str]:
     """`listen --json` on an XPUB of our own that sends `messages` once listen has subscribed."""
     endpoint = f"tcp://127.0.0.1:{free_port()}"

@@ -224,6 +224,8 @@ def _cell(text: str) -> str:
 
 def markdown() -> str:
     """docs/messages.md, generated from FIELDS."""
+    from lcls_hitfinder.service.publish import PEER_TIMEOUT_S  # publish imports this module
+
     lines = [
         "# Messages",
         "",
@@ -241,6 +243,9 @@ def markdown() -> str:
         "A PUB socket drops messages for a subscriber that falls behind its high-water mark",
         "(`serve.publish.sndhwm`): compare `seq` with the previous one (`lcls-hitfinder listen` reports gaps)",
         "and read the run's decision log (`serve.log_dir`, HDF5, one column per logged field) for the full record.",
+        f"A subscriber whose ZeroMQ stops answering the service's pings for {PEER_TIMEOUT_S:g} s (a frozen process, a "
+        "host gone to",
+        "sleep) is dropped with what was queued for it; ZeroMQ reconnects it when it answers again (a gap).",
         "The log is flushed every second and marked `complete` (an attribute, with the run's totals and `ended`,",
         "which says whether the whole run was read) when the run ends. It is written in HDF5's SWMR mode, so it",
         "can be read at any time, also during the run:",

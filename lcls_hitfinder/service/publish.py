@@ -24,12 +24,15 @@ log = logging.getLogger(__name__)
 
 _STOP = None
 _POLL_S = 0.05  # how often an idle publisher thread looks for (un)subscriptions
+PEER_TIMEOUT_S = 15.0  # a subscriber whose ZeroMQ stops answering pings this long is dropped
 
 
 class ZmqPublisher:
     """`publish(topic, payload)` from any thread; the socket is bound before the constructor returns."""
 
-    def __init__(self, endpoint: str, sndhwm: int = 100_000, linger_ms: int = 2000) -> None:
+    def __init__(
+        self, endpoint: str, sndhwm: int = 100_000, linger_ms: int = 2000, peer_timeout_s: float = PEER_TIMEOUT_S
+    ) -> None:
         self._queue: queue.Queue[tuple[str, Mapping[str, Any]] | None] = queue.Queue()
         self._bound = threading.Event()
         self._subscribed = threading.Event()
@@ -37,19 +40,23 @@ class ZmqPublisher:
         self.subscriptions = 0
         self.endpoint = endpoint
         self._thread = threading.Thread(
-            target=self._run, args=(endpoint, sndhwm, linger_ms), name="zmq-publisher", daemon=True
+            target=self._run, args=(endpoint, sndhwm, linger_ms, peer_timeout_s), name="zmq-publisher", daemon=True
         )
         self._thread.start()
         self._bound.wait()
         if self._error is not None:
             raise UserError(self._error)
 
-    def _run(self, endpoint: str, sndhwm: int, linger_ms: int) -> None:
+    def _run(self, endpoint: str, sndhwm: int, linger_ms: int, peer_timeout_s: float) -> None:
         ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         sock = ctx.socket(zmq.XPUB)
         sock.setsockopt(zmq.XPUB_VERBOSER, 1)  # every subscribe and unsubscribe, not the first/last per topic
         sock.setsockopt(zmq.SNDHWM, sndhwm)
         sock.setsockopt(zmq.LINGER, linger_ms)
+        # ZMTP pings: a subscriber that vanished (a host gone to sleep, a frozen process) is dropped, with its
+        # subscriptions and the up to `sndhwm` messages queued for it, instead of held until TCP gives up
+        sock.setsockopt(zmq.HEARTBEAT_IVL, max(1, int(peer_timeout_s * 1000 / 3)))
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(1, int(peer_timeout_s * 1000)))
         try:
             sock.bind(endpoint)
         except zmq.ZMQError as err:
