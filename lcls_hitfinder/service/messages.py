@@ -243,9 +243,8 @@ def markdown() -> str:
         "A PUB socket drops messages for a subscriber that falls behind its high-water mark",
         "(`serve.publish.sndhwm`): compare `seq` with the previous one (`lcls-hitfinder listen` reports gaps)",
         "and read the run's decision log (`serve.log_dir`, HDF5, one column per logged field) for the full record.",
-        f"A subscriber whose ZeroMQ stops answering the service's pings for {PEER_TIMEOUT_S:g} s (a frozen process, a "
-        "host gone to",
-        "sleep) is dropped with what was queued for it; ZeroMQ reconnects it when it answers again (a gap).",
+        f"A subscriber whose ZeroMQ stops answering the service's pings for {PEER_TIMEOUT_S:g} s (a frozen process,",
+        "a host gone to sleep) is dropped with what was queued for it; ZeroMQ reconnects it when it answers again.",
         "The log is flushed every second and marked `complete` (an attribute, with the run's totals and `ended`,",
         "which says whether the whole run was read) when the run ends. It is written in HDF5's SWMR mode, so it",
         "can be read at any time, also during the run:",
