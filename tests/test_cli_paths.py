@@ -95,6 +95,10 @@ def test_a_wrong_kind_of_path_is_refused_before_any_work(args: list[str], messag
             "the reference file to write, {d}/p.csv, is the --picks file",
         ),
         (["show", "{d}/a_file.h5", "--out", "{d}/grid"], "--out {d}/grid must end in .png"),
+        (
+            ["summary", "{d}/a_file.h5", "--plot", "{d}/./a_file.h5"],
+            "the plot to write, {d}/a_file.h5, is the LOG file",
+        ),
     ],
 )
 def test_an_output_that_is_an_input_is_refused_and_both_stay(args: list[str], message: str, made: Path) -> None:

@@ -35,7 +35,7 @@ from lcls_hitfinder.bank import ReferenceBank
 from lcls_hitfinder.cli import app
 from lcls_hitfinder.dataset import Batch, Dataset, DatasetWriter
 from lcls_hitfinder.errors import UserError
-from lcls_hitfinder.labels import Label
+from lcls_hitfinder.labels import Label, label_of_count
 from lcls_hitfinder.learn.nets import TwinEmbedder
 from lcls_hitfinder.learn.train import load_patterns
 from lcls_hitfinder.model_io import export_onnx
@@ -401,6 +401,40 @@ def test_decision_log_holds_every_decision_without_subscribers(fx: Fixtures, tmp
     assert events == 120
     assert 'hitfinder_stage_duration_seconds_count{stage="infer"}' in exported
     assert 'hitfinder_build_info{device="cpu",' in exported  # where it preprocesses, beside the provider
+
+
+def test_summary_of_a_runs_log_gives_its_numbers_a_csv_to_pick_from_and_a_picture(fx: Fixtures, tmp_path: Path) -> None:
+    """`lcls-hitfinder summary LOG`: the run's counts, keep fraction and agreement with the truth as the log
+    has them; the CSV's rows, labels corrected and cut to the sure ones, are picks `bank pick` reads."""
+    from lcls_hitfinder.service.pick import read_picks
+
+    settings = _settings(tmp_path, source=f"h5:{fx.data}?run=12&experiment=xpptest")
+    r, columns, _ = _served_unheard(fx, settings)
+    (log_file,) = r.pipeline.logs
+    out = tmp_path / "sum"
+    args = ["summary", log_file, "--csv", out / "run.csv", "--plot", out / "run.png"]
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    labels = columns["label"].tolist()
+    counts = ", ".join(f"{x.text} {labels.count(x.text)}" for x in Label)
+    kept = int(np.sum(columns["decision"] == "keep"))
+    assert f"xpptest:12: {len(labels)} decisions, log complete (source_end)" in result.output
+    assert f"labels: {counts}; kept {kept} ({100 * kept / len(labels):.1f}%)" in result.output
+    truth = [label_of_count(int(t)).text for t in columns["truth_n_particles"]]
+    agree = sum(t == x for t, x in zip(truth, labels, strict=True))
+    assert f"agrees with the truth: {100 * agree / len(labels):.1f}% of {len(labels)} events" in result.output
+    assert (out / "run.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = (out / "run.csv").read_text().splitlines()
+    assert rows[0] == "run,event,timestamp,label,score" and len(rows) == len(labels) + 1
+    (tmp_path / "picks.csv").write_text("\n".join([rows[0], *rows[1:4]]) + "\n")  # three rows kept
+    picks = read_picks(tmp_path / "picks.csv")
+    assert picks.key == "event" and set(picks.counts) == {(12, 0), (12, 1), (12, 2)}
+    with h5py.File(log_file, "r+") as f:  # as a run still being written has it
+        f.attrs["complete"] = False
+    still = CliRunner().invoke(app, ["summary", str(log_file)])
+    assert f"{len(labels)} decisions, log still being written, or its service died" in still.output
+    not_a_log = CliRunner().invoke(app, ["summary", str(fx.model)])  # a UserError: one line, exit 2 from main
+    assert isinstance(not_a_log.exception, UserError) and "is not a decision log" in str(not_a_log.exception)
 
 
 def test_a_run_cut_short_by_max_events_says_so(fx: Fixtures, tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""CLI subcommands of the service: `serve` (the real-time classifier) and `listen` (a subscriber)."""
+"""CLI subcommands of the service: `serve` (the real-time classifier), `listen` (a subscriber) and `summary` (of
+a run's decision log)."""
 
 from __future__ import annotations
 
@@ -359,7 +360,43 @@ def listen(
         raise typer.Exit(1)
 
 
+def summary(
+    log_file: Annotated[Path, typer.Argument(metavar="LOG", help="a run's decision log (serve.log_dir)")],
+    csv: Annotated[
+        Path | None, typer.Option(help="write one row per event (run, event, timestamp, label, score) for bank pick")
+    ] = None,
+    plot: Annotated[
+        Path | None, typer.Option(help="write a PNG: label fractions over the run, scores by label")
+    ] = None,
+) -> None:
+    """Summarise a run's decision log: labels, keep fraction, rate, latency (and the truth, when known).
+
+    Also of a log still being written.
+    --csv is the list to review: correct the labels of the events you are sure of, keep those rows only,
+    and give them to `bank pick --picks`."""
+    from lcls_hitfinder.paths import output_file
+    from lcls_hitfinder.service.decision_log import read_decision_log
+    from lcls_hitfinder.service.log_summary import plot_run, summarise, write_csv
+
+    for out, what in ((csv, "CSV"), (plot, "plot")):
+        if out is not None:
+            output_file(out, what, {"LOG": log_file})
+    try:
+        columns, attrs = read_decision_log(existing(log_file, "decision log"))
+    except (OSError, KeyError) as err:
+        raise UserError(f"{log_file} is not a decision log of lcls-hitfinder serve ({err})") from None
+    run = summarise(columns, attrs)
+    print("\n".join(run.lines()))
+    if csv is not None:
+        write_csv(columns, csv)
+        print(f"{csv}: {run.events} events; next: correct the labels, keep the sure rows, bank pick --picks {csv}")
+    if plot is not None:
+        plot_run(columns, f"{run.experiment}:{run.run}", plot)
+        print(f"{plot}: the run's labels and scores")
+
+
 def register(app: typer.Typer) -> None:
     """Add this stage's subcommands to `app`."""
     app.command()(serve)
     app.command()(listen)
+    app.command()(summary)
