@@ -17,7 +17,9 @@ import msgpack
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from lcls_hitfinder.cli import app
 from lcls_hitfinder.config import load_config
 from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.protocols import Frame
@@ -549,3 +551,20 @@ def test_listen_says_why_a_run_ended() -> None:
     end = {"phase": "end", "experiment": "cxi", "run": 7, "events": 40, "counts": {"single": 40}, "log": None}
     assert _human("run", {**end, "ended": "max_events"}).startswith("run end (max_events): cxi:7, 40 events")
     assert _human("run", {**end, "phase": "begin", "ended": None}).startswith("run begin: cxi:7")
+
+
+def test_summary_of_a_log_just_begun(tmp_path: Path) -> None:
+    """A run whose log holds no decision yet: said so, and its CSV and picture are written, empty."""
+    log_file = tmp_path / "run.h5"
+    log = DecisionLog(log_file, {"experiment": "mfxl1012345", "run": 17})
+    log.flush()
+    try:
+        result = CliRunner().invoke(
+            app, ["summary", str(log_file), "--csv", str(tmp_path / "r.csv"), "--plot", str(tmp_path / "r.png")]
+        )
+    finally:
+        log.close()
+    assert result.exit_code == 0, result.output
+    assert "mfxl1012345:17: 0 decisions, log still being written" in result.output
+    assert (tmp_path / "r.csv").read_text().splitlines() == ["run,event,timestamp,label,score"]
+    assert (tmp_path / "r.png").stat().st_size > 0

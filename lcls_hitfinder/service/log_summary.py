@@ -106,9 +106,9 @@ def plot_run(columns: dict[str, np.ndarray], title: str, out: Path) -> None:
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6))
     window = min(ROLLING, max(len(labels), 1))
     kernel = np.ones(window) / window
-    for label in Label:
+    for label in Label if len(labels) else ():  # a log just begun holds no decision yet
         share = np.convolve(labels == label.text, kernel, mode="valid")
-        if len(share) and share.any():
+        if share.any():
             top.plot(events[window - 1 :], share, label=label.text)
     top.set(xlabel="event", ylabel=f"fraction of the last {window} events", ylim=(0, 1.02), title=title)
     top.legend(loc="upper right", fontsize=8)
