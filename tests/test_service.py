@@ -3,6 +3,7 @@ provider choice, the h5: and sim: sources, the decision log and the metrics endp
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import re
 import subprocess
@@ -22,6 +23,7 @@ from typer.testing import CliRunner
 from lcls_hitfinder.cli import app
 from lcls_hitfinder.config import load_config
 from lcls_hitfinder.errors import UserError
+from lcls_hitfinder.model_io import ModelInfo, read_model_info
 from lcls_hitfinder.protocols import Frame
 from lcls_hitfinder.service import messages, metrics, settings
 from lcls_hitfinder.service.batcher import Batcher
@@ -29,7 +31,7 @@ from lcls_hitfinder.service.binning import readers_bin
 from lcls_hitfinder.service.client import SeqTracker
 from lcls_hitfinder.service.commands import logs_said
 from lcls_hitfinder.service.decision_log import DecisionLog, read_decision_log
-from lcls_hitfinder.service.embedder import CPU, CUDA, TENSORRT, select_providers
+from lcls_hitfinder.service.embedder import CPU, CUDA, TENSORRT, provider_options, select_providers
 from lcls_hitfinder.service.pick import read_picks
 from lcls_hitfinder.service.settings import ServeSettings
 from lcls_hitfinder.service.sources import REGISTRY, open_source, parse_uri, psana_timestamp
@@ -246,6 +248,9 @@ def test_seq_tracker_takes_the_next_seq_that_heartbeats_and_run_ends_announce() 
 
 
 # ---- providers ----------------------------------------------------------------------------------------------
+SHIPPED_MODEL = Path(__file__).resolve().parents[1] / "models" / "embedder.onnx"
+
+
 def test_provider_preference_follows_what_the_build_offers() -> None:
     gpu_build = [TENSORRT, CUDA, CPU]
     assert select_providers(None, gpu_build) == [TENSORRT, CUDA, CPU]
@@ -256,6 +261,23 @@ def test_provider_preference_follows_what_the_build_offers() -> None:
     for typo in ("cdua", "FooExecutionProvider", "CudaExecutionProvider"):  # not the CPU in silence
         with pytest.raises(UserError, match=f"unknown onnxruntime provider '{typo}'"):
             select_providers([typo], gpu_build)
+
+
+def test_tensorrt_engines_are_cached_per_model_and_batch_range(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """onnxruntime names a cached engine by the model's file name and graph, not its weights: a retrained
+    model of the same name must not find the old model's engine, nor another batch range rebuild it."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    info = read_model_info(SHIPPED_MODEL)
+    retrained = dataclasses.replace(info, model_hash="0123456789abcdef")
+
+    def cache(model: ModelInfo, max_batch: int) -> str:
+        options = provider_options(TENSORRT, model, max_batch, 0)
+        assert options["trt_profile_max_shapes"] == f"thumbnail:{max_batch}x1x64x64"
+        return str(options["trt_engine_cache_path"])
+
+    assert cache(info, 32) == cache(info, 32) == str(tmp_path / "lcls-hitfinder/tensorrt" / info.model_hash / "batch32")
+    assert len({cache(info, 32), cache(retrained, 32), cache(info, 64)}) == 3
+    assert provider_options(CPU, info, 32, 0) == {}
 
 
 def test_a_provider_the_build_lacks_is_said(caplog: pytest.LogCaptureFixture) -> None:

@@ -20,7 +20,7 @@ import onnxruntime as ort
 import torch
 
 from lcls_hitfinder.errors import UserError
-from lcls_hitfinder.model_io import INPUT_NAME, OUTPUT_NAME, read_model_info
+from lcls_hitfinder.model_io import INPUT_NAME, OUTPUT_NAME, ModelInfo, read_model_info
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +50,16 @@ def select_providers(preferred: Sequence[str] | None, available: Sequence[str]) 
     return chain
 
 
-def provider_options(provider: str, thumbnail: int, max_batch: int, device_id: int) -> dict[str, Any]:
-    """Options per provider: TensorRT gets the dynamic batch range and an engine cache (builds take minutes)."""
+def provider_options(provider: str, info: ModelInfo, max_batch: int, device_id: int) -> dict[str, Any]:
+    """Options per provider: TensorRT gets the dynamic batch range and an engine cache (builds take minutes).
+
+    The cache is one folder per model (by the hash of its contents) and batch range: onnxruntime names an engine
+    by the model's file name and graph, not its weights, so a retrained model of the same name would run the
+    old engine's weights, and another batch range would rebuild the engine each time."""
+    thumbnail = info.preprocess.thumbnail
     if provider == TENSORRT:
-        cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lcls-hitfinder" / "tensorrt"
+        base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lcls-hitfinder" / "tensorrt"
+        cache = base / info.model_hash / f"batch{max_batch}"
         cache.mkdir(parents=True, exist_ok=True)
         shape = f"1x{thumbnail}x{thumbnail}"
         return {
@@ -98,7 +104,7 @@ class OnnxEmbedder:
         self.max_batch = max_batch
         for i, first in enumerate(chain):
             try:  # the options too: TensorRT's engine cache folder may not be writable
-                tried = [(p, provider_options(p, info.preprocess.thumbnail, max_batch, device_id)) for p in chain[i:]]
+                tried = [(p, provider_options(p, info, max_batch, device_id)) for p in chain[i:]]
                 self.session = ort.InferenceSession(str(model), options, providers=tried)
                 break
             except Exception as err:  # onnxruntime raises its own unrelated types per provider

@@ -58,7 +58,8 @@ log = logging.getLogger(__name__)
 LABEL_TEXT = np.array([label.text for label in Label], dtype=object)  # indexed by label code
 _IDLE_S = 0.2  # how long the worker waits for frames before doing its idle chores (log flush)
 # torch's and onnxruntime's words for a CUDA runtime error, after which the device context is unusable
-_GPU_FAILED = re.compile(r"\bCUDA (error|failure)\b")
+# torch's "CUDA error: ...", onnxruntime's "CUDA failure 700: ...", "CUBLAS failure 13: ...", "CUDNN failure ..."
+_GPU_FAILED = re.compile(r"\b(CUDA|CUBLAS|CUDNN) (error|failure)\b")
 _DRAIN_QUIET_S = 2.0  # after a failure: how long without a frame before the reader is taken to have stopped
 
 
@@ -470,7 +471,8 @@ class Pipeline:
         finite = torch.ones(len(arrays), dtype=torch.bool, device=self.device)
         if any(a.dtype.kind == "f" for a in arrays):
             finite = all_finite(raw)
-        photons = pre.photons(raw, signed=any(a.dtype.kind in "if" for a in arrays))
+        # `raw` is the batch's own device copy, read for the last time above: converted in place, not copied again
+        photons = pre.photons(raw, inplace=True, signed=any(a.dtype.kind in "if" for a in arrays))
         return pre.binned(photons), self._prefilter.measure(photons), finite
 
     def _decide(self, frames: list[Frame]) -> Verdicts:
