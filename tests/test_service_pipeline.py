@@ -1008,6 +1008,12 @@ def test_simulated_stream_carries_its_truth_to_the_decisions(fx: Fixtures, tmp_p
     expected = {f.event.event: f.truth_n_particles for f in alone.frames() if isinstance(f, Frame)}
     alone.close()
     assert truth.tolist() == [expected[e] for e in columns["event"].tolist()]
+    exported = generate_latest(r.metrics.registry).decode().splitlines()
+    true_labels = [label_of_count(int(n)).text for n in truth]
+    for t in set(true_labels):  # both children of each true class, so a class never labelled right reads 0
+        right = sum(x == t and label == t for x, label in zip(true_labels, columns["label"], strict=True))
+        assert f'hitfinder_truth_events_total{{agree="yes",truth="{t}"}} {float(right)}' in exported
+        assert any(line.startswith(f'hitfinder_truth_events_total{{agree="no",truth="{t}"}} ') for line in exported)
     agree = r.metrics.truth_events
     counted = sum(agree.labels(truth=t.text, agree=a)._value.get() for t in Label for a in ("yes", "no"))
     assert counted == 30 == r.pipeline.total.truth_known

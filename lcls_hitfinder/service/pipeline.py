@@ -584,11 +584,14 @@ class Pipeline:
             m.frame_errors.labels(reason=str(reason).split(":")[0]).inc()
         m.prefilter_blank.inc(int(np.count_nonzero(v.reason == "prefilter")))  # of the decisions made
         known = (truth >= 0) & (v.label != Label.ERROR)
-        agree = 0
-        for t, label in zip(truth[known].tolist(), v.label[known].tolist(), strict=True):
-            true_label = label_of_count(t)
-            agree += true_label == label
-            m.truth_events.labels(truth=true_label.text, agree="yes" if true_label == label else "no").inc()
+        tally: Counter[tuple[Label, bool]] = Counter(
+            (label_of_count(t), label_of_count(t) == label)
+            for t, label in zip(truth[known].tolist(), v.label[known].tolist(), strict=True)
+        )
+        for true_label in {t for t, _ in tally}:  # both children: a class never labelled right reads 0, not nothing
+            for right, name in ((True, "yes"), (False, "no")):
+                m.truth_events.labels(truth=true_label.text, agree=name).inc(tally[true_label, right])
+        agree = sum(n for (_, right), n in tally.items() if right)
         self.total.truth_known += int(known.sum())
         self.total.truth_agree += agree
         for ns in latency_ns.tolist():
