@@ -42,9 +42,15 @@ def threshold(name: str) -> float:
     return float(match[1])
 
 
-def sel(metric: str, **matchers: str) -> str:
-    """`metric{instance=~"$instance", k="v"...}`: every query is filtered by the instance variable."""
-    inner = ", ".join(['instance=~"$instance"', *(f'{k}="{v}"' for k, v in matchers.items())])
+def sel(metric: str, exclude: dict[str, str] | None = None, **matchers: str) -> str:
+    """`metric{instance=~"$instance", k="v"..., k!="v"...}`: every query is filtered by the instance variable."""
+    inner = ", ".join(
+        [
+            'instance=~"$instance"',
+            *(f'{k}="{v}"' for k, v in matchers.items()),
+            *(f'{k}!="{v}"' for k, v in (exclude or {}).items()),
+        ]
+    )
     return f"{metric}{{{inner}}}"
 
 
@@ -145,8 +151,9 @@ def overview() -> list[Json]:
         ),
         stat(
             "Keep fraction",
-            "Fraction of events with decision keep, over the last minute.",
-            f"sum({sel('hitfinder:events:rate1m', decision='keep')}) / sum({sel('hitfinder:events_all:rate1m')})",
+            "Fraction of the classifiable (non-error) events with decision keep, over the last minute.",
+            f"sum({sel('hitfinder:events:rate1m', decision='keep')}) / "
+            f"sum({sel('hitfinder:events:rate1m', exclude={'label': 'error'})})",
             "percentunit",
             [(None, "blue")],
         ),
@@ -212,7 +219,8 @@ def events() -> list[Json]:
         ),
         timeseries(
             "Keep fraction",
-            "Fraction of events kept, with the alert band (deploy/prometheus/rules/thresholds.yml).",
+            "Fraction of the classifiable (non-error) events kept, with the alert band "
+            "(deploy/prometheus/rules/thresholds.yml).",
             [
                 target(sel("hitfinder:keep_fraction:ratio_rate1m"), "{{instance}}"),
                 target("hitfinder:threshold:keep_fraction_min", "band min"),

@@ -246,11 +246,15 @@ def markdown() -> str:
         "- p99 per stage: `histogram_quantile(0.99, sum by (le, stage) "
         "(rate(hitfinder_stage_duration_seconds_bucket[1m])))`",
         "- event rate: `sum(rate(hitfinder_events_total[1m]))`",
-        '- keep fraction: `sum(rate(hitfinder_events_total{decision="keep"}[5m])) / '
+        '- keep fraction of the classifiable events: `sum(rate(hitfinder_events_total{decision="keep"}[5m])) / '
+        'sum(rate(hitfinder_events_total{label!="error"}[5m]))`',
+        "- fraction decided `error`: `sum(rate(hitfinder_frame_errors_total[5m])) / "
         "sum(rate(hitfinder_events_total[5m]))`",
         '- agreement with the simulated truth: `sum(rate(hitfinder_truth_events_total{agree="yes"}[5m])) / '
         "sum(rate(hitfinder_truth_events_total[5m]))`",
-        "- stuck service (0 until the first heartbeat): `time() - (hitfinder_heartbeat_timestamp_seconds > 0) > 10`",
+        "- stuck or dead service: `hitfinder:heartbeat_age:seconds > 10` (deploy/prometheus/rules/recording.yml: "
+        "the age of the last heartbeat scraped, which a plain `time() - hitfinder_heartbeat_timestamp_seconds` "
+        "loses as soon as scrapes fail)",
         "",
     ]
     return "\n".join(lines)
