@@ -115,8 +115,9 @@ def info_table(title: str, description: str, expr: str, columns: list[str]) -> J
 
 
 def heatmap(title: str, description: str, buckets: str, unit: str) -> Json:
-    """`buckets`: a histogram's `_bucket` selector, e.g. from `sel`."""
-    expr = f"sum by (le) (increase({buckets}[$__rate_interval]))"
+    """`buckets`: a histogram's `_bucket` selector, e.g. from `sel`. A rate per bucket: an increase over
+    $__rate_interval, evaluated at steps shorter than that window, would count each event in several cells."""
+    expr = f"sum by (le) (rate({buckets}[$__rate_interval]))"
     return panel(
         "heatmap",
         title,
@@ -147,7 +148,7 @@ def overview() -> list[Json]:
             "Events decided per second (all labels), over the last minute.",
             f"sum({sel('hitfinder:events_all:rate1m')})",
             EVENTS_PER_S,
-            [(None, "red"), (1, "green")],
+            [(None, "blue")],  # 0 between runs is normal: the alerts say when it is not
         ),
         stat(
             "Keep fraction",
@@ -264,7 +265,7 @@ def latency() -> list[Json]:
         ),
         heatmap(
             "End-to-end latency distribution",
-            "Events per latency bucket and time step.",
+            "Events per second in each latency bucket.",
             sel("hitfinder_latency_seconds_bucket"),
             "s",
         ),
@@ -276,7 +277,7 @@ def latency() -> list[Json]:
         ),
         heatmap(
             "Inference time distribution",
-            "Batches per bucket of the infer stage (onnxruntime).",
+            "Batches per second in each bucket of the infer stage (onnxruntime).",
             sel("hitfinder_stage_duration_seconds_bucket", stage="infer"),
             "s",
         ),
