@@ -1135,14 +1135,15 @@ def _until_run_ends(client: DecisionClient, runs: int) -> list[tuple[str, dict[s
 
 
 def _serve_two_runs(
-    fx: Fixtures, tmp_path: Path, between: Callable[[], None]
+    fx: Fixtures, tmp_path: Path, between: Callable[[Running], None]
 ) -> tuple[Running, list[dict[str, Any]], list[dict[str, Any]]]:
     """The decisions and the run end messages of two runs of 5 frames, `between` called between them."""
     images = np.random.default_rng(4).poisson(2.0, (5, SIDE, SIDE)).astype(np.float32)
 
     def after_run_1() -> None:  # the reader runs ahead of the worker: wait until run 1 is closed
-        _wait_until(lambda: len(r.pipeline.logs) == 1 and r.metrics.run_open._value.get() == 0, "run 1's end")
-        between()
+        m = r.metrics
+        _wait_until(lambda: m.run_number._value.get() == 1 and m.run_open._value.get() == 0, "run 1's end")
+        between(r)
 
     r = _start(_settings(tmp_path), TwoRunSource(list(images), after_run_1), fx.model, fx.bank)
     with DecisionClient(r.publisher.endpoint, (DECISION, RUN), timeout_s=WAIT_S) as client:
@@ -1158,13 +1159,14 @@ def _serve_two_runs(
 def test_a_log_folder_that_fails_between_runs_costs_the_log_not_the_decisions(fx: Fixtures, tmp_path: Path) -> None:
     logs = tmp_path / "logs"
 
-    def disk_gone() -> None:  # the folder replaced by a file: the next run's log cannot be created
+    def disk_gone(_: Running) -> None:  # the folder replaced by a file: the next run's log cannot be created
         logs.rename(tmp_path / "old_logs")
         logs.write_text("")
 
     r, decisions, ends = _serve_two_runs(fx, tmp_path, disk_gone)
     assert [d["seq"] for d in decisions] == list(range(10)) and {d["label"] for d in decisions} != {"error"}
     assert [(e["run"], e["events"]) for e in ends] == [(1, 5), (2, 5)]
+    assert r.metrics.decision_log_lost._value.get() == 1  # lost until a run's log is created again
     assert ends[1]["log"] is None and len(r.pipeline.logs) == 1 and r.pipeline.error is None
     assert r.metrics.decision_log_failures._value.get() == 1
     columns, attrs = read_decision_log(tmp_path / "old_logs" / Path(r.pipeline.logs[0]).name)
@@ -1180,13 +1182,30 @@ def test_any_failure_of_the_log_costs_the_log_not_the_decisions(
     def broken(self: DecisionLog) -> None:
         raise ValueError("a string h5py cannot encode")
 
-    def break_the_log() -> None:
+    def break_the_log(_: Running) -> None:
         monkeypatch.setattr(DecisionLog, "flush", broken)
 
     r, decisions, ends = _serve_two_runs(fx, tmp_path, break_the_log)
     assert [d["seq"] for d in decisions] == list(range(10))
     assert [(e["run"], e["events"], e["log"] is None) for e in ends] == [(1, 5, False), (2, 5, True)]
     assert r.pipeline.error is None and r.metrics.decision_log_failures._value.get() == 1
+    assert r.metrics.decision_log_lost._value.get() == 1
+
+
+def test_a_decision_log_lost_is_said_until_a_runs_log_is_created_again(fx: Fixtures, tmp_path: Path) -> None:
+    """The folder unwritable for run 1 (a file where it should be), freed before run 2: lost, then not."""
+    logs = tmp_path / "logs"
+    logs.write_text("")
+    lost = []
+
+    def disk_freed(running: Running) -> None:
+        lost.append(running.metrics.decision_log_lost._value.get())
+        logs.unlink()
+        logs.mkdir()
+
+    r, decisions, ends = _serve_two_runs(fx, tmp_path, disk_freed)
+    assert [(e["run"], e["log"] is None) for e in ends] == [(1, True), (2, False)] and len(decisions) == 10
+    assert lost == [1.0] and r.metrics.decision_log_lost._value.get() == 0
 
 
 def test_a_heartbeat_never_counts_decisions_not_yet_published(fx: Fixtures, tmp_path: Path) -> None:

@@ -113,6 +113,12 @@ SPECS: tuple[MetricSpec, ...] = (
         "failed while written (a full disk). That run went on without its log; its decisions were still published.",
     ),
     MetricSpec(
+        "hitfinder_decision_log_lost",
+        "gauge",
+        "1 from a decision log's failure until a run's log is created again (the runs meanwhile go without their "
+        "record), else 0.",
+    ),
+    MetricSpec(
         "hitfinder_prefilter_blank_total",
         "counter",
         "Events the cheap pre-filter labelled blank without running the model.",
@@ -172,6 +178,7 @@ class ServiceMetrics:
         self.bank_info = self._gauge("hitfinder_bank_info")
         self.bank_reloads = self._counter("hitfinder_bank_reloads_total")
         self.decision_log_failures = self._counter("hitfinder_decision_log_failures_total")
+        self.decision_log_lost = self._gauge("hitfinder_decision_log_lost")
         self.prefilter_blank = self._counter("hitfinder_prefilter_blank_total")
         self.frames_binned = self._counter("hitfinder_frames_binned_total")
         self.truth_events = self._counter("hitfinder_truth_events_total")

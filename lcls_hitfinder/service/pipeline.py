@@ -618,9 +618,10 @@ class Pipeline:
                 decision_log = DecisionLog(path, attrs)
             except Exception as err:  # an unwritable log folder must not stop the decisions either
                 log.error("cannot open decision log %s (%s); run %s:%d goes on without it", path, err, experiment, run)
-                self.metrics.decision_log_failures.inc()
+                self._log_failed()
             else:
                 self.logs.append(str(path))
+                self.metrics.decision_log_lost.set(0)
         self._run = Run(experiment, run, self._next_seq, time.time_ns(), decision_log)
         self._last_run = (experiment, run)
         self.metrics.run_open.set(1)
@@ -653,9 +654,14 @@ class Pipeline:
             action(run.decision_log)
         except Exception as err:  # a full disk (or any failure to write) must not stop the decisions
             log.error("decision log %s failed (%s); this run goes on without it", run.decision_log.path, err)
-            self.metrics.decision_log_failures.inc()
+            self._log_failed()
             run.decision_log.abandon()
             run.decision_log = None
+
+    def _log_failed(self) -> None:
+        """Counted, and said lost until a run's log is created again (the alert lasts as long as the loss)."""
+        self.metrics.decision_log_failures.inc()
+        self.metrics.decision_log_lost.set(1)
 
     def _run_payload(self, phase: str) -> dict[str, object]:
         run = self._run
