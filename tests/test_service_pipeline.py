@@ -1616,6 +1616,24 @@ def test_listen_skips_what_is_not_the_services_and_reports_losses_a_heartbeat_re
     assert "7 decisions, 1 gap(s), 3 missing, 1 message(s) not the service's skipped" in done.stderr
 
 
+def test_a_subscriber_of_heartbeats_alone_misses_no_decisions_but_sees_a_restart() -> None:
+    """Heartbeats announce ever later seqs: to a client that never subscribed to decisions those are no gap
+    (listen --topic heartbeat reported every second's decisions lost); another instance is still a restart."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    xpub = zmq.Context.instance().socket(zmq.XPUB)
+    xpub.bind(endpoint)
+    try:
+        with DecisionClient(endpoint, (HEARTBEAT,), timeout_s=1) as client:
+            assert xpub.poll(WAIT_S * 1000), "the client never subscribed"
+            xpub.recv()
+            for next_seq, instance in ((5, "a"), (120, "a"), (7, "b")):
+                xpub.send_multipart(_message(HEARTBEAT, next_seq=next_seq, instance=instance))
+            beats = [p["next_seq"] for _, p in client.messages()]
+    finally:
+        xpub.close(0)
+    assert beats == [5, 120, 7] and client.gaps == [] and client.tracker.restarts == 1
+
+
 def test_listen_refuses_another_schema_version_in_one_line() -> None:
     done = _listen_to([_message(DECISION, version=SCHEMA_VERSION + 1, seq=0)])
     errors = [line for line in done.stderr.splitlines() if line.startswith("lcls-hitfinder: error:")]

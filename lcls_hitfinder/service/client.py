@@ -60,7 +60,7 @@ class SeqTracker:
         """A decision's `seq` and `instance`: the gap it reveals, if any."""
         if self.first is None:
             self.first = seq
-        if self._restarted(instance):  # a new service counts from 0: what it sent before this one was lost
+        if self.restarted(instance):  # a new service counts from 0: what it sent before this one was lost
             gap = Gap(0, seq) if seq > 0 else None
         else:
             gap = Gap(self.next_seq, seq) if self.next_seq is not None and seq > self.next_seq else None
@@ -73,7 +73,7 @@ class SeqTracker:
         """The `seq` the service says comes next (heartbeat `next_seq`, run end `first_seq + events`): decisions
         before it that never came are a gap, also when no later decision would show it. A new instance's
         announcement is a restart, and its decisions before `next_seq` the gap."""
-        if self._restarted(instance):
+        if self.restarted(instance):
             self.next_seq = 0
         if self.next_seq is None:  # joined: decisions from here on are owed
             self.next_seq = next_seq
@@ -85,7 +85,7 @@ class SeqTracker:
         self.next_seq = next_seq
         return gap
 
-    def _restarted(self, instance: str) -> bool:
+    def restarted(self, instance: str) -> bool:
         """Whether `instance` is another service than the one followed so far (counted as a restart)."""
         restarted = self.instance is not None and instance != self.instance
         self.instance = instance
@@ -112,6 +112,7 @@ class DecisionClient:
         self.tracker = SeqTracker()
         self.skipped: list[str] = []  # why each message that was not the service's was skipped
         self._topics = topics
+        self._decisions = not topics or DECISION in topics  # subscribed to decisions: gaps can be told
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.SUB)
         self._sock.setsockopt(zmq.RCVHWM, rcvhwm)
@@ -142,12 +143,15 @@ class DecisionClient:
             except MessageError as err:
                 self.skipped.append(str(err))
                 continue
+            instance = str(payload["instance"])
             if topic == DECISION:
-                self.tracker.see(int(payload["seq"]), str(payload["instance"]))
+                self.tracker.see(int(payload["seq"]), instance)
+            elif not self._decisions:  # none subscribed, so none missed: only a restart to see
+                self.tracker.restarted(instance)
             elif topic == HEARTBEAT:
-                self.tracker.expect(int(payload["next_seq"]), str(payload["instance"]))
+                self.tracker.expect(int(payload["next_seq"]), instance)
             elif topic == RUN:  # a run's begin announces its first seq, its end the one after its last
-                self.tracker.expect(int(payload["first_seq"]) + int(payload["events"]), str(payload["instance"]))
+                self.tracker.expect(int(payload["first_seq"]) + int(payload["events"]), instance)
             yield topic, payload
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
