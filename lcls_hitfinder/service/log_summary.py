@@ -111,7 +111,8 @@ def plot_run(columns: dict[str, np.ndarray], title: str, out: Path) -> None:
         if share.any():
             top.plot(events[window - 1 :], share, label=label.text)
     top.set(xlabel="event", ylabel=f"fraction of the last {window} events", ylim=(0, 1.02), title=title)
-    top.legend(loc="upper right", fontsize=8)
+    if top.lines:  # none for a log just begun
+        top.legend(loc="upper right", fontsize=8)
     top.grid(alpha=0.3)
     score = columns["score"]
     for label in (Label.BLANK, Label.SINGLE, Label.MULTI):
@@ -119,7 +120,8 @@ def plot_run(columns: dict[str, np.ndarray], title: str, out: Path) -> None:
         if len(chosen):
             bottom.hist(chosen, bins=50, range=(-1, 1), alpha=0.6, label=f"{label.text} ({len(chosen)})")
     bottom.set(xlabel="single-hit score (keep above the bank's threshold)", ylabel="events")
-    bottom.legend(loc="upper left", fontsize=8)
+    if bottom.patches:
+        bottom.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
