@@ -347,6 +347,7 @@ def test_demo_runs_the_real_path_and_cleans_up(tiny: Model, tmp_path: Path) -> N
     columns, attrs = read_decision_log(logs[0])
     assert attrs["complete"] and 0 < len(columns["seq"]) <= 40  # live shared memory may skip events
     assert f"files in {tmp_path / 'demo'}" in demo.stdout.splitlines()  # whole, on a line of its own
+    assert f"next: lcls-hitfinder summary {logs[0]} --plot run.png" in demo.stdout.splitlines()
     kept, true_single = columns["label"] == "single", columns["truth_n_particles"] == 1
     assert kept.any() and true_single.any()
     purity = f"{(kept & true_single).sum() / kept.sum():.1%} of the kept are true singles"  # as the log has it

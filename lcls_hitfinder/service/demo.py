@@ -146,6 +146,7 @@ class Demo:
         self.console = console
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="lcls-hitfinder-demo-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self.log_dir = self.workdir / "decisions"  # the service's decision logs
         self.tag = f"hitfinder_demo_{os.getpid()}"
         self.server: ShmemServer | None = None
         self.service: subprocess.Popen[bytes] | None = None
@@ -199,7 +200,7 @@ class Demo:
 
         update: dict[str, Any] = {
             "source": f"shmem:{self.tag}?det={DETECTOR}&constants={constants_path(xtc2)}",
-            "log_dir": self.workdir / "decisions",
+            "log_dir": self.log_dir,
             "model": self.model or self.config.serve.model,
             "bank": self.bank or self.config.serve.bank,
         }
@@ -323,4 +324,6 @@ def run_demo(demo: Demo) -> Tally:
     console.print(tally.table(f"runs: {', '.join(tally.runs) or '-'}", live=False))
     console.print(tally.confusion_table())
     console.print(f"files in {demo.workdir}", soft_wrap=True)  # whole, to copy
+    for log_file in sorted(demo.log_dir.glob("*.h5")):  # what a user does with a run's record
+        console.print(f"next: lcls-hitfinder summary {log_file} --plot run.png", soft_wrap=True)
     return tally
