@@ -590,3 +590,19 @@ def test_summary_of_a_log_just_begun(tmp_path: Path) -> None:
     assert "mfxl1012345:17: 0 decisions, log still being written" in result.output
     assert (tmp_path / "r.csv").read_text().splitlines() == ["run,event,timestamp,label,score"]
     assert (tmp_path / "r.png").stat().st_size > 0
+
+
+def test_summary_agrees_with_the_truth_as_the_service_counts_it() -> None:
+    """An `error` decision is no answer: left out of the agreement, as the service's status line leaves it."""
+    from lcls_hitfinder.service.log_summary import summarise
+
+    columns = {
+        "seq": np.arange(3),
+        "label": np.array(["single", "error", "blank"], dtype=object),
+        "decision": np.array(["keep", "veto", "veto"], dtype=object),
+        "time_ns": np.array([0, 10**9, 2 * 10**9]),
+        "latency_us": np.array([1000, 2000, 3000]),
+        "truth_n_particles": np.array([1, 1, 2]),
+    }
+    run = summarise(columns, {"experiment": "sim", "run": 1, "complete": True, "ended": "source_end"})
+    assert run.truth_agree == (1, 2) and run.keep == 1 and run.rate_hz == 1.0

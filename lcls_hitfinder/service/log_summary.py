@@ -33,7 +33,7 @@ class RunSummary:
     seq_gaps: int  # holes in `seq`: a log that missed decisions (it failed and was abandoned mid-run)
     duration_s: float  # from the first decision to the last
     latency_ms: tuple[float, float] | None  # p50, p99
-    truth_agree: tuple[int, int] | None  # labels equal to the truth's, of the events whose truth is known
+    truth_agree: tuple[int, int] | None  # labels equal to the truth's, of the decided events whose truth is known
     complete: bool
     ended: str | None
 
@@ -67,7 +67,7 @@ def summarise(columns: dict[str, np.ndarray], attrs: dict[str, Any]) -> RunSumma
     time_ns = columns["time_ns"]
     latency = columns["latency_us"]
     truth = columns["truth_n_particles"]
-    known = truth >= 0
+    known = (truth >= 0) & (labels != Label.ERROR.text)  # as the service counts it: an error is no answer
     agree = sum(label_of_count(int(t)).text == lab for t, lab in zip(truth[known], labels[known], strict=True))
     p50, p99 = (float(x) for x in np.percentile(latency, [50, 99]) / 1e3) if len(latency) else (np.nan, np.nan)
     return RunSummary(
