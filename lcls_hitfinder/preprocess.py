@@ -21,6 +21,14 @@ from pydantic import ConfigDict, Field
 from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.settings_base import Section
 
+# Raw ADU read as photons: even a bright hit leaves its dimmest bins dark (at 10^6 photons on 128 x 128
+# pixels the dimmest 1% of the 64 x 64 bins are still at 0), while a pedestal left in lifts every pixel.
+PEDESTAL_QUANTILE = 0.01
+PEDESTAL_LEFT = (
+    "raw ADU with the detector's pedestal left in? Even the dimmest 1% of the thumbnail's bins read a photon or "
+    "more per pixel, where a diffraction pattern has dark ones"
+)
+
 
 class PreprocessSettings(Section):
     """Model-side preprocessing parameters, stored in the model's metadata."""
@@ -120,7 +128,7 @@ class Preprocessor:
         s = settings.thumbnail
         h, w = self.mask.shape[-2:]
         coverage = block_means(self.mask, s)[0]  # good fraction of each bin
-        pixels_per_bin = (h * w) / (s * s)
+        pixels_per_bin = self._pixels_per_bin = (h * w) / (s * s)
         # Sum over a bin's good pixels, rescaled as if the masked ones had the bin's mean: binning
         # then neither dims nor brightens bins under a beam stop edge or a panel gap.
         self._bin_scale = torch.where(
@@ -175,6 +183,14 @@ class Preprocessor:
     def binned(self, photons: torch.Tensor) -> torch.Tensor:
         """Photons (B, H', W') -> mask-aware bin means (B, 1, S, S): the step that reads every pixel."""
         return block_means(photons, self.settings.thumbnail) * self._bin_scale
+
+    def pedestal_left(self, binned: torch.Tensor) -> torch.Tensor:
+        """Per frame of `binned()`'s (B, 1, S, S), whether it looks like raw ADU taken as photons
+        (`PEDESTAL_LEFT`): the calibration is missing, and the model would see a flat frame."""
+        good = binned[:, 0][:, self._bin_scale[0] > 0]  # bins with no good pixel read 0 whatever the data
+        if good.shape[1] == 0:
+            return torch.zeros(len(binned), dtype=torch.bool, device=binned.device)
+        return torch.quantile(good.float(), PEDESTAL_QUANTILE, dim=1) >= self._pixels_per_bin  # sums of a bin
 
     def transformed(self, binned: torch.Tensor) -> torch.Tensor:
         """Bin means (B, 1, S, S) -> intensity-transformed, normalised thumbnails: what the model sees."""

@@ -88,3 +88,29 @@ def test_exact_and_uneven_bins_agree_with_adaptive_pooling() -> None:
         coverage = F.adaptive_avg_pool2d(torch.from_numpy(mask).float()[None, None], (8, 8))
         expected = F.adaptive_avg_pool2d(photons.unsqueeze(1), (8, 8)) / coverage * (shape[0] * shape[1] / 64)
         np.testing.assert_allclose(p(frames.numpy()).numpy(), expected.numpy(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("photons", [1e3, 1e6])
+def test_raw_adu_taken_as_photons_are_told_from_bright_patterns(photons: float) -> None:
+    """`pedestal_left`: ADU with their pedestal read as photons (no calibration) are flagged, every frame; the same
+    frames calibrated are not, nor are patterns of 0-4 particles as bright as 10^6 photons on 128 x 128 pixels
+    (60 a pixel on average), with a beam stop masked."""
+    from lcls_hitfinder.simulate.generate import PatternGenerator
+    from lcls_hitfinder.simulate.settings import SimulateSettings
+
+    s = SimulateSettings.model_validate(
+        {
+            "structures": ["sphere:8", "ellipsoid:9,6,4"],
+            "particles": {0: 0.2, 1: 0.2, 2: 0.2, 3: 0.2, 4: 0.2},
+            "beam": {"photons_per_pattern": photons},
+            "noise": {"kind": "poisson", "adu_gain": 10.0, "adu_offset": 100.0},
+            "detector": {"beamstop_px": 3},
+        }
+    )
+    generator = PatternGenerator(s, seed=3, device="cpu")
+    adu = torch.from_numpy(generator.generate(40).images)
+    shape = tuple(generator.shape)
+    raw = Preprocessor(PreprocessSettings(), generator.mask, shape)
+    calibrated = Preprocessor(PreprocessSettings(), generator.mask, shape, PhotonCalibration(gain=10.0, offset=100.0))
+    assert raw.pedestal_left(raw.binned(raw.photons(adu))).all()
+    assert not calibrated.pedestal_left(calibrated.binned(calibrated.photons(adu))).any()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import functools
 import json
+import logging
 import os
 import shutil
 import signal
@@ -576,6 +577,69 @@ def test_each_run_may_bring_frames_of_its_own_shape(fx: Fixtures, tmp_path: Path
     assert second["reason"][4] == f"shape: ({SIDE}, {SIDE}), expected ({2 * SIDE}, {2 * SIDE})"
     assert all("error" not in read_decision_log(path)[0]["label"].tolist() for path in r.pipeline.logs[2:])
     assert list(r.pipeline._pres) == [(2 * SIDE, 2 * SIDE), (SIDE, 2 * SIDE), (2 * SIDE, SIDE), (32, 32)]
+
+
+def test_raw_adu_without_calibration_is_said_for_each_run_offline_and_when_picked(
+    fx: Fixtures, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Frames of raw ADU with their pedestal, served with no calibration, are decided (nearly all vetoed) with
+    nothing to show why: the service says so once for each such run, looking at its first finite frame (run
+    9's first is NaN); runs in photons are not said. `classify` (and `bank build`, `evaluate`: the same
+    embedding) and `bank pick` say it of a file in ADU that records no calibration."""
+    rng = np.random.default_rng(4)
+    images, _ = _patterns(rng, 4)
+    adu = [(p * 10 + 100).astype(np.uint16) for p in images]
+    nan_first = np.full((SIDE, SIDE), np.nan, np.float32)
+    frames = [*adu, *images, nan_first, *(a.astype(np.float32) for a in adu)]
+    runs = [7] * 4 + [8] * 4 + [9] * 5
+    r = _start(
+        _settings(tmp_path, batch={"max_size": 3, "max_wait_ms": 50}), ListSource(frames, runs=runs), fx.model, fx.bank
+    )
+    with caplog.at_level(logging.WARNING, logger="lcls_hitfinder.service.pipeline"):
+        r.pipeline.start()
+        assert r.pipeline.wait(WAIT_S)
+    r.publisher.close()
+    said = [m for m in caplog.messages if "pedestal" in m]
+    assert [m.split(" looks like")[0] for m in said] == ["run mem:7", "run mem:9"], said
+    assert "gain 1, offset 0" in said[0]
+
+    data = _write_dataset(tmp_path / "adu.h5", np.stack(adu).astype(np.float32), np.zeros(4, np.int64))
+    result = CliRunner().invoke(
+        app,
+        [
+            "classify",
+            "--model",
+            str(fx.model),
+            "--bank",
+            str(fx.bank),
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "c.csv"),
+        ],
+    )
+    assert result.exit_code == 0 and "4 of 4 patterns" in result.output and "pedestal" in result.output, result.output
+    result = CliRunner().invoke(
+        app,
+        [
+            "classify",
+            "--model",
+            str(fx.model),
+            "--bank",
+            str(fx.bank),
+            "--data",
+            str(fx.data),
+            "--out",
+            str(tmp_path / "p.csv"),
+        ],
+    )
+    assert result.exit_code == 0 and "pedestal" not in result.output, result.output
+    (tmp_path / "picks.csv").write_text("event,n_particles\n1,0\n2,0\n")
+    args = ["bank", "pick", "--source", f"h5:{data}", "--picks", tmp_path / "picks.csv", "--out", tmp_path / "r.h5"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lcls_hitfinder.service.pick"):
+        assert CliRunner().invoke(app, [str(a) for a in args]).exit_code == 0
+    assert any(m.startswith("2 of 2 picked events") and "pedestal" in m for m in caplog.messages), caplog.messages
 
 
 def test_a_failed_batch_is_errors_and_counted_as_errors_only(

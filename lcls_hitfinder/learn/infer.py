@@ -15,7 +15,7 @@ from lcls_hitfinder.bank import ReferenceBank, calibrate_threshold, select_refer
 from lcls_hitfinder.dataset import Dataset
 from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.frame_file import FrameFile
-from lcls_hitfinder.preprocess import PhotonCalibration, Preprocessor
+from lcls_hitfinder.preprocess import PEDESTAL_LEFT, PhotonCalibration, Preprocessor
 from lcls_hitfinder.service.binning import Prefilter, all_finite
 from lcls_hitfinder.service.embedder import OnnxEmbedder
 
@@ -30,7 +30,8 @@ def embed_frames(
     """Embeddings (N, D) of every pattern, preprocessed for this model with the file's own mask and, for raw
     frames, `calibration` (the service's), or else the one a dataset in ADU records; per pattern whether all
     its pixels were finite (the service's check), and whether `prefilter` (the service's) calls it blank.
-    Patterns that are not finite or are blank by the pre-filter are not embedded: their embedding is NaN."""
+    Patterns that are not finite or are blank by the pre-filter are not embedded: their embedding is NaN.
+    Patterns that look like raw ADU taken as photons are embedded, and said (a bank of them keeps nothing)."""
     from rich.console import Console
     from rich.progress import track
 
@@ -45,6 +46,7 @@ def embed_frames(
     )
     embeddings = np.full((len(data), embedder.info.embed_dim), np.nan, np.float32)
     finite, blank = np.ones(len(data), bool), np.zeros(len(data), bool)
+    pedestal = 0
     for lo in progress:
         frames = torch.from_numpy(np.ascontiguousarray(data.images(slice(lo, lo + batch))))
         ok = all_finite(frames).numpy() if frames.is_floating_point() else np.ones(len(frames), bool)
@@ -56,7 +58,16 @@ def embed_frames(
             blank[rows[dim]] = True
             rows, photons = rows[~dim], photons[torch.from_numpy(~dim)]
         if len(rows):
-            embeddings[rows] = embedder.embed(pre.thumbnails(photons))
+            binned = pre.binned(photons)
+            pedestal += int(pre.pedestal_left(binned).sum())
+            embeddings[rows] = embedder.embed(pre.transformed(binned))
+    if pedestal:
+        console.print(
+            f"warning: {pedestal} of {len(data)} patterns of {data.path} look like {PEDESTAL_LEFT}. Give the "
+            "detector's gain and offset (--config with [serve.calibration], as `serve` takes them)",
+            markup=False,
+            highlight=False,
+        )
     return embeddings, finite, blank
 
 

@@ -21,7 +21,7 @@ import torch
 from lcls_hitfinder.dataset import Batch, DatasetWriter
 from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.labels import MAX_PARTICLES, Label
-from lcls_hitfinder.preprocess import Preprocessor, PreprocessSettings
+from lcls_hitfinder.preprocess import PEDESTAL_LEFT, Preprocessor, PreprocessSettings
 from lcls_hitfinder.protocols import Frame, Source
 from lcls_hitfinder.service.binning import all_finite, fitting_mask
 from lcls_hitfinder.service.settings import ServeSettings
@@ -117,6 +117,7 @@ def pick_references(
     counts: list[int] = []
     pre: Preprocessor | None = None
     mask: np.ndarray | None = None
+    pedestal = 0
     source.open()
     settings = recorded_calibration(settings, source)
     try:
@@ -144,7 +145,9 @@ def pick_references(
                 raise UserError(f"event {ident.event} is {tuple(frame.shape)}, the first picked one {pre.frame_shape}")
             if not bool(all_finite(frame[None])[0]):  # serve decides such a frame `error`: no reference
                 raise UserError(f"event {ident.event} holds NaN or Inf pixels: pick another event")
-            images.append(pre.photons(frame[None], inplace=True)[0].numpy())
+            photons = pre.photons(frame[None], inplace=True)
+            pedestal += int(pre.pedestal_left(pre.binned(photons))[0])
+            images.append(photons[0].numpy())
             counts.append(n)
             if progress is not None:
                 progress(len(images), scanned)
@@ -157,6 +160,13 @@ def pick_references(
             f"{picks.key} {k}" + (f" of run {r}" if r is not None else "") for r, k in list(picks.counts)[:5]
         )
         raise UserError(f"{len(picks.counts)} of {wanted} picked events are not in {source.uri}: {missing}")
+    if pedestal:
+        log.warning(
+            "%d of %d picked events look like %s. Pass --config with the detector's [serve.calibration]",
+            pedestal,
+            len(images),
+            PEDESTAL_LEFT,
+        )
     assert mask is not None
     stack = np.stack(images)
     n_particles = np.array(counts, np.int8)

@@ -33,7 +33,7 @@ from lcls_hitfinder import __version__
 from lcls_hitfinder.devices import resolve_device
 from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.labels import Label, label_of_count
-from lcls_hitfinder.preprocess import Preprocessor
+from lcls_hitfinder.preprocess import PEDESTAL_LEFT, Preprocessor
 from lcls_hitfinder.protocols import BinsAtReader, EventId, Frame, RunEnd, Source
 from lcls_hitfinder.service.bank_reload import ReloadingBank
 from lcls_hitfinder.service.batcher import Batcher
@@ -168,6 +168,7 @@ class Pipeline:
         # the shape the source states when opened (h5, sim); a psana source's comes from each run's first frame
         self._stated_shape: tuple[int, ...] | None = source.frame_shape
         self._shape = self._stated_shape
+        self._pedestal_checked = False  # each run's first frame is looked at for raw ADU taken as photons
         self._pres: dict[tuple[int, ...], Preprocessor] = {}  # by frame shape: a run may bring another one
         self._host: dict[np.dtype, torch.Tensor] = {}  # a GPU's pinned batch buffers, by raw dtype
         # The frames of a batch are shared among these threads (numpy and torch let go of the GIL), which
@@ -491,6 +492,9 @@ class Pipeline:
             self.metrics.frames_binned.labels(where="reader").inc(at_reader)
             self.metrics.frames_binned.labels(where="service").inc(len(to_bin) - at_reader)
             self.total.binned_at_reader += at_reader
+            if not self._pedestal_checked and bool(finite[0]):
+                self._pedestal_checked = True
+                self._say_pedestal(pre, binned[:1])
             blank = self._prefilter.blank(measure) & finite
             to_model = finite & ~blank
             all_to_model = bool(to_model.all())
@@ -519,6 +523,21 @@ class Pipeline:
         self.metrics.stage.labels(stage="infer").observe(t2 - t1)
         self.metrics.stage.labels(stage="decide").observe(time.perf_counter() - t2)
         return v
+
+    def _say_pedestal(self, pre: Preprocessor, binned: torch.Tensor) -> None:
+        """A run whose first frame looks like raw ADU taken as photons is said at its start: its frames would
+        be decided (and nearly all vetoed) with nothing else to show that the calibration is missing."""
+        if bool(pre.pedestal_left(binned)[0]):
+            c = pre.calibration
+            assert self._run is not None
+            log.warning(
+                "run %s:%d looks like %s. [serve.calibration] has gain %g, offset %g: give the detector's, or read "
+                "psana's calibrated data (data=calib)",
+                *self._run.key,
+                PEDESTAL_LEFT,
+                c.gain,
+                c.offset,
+            )
 
     def _columns(self, frames: list[Frame], v: Verdicts) -> dict[str, np.ndarray]:
         """The decisions of `frames` as the log's columns, numbered from the next `seq` (taken only once they
@@ -602,6 +621,7 @@ class Pipeline:
     # ---- runs ----------------------------------------------------------------------------------------------
     def _begin_run(self, experiment: str, run: int) -> None:
         self._shape = self._stated_shape  # where the source does not state it, the run's first frame sets it
+        self._pedestal_checked = False
         decision_log = None
         if self.settings.log_dir is not None:
             path = log_path(self.settings.log_dir, experiment, run)
