@@ -235,6 +235,7 @@ def test_systemd_unit(tmp_path: Path) -> None:
     assert exec_start is not None
     assert exec_start[1].split()[1:] == ["serve", "--config", "/etc/lcls-hitfinder/serve.toml"]
     assert "ExecReload=/bin/kill -HUP $MAINPID" in unit  # systemctl reload = new bank
+    assert re.search(r"^Type=notify$", unit, re.M), "started once serving (READY=1): reloads wait for it"
     assert not re.search(r"^Private(Devices|IPC)=yes", unit, re.M), "psana shmem needs the host's /dev/shm and IPC"
     analyze = shutil.which("systemd-analyze")
     if analyze is None:

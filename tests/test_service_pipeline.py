@@ -3,6 +3,7 @@ PUB/SUB sockets over TCP, decision logs, and `lcls-hitfinder serve` itself in a 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import json
@@ -10,6 +11,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -776,19 +778,39 @@ port = {metrics_port or free_port()}
     return [*LCLS_HITFINDER, "serve", "--config", str(config), "--model", str(fx.model), "--bank", str(fx.bank)]
 
 
+def _systemd_socket(name: str) -> tuple[socket.socket, dict[str, str]]:
+    """A datagram socket in the abstract namespace where systemd's NOTIFY_SOCKET would be, and the environment
+    that names it to a service."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(f"\0{name}-{os.getpid()}-{time.monotonic_ns()}")
+    sock.settimeout(0)
+    return sock, {**os.environ, "NOTIFY_SOCKET": "@" + sock.getsockname()[1:].decode()}
+
+
+def _notified(sock: socket.socket) -> list[str]:
+    """What the service told systemd, a datagram each (sent before it exited)."""
+    said = []
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            said.append(sock.recv(4096).decode())
+    return said
+
+
 def test_serve_drains_and_closes_the_run_on_sigterm(fx: Fixtures, tmp_path: Path) -> None:
     """The real command: SIGHUP reloads the bank; SIGTERM stops reading, and every event read is decided,
-    published and logged."""
+    published and logged. Under systemd (`Type=notify`) it says when it serves and when it stops."""
     endpoint, metrics_port = f"tcp://127.0.0.1:{free_port()}", free_port()
     source = f"h5:{fx.data}?repeat=0&rate=200&experiment=cxitest&run=3"
     command = _serve_command(fx, tmp_path, source, endpoint, metrics_port)
-    with DecisionClient(endpoint, (DECISION, RUN, HEARTBEAT), timeout_s=WAIT_S) as client:
+    systemd, env = _systemd_socket("lhf-notify")
+    with systemd, DecisionClient(endpoint, (DECISION, RUN, HEARTBEAT), timeout_s=WAIT_S) as client:
         proc = subprocess.Popen(
             command,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
             cwd=tmp_path,
+            env=env,
         )
         try:
             decisions: list[dict[str, Any]] = []
@@ -816,7 +838,9 @@ def test_serve_drains_and_closes_the_run_on_sigterm(fx: Fixtures, tmp_path: Path
             output, _ = proc.communicate(timeout=WAIT_S)
         finally:
             proc.kill()
+        notified = _notified(systemd)
     assert proc.returncode == 0, output
+    assert notified == [f"READY=1\nSTATUS=serving {source}", "STOPPING=1"], notified
     assert end, output
     assert [d["seq"] for d in decisions] == list(range(len(decisions)))
     assert end["events"] == len(decisions) and end["experiment"] == "cxitest" and end["run"] == 3
@@ -824,6 +848,32 @@ def test_serve_drains_and_closes_the_run_on_sigterm(fx: Fixtures, tmp_path: Path
     assert attrs["complete"] and columns["seq"].tolist() == list(range(len(decisions)))
     assert end["ended"] == attrs["ended"] == "stopped"
     assert "bank reloaded from" in output and "SIGTERM" in output
+
+
+def test_a_reload_while_the_config_loads_is_kept_for_serving(fx: Fixtures, tmp_path: Path) -> None:
+    """`systemctl reload` (SIGHUP) in serve's first second, while it loads its config: by default it ended the
+    process (exit 129, nothing logged; systemd does not restart that); now the bank is reloaded once serving."""
+    hup_in_load_config = """
+import os, signal, sys
+import lcls_hitfinder.config as config
+from lcls_hitfinder.cli import main
+load = config.load_config
+def load_config(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGHUP)
+    return load(*args, **kwargs)
+config.load_config = load_config
+sys.argv[0] = "lcls-hitfinder"
+main()
+"""
+    # 40 events at 20 Hz: the run lasts longer than the monitor takes to its first round, which reloads
+    command = _serve_command(fx, tmp_path, f"h5:{fx.data}?rate=20", f"tcp://127.0.0.1:{free_port()}")
+    command = [sys.executable, "-c", hup_in_load_config, *command[1:]]
+    config = tmp_path / "serve.toml"
+    config.write_text(config.read_text().replace("wait_for_subscriber_s = 60", "wait_for_subscriber_s = 0"))
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=WAIT_S, cwd=tmp_path)
+    assert proc.returncode == 0 and "bank reloaded from" in proc.stderr, (proc.returncode, proc.stderr)
+    (log_file,) = (tmp_path / "logs").rglob("*.h5")
+    assert read_decision_log(log_file)[1]["events"] == 40
 
 
 def test_signals_while_starting_are_kept_for_serving_and_a_second_stop_quits(fx: Fixtures, tmp_path: Path) -> None:

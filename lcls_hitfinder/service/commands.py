@@ -19,6 +19,7 @@ import typer
 from lcls_hitfinder import strict_json
 from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.paths import existing, output_dir
+from lcls_hitfinder.service.systemd import notify
 
 if TYPE_CHECKING:
     from lcls_hitfinder.service.pipeline import Pipeline
@@ -84,6 +85,7 @@ def serve(
     Ctrl-C (or SIGTERM): reading stops, events in flight are decided and published, the decision log
     is closed and a `run` end message sent. SIGHUP (or a changed bank file) reloads the bank.
     """
+    signals = _Signals()  # first: a `systemctl reload` or stop while the config and the model load is kept
     from lcls_hitfinder.config import load_config
 
     def off(value: str | None) -> str | bool | None:  # as false in the config file switches it off
@@ -103,7 +105,7 @@ def serve(
     }
     settings = load_config(config, {k: str(v) if isinstance(v, Path) else v for k, v in overrides.items()}).serve
     _setup_logging()
-    code = run_service(settings)
+    code = run_service(settings, signals)
     raise typer.Exit(code)
 
 
@@ -123,16 +125,19 @@ class _Signals:
         signal.signal(signal.SIGHUP, self._hup)
 
     def serving(self, pipeline: Pipeline) -> None:
-        """From now on the pipeline is stopped and reloaded; a reload asked for while starting is done now."""
+        """From now on the pipeline is stopped and reloaded; a reload asked for while starting is done now.
+        systemd (`Type=notify`) hears that the service is up: it sends reloads from now on."""
         self._pipeline = pipeline
         if self._reload_asked.is_set():
             pipeline.request_bank_reload()
+        notify("READY=1", f"STATUS=serving {pipeline.source.uri}")
 
     def _stop(self, signum: int, _frame: FrameType | None) -> None:
         name, pipeline = signal.Signals(signum).name, self._pipeline
         if self.stop_asked.is_set() or (pipeline is not None and pipeline.stopping):  # the operator will not wait
             raise KeyboardInterrupt(f"second {name}")
         self.stop_asked.set()
+        notify("STOPPING=1")
         if pipeline is None:
             log.info("%s while starting: stopping once the step under way is done (again to quit at once)", name)
             return
@@ -148,9 +153,8 @@ class _Signals:
         self._pipeline.request_bank_reload()
 
 
-def run_service(settings: ServeSettings) -> int:
+def run_service(settings: ServeSettings, signals: _Signals) -> int:
     """Start-up in the order that keeps subscribers and operators informed, then serve until done."""
-    signals = _Signals()
     import torch
 
     from lcls_hitfinder.devices import resolve_device
