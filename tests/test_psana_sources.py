@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import glob
 import os
+import re
 import subprocess
 import sys
 import time
@@ -203,15 +204,16 @@ def test_exp_run_directory_offline(tmp_path: Path) -> None:
     frames = read_all(open_source(f"exp:tstx00001:5?dir={xtc}&det=cam", settings()))
     assert [(f.event.run, f.event.event, f.truth_n_particles) for f in frames] == [(5, i, i % 5) for i in range(5)]
     np.testing.assert_array_equal(frames[4].data, frame_of(4, (16, 16)))
-    # a run that is not there: psana's own AssertionError, in one line at open (it spun 120 s, then failed late)
-    missing = open_source(f"exp:tstx00001:9?dir={xtc}&det=cam", settings())
-    with pytest.raises(UserError, match="psana cannot open it: AssertionError"):
-        missing.open()
-    missing.close()
+    # a run that is not there, in one line naming those that are (psana's AssertionError named the folder)
+    with pytest.raises(UserError, match=rf"no run 9 in {re.escape(str(xtc))} .*; runs there: 5$"):
+        open_source(f"exp:tstx00001:9?dir={xtc}&det=cam", settings())
     other = open_source(f"exp:tstx00002:5?dir={xtc}&det=cam", settings())  # psana would read tstx00001's run 5
     with pytest.raises(UserError, match="run 5 in that directory is tstx00001's, not tstx00002's"):
         other.open()
     other.close()
+    (Path(xtc) / "smalldata" / "tstx00001-r0005-s000-c000.smd.xtc2").rename(Path(xtc) / "smalldata" / "r5.smd")
+    with pytest.raises(UserError, match=r"no run 5 in .*; runs there: none$"):
+        open_source(f"exp:tstx00001:5?dir={xtc}&det=cam", settings())
 
 
 def _identity(frames: list[Frame]) -> list[tuple[int, int, int, int | None, int | None]]:

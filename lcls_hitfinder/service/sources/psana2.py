@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +79,26 @@ def _xtc2_file(uri: SourceURI, path: str) -> str:
     return path
 
 
+def _smalldata(xtc_dir: str, run: str) -> tuple[str, str]:
+    """Where psana's exp= mode looks for the smalldata files of `run` (4 digits, or * for any): closed, and
+    being written."""
+    smd = os.path.join(xtc_dir, "smalldata", f"*r{run}-s*.smd.xtc2")
+    return smd, smd + ".inprogress"
+
+
+def _run_in(uri: SourceURI, xtc_dir: str, runnum: int) -> None:
+    """A run that is not in `dir` in one line naming the runs that are (psana says "No smalldata files found
+    from this path: DIR/smalldata", naming a folder that is there)."""
+    if any(glob.glob(pattern) for pattern in _smalldata(xtc_dir, f"{runnum:04d}")):
+        return
+    names = [os.path.basename(f) for pattern in _smalldata(xtc_dir, "*") for f in glob.glob(pattern)]
+    runs = sorted({int(m[1]) for name in names if (m := re.search(r"-r(\d{4})-s\d+", name))})
+    raise UserError(
+        f"source {uri.raw}: no run {runnum} in {xtc_dir} (no smalldata/*-r{runnum:04d}-s*.smd.xtc2); runs there: "
+        + (", ".join(map(str, runs)) or "none")
+    )
+
+
 class SmallDataIndex:
     """The index of an event in its run, for a big-data rank of psana's MPI mode (which sees only its own
     batches): the event's place among the run's L1Accept timestamps, read from the run's smalldata files
@@ -85,8 +106,7 @@ class SmallDataIndex:
     still being written). The files are those psana itself looks for on disk."""
 
     def __init__(self, xtc_dir: str, runnum: int) -> None:
-        smd = os.path.join(xtc_dir, "smalldata", f"*r{runnum:04d}-s*.smd.xtc2")
-        self._patterns = (smd, smd + ".inprogress")
+        self._patterns = _smalldata(xtc_dir, f"{runnum:04d}")
         self._timestamps = np.zeros(0, np.uint64)
 
     def _read(self) -> None:
@@ -246,6 +266,7 @@ def read_loop(uri: SourceURI) -> Psana2ReadLoop:
         datasource.update(exp=experiment, run=int(run))
         if "dir" in uri.params:
             datasource["dir"] = _existing(uri, uri.params["dir"], "directory")
+            _run_in(uri, datasource["dir"], int(run))
     for name in ("dir", "ranks", "batch"):
         if name in uri.params and uri.scheme != "exp":
             raise UserError(f"source {uri.raw}: {name}= belongs to exp: sources")
