@@ -153,6 +153,11 @@ class ReferenceBank:
             raise UserError(f"cannot read bank {path}: it is a directory; give a bank file")
         try:
             with h5py.File(path, "r") as f:
+                if "embeddings" not in f and "images" in f:
+                    raise UserError(
+                        f"{path} is a dataset of patterns, not a bank: build one from it with `lcls-hitfinder bank "
+                        f"build --model MODEL.onnx --data {path} --out BANK.h5`"
+                    )
                 a = dict(f.attrs)
                 bank = cls(
                     embeddings=f["embeddings"][()],
@@ -165,8 +170,8 @@ class ReferenceBank:
                 )
         except (OSError, KeyError, ValueError, TypeError, AttributeError) as err:  # AttributeError: a group
             raise UserError(f"cannot read bank {path}: {' '.join(str(err).split())}") from None  # one line
-        except UserError as err:  # read, but not a bank that can decide
-            raise UserError(f"bank {path}: {err}") from None
+        except UserError as err:  # read, but not a bank that can decide (or a dataset)
+            raise UserError(err if str(err).startswith(str(path)) else f"bank {path}: {err}") from None
         if expected_model_hash is not None and bank.model_hash != expected_model_hash:
             raise BankMismatch(
                 f"bank {path} was built for model {bank.model_hash}, not for the loaded model {expected_model_hash}"

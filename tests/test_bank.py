@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from lcls_hitfinder.bank import BankMismatch, ReferenceBank, pairwise_distance
+from lcls_hitfinder.dataset import Batch, DatasetWriter
 from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.labels import Label
 
@@ -95,14 +96,18 @@ def test_save_load_and_model_check(tmp_path: Path) -> None:
         ReferenceBank.load(tmp_path / "b.h5", expected_model_hash="other")
 
 
-@pytest.mark.parametrize("damage", ["nan", "group", "singles", "directory"])
+@pytest.mark.parametrize("damage", ["nan", "group", "singles", "directory", "dataset"])
 def test_a_bank_that_does_not_read_cleanly_is_refused_in_one_line(tmp_path: Path, damage: str) -> None:
     """What a reload refuses and counts (UserError): NaN embeddings (every decision would be multi), a group
-    where a dataset belongs."""
+    where a dataset belongs; and the references a bank is built from, given in its place."""
     import h5py
 
     if damage == "directory":
         (tmp_path / "b.h5").mkdir()
+    elif damage == "dataset":
+        with DatasetWriter(tmp_path / "b.h5", (4, 4), np.ones((4, 4), bool), {}) as w:
+            counts, zeros = np.array([1, 0], np.int8), np.zeros((2, 4, 4), np.float32)
+            w.append(Batch(zeros + 1, counts, np.array(["s", ""], object), np.full(2, 16.0), zeros, zeros[..., :3]))
     else:
         _bank().save(tmp_path / "b.h5")
         with h5py.File(tmp_path / "b.h5", "r+") as f:
@@ -118,6 +123,7 @@ def test_a_bank_that_does_not_read_cleanly_is_refused_in_one_line(tmp_path: Path
         "group": "cannot read bank {path}: .*has no attribute 'asstr'",
         "singles": "bank {path}: a bank needs blank or multi-hit references beside its singles",
         "directory": "cannot read bank {path}: it is a directory; give a bank file",
+        "dataset": "{path} is a dataset of patterns, not a bank: build one from it with `lcls-hitfinder bank build",
     }[damage]
     with pytest.raises(UserError, match="^" + message.format(path=re.escape(str(tmp_path / "b.h5")))) as err:
         ReferenceBank.load(tmp_path / "b.h5", expected_model_hash="abc")

@@ -409,6 +409,7 @@ def test_decision_log_holds_every_decision_without_subscribers(fx: Fixtures, tmp
 def test_summary_of_a_runs_log_gives_its_numbers_a_csv_to_pick_from_and_a_picture(fx: Fixtures, tmp_path: Path) -> None:
     """`lcls-hitfinder summary LOG`: the run's counts, keep fraction and agreement with the truth as the log
     has them; the CSV's rows, labels corrected and cut to the sure ones, are picks `bank pick` reads."""
+    from lcls_hitfinder.service.log_summary import summarise
     from lcls_hitfinder.service.pick import read_picks
 
     settings = _settings(tmp_path, source=f"h5:{fx.data}?run=12&experiment=xpptest")
@@ -438,6 +439,16 @@ def test_summary_of_a_runs_log_gives_its_numbers_a_csv_to_pick_from_and_a_pictur
     assert f"{len(labels)} decisions, log still being written, or its service died" in still.output
     not_a_log = CliRunner().invoke(app, ["summary", str(fx.model)])  # a UserError: one line, exit 2 from main
     assert isinstance(not_a_log.exception, UserError) and "is not a decision log" in str(not_a_log.exception)
+    folder = CliRunner().invoke(app, ["summary", str(settings.log_dir)])  # the log folder, not a log
+    assert isinstance(folder.exception, UserError) and str(folder.exception) == (
+        f"{settings.log_dir} is a folder: give one run's decision log (the newest of its 1: {log_file})"
+    )
+    p50, p99 = np.percentile(columns["latency_us"], [50, 99]) / 1e3
+    assert f"latency p50 {p50:.2f} ms, p99 {p99:.2f} ms" in result.output
+    assert "gap(s) in seq" not in result.output
+    lost = np.r_[0:5, 7:20, 25 : len(labels)]  # the rows of a log that lost events 5-6 and 20-24
+    lines = summarise({k: v[lost] for k, v in columns.items()}, read_decision_log(log_file)[1]).lines()
+    assert "2 gap(s) in seq: the log lost decisions (see the service's log)" in lines
 
 
 def test_a_run_cut_short_by_max_events_says_so(fx: Fixtures, tmp_path: Path) -> None:

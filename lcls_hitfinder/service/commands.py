@@ -385,6 +385,10 @@ def summary(
     for out, what in ((csv, "CSV"), (plot, "plot")):
         if out is not None:
             output_file(out, what, {"LOG": log_file})
+    if log_file.is_dir():  # serve.log_dir itself: its runs' logs are in it
+        logs = sorted(log_file.rglob("*.h5"), key=lambda p: p.stat().st_mtime)
+        newest = f"the newest of its {len(logs)}: {logs[-1]}" if logs else "it holds none"
+        raise UserError(f"{log_file} is a folder: give one run's decision log ({newest})")
     try:
         columns, attrs = read_decision_log(existing(log_file, "decision log"))
     except (OSError, KeyError) as err:
