@@ -86,12 +86,16 @@ def test_threshold_moves_the_keep_boundary() -> None:
 
 
 def test_save_load_and_model_check(tmp_path: Path) -> None:
-    bank = _bank()
+    """Everything a bank decides with comes back: references, their counts and structures, method, k, threshold."""
+    bank = _bank("prototype")
     bank.threshold = 0.25
+    bank.structure = np.array([f"s{i % 3}" for i in range(len(bank.n_particles))], dtype=object)
     bank.save(tmp_path / "b.h5")
     loaded = ReferenceBank.load(tmp_path / "b.h5", expected_model_hash="abc")
     np.testing.assert_array_equal(loaded.embeddings, bank.embeddings)
-    assert loaded.threshold == 0.25 and loaded.k == 3
+    np.testing.assert_array_equal(loaded.n_particles, bank.n_particles)
+    assert loaded.structure.tolist() == bank.structure.tolist()
+    assert loaded.threshold == 0.25 and loaded.k == 3 and loaded.method == "prototype"
     with pytest.raises(BankMismatch, match="built for model abc"):
         ReferenceBank.load(tmp_path / "b.h5", expected_model_hash="other")
 
@@ -157,6 +161,19 @@ def test_calibrated_threshold_is_the_lowest_reaching_the_target() -> None:
         calibrate_threshold(scores, np.zeros(5, bool), 0.9)
 
 
+def test_the_threshold_itself_keeps_and_a_query_at_no_distance_from_every_class_scores_0() -> None:
+    """keep = score >= threshold: a calibrated threshold is one of the calibration set's own scores, and the
+    pattern that set it is kept. A query at distance 0 from every class (all references one point) has score 0."""
+    bank = _bank()
+    query = np.array([[4.0, 1.0], [0.5, 0.5]], np.float32)
+    scores, _ = bank.scores(query)
+    bank.threshold = float(scores[0])
+    decided = bank.decide(query)
+    assert decided.keep.tolist() == [True, False] and decided.label[0] == Label.SINGLE
+    same = ReferenceBank(np.zeros((4, 2)), np.array([0, 1, 1, 2]), model_hash="abc", k=1)
+    assert same.scores(np.zeros((1, 2), np.float32))[0].tolist() == [0.0]
+
+
 def test_references_are_drawn_per_count_and_structure() -> None:
     from lcls_hitfinder.bank import select_references
 
@@ -168,6 +185,9 @@ def test_references_are_drawn_per_count_and_structure() -> None:
     picked = {(int(a), str(b)) for a, b in zip(n[idx], s[idx], strict=True)}
     assert (1, "a") in picked and (1, "b") in picked and len(idx) == 2 + 2 + 2 + 3
     assert np.array_equal(idx, np.sort(idx))
+    for seed in range(20):  # never one pattern twice: as many as there are, each once
+        idx = select_references(n, None, 3, seed=seed)
+        assert len(set(idx.tolist())) == len(idx) == 3 + 3 + 1 + 1 + 1
 
 
 def test_a_bank_is_replaced_whole_or_not_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
