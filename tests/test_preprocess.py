@@ -69,6 +69,36 @@ def test_panels_are_tiled_in_a_grid() -> None:
     img = assemble_panels(x)[0]
     assert img.shape == (4, 6)
     assert torch.equal(img[:2, :3], x[0, 0]) and torch.equal(img[2:, 3:], x[0, 3])
+    assert torch.equal(img[:2, 3:], x[0, 1]) and torch.equal(img[2:, :3], x[0, 2])  # row by row
+    six = assemble_panels(torch.arange(6 * 2 * 3).reshape(1, 6, 2, 3))[0]  # 2 rows of 3 panels
+    assert six.shape == (4, 9) and torch.equal(six[2:, 3:6], torch.arange(24, 30).reshape(2, 3))
+
+
+def test_threshold_keeps_values_at_it_and_negative_photons_become_zero() -> None:
+    """Single-photon discrimination zeroes what is below the threshold, not what is at it; calibrated data
+    (float, or signed) may dip below 0 with read noise and are clamped, as ADU after their offset are."""
+    s = PreprocessSettings(thumbnail=2, transform="none", normalise="none")
+    at = Preprocessor(s, None, (2, 2), PhotonCalibration(threshold=0.5))
+    values = torch.tensor([[[0.49, 0.5], [0.51, 2.0]]])
+    np.testing.assert_allclose(at.photons(values).numpy(), [[[0.0, 0.5], [0.51, 2.0]]])
+    plain = Preprocessor(s, None, (2, 2))
+    for noisy in (torch.tensor([[[-0.3, 1.0], [0.2, -2.0]]]), torch.tensor([[[-3, 1], [0, -2]]], dtype=torch.int16)):
+        assert plain.photons(noisy).min().item() == 0.0 and plain.photons(noisy).max().item() == 1.0
+
+
+def test_the_raw_count_shortcut_is_refused_where_a_clip_at_the_level_would_change_the_count() -> None:
+    """`keeps_above(level)`: a raw value above `level` clipped to exactly `level` is no longer above it."""
+    for clip, expected in ((0.5, False), (0.6, True), (None, True)):
+        p = Preprocessor(PreprocessSettings(clip_photons=clip), None, (4, 4))
+        assert p.keeps_above(0.5) is expected, clip
+
+
+def test_max_normalisation_and_sqrt_transform() -> None:
+    frames = np.random.default_rng(2).exponential(5.0, (3, 16, 16)).astype(np.float32)
+    sums = frames.astype(np.float64).reshape(3, 4, 4, 4, 4).sum(axis=(2, 4))
+    out = Preprocessor(PreprocessSettings(thumbnail=4, transform="sqrt", normalise="max"), None, (16, 16))(frames)
+    expected = np.sqrt(sums) / np.sqrt(sums).max(axis=(1, 2), keepdims=True)
+    np.testing.assert_allclose(out[:, 0].numpy(), expected, rtol=1e-5)
 
 
 def test_wrong_frame_shape_is_refused() -> None:
