@@ -51,6 +51,12 @@ def test_hit_metrics_by_hand() -> None:
 def test_hit_labels_and_best_at() -> None:
     assert hit_labels(np.array([0, 1, 2, 3, 4])).tolist() == [0, 1, 2, 2, 2]
     assert np.isnan(best_at(SCORE, np.zeros(8, bool), min_recall=0.9))
+    # 10 singles ranked first except one multi at rank 3, and a single last: recall exactly 0.9 counts as
+    # reaching 0.9 (9 of 10 singles among the first 10 patterns: precision 0.9)
+    positive = np.array([True, True, False, *[True] * 7, False, True])
+    scores = np.linspace(1.0, 0.0, len(positive))
+    assert best_at(scores, positive, min_recall=0.9) == pytest.approx(0.9)
+    assert best_at(scores, positive, min_precision=0.9) == pytest.approx(0.9)  # precision 0.9 at recall 0.9
 
 
 def test_cnn_table_metrics_by_hand() -> None:
