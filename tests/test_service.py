@@ -130,6 +130,18 @@ def test_decode_refuses_what_is_not_ours() -> None:
         messages.decode([b"decision", msgpack.packb({"v": 99})])
     with pytest.raises(messages.MessageError, match="without"):
         messages.decode([b"run", msgpack.packb({"v": messages.SCHEMA_VERSION, "phase": "begin"})])
+    good = messages.encode(messages.DECISION, _decision(3))
+    for frames in ([*good, b"extra"], good[:1]):  # another publisher's envelope, or a topic alone
+        with pytest.raises(messages.MessageError, match=rf"expected \[topic, payload\], got {len(frames)} frames"):
+            messages.decode(frames)
+
+
+@pytest.mark.parametrize("port", ["0", "65536", "99999", "x"])
+def test_a_tcp_endpoint_needs_a_port_zeromq_can_bind(port: str) -> None:
+    """ZeroMQ would take 99999 as 34463, and 0 is no port to connect to (bind to * for any free one)."""
+    with pytest.raises(ValueError, match=f"the port must be 1-65535 or \\*, not '{port}'"):
+        messages.tcp_port_checked(f"tcp://127.0.0.1:{port}")
+    assert messages.tcp_port_checked("tcp://127.0.0.1:65535") and messages.tcp_port_checked("tcp://*:*")
 
 
 def test_docs_are_generated_from_the_code() -> None:
