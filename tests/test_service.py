@@ -259,6 +259,36 @@ def test_seq_tracker_takes_the_next_seq_that_heartbeats_and_run_ends_announce() 
     assert gap is not None and (gap.expected, gap.got) == (5, 8) and joined.first == 8
 
 
+def test_a_client_counts_the_decisions_lost_at_a_runs_end_from_the_run_end_message() -> None:
+    """Decisions lost at the end of a run show in no later seq; the run end, first_seq + events, says how many
+    the run had. Over real sockets: the service's publisher, the Python client."""
+    from lcls_hitfinder.service.client import DecisionClient
+    from lcls_hitfinder.service.publish import ZmqPublisher
+
+    instance = _decision(0)["instance"]
+    end = {f.name: None for f in messages.FIELDS[messages.RUN]}
+    end.update(instance=instance, phase="end", first_seq=0, events=7)  # decisions 0-6; 5 and 6 never sent
+    publisher = ZmqPublisher("tcp://127.0.0.1:*")
+    try:
+        with DecisionClient(publisher.endpoint, (messages.DECISION, messages.RUN), timeout_s=60) as client:
+            deadline = time.monotonic() + 60  # a deadline against hanging, never a speed requirement
+            while publisher.subscriptions < 2:  # both topics subscribed: nothing published is missed
+                assert time.monotonic() < deadline, "the client never subscribed"
+                time.sleep(0.01)
+            for seq in range(5):
+                publisher.publish(messages.DECISION, _decision(seq))
+            publisher.publish(messages.RUN, end)
+            got = []
+            for topic, payload in client.messages():
+                got.append((topic, payload.get("seq")))
+                if topic == messages.RUN:
+                    break
+    finally:
+        publisher.close()
+    assert got == [*((messages.DECISION, seq) for seq in range(5)), (messages.RUN, None)]
+    assert [(g.expected, g.got) for g in client.gaps] == [(5, 7)] and client.tracker.missing == 2
+
+
 # ---- providers ----------------------------------------------------------------------------------------------
 SHIPPED_MODEL = Path(__file__).resolve().parents[1] / "models" / "embedder.onnx"
 
