@@ -202,6 +202,29 @@ def test_batcher_waits_for_company_then_goes() -> None:
     assert Batcher(queue.Queue(), 4, 0.0).next(0.01) == []  # idle: nothing, not ended
 
 
+class _Waits(queue.Queue[int | None]):
+    """A queue that says how long each `get` was willing to wait, and has nothing more after its first item."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waits: list[float | None] = []
+
+    def get(self, block: bool = True, timeout: float | None = None) -> int | None:
+        self.waits.append(timeout if block else 0.0)
+        if self.qsize():
+            return super().get(False)
+        raise queue.Empty
+
+
+def test_a_lone_frame_waits_for_company_no_longer_than_max_wait() -> None:
+    """The latency bound: after the first frame the batcher never waits for more beyond `max_wait_s`."""
+    q = _Waits()
+    q.put(1)
+    assert Batcher(q, max_size=8, max_wait_s=0.004).next(idle_s=30.0) == [1]
+    first, *after = q.waits
+    assert first == 30.0 and after and all(w is not None and w <= 0.004 for w in after), q.waits
+
+
 def test_the_last_line_names_a_shifts_decision_logs_by_their_folder() -> None:
     assert logs_said([]) == "none" and logs_said(["d/a.h5", "d/b.h5"]) == "d/a.h5, d/b.h5"
     shift = [f"/data/decisions/r{run:04d}.h5" for run in range(1, 301)]
