@@ -52,6 +52,24 @@ def test_anchors_without_positive_or_negative_are_skipped() -> None:
     assert loss.item() == pytest.approx(20 / 3)
 
 
+def test_batch_hard_skips_an_anchor_whose_group_holds_no_negative() -> None:
+    """Anchor 3 is alone in group 1 with no blank: no negative, so it is left out of the mean (counted, its
+    clamped loss of 0 would dilute it: 5 instead of 20/3). Anchors 0, 1, 2 give 1-5+10, 1-4+10, 1-4+10."""
+    x = torch.tensor([[0.0], [1.0], [5.0], [6.0]])
+    labels, groups = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 0, 0, 1])
+    loss, _ = triplet_loss(x, labels, alpha=10.0, mining="batch-hard", groups=groups)
+    assert loss.item() == pytest.approx(20 / 3)
+
+
+def test_semi_hard_negatives_are_strictly_farther_than_the_positive() -> None:
+    """A negative exactly as far as the positive is not semi-hard (d_n > d_p): (0, 1) takes the negative at 3,
+    not the one at 1, and gives 0. The others: (1, 0) 0; (-1, -3) none farther than 2, the farthest 2: 0.5;
+    (-3, -1) 0. Mean 0.5 / 4 (0.25 with the tie taken)."""
+    x = torch.tensor([[0.0], [1.0], [-1.0], [-3.0]])
+    loss, _ = triplet_loss(x, torch.tensor([0, 0, 1, 1]), alpha=0.5, mining="semi-hard")
+    assert loss.item() == pytest.approx(0.125)
+
+
 @pytest.mark.parametrize("mining", ["batch-hard", "semi-hard"])
 def test_gradient_is_finite_at_coincident_points_and_pulls_classes_apart(mining: str) -> None:
     x = torch.tensor([[0.0, 0.0], [0.0, 0.0], [0.1, 0.0], [0.1, 0.1]], requires_grad=True)
