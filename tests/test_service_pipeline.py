@@ -9,6 +9,7 @@ import functools
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -813,6 +814,8 @@ def test_serve_drains_and_closes_the_run_on_sigterm(fx: Fixtures, tmp_path: Path
     endpoint, metrics_port = f"tcp://127.0.0.1:{free_port()}", free_port()
     source = f"h5:{fx.data}?repeat=0&rate=200&experiment=cxitest&run=3"
     command = _serve_command(fx, tmp_path, source, endpoint, metrics_port)
+    config = tmp_path / "serve.toml"  # a status line each heartbeat (0.2 s): the first before the SIGHUP below
+    config.write_text(config.read_text().replace("[serve]\n", "[serve]\nstatus_s = 0.1\n", 1))
     systemd, env = _systemd_socket("lhf-notify")
     with systemd, DecisionClient(endpoint, (DECISION, RUN, HEARTBEAT), timeout_s=WAIT_S) as client:
         proc = subprocess.Popen(
@@ -851,7 +854,9 @@ def test_serve_drains_and_closes_the_run_on_sigterm(fx: Fixtures, tmp_path: Path
             proc.kill()
         notified = _notified(systemd)
     assert proc.returncode == 0, output
-    assert notified == [f"READY=1\nSTATUS=serving {source}", "STOPPING=1"], notified
+    ready, *status, stopping = notified
+    assert ready == f"READY=1\nSTATUS=serving {source}" and stopping == "STOPPING=1", notified
+    assert status and all(re.fullmatch(r"STATUS=\d+ Hz, \d+ events, .*", s) for s in status), notified
     assert end, output
     assert [d["seq"] for d in decisions] == list(range(len(decisions)))
     assert end["events"] == len(decisions) and end["experiment"] == "cxitest" and end["run"] == 3

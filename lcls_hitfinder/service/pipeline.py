@@ -52,6 +52,7 @@ from lcls_hitfinder.service.metrics import ServiceMetrics
 from lcls_hitfinder.service.publish import ZmqPublisher
 from lcls_hitfinder.service.reader import MAX_FRAME_SHAPES
 from lcls_hitfinder.service.settings import ServeSettings
+from lcls_hitfinder.service.systemd import notify
 
 log = logging.getLogger(__name__)
 
@@ -748,6 +749,7 @@ class Pipeline:
         if t.dropped:
             line += f", dropped {t.dropped}"
         log.info(line)
+        notify(f"STATUS={line}")  # `systemctl status` shows it under systemd
         return _Status(events, now)
 
     def _poll_restarts(self) -> None:
