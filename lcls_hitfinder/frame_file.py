@@ -8,6 +8,7 @@ ADU or photons), and the CXI pixel mask (non-zero = bad), by default the first o
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
@@ -21,6 +22,9 @@ from lcls_hitfinder.preprocess import PhotonCalibration
 
 CXI_DATA = "/entry_1/data_1/data"
 CXI_MASKS = ("/entry_1/data_1/mask", "/entry_1/instrument_1/detector_1/mask")
+MOSTLY_BAD = 0.5  # a detector's mask (gaps, beam stop, bad pixels) leaves most of it good
+
+log = logging.getLogger(__name__)
 
 
 class FrameFile:
@@ -88,7 +92,31 @@ class FrameFile:
         if mask.shape != shape:
             self.close()
             raise UserError(f"{self.name}: mask {paths[0]} is {mask.shape}, frames are {shape}")
-        return mask == 0  # CXI: non-zero bits flag bad pixels
+        good = mask == 0  # CXI: non-zero bits flag bad pixels
+        if good.mean() < MOSTLY_BAD:
+            log.warning(
+                "%s: the mask %s marks %.0f%% of the pixels bad. CXI masks flag bad pixels non-zero; a mask of good "
+                "pixels (psana's pixel_mask, 1 = good) given as one leaves only the bad pixels to see",
+                self.name,
+                paths[0],
+                100 * (1 - good.mean()),
+            )
+        return good
+
+    def conflicting_units(self, configured: PhotonCalibration) -> str | None:
+        """What to say when a configured gain and offset differ from the units a dataset records (a dataset
+        in photons needs none; one in ADU records its own): the node's config applied to a simulated file, say.
+        The configured calibration is applied, as asked; CXI files record no units."""
+        if self._dataset is None:
+            return None
+        recorded = self.calibration or PhotonCalibration()
+        if (recorded.gain, recorded.offset) == (configured.gain, configured.offset):
+            return None
+        units = "photons" if self.calibration is None else f"ADU (gain {recorded.gain:g}, offset {recorded.offset:g})"
+        return (
+            f"{self.path} records its images in {units}; the configured [serve.calibration] (gain {configured.gain:g}"
+            f", offset {configured.offset:g}) is applied to them instead"
+        )
 
     def __len__(self) -> int:
         return self._n

@@ -39,6 +39,7 @@ from lcls_hitfinder.bank import ReferenceBank
 from lcls_hitfinder.cli import app
 from lcls_hitfinder.dataset import Batch, Dataset, DatasetWriter
 from lcls_hitfinder.errors import UserError
+from lcls_hitfinder.frame_file import FrameFile
 from lcls_hitfinder.labels import Label, label_of_count
 from lcls_hitfinder.learn.nets import TwinEmbedder
 from lcls_hitfinder.learn.train import load_patterns
@@ -57,6 +58,7 @@ from lcls_hitfinder.service.pipeline import Pipeline
 from lcls_hitfinder.service.publish import ZmqPublisher
 from lcls_hitfinder.service.settings import ServeSettings
 from lcls_hitfinder.service.sources import open_source
+from lcls_hitfinder.service.sources.h5 import recorded_calibration
 
 REPO = Path(__file__).resolve().parents[1]
 LCLS_HITFINDER = [str(Path(sys.executable).parent / "lcls-hitfinder")]
@@ -299,6 +301,79 @@ def test_a_cxi_file_of_raw_adu_is_classified_offline_as_serve_decides_it(fx: Fix
     np.testing.assert_allclose(scores, [float(r["score"]) for r in offline], atol=1e-4)
     assert np.abs(np.array(scores) - [float(r["score"]) for r in without_mask]).max() > 1e-3  # the mask counted
     assert len(set(labels)) > 1 and {d["truth_n_particles"] for d in decisions} == {None}
+
+
+def test_a_calibration_that_contradicts_the_file_and_a_cxi_mask_of_good_pixels_are_said(
+    fx: Fixtures, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The node's config (gain 10, offset 100) used on a dataset that records photons: `classify` and `serve` on
+    `h5:` apply it, as asked, and say that it contradicts the file. A CXI mask that flags most pixels bad (a
+    psana pixel_mask, 1 = good, given as CXI's non-zero = bad) is said when the file is opened."""
+    config = tmp_path / "serve.toml"
+    config.write_text("[serve.calibration]\ngain = 10\noffset = 100\n")
+    said = f"{fx.data} records its images in photons; the configured [serve.calibration] (gain 10, offset 100)"
+    classified = CliRunner().invoke(
+        app,
+        [
+            str(a)
+            for a in [
+                "classify",
+                "--model",
+                fx.model,
+                "--bank",
+                fx.bank,
+                "--data",
+                fx.data,
+                "--out",
+                tmp_path / "c.csv",
+                "--config",
+                config,
+            ]
+        ],
+    )
+    assert classified.exit_code == 0 and f"warning: {said}" in classified.output, classified.output
+    plain = CliRunner().invoke(
+        app,
+        [
+            str(a)
+            for a in [
+                "classify",
+                "--model",
+                fx.model,
+                "--bank",
+                fx.bank,
+                "--data",
+                fx.data,
+                "--out",
+                tmp_path / "p.csv",
+            ]
+        ],
+    )
+    assert plain.exit_code == 0 and "records its images" not in plain.output, plain.output
+    settings = _settings(tmp_path, source=f"h5:{fx.data}", calibration={"gain": 10, "offset": 100})
+    with caplog.at_level(logging.WARNING, logger="lcls_hitfinder.service.sources.h5"):
+        source = open_source(settings.source, settings)
+        source.open()
+        assert recorded_calibration(settings, source) is settings
+        source.close()
+    assert any(m.startswith(said) for m in caplog.messages), caplog.messages
+
+    good = np.ones((SIDE, SIDE), np.uint8)
+    good[:, 20:24] = 0  # psana's convention: 1 = good
+    with h5py.File(tmp_path / "run.cxi", "w") as f:
+        f["/entry_1/data_1/data"] = np.zeros((2, SIDE, SIDE), np.uint16)
+        f["/entry_1/data_1/mask"] = good
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lcls_hitfinder.frame_file"), FrameFile(tmp_path / "run.cxi", "x"):
+        pass
+    assert any("marks 94% of the pixels bad" in m for m in caplog.messages), caplog.messages
+    good[...] = 0  # a CXI mask, 0 = good
+    with h5py.File(tmp_path / "run.cxi", "r+") as f:
+        f["/entry_1/data_1/mask"][...] = good
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lcls_hitfinder.frame_file"), FrameFile(tmp_path / "run.cxi", "x"):
+        pass
+    assert caplog.messages == []
 
 
 def test_frames_with_nan_or_inf_are_errors_offline_as_in_serve(fx: Fixtures, tmp_path: Path) -> None:

@@ -356,6 +356,9 @@ def classify(
     calibration = serve.calibration if "calibration" in serve.model_fields_set else None
     embedder, ref_bank = _model_and_bank(model, bank)
     with FrameFile(existing(data, "dataset"), f"dataset {data}") as frames:
+        conflict = calibration and frames.conflicting_units(calibration)
+        if conflict:
+            typer.echo(f"warning: {conflict}", err=True)
         emb, finite, blank = embed_frames(embedder, frames, calibration, prefilter=Prefilter(serve.prefilter))
     # as serve labels them: frames with NaN or Inf pixels are errors, those the pre-filter finds dim are blank
     label, keep = np.full(len(emb), int(Label.ERROR)), np.zeros(len(emb), bool)

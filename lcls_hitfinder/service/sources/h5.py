@@ -64,6 +64,11 @@ class H5Source:
             everything = f.images(slice(None))
             self._read = everything.__getitem__
 
+    @property
+    def file(self) -> FrameFile:
+        assert self._file is not None, "open() first"
+        return self._file
+
     def frames(self) -> Iterator[Frame | None]:
         assert self._read is not None, "open() first"
         n = self._n
@@ -89,7 +94,14 @@ class H5Source:
 def recorded_calibration(settings: ServeSettings, source: Source) -> ServeSettings:
     """With no `[serve.calibration]` configured, a dataset in ADU (h5:) is decoded with the gain and offset it
     records, as `classify`, `evaluate` and training decode it. Call after `source.open()`."""
-    if not isinstance(source, H5Source) or source.calibration is None or "calibration" in settings.model_fields_set:
+    if not isinstance(source, H5Source):
+        return settings
+    if "calibration" in settings.model_fields_set:
+        conflict = source.file.conflicting_units(settings.calibration)
+        if conflict:
+            log.warning("%s", conflict)
+        return settings
+    if source.calibration is None:
         return settings
     c = source.calibration
     log.info("%s holds ADU: photons = (ADU - %g) / %g, as the file records", source.path, c.offset, c.gain)
