@@ -10,6 +10,7 @@ ONNX metadata, so a model is always fed the way it was trained.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Literal
 
@@ -20,6 +21,10 @@ from pydantic import ConfigDict, Field
 
 from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.settings_base import Section
+
+MAX_ASPECT = 1.2  # frames longer than this on one side are said: the thumbnail is square
+
+log = logging.getLogger(__name__)
 
 # Raw ADU read as photons: even a bright hit leaves its dimmest bins dark (at 10^6 photons on 128 x 128
 # pixels the dimmest 1% of the 64 x 64 bins are still at 0), while a pedestal left in lifts every pixel.
@@ -57,12 +62,13 @@ class PhotonCalibration(Section):
     threshold: float = Field(0.0, ge=0, description="photons below which a pixel counts as zero")
 
 
-def panel_grid(n_panels: int) -> tuple[int, int]:
-    """Rows and columns of the near-square grid that panels are tiled into."""
-    rows = max(1, math.isqrt(n_panels))
-    while n_panels % rows:
-        rows -= 1
-    return rows, n_panels // rows
+def panel_grid(n_panels: int, height: int = 1, width: int = 1) -> tuple[int, int]:
+    """Rows and columns of the grid that tiles panels of height x width into the squarest image (of two as
+    square, the one of fewer rows): the thumbnail is square, and a long strip would be squeezed into it,
+    its rings into ellipses. Two pnCCD halves of 512 x 1024 go one above the other, a Jungfrau's eight
+    modules of 512 x 1024 in four rows of two."""
+    grids = [(rows, n_panels // rows) for rows in range(1, n_panels + 1) if n_panels % rows == 0]
+    return min(grids, key=lambda g: (round(abs(math.log(g[0] * height / (g[1] * width))), 9), g[0]))
 
 
 def assemble_panels(frames: torch.Tensor) -> torch.Tensor:
@@ -74,7 +80,7 @@ def assemble_panels(frames: torch.Tensor) -> torch.Tensor:
     if frames.dim() == 3:
         return frames
     b, p, h, w = frames.shape
-    rows, cols = panel_grid(p)
+    rows, cols = panel_grid(p, h, w)
     return frames.reshape(b, rows, cols, h, w).permute(0, 1, 3, 2, 4).reshape(b, rows * h, cols * w)
 
 
@@ -127,6 +133,17 @@ class Preprocessor:
         self._all_good = bool((self.mask == 1).all())
         s = settings.thumbnail
         h, w = self.mask.shape[-2:]
+        if max(h, w) / min(h, w) > MAX_ASPECT:
+            log.warning(
+                "frames of %s (%d x %d as tiled) are binned to the square %d x %d thumbnail: squeezed %.1fx along "
+                "one axis, rings become ellipses the model never saw; a square region or psana's image=1 avoids it",
+                self.frame_shape,
+                h,
+                w,
+                s,
+                s,
+                max(h, w) / min(h, w),
+            )
         coverage = block_means(self.mask, s)[0]  # good fraction of each bin
         pixels_per_bin = self._pixels_per_bin = (h * w) / (s * s)
         # Sum over a bin's good pixels, rescaled as if the masked ones had the bin's mean: binning

@@ -70,8 +70,10 @@ def test_panels_are_tiled_in_a_grid() -> None:
     assert img.shape == (4, 6)
     assert torch.equal(img[:2, :3], x[0, 0]) and torch.equal(img[2:, 3:], x[0, 3])
     assert torch.equal(img[:2, 3:], x[0, 1]) and torch.equal(img[2:, :3], x[0, 2])  # row by row
-    six = assemble_panels(torch.arange(6 * 2 * 3).reshape(1, 6, 2, 3))[0]  # 2 rows of 3 panels
-    assert six.shape == (4, 9) and torch.equal(six[2:, 3:6], torch.arange(24, 30).reshape(2, 3))
+    six = assemble_panels(torch.arange(6 * 2 * 3).reshape(1, 6, 2, 3))[0]  # 3 rows of 2: 6 x 6, square
+    assert six.shape == (6, 6) and torch.equal(six[2:4, 3:], torch.arange(18, 24).reshape(2, 3))
+    assert panel_grid(2, 512, 1024) == (2, 1) and panel_grid(8, 512, 1024) == (4, 2)  # pnCCD, Jungfrau 4M
+    assert panel_grid(16, 352, 384) == (4, 4) and panel_grid(3, 10, 10) == (1, 3)  # ePix10k 2M; a strip
 
 
 def test_threshold_keeps_values_at_it_and_negative_photons_become_zero() -> None:
@@ -144,3 +146,15 @@ def test_raw_adu_taken_as_photons_are_told_from_bright_patterns(photons: float) 
     calibrated = Preprocessor(PreprocessSettings(), generator.mask, shape, PhotonCalibration(gain=10.0, offset=100.0))
     assert raw.pedestal_left(raw.binned(raw.photons(adu))).all()
     assert not calibrated.pedestal_left(calibrated.binned(calibrated.photons(adu))).any()
+
+
+def test_frames_far_from_square_are_said(caplog: pytest.LogCaptureFixture) -> None:
+    """The thumbnail is square: a 64 x 128 frame is squeezed 2x (said); two 64 x 128 halves, tiled one above
+    the other, are square (not said)."""
+    with caplog.at_level("WARNING", logger="lcls_hitfinder.preprocess"):
+        Preprocessor(PreprocessSettings(), None, (64, 128))
+        assert len(caplog.messages) == 1 and "squeezed 2.0x" in caplog.messages[0]
+        caplog.clear()
+        Preprocessor(PreprocessSettings(), None, (2, 64, 128))
+        Preprocessor(PreprocessSettings(), None, (64, 70))
+    assert caplog.messages == []
