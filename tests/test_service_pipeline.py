@@ -376,6 +376,23 @@ def test_a_calibration_that_contradicts_the_file_and_a_cxi_mask_of_good_pixels_a
     assert caplog.messages == []
 
 
+def test_files_held_apart_by_name_that_share_patterns_are_said(fx: Fixtures, tmp_path: Path) -> None:
+    """Two files simulated with the same seed share their first patterns: `evaluate --refs` and `bank build
+    --calibrate` say how many (pixel for pixel), and say nothing of files that share none."""
+    images, counts = _patterns(np.random.default_rng(5), 40)
+    refs = _write_dataset(tmp_path / "refs.h5", images[:25], counts[:25])
+    data = _write_dataset(tmp_path / "data.h5", images[15:], counts[15:])
+    said = f"warning: 10 patterns of {data} are also in {refs}, pixel for pixel"
+    evaluate = ["evaluate", "--model", fx.model, "--refs", refs, "--data", data, "--report", tmp_path / "r"]
+    build = ["bank", "build", "--model", fx.model, "--data", refs, "--calibrate", data, "--out", tmp_path / "b.h5"]
+    for args in (evaluate, build):
+        result = CliRunner().invoke(app, [str(a) for a in args])
+        assert result.exit_code == 0 and said in result.output, result.output
+    apart = _write_dataset(tmp_path / "apart.h5", images[25:], counts[25:])
+    result = CliRunner().invoke(app, [str(a) for a in [*evaluate[:5], "--data", apart, "--report", tmp_path / "s"]])
+    assert result.exit_code == 0 and "pixel for pixel" not in result.output, result.output
+
+
 def test_frames_with_nan_or_inf_are_errors_offline_as_in_serve(fx: Fixtures, tmp_path: Path) -> None:
     with Dataset(fx.data) as d:
         frames = d.images()

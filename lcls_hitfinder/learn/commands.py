@@ -20,6 +20,19 @@ KINDS = ("twin", "cnn")
 bank_app = typer.Typer(help="Reference banks: build one from a few labelled patterns.", no_args_is_help=True)
 
 
+def _say_shared(first: Path, second: Path, what: str) -> None:
+    """Files held apart by name that share patterns (the same simulation seed twice): said, not refused."""
+    from lcls_hitfinder.dataset import shared_patterns
+
+    n = shared_patterns(first, second)
+    if n:
+        typer.echo(
+            f"warning: {n} patterns of {second} are also in {first}, pixel for pixel ({what}): simulated with the "
+            "same --seed? Give each file its own",
+            err=True,
+        )
+
+
 def train(
     kind: Annotated[str, typer.Argument(help="twin (the embedder) or cnn (a multi-output CNN baseline)")],
     out: Annotated[Path, typer.Option(help="run directory: run.json, checkpoints, best model")],
@@ -116,6 +129,7 @@ def train(
         existing(data, "dataset")
         existing(val, "validation dataset")
         apart(data, val, f"--val {val} is the training data: validation would judge the patterns trained on")
+        _say_shared(data, val, "validation would judge patterns trained on")
         output_dir(out, "run directory")
     try:
         trainer = Trainer(kind, data, val, out, settings, resume, epochs, machine)  # type: ignore[arg-type]
@@ -194,6 +208,11 @@ def bank_build(
             data,
             f"--calibrate {calibrate} is the file the references come from (they would be "
             "calibrated on); leave it out to calibrate on its other patterns",
+        )
+        _say_shared(
+            existing(data, "dataset"),
+            existing(calibrate, "calibration dataset"),
+            "the threshold would be set on references",
         )
     bank, report = build_bank(
         existing(model, "model"),
@@ -404,6 +423,7 @@ def evaluate(
         raise UserError("--per-class draws each sample's bank from --refs; a --bank is used as it is")
     if refs is not None:
         apart(refs, data, f"--refs {refs} is the file under test: its references would be judged by themselves")
+        _say_shared(existing(refs, "references"), existing(data, "dataset"), "references would judge themselves")
     existing(data, "dataset")
     made = not report.exists()
     output_dir(report, "report directory")  # once the arguments hold: a refused command leaves no folder
