@@ -448,6 +448,23 @@ def test_data_that_cannot_teach_or_judge_is_refused(data: Path, model: Path, tmp
         assert not (tmp_path / name).exists()  # no empty run folder left behind
 
 
+@pytest.mark.parametrize(
+    ("kind", "flags", "message"),
+    [
+        ("twin", ["--arch", "vgg16"], "--arch: for `train cnn`, not `train twin`"),
+        ("cnn", ["--embed-dim", "8", "--alpha", "0.5"], "--embed-dim, --alpha: for `train twin`, not `train cnn`"),
+    ],
+)
+def test_flags_of_the_other_kind_of_model_are_refused(
+    data: Path, tmp_path: Path, kind: str, flags: list[str], message: str
+) -> None:
+    """They would be recorded in run.json and do nothing; refused before a run directory is made."""
+    args = ["train", kind, "--data", data / "train.h5", "--val", data / "val.h5", "--out", tmp_path / "r", *flags]
+    result = runner.invoke(app, [str(a) for a in args])
+    assert isinstance(result.exception, UserError) and str(result.exception) == message, result.output
+    assert not (tmp_path / "r").exists()
+
+
 def test_resume_refuses_what_it_would_ignore(data: Path, tmp_path: Path) -> None:
     """A resumed run keeps its own data and settings: a flag that would be ignored, another kind, or no epoch
     left to train is an error, not a silent no-op."""

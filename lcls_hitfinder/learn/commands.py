@@ -20,6 +20,14 @@ KINDS = ("twin", "cnn")
 bank_app = typer.Typer(help="Reference banks: build one from a few labelled patterns.", no_args_is_help=True)
 
 
+# flags of one kind of model only: the other records them and ignores them
+ONLY_FOR = {
+    "twin": ("--embed-dim", "--alpha", "--mining", "--width", "--bank-per-class"),
+    "cnn": ("--arch", "--cnn-width"),
+}
+_OTHER_KIND = {"twin": "cnn", "cnn": "twin"}
+
+
 def _say_shared(first: Path, second: Path, what: str) -> None:
     """Files held apart by name that share patterns (the same simulation seed twice): said, not refused."""
     from lcls_hitfinder.dataset import shared_patterns
@@ -113,6 +121,9 @@ def train(
     }
     overrides = dict(flags.values())
     settings = load_config(config, overrides).train  # a bad value is named first, whatever else is wrong
+    other = [flag for flag in ONLY_FOR[_OTHER_KIND[kind]] if flags[flag][1] is not None]
+    if other:  # it would be recorded in run.json and do nothing
+        raise UserError(f"{', '.join(other)}: for `train {_OTHER_KIND[kind]}`, not `train {kind}`")
     machine = {k: v for k, v in (("device", device), ("threads", threads)) if v is not None}
     made = not resume and not out.exists()  # a folder this command makes, and removes if it refuses to train
     if resume:  # the run's own data and settings; a flag that would be ignored is refused instead
