@@ -92,6 +92,8 @@ def export_onnx(
 def read_model_info(path: Path | str) -> ModelInfo:
     """Metadata of an exported embedder, without building an inference session."""
     path = Path(path)
+    if (path / "run.json").is_file():  # a training run's directory, not yet exported
+        raise UserError(f"{path} is a training run: export it first (`lcls-hitfinder export {path} --out MODEL.onnx`)")
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as err:  # onnx raises several unrelated types for unreadable files

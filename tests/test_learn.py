@@ -247,6 +247,11 @@ def test_bank_of_another_model_is_refused(data: Path, model: Path, tmp_path: Pat
     args = ["evaluate", "--model", model, "--bank", tmp_path / "other.h5", "--data", data / "test.h5"]
     result = runner.invoke(app, [str(a) for a in [*args, "--report", tmp_path / "rep"]])
     assert isinstance(result.exception, BankMismatch) and not (tmp_path / "rep").exists()  # no empty report left
+    args = ["classify", "--model", data / "run", "--bank", tmp_path / "other.h5", "--data", data / "test.h5"]
+    result = runner.invoke(app, [str(a) for a in [*args, "--out", tmp_path / "x.csv"]])  # the run, not its model
+    assert isinstance(result.exception, UserError) and str(result.exception) == (
+        f"{data / 'run'} is a training run: export it first (`lcls-hitfinder export {data / 'run'} --out MODEL.onnx`)"
+    )
 
 
 @pytest.mark.parametrize(
