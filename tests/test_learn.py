@@ -8,8 +8,10 @@ import csv
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -468,6 +470,35 @@ def test_flags_of_the_other_kind_of_model_are_refused(
     result = runner.invoke(app, [str(a) for a in args])
     assert isinstance(result.exception, UserError) and str(result.exception) == message, result.output
     assert not (tmp_path / "r").exists()
+
+
+def test_ctrl_c_while_training_says_how_to_go_on_and_that_goes_on(data: Path, tmp_path: Path) -> None:
+    """SIGINT once the first epoch is checkpointed (the real command): exit 130 and one line naming the resume
+    command, which then finishes the run."""
+    cli = str(Path(sys.executable).parent / "lcls-hitfinder")
+    run, epochs = tmp_path / "r", ["--epochs", "40", *TINY[2:]]
+    args = [cli, "train", "twin", "--data", str(data / "train.h5"), "--val", str(data / "val.h5"), "--out", str(run)]
+    proc = subprocess.Popen([*args, *epochs], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300  # a deadline against hanging, never a speed requirement
+        while not (run / "checkpoint.safetensors").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert f"interrupted: `lcls-hitfinder train twin --out {run} --resume` continues the run" in err
+    trained = json.loads((run / "run.json").read_text())["history"]
+    assert 1 <= len(trained) < 40
+    done = subprocess.run(
+        [cli, "train", "twin", "--out", str(run), "--resume", "--epochs", str(len(trained) + 1)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0 and len(json.loads((run / "run.json").read_text())["history"]) == len(trained) + 1
 
 
 def test_resume_refuses_what_it_would_ignore(data: Path, tmp_path: Path) -> None:

@@ -148,7 +148,11 @@ def train(
         if made and out.is_dir() and not any(out.iterdir()):
             out.rmdir()
         raise
-    best = trainer.fit()
+    try:
+        best = trainer.fit()
+    except KeyboardInterrupt:  # each finished epoch is checkpointed: say how to go on
+        typer.echo(f"interrupted: `lcls-hitfinder train {kind} --out {out} --resume` continues the run", err=True)
+        raise typer.Exit(130) from None
     print(strict_json.dumps({"run": str(out), "best": best}, indent=2))
 
 
