@@ -97,9 +97,13 @@ def per_sample_decisions(
     ref_structure = np.asarray(ref_structure, dtype=object)
     structure = np.asarray(structure, dtype=object)
     species = sorted({str(s) for s in structure if s})
-    missing = sorted(set(species) - {str(s) for s in ref_structure})
-    if missing:
-        raise UserError(f"the reference file has no patterns of {', '.join(missing[:3])}")
+    held = sorted({str(s) for s in ref_structure if s})
+    missing = sorted(set(species) - set(held))
+    if missing:  # structures are told by the name `simulate` was given: another path to one PDB file is another
+        raise UserError(
+            f"the reference file has no patterns of {', '.join(missing[:3])}; it holds {', '.join(held[:5]) or 'none'}"
+            f"{' ...' if len(held) > 5 else ''} (structures are matched by the name given to simulate)"
+        )
     singles = {str(s) for s, c in zip(ref_structure, ref_n_particles, strict=True) if c == 1}
     no_single = [s for s in species if s not in singles]
     if no_single:  # each sample's bank needs one; say which sample rather than "a bank needs ..."

@@ -159,9 +159,9 @@ def test_per_sample_banks_judge_each_structure_by_its_own_references() -> None:
 def test_per_sample_banks_need_references_of_every_structure() -> None:
 
     emb = np.zeros((2, 2), np.float32)
-    with pytest.raises(UserError, match="no patterns of c"):
+    with pytest.raises(UserError, match=r"no patterns of ../c.pdb; it holds c.pdb \(structures are matched by"):
         per_sample_decisions(
-            emb, np.array([1, 0]), np.array(["a", ""], object), emb, np.array(["c", ""], object), "m", 5
+            emb, np.array([1, 0]), np.array(["c.pdb", ""], object), emb, np.array(["../c.pdb", ""], object), "m", 5
         )
     with pytest.raises(UserError, match="no single hit of c: draw more references"):
         per_sample_decisions(
