@@ -501,6 +501,30 @@ def test_ctrl_c_while_training_says_how_to_go_on_and_that_goes_on(data: Path, tm
     assert done.returncode == 0 and len(json.loads((run / "run.json").read_text())["history"]) == len(trained) + 1
 
 
+def test_resume_refuses_data_that_changed_or_went(data: Path, tmp_path: Path) -> None:
+    """A resumed run reads its data from the paths it recorded: a file replaced there since (other patterns)
+    is refused, as is one that is gone, by name, rather than trained on or failing in h5py."""
+    for name in ("train.h5", "val.h5"):
+        shutil.copy(data / name, tmp_path / name)
+    invoke(
+        "train", "twin", "--data", tmp_path / "train.h5", "--val", tmp_path / "val.h5", "--out", tmp_path / "r", *TINY
+    )
+    resume = ["train", "twin", "--out", str(tmp_path / "r"), "--resume", "--epochs", "3"]
+    shutil.copy(data / "test.h5", tmp_path / "train.h5")
+    result = runner.invoke(app, resume)
+    assert isinstance(result.exception, UserError) and str(result.exception) == (
+        f"{tmp_path / 'train.h5'} is not the file the run in {tmp_path / 'r'} was trained on: its patterns changed"
+    )
+    shutil.copy(data / "train.h5", tmp_path / "train.h5")
+    (tmp_path / "val.h5").rename(tmp_path / "moved.h5")
+    result = runner.invoke(app, resume)
+    assert isinstance(result.exception, UserError) and str(result.exception) == (
+        f"the run in {tmp_path / 'r'} was trained on {tmp_path / 'val.h5'}, which is not there: put it back"
+    )
+    (tmp_path / "moved.h5").rename(tmp_path / "val.h5")
+    assert runner.invoke(app, resume).exit_code == 0  # its own files again: it goes on
+
+
 def test_resume_refuses_what_it_would_ignore(data: Path, tmp_path: Path) -> None:
     """A resumed run keeps its own data and settings: a flag that would be ignored, another kind, or no epoch
     left to train is an error, not a silent no-op."""

@@ -209,6 +209,13 @@ def load_weights(net: nn.Module, path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _digest(images: torch.Tensor) -> str:
+    """A fingerprint of a file's patterns: a resumed run checks that its data are the ones it started on."""
+    import hashlib
+
+    return hashlib.blake2b(images.contiguous().cpu().numpy().data, digest_size=16).hexdigest()
+
+
 class Trainer:
     """One training run (twin or cnn) in `out`: fresh, or resumed from its checkpoint."""
 
@@ -249,8 +256,17 @@ class Trainer:
         torch.set_num_threads(settings.threads)
         torch.manual_seed(settings.seed)
         self.device = resolve_device(settings.device, "train.device")
+        if resume:
+            for path in (data, val):
+                if not path.is_file():
+                    raise UserError(f"the run in {out} was trained on {path}, which is not there: put it back")
         self.train_set = load_patterns(data)
         self.val_set = load_patterns(val)
+        digests = {"data_digest": _digest(self.train_set.images), "val_digest": _digest(self.val_set.images)}
+        if resume:
+            for key, path in (("data_digest", data), ("val_digest", val)):
+                if run.get(key, digests[key]) != digests[key]:  # runs from before digests were kept: unchecked
+                    raise UserError(f"{path} is not the file the run in {out} was trained on: its patterns changed")
         # the validation bank's references, drawn once (seeded): every epoch is judged on the same split
         v = self.val_set
         self.val_refs = select_references(
@@ -294,6 +310,7 @@ class Trainer:
             "settings": settings.model_dump(mode="json"),
             "structures": self.structures,
             "frame_shape": list(self.train_set.shape),
+            **digests,
             "history": [],
             "best": None,
         }
