@@ -131,6 +131,9 @@ def test_export_carries_preprocessing_and_summary(model: Path) -> None:
     assert info.embed_dim == 8 and info.preprocess.thumbnail == 32
     assert info.summary["kind"] == "twin" and info.summary["data"] == "train.h5"
     assert info.summary["best_validation"]["epoch"] in (1, 2)
+    # the recipe as trained (TINY: 15 steps of 60 a epoch; the defaults for the rest)
+    recipe = {k: info.summary[k] for k in ("steps_per_epoch", "batch_size", "per_structure", "negatives")}
+    assert recipe == {"steps_per_epoch": 15, "batch_size": 60, "per_structure": False, "negatives": "all"}
 
 
 def test_bank_classify_and_evaluate(data: Path, model: Path, tmp_path: Path) -> None:
