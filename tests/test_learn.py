@@ -569,12 +569,18 @@ def test_cnn_baseline_trains_and_evaluates(data: Path, tmp_path: Path) -> None:
     assert m["count_accuracy"] > 0.3  # above chance (0.2: counts 0-4 in equal shares); seeded, so not a flake
     adu = tmp_path / "adu.h5"  # the same patterns in ADU: judged in photons, as the CNN was trained
     with Dataset(data / "test.h5") as d:
-        batch = d.read(slice(None))
+        batch, shape, mask = d.read(slice(None)), d.shape, d.mask
         noise = {"noise": {"adu_gain": 4.0, "adu_offset": 20.0}}
         with DatasetWriter(adu, d.shape, d.mask, noise, units="adu") as wr:
             wr.append(replace(batch, images=batch.images * 4.0 + 20.0))
-    invoke("evaluate", "--run", tmp_path / "cnn", "--data", adu, "--report", tmp_path / "rep_adu")
+    out = invoke("evaluate", "--run", tmp_path / "cnn", "--data", adu, "--report", tmp_path / "rep_adu")
     assert json.loads((tmp_path / "rep_adu" / "metrics.json").read_text())["count_accuracy"] == m["count_accuracy"]
+    assert "warning" not in out
+    unseen = tmp_path / "unseen.h5"  # structures the CNN never saw: its structure head cannot be right
+    with DatasetWriter(unseen, shape, mask, {}) as wr:
+        wr.append(replace(batch, structure=np.where(batch.n_particles > 0, "capsid:9", "").astype(object)))
+    out = invoke("evaluate", "--run", tmp_path / "cnn", "--data", unseen, "--report", tmp_path / "rep_unseen")
+    assert f"warning: none of {unseen}'s structures is one the CNN was trained on" in " ".join(out.split())
     result = runner.invoke(app, ["export", str(tmp_path / "cnn"), "--out", str(tmp_path / "x.onnx")])
     assert isinstance(result.exception, UserError) and "only twin" in str(result.exception)
 
