@@ -13,8 +13,9 @@ Layout (documented in docs/dataset.md):
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -263,17 +264,34 @@ class Dataset:
         self.close()
 
 
-def shared_patterns(first: Path, second: Path, chunk: int = 512) -> int:
-    """How many patterns of `second` are also in `first`, pixel for pixel: two files simulated with the same
-    seed and settings share their first patterns (`simulate` draws chunk by chunk from its seed), so data
-    held out by file name alone may not be held out at all."""
-    import hashlib
+def _pattern_digests(images: Iterable[np.ndarray]) -> Iterator[bytes]:
+    """A digest per pattern, constant frames left out: the blanks of a noise-free simulation are all alike in
+    every file, whatever its seed."""
+    for image in images:
+        if image.size and image.min() != image.max():
+            yield hashlib.blake2b(np.ascontiguousarray(image).data, digest_size=16).digest()
 
-    def digests(path: Path) -> Iterator[bytes]:
+
+def shared_count(first: Iterable[np.ndarray], second: Iterable[np.ndarray]) -> int:
+    """How many patterns of `second` are also in `first`, pixel for pixel."""
+    seen = set(_pattern_digests(first))
+    return sum(d in seen for d in _pattern_digests(second))
+
+
+def shared_patterns(first: Path, second: Path, chunk: int = 512) -> int:
+    """`shared_count` of two files: two simulated with the same seed and settings share their first patterns
+    (`simulate` draws chunk by chunk from its seed), so data held out by file name alone may not be."""
+
+    def patterns(path: Path) -> Iterator[np.ndarray]:
         with Dataset(path) as d:
             for lo in range(0, len(d), chunk):
-                for image in d.images(slice(lo, lo + chunk)):
-                    yield hashlib.blake2b(image.tobytes(), digest_size=16).digest()
+                yield from d.images(slice(lo, lo + chunk))
 
-    seen = set(digests(first))
-    return sum(d in seen for d in digests(second))
+    return shared_count(patterns(first), patterns(second))
+
+
+def shared_said(n: int, first: Path, second: Path, what: str) -> str:
+    return (
+        f"warning: {n} patterns of {second} are also in {first}, pixel for pixel ({what}): simulated with the same "
+        "--seed? Give each file its own"
+    )

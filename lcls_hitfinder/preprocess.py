@@ -26,12 +26,14 @@ MAX_ASPECT = 1.2  # frames longer than this on one side are said: the thumbnail 
 
 log = logging.getLogger(__name__)
 
-# Raw ADU read as photons: even a bright hit leaves its dimmest bins dark (at 10^6 photons on 128 x 128
-# pixels the dimmest 1% of the 64 x 64 bins are still at 0), while a pedestal left in lifts every pixel.
+# Detector units read as photons: even a bright hit leaves many bins barely lit (at 10^6 photons on 128 x 128
+# pixels the dimmest 1% of the 64 x 64 bins with any signal read under a photon a pixel), while a pedestal left
+# in, or ADU noise not divided by the gain, lifts every pixel. Bins at exactly 0 (panel gaps that psana's
+# image() fills with zeros) say nothing either way.
 PEDESTAL_QUANTILE = 0.01
 PEDESTAL_LEFT = (
-    "raw ADU with the detector's pedestal left in? Even the dimmest 1% of the thumbnail's bins read a photon or "
-    "more per pixel, where a diffraction pattern has dark ones"
+    "detector units, not photons: a pedestal left in, or ADU not divided by the gain? Even the dimmest 1% of the "
+    "thumbnail's lit bins read a photon or more per pixel, where a diffraction pattern has faint ones"
 )
 
 
@@ -205,9 +207,9 @@ class Preprocessor:
         """Per frame of `binned()`'s (B, 1, S, S), whether it looks like raw ADU taken as photons
         (`PEDESTAL_LEFT`): the calibration is missing, and the model would see a flat frame."""
         good = binned[:, 0][:, self._bin_scale[0] > 0]  # bins with no good pixel read 0 whatever the data
-        if good.shape[1] == 0:
-            return torch.zeros(len(binned), dtype=torch.bool, device=binned.device)
-        return torch.quantile(good.float(), PEDESTAL_QUANTILE, dim=1) >= self._pixels_per_bin  # sums of a bin
+        lit = torch.where(good > 0, good.float(), torch.nan)  # zeros (gaps, masked areas) left out
+        dimmest = torch.nanquantile(lit, PEDESTAL_QUANTILE, dim=1)  # NaN for a frame with nothing lit
+        return dimmest >= self._pixels_per_bin  # bins are sums: a photon a pixel is pixels_per_bin a bin
 
     def transformed(self, binned: torch.Tensor) -> torch.Tensor:
         """Bin means (B, 1, S, S) -> intensity-transformed, normalised thumbnails: what the model sees."""

@@ -484,7 +484,7 @@ def test_ctrl_c_while_training_says_how_to_go_on_and_that_goes_on(data: Path, tm
     proc = subprocess.Popen([*args, *epochs], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 300  # a deadline against hanging, never a speed requirement
-        while not (run / "checkpoint.safetensors").exists():
+        while not (run / "run.json").exists():  # written after the first epoch's checkpoint
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.05)
         proc.send_signal(signal.SIGINT)

@@ -606,6 +606,7 @@ def test_events_picked_from_a_run_become_references_for_bank_build(tmp_path: Pat
         expected = [np.clip((frame_of(i, shape).astype(np.float32) - 1.0) / 2.0, 0, None) for i in (1, 2, 5, 6, 10)]
         np.testing.assert_allclose(d.images(), np.stack(expected))
         assert d.calibration is None and d.attrs["picked_from"] == source  # photons already
+        assert list(d.attrs["frame_shape"]) == list(shape)  # as read, before any tiling
 
     # by psana timestamp (the decision log's), with the run named; counts given as numbers
     stamp = psana_timestamp(START_NS + (4 + 1) * round(1e9 / RATE))

@@ -31,7 +31,7 @@ def evaluate_cnn(run_dir: Path, data: Path, batch: int = 256) -> dict[str, float
             counts.append(c.argmax(1).numpy())
         truth = np.array([index.get(str(x), -1) for x in d.structure])
         n = d.n_particles
-    if not np.any(truth[n > 0] >= 0):  # the design study's tables assume structures it was trained on
+    if np.any(n > 0) and not np.any(truth[n > 0] >= 0):  # the study's tables assume structures it was trained on
         print(
             f"warning: none of {data}'s structures is one the CNN was trained on: its test and particle accuracy "
             "are 0 by construction; only the count accuracy says something",

@@ -30,15 +30,11 @@ _OTHER_KIND = {"twin": "cnn", "cnn": "twin"}
 
 def _say_shared(first: Path, second: Path, what: str) -> None:
     """Files held apart by name that share patterns (the same simulation seed twice): said, not refused."""
-    from lcls_hitfinder.dataset import shared_patterns
+    from lcls_hitfinder.dataset import shared_patterns, shared_said
 
     n = shared_patterns(first, second)
     if n:
-        typer.echo(
-            f"warning: {n} patterns of {second} are also in {first}, pixel for pixel ({what}): simulated with the "
-            "same --seed? Give each file its own",
-            err=True,
-        )
+        typer.echo(shared_said(n, first, second, what), err=True)
 
 
 def train(
@@ -86,7 +82,7 @@ def train(
 ) -> None:
     """Train a twin embedder (triplet loss) or a CNN baseline; progress bars and per-epoch validation."""
     from lcls_hitfinder.config import load_config
-    from lcls_hitfinder.learn.train import Trainer
+    from lcls_hitfinder.learn.train import CHECKPOINT, Trainer
 
     if kind not in KINDS:
         raise UserError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
@@ -140,7 +136,6 @@ def train(
         existing(data, "dataset")
         existing(val, "validation dataset")
         apart(data, val, f"--val {val} is the training data: validation would judge the patterns trained on")
-        _say_shared(data, val, "validation would judge patterns trained on")
         output_dir(out, "run directory")
     try:
         trainer = Trainer(kind, data, val, out, settings, resume, epochs, machine)  # type: ignore[arg-type]
@@ -151,7 +146,10 @@ def train(
     try:
         best = trainer.fit()
     except KeyboardInterrupt:  # each finished epoch is checkpointed: say how to go on
-        typer.echo(f"interrupted: `lcls-hitfinder train {kind} --out {out} --resume` continues the run", err=True)
+        if (out / CHECKPOINT).exists():
+            typer.echo(f"interrupted: `lcls-hitfinder train {kind} --out {out} --resume` continues the run", err=True)
+        else:
+            typer.echo(f"interrupted in the first epoch: nothing in {out} to resume; train it again", err=True)
         raise typer.Exit(130) from None
     print(strict_json.dumps({"run": str(out), "best": best}, indent=2))
 

@@ -63,8 +63,9 @@ def embed_frames(
             embeddings[rows] = embedder.embed(pre.transformed(binned))
     if pedestal:
         console.print(
-            f"warning: {pedestal} of {len(data)} patterns of {data.path} look like {PEDESTAL_LEFT}. Give the "
-            "detector's gain and offset (--config with [serve.calibration], as `serve` takes them)",
+            f"warning: {pedestal} of {len(data)} patterns of {data.path} look like {PEDESTAL_LEFT}. Raw frames "
+            "need the detector's gain and offset: `classify --config` and `bank pick --config` take them from "
+            "[serve.calibration], as `serve` does (references picked without them: pick them again)",
             markup=False,
             highlight=False,
         )

@@ -29,7 +29,7 @@ from torch import nn
 
 from lcls_hitfinder import strict_json
 from lcls_hitfinder.bank import ReferenceBank, select_references
-from lcls_hitfinder.dataset import Dataset
+from lcls_hitfinder.dataset import Dataset, shared_count, shared_said
 from lcls_hitfinder.devices import resolve_device
 from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.evaluate import cnn_metrics, hit_metrics
@@ -263,6 +263,10 @@ class Trainer:
         self.train_set = load_patterns(data)
         self.val_set = load_patterns(val)
         digests = {"data_digest": _digest(self.train_set.images), "val_digest": _digest(self.val_set.images)}
+        if not resume:  # files held apart by name may share patterns (the same simulation seed twice)
+            shared = shared_count(self.train_set.images.numpy(), self.val_set.images.numpy())
+            if shared:
+                print(shared_said(shared, data, val, "validation would judge patterns trained on"), file=sys.stderr)
         if resume:
             for key, path in (("data_digest", data), ("val_digest", val)):
                 if run.get(key, digests[key]) != digests[key]:  # runs from before digests were kept: unchecked

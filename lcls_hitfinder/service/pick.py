@@ -171,7 +171,13 @@ def pick_references(
     stack = np.stack(images)
     n_particles = np.array(counts, np.int8)
     k = len(stack)
-    attrs = {"picked_from": source.uri, "calibration": settings.calibration.model_dump()}
+    assert pre is not None
+    # the frames as read (a panel stack is stored tiled: the shape says how it was, should the tiling change)
+    attrs = {
+        "picked_from": source.uri,
+        "calibration": settings.calibration.model_dump(),
+        "frame_shape": list(pre.frame_shape),
+    }
     with DatasetWriter(out, mask.shape, mask, attrs) as writer:
         writer.append(
             Batch(

@@ -493,9 +493,10 @@ class Pipeline:
             self.metrics.frames_binned.labels(where="reader").inc(at_reader)
             self.metrics.frames_binned.labels(where="service").inc(len(to_bin) - at_reader)
             self.total.binned_at_reader += at_reader
-            if not self._pedestal_checked and bool(finite[0]):
+            if not self._pedestal_checked and bool(finite.any()):
                 self._pedestal_checked = True
-                self._say_pedestal(pre, binned[:1])
+                first = int(finite.nonzero()[0, 0])  # the run's first finite frame
+                self._say_pedestal(pre, binned[first : first + 1])
             blank = self._prefilter.blank(measure) & finite
             to_model = finite & ~blank
             all_to_model = bool(to_model.all())
@@ -532,8 +533,8 @@ class Pipeline:
             c = pre.calibration
             assert self._run is not None
             log.warning(
-                "run %s:%d looks like %s. [serve.calibration] has gain %g, offset %g: give the detector's, or read "
-                "psana's calibrated data (data=calib)",
+                "run %s:%d looks like %s. [serve.calibration] has gain %g, offset %g: give the detector's gain (ADU "
+                "a photon) and, for raw data, its pedestal; or read psana's calibrated data (data=calib) with its gain",
                 *self._run.key,
                 PEDESTAL_LEFT,
                 c.gain,

@@ -12,8 +12,10 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 
 log = logging.getLogger(__name__)
+_failed = threading.Event()  # set once a notification could not be sent (said the first time only)
 
 
 def notify(*assignments: str) -> bool:
@@ -26,7 +28,9 @@ def notify(*assignments: str) -> bool:
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
             sock.sendto("\n".join(assignments).encode(), address)
-    except OSError as err:  # systemd gone, or a stale variable: the service serves regardless
-        log.warning("cannot notify systemd at %s: %s", os.environ["NOTIFY_SOCKET"], err)
+    except OSError as err:  # systemd gone, or a stale variable: the service serves regardless, said once
+        if not _failed.is_set():
+            log.warning("cannot notify systemd at %s: %s", os.environ["NOTIFY_SOCKET"], err)
+            _failed.set()
         return False
     return True

@@ -64,11 +64,6 @@ class H5Source:
             everything = f.images(slice(None))
             self._read = everything.__getitem__
 
-    @property
-    def file(self) -> FrameFile:
-        assert self._file is not None, "open() first"
-        return self._file
-
     def frames(self) -> Iterator[Frame | None]:
         assert self._read is not None, "open() first"
         n = self._n
@@ -97,7 +92,8 @@ def recorded_calibration(settings: ServeSettings, source: Source) -> ServeSettin
     if not isinstance(source, H5Source):
         return settings
     if "calibration" in settings.model_fields_set:
-        conflict = source.file.conflicting_units(settings.calibration)
+        # not opened when a stop came while the service started: nothing to check then
+        conflict = source._file is not None and source._file.conflicting_units(settings.calibration)
         if conflict:
             log.warning("%s", conflict)
         return settings
