@@ -436,11 +436,12 @@ def evaluate(
         raise UserError("--per-class draws each sample's bank from --refs; a --bank is used as it is")
     if refs is not None:
         apart(refs, data, f"--refs {refs} is the file under test: its references would be judged by themselves")
-        _say_shared(existing(refs, "references"), existing(data, "dataset"), "references would judge themselves")
     existing(data, "dataset")
     made = not report.exists()
     output_dir(report, "report directory")  # once the arguments hold: a refused command leaves no folder
     try:
+        if refs is not None:
+            _say_shared(existing(refs, "references"), data, "references would judge themselves")
         _evaluate_into(report, data, model, bank, refs, per_class or 10, run, examples)
     except BaseException:
         if made and not any(report.iterdir()):  # refused on reading the model, the bank or the run
