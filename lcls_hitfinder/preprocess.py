@@ -204,7 +204,7 @@ class Preprocessor:
         return block_means(photons, self.settings.thumbnail) * self._bin_scale
 
     def pedestal_left(self, binned: torch.Tensor) -> torch.Tensor:
-        """Per frame of `binned()`'s (B, 1, S, S), whether it looks like raw ADU taken as photons
+        """Per frame of `binned()`'s (B, 1, S, S), whether it looks like detector units taken as photons
         (`PEDESTAL_LEFT`): the calibration is missing, and the model would see a flat frame."""
         good = binned[:, 0][:, self._bin_scale[0] > 0]  # bins with no good pixel read 0 whatever the data
         lit = torch.where(good > 0, good.float(), torch.nan)  # zeros (gaps, masked areas) left out

@@ -169,7 +169,7 @@ class Pipeline:
         # the shape the source states when opened (h5, sim); a psana source's comes from each run's first frame
         self._stated_shape: tuple[int, ...] | None = source.frame_shape
         self._shape = self._stated_shape
-        self._pedestal_checked = False  # each run's first frame is looked at for raw ADU taken as photons
+        self._pedestal_checked = False  # each run's first finite frame is looked at for ADU taken as photons
         self._pres: dict[tuple[int, ...], Preprocessor] = {}  # by frame shape: a run may bring another one
         self._host: dict[np.dtype, torch.Tensor] = {}  # a GPU's pinned batch buffers, by raw dtype
         # The frames of a batch are shared among these threads (numpy and torch let go of the GIL), which
@@ -527,7 +527,7 @@ class Pipeline:
         return v
 
     def _say_pedestal(self, pre: Preprocessor, binned: torch.Tensor) -> None:
-        """A run whose first frame looks like raw ADU taken as photons is said at its start: its frames would
+        """A run whose first frame looks like detector units taken as photons is said at its start: its frames would
         be decided (and nearly all vetoed) with nothing else to show that the calibration is missing."""
         if bool(pre.pedestal_left(binned)[0]):
             c = pre.calibration
