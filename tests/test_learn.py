@@ -5,6 +5,7 @@ copies, so single and multi hits differ as in real data (fringes across each pai
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -241,6 +242,21 @@ def test_any_image_size_and_mask(data: Path, model: Path, tmp_path: Path) -> Non
     assert {r["label"] for r in rows} <= {"blank", "single", "multi"}
     judged = [r for r in rows if not (r["label"] == "blank" and float(r["score"]) == -1.0)]  # not pre-filtered
     assert judged and all(np.isfinite(float(r["score"])) and np.isfinite(float(r["distance"])) for r in judged)
+
+
+def test_bank_build_says_what_its_references_lack(data: Path, model: Path, tmp_path: Path) -> None:
+    """References without blanks (their patterns would be labelled as the nearest kind the bank has), and a
+    --k above a class's references (it averages them all), are said; a bank of every kind with k = 5 is not."""
+    batch = spheres(200, (48, 48), 11)
+    hits = batch.n_particles > 0
+    with DatasetWriter(tmp_path / "hits.h5", (48, 48), np.ones((48, 48), bool), {"seed": 11}) as wr:
+        wr.append(Batch(*(np.asarray(getattr(batch, f.name))[hits] for f in dataclasses.fields(Batch))))
+    build = ["bank", "build", "--model", model, "--per-class", "10", "--out", tmp_path / "b.h5"]
+    out = invoke(*build, "--data", tmp_path / "hits.h5", "--k", "50")
+    assert "warning: the references hold no blanks: such patterns will be labelled as the nearest kind" in out
+    assert "warning: --k 50: a class of 10 references averages all of them" in out  # the singles
+    out = invoke(*build, "--data", data / "val.h5")
+    assert "hold no" not in out and "--k" not in out
 
 
 def test_bank_of_another_model_is_refused(data: Path, model: Path, tmp_path: Path) -> None:
