@@ -107,7 +107,10 @@ def per_sample_decisions(
     singles = {str(s) for s, c in zip(ref_structure, ref_n_particles, strict=True) if c == 1}
     no_single = [s for s in species if s not in singles]
     if no_single:  # each sample's bank needs one; say which sample rather than "a bank needs ..."
-        raise UserError(f"the reference file has no single hit of {', '.join(no_single[:3])}: draw more references")
+        raise UserError(
+            f"the reference file has no single hit of {', '.join(no_single[:3])}: each sample's bank needs one "
+            "(simulate or pick more references of it)"
+        )
     blank_refs = np.nonzero(ref_structure == "")[0]
     blank_refs = blank_refs[select_references(ref_n_particles[blank_refs], None, per_class)]
     blanks = np.nonzero(structure == "")[0]

@@ -163,7 +163,7 @@ def test_per_sample_banks_need_references_of_every_structure() -> None:
         per_sample_decisions(
             emb, np.array([1, 0]), np.array(["c.pdb", ""], object), emb, np.array(["../c.pdb", ""], object), "m", 5
         )
-    with pytest.raises(UserError, match="no single hit of c: draw more references"):
+    with pytest.raises(UserError, match="no single hit of c: each sample's bank needs one"):
         per_sample_decisions(
             emb, np.array([2, 0]), np.array(["c", ""], object), emb, np.array(["c", ""], object), "m", 5
         )

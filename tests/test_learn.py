@@ -451,8 +451,15 @@ def test_data_that_cannot_teach_or_judge_is_refused(data: Path, model: Path, tmp
                 },
             )
         )
+    no_singles = tmp_path / "no_singles.h5"
+    with DatasetWriter(no_singles, (48, 48), np.ones((48, 48), bool), {"seed": 9}) as wr:
+        wr.append(Batch(*(np.asarray(getattr(batch, f.name))[~only] for f in dataclasses.fields(Batch))))
     train = ["train", "twin", "--val", str(data / "val.h5"), *map(str, TINY[:4])]
     for args, message in [
+        (
+            ["train", "twin", "--data", str(data / "train.h5"), "--val", str(no_singles), "--out", str(tmp_path / "d")],
+            f"{no_singles} holds no single hits: validation judges how singles are told apart",
+        ),
         ([*train, "--data", str(singles), "--out", str(tmp_path / "a")], "holds one kind of pattern only"),
         ([*train, "--data", str(data / "val.h5"), "--out", str(tmp_path / "b")], "is the training data"),
         (
@@ -470,7 +477,7 @@ def test_data_that_cannot_teach_or_judge_is_refused(data: Path, model: Path, tmp
     ]:
         result = runner.invoke(app, args)
         assert isinstance(result.exception, UserError) and message in str(result.exception), (args, result.output)
-    for name in "abc":
+    for name in "abcd":
         assert not (tmp_path / name).exists()  # no empty run folder left behind
 
 

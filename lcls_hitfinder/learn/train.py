@@ -278,6 +278,8 @@ class Trainer:
         )
         # before an epoch is spent, not after: the validation bank weighs singles against blanks or multi-hits,
         # and needs singles beside it to judge
+        if kind == "twin" and not (v.n_particles == 1).any():
+            raise UserError(f"{val} holds no single hits: validation judges how singles are told apart")
         if kind == "twin" and (v.n_particles[self.val_refs] == 1).all():
             raise UserError(f"{val} holds single hits only: validation needs blanks or multi-hits beside them")
         if kind == "twin" and not np.delete(v.n_particles == 1, self.val_refs).any():
