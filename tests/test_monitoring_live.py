@@ -188,9 +188,11 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
         prom = Prom(prom_port)
         wait_for(lambda: answers(f"http://{instance}/metrics"), "the service's /metrics", procs)
         wait_for(lambda: answers(f"{prom.base}/-/ready"), "Prometheus to be ready", procs)
-        # enough history for every 1m rate and quantile: events decided and latencies recorded
+        # enough history for every 1m rate and quantile: events decided and latencies recorded, and every
+        # recording rule written at least once (on a loaded machine the rule manager lags the raw series)
         wait_for(lambda: prom.has_data("hitfinder:latency_seconds:quantile_1m > 0"), "latency quantiles", procs)
-        wait_for(lambda: prom.has_data("hitfinder:truth_agreement:ratio_rate1m"), "truth agreement", procs)
+        records = sorted({e.name for e in rule_exprs() if e.kind == "record"})
+        wait_for(lambda: all(prom.has_data(name) for name in records), "every recording rule's series", procs)
         yield Live(prom, instance, procs[0], procs)
     finally:
         for p in reversed(procs):
