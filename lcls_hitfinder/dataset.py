@@ -264,6 +264,12 @@ class Dataset:
         self.close()
 
 
+def digest(images: np.ndarray) -> str:
+    """A fingerprint of a file's patterns, all of them: a resumed run checks that its data are the ones it
+    started on."""
+    return hashlib.blake2b(np.ascontiguousarray(images).data, digest_size=16).hexdigest()
+
+
 def _pattern_digests(images: Iterable[np.ndarray]) -> Iterator[bytes]:
     """A digest per pattern, constant frames left out: the blanks of a noise-free simulation are all alike in
     every file, whatever its seed."""

@@ -401,7 +401,7 @@ def classify(
     calibration = serve.calibration if "calibration" in serve.model_fields_set else None
     embedder, ref_bank = _model_and_bank(model, bank)
     with FrameFile(existing(data, "dataset"), f"dataset {data}") as frames:
-        conflict = calibration and frames.conflicting_units(calibration)
+        conflict = None if calibration is None else frames.conflicting_units(calibration)
         if conflict:
             typer.echo(f"warning: {conflict}", err=True)
         emb, finite, blank = embed_frames(embedder, frames, calibration, prefilter=Prefilter(serve.prefilter))

@@ -29,7 +29,7 @@ from torch import nn
 
 from lcls_hitfinder import strict_json
 from lcls_hitfinder.bank import ReferenceBank, select_references
-from lcls_hitfinder.dataset import Dataset, shared_count, shared_said
+from lcls_hitfinder.dataset import Dataset, digest, shared_count, shared_said
 from lcls_hitfinder.devices import resolve_device
 from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.evaluate import cnn_metrics, hit_metrics
@@ -209,13 +209,6 @@ def load_weights(net: nn.Module, path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _digest(images: torch.Tensor) -> str:
-    """A fingerprint of a file's patterns: a resumed run checks that its data are the ones it started on."""
-    import hashlib
-
-    return hashlib.blake2b(images.contiguous().cpu().numpy().data, digest_size=16).hexdigest()
-
-
 class Trainer:
     """One training run (twin or cnn) in `out`: fresh, or resumed from its checkpoint."""
 
@@ -262,9 +255,10 @@ class Trainer:
                     raise UserError(f"the run in {out} was trained on {path}, which is not there: put it back")
         self.train_set = load_patterns(data)
         self.val_set = load_patterns(val)
-        digests = {"data_digest": _digest(self.train_set.images), "val_digest": _digest(self.val_set.images)}
+        train_images, val_images = self.train_set.images.numpy(), self.val_set.images.numpy()  # views, on the CPU
+        digests = {"data_digest": digest(train_images), "val_digest": digest(val_images)}
         if not resume:  # files held apart by name may share patterns (the same simulation seed twice)
-            shared = shared_count(self.train_set.images.numpy(), self.val_set.images.numpy())
+            shared = shared_count(train_images, val_images)
             if shared:
                 print(shared_said(shared, data, val, "validation would judge patterns trained on"), file=sys.stderr)
         if resume:
