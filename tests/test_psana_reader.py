@@ -26,7 +26,7 @@ import pytest
 
 from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.preprocess import PhotonCalibration, PreprocessSettings
-from lcls_hitfinder.protocols import EventId, Frame
+from lcls_hitfinder.protocols import EventId, Frame, RunEnd
 from lcls_hitfinder.service.binning import ReaderBinning
 from lcls_hitfinder.service.reader import Delivered, FrameSink, ReadLoop, SupervisedReader
 from lcls_hitfinder.service.settings import PrefilterSettings, ReaderSettings
@@ -383,6 +383,74 @@ def test_watchdog_restarts_a_reader_frozen_with_the_gil_held() -> None:
     assert [f.event.event for f in frames] == list(range(8))  # resumed after the last event received
     assert reader.restarts == 1
     assert ticks >= 2  # idle ticks kept coming while the child was frozen
+    assert _leftovers() == []
+
+
+@dataclass(frozen=True)
+class WaitingRanksLoop:
+    """psana's MPI roles without psana, in three ranks: rank 0 ends at once, rank 2 reads the `n` events. With
+    `after`, on the first start rank 1 waits for rank 0 for ever and rank 2, after `after` events, waits too;
+    both still beat (the GIL free, as in an MPI receive). A restarted job reads the rest in rank 2."""
+
+    n: int
+    after: int | None = None
+
+    def __call__(self, sink: FrameSink, delivered: Delivered) -> None:
+        rank = int(os.environ["PMI_RANK"])
+        first = not delivered and self.after is not None
+        sink.ready(f"rank {rank} of a job that waits on itself")
+        if rank == 1 and first:
+            time.sleep(3600)
+        if rank == 2:
+            todo = [i for i in range(self.n) if (1, i) not in delivered]
+            for k, i in enumerate(todo):
+                if first and k == self.after:
+                    time.sleep(3600)
+                sink.put(EventId("tst", 1, i, timestamp=1000 + i), _frame_data(i), None, time.perf_counter_ns())
+        sink.end_run("tst", 1)
+
+
+def test_mpi_ranks_that_wait_on_each_other_after_one_ended_are_restarted(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Ranks that still beat but hand nothing over once another has ended are stuck (their heartbeats alone
+    would hold the run for ever): the job is restarted, and no event is lost or repeated."""
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))  # the ranks unpickle the loop from here
+    reader = SupervisedReader(WaitingRanksLoop(6, after=3), _settings(), "waiting", live=False, mpi_ranks=3)
+    collected: queue.Queue[tuple[list[Frame], int]] = queue.Queue()
+    try:
+        reader.start(wait_ready_s=60)
+        thread = threading.Thread(target=lambda: collected.put(_collect(reader, 90)), daemon=True)
+        thread.start()
+        thread.join(120)  # a guard against a hang, not a speed limit
+        assert not thread.is_alive(), "the stuck ranks held the run"
+    finally:
+        reader.close()
+    items, _ = collected.get_nowait()
+    assert sorted(f.event.event for f in items if isinstance(f, Frame)) == list(range(6))
+    assert items[-1] == RunEnd("tst", 1)
+    assert reader.restarts == 1
+    assert "stuck (ranks 1, 2 made no progress for 1 s after rank 0 finished)" in caplog.text
+    assert _leftovers() == []
+
+
+def test_mpi_ranks_the_service_holds_back_after_one_ended_are_not_stuck(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rank waiting for ring slots while the service does not read (its pipeline busy) makes progress: no
+    restart however long the service takes."""
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))
+    reader = SupervisedReader(WaitingRanksLoop(12), _settings(), "held", live=False, mpi_ranks=3)
+    try:
+        reader.start(wait_ready_s=60)
+        items = []
+        for item in reader.frames():
+            if isinstance(item, Frame) and not items:
+                time.sleep(4.0)  # four stall_s: rank 2 fills the ring's 4 slots meanwhile and waits for one
+            if item is not None:
+                items.append(item)
+    finally:
+        reader.close()
+    assert [f.event.event for f in items if isinstance(f, Frame)] == list(range(12))
+    assert reader.restarts == 0
     assert _leftovers() == []
 
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 import ctypes
 import glob
 import os
+import queue
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -323,11 +325,12 @@ if __name__ == "__main__":
     def left() -> tuple[list[str], set[str]]:
         return glob.glob(f"/dev/shm/lhf_{service.pid}_*"), set(glob.glob("/dev/shm/mpich_shm_*")) - mpich_before
 
+    lines: queue.Queue[str] = queue.Queue()  # psana prints to stdout too
+    threading.Thread(target=lambda: [lines.put(line.strip()) for line in service.stdout or ()], daemon=True).start()
     try:
-        assert service.stdout is not None
-        while (line := service.stdout.readline()) and line.strip() != "reading":  # psana prints to stdout too
-            pass
-        assert line.strip() == "reading", "the service ended before its first frame"
+        deadline = time.monotonic() + 120  # against a hang, not a speed limit: the first frame takes seconds
+        while lines.get(timeout=max(deadline - time.monotonic(), 0.1)) != "reading":  # Empty: none in 120 s
+            assert service.poll() is None, "the service ended before its first frame"
         mine, mpich = left()
         assert any(p.endswith("_ranks") for p in mine) and any(p.endswith("_hb") for p in mine) and mpich
     finally:

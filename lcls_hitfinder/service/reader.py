@@ -78,6 +78,8 @@ MAX_FRAME_SHAPES = 4  # binnings kept at once (here and in the service), a frame
 _STARTUP_GRACE_S = 30.0  # spawn + imports before the child's first heartbeat (a loaded 2-core machine)
 _TERM_GRACE_S = 2.0  # a child asked to stop gets this long to finalize MPI before SIGKILL
 _EXIT_GRACE_S = 10.0  # a child that hung up on its own gets this long to exit (MPI ranks finalize together)
+_COUNTERS = np.dtype((np.uint64, 3))  # a channel's heartbeat, its Progress and whether it is done, in the
+# heartbeat segment
 _PR_SET_PDEATHSIG = 1  # prctl option: a signal for the child when its parent dies
 _CTX = mp.get_context("spawn")  # never fork the service (torch, ZeroMQ and HTTP threads live there)
 
@@ -141,6 +143,31 @@ def _map_segment(name: str, size: int = 0) -> mmap.mmap:
         os.close(fd)
 
 
+class Progress:
+    """A channel's progress counter, beside its heartbeat in the heartbeat segment: moved by every message to or
+    from the service and, while the channel waits for the service, by the heartbeat too; still only while the
+    channel is inside psana. So the parent tells an MPI job whose ranks wait on each other for ever (they
+    still beat) from one that reads, or one the service holds back."""
+
+    def __init__(self, counter: np.ndarray | None = None) -> None:
+        self._counter = np.zeros(1, np.uint64) if counter is None else counter
+        self.waiting = False
+
+    def tick(self) -> None:
+        self._counter[0] += 1
+
+    @contextlib.contextmanager
+    def on_service(self) -> Iterator[None]:
+        """Around a message, or a wait for one: the service, not psana, has the channel."""
+        self.waiting = True
+        self.tick()
+        try:
+            yield
+        finally:
+            self.waiting = False
+            self.tick()
+
+
 def _ack(generation: int, slot: int) -> bytes:
     """An acknowledgement: `slot` of ring `generation` is free again."""
     return np.uint32((generation & 0xFFFF) << 16 | slot).tobytes()
@@ -161,7 +188,13 @@ class FrameSink:
     """
 
     def __init__(
-        self, conn: Connection, prefix: str, n_slots: int, binning: ReaderBinning | None = None, go: bool = False
+        self,
+        conn: Connection,
+        prefix: str,
+        n_slots: int,
+        binning: ReaderBinning | None = None,
+        go: bool = False,
+        progress: Progress | None = None,
     ) -> None:
         self._conn = conn  # messages out; acknowledgements (4 bytes each) and the go (pickled binning or None) in
         self._incoming = select.poll()
@@ -175,19 +208,20 @@ class FrameSink:
         self._binning: ReaderBinning | None = None
         self._binners: dict[tuple[int, ...], FrameBinner] = {}  # by shape: a new run may bring another
         self._go = go  # a reader restarted while the service reads has its go (and binning) from the start
+        self._progress = Progress() if progress is None else progress
         if binning is not None:
             self._bin_with(binning)
 
     def ready(self, description: str) -> None:
         """The data is open and the detector found: the parent's `open()` may return. Then wait for its go."""
-        self._conn.send(("ready", description))
+        self._send(("ready", description))
         while not self._go:
             self._receive()
 
     def end_run(self, experiment: str, run: int) -> None:
         """The run's last event has been handed over (it is behind every frame already sent); the next run
         may bring other shapes."""
-        self._conn.send(("run_end", experiment, run))
+        self._send(("run_end", experiment, run))
         self._binners.clear()
 
     def put(self, event: EventId, data: np.ndarray | None, truth: int | None, read_ns: int) -> None:
@@ -195,11 +229,11 @@ class FrameSink:
         while self._incoming.poll(0):
             self._receive()
         if data is None or data.size == 0:
-            self._conn.send(("frame", -1, (0,), "<u2", event, truth, read_ns))
+            self._send(("frame", -1, (0,), "<u2", event, truth, read_ns))
             return
         binner = self._binner_for(data) if self._shares_binning() else None
         if binner is not None:
-            self._conn.send(("binned", event, truth, read_ns, binner.bin(data)))
+            self._send(("binned", event, truth, read_ns, binner.bin(data)))
             return
         if data.nbytes > self._slot_bytes:
             self._new_ring(data.nbytes)
@@ -208,7 +242,11 @@ class FrameSink:
         view = np.ndarray(data.shape, data.dtype, buffer=self._ring, offset=slot * self._slot_bytes)
         np.copyto(view, data, casting="no")
         del view  # no export of the buffer may outlive this call, or the ring could not be closed
-        self._conn.send(("frame", slot, data.shape, data.dtype.str, event, truth, read_ns))
+        self._send(("frame", slot, data.shape, data.dtype.str, event, truth, read_ns))
+
+    def _send(self, message: tuple[Any, ...]) -> None:
+        with self._progress.on_service():  # blocks while the service's end of the pipe is full
+            self._conn.send(message)
 
     def _shares_binning(self) -> bool:
         """Whether to bin this frame here: always, or while the service holds more than a quarter of the ring."""
@@ -236,7 +274,8 @@ class FrameSink:
     def _receive(self) -> None:
         """One message from the parent: a slot handed back, or the go with the binning to use (or None)."""
         try:
-            message = self._conn.recv_bytes()
+            with self._progress.on_service():
+                message = self._conn.recv_bytes()
         except (EOFError, OSError):  # the service is gone: nobody will ever free a slot
             os._exit(3)
         if len(message) != 4:
@@ -263,7 +302,7 @@ class FrameSink:
         name = f"{self._prefix}_{self._generation}"
         self._ring = _map_segment(name, self._slot_bytes * self._n_slots)
         self._free = deque(range(self._n_slots))
-        self._conn.send(("ring", name, self._slot_bytes))
+        self._send(("ring", name, self._slot_bytes))
 
     def close(self) -> None:
         if self._ring is not None:
@@ -304,11 +343,14 @@ def child_main(
     """Run `loop` in this process (the reader child, or one MPI rank), beating slot `index` of `heartbeat`.
     `may_bin`: the service may ask for binning, so its code (and torch) is loaded now, before the data is open:
     loaded on the go, live data would flow past while it loads (seconds)."""
-    beats = np.ndarray((1,), np.uint64, buffer=_map_segment(heartbeat), offset=8 * index)
+    counters = np.ndarray((3,), np.uint64, buffer=_map_segment(heartbeat), offset=_COUNTERS.itemsize * index)
+    progress = Progress(counters[1:])
 
     def beat() -> None:  # stops when the process is frozen with the GIL held: that is the point
         while True:
-            beats[0] += 1
+            counters[0] += 1
+            if progress.waiting:
+                progress.tick()
             time.sleep(_HEARTBEAT_PERIOD_S)
 
     def stop(signum: int, frame: Any) -> None:
@@ -324,20 +366,22 @@ def child_main(
     if may_bin:
         import lcls_hitfinder.service.binning  # noqa: F401
 
-    sink = FrameSink(conn, prefix, n_slots, binning, go)
+    sink = FrameSink(conn, prefix, n_slots, binning, go, progress)
     code = 0
+    outcome: tuple[str, ...] | None = None  # what the service hears of the end: nothing after a SIGTERM
     try:
         loop(sink, delivered)
-        conn.send(("end",))
+        outcome = ("end",)
     except UserError as err:
-        conn.send(("error", str(err)))
-        code = 2
+        code, outcome = 2, ("error", str(err))
     except SystemExit:
         pass
     except BaseException:
+        code, outcome = 1, ("crash", traceback.format_exc(limit=8))
+    counters[2] = 1  # done: its heartbeat stops now, which is no stall, though the service may read this later
+    if outcome is not None:
         with contextlib.suppress(OSError):  # the parent may be gone already
-            conn.send(("crash", traceback.format_exc(limit=8)))
-        code = 1
+            conn.send(outcome)
     sink.close()
     _finalize_mpi()
     os._exit(code)  # psana's reader threads may sit in blocking calls: do not join them
@@ -546,7 +590,7 @@ class _Channel:
 class _Child:
     process: mp.process.BaseProcess | MpiRun
     heartbeat: SharedMemory
-    beats: np.ndarray  # one counter per channel, in `heartbeat`
+    counters: np.ndarray  # per channel its heartbeat, Progress and done (`_COUNTERS`), in `heartbeat`
     prefix: str
     expected: int  # channels it will have: 1, or the MPI ranks
     started_at: float
@@ -558,6 +602,9 @@ class _Child:
     last_beats: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
     last_change: np.ndarray = field(default_factory=lambda: np.zeros(0))
     finished: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # slots no longer watched
+    first_finished: tuple[int, float] | None = None  # the channel that finished first, and when
+    last_progress: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
+    progress_at: float = 0.0  # when a channel still reading last made progress
     ended: int = 0  # channels whose read loop returned (a file is done when all have)
     run_ends: Counter[tuple[str, int]] = field(default_factory=Counter)
     crash: str = ""  # last line of a channel's traceback
@@ -572,9 +619,10 @@ class _Child:
             self.mpich.add(path)
 
     def __post_init__(self) -> None:
-        self.last_beats = self.beats.copy()
+        self.last_beats = self.counters[:, 0].copy()
         self.last_change = np.full(self.expected, self.started_at)
         self.finished = np.zeros(self.expected, bool)
+        self.last_progress = self.counters[:, 1].copy()
 
 
 class SupervisedReader:
@@ -668,15 +716,15 @@ class SupervisedReader:
         prefix = f"lhf_{os.getpid()}_{self._token}_{self._incarnation}"
         expected = self._mpi_ranks or 1
         with contextlib.ExitStack() as undo:  # what was made for a process that fails to start goes again
-            heartbeat = SharedMemory(name=f"{prefix}_hb", create=True, size=8 * expected)  # zeros, as made
+            heartbeat = SharedMemory(name=f"{prefix}_hb", create=True, size=_COUNTERS.itemsize * expected)  # zeros
             undo.callback(heartbeat.unlink)
             undo.callback(heartbeat.close)
             lock = _hold(f"{prefix}_hb")
             undo.callback(os.close, lock)
             process, listener, address, conn = self._start_process(prefix, heartbeat.name)
             undo.pop_all()
-        beats = np.ndarray((expected,), np.uint64, buffer=heartbeat.buf)
-        self._child = _Child(process, heartbeat, beats, prefix, expected, time.monotonic(), lock, listener, address)
+        counters = np.ndarray((expected, 3), np.uint64, buffer=heartbeat.buf)
+        self._child = _Child(process, heartbeat, counters, prefix, expected, time.monotonic(), lock, listener, address)
         if conn is not None:
             self._child.channels.append(_Channel(conn, 0, process.pid))
         self._restart_at = None
@@ -780,7 +828,14 @@ class SupervisedReader:
     def _finish(self, child: _Child, channel: _Channel) -> None:
         """A channel that ended is no longer watched for stalls."""
         if channel.index >= 0:
-            child.finished[channel.index] = True
+            self._mark_finished(child, channel.index)
+
+    @staticmethod
+    def _mark_finished(child: _Child, index: int) -> None:
+        if not child.finished[index]:
+            child.finished[index] = True
+            if child.first_finished is None:
+                child.first_finished = (index, time.monotonic())
 
     def _stop_child(self, child: _Child, graceful: bool) -> None:
         """Stop a child and clean up after it, once: a second caller (close() from another thread while
@@ -811,7 +866,7 @@ class SupervisedReader:
             child.listener.close()
         if child.socket_path is not None:
             _remove_tracked(child.socket_path)
-        del child.beats
+        del child.counters
         child.heartbeat.close()
         os.close(child.lock)
         for pid in pids:
@@ -842,11 +897,30 @@ class SupervisedReader:
     def _stalled(self, child: _Child) -> bool:
         """Whether a channel that is still reading has not beaten for `stall_s` (30 s before its first beat)."""
         now = time.monotonic()
-        beats = child.beats.copy()
+        beats = child.counters[:, 0].copy()
         child.last_change[beats != child.last_beats] = now
         child.last_beats = beats
         limit = np.where(beats == 0, _STARTUP_GRACE_S, self._settings.stall_s)
         return bool(((now - child.last_change > limit) & ~child.finished).any())
+
+    def _stuck(self, child: _Child) -> str:
+        """MPI: why the job is stuck, or "". Once one rank has finished (its read loop returned, or it died),
+        the ranks still reading must make Progress (hand over events, or wait for the service) within
+        `stall_s`: ranks that only wait on each other in MPI, still beating, would otherwise hold a run for ever
+        (seen once in CI: smd0 read no event and no EndRun of a complete file, and the other ranks never ended)."""
+        if child.first_finished is None or child.finished.all() or not child.counters[:, 0].all():
+            return ""  # a rank that has not started yet is the startup grace's (`_stalled`)
+        now = time.monotonic()
+        progress = child.counters[:, 1].copy()
+        if (progress != child.last_progress)[~child.finished].any():
+            child.progress_at = now
+        child.last_progress = progress
+        rank, since = child.first_finished
+        if now - max(child.progress_at, since) <= self._settings.stall_s:
+            return ""
+        waiting = np.flatnonzero(~child.finished)
+        ranks = ("ranks " if len(waiting) > 1 else "rank ") + ", ".join(map(str, waiting))
+        return f"stuck ({ranks} made no progress for {self._settings.stall_s:g} s after rank {rank} finished)"
 
     def _watch(self, child: _Child) -> None:
         """Kill the child once it stalls, from beside the thread reading it: that one may be blocked in the
@@ -856,11 +930,16 @@ class SupervisedReader:
             with self._stopping:  # the heartbeat segment goes with the child's clean-up
                 if child.stopped:
                     return
+                for index in np.flatnonzero(child.counters[:, 2]):  # done, its last messages maybe not read yet
+                    self._mark_finished(child, int(index))
                 if self._stalled(child):
                     never = self._live and not len(self._delivered)  # a tag nobody serves looks like a freeze
                     child.stalled = f"stalled (no heartbeat for {self._settings.stall_s:g} s)" + (
                         " before any event: is the live source served here?" if never else ""
                     )
+                else:
+                    child.stalled = self._stuck(child)
+                if child.stalled:
                     child.process.kill()  # its sockets close: frames() reads their end and restarts it
                     return
 

@@ -71,7 +71,10 @@ class ReaderSettings(Section):
     """Supervision of readers that run in a child process (psana): stall detection and restarts."""
 
     stall_s: float = Field(
-        5.0, gt=0, description="seconds without progress while the source opens or a run is open: restart"
+        5.0,
+        gt=0,
+        description="seconds without progress while the source opens or a run is open: restart (in psana's MPI "
+        "mode also ranks still reading that neither hand over an event nor wait for the service, once one ended)",
     )
     backoff_s: float = Field(1.0, gt=0, description="first delay before a restart, doubled each time")
     max_backoff_s: float = Field(30.0, gt=0, description="longest delay between restarts")
