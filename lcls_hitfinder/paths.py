@@ -25,14 +25,53 @@ def apart(first: Path, second: Path, why: str) -> None:
         raise UserError(why)
 
 
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+_KEPT_AS = {"reference file": "dataset"}  # what is written in another kind's format
+
+
+def made_here(path: Path) -> str | None:
+    """Which of this tool's costly outputs an existing file is (hours of simulation, training, or a beamtime's
+    record): a dataset, a bank, a decision log, a model or an XTC2 run; None for anything else."""
+    if path.suffix == ".onnx":
+        return "model"
+    if path.suffix == ".xtc2":
+        return "XTC2 file"
+    with open(path, "rb") as f:
+        if f.read(len(_HDF5_SIGNATURE)) != _HDF5_SIGNATURE:
+            return None
+    import h5py
+
+    from lcls_hitfinder.dataset import FORMAT
+
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = set(f.attrs)
+            if f.attrs.get("format") == FORMAT:
+                return "dataset"
+    except OSError:  # a broken HDF5 file is nobody's work to keep
+        return None
+    if {"model_hash", "method"} <= attrs:
+        return "bank"
+    if {"schema_version", "complete"} <= attrs:
+        return "decision log"
+    return None
+
+
 def output_file(path: Path, what: str, reads: Mapping[str, Path | None] | None = None) -> Path:
-    """A file to write: not a directory, in a directory that exists or can be made, and none of the files the
-    command reads (`reads`: option -> path), which writing would destroy before or while they are read."""
+    """A file to write: not a directory, in a directory that exists or can be made, none of the files the
+    command reads (`reads`: option -> path), which writing would destroy before or while they are read, and
+    not an output of another kind (a mistyped --out would replace a bank or a model with no word)."""
     if path.is_dir():
         raise UserError(f"{what} {path} is a directory, not a file")
     for option, read in (reads or {}).items():
         if read is not None:
             apart(path, read, f"the {what} to write, {path}, is the {option} file the command reads")
+    kind = made_here(path) if path.is_file() else None
+    if kind is not None and kind != _KEPT_AS.get(what, what):
+        article = "an" if kind[0] in "AEIOUX" else "a"  # an XTC2 file
+        raise UserError(
+            f"the {what} to write, {path}, would replace {article} {kind}: give another path, or remove it first"
+        )
     _make_dir(path.parent, what)
     return path
 

@@ -145,3 +145,71 @@ def test_listen_refuses_an_endpoint_that_is_not_one_and_says_when_nothing_came()
     assert endless.returncode == 2 and b"--count counts decisions" in endless.stderr  # it would never stop
     silent = subprocess.run([*cli, "tcp://127.0.0.1:1", "--timeout", "0.3"], capture_output=True, text=True, timeout=60)
     assert silent.returncode == 1 and "no message from tcp://127.0.0.1:1 in 0.3 s" in silent.stderr
+
+
+@pytest.fixture
+def outputs(tmp_path: Path) -> Path:
+    """One of each costly output: the shipped model and bank, a dataset, a decision log, an XTC2 run."""
+    import shutil
+
+    import h5py
+
+    from lcls_hitfinder.dataset import FORMAT
+    from lcls_hitfinder.service.decision_log import DecisionLog
+
+    shutil.copyfile(MODEL, tmp_path / "embedder.onnx")
+    shutil.copyfile(BANK, tmp_path / "bank.h5")
+    with h5py.File(tmp_path / "data.h5", "w") as f:
+        f.attrs["format"] = FORMAT
+    DecisionLog(tmp_path / "log.h5", {"experiment": "x", "run": 1}).close()
+    (tmp_path / "r.xtc2").write_bytes(b"xtc2")
+    (tmp_path / "in.h5").write_text("")
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("args", "kind"),
+    [
+        (["simulate", "--n", "2", "--out", "{d}/bank.h5"], "the dataset to write, {d}/bank.h5, would replace a bank"),
+        (
+            ["bank", "build", "--model", "{m}", "--data", "{d}/in.h5", "--out", "{d}/embedder.onnx"],
+            "the bank to write, {d}/embedder.onnx, would replace a model",
+        ),
+        (
+            ["classify", "--model", "{m}", "--bank", "{b}", "--data", "{d}/in.h5", "--out", "{d}/data.h5"],
+            "the CSV to write, {d}/data.h5, would replace a dataset",
+        ),
+        (["export", "{d}", "--out", "{d}/log.h5"], "the model to write, {d}/log.h5, would replace a decision log"),
+        (["xtc2", "{d}/in.h5", "--out", "{d}/data.h5"], "the XTC2 file to write, {d}/data.h5, would replace a dataset"),
+        (
+            ["bank", "pick", "--source", "h5:{d}/in.h5", "--picks", "{d}/in.h5", "--out", "{d}/r.xtc2"],
+            "the reference file to write, {d}/r.xtc2, would replace an XTC2 file",
+        ),
+    ],
+)
+def test_an_output_of_another_kind_is_not_replaced(args: list[str], kind: str, outputs: Path) -> None:
+    """A mistyped --out would have replaced a bank, a model, a dataset, a log or a run with no word."""
+    before = {p.name: p.read_bytes() for p in outputs.iterdir()}
+
+    def fill(text: str) -> str:
+        return text.format(d=outputs, m=MODEL, b=BANK)
+
+    assert _refusal([fill(a) for a in args]) == fill(kind) + ": give another path, or remove it first"
+    assert {p.name: p.read_bytes() for p in outputs.iterdir()} == before
+
+
+@pytest.mark.parametrize(
+    ("name", "what"),
+    [
+        ("data.h5", "dataset"),  # simulated again
+        ("data.h5", "reference file"),  # picked references are a dataset
+        ("bank.h5", "bank"),
+        ("embedder.onnx", "model"),
+        ("r.xtc2", "XTC2 file"),
+        ("in.h5", "CSV"),  # not a costly output (here an empty file)
+    ],
+)
+def test_an_output_of_its_own_kind_or_of_none_may_be_replaced(name: str, what: str, outputs: Path) -> None:
+    from lcls_hitfinder.paths import output_file
+
+    assert output_file(outputs / name, what) == outputs / name
