@@ -118,6 +118,11 @@ class FrameFile:
             f", offset {configured.offset:g}) is applied to them instead"
         )
 
+    @property
+    def dataset(self) -> Dataset | None:
+        """The project's dataset this file is, with what made each pattern; None for a CXI file."""
+        return self._dataset
+
     def __len__(self) -> int:
         return self._n
 

@@ -326,3 +326,38 @@ def test_bad_structure_numbers_name_the_spec(spec: str, message: str) -> None:
 
 def test_a_hollow_core_shell_is_a_structure() -> None:
     assert load_structure("coreshell:5,10,0").params == (5.0, 10.0, 0.0)  # RHO is a density ratio: 0 is a hollow shell
+
+
+def test_show_draws_a_cxi_file_of_raw_panels_as_the_service_sees_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Frames spread over the file, in photons with the config's calibration, through the CXI mask, the two
+    panels tiled one above the other; without the calibration the raw ADU are said to be detector units."""
+    from typer.testing import CliRunner
+
+    from lcls_hitfinder import plots
+    from lcls_hitfinder.cli import app
+
+    photons = np.random.default_rng(3).poisson(0.3, (7, 2, 64, 128)).astype(np.float32)  # sparse, as hits are
+    bad = np.zeros((2, 64, 128), np.uint8)
+    bad[1, 5, 7] = 1  # CXI: non-zero = bad
+    path = tmp_path / "run.cxi"
+    with h5py.File(path, "w") as f:
+        f["/entry_1/data_1/data"] = (100 + 10 * photons).astype(np.uint16)
+        f["/entry_1/data_1/mask"] = bad
+    config = tmp_path / "node.toml"
+    config.write_text("[serve.calibration]\ngain = 10.0\noffset = 100.0\n")
+    drawn: list[tuple[list[np.ndarray], list[str]]] = []
+    monkeypatch.setattr(plots, "pattern_grid", lambda images, titles, *a, **k: drawn.append((images, titles)))
+    args = ["show", str(path), "--n", "3", "--out", str(tmp_path / "s.png")]
+    result = CliRunner().invoke(app, [*args, "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    assert "warning" not in result.output
+    images, titles = drawn[0]
+    expected = photons[[0, 3, 6]].reshape(3, 128, 128)  # panel 0 above panel 1
+    expected[:, 64 + 5, 7] = 0.0
+    np.testing.assert_allclose(np.stack(images), expected)
+    assert titles == [f"frame #{i} · {expected[k].sum():.3g} ph" for k, i in enumerate((0, 3, 6))]
+    raw = CliRunner().invoke(app, args)
+    assert raw.exit_code == 0, raw.output
+    assert "warning: 3 of the 3 frames shown of" in raw.output and "detector units, not photons" in raw.output

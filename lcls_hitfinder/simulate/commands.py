@@ -6,13 +6,18 @@ Heavy imports (torch, matplotlib) happen inside the commands so `--help` stays q
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 import typer
 
 from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.paths import apart, existing, output_file
+
+if TYPE_CHECKING:
+    from lcls_hitfinder.dataset import Dataset
+    from lcls_hitfinder.frame_file import FrameFile
+    from lcls_hitfinder.preprocess import PhotonCalibration
 
 
 def parse_particles(text: str) -> dict[int, float]:
@@ -121,17 +126,33 @@ def _spread_over_counts(n_particles: np.ndarray, n: int) -> np.ndarray:
 
 
 def show(
-    data: Annotated[list[Path], typer.Argument(help="one or more lcls-hitfinder datasets (HDF5), a row group each")],
+    data: Annotated[
+        list[Path], typer.Argument(help="one or more lcls-hitfinder datasets or CXI files (HDF5), a row group each")
+    ],
     out: Annotated[Path | None, typer.Option(help="PNG to write (default: the first DATA with .png)")] = None,
-    n: Annotated[int, typer.Option("--n", help="patterns per dataset")] = 12,
+    n: Annotated[int, typer.Option("--n", help="patterns per file")] = 12,
     per_count: Annotated[
-        bool, typer.Option("--per-count/--first", help="spread the picks over particle counts, or the first n")
+        bool,
+        typer.Option(
+            "--per-count/--first", help="spread the picks over particle counts (CXI: over the file), or the first n"
+        ),
     ] = True,
     ncols: Annotated[int | None, typer.Option(min=1, help="columns of the grid (default: n, at most 6)")] = None,
     linear: Annotated[bool, typer.Option(help="linear colour scale instead of log")] = False,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            "-c",
+            help="the service's config: its \\[serve.calibration] turns a CXI file's raw ADU into photons "
+            "(a dataset records its own units)",
+        ),
+    ] = None,
 ) -> None:
-    """Render a labelled grid of patterns (log scale, masked pixels black) to PNG."""
-    from lcls_hitfinder.dataset import Dataset
+    """Render a labelled grid of patterns (log scale, masked pixels black) to PNG. CXI frames are shown as the
+    service sees them: in photons, through their mask, panels tiled."""
+    from lcls_hitfinder.config import load_config
+    from lcls_hitfinder.frame_file import FrameFile
     from lcls_hitfinder.plots import pattern_grid
 
     if n < 1:
@@ -141,25 +162,61 @@ def show(
     target = out or data[0].with_suffix(".png")
     if target.suffix.lower() != ".png":
         raise UserError(f"--out {target} must end in .png")
-    output_file(target, "PNG")
+    output_file(target, "PNG", {"--config": config})
     for path in data:
         apart(target, path, f"--out {target} is the dataset {path}, which it would overwrite")
+    serve = load_config(config).serve
+    calibration = serve.calibration if "calibration" in serve.model_fields_set else None
     images: list[np.ndarray] = []
     titles: list[str] = []
     for path in data:
-        with Dataset(path) as ds:
-            index = np.arange(min(n, len(ds)))
-            if per_count:
-                index = _spread_over_counts(ds.n_particles, n)
-            structures, photons, counts = ds.structure[index], ds.photons[index], ds.n_particles[index]
-            order = np.argsort(index)  # h5py reads increasing indices only
-            images += list((ds.photon_images(index[order]) * ds.mask)[np.argsort(order)])
-            titles += [
-                f"{k} particle{'s' if k != 1 else ''} · {p:.2g} ph\n{s or 'blank'} #{i}"
-                for i, k, s, p in zip(index, counts, structures, photons, strict=True)
-            ]
+        with FrameFile(path, f"dataset {path}") as frames:
+            if frames.dataset is not None:
+                picked = _picked_patterns(frames.dataset, n, per_count)
+            else:
+                picked = _cxi_patterns(frames, n, per_count, calibration)
+        images += picked[0]
+        titles += picked[1]
     pattern_grid(images, titles, target, ncols=ncols or min(n, 6), log=not linear)
     print(target)
+
+
+def _picked_patterns(ds: Dataset, n: int, per_count: bool) -> tuple[list[np.ndarray], list[str]]:
+    """A dataset's patterns in photons, titled with what made them."""
+    index = _spread_over_counts(ds.n_particles, n) if per_count else np.arange(min(n, len(ds)))
+    structures, photons, counts = ds.structure[index], ds.photons[index], ds.n_particles[index]
+    order = np.argsort(index)  # h5py reads increasing indices only
+    images = list((ds.photon_images(index[order]) * ds.mask)[np.argsort(order)])
+    titles = [
+        f"{k} particle{'s' if k != 1 else ''} · {p:.2g} ph\n{s or 'blank'} #{i}"
+        for i, k, s, p in zip(index, counts, structures, photons, strict=True)
+    ]
+    return images, titles
+
+
+def _cxi_patterns(
+    frames: FrameFile, n: int, spread: bool, calibration: PhotonCalibration | None
+) -> tuple[list[np.ndarray], list[str]]:
+    """A CXI file's frames in photons through the service's own preprocessing (calibration, mask, panels tiled),
+    evenly spread over the file or its first n; said when they look like raw ADU taken as photons."""
+    import torch
+
+    from lcls_hitfinder.preprocess import PEDESTAL_LEFT, Preprocessor, PreprocessSettings
+
+    count = min(n, len(frames))
+    index = np.unique(np.linspace(0, len(frames) - 1, count).round().astype(int)) if spread else np.arange(count)
+    pre = Preprocessor(PreprocessSettings(), frames.mask, frames.shape, calibration)
+    raw = torch.from_numpy(np.stack([frames.images(slice(i, i + 1))[0] for i in index]))
+    photons = torch.nan_to_num(pre.photons(raw), nan=0.0, posinf=0.0)  # NaN/Inf pixels shown dark
+    pedestal = int(pre.pedestal_left(pre.binned(photons)).sum())
+    if pedestal:
+        typer.echo(
+            f"warning: {pedestal} of the {len(index)} frames shown of {frames.path} look like {PEDESTAL_LEFT}: "
+            "give the detector's gain and offset in --config's [serve.calibration]",
+            err=True,
+        )
+    titles = [f"frame #{i} · {p:.3g} ph" for i, p in zip(index, photons.sum(dim=(1, 2)).tolist(), strict=True)]
+    return list(photons.numpy()), titles
 
 
 def register(app: typer.Typer) -> None:
