@@ -19,6 +19,7 @@ particle_accuracy (structure right, over hits) and test_accuracy (both right).
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -228,6 +229,26 @@ def projection_2d(embeddings: np.ndarray) -> np.ndarray:
     return np.pad(xy, ((0, 0), (0, 2 - xy.shape[1])))
 
 
+REPORT_FILES = (  # all that an evaluation may write into its report directory
+    "metrics.json",
+    "metrics.md",
+    "confusion.png",
+    "precision_recall.png",
+    "accuracy_vs_photons.png",
+    "pairs_by_axis.png",
+    "embedding.png",
+    "examples.png",
+)
+
+
+def clear_stale(out: Path, written: Iterable[str]) -> None:
+    """Remove what an earlier evaluation left in a reused report directory and this one did not write again (a
+    CNN's metrics beside a twin's plots, another test set's pair plot would read as one report); files that
+    are not a report's are the user's and stay."""
+    for name in set(REPORT_FILES) - set(written):
+        (out / name).unlink(missing_ok=True)
+
+
 def write_report(
     out: Path,
     metrics: dict[str, Any],
@@ -341,3 +362,4 @@ def write_report(
         for i in example_index
     ]
     pattern_grid(list(examples), titles, out / "examples.png", suptitle="prediction / truth (particles)")
+    clear_stale(out, [name for name in REPORT_FILES if name != "pairs_by_axis.png" or pair_rows])

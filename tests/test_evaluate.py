@@ -11,6 +11,7 @@ import pytest
 from lcls_hitfinder.bank import ReferenceBank
 from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.evaluate import (
+    REPORT_FILES,
     accuracy_by_photons,
     best_at,
     cnn_metrics,
@@ -99,6 +100,23 @@ def test_report_files(tmp_path: Path) -> None:
     md = (tmp_path / "metrics.md").read_text()
     assert "| accuracy | 0.625 |" in md and "| single | 1 | 2 | 1 |" in md
     assert "pair's axis" not in md and not (tmp_path / "pairs_by_axis.png").exists()
+
+
+def test_a_reused_report_directory_keeps_nothing_of_the_earlier_report(tmp_path: Path) -> None:
+    """An evaluation with a pair plot, then one without (another test set) in the same directory: the old plot
+    goes, the user's own file stays."""
+    dec = decisions()
+    m = hit_metrics(N, dec)
+    positions = np.zeros((8, 4, 3))
+    positions[4] = _pair(10)
+    with_pairs = {**m, "pairs_called_single_by_axis": pairs_called_single_by_axis(N, positions, dec.label)}
+    images = np.zeros((4, 16, 16), np.float32)
+    (tmp_path / "notes.txt").write_text("mine")
+    write_report(tmp_path, with_pairs, N, dec, np.geomspace(100, 1e4, 8), np.zeros((8, 4)), images, np.arange(4))
+    assert (tmp_path / "pairs_by_axis.png").exists()
+    write_report(tmp_path, m, N, dec, np.geomspace(100, 1e4, 8), np.zeros((8, 4)), images, np.arange(4))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted({*REPORT_FILES, "notes.txt"} - {"pairs_by_axis.png"})
+    assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
 def _pair(axis_deg: float, d: float = 20.0) -> np.ndarray:

@@ -584,7 +584,10 @@ def test_resume_refuses_what_it_would_ignore(data: Path, tmp_path: Path) -> None
 def test_cnn_baseline_trains_and_evaluates(data: Path, tmp_path: Path) -> None:
     args = ["--data", data / "train.h5", "--val", data / "val.h5", "--out", tmp_path / "cnn"]
     invoke("train", "cnn", *args, "--arch", "early3", "--cnn-width", "4", *TINY[:6], "--thumbnail", "32")
+    (tmp_path / "rep").mkdir()
+    (tmp_path / "rep" / "examples.png").write_bytes(b"a twin's, from an earlier evaluation in this directory")
     invoke("evaluate", "--run", tmp_path / "cnn", "--data", data / "test.h5", "--report", tmp_path / "rep")
+    assert sorted(p.name for p in (tmp_path / "rep").iterdir()) == ["metrics.json", "metrics.md"]  # no stale plot
     m = json.loads((tmp_path / "rep" / "metrics.json").read_text())
     assert m["arch"] == "early3" and m["n"] == 150
     history = json.loads((tmp_path / "cnn" / "run.json").read_text())["history"]

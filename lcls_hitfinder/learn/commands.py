@@ -474,7 +474,13 @@ def _evaluate_into(
 ) -> None:
     import numpy as np
 
-    from lcls_hitfinder.evaluate import hit_metrics, markdown_table, pairs_called_single_by_axis, write_report
+    from lcls_hitfinder.evaluate import (
+        clear_stale,
+        hit_metrics,
+        markdown_table,
+        pairs_called_single_by_axis,
+        write_report,
+    )
 
     if run is not None:
         from lcls_hitfinder.learn.baseline import evaluate_cnn
@@ -482,6 +488,7 @@ def _evaluate_into(
         cnn = evaluate_cnn(existing(run, "run directory"), data)
         (report / "metrics.json").write_text(strict_json.dumps(cnn, indent=2) + "\n")
         (report / "metrics.md").write_text(markdown_table([cnn], list(cnn)))
+        clear_stale(report, ("metrics.json", "metrics.md"))
         print(strict_json.dumps(cnn, indent=2))
         return
     assert model is not None
