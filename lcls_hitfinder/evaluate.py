@@ -134,6 +134,19 @@ def per_sample_decisions(
     return out
 
 
+def per_sample_protocol(
+    ref_n_particles: np.ndarray, ref_structure: np.ndarray, structure: np.ndarray, per_class: int
+) -> str:
+    """How `per_sample_decisions` judged `structure`'s patterns, for the metrics: `per_class` references per
+    count and structure, or as few as the reference file held of one (3 four-particle hits are not 10)."""
+    ref_structure = np.asarray(ref_structure, dtype=str)
+    used = np.isin(ref_structure, [*{str(s) for s in structure}, ""])  # the samples under test, and blanks
+    keys = np.char.add(np.asarray(ref_n_particles)[used].astype(str), ref_structure[used])
+    fewest = min(per_class, int(np.unique(keys, return_counts=True)[1].min())) if len(keys) else 0
+    drawn = f"{per_class}" if fewest == per_class else f"up to {per_class} (as few as {fewest})"
+    return f"per-sample banks: {drawn} references per count and structure, threshold 0"
+
+
 def cnn_metrics(
     structure_pred: np.ndarray, structure_true: np.ndarray, count_pred: np.ndarray, count_true: np.ndarray
 ) -> dict[str, float]:

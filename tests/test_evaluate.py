@@ -20,6 +20,7 @@ from lcls_hitfinder.evaluate import (
     markdown_table,
     pairs_called_single_by_axis,
     per_sample_decisions,
+    per_sample_protocol,
     projection_2d,
     write_report,
 )
@@ -185,3 +186,11 @@ def test_per_sample_banks_need_references_of_every_structure() -> None:
         per_sample_decisions(
             emb, np.array([2, 0]), np.array(["c", ""], object), emb, np.array(["c", ""], object), "m", 5
         )
+
+
+def test_the_per_sample_protocol_says_when_a_sample_held_fewer_references() -> None:
+    ref_n = np.array([0, 0, 0, 1, 1, 1, 2, 2, 1])
+    ref_s = np.array(["", "", "", "a", "a", "a", "a", "a", "other"])  # "other" is not under test
+    said = "per-sample banks: {} references per count and structure, threshold 0"
+    assert per_sample_protocol(ref_n, ref_s, np.array(["a", ""]), 2) == said.format("2")
+    assert per_sample_protocol(ref_n, ref_s, np.array(["a", ""]), 3) == said.format("up to 3 (as few as 2)")

@@ -232,6 +232,21 @@ def test_metrics_are_strict_json_when_a_figure_cannot_be_computed(data: Path, mo
     assert json.loads(out[out.index("{") :], parse_constant=strict)["photons_per_single_hit"] is None
 
 
+def test_evaluate_with_per_sample_banks_records_the_references_each_drew(
+    data: Path, model: Path, tmp_path: Path
+) -> None:
+    with Dataset(data / "val.h5") as refs:
+        keys = [f"{n}{s}" for n, s in zip(refs.n_particles, refs.structure, strict=True)]
+    fewest = min(keys.count(k) for k in set(keys))
+    for per_class, drawn in (("2", "2"), ("1000", f"up to 1000 (as few as {fewest})")):
+        report = tmp_path / per_class
+        args = ["--model", model, "--refs", data / "val.h5", "--data", data / "test.h5", "--report", report]
+        invoke("evaluate", *args, "--per-class", per_class)
+        metrics = json.loads((report / "metrics.json").read_text())
+        assert metrics["protocol"] == f"per-sample banks: {drawn} references per count and structure, threshold 0"
+        assert metrics["n"] == 150
+
+
 def test_any_image_size_and_mask(data: Path, model: Path, tmp_path: Path) -> None:
     bank_path = tmp_path / "b.h5"
     invoke("bank", "build", "--model", model, "--data", data / "val.h5", "--per-class", "5", "--out", bank_path)

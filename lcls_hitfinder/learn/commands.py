@@ -356,10 +356,11 @@ def _decide(model: Path, bank_path: Path, data: Path) -> tuple[Any, Any, Any, An
     return emb, bank.decide(emb), bank, dataset
 
 
-def _decide_per_sample(model: Path, refs: Path, data: Path, per_class: int) -> tuple[Any, Any, Any]:
-    """Embeddings, per-sample decisions (evaluate.per_sample_decisions) and the dataset reader (left open)."""
+def _decide_per_sample(model: Path, refs: Path, data: Path, per_class: int) -> tuple[Any, Any, Any, str]:
+    """Embeddings, per-sample decisions (evaluate.per_sample_decisions), the dataset reader (left open) and how
+    they were judged."""
     from lcls_hitfinder.dataset import Dataset
-    from lcls_hitfinder.evaluate import per_sample_decisions
+    from lcls_hitfinder.evaluate import per_sample_decisions, per_sample_protocol
     from lcls_hitfinder.learn.infer import embed_dataset
     from lcls_hitfinder.service.embedder import OnnxEmbedder
 
@@ -369,7 +370,7 @@ def _decide_per_sample(model: Path, refs: Path, data: Path, per_class: int) -> t
     dataset = Dataset(existing(data, "dataset"))
     emb = embed_dataset(embedder, dataset)
     dec = per_sample_decisions(ref_emb, ref_n, ref_structure, emb, dataset.structure, embedder.model_hash, per_class)
-    return emb, dec, dataset
+    return emb, dec, dataset, per_sample_protocol(ref_n, ref_structure, dataset.structure, per_class)
 
 
 def classify(
@@ -494,14 +495,14 @@ def _evaluate_into(
     assert model is not None
     ref_bank = None
     if refs is not None:
-        emb, dec, dataset = _decide_per_sample(model, refs, data, per_class)
+        emb, dec, dataset, protocol = _decide_per_sample(model, refs, data, per_class)
     elif bank is not None:
         emb, dec, ref_bank, dataset = _decide(model, bank, data)
     with dataset:
         n = dataset.n_particles
         metrics = hit_metrics(n, dec)
         if ref_bank is None:
-            metrics["protocol"] = f"per-sample banks: {per_class} references per count and structure, threshold 0"
+            metrics["protocol"] = protocol
         else:
             metrics["threshold"] = ref_bank.threshold
             # beside the calibrated threshold, the plain nearer-class decision (threshold 0)
