@@ -124,7 +124,7 @@ class DyingLoop:
 
 
 def _settings() -> ReaderSettings:
-    return ReaderSettings(stall_s=1.0, backoff_s=0.2, max_backoff_s=1.0, ring_slots=4)
+    return ReaderSettings(stall_s=1.0, stuck_s=1.0, backoff_s=0.2, max_backoff_s=1.0, ring_slots=4)
 
 
 @contextlib.contextmanager
@@ -430,7 +430,7 @@ def test_mpi_ranks_that_wait_on_each_other_after_one_ended_are_restarted(
     assert sorted(f.event.event for f in items if isinstance(f, Frame)) == list(range(6))
     assert items[-1] == RunEnd("tst", 1)
     assert reader.restarts == 1
-    assert "stuck (ranks 1, 2 made no progress for 1 s after rank 0 finished)" in caplog.text
+    assert "stuck (no progress for 1 s since rank 0 finished; 2 process(es) still up)" in caplog.text
     assert _leftovers() == []
 
 
@@ -450,6 +450,43 @@ def test_mpi_ranks_the_service_holds_back_after_one_ended_are_not_stuck(monkeypa
     finally:
         reader.close()
     assert [f.event.event for f in items if isinstance(f, Frame)] == list(range(12))
+    assert reader.restarts == 0
+    assert _leftovers() == []
+
+
+@dataclass(frozen=True)
+class NeverExitingRankLoop:
+    """Three ranks that all finish their read loop, rank 2 handing over the `n` events; rank 1 then never exits
+    (as in an MPI_Finalize that waits for a peer): done, and still beating."""
+
+    n: int
+
+    def __call__(self, sink: FrameSink, delivered: Delivered) -> None:
+        rank = int(os.environ["PMI_RANK"])
+        sink.ready(f"rank {rank} of a job that does not end")
+        for i in range(self.n if rank == 2 else 0):
+            sink.put(EventId("tst", 1, i, timestamp=1000 + i), _frame_data(i), None, time.perf_counter_ns())
+        if rank == 1:
+            sink.close = lambda: time.sleep(3600)  # type: ignore[method-assign]
+        sink.end_run("tst", 1)
+
+
+def test_a_finished_rank_that_never_exits_is_stopped_and_the_run_ends(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every rank said its end: the job is stopped instead of waited for, and nothing is read again."""
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))
+    reader = SupervisedReader(NeverExitingRankLoop(5), _settings(), "unending", live=False, mpi_ranks=3)
+    collected: queue.Queue[tuple[list[Frame], int]] = queue.Queue()
+    try:
+        reader.start(wait_ready_s=60)
+        thread = threading.Thread(target=lambda: collected.put(_collect(reader, 90)), daemon=True)
+        thread.start()
+        thread.join(120)  # a guard against a hang, not a speed limit
+        assert not thread.is_alive(), "the rank that never exits held the run"
+    finally:
+        reader.close()
+    items, _ = collected.get_nowait()
+    assert [f.event.event for f in items if isinstance(f, Frame)] == list(range(5))
+    assert items[-1] == RunEnd("tst", 1)
     assert reader.restarts == 0
     assert _leftovers() == []
 

@@ -325,12 +325,18 @@ if __name__ == "__main__":
     def left() -> tuple[list[str], set[str]]:
         return glob.glob(f"/dev/shm/lhf_{service.pid}_*"), set(glob.glob("/dev/shm/mpich_shm_*")) - mpich_before
 
-    lines: queue.Queue[str] = queue.Queue()  # psana prints to stdout too
-    threading.Thread(target=lambda: [lines.put(line.strip()) for line in service.stdout or ()], daemon=True).start()
+    lines: queue.Queue[str | None] = queue.Queue()  # psana prints to stdout too; None: the service's output ended
+
+    def read() -> None:
+        for line in service.stdout or ():
+            lines.put(line.strip())
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
     try:
         deadline = time.monotonic() + 120  # against a hang, not a speed limit: the first frame takes seconds
-        while lines.get(timeout=max(deadline - time.monotonic(), 0.1)) != "reading":  # Empty: none in 120 s
-            assert service.poll() is None, "the service ended before its first frame"
+        while (line := lines.get(timeout=max(deadline - time.monotonic(), 0.1))) != "reading":  # Empty: none in 120 s
+            assert line is not None, "the service ended before its first frame"
         mine, mpich = left()
         assert any(p.endswith("_ranks") for p in mine) and any(p.endswith("_hb") for p in mine) and mpich
     finally:

@@ -244,6 +244,11 @@ class FrameSink:
         del view  # no export of the buffer may outlive this call, or the ring could not be closed
         self._send(("frame", slot, data.shape, data.dtype.str, event, truth, read_ns))
 
+    def progress(self) -> None:
+        """The read loop is working without handing anything over (an event skipped, delivered before a restart;
+        the smalldata being indexed): progress for the supervisor all the same."""
+        self._progress.tick()
+
     def _send(self, message: tuple[Any, ...]) -> None:
         with self._progress.on_service():  # blocks while the service's end of the pipe is full
             self._conn.send(message)
@@ -380,7 +385,7 @@ def child_main(
         code, outcome = 1, ("crash", traceback.format_exc(limit=8))
     counters[2] = 1  # done: its heartbeat stops now, which is no stall, though the service may read this later
     if outcome is not None:
-        with contextlib.suppress(OSError):  # the parent may be gone already
+        with contextlib.suppress(OSError), progress.on_service():  # the parent may be gone already, or busy
             conn.send(outcome)
     sink.close()
     _finalize_mpi()
@@ -603,8 +608,8 @@ class _Child:
     last_change: np.ndarray = field(default_factory=lambda: np.zeros(0))
     finished: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # slots no longer watched
     first_finished: tuple[int, float] | None = None  # the channel that finished first, and when
-    last_progress: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
-    progress_at: float = 0.0  # when a channel still reading last made progress
+    last_progress: tuple[bytes, int] = (b"", 0)  # the channels' Progress counters and how many processes run
+    progress_at: float = 0.0  # when that last changed
     ended: int = 0  # channels whose read loop returned (a file is done when all have)
     run_ends: Counter[tuple[str, int]] = field(default_factory=Counter)
     crash: str = ""  # last line of a channel's traceback
@@ -622,7 +627,6 @@ class _Child:
         self.last_beats = self.counters[:, 0].copy()
         self.last_change = np.full(self.expected, self.started_at)
         self.finished = np.zeros(self.expected, bool)
-        self.last_progress = self.counters[:, 1].copy()
 
 
 class SupervisedReader:
@@ -904,23 +908,26 @@ class SupervisedReader:
         return bool(((now - child.last_change > limit) & ~child.finished).any())
 
     def _stuck(self, child: _Child) -> str:
-        """MPI: why the job is stuck, or "". Once one rank has finished (its read loop returned, or it died),
-        the ranks still reading must make Progress (hand over events, or wait for the service) within
-        `stall_s`: ranks that only wait on each other in MPI, still beating, would otherwise hold a run for ever
-        (seen once in CI: smd0 read no event and no EndRun of a complete file, and the other ranks never ended)."""
-        if child.first_finished is None or child.finished.all() or not child.counters[:, 0].all():
-            return ""  # a rank that has not started yet is the startup grace's (`_stalled`)
-        now = time.monotonic()
-        progress = child.counters[:, 1].copy()
-        if (progress != child.last_progress)[~child.finished].any():
-            child.progress_at = now
-        child.last_progress = progress
-        rank, since = child.first_finished
-        if now - max(child.progress_at, since) <= self._settings.stall_s:
+        """Why the job is stuck, or "". Once one rank (or the one reader) has finished, the job must make Progress
+        within `stuck_s`: read or hand over an event, wait for the service, or lose a process. MPI ranks that
+        only wait on each other, still beating, would otherwise hold a run for ever (seen once in CI: smd0 read
+        no event and no EndRun of a complete file, and the other ranks never ended), and so would a finished
+        rank that never exits (MPI_Finalize waiting for a peer)."""
+        if child.first_finished is None:
             return ""
-        waiting = np.flatnonzero(~child.finished)
-        ranks = ("ranks " if len(waiting) > 1 else "rank ") + ", ".join(map(str, waiting))
-        return f"stuck ({ranks} made no progress for {self._settings.stall_s:g} s after rank {rank} finished)"
+        pids = child.process.ranks if isinstance(child.process, MpiRun) else [child.process.pid]
+        running = [pid for pid in list(pids) if pid is not None and _running(pid)]
+        if not running:
+            return ""  # the job is over: frames() reads its end
+        now = time.monotonic()
+        progress = (child.counters[:, 1].tobytes(), len(running))
+        if progress != child.last_progress:
+            child.last_progress, child.progress_at = progress, now
+        rank, since = child.first_finished
+        limit = self._settings.stuck_s
+        if now - max(child.progress_at, since) <= limit:
+            return ""
+        return f"stuck (no progress for {limit:g} s since rank {rank} finished; {len(running)} process(es) still up)"
 
     def _watch(self, child: _Child) -> None:
         """Kill the child once it stalls, from beside the thread reading it: that one may be blocked in the

@@ -73,8 +73,15 @@ class ReaderSettings(Section):
     stall_s: float = Field(
         5.0,
         gt=0,
-        description="seconds without progress while the source opens or a run is open: restart (in psana's MPI "
-        "mode also ranks still reading that neither hand over an event nor wait for the service, once one ended)",
+        description="seconds without a heartbeat from the reader (or an MPI rank) while the source opens or a run "
+        "is open: restart",
+    )
+    stuck_s: float = Field(
+        60.0,
+        gt=0,
+        description="once the reader or one MPI rank has finished, seconds the job may go without progress (an "
+        "event read or handed over, a wait for the service, a process ending): restart. MPI ranks that wait on "
+        "each other for ever keep beating",
     )
     backoff_s: float = Field(1.0, gt=0, description="first delay before a restart, doubled each time")
     max_backoff_s: float = Field(30.0, gt=0, description="longest delay between restarts")

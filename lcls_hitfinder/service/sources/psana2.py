@@ -30,6 +30,7 @@ import glob
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -105,9 +106,10 @@ class SmallDataIndex:
     (a few bytes an event) by a serial DataSource, and read again for a timestamp not there yet (a run
     still being written). The files are those psana itself looks for on disk."""
 
-    def __init__(self, xtc_dir: str, runnum: int) -> None:
+    def __init__(self, xtc_dir: str, runnum: int, progress: Callable[[], None]) -> None:
         self._patterns = _smalldata(xtc_dir, f"{runnum:04d}")
         self._timestamps = np.zeros(0, np.uint64)
+        self._progress = progress  # called per event read: a long run's index takes a while
 
     def _read(self) -> None:
         from psana import DataSource
@@ -115,7 +117,9 @@ class SmallDataIndex:
         stamps: list[int] = []
         for path in sorted(f for pattern in self._patterns for f in glob.glob(pattern)):
             for run in DataSource(files=path, skip_calib_load="all").runs():
-                stamps.extend(int(evt.timestamp) for evt in run.events())
+                for evt in run.events():
+                    stamps.append(int(evt.timestamp))
+                    self._progress()
         self._timestamps = np.unique(np.array(stamps, np.uint64))
 
     def _find(self, timestamp: int) -> int | None:
@@ -213,12 +217,13 @@ class Psana2ReadLoop:
             timing = run.Detector(timing_name).raw if timing_name in names else None
             truth = run.Detector(TRUTH_DETECTOR).raw if TRUTH_DETECTOR in names else None
             sink.ready(f"{run.expt or '?'} run {run.runnum}: detector {name}, {kind}{' image' if self.image else ''}")
-            index = SmallDataIndex(ds.xtc_path, runnum) if self.mpi_ranks else None
+            index = SmallDataIndex(ds.xtc_path, runnum, sink.progress) if self.mpi_ranks else None
             first = delivered.next_index(runnum) if self.live else 0  # a live reader restarted mid-run
             for i, evt in enumerate(run.events(), start=first):
                 if index is not None:
                     i = index(int(evt.timestamp))
                 if not self.live and (runnum, i) in delivered:
+                    sink.progress()  # read again after a restart, which takes time too
                     continue
                 read_ns = time.perf_counter_ns()
                 data = det.calib(evt) if self.calib else det.raw(evt)
