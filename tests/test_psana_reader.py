@@ -410,23 +410,30 @@ class WaitingRanksLoop:
         sink.end_run("tst", 1)
 
 
-def test_mpi_ranks_that_wait_on_each_other_after_one_ended_are_restarted(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    """Ranks that still beat but hand nothing over once another has ended are stuck (their heartbeats alone
-    would hold the run for ever): the job is restarted, and no event is lost or repeated."""
+def _read_mpi_job(
+    loop: ReadLoop, name: str, monkeypatch: pytest.MonkeyPatch
+) -> tuple[SupervisedReader, list[Frame | RunEnd]]:
+    """The reader of a three-rank job of `loop`, and all it gave, read in a thread guarded against a hang."""
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))  # the ranks unpickle the loop from here
-    reader = SupervisedReader(WaitingRanksLoop(6, after=3), _settings(), "waiting", live=False, mpi_ranks=3)
+    reader = SupervisedReader(loop, _settings(), name, live=False, mpi_ranks=3)
     collected: queue.Queue[tuple[list[Frame], int]] = queue.Queue()
     try:
         reader.start(wait_ready_s=60)
         thread = threading.Thread(target=lambda: collected.put(_collect(reader, 90)), daemon=True)
         thread.start()
         thread.join(120)  # a guard against a hang, not a speed limit
-        assert not thread.is_alive(), "the stuck ranks held the run"
+        assert not thread.is_alive(), f"{name}: the job held the run"
     finally:
         reader.close()
-    items, _ = collected.get_nowait()
+    return reader, list(collected.get_nowait()[0])
+
+
+def test_mpi_ranks_that_wait_on_each_other_after_one_ended_are_restarted(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Ranks that still beat but hand nothing over once another has ended are stuck (their heartbeats alone
+    would hold the run for ever): the job is restarted, and no event is lost or repeated."""
+    reader, items = _read_mpi_job(WaitingRanksLoop(6, after=3), "waiting", monkeypatch)
     assert sorted(f.event.event for f in items if isinstance(f, Frame)) == list(range(6))
     assert items[-1] == RunEnd("tst", 1)
     assert reader.restarts == 1
@@ -441,7 +448,7 @@ def test_mpi_ranks_the_service_holds_back_after_one_ended_are_not_stuck(monkeypa
     reader = SupervisedReader(WaitingRanksLoop(12), _settings(), "held", live=False, mpi_ranks=3)
     try:
         reader.start(wait_ready_s=60)
-        items = []
+        items: list[Frame | RunEnd] = []
         for item in reader.frames():
             if isinstance(item, Frame) and not items:
                 time.sleep(4.0)  # four stall_s: rank 2 fills the ring's 4 slots meanwhile and waits for one
@@ -473,18 +480,7 @@ class NeverExitingRankLoop:
 
 def test_a_finished_rank_that_never_exits_is_stopped_and_the_run_ends(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every rank said its end: the job is stopped instead of waited for, and nothing is read again."""
-    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))
-    reader = SupervisedReader(NeverExitingRankLoop(5), _settings(), "unending", live=False, mpi_ranks=3)
-    collected: queue.Queue[tuple[list[Frame], int]] = queue.Queue()
-    try:
-        reader.start(wait_ready_s=60)
-        thread = threading.Thread(target=lambda: collected.put(_collect(reader, 90)), daemon=True)
-        thread.start()
-        thread.join(120)  # a guard against a hang, not a speed limit
-        assert not thread.is_alive(), "the rank that never exits held the run"
-    finally:
-        reader.close()
-    items, _ = collected.get_nowait()
+    reader, items = _read_mpi_job(NeverExitingRankLoop(5), "unending", monkeypatch)
     assert [f.event.event for f in items if isinstance(f, Frame)] == list(range(5))
     assert items[-1] == RunEnd("tst", 1)
     assert reader.restarts == 0
