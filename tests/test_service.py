@@ -671,3 +671,25 @@ def test_summary_agrees_with_the_truth_as_the_service_counts_it() -> None:
     }
     run = summarise(columns, {"experiment": "sim", "run": 1, "complete": True, "ended": "source_end"})
     assert run.truth_agree == (1, 2) and run.keep == 1 and run.rate_hz == 1.0
+
+
+def test_systemd_notifications_reach_its_socket_and_a_dead_one_is_said_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Outside systemd nothing is sent; a socket that is gone (systemd restarted, a stale variable) is warned
+    about once, not at every status line of a long run."""
+    import socket
+
+    from lcls_hitfinder.service import systemd
+
+    monkeypatch.setattr(systemd, "_failed", threading.Event())
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    assert not systemd.notify("READY=1")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(f"\0lhf-notify-test-{time.monotonic_ns()}")
+        monkeypatch.setenv("NOTIFY_SOCKET", "@" + sock.getsockname()[1:].decode())
+        assert systemd.notify("READY=1", "STATUS=serving")
+        assert sock.recv(4096) == b"READY=1\nSTATUS=serving"
+    monkeypatch.setenv("NOTIFY_SOCKET", f"@lhf-nobody-listens-{time.monotonic_ns()}")
+    assert not systemd.notify("STATUS=1") and not systemd.notify("STATUS=2")
+    assert caplog.text.count("cannot notify systemd at @lhf-nobody-listens-") == 1
