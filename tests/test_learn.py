@@ -862,3 +862,13 @@ def test_cuda_is_used_when_present_and_refused_when_absent(monkeypatch: pytest.M
         resolve_device("cuda", "train.device")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # CUDA mocked: only the choice is tested
     assert resolve_device("auto").type == "cuda" and resolve_device("cpu").type == "cpu"
+
+
+def test_training_says_when_validation_shares_patterns_with_training(data: Path, tmp_path: Path) -> None:
+    """A validation file simulated with the training file's seed: validation would judge what was trained on."""
+    short = ["--epochs", "1", "--steps-per-epoch", "2", *TINY[4:]]
+    same = write(tmp_path / "val_same_seed.h5", 100, 1)
+    said = f"patterns of {same} are also in {data / 'train.h5'}, pixel for pixel (validation would judge"
+    assert said in invoke("train", "twin", "--data", data / "train.h5", "--val", same, "--out", tmp_path / "a", *short)
+    apart = ["--data", data / "train.h5", "--val", data / "val.h5", "--out", tmp_path / "b", *short]
+    assert "pixel for pixel" not in invoke("train", "twin", *apart)
