@@ -26,15 +26,16 @@ def apart(first: Path, second: Path, why: str) -> None:
 
 
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
-_KEPT_AS = {"reference file": "dataset"}  # what is written in another kind's format
 
 
 def made_here(path: Path) -> str | None:
-    """Which of this tool's costly outputs an existing file is (hours of simulation, training, or a beamtime's
-    record): a dataset, a bank, a decision log, a model or an XTC2 run; None for anything else."""
-    if path.suffix == ".onnx":
+    """Which of this tool's costly outputs an existing file is (hours of simulation, training, picking by eye, or
+    a beamtime's record): a dataset, a reference file, a bank, a decision log, a model or an XTC2 run; None for
+    anything else. An HDF5 file it cannot read is refused: it may be a record another process still writes."""
+    suffix = path.suffix.lower()
+    if suffix == ".onnx":
         return "model"
-    if path.suffix == ".xtc2":
+    if suffix == ".xtc2":
         return "XTC2 file"
     with open(path, "rb") as f:
         if f.read(len(_HDF5_SIGNATURE)) != _HDF5_SIGNATURE:
@@ -43,16 +44,16 @@ def made_here(path: Path) -> str | None:
 
     from lcls_hitfinder.dataset import FORMAT
 
-    try:
-        with h5py.File(path, "r") as f:
-            attrs = set(f.attrs)
-            if f.attrs.get("format") == FORMAT:
-                return "dataset"
-    except OSError:  # a broken HDF5 file is nobody's work to keep
-        return None
-    if {"model_hash", "method"} <= attrs:
+    try:  # SWMR: a decision log the service writes, or one a killed service left, opens only so
+        with h5py.File(path, "r", swmr=True, locking=False) as f:
+            attrs = dict(f.attrs)
+    except (OSError, RuntimeError) as err:  # h5py raises RuntimeError for a superblock it cannot decode
+        raise UserError(f"{path} is an HDF5 file this tool cannot read ({err}): give another path") from None
+    if attrs.get("format") == FORMAT:
+        return "reference file" if "picked_from" in attrs else "dataset"
+    if {"model_hash", "method"} <= set(attrs):
         return "bank"
-    if {"schema_version", "complete"} <= attrs:
+    if {"schema_version", "complete"} <= set(attrs):
         return "decision log"
     return None
 
@@ -66,8 +67,11 @@ def output_file(path: Path, what: str, reads: Mapping[str, Path | None] | None =
     for option, read in (reads or {}).items():
         if read is not None:
             apart(path, read, f"the {what} to write, {path}, is the {option} file the command reads")
-    kind = made_here(path) if path.is_file() else None
-    if kind is not None and kind != _KEPT_AS.get(what, what):
+    try:
+        kind = made_here(path) if path.is_file() else None
+    except OSError as err:  # another user's file in a shared folder
+        raise UserError(f"cannot write the {what} {path}: {err.strerror}") from None
+    if kind is not None and kind != what:
         article = "an" if kind[0] in "AEIOUX" else "a"  # an XTC2 file
         raise UserError(
             f"the {what} to write, {path}, would replace {article} {kind}: give another path, or remove it first"

@@ -29,11 +29,14 @@ log = logging.getLogger(__name__)
 # Detector units read as photons: even a bright hit leaves many bins barely lit (at 10^6 photons on 128 x 128
 # pixels the dimmest 1% of the 64 x 64 bins with any signal read under a photon a pixel), while a pedestal left
 # in, or ADU noise not divided by the gain, lifts every pixel. Bins at exactly 0 (panel gaps that psana's
-# image() fills with zeros) say nothing either way.
+# image() fills with zeros) say nothing either way. The level is above one photon a pixel: a frame no bigger
+# than the thumbnail bins a pixel a bin, and there one photon reads 1.
 PEDESTAL_QUANTILE = 0.01
+PEDESTAL_PHOTONS = 1.5
 PEDESTAL_LEFT = (
     "detector units, not photons: a pedestal left in, or ADU not divided by the gain? Even the dimmest 1% of the "
-    "thumbnail's lit bins read a photon or more per pixel, where a diffraction pattern has faint ones"
+    f"thumbnail's lit bins read {PEDESTAL_PHOTONS:g} photons or more per pixel, where a diffraction pattern has "
+    "faint ones"
 )
 
 
@@ -209,7 +212,7 @@ class Preprocessor:
         good = binned[:, 0][:, self._bin_scale[0] > 0]  # bins with no good pixel read 0 whatever the data
         lit = torch.where(good > 0, good.float(), torch.nan)  # zeros (gaps, masked areas) left out
         dimmest = torch.nanquantile(lit, PEDESTAL_QUANTILE, dim=1)  # NaN for a frame with nothing lit
-        return dimmest >= self._pixels_per_bin  # bins are sums: a photon a pixel is pixels_per_bin a bin
+        return dimmest >= PEDESTAL_PHOTONS * self._pixels_per_bin  # bins are sums over pixels_per_bin pixels
 
     def transformed(self, binned: torch.Tensor) -> torch.Tensor:
         """Bin means (B, 1, S, S) -> intensity-transformed, normalised thumbnails: what the model sees."""

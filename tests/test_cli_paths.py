@@ -149,7 +149,8 @@ def test_listen_refuses_an_endpoint_that_is_not_one_and_says_when_nothing_came()
 
 @pytest.fixture
 def outputs(tmp_path: Path) -> Path:
-    """One of each costly output: the shipped model and bank, a dataset, a decision log, an XTC2 run."""
+    """One of each costly output: the shipped model and bank, a dataset, references picked by eye, a decision log,
+    an XTC2 run."""
     import shutil
 
     import h5py
@@ -159,8 +160,9 @@ def outputs(tmp_path: Path) -> Path:
 
     shutil.copyfile(MODEL, tmp_path / "embedder.onnx")
     shutil.copyfile(BANK, tmp_path / "bank.h5")
-    with h5py.File(tmp_path / "data.h5", "w") as f:
-        f.attrs["format"] = FORMAT
+    for name, attrs in (("data.h5", {}), ("refs.h5", {"picked_from": "exp:xpplx9221:12"})):
+        with h5py.File(tmp_path / name, "w") as f:
+            f.attrs.update(format=FORMAT, **attrs)
     DecisionLog(tmp_path / "log.h5", {"experiment": "x", "run": 1}).close()
     (tmp_path / "r.xtc2").write_bytes(b"xtc2")
     (tmp_path / "in.h5").write_text("")
@@ -180,6 +182,14 @@ def outputs(tmp_path: Path) -> Path:
             "the CSV to write, {d}/data.h5, would replace a dataset",
         ),
         (["export", "{d}", "--out", "{d}/log.h5"], "the model to write, {d}/log.h5, would replace a decision log"),
+        (
+            ["simulate", "--n", "2", "--out", "{d}/refs.h5"],
+            "the dataset to write, {d}/refs.h5, would replace a reference file",
+        ),
+        (
+            ["bank", "pick", "--source", "h5:{d}/in.h5", "--picks", "{d}/in.h5", "--out", "{d}/data.h5"],
+            "the reference file to write, {d}/data.h5, would replace a dataset",
+        ),
         (["xtc2", "{d}/in.h5", "--out", "{d}/data.h5"], "the XTC2 file to write, {d}/data.h5, would replace a dataset"),
         (
             ["bank", "pick", "--source", "h5:{d}/in.h5", "--picks", "{d}/in.h5", "--out", "{d}/r.xtc2"],
@@ -202,7 +212,7 @@ def test_an_output_of_another_kind_is_not_replaced(args: list[str], kind: str, o
     ("name", "what"),
     [
         ("data.h5", "dataset"),  # simulated again
-        ("data.h5", "reference file"),  # picked references are a dataset
+        ("refs.h5", "reference file"),  # picked again
         ("bank.h5", "bank"),
         ("embedder.onnx", "model"),
         ("r.xtc2", "XTC2 file"),
@@ -213,3 +223,54 @@ def test_an_output_of_its_own_kind_or_of_none_may_be_replaced(name: str, what: s
     from lcls_hitfinder.paths import output_file
 
     assert output_file(outputs / name, what) == outputs / name
+
+
+def test_a_decision_log_being_written_or_left_by_a_killed_service_is_not_replaced(tmp_path: Path) -> None:
+    """HDF5 refuses a plain read of a log that a service holds open for SWMR writing, or left so when it was
+    killed: such a log is a beamtime's record all the same."""
+    import signal
+
+    from lcls_hitfinder.paths import made_here
+
+    log = tmp_path / "xpplx9221-r0012.h5"
+    code = (
+        "import sys, time, pathlib\n"
+        "from lcls_hitfinder.service.decision_log import DecisionLog\n"
+        "DecisionLog(pathlib.Path(sys.argv[1]), {'experiment': 'xpplx9221', 'run': 12})\n"
+        "print('open', flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    service = subprocess.Popen([sys.executable, "-c", code, str(log)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert service.stdout is not None and service.stdout.readline().strip() == "open"
+        assert made_here(log) == "decision log"
+    finally:
+        service.send_signal(signal.SIGKILL)
+        service.wait()
+    said = _refusal(["simulate", "--n", "2", "--out", str(log)])
+    assert said.startswith(f"the dataset to write, {log}, would replace a decision log")
+
+
+def test_an_hdf5_file_that_cannot_be_read_is_not_replaced(tmp_path: Path) -> None:
+    """It may be someone's record in a state this HDF5 cannot open: said, not overwritten."""
+    broken = tmp_path / "broken.h5"
+    broken.write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(100))
+    said = _refusal(["simulate", "--n", "2", "--out", str(broken)])
+    assert said.startswith(f"{broken} is an HDF5 file this tool cannot read (") and said.endswith("give another path")
+    assert broken.read_bytes() == b"\x89HDF\r\n\x1a\n" + bytes(100)
+
+
+def test_xtc2_does_not_replace_a_run_in_its_exp_dir(tmp_path: Path) -> None:
+    """--exp-dir naming a real experiment's xtc folder, with its name and a run number it has: refused before
+    anything is written (the layout used to replace that run's file)."""
+    exp = tmp_path / "xtc"
+    exp.mkdir()
+    taken = exp / "tstx00001-r0005-s000-c000.xtc2"
+    taken.write_bytes(b"a run of the beamtime")
+    (tmp_path / "in.h5").write_text("")
+    args = ["xtc2", f"{tmp_path}/in.h5", "--out", f"{tmp_path}/new.xtc2", "--exp-dir", str(exp), "--run", "5"]
+    assert _refusal(args) == (
+        f"--exp-dir {exp} holds run 5 of tstx00001 already (tstx00001-r0005-s000-c000.xtc2): give another "
+        "--exp-dir or --run, or remove it first"
+    )
+    assert taken.read_bytes() == b"a run of the beamtime" and not (tmp_path / "new.xtc2").exists()

@@ -122,11 +122,12 @@ def test_exact_and_uneven_bins_agree_with_adaptive_pooling() -> None:
         np.testing.assert_allclose(p(frames.numpy()).numpy(), expected.numpy(), rtol=1e-5)
 
 
-@pytest.mark.parametrize("photons", [1e3, 1e6])
-def test_raw_adu_taken_as_photons_are_told_from_bright_patterns(photons: float) -> None:
+@pytest.mark.parametrize(("photons", "side"), [(1e3, 128), (1e6, 128), (300, 64)])
+def test_raw_adu_taken_as_photons_are_told_from_bright_patterns(photons: float, side: int) -> None:
     """`pedestal_left`: ADU with their pedestal read as photons (no calibration) are flagged, every frame; the same
     frames calibrated are not, nor are patterns of 0-4 particles as bright as 10^6 photons on 128 x 128 pixels
-    (60 a pixel on average), with a beam stop masked."""
+    (60 a pixel on average), with a beam stop masked, nor sparse ones on a frame of the thumbnail's size, where
+    a bin is a pixel and one photon reads 1."""
     from lcls_hitfinder.simulate.generate import PatternGenerator
     from lcls_hitfinder.simulate.settings import SimulateSettings
 
@@ -136,7 +137,7 @@ def test_raw_adu_taken_as_photons_are_told_from_bright_patterns(photons: float) 
             "particles": {0: 0.2, 1: 0.2, 2: 0.2, 3: 0.2, 4: 0.2},
             "beam": {"photons_per_pattern": photons},
             "noise": {"kind": "poisson", "adu_gain": 10.0, "adu_offset": 100.0},
-            "detector": {"beamstop_px": 3},
+            "detector": {"beamstop_px": 3, "shape": [side, side]},
         }
     )
     generator = PatternGenerator(s, seed=3, device="cpu")

@@ -361,3 +361,23 @@ def test_show_draws_a_cxi_file_of_raw_panels_as_the_service_sees_it(
     raw = CliRunner().invoke(app, args)
     assert raw.exit_code == 0, raw.output
     assert "warning: 3 of the 3 frames shown of" in raw.output and "detector units, not photons" in raw.output
+
+
+def test_show_says_which_cxi_frames_serve_calls_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from lcls_hitfinder import plots
+    from lcls_hitfinder.cli import app
+
+    photons = np.random.default_rng(4).poisson(0.3, (4, 128, 128)).astype(np.float32)
+    photons[2, 10, 10] = np.nan
+    path = tmp_path / "photons.cxi"
+    with h5py.File(path, "w") as f:
+        f["/entry_1/data_1/data"] = photons
+    drawn: list[np.ndarray] = []
+    monkeypatch.setattr(plots, "pattern_grid", lambda images, *a, **k: drawn.extend(images))
+    result = CliRunner().invoke(app, ["show", str(path), "--first", "--out", str(tmp_path / "s.png")])
+    assert result.exit_code == 0, result.output
+    assert f"warning: 1 of the 4 frames shown of {path} hold NaN or Inf pixels" in result.output
+    assert "detector units" not in result.output
+    assert drawn[2][10, 10] == 0.0 and np.isfinite(np.stack(drawn)).all()

@@ -37,9 +37,17 @@ def xtc2(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from lcls_hitfinder.dataset import Dataset
-    from lcls_hitfinder.service.sources.xtc2_writer import constants_path, dataset_to_xtc2, exp_layout
+    from lcls_hitfinder.service.sources.xtc2_writer import constants_path, dataset_to_xtc2, exp_layout, exp_run_file
 
     output_file(out, "XTC2 file", {"DATA": data})
+    if exp_dir is not None:  # checked before the run is written: a real experiment's run is not replaced
+        output_dir(exp_dir, "experiment directory")
+        placed = exp_run_file(exp_dir, exp, run)
+        if placed.exists() and not (out.exists() and placed.samefile(out)):
+            raise UserError(
+                f"--exp-dir {exp_dir} holds run {run} of {exp} already ({placed.name}): give another --exp-dir or "
+                "--run, or remove it first"
+            )
     with Dataset(existing(data, "dataset")) as ds:
         n, recorded = len(ds), ds.calibration
     columns = (TextColumn("writing XTC2"), BarColumn(), MofNCompleteColumn())

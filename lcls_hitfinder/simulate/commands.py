@@ -170,7 +170,7 @@ def show(
     images: list[np.ndarray] = []
     titles: list[str] = []
     for path in data:
-        with FrameFile(path, f"dataset {path}") as frames:
+        with FrameFile(path, str(path)) as frames:
             if frames.dataset is not None:
                 picked = _picked_patterns(frames.dataset, n, per_count)
             else:
@@ -198,16 +198,25 @@ def _cxi_patterns(
     frames: FrameFile, n: int, spread: bool, calibration: PhotonCalibration | None
 ) -> tuple[list[np.ndarray], list[str]]:
     """A CXI file's frames in photons through the service's own preprocessing (calibration, mask, panels tiled),
-    evenly spread over the file or its first n; said when they look like raw ADU taken as photons."""
+    evenly spread over the file or its first n; said when they look like raw ADU taken as photons, and when they
+    hold NaN or Inf pixels (shown dark here, decided `error` by the service)."""
     import torch
 
     from lcls_hitfinder.preprocess import PEDESTAL_LEFT, Preprocessor, PreprocessSettings
+    from lcls_hitfinder.service.binning import all_finite
 
     count = min(n, len(frames))
     index = np.unique(np.linspace(0, len(frames) - 1, count).round().astype(int)) if spread else np.arange(count)
     pre = Preprocessor(PreprocessSettings(), frames.mask, frames.shape, calibration)
     raw = torch.from_numpy(np.stack([frames.images(slice(i, i + 1))[0] for i in index]))
-    photons = torch.nan_to_num(pre.photons(raw), nan=0.0, posinf=0.0)  # NaN/Inf pixels shown dark
+    finite = all_finite(raw) if raw.is_floating_point() else torch.ones(len(raw), dtype=torch.bool)
+    if not bool(finite.all()):
+        typer.echo(
+            f"warning: {int((~finite).sum())} of the {len(index)} frames shown of {frames.path} hold NaN or Inf "
+            "pixels (shown dark): serve and classify decide such frames `error`",
+            err=True,
+        )
+    photons = torch.nan_to_num(pre.photons(raw), nan=0.0, posinf=0.0, neginf=0.0)
     pedestal = int(pre.pedestal_left(pre.binned(photons)).sum())
     if pedestal:
         typer.echo(

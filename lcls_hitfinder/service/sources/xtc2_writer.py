@@ -231,12 +231,17 @@ def _check_detector_name(name: str) -> None:
         raise UserError(f"detector name {name!r} is taken by the run's own {name} detector: choose another")
 
 
+def exp_run_file(root: Path, experiment: str, run: int) -> Path:
+    """Where psana's exp= mode looks for the (first) XTC2 file of `run` under `root`."""
+    return root / f"{experiment}-r{run:04d}-s000-c000.xtc2"
+
+
 def exp_layout(xtc2: Path, root: Path, experiment: str, run: int) -> Path:
     """Put an XTC2 run where psana's exp= mode (and its MPI mode) looks for it: root/<exp>-r<run>-s000-c000.xtc2
     (a hard link where the file system allows, else a copy) and its smalldata index root/smalldata/...smd.xtc2
     written by psana's `smdwriter`. Returns root, the `dir=` of an `exp:` source."""
-    base = f"{experiment}-r{run:04d}-s000-c000"
-    big, smd = root / f"{base}.xtc2", root / "smalldata" / f"{base}.smd.xtc2"
+    big = exp_run_file(root, experiment, run)
+    smd = root / "smalldata" / big.with_suffix(".smd.xtc2").name
     smd.parent.mkdir(parents=True, exist_ok=True)
     if not (big.exists() and big.samefile(xtc2)):  # written there already: unlinking it would lose the run
         big.unlink(missing_ok=True)
