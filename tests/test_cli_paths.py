@@ -274,3 +274,17 @@ def test_xtc2_does_not_replace_a_run_in_its_exp_dir(tmp_path: Path) -> None:
         "--exp-dir or --run, or remove it first"
     )
     assert taken.read_bytes() == b"a run of the beamtime" and not (tmp_path / "new.xtc2").exists()
+
+
+def test_an_existing_output_that_cannot_be_opened_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another user's file in a shared folder (root, who runs these tests, may read anything: the refusal is
+    stood in by the open that fails)."""
+    from lcls_hitfinder import paths
+
+    def denied(path: Path) -> str | None:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(paths, "made_here", denied)
+    (tmp_path / "theirs.csv").write_text("")
+    with pytest.raises(UserError, match=f"^cannot write the CSV {tmp_path}/theirs.csv: Permission denied$"):
+        paths.output_file(tmp_path / "theirs.csv", "CSV")
