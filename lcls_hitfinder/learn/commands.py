@@ -300,11 +300,11 @@ def bank_pick(
     from lcls_hitfinder.service.pick import pick_references, read_picks
     from lcls_hitfinder.service.sources import open_source, parse_uri
 
-    output_file(out, "reference file", {"--picks": picks, "--config": config})
-    wanted = read_picks(existing(picks, "picks file"))
     settings = load_config(config, {"serve.source": source}).serve
     uri = parse_uri(settings.source)
-    apart(Path(uri.target), out, f"--out {out} is the file the events are read from")
+    apart(Path(uri.target), out, f"--out {out} is the file the events are read from")  # before it is said a dataset
+    output_file(out, "reference file", {"--picks": picks, "--config": config})
+    wanted = read_picks(existing(picks, "picks file"))
     if uri.live:
         raise UserError(
             f"{uri.raw}: live events pass once, so those picked from the decision log are gone: pick them from "
