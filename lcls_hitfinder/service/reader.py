@@ -145,9 +145,10 @@ def _map_segment(name: str, size: int = 0) -> mmap.mmap:
 
 class Progress:
     """A channel's progress counter, beside its heartbeat in the heartbeat segment: moved by every message to or
-    from the service and, while the channel waits for the service, by the heartbeat too; still only while the
-    channel is inside psana. So the parent tells an MPI job whose ranks wait on each other for ever (they
-    still beat) from one that reads, or one the service holds back."""
+    from the service, by every event the read loop reads without handing it over (`FrameSink.progress`) and,
+    while the channel waits for the service, by the heartbeat too; still only while the channel waits inside
+    psana. So the parent tells an MPI job whose ranks wait on each other for ever (they still beat) from one
+    that reads, or one the service holds back."""
 
     def __init__(self, counter: np.ndarray | None = None) -> None:
         self._counter = np.zeros(1, np.uint64) if counter is None else counter
