@@ -41,7 +41,8 @@ pytestmark = pytest.mark.psana
 
 
 def settings(**reader: float) -> ServeSettings:
-    return ServeSettings(reader={"stall_s": 1.5, "backoff_s": 0.3, "max_backoff_s": 1.0, **reader})
+    """Quick to restart; an MPI job stuck in psana (seen once in CI) is restarted after 10 s, not 60."""
+    return ServeSettings(reader={"stall_s": 1.5, "stuck_s": 10.0, "backoff_s": 0.3, "max_backoff_s": 1.0, **reader})
 
 
 def read_items(source: Source, limit_s: float = 60.0) -> list[Frame | RunEnd]:
@@ -310,7 +311,7 @@ import time
 from lcls_hitfinder.service.settings import ServeSettings
 from lcls_hitfinder.service.sources import open_source
 if __name__ == "__main__":
-    source = open_source({uri!r}, ServeSettings())
+    source = open_source({uri!r}, ServeSettings(reader={{"stuck_s": 10.0}}))
     source.open()
     frames = source.frames()
     while next(frames) is None:
