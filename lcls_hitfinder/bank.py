@@ -11,11 +11,13 @@ Decision for an embedding e:
   label  = single when kept, otherwise the nearer of blank and multi.
 
 File (HDF5): /embeddings float32 (K, D), /n_particles int8 (K,), /structure str (K,);
-attrs model_hash, method, k, threshold, format_version.
+attrs model_hash, method, k, threshold, format_version, and picked_with (JSON: the [serve.calibration] that
+`bank pick` read its references with; absent for simulated references).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -62,6 +64,8 @@ class ReferenceBank:
     k: int = 5
     threshold: float = 0.0
     structure: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=object))
+    # the [serve.calibration] (gain, offset, threshold) its references were picked with; None: simulated ones
+    picked_with: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
         self.embeddings = np.asarray(self.embeddings, np.float32)
@@ -142,6 +146,8 @@ class ReferenceBank:
                 k=self.k,
                 threshold=self.threshold,
             )
+            if self.picked_with is not None:
+                f.attrs["picked_with"] = json.dumps(self.picked_with)
 
     @classmethod
     def load(
@@ -167,6 +173,7 @@ class ReferenceBank:
                     method=str(a["method"]),  # type: ignore[arg-type]
                     k=int(a["k"]),
                     threshold=float(a["threshold"]),
+                    picked_with=json.loads(a["picked_with"]) if "picked_with" in a else None,
                 )
         except (OSError, KeyError, ValueError, TypeError, AttributeError) as err:  # AttributeError: a group
             raise UserError(f"cannot read bank {path}: {' '.join(str(err).split())}") from None  # one line

@@ -44,7 +44,7 @@ from lcls_hitfinder.labels import Label, label_of_count
 from lcls_hitfinder.learn.nets import TwinEmbedder
 from lcls_hitfinder.learn.train import load_patterns
 from lcls_hitfinder.model_io import export_onnx
-from lcls_hitfinder.preprocess import Preprocessor, PreprocessSettings
+from lcls_hitfinder.preprocess import PhotonCalibration, Preprocessor, PreprocessSettings
 from lcls_hitfinder.protocols import EventId, Frame, RunEnd
 from lcls_hitfinder.service import embedder as embedder_module
 from lcls_hitfinder.service.bank_reload import ReloadingBank
@@ -376,6 +376,52 @@ def test_frames_with_nan_or_inf_are_errors_offline_as_in_serve(fx: Fixtures, tmp
     assert labels == [row["label"] for row in offline]
     assert [i for i, label in enumerate(labels) if label == "error"] == [3, 4]
     assert offline[3]["keep"] == "false" and offline[3]["score"] == "nan"
+
+
+def test_a_bank_of_references_picked_with_another_calibration_is_said(
+    fx: Fixtures, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """References picked from raw frames with one [serve.calibration] are in photons of that calibration: the
+    bank built from them records it, and a service converting with another says so (at start and at each
+    bank taken), since every decision would be off with nothing else to show it."""
+    with Dataset(fx.data) as d:
+        frames, counts = d.images(), d.n_particles
+    cxi = tmp_path / "run.cxi"
+    with h5py.File(cxi, "w") as f:
+        f["/entry_1/data_1/data"] = (frames * 10.0 + 100.0).round().astype(np.uint16)
+    node = tmp_path / "node.toml"
+    node.write_text("[serve.calibration]\ngain = 10.0\noffset = 100.0\n")
+    picks = tmp_path / "picks.csv"
+    picks.write_text("event,n_particles\n" + "".join(f"{i},{int(c)}\n" for i, c in enumerate(counts[:40])))
+    refs, bank = tmp_path / "refs.h5", tmp_path / "bank.h5"
+    for args in (
+        ["bank", "pick", "--source", f"h5:{cxi}", "--picks", picks, "--config", node, "--out", refs],
+        ["bank", "build", "--model", fx.model, "--data", refs, "--per-class", "2", "--out", bank],
+    ):
+        result = CliRunner().invoke(app, [str(a) for a in args])
+        assert result.exit_code == 0, result.output
+    assert ReferenceBank.load(bank).picked_with == {"gain": 10.0, "offset": 100.0, "threshold": 0.0}
+    assert ReferenceBank.load(fx.bank).picked_with is None  # simulated references
+    reloading = ReloadingBank(bank, OnnxEmbedder(fx.model), ServiceMetrics())
+    with caplog.at_level(logging.WARNING, logger="lcls_hitfinder.service.bank_reload"):
+        reloading.serve_with(PhotonCalibration(gain=10.0, offset=100.0))
+        assert caplog.messages == []
+        reloading.serve_with(PhotonCalibration())
+        said = "picked with [serve.calibration] gain 10, offset 100, threshold 0; this service converts with gain 1"
+        assert len(caplog.messages) == 1 and said in caplog.messages[0]
+        caplog.clear()
+        picked = shutil.copyfile(bank, tmp_path / "picked.h5")
+        os.replace(shutil.copyfile(fx.bank, tmp_path / "next.h5"), bank)  # simulated references: nothing to say
+        assert reloading.reload() and caplog.messages == []
+        os.replace(picked, bank)  # the picked ones again, taken while serving
+        assert reloading.reload() and len(caplog.messages) == 1 and said in caplog.messages[0]
+    serve = [*LCLS_HITFINDER, "serve", "--model", str(fx.model), "--bank", str(bank), "--metrics-port", "0"]
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    for config, warned in ((node, False), (None, True)):  # the run's frames as picked, then with no calibration
+        more = ["--source", f"h5:{cxi}", "--publish", endpoint, *(["--config", str(config)] if config else [])]
+        proc = subprocess.run([*serve, *more], capture_output=True, text=True, timeout=WAIT_S, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        assert (said in proc.stderr) == warned, proc.stderr
 
 
 def test_a_dataset_in_adu_is_decoded_with_its_own_gain_everywhere(fx: Fixtures, tmp_path: Path) -> None:

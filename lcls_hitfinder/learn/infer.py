@@ -107,9 +107,18 @@ def build_bank(
     embedder = OnnxEmbedder(model, threads=2)
     with Dataset(data) as d:
         emb, n, structure = embed_dataset(embedder, d), d.n_particles, d.structure
+        picked_with = d.attrs.get("calibration") if "picked_from" in d.attrs else None  # `bank pick`'s
     refs = select_references(n, structure if by_structure else None, per_class, seed)
     try:
-        bank = ReferenceBank(emb[refs], n[refs], embedder.model_hash, method, k, structure=structure[refs])  # type: ignore[arg-type]
+        bank = ReferenceBank(
+            emb[refs],
+            n[refs],
+            embedder.model_hash,
+            method,  # type: ignore[arg-type]
+            k,
+            structure=structure[refs],
+            picked_with=picked_with,
+        )
     except UserError as err:  # say which file the references came from
         raise UserError(f"references from {data}: {err}") from None
     if calibrate is not None:

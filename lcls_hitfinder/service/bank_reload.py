@@ -14,10 +14,18 @@ from pathlib import Path
 
 from lcls_hitfinder.bank import ReferenceBank
 from lcls_hitfinder.errors import UserError
+from lcls_hitfinder.preprocess import PhotonCalibration
 from lcls_hitfinder.protocols import Embedder
 from lcls_hitfinder.service.metrics import ServiceMetrics
 
 log = logging.getLogger(__name__)
+
+
+_IDENTITY = PhotonCalibration().model_dump()  # a calibration's keys, and what one that records none means
+
+
+def _said(calibration: dict[str, float]) -> str:
+    return ", ".join(f"{key} {float(calibration.get(key, default)):g}" for key, default in _IDENTITY.items())
 
 
 def _signature(path: Path) -> tuple[int, int, int] | None:
@@ -36,8 +44,30 @@ class ReloadingBank:
         self.embedder = embedder
         self.metrics = metrics
         self._signature = _signature(path)
+        self.calibration: PhotonCalibration | None = None  # the service's, once its source is open
         self.bank = self._load()  # at start-up a bad bank is fatal
         self._export()
+
+    def serve_with(self, calibration: PhotonCalibration) -> None:
+        """The calibration the service turns frames into photons with: each bank taken is held against it."""
+        self.calibration = calibration
+        self._say_units()
+
+    def _say_units(self) -> None:
+        """References picked with another calibration than the service's are in other units than the frames
+        they judge: every decision would be off, with nothing else to show it."""
+        picked, serving = self.bank.picked_with, self.calibration
+        if picked is None or serving is None:
+            return
+        if any(float(picked.get(key, default)) != getattr(serving, key) for key, default in _IDENTITY.items()):
+            log.warning(
+                "bank %s: its references were picked with [serve.calibration] %s; this service converts with %s: "
+                "they are in other units than the frames they judge (pick them again with this calibration, or "
+                "serve with theirs)",
+                self.path,
+                _said(picked),
+                _said(serving.model_dump()),
+            )
 
     def _load(self) -> ReferenceBank:
         e = self.embedder
@@ -65,5 +95,6 @@ class ReloadingBank:
         self.bank = bank  # one reference assignment: the pipeline sees the old or the new bank, whole
         self.metrics.bank_reloads.labels(result="ok").inc()
         self._export()
+        self._say_units()
         log.info("bank reloaded from %s: %d references", self.path, len(bank.embeddings))
         return True

@@ -195,6 +195,7 @@ def run_service(settings: ServeSettings, signals: _Signals) -> int:
         if not signals.stop_asked.is_set():
             src.open(signals.stop_asked)
         settings = recorded_calibration(settings, src)
+        reloading_bank.serve_with(settings.calibration)
         pipeline = Pipeline(settings, src, embedder, reloading_bank, publisher, metrics)
     except KeyboardInterrupt as why:  # the second stop: what was started dies with the process (readers do)
         publisher.close()
