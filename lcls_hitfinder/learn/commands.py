@@ -399,7 +399,7 @@ def classify(
 
     output_file(out, "CSV", {"--model": model, "--bank": bank, "--data": data, "--config": config})
     serve = load_config(config).serve
-    calibration = serve.calibration if "calibration" in serve.model_fields_set else None
+    calibration = serve.configured_calibration
     embedder, ref_bank = _model_and_bank(model, bank)
     with FrameFile(existing(data, "dataset"), f"dataset {data}") as frames:
         conflict = None if calibration is None else frames.conflicting_units(calibration)

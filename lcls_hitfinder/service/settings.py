@@ -156,6 +156,12 @@ class ServeSettings(Section):
     _off = field_validator("log_dir", mode="before")(_false_is_none)
     _home = field_validator("model", "bank", "log_dir")(_expanded)
 
+    @property
+    def configured_calibration(self) -> PhotonCalibration | None:
+        """[serve.calibration] when the config gives one; None otherwise, so that a file recording its own units
+        (a dataset in ADU) is decoded with those."""
+        return self.calibration if "calibration" in self.model_fields_set else None
+
 
 def _rows(model: type[BaseModel], prefix: str) -> list[str]:
     rows = []

@@ -165,8 +165,7 @@ def show(
     output_file(target, "PNG", {"--config": config})
     for path in data:
         apart(target, path, f"--out {target} is the dataset {path}, which it would overwrite")
-    serve = load_config(config).serve
-    calibration = serve.calibration if "calibration" in serve.model_fields_set else None
+    calibration = load_config(config).serve.configured_calibration
     images: list[np.ndarray] = []
     titles: list[str] = []
     for path in data:

@@ -91,7 +91,7 @@ def recorded_calibration(settings: ServeSettings, source: Source) -> ServeSettin
     records, as `classify`, `evaluate` and training decode it. Call after `source.open()`."""
     if not isinstance(source, H5Source):
         return settings
-    if "calibration" in settings.model_fields_set:
+    if settings.configured_calibration is not None:
         # not opened when a stop came while the service started: nothing to check then
         conflict = source._file is not None and source._file.conflicting_units(settings.calibration)
         if conflict:
