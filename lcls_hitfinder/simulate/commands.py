@@ -171,7 +171,7 @@ def show(
     for path in data:
         with FrameFile(path, str(path)) as frames:
             if frames.dataset is not None:
-                picked = _picked_patterns(frames.dataset, n, per_count)
+                picked = _dataset_patterns(frames.dataset, n, per_count)
             else:
                 picked = _cxi_patterns(frames, n, per_count, calibration)
         images += picked[0]
@@ -180,7 +180,7 @@ def show(
     print(target)
 
 
-def _picked_patterns(ds: Dataset, n: int, per_count: bool) -> tuple[list[np.ndarray], list[str]]:
+def _dataset_patterns(ds: Dataset, n: int, per_count: bool) -> tuple[list[np.ndarray], list[str]]:
     """A dataset's patterns in photons, titled with what made them."""
     index = _spread_over_counts(ds.n_particles, n) if per_count else np.arange(min(n, len(ds)))
     structures, photons, counts = ds.structure[index], ds.photons[index], ds.n_particles[index]
