@@ -19,6 +19,8 @@ if TYPE_CHECKING:  # annotations only: a psana reader process imports this modul
 
     from lcls_hitfinder.service.binning import ReaderBinning
 
+RunKey = tuple[str, int]  # (experiment, run): run numbers start again in each experiment
+
 
 @dataclass(frozen=True)
 class EventId:
@@ -29,6 +31,10 @@ class EventId:
     event: int
     timestamp: int = 0
     pulse_id: int | None = None
+
+    @property
+    def run_key(self) -> RunKey:
+        return self.experiment, self.run
 
 
 @dataclass(frozen=True)

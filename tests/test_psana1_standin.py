@@ -80,7 +80,8 @@ def test_psana1_unknown_detector_is_a_one_line_error(psana1: ModuleType) -> None
 
 def test_psana1_ends_each_run_and_a_live_restart_numbers_on(psana1: ModuleType) -> None:
     """psana1's events() has no EndRun: each run ends where the next begins, and after the last event; a live
-    reader restarted mid-run goes on counting after the events delivered, so (run, event) stays unique."""
+    reader restarted mid-run goes on counting after the events delivered, so (experiment, run, event) stays
+    unique; a run of the same number in another experiment (run numbers start again in each) starts from 0."""
     from lcls_hitfinder.service.reader import Delivered
     from lcls_hitfinder.service.sources.psana1 import Psana1ReadLoop
 
@@ -109,6 +110,8 @@ def test_psana1_ends_each_run_and_a_live_restart_numbers_on(psana1: ModuleType) 
     assert read(False, Delivered()) == expected
     delivered = Delivered()
     for i in range(3):
-        delivered.add(3, i)
+        delivered.add(("cxitest17", 3), i)
+        delivered.add(("cxiother18", 4), i)
     live = read(True, delivered)
     assert [item for item in live if item[1] == 3] == [("event", 3, i) for i in range(3, 3 + n)] + [("end", 3, -1)]
+    assert [item for item in live if item[1] == 4] == [("event", 4, i) for i in range(n)] + [("end", 4, -1)]

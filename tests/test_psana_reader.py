@@ -92,7 +92,7 @@ class CountingLoop:
     def __call__(self, sink: FrameSink, delivered: Delivered) -> None:
         sink.ready(f"{self.n} test frames")
         for i in range(self.n):
-            if (1, i) in delivered:
+            if (("tst", 1), i) in delivered:
                 continue
             if self.freeze_after is not None and not delivered and i == self.freeze_after:
                 ctypes.PyDLL(None).sleep(3600)  # libc sleep without releasing the GIL
@@ -116,7 +116,7 @@ class DyingLoop:
 
     def __call__(self, sink: FrameSink, delivered: Delivered) -> None:
         sink.ready(f"{self.n} frames, {self.per_life} a life")
-        todo = [i for i in range(self.n) if (1, i) not in delivered][: self.per_life + 1]
+        todo = [i for i in range(self.n) if (("tst", 1), i) not in delivered][: self.per_life + 1]
         for k, i in enumerate(todo):
             if k == self.per_life:
                 os._exit(3)
@@ -402,7 +402,7 @@ class WaitingRanksLoop:
         if rank == 1 and first:
             time.sleep(3600)
         if rank == 2:
-            todo = [i for i in range(self.n) if (1, i) not in delivered]
+            todo = [i for i in range(self.n) if (("tst", 1), i) not in delivered]
             for k, i in enumerate(todo):
                 if first and k == self.after:
                     time.sleep(3600)
@@ -498,7 +498,7 @@ class StoppedMidMessageLoop:
     def __call__(self, sink: FrameSink, delivered: Delivered) -> None:
         sink.ready(f"{self.n} frames, stopped mid-message after {self.after}")
         for i in range(self.n):
-            if (1, i) in delivered:
+            if (("tst", 1), i) in delivered:
                 continue
             if not delivered and i == self.after:
                 fd = sink._conn.fileno()  # a bigger message (a binned frame's) written in pieces, the first only

@@ -34,7 +34,7 @@ from lcls_hitfinder.devices import resolve_device
 from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.labels import Label, label_of_count
 from lcls_hitfinder.preprocess import PEDESTAL_LEFT, Preprocessor
-from lcls_hitfinder.protocols import BinsAtReader, EventId, Frame, RunEnd, Source
+from lcls_hitfinder.protocols import BinsAtReader, Frame, RunEnd, RunKey, Source
 from lcls_hitfinder.service.bank_reload import ReloadingBank
 from lcls_hitfinder.service.batcher import Batcher
 from lcls_hitfinder.service.binning import (
@@ -106,7 +106,7 @@ class Run:
     tally: Tally = field(default_factory=Tally)
 
     @property
-    def key(self) -> tuple[str, int]:
+    def key(self) -> RunKey:
         return self.experiment, self.run
 
 
@@ -187,13 +187,13 @@ class Pipeline:
         self._tally_lock = threading.Lock()  # the tallies and _published_seq move together
         self._accounted = 0  # frames the worker has logged or dropped: what a failure must not count again
         self._run: Run | None = None
-        self._last_run: tuple[str, int] | None = None
+        self._last_run: RunKey | None = None
         self._restarts_seen = 0
         self._restarts_lock = threading.Lock()
         self._started = time.monotonic()
         self.instance = secrets.token_hex(8)  # in every message: a subscriber tells a restart by it
         self.total = Tally()
-        self._dropped_by_run: Counter[tuple[str, int]] = Counter()
+        self._dropped_by_run: Counter[RunKey] = Counter()
         self._recent_latency_ns: deque[np.ndarray] = deque(maxlen=64)  # last batches, for the status line
         self.error: BaseException | None = None
         self._read_ended = "source_end"  # why the reader stopped: the last run's end says it
@@ -292,7 +292,7 @@ class Pipeline:
         self.metrics.dropped.labels(reason=reason).inc()
         with self._tally_lock:  # the reader (queue_full) and the worker (internal) both drop
             self.total.dropped += 1
-            self._dropped_by_run[_run_key(frame.event)] += 1  # its run may not have begun yet
+            self._dropped_by_run[frame.event.run_key] += 1  # its run may not have begun yet
             if reason == "internal":
                 self._accounted += 1
 
@@ -357,7 +357,7 @@ class Pipeline:
             self.metrics.batch_size.observe(n_frames)
         piece: list[Frame] = []
         for item in items:
-            if isinstance(item, Frame) and (not piece or _run_key(item.event) == _run_key(piece[0].event)):
+            if isinstance(item, Frame) and (not piece or item.event.run_key == piece[0].event.run_key):
                 piece.append(item)
                 continue
             if piece:
@@ -369,7 +369,7 @@ class Pipeline:
             self._process(piece)
 
     def _process(self, frames: list[Frame]) -> None:
-        key = _run_key(frames[0].event)
+        key = frames[0].event.run_key
         if self._run is None or self._run.key != key:
             self._end_run("next_run")
             self._begin_run(*key)
@@ -798,7 +798,3 @@ class Pipeline:
 class _Status:
     events: int
     since: float
-
-
-def _run_key(event: EventId) -> tuple[str, int]:
-    return event.experiment, event.run

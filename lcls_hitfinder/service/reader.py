@@ -63,7 +63,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from lcls_hitfinder.errors import UserError
-from lcls_hitfinder.protocols import EventId, Frame, RunEnd
+from lcls_hitfinder.protocols import EventId, Frame, RunEnd, RunKey
 
 if TYPE_CHECKING:
     from lcls_hitfinder.service.binning import FrameBinner, ReaderBinning
@@ -85,15 +85,16 @@ _CTX = mp.get_context("spawn")  # never fork the service (torch, ZeroMQ and HTTP
 
 
 class Delivered:
-    """The events that reached the service: per run, every event below a contiguous count from 0, plus those
-    beyond it (MPI ranks deliver their batches out of order). A restarted reader of a replayable source skips
-    them, so a restart neither repeats nor loses an event; a live one numbers on after them."""
+    """The events that reached the service: per run (experiment, run number), every event below a contiguous
+    count from 0, plus those beyond it (MPI ranks deliver their batches out of order). A restarted reader of a
+    replayable source skips them, so a restart neither repeats nor loses an event; a live one numbers on after
+    them."""
 
     def __init__(self) -> None:
-        self._below: dict[int, int] = {}
-        self._beyond: dict[int, set[int]] = {}
+        self._below: dict[RunKey, int] = {}
+        self._beyond: dict[RunKey, set[int]] = {}
 
-    def add(self, run: int, event: int) -> None:
+    def add(self, run: RunKey, event: int) -> None:
         below = self._below.get(run, 0)
         if event < below:
             return
@@ -104,16 +105,17 @@ class Delivered:
             below += 1
         self._below[run] = below
 
-    def __contains__(self, key: tuple[int, int]) -> bool:
+    def __contains__(self, key: tuple[RunKey, int]) -> bool:
         run, event = key
         return event < self._below.get(run, 0) or event in self._beyond.get(run, ())
 
     def __len__(self) -> int:
         return sum(self._below.values()) + sum(len(b) for b in self._beyond.values())
 
-    def next_index(self, run: int) -> int:
+    def next_index(self, run: RunKey) -> int:
         """The index after the last event of `run` delivered: where a live reader restarted mid-run goes on
-        counting, so that (run, event) stays unique."""
+        counting, so that (experiment, run, event) stays unique. A run of another experiment with the same
+        number starts from 0."""
         beyond = self._beyond.get(run)
         return max(self._below.get(run, 0), max(beyond) + 1 if beyond else 0)
 
@@ -612,7 +614,7 @@ class _Child:
     last_progress: tuple[bytes, int] = (b"", 0)  # the channels' Progress counters and how many processes run
     progress_at: float = 0.0  # when that last changed
     ended: int = 0  # channels whose read loop returned (a file is done when all have)
-    run_ends: Counter[tuple[str, int]] = field(default_factory=Counter)
+    run_ends: Counter[RunKey] = field(default_factory=Counter)
     crash: str = ""  # last line of a channel's traceback
     mpich: set[str] = field(default_factory=set)  # MPICH's shared-memory files of the ranks
     stalled: str = ""  # why the watchdog killed it
@@ -1003,7 +1005,7 @@ class SupervisedReader:
 
     def _arrived(self, event: EventId) -> None:
         self._failures = 0
-        self._delivered.add(event.run, event.event)
+        self._delivered.add(event.run_key, event.event)
 
     def _child_gone(self, child: _Child) -> bool:
         """Handle the end of a child; True when the iteration is over (a file read to its end)."""

@@ -91,8 +91,8 @@ class Psana1ReadLoop:
                 if last is not None:
                     sink.end_run(experiment, last)
                 last = run
-                index = delivered.next_index(run) if self.live else 0  # a live reader restarted mid-run
-            if not self.live and (run, index) in delivered:
+                index = delivered.next_index((experiment, run)) if self.live else 0  # a live reader restarted mid-run
+            if not self.live and ((experiment, run), index) in delivered:
                 continue
             data = det.calib(evt) if self.calib else det.raw(evt)
             if self.image and data is not None:
@@ -107,7 +107,7 @@ class Psana1ReadLoop:
             )
             sink.put(event, data, None, read_ns)
             if self.live:  # psana may reconnect to a server of the same run by itself: number on
-                delivered.add(run, index)
+                delivered.add((experiment, run), index)
         if last is not None:
             sink.end_run(experiment, last)
 

@@ -196,6 +196,7 @@ class Psana2ReadLoop:
         wanted = dict(self.datasource).get("exp")
         for run in ds.runs():
             runnum = int(run.runnum or 0)
+            key = (run.expt or "", runnum)
             if wanted and run.expt and run.expt != wanted:  # psana finds runs by number alone in dir=
                 raise UserError(f"source {self.label}: run {runnum} in that directory is {run.expt}'s, not {wanted}'s")
             names = set(run.detnames)
@@ -218,11 +219,11 @@ class Psana2ReadLoop:
             truth = run.Detector(TRUTH_DETECTOR).raw if TRUTH_DETECTOR in names else None
             sink.ready(f"{run.expt or '?'} run {run.runnum}: detector {name}, {kind}{' image' if self.image else ''}")
             index = SmallDataIndex(ds.xtc_path, runnum, sink.progress) if self.mpi_ranks else None
-            first = delivered.next_index(runnum) if self.live else 0  # a live reader restarted mid-run
+            first = delivered.next_index(key) if self.live else 0  # a live reader restarted mid-run
             for i, evt in enumerate(run.events(), start=first):
                 if index is not None:
                     i = index(int(evt.timestamp))
-                if not self.live and (runnum, i) in delivered:
+                if not self.live and (key, i) in delivered:
                     sink.progress()  # read again after a restart, which takes time too
                     continue
                 read_ns = time.perf_counter_ns()
@@ -231,7 +232,7 @@ class Psana2ReadLoop:
                     data = det.image(evt, nda=data)
                 n = truth.n_particles(evt) if truth is not None else None
                 event = EventId(
-                    experiment=run.expt or "",
+                    experiment=key[0],
                     run=runnum,
                     event=i,
                     timestamp=int(evt.timestamp),
@@ -239,8 +240,8 @@ class Psana2ReadLoop:
                 )
                 sink.put(event, data, None if n is None or n < 0 else int(n), read_ns)
                 if self.live:  # psana may reconnect to a server of the same run by itself: number on
-                    delivered.add(runnum, i)
-            sink.end_run(run.expt or "", runnum)
+                    delivered.add(key, i)
+            sink.end_run(*key)
 
 
 def _pulse_id(timing: Any, evt: Any) -> int | None:
