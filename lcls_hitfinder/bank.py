@@ -122,14 +122,20 @@ class ReferenceBank:
         return votes.argmax(1).astype(np.int64)
 
     def decide(self, embeddings: np.ndarray) -> Decisions:
-        """Labels, keep, scores, distances and particle counts, from one distance to every reference."""
-        to_all = pairwise_distance(embeddings, self.embeddings)
-        d = self._class_distances(embeddings, to_all)
+        """Labels, keep, scores, distances and particle counts, from one distance to every reference. An
+        embedding that is not finite (a frame whose values overflow float32 on their way to the thumbnail) is
+        nearest to nothing: labelled error, not kept, rather than scored as a tie."""
+        with np.errstate(invalid="ignore"):  # Inf - Inf in a non-finite embedding's distances: NaN, and an error
+            to_all = pairwise_distance(embeddings, self.embeddings)
+            d = self._class_distances(embeddings, to_all)
         score, d_single = _scores(d)
         keep = score >= self.threshold
         other = np.where(d[:, Label.BLANK] <= d[:, Label.MULTI], Label.BLANK, Label.MULTI)
         label = np.where(keep, Label.SINGLE, other).astype(np.int8)
-        return Decisions(label=label, keep=keep, score=score, distance=d_single, n_particles=self._n_particles(to_all))
+        n_particles = self._n_particles(to_all)
+        bad = ~np.isfinite(embeddings).all(1)
+        label[bad], keep[bad], score[bad], n_particles[bad] = Label.ERROR, False, np.nan, -1
+        return Decisions(label=label, keep=keep, score=score, distance=d_single, n_particles=n_particles)
 
     def save(self, path: Path | str) -> None:
         path = Path(path)

@@ -174,6 +174,18 @@ def test_the_threshold_itself_keeps_and_a_query_at_no_distance_from_every_class_
     assert same.scores(np.zeros((1, 2), np.float32))[0].tolist() == [0.0]
 
 
+@pytest.mark.parametrize("method", ["knn", "prototype"])
+def test_an_embedding_that_is_not_finite_is_an_error_not_a_tie(method: str) -> None:
+    """A NaN or Inf embedding is at no finite distance from any class: an error, never kept, even where the
+    threshold would keep a score of 0 (what a NaN score used to become)."""
+    bank = _bank(method)
+    bank.threshold = -0.5
+    dec = bank.decide(np.array([[np.nan, np.nan], [np.inf, 0.0], [5.0, 0.2]], np.float32))
+    assert dec.label.tolist() == [Label.ERROR, Label.ERROR, Label.SINGLE]
+    assert dec.keep.tolist() == [False, False, True]
+    assert dec.n_particles[:2].tolist() == [-1, -1]
+
+
 def test_references_are_drawn_per_count_and_structure() -> None:
     from lcls_hitfinder.bank import select_references
 

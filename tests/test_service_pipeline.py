@@ -54,7 +54,7 @@ from lcls_hitfinder.service.decision_log import DecisionLog, read_decision_log
 from lcls_hitfinder.service.embedder import OnnxEmbedder
 from lcls_hitfinder.service.messages import DECISION, FIELDS, HEARTBEAT, RUN, SCHEMA_VERSION
 from lcls_hitfinder.service.metrics import ServiceMetrics
-from lcls_hitfinder.service.pipeline import Pipeline
+from lcls_hitfinder.service.pipeline import OVERFLOW, Pipeline
 from lcls_hitfinder.service.publish import ZmqPublisher
 from lcls_hitfinder.service.settings import ServeSettings
 from lcls_hitfinder.service.sources import open_source
@@ -639,6 +639,8 @@ def test_bad_frames_get_error_decisions_and_the_service_goes_on(fx: Fixtures, tm
     nan[3, 4] = np.nan
     inf = good.copy()
     inf[0, 0] = np.inf
+    huge = good.copy()
+    huge[:8, :8] = 3e38  # finite, but the bins' sums are not: a thumbnail of Inf, an embedding of NaN
     missing = np.zeros(0, np.uint16)  # how a psana reader hands over an event without the detector
     frames = [
         missing,  # first: before the service knows the frames' shape
@@ -650,6 +652,7 @@ def test_bad_frames_get_error_decisions_and_the_service_goes_on(fx: Fixtures, tm
         inf,
         good,
         missing,
+        huge,
     ]
     settings = _settings(tmp_path, batch={"max_size": 4, "max_wait_ms": 50})
     source = ListSource(frames)
@@ -662,15 +665,17 @@ def test_bad_frames_get_error_decisions_and_the_service_goes_on(fx: Fixtures, tm
     columns, _ = read_decision_log(r.pipeline.logs[0])
     labels = columns["label"].tolist()
     reasons = [str(x) for x in columns["reason"]]
-    errors = (0, 2, 3, 5, 6, 8)
-    assert [labels[i] for i in errors] == ["error"] * 6
-    assert [reasons[i].split(":")[0] for i in errors] == ["shape", "nonfinite", "shape", "dtype", "nonfinite", "shape"]
+    errors = (0, 2, 3, 5, 6, 8, 9)
+    assert [labels[i] for i in errors] == ["error"] * 7
+    kinds = ["shape", "nonfinite", "shape", "dtype", "nonfinite", "shape", "nonfinite"]
+    assert [reasons[i].split(":")[0] for i in errors] == kinds
+    assert reasons[9] == OVERFLOW and columns["decision"][9] == "veto"
     assert reasons[0] == reasons[8] == "shape: the detector is missing from this event"
     assert reasons[3] == f"shape: ({SIDE}, {SIDE + 1}), expected ({SIDE}, {SIDE})"
     assert "error" not in (labels[1], labels[4], labels[7])
     assert labels[1] == labels[4] == labels[7]  # the same pattern, whatever its dtype, whatever the batch
     assert columns["seq"].tolist() == list(range(len(frames)))
-    assert r.metrics.frame_errors.labels(reason="nonfinite")._value.get() == 2
+    assert r.metrics.frame_errors.labels(reason="nonfinite")._value.get() == 3
     assert r.metrics.frame_errors.labels(reason="shape")._value.get() == 3
 
 

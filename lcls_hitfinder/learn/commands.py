@@ -421,7 +421,8 @@ def classify(
             w.writerow(
                 [i, Label(int(label[i])).text, "true" if keep[i] else "false", f"{score[i]:.6f}", f"{distance[i]:.6f}"]
             )
-    errors = f", {int((~finite).sum())} errors (NaN or Inf pixels)" if not finite.all() else ""
+    n_errors = int((label == Label.ERROR).sum())
+    errors = f", {n_errors} errors (NaN, Inf or overflowing pixels)" if n_errors else ""
     dim = f", {int(blank.sum())} blank by the pre-filter" if blank.any() else ""
     print(f"{out}: {len(label)} patterns, {int(keep.sum())} kept as single hits{dim}{errors}")
 

@@ -57,6 +57,8 @@ from lcls_hitfinder.service.systemd import notify
 log = logging.getLogger(__name__)
 
 LABEL_TEXT = np.array([label.text for label in Label], dtype=object)  # indexed by label code
+NONFINITE = "nonfinite: NaN or Inf pixels"
+OVERFLOW = "nonfinite: values beyond float32's range (the thumbnail is not finite)"
 _IDLE_S = 0.2  # how long the worker waits for frames before doing its idle chores (log flush)
 # torch's and onnxruntime's words for a CUDA runtime error, after which the device context is unusable
 # torch's "CUDA error: ...", onnxruntime's "CUDA failure 700: ...", "CUBLAS failure 13: ...", "CUDNN failure ..."
@@ -502,7 +504,7 @@ class Pipeline:
             all_to_model = bool(to_model.all())
             thumbs = pre.transformed(binned if all_to_model else binned[to_model]) if bool(to_model.any()) else None
             finite_np, blank_np, model_np = (x.cpu().numpy() for x in (finite, blank, to_model))
-        v.reason[good[~finite_np]] = "nonfinite: NaN or Inf pixels"
+        v.reason[good[~finite_np]] = NONFINITE
         prefiltered = good[blank_np]
         v.label[prefiltered] = Label.BLANK
         v.score[prefiltered] = -1.0
@@ -521,7 +523,7 @@ class Pipeline:
         v.score[sel] = decisions.score
         v.distance[sel] = decisions.distance
         v.n_particles[sel] = decisions.n_particles
-        v.reason[sel] = ""
+        v.reason[sel] = np.where(decisions.label == Label.ERROR, OVERFLOW, "")
         self.metrics.stage.labels(stage="infer").observe(t2 - t1)
         self.metrics.stage.labels(stage="decide").observe(time.perf_counter() - t2)
         return v
