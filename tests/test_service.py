@@ -421,7 +421,15 @@ def test_serve_settings_from_a_file_with_overrides(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("experiment", "name"),
-    [("tmoc00123", "tmoc00123"), ("run.v2", "run.v2"), ("sub/dir", "sub_dir"), ("../../etc", "_.._etc"), ("", "_")],
+    [
+        ("tmoc00123", "tmoc00123"),
+        ("run.v2", "run.v2"),
+        ("sub/dir", "sub_dir"),
+        ("../../etc", "_.._etc"),
+        ("", "_"),
+        ("x" * 300, "x" * 48),  # a file name holds 255 bytes at most
+        ("実験" * 100, "実験" * 24),  # 3 bytes a letter in UTF-8
+    ],
 )
 def test_a_runs_log_is_one_file_in_the_log_folder_whatever_the_experiment_is_called(
     tmp_path: Path, experiment: str, name: str
@@ -431,7 +439,7 @@ def test_a_runs_log_is_one_file_in_the_log_folder_whatever_the_experiment_is_cal
     path = log_path(tmp_path / "logs", experiment, 7)
     assert path.parent == tmp_path / "logs" and path.name.startswith(f"{name}-r0007-") and path.suffix == ".h5"
     (tmp_path / "logs").mkdir()
-    path.touch()
+    path.touch()  # a name the file system takes
     again = log_path(tmp_path / "logs", experiment, 7)  # never the existing file, in the same second or not
     assert again.parent == path.parent and again != path and again.suffix == ".h5"
 

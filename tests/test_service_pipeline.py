@@ -1410,6 +1410,20 @@ def test_any_failure_of_the_log_costs_the_log_not_the_decisions(
     assert r.metrics.decision_log_lost._value.get() == 1
 
 
+def test_a_log_folder_that_becomes_a_symlink_loop_costs_the_log_not_the_decisions(fx: Fixtures, tmp_path: Path) -> None:
+    """Naming the next run's log fails too (pathlib's RuntimeError on the loop), not only creating it."""
+    logs = tmp_path / "logs"
+
+    def looped(_: Running) -> None:
+        logs.rename(tmp_path / "old_logs")
+        logs.symlink_to(logs)
+
+    r, decisions, ends = _serve_two_runs(fx, tmp_path, looped)
+    assert [d["seq"] for d in decisions] == list(range(10))
+    assert [(e["run"], e["events"], e["log"] is None) for e in ends] == [(1, 5, False), (2, 5, True)]
+    assert r.pipeline.error is None and r.metrics.decision_log_lost._value.get() == 1
+
+
 def test_a_decision_log_lost_is_said_until_a_runs_log_is_created_again(fx: Fixtures, tmp_path: Path) -> None:
     """The folder unwritable for run 1 (a file where it should be), freed before run 2: lost, then not."""
     logs = tmp_path / "logs"

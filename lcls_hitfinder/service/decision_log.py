@@ -38,11 +38,15 @@ def _dtype(spec_dtype: str) -> Any:
     return _STR if spec_dtype == "str" else np.dtype(spec_dtype)
 
 
+_NAME_CHARS = 48  # of the experiment's name in a log's file name: 192 bytes at most, and the run and time after
+
+
 def log_path(log_dir: Path, experiment: str, run: int) -> Path:
     """A new file name for a run's log, absolute (subscribers elsewhere read it from the run messages); never one
     that exists (a run served twice keeps both)."""
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     name = re.sub(r"[^\w.-]", "_", experiment).lstrip(".") or "_"  # one file in log_dir, whatever the name holds
+    name = name[:_NAME_CHARS]  # a file name has at most 255 bytes, and \w takes letters of up to 4
     base = f"{name}-r{run:04d}-{stamp}"  # a dot in the name is not a suffix to replace
     log_dir = log_dir.resolve()
     path, n = log_dir / f"{base}.h5", 1

@@ -628,7 +628,6 @@ class Pipeline:
         self._pedestal_checked = False
         decision_log = None
         if self.settings.log_dir is not None:
-            path = log_path(self.settings.log_dir, experiment, run)
             attrs = {
                 "experiment": experiment,
                 "run": run,
@@ -638,9 +637,11 @@ class Pipeline:
                 "bank": str(self.bank.path),
                 "instance": self.instance,
             }
+            path: object = self.settings.log_dir  # the file once named
             try:
+                path = log_path(self.settings.log_dir, experiment, run)
                 decision_log = DecisionLog(path, attrs)
-            except Exception as err:  # an unwritable log folder must not stop the decisions either
+            except Exception as err:  # an unwritable or unreachable log folder must not stop the decisions either
                 log.error("cannot open decision log %s (%s); run %s:%d goes on without it", path, err, experiment, run)
                 self._log_failed()
             else:
