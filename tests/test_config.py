@@ -18,6 +18,11 @@ def test_empty_config_gives_defaults() -> None:
         ("servee: {}\n", "c.yaml", "servee: unknown key"),
         ("[serve.batch]\nmax_sise = 64\n", "c.toml", r"serve\.batch\.max_sise: unknown key"),
         ("[serve]\nthreads = 100000\n", "c.toml", r"serve\.threads: Input should be less than or equal to 256"),
+        (
+            "[serve.batch]\nmax_wait_ms = 2000\n",  # the log's flush, between batches, would lag
+            "c.toml",
+            r"serve\.batch\.max_wait_ms: Input should be less than or equal to 1000",
+        ),
         ("[serve.batch]\nmax_size = 0\n", "c.toml", r"serve\.batch\.max_size: Input should be greater than"),
         ("[serve.publish]\nsndhwm = 0\n", "c.toml", r"serve\.publish\.sndhwm: Input should be greater than"),
         ("[serve]\nmax_events = true\n", "c.toml", r"serve\.max_events: a number is needed here, not true"),

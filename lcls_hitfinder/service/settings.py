@@ -32,8 +32,9 @@ class BatchSettings(Section):
     max_wait_ms: float = Field(
         0.0,
         ge=0,
+        le=1000,  # the worker flushes the decision log between batches: at most a second apart, as promised
         description="longest a frame waits for its batch to fill; 0: take what is waiting (lowest latency, "
-        "batches still grow when the service falls behind)",
+        "batches still grow when the service falls behind); at most 1000",
     )
 
 
