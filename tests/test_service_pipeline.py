@@ -1719,6 +1719,33 @@ def _decide_all(settings: ServeSettings, frames: list[np.ndarray], fx: Fixtures)
     return columns, r
 
 
+class TickingSource(ListSource):
+    """A paced source: between its frames only idle ticks (None), as a psana reader gives while it waits."""
+
+    def __init__(self, arrays: list[np.ndarray], ticks: int, tick_s: float) -> None:
+        super().__init__(arrays)
+        self.ticks, self.tick_s = ticks, tick_s
+
+    def frames(self) -> Iterator[Frame | None]:
+        for i, frame in enumerate(super().frames()):
+            if i:
+                for _ in range(self.ticks):
+                    time.sleep(self.tick_s)
+                    yield None
+            yield frame
+
+
+def test_the_read_stage_of_a_paced_source_is_the_time_between_its_events(fx: Fixtures, tmp_path: Path) -> None:
+    """Idle ticks between two events are not events: the second frame's read stage spans all of them."""
+    images = np.random.default_rng(2).poisson(2.0, (2, SIDE, SIDE)).astype(np.float32)
+    r = _start(_settings(tmp_path), TickingSource(list(images), ticks=4, tick_s=0.1), fx.model, fx.bank)
+    r.pipeline.start()
+    assert r.pipeline.wait(WAIT_S)
+    r.publisher.close()
+    read = r.metrics.stage.labels(stage="read")
+    assert read._sum.get() >= 0.4  # the sleeps alone: 4 ticks of 0.1 s before the second frame
+
+
 @CUDA_ONLY
 def test_the_cuda_path_decides_as_the_cpu_path(fx: Fixtures, tmp_path: Path) -> None:
     """Raw uint16 through the pinned buffer, converted and binned on the device, the thumbnails handed to

@@ -58,7 +58,8 @@ SPECS: tuple[MetricSpec, ...] = (
         "histogram",
         "End-to-end seconds per event, from the frame being read to its decision being ready, just before it is "
         'logged and handed to the publisher (that last step is the stage "publish" of '
-        "hitfinder_stage_duration_seconds, tens of microseconds).",
+        "hitfinder_stage_duration_seconds: tens of microseconds, milliseconds for the batch at which the log's "
+        "once-a-second flush falls due).",
         (),
         STAGE_BUCKETS,
     ),

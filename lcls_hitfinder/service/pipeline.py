@@ -266,7 +266,8 @@ class Pipeline:
                 if self._stop.is_set() or (limit is not None and n >= limit):
                     self._read_ended = "stopped" if self._stop.is_set() else "max_events"
                     break
-                t = time.perf_counter()
+                if frame is not None:  # an idle tick (None) is not an event: the wait for the next one goes on
+                    t = time.perf_counter()
         except UserError as err:  # said in one line: the source's own words
             log.error("the source failed, ending the run: %s", err)
             self.error, self._read_ended = err, "source_failed"
