@@ -88,6 +88,9 @@ class FrameFile:
         if paths[0] not in f:
             self.close()
             raise UserError(f"{self.name}: no mask {paths[0]} in {self.path}")
+        if not isinstance(f[paths[0]], h5py.Dataset):
+            self.close()
+            raise UserError(f"{self.name}: mask {paths[0]} in {self.path} is a group, not a dataset")
         mask = np.asarray(f[paths[0]][()])
         if mask.shape != shape:
             self.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import glob
+import importlib.util
 import os
 import queue
 import re
@@ -198,6 +199,35 @@ def test_bad_sources_are_one_line_errors_at_start(tmp_path: Path) -> None:
         f"lcls-hitfinder: error: dataset {tmp_path / 'none.h5'} does not exist"
     ]
     assert leftovers() == []
+
+
+def test_psana2_uris_that_psana_or_numpy_would_fail_on_in_a_traceback_are_one_line_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A directory for a file or a file for a directory, constants that are no .npz, a run number of digits
+    that int() does not take, an empty dir= (psana's default data path): each named in one line at start-up.
+    ~ is the user's home in xtc2:, dir= and constants=, as in h5:."""
+    (tmp_path / "d").mkdir()
+    np.save(tmp_path / "c.npy", np.ones(3))
+    (tmp_path / "c.txt").write_text("gain 1\n")
+    cases = [
+        (f"xtc2:{tmp_path / 'd'}?det=cam", f"file {tmp_path / 'd'} is a directory"),
+        (f"xtc2:{tmp_path / 'd'}?det=cam&constants={tmp_path / 'd'}", "is a directory"),
+        (f"exp:tstx00001:1?dir={tmp_path / 'c.npy'}", f"directory {tmp_path / 'c.npy'} is not a directory"),
+        ("exp:tstx00001:1?dir=", "the directory is empty"),
+        ("exp:tstx00001:\u00b2?det=cam", "want exp:EXPERIMENT:RUN"),
+        ("xtc2:~/nowhere.xtc2?det=cam", f"file {tmp_path / 'nowhere.xtc2'} does not exist"),
+    ]
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for name in ("c.npy", "c.txt"):
+        cases.append((f"exp:tstx00001:1?constants=~/{name}", f"constants file {tmp_path / name} is not an .npz"))
+    for uri, said in cases:
+        with pytest.raises(UserError, match=re.escape(said)):
+            open_source(uri, settings())
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "psana" else real(name, *a))
+    with pytest.raises(UserError, match=r"shmem:hutch\?det=cam: psana is not installed"):
+        open_source("shmem:hutch?det=cam", settings())  # not a reader restarted for ever on its ImportError
 
 
 def test_exp_run_directory_offline(tmp_path: Path) -> None:

@@ -1186,6 +1186,7 @@ def test_serve_switches_the_decision_log_and_metrics_off_from_the_command_line(f
     ("layout", "query", "message"),
     [
         ("group", "?data=/entry_1", "/entry_1 in {path} is a group, not the frames' dataset"),
+        ("group", "?mask=/entry_1", "mask /entry_1 in {path} is a group, not a dataset"),
         ("zero_pixels", "", "frames must be (N, H, W) or (N, P, H, W) with pixels, got (5, 0, 16)"),
         ("no_frames", "", "{path} holds no frames"),
         ("dataset", "?data=/x&mask=/y", "{path} is a dataset file; data= and mask= are for CXI files only"),

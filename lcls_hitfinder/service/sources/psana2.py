@@ -27,6 +27,7 @@ on the 2-core machine this was built on three ranks were slower than one reader 
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 import re
 import time
@@ -61,9 +62,29 @@ def flag(uri: SourceURI, name: str) -> bool:
     return value in ("1", "true", "yes")
 
 
-def _existing(uri: SourceURI, path: str, what: str) -> str:
+def _existing(uri: SourceURI, path: str, what: str, directory: bool = False) -> str:
+    """`path` (~ expanded, as h5: does) when it is there and of its kind; psana (or numpy) would fail on it in a
+    traceback, or an empty dir= read psana's default data path."""
+    if not path:
+        raise UserError(f"source {uri.raw}: the {what} is empty")
+    path = os.path.expanduser(path)
     if not Path(path).exists():
         raise UserError(f"source {uri.raw}: {what} {path} does not exist")
+    if Path(path).is_dir() != directory:
+        raise UserError(f"source {uri.raw}: {what} {path} is {'not a directory' if directory else 'a directory'}")
+    return path
+
+
+def _constants_file(uri: SourceURI, path: str) -> str:
+    """A readable .npz of calibration constants, checked in the service (a .npy or a pickle fails at start-up,
+    in one line)."""
+    path = _existing(uri, path, "constants file")
+    try:
+        with np.load(path) as npz:
+            npz.files  # noqa: B018 (an .npz opens lazily: its index is what is read)
+    except Exception as err:
+        why = f"is not an .npz of calibration constants ({type(err).__name__}: {err})"
+        raise UserError(f"source {uri.raw}: constants file {path} {why}") from None
     return path
 
 
@@ -73,7 +94,8 @@ _CONFIGURE = 2  # psana.psexp.transitionid.TransitionId.Configure, in bits 24-27
 def _xtc2_file(uri: SourceURI, path: str) -> str:
     """An XTC2 run begins with its Configure datagram (time stamp, then env); anything else would crash psana's
     reader (a segfault, five times over with the restarts) instead of failing in one line."""
-    with open(_existing(uri, path, "file"), "rb") as f:
+    path = _existing(uri, path, "file")
+    with open(path, "rb") as f:
         head = f.read(12)
     if len(head) < 12 or (int.from_bytes(head[8:12], "little") >> 24) & 0xF != _CONFIGURE:
         raise UserError(f"source {uri.raw}: {path} is not an XTC2 run (it does not begin with a Configure datagram)")
@@ -258,6 +280,10 @@ def _pulse_id(timing: Any, evt: Any) -> int | None:
 def read_loop(uri: SourceURI) -> Psana2ReadLoop:
     """Check a psana2 URI in the service process and turn it into the child's read loop."""
     uri.check_params(PARAMS)
+    spec = importlib.util.find_spec("psana")  # not imported here: the service process never loads psana
+    if spec is None or spec.origin is None or not (Path(spec.origin).parent / "psexp").is_dir():
+        why = "psana is not installed" if spec is None else "the psana installed is not psana2 (LCLS-II)"
+        raise UserError(f"source {uri.raw}: {why}: pip install 'lcls-hitfinder[psana]'")
     datasource: dict[str, Any] = {}
     if uri.scheme == "xtc2":
         datasource["files"] = _xtc2_file(uri, uri.target)
@@ -267,11 +293,11 @@ def read_loop(uri: SourceURI) -> Psana2ReadLoop:
         datasource["shmem"] = uri.target
     else:
         experiment, _, run = uri.target.partition(":")
-        if not experiment or not run.isdigit():
+        if not experiment or not (run.isascii() and run.isdigit()):
             raise UserError(f"source {uri.raw}: want exp:EXPERIMENT:RUN?dir=DIR&det=NAME")
         datasource.update(exp=experiment, run=int(run))
         if "dir" in uri.params:
-            datasource["dir"] = _existing(uri, uri.params["dir"], "directory")
+            datasource["dir"] = _existing(uri, uri.params["dir"], "directory", directory=True)
             _run_in(uri, datasource["dir"], int(run))
     for name in ("dir", "ranks", "batch"):
         if name in uri.params and uri.scheme != "exp":
@@ -291,7 +317,7 @@ def read_loop(uri: SourceURI) -> Psana2ReadLoop:
         raise UserError(f"source {uri.raw}: data={data!r} must be raw or calib")
     constants = uri.params.get("constants")
     if constants is not None:
-        _existing(uri, constants, "constants file")
+        constants = _constants_file(uri, constants)
     if not flag(uri, "calibdb"):
         datasource["skip_calib_load"] = "all"
     return Psana2ReadLoop(
