@@ -49,6 +49,9 @@ REPO = Path(__file__).resolve().parents[1]
         ("psana1:exp=amo86615:run=190:smd?det=pnccdBack", "psana1", "exp=amo86615:run=190:smd", {"det": "pnccdBack"}),
         ("h5:patterns.h5", "h5", "patterns.h5", {}),
         ("sim:?rate=120&n=10", "sim", "", {"rate": "120", "n": "10"}),
+        # a file name's + stays a +; %XX (an & or a ? in a path) is decoded
+        ("xtc2:r.xtc2?constants=/c/run+1.npz", "xtc2", "r.xtc2", {"constants": "/c/run+1.npz"}),
+        ("exp:tmo:1?dir=/d/a%26b%3F", "exp", "tmo:1", {"dir": "/d/a&b?"}),
     ],
 )
 def test_uris_parse_into_scheme_target_and_params(uri: str, scheme: str, target: str, params: dict[str, str]) -> None:
@@ -63,6 +66,8 @@ def test_uris_parse_into_scheme_target_and_params(uri: str, scheme: str, target:
         ("run7.xtc2", "not a URI"),
         ("ftp:run7", "unknown scheme 'ftp'"),
         ("sim:?rate", "cannot parse"),
+        ("sim:?rate=1&&n=2", "cannot parse"),
+        ("sim:?=1", "cannot parse"),
         ("sim:?rate=1&rate=2", "given twice"),
         ("sim:?experiment=caf\udce9", "is not valid UTF-8"),  # a Latin-1 byte from the command line
     ],

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
-from urllib.parse import parse_qsl
+from urllib.parse import unquote
 
 from lcls_hitfinder.errors import UserError
 
@@ -108,11 +108,10 @@ def parse_uri(uri: str) -> SourceURI:
     target, _, query = rest.partition("?")
     params: dict[str, str] = {}
     if query:
-        try:
-            pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True)
-        except ValueError:
-            raise UserError(f"source {uri!r}: cannot parse the parameters {query!r} (want key=value&...)") from None
-        for key, value in pairs:
+        pairs = [part.partition("=") for part in query.split("&")]
+        if not all(key and sep for key, sep, _ in pairs):
+            raise UserError(f"source {uri!r}: cannot parse the parameters {query!r} (want key=value&...)")
+        for key, value in ((unquote(k), unquote(v)) for k, _, v in pairs):  # %XX decoded; + is a file name's +
             if key in params:
                 raise UserError(f"source {uri!r}: parameter {key!r} given twice")
             params[key] = value
