@@ -14,6 +14,7 @@ import typer
 
 from lcls_hitfinder import strict_json
 from lcls_hitfinder.errors import UserError
+from lcls_hitfinder.labels import TARGET_PRECISION
 from lcls_hitfinder.paths import apart, existing, output_dir, output_file
 
 KINDS = ("twin", "cnn")
@@ -202,7 +203,9 @@ def bank_build(
     calibrate: Annotated[
         Path | None, typer.Option(help="held-out data for the threshold (default: the non-reference patterns)")
     ] = None,
-    target_precision: Annotated[float, typer.Option(help="single-hit precision the threshold aims for")] = 0.99,
+    target_precision: Annotated[
+        float, typer.Option(help="single-hit precision the threshold aims for")
+    ] = TARGET_PRECISION,
     k: Annotated[int, typer.Option(min=1, help="nearest references averaged per class")] = 5,
     method: Annotated[str, typer.Option(help="knn or prototype")] = "knn",
     seed: Annotated[int, typer.Option(min=0, max=2**32 - 1, help="seed of the reference draw")] = 0,

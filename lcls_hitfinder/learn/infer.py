@@ -15,6 +15,7 @@ from lcls_hitfinder.bank import ReferenceBank, calibrate_threshold, select_refer
 from lcls_hitfinder.dataset import Dataset
 from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.frame_file import FrameFile
+from lcls_hitfinder.labels import TARGET_PRECISION
 from lcls_hitfinder.preprocess import PEDESTAL_LEFT, PhotonCalibration, Preprocessor
 from lcls_hitfinder.service.binning import Prefilter, all_finite
 from lcls_hitfinder.service.embedder import OnnxEmbedder
@@ -94,7 +95,7 @@ def build_bank(
     per_class: int,
     by_structure: bool = False,
     calibrate: Path | None = None,
-    target_precision: float = 0.99,
+    target_precision: float = TARGET_PRECISION,
     k: int = 5,
     method: str = "knn",
     seed: int = 0,

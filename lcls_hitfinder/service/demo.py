@@ -187,7 +187,7 @@ class Demo:
         sample = self.config.simulate.model_copy(update={"seed": self.config.simulate.seed + 1})
         simulate_dataset(sample, refs, n=REFERENCE_PATTERNS, workers=1)
         model = self.model or self.config.serve.model or shipped_file("embedder.onnx")
-        bank, report = build_bank(model, refs, per_class=REFERENCES_PER_COUNT, target_precision=0.9)
+        bank, report = build_bank(model, refs, per_class=REFERENCES_PER_COUNT)
         bank.save(path)
         self.console.print(
             f"    {report['references']} references; threshold {bank.threshold:.3f} keeps singles at precision"
