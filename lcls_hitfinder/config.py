@@ -51,9 +51,11 @@ def _read(path: Path) -> dict[str, Any]:
     if kind is None:
         raise UserError(f"config {path}: give a .toml, .yaml or .yml file (the suffix says which)")
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as err:
         raise UserError(f"cannot read config {path}: {err.strerror or err}") from None
+    except UnicodeDecodeError as err:
+        raise UserError(f"config {path} is not UTF-8 (byte {err.start}): save it as UTF-8") from None
     try:
         data = tomllib.loads(text) if kind == "TOML" else yaml.load(text, Loader=_StrictYamlLoader)
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as err:
@@ -92,10 +94,19 @@ def format_validation_error(err: ValidationError, origin: str) -> str:
 def load_config(path: Path | None = None, overrides: Mapping[str, Any] | None = None) -> HitfinderConfig:
     """Parse the file (if any), apply `overrides` ({'serve.source': 'sim:'}, None values skipped)."""
     data = _read(path) if path is not None else {}
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            set_dotted(data, key, value)
+    given = {key: value for key, value in (overrides or {}).items() if value is not None}
+    for key, value in given.items():
+        set_dotted(data, key, value)
     try:
         return HitfinderConfig.model_validate(data)
     except ValidationError as err:
-        raise UserError(format_validation_error(err, str(path) if path else "command line")) from None
+        origin = "command line" if path is None or (given and _valid(_read(path))) else str(path)
+        raise UserError(format_validation_error(err, origin)) from None
+
+
+def _valid(data: dict[str, Any]) -> bool:
+    try:
+        HitfinderConfig.model_validate(data)
+    except ValidationError:
+        return False
+    return True

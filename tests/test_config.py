@@ -27,6 +27,10 @@ def test_empty_config_gives_defaults() -> None:
         ("[serve.publish]\nsndhwm = 0\n", "c.toml", r"serve\.publish\.sndhwm: Input should be greater than"),
         ("[serve]\nmax_events = true\n", "c.toml", r"serve\.max_events: a number is needed here, not true"),
         ("serve:\n  status_s: true\n", "c.yaml", r"serve\.status_s: a number is needed here, not true"),
+        # inside lists and tables too: a detector of 128 x 1, a weight of 1
+        ("[simulate.detector]\nshape = [128, true]\n", "c.toml", r"simulate\.detector\.shape: a number is needed"),
+        ("[train.augment]\nphotons = [true, 100]\n", "c.toml", r"train\.augment\.photons: a number is needed"),
+        ("[simulate]\nparticles = {0 = true}\n", "c.toml", r"simulate\.particles: a number is needed"),
         ("serve:\n  source: a\n  source: b\n", "c.yaml", "not valid YAML: .*key 'source' is given twice"),
         ("[serve]\n", "c.conf", r"c\.conf: give a \.toml, \.yaml or \.yml file"),
         ("[serve]\nproviders = []\n", "c.toml", r"serve\.providers: List should have at least 1 item"),
@@ -47,6 +51,22 @@ def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
     bad.write_text("[serve\n")
     with pytest.raises(UserError, match="not valid TOML"):
         load_config(bad)
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes("# pixels of 75 \u00b5m\n[serve]\n".encode("latin-1"))
+    with pytest.raises(UserError, match=r"latin1\.toml is not UTF-8 \(byte 15\): save it as UTF-8"):
+        load_config(latin1)
+
+
+def test_a_bad_value_is_blamed_on_where_it_came_from(tmp_path: Path) -> None:
+    """The file, or the command line when the file alone is fine (a flag's value is not the file's fault)."""
+    f = tmp_path / "s.toml"
+    f.write_text('[serve]\ndevice = "cpu"\n')
+    with pytest.raises(UserError, match=r"^config error \(command line\): serve\.device"):
+        load_config(f, {"serve.device": "gpu"})
+    f.write_text('[serve]\ndevice = "gpu"\n')
+    with pytest.raises(UserError, match=r"^config error \(.*s\.toml\): serve\.device"):
+        load_config(f, {"serve.source": "sim:"})
+    assert load_config(f, {"serve.device": "cpu"}).serve.device == "cpu"  # the flag mends the file
 
 
 def test_toml_switches_metrics_and_the_decision_log_off_with_false(tmp_path: Path) -> None:
@@ -84,8 +104,9 @@ def test_the_suffix_says_the_format_in_any_case_and_an_empty_section_takes_overr
     upper.write_text('[serve]\nsource = "sim:?rate=5"\n')
     assert load_config(upper).serve.source == "sim:?rate=5"
     empty = tmp_path / "c.yml"
-    empty.write_text("serve:\n  # every key left out\n")  # YAML reads the section as null
+    empty.write_text("serve:\n  # every key left out\n  publish:\n")  # YAML reads the sections as null
     assert load_config(empty, {"serve.source": "sim:?rate=7"}).serve.source == "sim:?rate=7"
+    assert load_config(empty) == HitfinderConfig()  # without a flag too
 
 
 def test_a_yaml_error_is_one_line(tmp_path: Path) -> None:
