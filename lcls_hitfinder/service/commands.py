@@ -91,8 +91,6 @@ def serve(
     def off(value: str | None) -> str | bool | None:  # as false in the config file switches it off
         return False if value is not None and value.lower() in ("false", "off", "none") else value
 
-    if log_dir == "":
-        raise UserError("--log-dir is empty: give a folder, or false for no decision log")
     overrides: dict[str, Any] = {
         "serve.source": source,
         "serve.model": model,

@@ -19,6 +19,13 @@ def _false_is_none(value: object) -> object:
     return None if value is False else value
 
 
+def _not_empty(value: object) -> object:
+    """An empty path is the current folder to pathlib: decision logs written wherever the service was started."""
+    if isinstance(value, str) and not value.strip():
+        raise ValueError("empty: give a path (false switches an optional one off)")
+    return value
+
+
 def _expanded(path: Path | None) -> Path | None:
     """`~` in a config file's paths, as a shell would expand it on the command line: once, here, so that the
     folder checked at start-up is the folder written."""
@@ -155,6 +162,7 @@ class ServeSettings(Section):
     )
 
     _off = field_validator("log_dir", mode="before")(_false_is_none)
+    _given = field_validator("model", "bank", "log_dir", mode="before")(_not_empty)
     _home = field_validator("model", "bank", "log_dir")(_expanded)
 
     @property
