@@ -58,15 +58,20 @@ def made_here(path: Path) -> str | None:
     return None
 
 
-def output_file(path: Path, what: str, reads: Mapping[str, Path | None] | None = None) -> Path:
+def output_file(
+    path: Path, what: str, reads: Mapping[str, Path | None] | None = None, suffix: str | None = None
+) -> Path:
     """A file to write: not a directory, in a directory that exists or can be made, none of the files the
     command reads (`reads`: option -> path), which writing would destroy before or while they are read, and
-    not an output of another kind (a mistyped --out would replace a bank or a model with no word)."""
+    not an output of another kind (a mistyped --out would replace a bank or a model with no word). With
+    `suffix` (a plot's .png), its name must end in it: the file is written in that format whatever it is called."""
     if path.is_dir():
         raise UserError(f"{what} {path} is a directory, not a file")
     for option, read in (reads or {}).items():
         if read is not None:
             apart(path, read, f"the {what} to write, {path}, is the {option} file the command reads")
+    if suffix is not None and path.suffix.lower() != suffix:
+        raise UserError(f"the {what} {path} must end in {suffix}")
     try:
         kind = made_here(path) if path.is_file() else None
     except OSError as err:  # another user's file in a shared folder

@@ -94,7 +94,8 @@ def test_a_wrong_kind_of_path_is_refused_before_any_work(args: list[str], messag
             ["bank", "pick", "--source", "h5:{d}/a_file.h5", "--picks", "{d}/p.csv", "--out", "{d}/p.csv"],
             "the reference file to write, {d}/p.csv, is the --picks file",
         ),
-        (["show", "{d}/a_file.h5", "--out", "{d}/grid"], "--out {d}/grid must end in .png"),
+        (["show", "{d}/a_file.h5", "--out", "{d}/grid"], "the PNG {d}/grid must end in .png"),
+        (["summary", "{d}/a_file.h5", "--plot", "{d}/run.txt"], "the plot {d}/run.txt must end in .png"),
         (
             ["summary", "{d}/a_file.h5", "--plot", "{d}/./a_file.h5"],
             "the plot to write, {d}/a_file.h5, is the LOG file",

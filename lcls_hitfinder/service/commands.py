@@ -381,9 +381,10 @@ def summary(
     from lcls_hitfinder.service.decision_log import read_decision_log
     from lcls_hitfinder.service.log_summary import plot_run, summarise, write_csv
 
-    for out, what in ((csv, "CSV"), (plot, "plot")):
-        if out is not None:
-            output_file(out, what, {"LOG": log_file})
+    if csv is not None:
+        output_file(csv, "CSV", {"LOG": log_file})
+    if plot is not None:
+        output_file(plot, "plot", {"LOG": log_file}, suffix=".png")
     if log_file.is_dir():  # serve.log_dir itself: its runs' logs are in it
         logs = sorted(log_file.rglob("*.h5"), key=lambda p: p.stat().st_mtime)
         newest = f"the newest of its {len(logs)}: {logs[-1]}" if logs else "it holds none"

@@ -160,9 +160,7 @@ def show(
     for path in data:
         existing(path, "dataset")
     target = out or data[0].with_suffix(".png")
-    if target.suffix.lower() != ".png":
-        raise UserError(f"--out {target} must end in .png")
-    output_file(target, "PNG", {"--config": config})
+    output_file(target, "PNG", {"--config": config}, suffix=".png")
     for path in data:
         apart(target, path, f"--out {target} is the dataset {path}, which it would overwrite")
     calibration = load_config(config).serve.configured_calibration
