@@ -35,6 +35,7 @@ def test_empty_config_gives_defaults() -> None:
         ("[serve]\n", "c.conf", r"c\.conf: give a \.toml, \.yaml or \.yml file"),
         ("[serve]\nproviders = []\n", "c.toml", r"serve\.providers: List should have at least 1 item"),
         ('[serve]\nlog_dir = ""\n', "c.toml", r"serve\.log_dir: empty: give a path"),  # not the current folder
+        ('[serve]\nproviders = ["cuda", "foo"]\n', "c.toml", r"serve\.providers: unknown onnxruntime provider 'foo'"),
         ('[serve]\nbank = " "\n', "c.toml", r"serve\.bank: empty: give a path"),
         ('[serve.publish]\nendpoint = "tcp://*:99999"\n', "c.toml", r"serve\.publish\.endpoint: .*1-65535 or \*"),
     ],

@@ -98,6 +98,12 @@ def test_source_parameters_are_checked_and_converted(tmp_path: Path, uri: str, m
     assert "\n" not in str(err.value)
 
 
+def test_a_simulated_stream_reads_its_config_when_built(tmp_path: Path) -> None:
+    """Before the service binds its ports and loads its model (open() comes after both)."""
+    with pytest.raises(UserError, match=f"cannot read config {tmp_path / 'missing.toml'}"):
+        open_source(f"sim:?config={tmp_path / 'missing.toml'}", ServeSettings())
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="asks for CUDA where there is none")
 def test_serve_device_cuda_without_a_gpu_is_refused_naming_the_key() -> None:
     with pytest.raises(UserError, match=r"^serve\.device is cuda but torch sees no CUDA device$"):

@@ -32,15 +32,24 @@ SHORT_NAMES = {"tensorrt": TENSORRT, "trt": TENSORRT, "cuda": CUDA, "cpu": CPU}
 _GPU_PROVIDERS = (TENSORRT, CUDA)
 
 
+def full_provider_name(name: str) -> str:
+    """TensorrtExecutionProvider for tensorrt (or trt), and so on; ValueError for a name onnxruntime does not know
+    (a typo would otherwise mean the CPU)."""
+    full = SHORT_NAMES.get(name.lower(), name)
+    if full not in ort.get_all_providers():
+        raise ValueError(f"unknown onnxruntime provider {name!r} (use tensorrt, cuda, cpu or a full provider name)")
+    return full
+
+
 def select_providers(preferred: Sequence[str] | None, available: Sequence[str]) -> list[str]:
     """The preferred providers (full or short names) that this build has, in order, always ending with CPU.
-    A name onnxruntime does not know is refused (a typo would otherwise mean the CPU); one it knows but this
-    build lacks is said, and skipped."""
+    A name onnxruntime does not know is refused; one it knows but this build lacks is said, and skipped."""
     chain = []
     for name in preferred or DEFAULT_PROVIDERS:
-        full = SHORT_NAMES.get(name.lower(), name)
-        if full not in ort.get_all_providers():
-            raise UserError(f"unknown onnxruntime provider {name!r} (use tensorrt, cuda, cpu or a full provider name)")
+        try:
+            full = full_provider_name(name)
+        except ValueError as err:
+            raise UserError(str(err)) from None
         if full in available and full not in chain:
             chain.append(full)
         elif preferred and full not in available:

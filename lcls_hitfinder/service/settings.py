@@ -161,6 +161,17 @@ class ServeSettings(Section):
         description="seconds between checks of the bank file for changes (at most one per publish.heartbeat_s)",
     )
 
+    @field_validator("providers")
+    @classmethod
+    def _known_providers(cls, names: list[str] | None) -> list[str] | None:
+        """Named with its key when the config is read, before the service binds a port or loads the model."""
+        if names is not None:
+            from lcls_hitfinder.service.embedder import full_provider_name  # onnxruntime: only when asked
+
+            for name in names:
+                full_provider_name(name)
+        return names
+
     _off = field_validator("log_dir", mode="before")(_false_is_none)
     _given = field_validator("model", "bank", "log_dir", mode="before")(_not_empty)
     _home = field_validator("model", "bank", "log_dir")(_expanded)

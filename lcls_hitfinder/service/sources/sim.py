@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from lcls_hitfinder.config import load_config
 from lcls_hitfinder.dataset import Batch
 from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.protocols import EventId, Frame
@@ -43,7 +44,9 @@ class SimSource:
         self.seed: int | None = uri.get("seed", int, 0, at_least=0) if "seed" in uri.params else None
         self.experiment = uri.get("experiment", str, "sim")
         self.run = uri.get("run", int, 1, at_least=0)
-        self.config = uri.params.get("config")
+        config = uri.params.get("config")
+        # read here, at start-up, before the service binds its ports: a missing or bad file is one line then
+        self.simulate = load_config(Path(config).expanduser() if config else None).simulate
         self.frame_shape: tuple[int, ...] | None = None
         self.mask: np.ndarray | None = None
         self.restarts = 0
@@ -52,10 +55,9 @@ class SimSource:
         self._thread: threading.Thread | None = None
 
     def open(self, cancel: threading.Event | None = None) -> None:  # opens at once: nothing to cancel
-        from lcls_hitfinder.config import load_config
         from lcls_hitfinder.simulate.generate import PatternGenerator
 
-        sim = load_config(Path(self.config) if self.config else None).simulate
+        sim = self.simulate
         generator = PatternGenerator(
             sim, seed=sim.seed if self.seed is None else self.seed
         )  # the URI's, else the file's
