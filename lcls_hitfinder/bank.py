@@ -66,6 +66,9 @@ class ReferenceBank:
     structure: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=object))
     # the [serve.calibration] (gain, offset, threshold) its references were picked with; None: simulated ones
     picked_with: dict[str, float] | None = None
+    # (K, 16) digests of the patterns it was built from, references and calibration set (dataset.pattern_digests):
+    # `evaluate` says when the data under test are among them
+    seen: np.ndarray = field(default_factory=lambda: np.zeros((0, 16), np.uint8))
 
     def __post_init__(self) -> None:
         self.embeddings = np.asarray(self.embeddings, np.float32)
@@ -145,6 +148,7 @@ class ReferenceBank:
             f.create_dataset("n_particles", data=self.n_particles.astype(np.int8))
             structure = self.structure if len(self.structure) == len(self.embeddings) else [""] * len(self.embeddings)
             f.create_dataset("structure", data=np.asarray(structure, dtype=object), dtype=h5py.string_dtype())
+            f.create_dataset("seen", data=np.asarray(self.seen, np.uint8).reshape(-1, 16))
             f.attrs.update(
                 format_version=BANK_FORMAT_VERSION,
                 model_hash=self.model_hash,
@@ -180,6 +184,7 @@ class ReferenceBank:
                     k=int(a["k"]),
                     threshold=float(a["threshold"]),
                     picked_with=json.loads(a["picked_with"]) if "picked_with" in a else None,
+                    seen=f["seen"][()] if "seen" in f else np.zeros((0, 16), np.uint8),  # banks before 2026-12-07
                 )
         except (OSError, KeyError, ValueError, TypeError, AttributeError) as err:  # AttributeError: a group
             raise UserError(f"cannot read bank {path}: {' '.join(str(err).split())}") from None  # one line

@@ -284,16 +284,34 @@ def shared_count(first: Iterable[np.ndarray], second: Iterable[np.ndarray]) -> i
     return sum(d in seen for d in _pattern_digests(second))
 
 
-def shared_patterns(first: Path, second: Path, chunk: int = 512) -> int:
-    """`shared_count` of two files: two simulated with the same seed and settings share their first patterns
-    (`simulate` draws chunk by chunk from its seed), so data held out by file name alone may not be."""
-
-    def patterns(path: Path) -> Iterator[np.ndarray]:
-        with Dataset(path) as d:
+def _file_patterns(path: Path, rows: np.ndarray | None = None, chunk: int = 512) -> Iterator[np.ndarray]:
+    """A file's patterns (or those of `rows`), read chunk by chunk."""
+    with Dataset(path) as d:
+        if rows is None:
             for lo in range(0, len(d), chunk):
                 yield from d.images(slice(lo, lo + chunk))
+            return
+        rows = np.sort(rows)
+        for lo in range(0, len(rows), chunk):
+            yield from d.images(rows[lo : lo + chunk])
 
-    return shared_count(patterns(first), patterns(second))
+
+def shared_patterns(first: Path, second: Path) -> int:
+    """`shared_count` of two files: two simulated with the same seed and settings share their first patterns
+    (`simulate` draws chunk by chunk from its seed), so data held out by file name alone may not be."""
+    return shared_count(_file_patterns(first), _file_patterns(second))
+
+
+def pattern_digests(path: Path, rows: np.ndarray | None = None) -> np.ndarray:
+    """(K, 16) uint8: the digests of a file's patterns (or of `rows`), constant ones left out, for a bank to
+    remember what it was built from."""
+    return np.frombuffer(b"".join(_pattern_digests(_file_patterns(path, rows))), np.uint8).reshape(-1, 16).copy()
+
+
+def seen_count(seen: np.ndarray, path: Path) -> int:
+    """How many patterns of the file at `path` have one of the digests `seen` (`pattern_digests`)."""
+    known = {bytes(row) for row in seen}
+    return sum(d in known for d in _pattern_digests(_file_patterns(path)))
 
 
 def shared_said(n: int, first: Path, second: Path, what: str) -> str:

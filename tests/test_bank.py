@@ -90,12 +90,14 @@ def test_save_load_and_model_check(tmp_path: Path) -> None:
     bank = _bank("prototype")
     bank.threshold = 0.25
     bank.structure = np.array([f"s{i % 3}" for i in range(len(bank.n_particles))], dtype=object)
+    bank.seen = np.arange(32, dtype=np.uint8).reshape(2, 16)
     bank.save(tmp_path / "b.h5")
     loaded = ReferenceBank.load(tmp_path / "b.h5", expected_model_hash="abc")
     np.testing.assert_array_equal(loaded.embeddings, bank.embeddings)
     np.testing.assert_array_equal(loaded.n_particles, bank.n_particles)
     assert loaded.structure.tolist() == bank.structure.tolist()
     assert loaded.threshold == 0.25 and loaded.k == 3 and loaded.method == "prototype"
+    np.testing.assert_array_equal(loaded.seen, bank.seen)
     with pytest.raises(BankMismatch, match="built for model abc"):
         ReferenceBank.load(tmp_path / "b.h5", expected_model_hash="other")
 

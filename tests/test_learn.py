@@ -166,6 +166,19 @@ def test_bank_classify_and_evaluate(data: Path, model: Path, tmp_path: Path) -> 
     with Dataset(data / "test.h5") as d:
         assert sum(r["pairs"] for r in pairs) == int((d.n_particles == 2).sum()) > 0
     assert [r["pairs"] > 0 for r in pairs] == [False] * 5 + [True]
+    assert metrics["patterns_the_bank_was_built_from"] == 0
+
+    # the bank's own file under test: every pattern was a reference or calibrated the threshold (blanks of
+    # constant pixels aside: every noise-free simulation has them)
+    own = ["evaluate", "--model", model, "--bank", bank_path, "--data", data / "val.h5", "--report", tmp_path / "o"]
+    judged = subprocess.run([cli, *own], capture_output=True, text=True, timeout=300)
+    assert judged.returncode == 0, judged.stderr
+    with Dataset(data / "val.h5") as d:
+        lit = sum(int(im.min() != im.max()) for im in d.images())
+    own_metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert lit > 0 and own_metrics["patterns_the_bank_was_built_from"] == lit
+    said = " ".join(judged.stderr.split())
+    assert f"warning: {lit} patterns of {data / 'val.h5'} are among the bank's references or calibration" in said
 
 
 def test_bank_build_says_which_file_lacks_singles_to_calibrate_on(data: Path, model: Path, tmp_path: Path) -> None:

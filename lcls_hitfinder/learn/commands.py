@@ -508,6 +508,15 @@ def _evaluate_into(
         if ref_bank is None:
             metrics["protocol"] = protocol
         else:
+            from lcls_hitfinder.dataset import seen_count
+
+            metrics["patterns_the_bank_was_built_from"] = seen = seen_count(ref_bank.seen, data)
+            if seen:
+                typer.echo(
+                    f"warning: {seen} patterns of {data} are among the bank's references or calibration patterns, "
+                    f"pixel for pixel: they judge themselves. Evaluate on data the bank was not built from",
+                    err=True,
+                )
             metrics["threshold"] = ref_bank.threshold
             # beside the calibrated threshold, the plain nearer-class decision (threshold 0)
             ref_bank.threshold = 0.0

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from lcls_hitfinder.bank import ReferenceBank, calibrate_threshold, select_references
-from lcls_hitfinder.dataset import Dataset
+from lcls_hitfinder.dataset import Dataset, pattern_digests
 from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.frame_file import FrameFile
 from lcls_hitfinder.labels import TARGET_PRECISION
@@ -125,9 +125,12 @@ def build_bank(
     if calibrate is not None:
         with Dataset(calibrate) as c:
             cal_emb, cal_n = embed_dataset(embedder, c), c.n_particles
+        calibration_digests = pattern_digests(calibrate)
     else:
         rest = np.setdiff1d(np.arange(len(n)), refs)
         cal_emb, cal_n = emb[rest], n[rest]
+        calibration_digests = pattern_digests(data, rest)
+    bank.seen = np.unique(np.concatenate([pattern_digests(data, refs), calibration_digests]), axis=0)
     if not (cal_n == 1).any():  # say which file lacks them, and what to do
         if calibrate is not None:
             raise UserError(f"{calibrate} has no single hits to calibrate the threshold on")
