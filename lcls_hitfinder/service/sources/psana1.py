@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.protocols import EventId
 from lcls_hitfinder.service.reader import Delivered, FrameSink, SupervisedSource
+from lcls_hitfinder.service.sources import psana_timestamp
 from lcls_hitfinder.service.sources.psana2 import flag
-from lcls_hitfinder.service.sources.xtc2_writer import EPICS_EPOCH_UNIX
 
 if TYPE_CHECKING:
     from lcls_hitfinder.service.settings import ServeSettings
@@ -102,7 +102,7 @@ class Psana1ReadLoop:
                 experiment=experiment,
                 run=run,
                 event=index,
-                timestamp=((int(sec) - EPICS_EPOCH_UNIX) << 32) | int(nsec),
+                timestamp=psana_timestamp(int(sec) * 1_000_000_000 + int(nsec)),
                 pulse_id=int(eid.fiducials()),
             )
             sink.put(event, data, None, read_ns)

@@ -24,23 +24,12 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from lcls_hitfinder.errors import UserError
+from lcls_hitfinder.service.sources import psana_timestamp, unix_ns
 from lcls_hitfinder.service.sources.shmem_server import psana_tool
 
 TRUTH_DETECTOR = "hitfinder_truth"
 TIMING_DETECTOR = "timing"
-EPICS_EPOCH_UNIX = 631152000  # 1990-01-01 UTC in unix seconds: psana timestamps count from there
 PULSES_PER_SECOND = 928_571  # LCLS-II timing: 1.3 GHz / 1400
-
-
-def psana_timestamp(unix_ns: int) -> int:
-    """psana's 64-bit timestamp: seconds since 1990-01-01 UTC in the upper 32 bits, nanoseconds below."""
-    sec, nsec = divmod(unix_ns, 1_000_000_000)
-    return ((sec - EPICS_EPOCH_UNIX) << 32) | nsec
-
-
-def unix_ns(timestamp: int) -> int:
-    """The inverse of psana_timestamp: nanoseconds since 1970."""
-    return ((timestamp >> 32) + EPICS_EPOCH_UNIX) * 1_000_000_000 + (timestamp & 0xFFFFFFFF)
 
 
 class Xtc2Writer:
