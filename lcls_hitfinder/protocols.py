@@ -20,6 +20,18 @@ if TYPE_CHECKING:  # annotations only: a psana reader process imports this modul
     from lcls_hitfinder.service.binning import ReaderBinning
 
 RunKey = tuple[str, int]  # (experiment, run): run numbers start again in each experiment
+EPICS_EPOCH_UNIX = 631_152_000  # 1990-01-01 UTC in unix seconds: psana timestamps count from there
+
+
+def psana_timestamp(unix_ns: int) -> int:
+    """The psana 64-bit timestamp (seconds since 1990-01-01 UTC << 32 | nanoseconds) of a unix time in ns."""
+    sec, nsec = divmod(unix_ns, 1_000_000_000)
+    return (sec - EPICS_EPOCH_UNIX) << 32 | nsec
+
+
+def unix_ns(timestamp: int) -> int:
+    """The inverse of psana_timestamp: nanoseconds since 1970."""
+    return ((timestamp >> 32) + EPICS_EPOCH_UNIX) * 1_000_000_000 + (timestamp & 0xFFFFFFFF)
 
 
 @dataclass(frozen=True)

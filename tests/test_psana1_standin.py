@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 
 from lcls_hitfinder.errors import UserError
-from lcls_hitfinder.protocols import Frame
+from lcls_hitfinder.protocols import EPICS_EPOCH_UNIX, Frame
 from lcls_hitfinder.service.settings import ServeSettings
-from lcls_hitfinder.service.sources import EPICS_EPOCH_UNIX, open_source
+from lcls_hitfinder.service.sources import open_source
 
 STANDIN = Path(__file__).parent / "psana1_standin"
 

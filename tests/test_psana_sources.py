@@ -26,10 +26,10 @@ import pytest
 from psana_helpers import RATE, START_NS, frame_of, leftovers, write_run
 
 from lcls_hitfinder.errors import UserError
-from lcls_hitfinder.protocols import Frame, RunEnd, Source
+from lcls_hitfinder.protocols import Frame, RunEnd, Source, psana_timestamp
 from lcls_hitfinder.service.reader import Delivered, FrameSink, SupervisedReader
 from lcls_hitfinder.service.settings import ServeSettings
-from lcls_hitfinder.service.sources import open_source, parse_uri, psana_timestamp
+from lcls_hitfinder.service.sources import open_source, parse_uri
 from lcls_hitfinder.service.sources.psana2 import Psana2ReadLoop, read_loop
 from lcls_hitfinder.service.sources.shmem_server import ShmemServer
 from lcls_hitfinder.service.sources.xtc2_writer import Xtc2Writer, exp_layout

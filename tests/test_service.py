@@ -24,7 +24,7 @@ from lcls_hitfinder.cli import app
 from lcls_hitfinder.config import load_config
 from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.model_io import ModelInfo, read_model_info
-from lcls_hitfinder.protocols import Frame
+from lcls_hitfinder.protocols import Frame, psana_timestamp
 from lcls_hitfinder.service import messages, metrics, settings
 from lcls_hitfinder.service.batcher import Batcher
 from lcls_hitfinder.service.binning import readers_bin
@@ -34,7 +34,7 @@ from lcls_hitfinder.service.decision_log import DecisionLog, read_decision_log
 from lcls_hitfinder.service.embedder import CPU, CUDA, TENSORRT, provider_options, select_providers
 from lcls_hitfinder.service.pick import read_picks
 from lcls_hitfinder.service.settings import ServeSettings
-from lcls_hitfinder.service.sources import REGISTRY, open_source, parse_uri, psana_timestamp
+from lcls_hitfinder.service.sources import REGISTRY, open_source, parse_uri
 
 REPO = Path(__file__).resolve().parents[1]
 

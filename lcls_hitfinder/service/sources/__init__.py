@@ -35,7 +35,6 @@ REGISTRY: dict[str, str] = {
 }
 
 TICK_S = 0.5  # the longest a source may go without yielding (a frame or an idle tick), see protocols.Source
-EPICS_EPOCH_UNIX = 631_152_000  # 1990-01-01 UTC in unix seconds: psana timestamps count from there
 
 _SCHEME = re.compile(r"^([a-z][a-z0-9]*):(.*)$", re.DOTALL)
 
@@ -128,17 +127,6 @@ def open_source(uri: str | SourceURI, settings: ServeSettings) -> Source:
         raise UserError(f"source {parsed.raw}: the {parsed.scheme}: backend is unavailable ({err})") from None
     source: Source = getattr(module, class_name)(parsed, settings)
     return source
-
-
-def psana_timestamp(unix_ns: int) -> int:
-    """The psana 64-bit timestamp (seconds since 1990-01-01 UTC << 32 | nanoseconds) of a unix time in ns."""
-    sec, nsec = divmod(unix_ns, 1_000_000_000)
-    return (sec - EPICS_EPOCH_UNIX) << 32 | nsec
-
-
-def unix_ns(timestamp: int) -> int:
-    """The inverse of psana_timestamp: nanoseconds since 1970."""
-    return ((timestamp >> 32) + EPICS_EPOCH_UNIX) * 1_000_000_000 + (timestamp & 0xFFFFFFFF)
 
 
 class Pacer:

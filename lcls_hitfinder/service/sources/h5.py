@@ -22,9 +22,9 @@ import numpy as np
 from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.frame_file import FrameFile
 from lcls_hitfinder.preprocess import PhotonCalibration
-from lcls_hitfinder.protocols import EventId, Frame, Source
+from lcls_hitfinder.protocols import EventId, Frame, Source, psana_timestamp
 from lcls_hitfinder.service.settings import ServeSettings
-from lcls_hitfinder.service.sources import Pacer, SourceURI, psana_timestamp
+from lcls_hitfinder.service.sources import Pacer, SourceURI
 
 _CHUNK = 16  # frames read per HDF5 access
 log = logging.getLogger(__name__)

@@ -22,9 +22,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from lcls_hitfinder.errors import UserError
-from lcls_hitfinder.protocols import EventId
+from lcls_hitfinder.protocols import EventId, psana_timestamp
 from lcls_hitfinder.service.reader import Delivered, FrameSink, SupervisedSource
-from lcls_hitfinder.service.sources import psana_timestamp
 from lcls_hitfinder.service.sources.psana2 import flag
 
 if TYPE_CHECKING:

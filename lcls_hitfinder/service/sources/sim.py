@@ -20,9 +20,9 @@ import numpy as np
 from lcls_hitfinder.config import load_config
 from lcls_hitfinder.dataset import Batch
 from lcls_hitfinder.errors import UserError
-from lcls_hitfinder.protocols import EventId, Frame
+from lcls_hitfinder.protocols import EventId, Frame, psana_timestamp
 from lcls_hitfinder.service.settings import ServeSettings
-from lcls_hitfinder.service.sources import TICK_S, Pacer, SourceURI, psana_timestamp
+from lcls_hitfinder.service.sources import TICK_S, Pacer, SourceURI
 
 if TYPE_CHECKING:
     from lcls_hitfinder.simulate.generate import PatternGenerator

@@ -24,7 +24,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from lcls_hitfinder.errors import UserError
-from lcls_hitfinder.service.sources import psana_timestamp, unix_ns
+from lcls_hitfinder.protocols import psana_timestamp, unix_ns
 from lcls_hitfinder.service.sources.shmem_server import psana_tool
 
 TRUTH_DETECTOR = "hitfinder_truth"
