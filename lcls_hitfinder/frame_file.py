@@ -3,13 +3,16 @@
 One reader for the service's `h5:` source and for offline `classify`, so both see the same frames and the
 same mask. CXI: frames from `/entry_1/data_1/data` (N, H, W) or (N, P, H, W), any dtype, as stored (raw
 ADU or photons), and the CXI pixel mask (non-zero = bad), by default the first of /entry_1/data_1/mask and
-/entry_1/instrument_1/detector_1/mask present.
+/entry_1/instrument_1/detector_1/mask present. Each frame's event, where the file records it as the LCLS
+hit finders write it (Cheetah, psocake, OM: /LCLS/machineTime and machineTimeNanoSeconds, psana1's unix
+time of the event, /LCLS/fiducial, /LCLS/eventNumber): `events`.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -19,12 +22,25 @@ import numpy as np
 from lcls_hitfinder.dataset import Dataset
 from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.preprocess import PhotonCalibration
+from lcls_hitfinder.protocols import EPICS_EPOCH_UNIX
 
 CXI_DATA = "/entry_1/data_1/data"
+CXI_TIME = ("/LCLS/machineTime", "/LCLS/machineTimeNanoSeconds")  # unix seconds, nanoseconds (psana1's EventId)
+CXI_FIDUCIAL = "/LCLS/fiducial"
+CXI_EVENT = "/LCLS/eventNumber"
 CXI_MASKS = ("/entry_1/data_1/mask", "/entry_1/instrument_1/detector_1/mask")
 MOSTLY_BAD = 0.5  # a detector's mask (gaps, beam stop, bad pixels) leaves most of it good
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RecordedEvents:
+    """Per frame of a CXI file, the event it was taken from: to match decisions with psana's events."""
+
+    timestamp: np.ndarray  # psana's 64-bit timestamps (protocols.psana_timestamp)
+    pulse_id: np.ndarray | None  # LCLS-I fiducials
+    event: np.ndarray | None  # the event's number in its run
 
 
 class FrameFile:
@@ -37,6 +53,7 @@ class FrameFile:
         self.mask: np.ndarray | None = None
         self.truth: np.ndarray | None = None
         self.calibration: PhotonCalibration | None = None  # a dataset's own, when it holds ADU
+        self.events: RecordedEvents | None = None  # a CXI file's, when it records them
         self._dataset: Dataset | None = None
         self._file: h5py.File | None = None
         if path.is_dir():
@@ -71,6 +88,7 @@ class FrameFile:
             shape = tuple(images.shape)
             if len(shape) in (3, 4):
                 self.mask = self._cxi_mask(f, mask_path, shape[1:])
+            self.events = self._cxi_events(f, shape[0])
             self._read = images.__getitem__
         if len(shape) not in (3, 4) or 0 in shape[1:]:
             self.close()
@@ -105,6 +123,21 @@ class FrameFile:
                 100 * (1 - good.mean()),
             )
         return good
+
+    def _cxi_events(self, f: h5py.File, n: int) -> RecordedEvents | None:
+        """The frames' events, where /LCLS records a time for each frame (a file without one, or with columns of
+        another length, is said and numbered by position: a half-written file's columns may run ahead)."""
+        if not all(isinstance(f.get(p), h5py.Dataset) for p in CXI_TIME):
+            return None
+        columns = {p: f[p] for p in (*CXI_TIME, CXI_FIDUCIAL, CXI_EVENT) if isinstance(f.get(p), h5py.Dataset)}
+        wrong = [f"{p} {c.shape}" for p, c in columns.items() if c.shape != (n,)]
+        if wrong:
+            log.warning("%s: %s for %d frames: events numbered by position", self.name, ", ".join(wrong), n)
+            return None
+        seconds, nanoseconds = (np.asarray(f[p][()], np.int64) for p in CXI_TIME)
+        timestamp = (seconds - EPICS_EPOCH_UNIX) << 32 | nanoseconds
+        given = {p: np.asarray(c[()], np.int64) for p, c in columns.items() if p not in CXI_TIME}
+        return RecordedEvents(timestamp, given.get(CXI_FIDUCIAL), given.get(CXI_EVENT))
 
     def conflicting_units(self, configured: PhotonCalibration) -> str | None:
         """What to say when a configured gain and offset differ from the units a dataset records (a dataset

@@ -4,6 +4,7 @@ provider choice, the h5: and sim: sources, the decision log and the metrics endp
 from __future__ import annotations
 
 import dataclasses
+import logging
 import queue
 import re
 import subprocess
@@ -380,6 +381,41 @@ def test_cxi_frames_with_mask_and_repeat(tmp_path: Path) -> None:
     assert {(f.event.experiment, f.event.run) for f in frames} == {("cxilr1234", 5)}
     np.testing.assert_array_equal(frames[4].data, data[1])
     assert frames[0].data.dtype == np.uint16 and frames[0].truth_n_particles is None
+
+
+def test_a_cxi_file_of_lcls_hits_gives_each_decision_its_recorded_event(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """/LCLS/machineTime, machineTimeNanoSeconds (psana1's unix time of the event), fiducial and eventNumber,
+    as Cheetah, psocake and OM write them: the event's psana timestamp, pulse id and number, on every pass.
+    Columns of another length than the frames (a file still being written) are said; frames numbered then."""
+    path = tmp_path / "cxilr1234-r0005.cxi"
+    seconds, nanoseconds = [1_700_000_000, 1_700_000_000, 1_700_000_001], [5, 8_333_338, 7]
+    with h5py.File(path, "w") as f:
+        f["/entry_1/data_1/data"] = np.zeros((3, 4, 5), np.uint16)
+        f["/LCLS/machineTime"] = np.array(seconds, np.int32)
+        f["/LCLS/machineTimeNanoSeconds"] = np.array(nanoseconds, np.int32)
+        f["/LCLS/fiducial"] = np.array([360, 363, 9], np.int32)
+        f["/LCLS/eventNumber"] = np.array([17, 18, 140], np.int64)
+    src = open_source(f"h5:{path}?repeat=2&run=5", ServeSettings())
+    src.open()
+    events = [f.event for f in src.frames() if f is not None]
+    src.close()
+    expected = [psana_timestamp(s * 10**9 + ns) for s, ns in zip(seconds, nanoseconds, strict=True)]
+    assert [e.timestamp for e in events] == expected * 2
+    assert [(e.event, e.pulse_id) for e in events] == [(17, 360), (18, 363), (140, 9)] * 2
+    assert {(e.experiment, e.run) for e in events} == {("cxilr1234-r0005", 5)}
+
+    with h5py.File(path, "a") as f:
+        del f["/LCLS/fiducial"]
+        f["/LCLS/fiducial"] = np.zeros(2, np.int32)
+    src = open_source(f"h5:{path}", ServeSettings())
+    with caplog.at_level(logging.WARNING):
+        src.open()
+    events = [f.event for f in src.frames() if f is not None]
+    src.close()
+    assert [(e.event, e.pulse_id) for e in events] == [(0, None), (1, None), (2, None)]
+    assert "/LCLS/fiducial (2,) for 3 frames: events numbered by position" in caplog.text
 
 
 def test_an_h5_file_that_is_neither_format_is_refused(tmp_path: Path) -> None:

@@ -49,11 +49,22 @@ FIELDS: dict[str, tuple[FieldSpec, ...]] = {
             "experiment", "str", "experiment name (psana), e.g. `tmoc00123`; `sim` or the file stem otherwise", "str"
         ),
         FieldSpec("run", "int", "run number", "i8"),
-        FieldSpec("event", "int", "event index within the run, from 0", "i8"),
-        FieldSpec("timestamp", "int", "psana 64-bit timestamp: seconds since 1990-01-01 << 32 | nanoseconds", "u8"),
+        FieldSpec(
+            "event", "int", "event index within the run, from 0 (a CXI file's: the event number it records)", "i8"
+        ),
+        FieldSpec(
+            "timestamp",
+            "int",
+            "psana 64-bit timestamp: seconds since 1990-01-01 << 32 | nanoseconds (the event's; for files without "
+            "one, h5: datasets and sim:, when the frame was read)",
+            "u8",
+        ),
         FieldSpec("time_ns", "int", "unix time in ns when the decision was made", "i8"),
         FieldSpec(
-            "pulse_id", "int | nil", "accelerator pulse id when a timing detector is recorded (-1 in the log)", "i8"
+            "pulse_id",
+            "int | nil",
+            "accelerator pulse id when a timing detector is recorded (LCLS-I, CXI files: the fiducial; -1 in the log)",
+            "i8",
         ),
         FieldSpec("label", "str", "`blank`, `single`, `multi` or `error`", "str"),
         FieldSpec("decision", "str", "`keep` (a single hit) or `veto`", "str"),

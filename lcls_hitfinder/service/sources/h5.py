@@ -5,7 +5,9 @@ forever), `memory=1` to read the whole file first (benchmarks), `experiment=NAME
 stem), `run=N` (default 0). CXI files: frames from `data=/entry_1/data_1/data` (N, H, W) or (N, P, H, W),
 any dtype, and the CXI pixel mask (non-zero = bad) from `mask=...`, by default the first of
 /entry_1/data_1/mask and /entry_1/instrument_1/detector_1/mask present (lcls_hitfinder/frame_file.py,
-which `classify` reads files with too).
+which `classify` reads files with too). A CXI file that records its frames' events (/LCLS/machineTime...,
+as LCLS hit finders write it) gives each decision its event's timestamp, pulse id and number; otherwise
+a frame is numbered by its place in the stream and stamped when it is read.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from lcls_hitfinder.errors import UserError
-from lcls_hitfinder.frame_file import FrameFile
+from lcls_hitfinder.frame_file import FrameFile, RecordedEvents
 from lcls_hitfinder.preprocess import PhotonCalibration
 from lcls_hitfinder.protocols import EventId, Frame, Source, psana_timestamp
 from lcls_hitfinder.service.settings import ServeSettings
@@ -51,6 +53,7 @@ class H5Source:
         self.calibration: PhotonCalibration | None = None  # a dataset's own, when it holds ADU
         self.restarts = 0
         self._truth: np.ndarray | None = None
+        self._events: RecordedEvents | None = None
         self._read: Callable[[slice], np.ndarray] | None = None
         self._n = 0
         self._file: FrameFile | None = None
@@ -58,6 +61,7 @@ class H5Source:
     def open(self, cancel: threading.Event | None = None) -> None:  # opens at once: nothing to cancel
         f = self._file = FrameFile(self.path, f"source {self.uri}", self._data_path, self._mask_path)
         self.mask, self._truth, self._n, self.frame_shape = f.mask, f.truth, len(f), f.shape
+        self._events = f.events
         self.calibration = f.calibration
         self._read = f.images
         if self.memory:
@@ -76,9 +80,18 @@ class H5Source:
                 for i, data in enumerate(chunk):
                     yield from pacer.wait()
                     truth = None if self._truth is None else int(self._truth[lo + i])
-                    ident = EventId(self.experiment, self.run, event, psana_timestamp(time.time_ns()))
-                    yield Frame(ident, data, time.perf_counter_ns(), truth)
+                    yield Frame(self._event_id(lo + i, event), data, time.perf_counter_ns(), truth)
                     event += 1
+
+    def _event_id(self, row: int, event: int) -> EventId:
+        """The event the file records for frame `row` (a repeat replays it as it is); else the `event`-th frame
+        served, stamped now."""
+        e = self._events
+        if e is None:
+            return EventId(self.experiment, self.run, event, psana_timestamp(time.time_ns()))
+        number = row if e.event is None else int(e.event[row])
+        pulse = None if e.pulse_id is None else int(e.pulse_id[row])
+        return EventId(self.experiment, self.run, number, int(e.timestamp[row]), pulse)
 
     def close(self) -> None:
         if self._file is not None:
