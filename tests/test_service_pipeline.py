@@ -755,7 +755,7 @@ def test_a_failed_batch_is_errors_and_counted_as_errors_only(
         raise RuntimeError("the GPU fell off the bus")
 
     monkeypatch.setattr(OnnxEmbedder, "embed", broken)
-    batch = {"max_size": 4, "max_wait_ms": 5000}  # one batch of the four (the source ends before 5 s)
+    batch = {"max_size": 4, "max_wait_ms": 1000}  # one batch of the four (the source ends before 1 s)
     settings = _settings(tmp_path, prefilter={"kind": "lit_pixels", "min_lit_pixels": 20}, batch=batch)
     r = _start(settings, ListSource(frames), fx.model, fx.bank)
     r.pipeline.start()
@@ -1605,7 +1605,7 @@ class OddIdentitySource(ListSource):
 
 def test_an_identity_the_log_cannot_hold_costs_that_event_alone_and_is_counted(fx: Fixtures, tmp_path: Path) -> None:
     frames = list(np.random.default_rng(4).poisson(1.0, (12, SIDE, SIDE)).astype(np.float32))
-    settings = _settings(tmp_path, batch={"max_size": 8, "max_wait_ms": 5000})  # event 5 inside a batch of 8
+    settings = _settings(tmp_path, batch={"max_size": 8, "max_wait_ms": 1000})  # event 5 inside a batch of 8
     decisions, end, r = _serve_one_run(fx, settings, OddIdentitySource(frames))
     assert r.pipeline.error is None
     columns, attrs = read_decision_log(r.pipeline.logs[0])
@@ -1662,7 +1662,7 @@ def test_a_failure_between_runs_of_one_batch_counts_the_frames_after_it(
 
     monkeypatch.setattr(ZmqPublisher, "publish", failing)
     source = TwoRunSource(list(np.random.default_rng(8).poisson(1.0, (4, SIDE, SIDE)).astype(np.uint16)), lambda: None)
-    batch = {"max_size": 16, "max_wait_ms": 5000}  # all of both runs in one batch (the source ends before 5 s)
+    batch = {"max_size": 16, "max_wait_ms": 1000}  # all of both runs in one batch (the source ends before 1 s)
     r = _start(_settings(tmp_path, batch=batch), source, fx.model, fx.bank)
     r.pipeline.start()
     assert r.pipeline.wait(WAIT_S)
