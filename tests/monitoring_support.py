@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from lcls_hitfinder.service.metrics import SPECS
+from lcls_hitfinder.service.metrics import SPECS, ServiceMetrics
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -101,14 +101,16 @@ def series_names(promql: str) -> set[str]:
 
 
 def exported_series() -> set[str]:
-    """Every series name the service exports, from the one table in lcls_hitfinder/service/metrics.py."""
+    """Every series name the service exports: the one table in lcls_hitfinder/service/metrics.py, and the
+    process metrics of its registry (process_start_time_seconds...)."""
     out = set()
     for spec in SPECS:
         if spec.kind == "histogram":
             out |= {f"{spec.name}_bucket", f"{spec.name}_sum", f"{spec.name}_count"}
         else:
             out.add(spec.name)
-    return out
+    registry = ServiceMetrics().registry
+    return out | {s.name for family in registry.collect() for s in family.samples if s.name.startswith("process_")}
 
 
 def recorded_series() -> set[str]:

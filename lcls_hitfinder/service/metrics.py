@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
 
 from lcls_hitfinder.labels import Label
 
@@ -167,6 +167,9 @@ class ServiceMetrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        # process_start_time_seconds, CPU and memory: a service restarting in a loop shows as its start time
+        # changing (HitfinderRestarting), where `up` only flickers between scrapes
+        ProcessCollector(registry=self.registry)
         self.events = self._counter("hitfinder_events_total")
         self.stage = self._histogram("hitfinder_stage_duration_seconds")
         self.latency = self._histogram("hitfinder_latency_seconds")
@@ -245,6 +248,10 @@ def markdown() -> str:
         labels = ", ".join(f"`{label}`" for label in s.labels) or "-"
         lines.append(f"| `{s.name}` | {s.kind} | {labels} | {s.help} |")
     lines += [
+        "",
+        "Also prometheus-client's process metrics: `process_start_time_seconds` (each start of the service; the",
+        "alert HitfinderRestarting counts its changes), `process_cpu_seconds_total`, `process_resident_memory_bytes`,",
+        "`process_open_fds`.",
         "",
         f"Stage and latency histogram buckets (seconds): {', '.join(f'{b:g}' for b in STAGE_BUCKETS)}.",
         f"Batch size buckets: {', '.join(f'{b:g}' for b in BATCH_BUCKETS)}.",
