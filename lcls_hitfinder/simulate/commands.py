@@ -69,7 +69,9 @@ def simulate(
     ] = None,
     fluence_jitter: Annotated[float | None, typer.Option(help="relative shot-to-shot fluence spread")] = None,
     noise: Annotated[str | None, typer.Option(help="none, poisson or poisson+gaussian")] = None,
-    gaussian_sigma: Annotated[float | None, typer.Option(help="Gaussian read noise sd, photons")] = None,
+    gaussian_sigma: Annotated[
+        float | None, typer.Option(help="Gaussian read noise sd, in photons (ADU with noise.adu_gain)")
+    ] = None,
     beamstop_px: Annotated[float | None, typer.Option(help="beam-stop radius, pixels")] = None,
     seed: Annotated[int | None, typer.Option(help="random seed")] = None,
     workers: Annotated[int | None, typer.Option(help="parallel processes")] = None,
