@@ -238,7 +238,9 @@ class Dataset:
         return Batch(
             images=self.images(sel),
             n_particles=self.n_particles[sel],
-            structure=self.structure[sel] if "structure" in f else np.full(n, "", dtype=object),
+            structure=np.asarray(f["structure"].asstr()[sel], dtype=object)  # those rows only, not the column
+            if "structure" in f
+            else np.full(n, "", dtype=object),
             photons=np.asarray(f["photons"][sel]) if "photons" in f else np.zeros(n, np.float32),
             orientations=np.asarray(f["orientations"][sel])
             if "orientations" in f
