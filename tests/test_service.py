@@ -513,7 +513,9 @@ def test_decision_log_appends_flushes_and_records_totals(tmp_path: Path) -> None
             for f in messages.LOG_COLUMNS
         }
         cols["seq"] = np.arange(lo, lo + 3)
-        log.append(cols)  # flush_s=0: written at once
+        log.append(cols)
+        assert log.n == lo  # held until the writer flushes, after publishing
+        log.flush_if_due()  # flush_s=0: due at once
         assert log.n == lo + 3
         # another process reads the log while it is being written (SWMR), as a user's script would
         read = subprocess.run(

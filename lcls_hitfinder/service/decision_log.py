@@ -79,8 +79,9 @@ class DecisionLog:
         self.n = 0
 
     def append(self, columns: Mapping[str, np.ndarray]) -> None:
+        """Held until `flush_if_due` (the writer calls it after publishing: the flush, milliseconds once a
+        second, then delays no decision already decided)."""
         self._pending.append(columns)
-        self.flush_if_due()
 
     def flush_if_due(self) -> None:
         if time.monotonic() - self._last_flush >= self._flush_s:

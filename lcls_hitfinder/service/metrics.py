@@ -58,8 +58,8 @@ SPECS: tuple[MetricSpec, ...] = (
         "histogram",
         "End-to-end seconds per event, from the frame being read to its decision being ready, just before it is "
         'logged and handed to the publisher (that last step is the stage "publish" of '
-        "hitfinder_stage_duration_seconds: tens of microseconds, milliseconds for the batch at which the log's "
-        "once-a-second flush falls due).",
+        "hitfinder_stage_duration_seconds, tens of microseconds; the decision log's flush to disk, once a second, "
+        "comes after the publishing and is not in it).",
         (),
         STAGE_BUCKETS,
     ),

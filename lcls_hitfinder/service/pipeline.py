@@ -598,6 +598,7 @@ class Pipeline:
                 self.total.add(v.label, v.keep)
                 self._published_seq = self._next_seq
         self.metrics.stage.labels(stage="publish").observe(time.perf_counter() - t0)
+        self._with_log(DecisionLog.flush_if_due)  # after the publishing, which it would hold up
 
     def _count(self, columns: dict[str, np.ndarray], v: Verdicts, truth: np.ndarray, latency_ns: np.ndarray) -> None:
         m = self.metrics
