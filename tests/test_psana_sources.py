@@ -656,6 +656,13 @@ def test_events_picked_from_a_run_become_references_for_bank_build(tmp_path: Pat
     assert made.returncode == 0, made.stderr
     with Dataset(tmp_path / "t.h5") as d:
         assert d.n_particles.tolist() == [3] and np.allclose(d.images()[0], (frame_of(4, shape) - 1.0) / 2.0)
+    # the summary CSV of a live run: its `event` is the service's own count (0: the first it received), its
+    # timestamp the run's; the timestamp names the event
+    live_log = f"run,event,timestamp,label,score\n3,0,{stamp},multi,-0.5\n"
+    made = _pick(tmp_path, source, live_log, "--out", str(tmp_path / "l.h5"), *config)
+    assert made.returncode == 0, made.stderr
+    with Dataset(tmp_path / "l.h5") as d:
+        assert np.allclose(d.images()[0], (frame_of(4, shape) - 1.0) / 2.0)
 
     model = export_onnx(TwinEmbedder(8, 4, 2), PreprocessSettings(thumbnail=16), tmp_path / "m.onnx").path
     args = [

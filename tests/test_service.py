@@ -667,22 +667,22 @@ def test_all_finite_finds_nan_and_inf_and_is_not_fooled_by_an_overflowing_sum() 
 def test_picks_files_are_checked_line_by_line(tmp_path: Path, text: str, message: str) -> None:
     (tmp_path / "p.csv").write_text(text)
     with pytest.raises(UserError, match=re.escape(message)):
-        read_picks(tmp_path / "p.csv")
+        read_picks(tmp_path / "p.csv", timestamps=True)
 
 
 def test_picks_saved_by_a_spreadsheet_with_a_byte_order_mark(tmp_path: Path) -> None:
     (tmp_path / "p.csv").write_text("\ufeffevent,label\n3,single\n", encoding="utf-8")
-    assert read_picks(tmp_path / "p.csv").counts == {(None, 3): 1}
+    assert read_picks(tmp_path / "p.csv", timestamps=True).counts == {(None, 3): 1}
 
 
 def test_picks_with_label_and_count_take_the_count_where_they_agree(tmp_path: Path) -> None:
     (tmp_path / "p.csv").write_text("event,label,n_particles\n1,multi,3\n2,single,\n3,,0\n")
-    assert read_picks(tmp_path / "p.csv").counts == {(None, 1): 3, (None, 2): 1, (None, 3): 0}
+    assert read_picks(tmp_path / "p.csv", timestamps=True).counts == {(None, 1): 3, (None, 2): 1, (None, 3): 0}
 
 
 def test_picks_take_each_event_once_by_run_or_in_any_run(tmp_path: Path) -> None:
     (tmp_path / "p.csv").write_text("run,event,label\n2,5,single\n,7, multi \n")
-    picks = read_picks(tmp_path / "p.csv")
+    picks = read_picks(tmp_path / "p.csv", timestamps=True)
     assert picks.take(run=1, event=5, timestamp=0) is None  # event 5 of run 2 only
     assert picks.take(run=2, event=5, timestamp=0) == 1 and picks.take(run=2, event=5, timestamp=0) is None
     assert picks.take(run=9, event=7, timestamp=0) == 2 and picks.counts == {}  # no run given: any run's

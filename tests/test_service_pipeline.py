@@ -539,8 +539,9 @@ def test_summary_of_a_runs_log_gives_its_numbers_a_csv_to_pick_from_and_a_pictur
     rows = (out / "run.csv").read_text().splitlines()
     assert rows[0] == "run,event,timestamp,label,score" and len(rows) == len(labels) + 1
     (tmp_path / "picks.csv").write_text("\n".join([rows[0], *rows[1:4]]) + "\n")  # three rows kept
-    picks = read_picks(tmp_path / "picks.csv")
+    picks = read_picks(tmp_path / "picks.csv", timestamps=False)  # a dataset's h5: stamps events when read
     assert picks.key == "event" and set(picks.counts) == {(12, 0), (12, 1), (12, 2)}
+    assert read_picks(tmp_path / "picks.csv", timestamps=True).key == "timestamp"  # psana's: the events' own
     with h5py.File(log_file, "r+") as f:  # as a run still being written has it
         f.attrs["complete"] = False
     still = CliRunner().invoke(app, ["summary", str(log_file)])
@@ -631,6 +632,18 @@ def test_a_dead_publisher_stops_the_service_with_an_error(
     assert isinstance(r.pipeline.error, RuntimeError) and "publisher" in str(r.pipeline.error)
     columns, attrs = read_decision_log(r.pipeline.logs[0])
     assert attrs["complete"] and len(columns["seq"]) > 0
+
+
+def test_picking_an_event_without_the_detector_is_one_line(tmp_path: Path) -> None:
+    """psana hands such an event over empty: a reference cannot be made of it (it was a traceback)."""
+    from lcls_hitfinder.service.pick import pick_references, read_picks
+
+    (tmp_path / "p.csv").write_text("event,label\n0,single\n")
+    picks = read_picks(tmp_path / "p.csv", timestamps=False)
+    source = ListSource([np.zeros(0, np.uint16)])
+    with pytest.raises(UserError, match=r"^event 0 holds no data of the detector: pick another event$"):
+        pick_references(source, picks, ServeSettings(), tmp_path / "r.h5", "x")
+    assert source.released == Counter([0]) and not (tmp_path / "r.h5").exists()
 
 
 def test_bad_frames_get_error_decisions_and_the_service_goes_on(fx: Fixtures, tmp_path: Path) -> None:

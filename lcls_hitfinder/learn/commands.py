@@ -294,28 +294,29 @@ def bank_pick(
     --json`'s `event` or `timestamp`, labels corrected by eye) and this reads them through serve's own
     source and calibration, until every picked event has come. Live shared memory is refused: its events
     pass once, so those picked from its decision log are gone; read the run's files instead (exp:).
-    psana sources' timestamps are the run's; h5: files' are the time of reading, so pick those by event.
+    Events are matched by timestamp where the file has that column and the source's timestamps are the
+    events' own (psana's, a CXI file's that records them: a live service's event index is its own count, not
+    the run's), else by event; h5: datasets and sim: stamp events when they read them.
     """
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from lcls_hitfinder.config import load_config
-    from lcls_hitfinder.service.pick import pick_references, read_picks
+    from lcls_hitfinder.service.pick import pick_references, read_picks, stamps_events
     from lcls_hitfinder.service.sources import open_source, parse_uri
 
     settings = load_config(config, {"serve.source": source}).serve
     uri = parse_uri(settings.source)
     apart(Path(uri.target), out, f"--out {out} is the file the events are read from")  # before it is said a dataset
     output_file(out, "reference file", {"--picks": picks, "--config": config})
-    wanted = read_picks(existing(picks, "picks file"))
+    existing(picks, "picks file")
     if uri.live:
         raise UserError(
             f"{uri.raw}: live events pass once, so those picked from the decision log are gone: pick them from "
             "the run's files (exp:EXPERIMENT:RUN?dir=...&det=..., xtc2:FILE?det=..., psana1:exp=EXP:run=N?det=...)"
         )
-    if wanted.key == "timestamp" and uri.scheme in ("h5", "sim"):
-        raise UserError(f"{uri.scheme}: sources stamp events with the time they are read: pick them by event")
     src = open_source(uri, settings)
+    wanted = read_picks(picks, stamps_events(src))
     columns = (
         TextColumn("reading {task.fields[uri]}"),
         BarColumn(),

@@ -50,7 +50,11 @@ FIELDS: dict[str, tuple[FieldSpec, ...]] = {
         ),
         FieldSpec("run", "int", "run number", "i8"),
         FieldSpec(
-            "event", "int", "event index within the run, from 0 (a CXI file's: the event number it records)", "i8"
+            "event",
+            "int",
+            "event index within the run, from 0 (live shmem: among the events this service received, so not the "
+            "run's: `timestamp` names the event; a CXI file's: the event number it records)",
+            "i8",
         ),
         FieldSpec(
             "timestamp",

@@ -48,12 +48,31 @@ class Picks:
         return None
 
 
-def read_picks(path: Path) -> Picks:
+def stamps_events(source: Source) -> bool:
+    """Whether the source's timestamps are its events' own (psana's; a CXI file's that records them), not the
+    time they are read: then they name the events whatever read them, where an event's index does not (a
+    service on live data counts the events it received)."""
+    from lcls_hitfinder.service.sources.h5 import H5Source
+    from lcls_hitfinder.service.sources.sim import SimSource
+
+    if isinstance(source, SimSource):
+        return False
+    if isinstance(source, H5Source):
+        source.open()
+        try:
+            return source.recorded_events
+        finally:
+            source.close()
+    return True
+
+
+def read_picks(path: Path, timestamps: bool) -> Picks:
     """Parse the CSV; every error names the file and the line.
 
-    With both `label` and `n_particles` (the decision log's columns: the model's label and its estimate),
-    a row's two must agree on blank / single / multi, so a label corrected by eye is never overruled by the
-    model's count left beside it; a row may leave either empty.
+    Rows name their events by `timestamp` where the source's timestamps are the events' own (`timestamps`,
+    `stamps_events`) and the file has them, else by `event`. With both `label` and `n_particles` (the decision
+    log's columns: the model's label and its estimate), a row's two must agree on blank / single / multi, so a
+    label corrected by eye is never overruled by the model's count left beside it; a row may leave either empty.
     """
     try:
         with path.open(newline="", encoding="utf-8-sig") as f:  # spreadsheets save a byte-order mark
@@ -62,7 +81,10 @@ def read_picks(path: Path) -> Picks:
             header = set(reader.fieldnames or ())
     except (OSError, UnicodeDecodeError) as err:
         raise UserError(f"cannot read picks {path}: {err}") from None
-    key = next((k for k in KEYS if k in header), None)
+    keys = [k for k in KEYS if k in header and (timestamps or k == "event")]
+    key = "timestamp" if "timestamp" in keys else keys[0] if keys else None
+    if key is None and "timestamp" in header and header & {"n_particles", "label"}:
+        raise UserError(f"picks {path}: the source stamps its events when it reads them: pick them by event")
     if key is None or not header & {"n_particles", "label"}:
         raise UserError(
             f"picks {path}: needs a column event or timestamp, and n_particles or label (has {sorted(header)})"
@@ -130,6 +152,9 @@ def pick_references(
                 item.release()
                 continue
             raw = item.data
+            if raw.size == 0:  # how psana hands over an event without the detector
+                item.release()
+                raise UserError(f"event {ident.event} holds no data of the detector: pick another event")
             frame = torch.from_numpy(np.array(raw, dtype=np.float32))  # a copy: the slot goes back now
             item.release()
             if pre is None:

@@ -83,6 +83,11 @@ class H5Source:
                     yield Frame(self._event_id(lo + i, event), data, time.perf_counter_ns(), truth)
                     event += 1
 
+    @property
+    def recorded_events(self) -> bool:
+        """Whether its frames carry the events the file records (after `open`), not the time they are read."""
+        return self._events is not None
+
     def _event_id(self, row: int, event: int) -> EventId:
         """The event the file records for frame `row` (a repeat replays it as it is); else the `event`-th frame
         served, stamped now."""
