@@ -730,6 +730,23 @@ def test_summary_agrees_with_the_truth_as_the_service_counts_it() -> None:
     assert run.truth_agree == (1, 2) and run.keep == 1 and run.rate_hz == 1.0
 
 
+def test_the_rate_of_a_run_decided_in_batches() -> None:
+    """Decisions of one batch share its time: 4 batches of 32, a second apart, are 32 Hz, not 95/3 = 42 Hz
+    (the first batch's 32 were decided at the start of the interval, not in it)."""
+    from lcls_hitfinder.service.log_summary import summarise
+
+    n = 128
+    columns = {
+        "seq": np.arange(n),
+        "label": np.full(n, "blank", dtype=object),
+        "decision": np.full(n, "veto", dtype=object),
+        "time_ns": np.repeat(np.arange(4) * 10**9, 32),
+        "latency_us": np.full(n, 1000),
+        "truth_n_particles": np.full(n, -1),
+    }
+    assert summarise(columns, {}).rate_hz == 32.0
+
+
 def test_systemd_notifications_reach_its_socket_and_a_dead_one_is_said_once(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -46,6 +46,7 @@ DETECTOR = "cam"
 SILENCE_S = 3.0  # after the server has sent everything: this long without a decision ends the demo
 REFERENCE_PATTERNS = 400  # of the sample, drawn apart from the run: 10 per particle count, the rest calibrate
 REFERENCES_PER_COUNT = 10
+_STOPPING = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}  # held while the demo cleans up after itself
 
 
 def free_port() -> int:
@@ -81,9 +82,10 @@ class Tally:
         self.arrivals.append(time.monotonic())
         truth = d["truth_n_particles"]
         if truth is not None:
-            self.with_truth += 1
-            self.correct += d["label"] == label_of_count(truth).text
             self.confusion[min(truth, MAX_PARTICLES), Label[d["label"].upper()]] += 1
+            if d["label"] != Label.ERROR.text:  # an error is no answer, as the service and `summary` count it
+                self.with_truth += 1
+                self.correct += d["label"] == label_of_count(truth).text
 
     def rate_hz(self, window_s: float = 2.0) -> tuple[float, float]:
         """Decisions per second over the last `window_s`, and over the whole run so far."""
@@ -288,18 +290,26 @@ class Demo:
         return errors[-1] if errors else None
 
     def stop(self) -> None:
-        """Stop the service (SIGTERM: it drains and closes the run), then the server; clean /dev/shm."""
-        if self.service is not None and self.service.poll() is None:
-            self.service.send_signal(signal.SIGTERM)
+        """Stop the service (SIGTERM: it drains and closes the run), then the server; clean /dev/shm. A second
+        Ctrl-C while the service drains kills it; the server (in a session of its own, out of the terminal's
+        reach) and /dev/shm are cleaned up whatever comes, the interrupt taken after."""
+        try:
+            if self.service is not None and self.service.poll() is None:
+                self.service.send_signal(signal.SIGTERM)
+                with contextlib.suppress(subprocess.TimeoutExpired):  # killed below
+                    self.service.wait(20)
+        finally:
+            held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPPING)
             try:
-                self.service.wait(20)
-            except subprocess.TimeoutExpired:
-                self.service.kill()
-                self.service.wait()
-        if self.service is not None:
-            remove_leftovers(f"lhf_{self.service.pid}")
-        if self.server is not None:
-            self.server.stop()
+                if self.service is not None:
+                    if self.service.poll() is None:
+                        self.service.kill()
+                    self.service.wait()
+                    remove_leftovers(f"lhf_{self.service.pid}")
+                if self.server is not None:
+                    self.server.stop()
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def run_demo(demo: Demo) -> Tally:

@@ -32,6 +32,7 @@ class RunSummary:
     keep: int
     seq_gaps: int  # holes in `seq`: a log that missed decisions (it failed and was abandoned mid-run)
     duration_s: float  # from the first decision to the last
+    first_batch: int  # decisions made with the first (a batch's share one time): not in the rate's interval
     latency_ms: tuple[float, float] | None  # p50, p99
     truth_agree: tuple[int, int] | None  # labels equal to the truth's, of the decided events whose truth is known
     complete: bool
@@ -39,7 +40,7 @@ class RunSummary:
 
     @property
     def rate_hz(self) -> float | None:
-        return (self.events - 1) / self.duration_s if self.duration_s > 0 else None
+        return (self.events - self.first_batch) / self.duration_s if self.duration_s > 0 else None
 
     def lines(self) -> list[str]:
         """The summary as a user reads it."""
@@ -78,6 +79,7 @@ def summarise(columns: dict[str, np.ndarray], attrs: dict[str, Any]) -> RunSumma
         keep=int(np.sum(columns["decision"].astype(str) == "keep")),
         seq_gaps=int(np.sum(np.diff(seq) != 1)) if len(seq) > 1 else 0,
         duration_s=float(time_ns[-1] - time_ns[0]) / 1e9 if len(time_ns) > 1 else 0.0,
+        first_batch=int(np.sum(time_ns == time_ns[0])) if len(time_ns) else 0,
         latency_ms=(p50, p99) if len(latency) else None,
         truth_agree=(int(agree), int(known.sum())) if known.any() else None,
         complete=bool(attrs.get("complete", False)),
