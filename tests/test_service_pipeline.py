@@ -573,6 +573,9 @@ def test_a_run_cut_short_by_max_events_says_so(fx: Fixtures, tmp_path: Path) -> 
         "CUDA error: an illegal memory access was encountered",  # torch
         "[ONNXRuntimeError] : 1 : FAIL : CUBLAS failure 13: CUBLAS_STATUS_EXECUTION_FAILED ; GPU=0",
         "[ONNXRuntimeError] : 1 : FAIL : CUDNN failure 4: CUDNN_STATUS_INTERNAL_ERROR ; GPU=0",
+        "CUDA driver error: an illegal instruction was encountered",  # torch's driver API
+        "cuDNN error: CUDNN_STATUS_EXECUTION_FAILED",  # torch
+        "[ONNXRuntimeError] : 11 : EP_FAIL : TensorRT EP execution context enqueue failed.",
     ],
 )
 def test_a_failed_gpu_stops_the_service_with_an_error(
@@ -606,6 +609,14 @@ def test_a_failed_gpu_stops_the_service_with_an_error(
     reasons = [str(x) for x in columns["reason"] if str(x).startswith("internal")]
     assert any("ValueError: one odd batch" in x for x in reasons) and any(failure in x for x in reasons)
     assert attrs["complete"] and columns["seq"].tolist() == list(range(len(columns["seq"])))
+
+
+def test_running_out_of_gpu_memory_is_not_taken_for_a_broken_gpu() -> None:
+    """The next batch may fit: that one batch is errors, and the service goes on."""
+    from lcls_hitfinder.service.pipeline import _GPU_FAILED
+
+    assert not _GPU_FAILED.search("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.15 GiB total)")
+    assert not _GPU_FAILED.search("one odd batch: a CUDA tensor was expected")
 
 
 def test_a_dead_publisher_stops_the_service_with_an_error(
@@ -1100,11 +1111,13 @@ def _gpu_providers_that_fail(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]
     )
     session, tried = embedder_module.ort.InferenceSession, []
 
-    def cpu_only(path: str, options: Any, providers: list[tuple[str, dict[str, Any]]]) -> Any:
+    def cpu_only(path: str, options: Any, providers: list[tuple[str, dict[str, Any]]], **kwargs: Any) -> Any:
+        # onnxruntime's own fallback off: it would retry without the providers' options, and say nothing here
+        assert kwargs == {"enable_fallback": 0}
         tried.append([name for name, _ in providers])
         if providers[0][0] != "CPUExecutionProvider":
             raise RuntimeError(f"{providers[0][0]} cannot start here")
-        return session(path, options, providers=providers)
+        return session(path, options, providers=providers, **kwargs)
 
     monkeypatch.setattr(embedder_module.ort, "InferenceSession", cpu_only)
     return tried
@@ -1762,20 +1775,23 @@ def test_the_read_stage_of_a_paced_source_is_the_time_between_its_events(fx: Fix
 
 @CUDA_ONLY
 def test_the_cuda_path_decides_as_the_cpu_path(fx: Fixtures, tmp_path: Path) -> None:
-    """Raw uint16 through the pinned buffer, converted and binned on the device, the thumbnails handed to
-    onnxruntime by IO binding: the same labels and scores as the CPU path, and the frames' NaN check too."""
+    """Raw uint16 through the pinned buffer, converted (gain, offset) and binned on the device, blanks found by
+    the lit-pixel pre-filter there, the thumbnails handed to onnxruntime by IO binding: the same labels and
+    scores as the CPU path, and the frames' NaN check too."""
     images, _ = _patterns(np.random.default_rng(5), 40)
-    raw = [np.round(im).astype(np.uint16) for im in images]
+    raw = [np.round(im * 2.0 + 1.0).astype(np.uint16) for im in images]
     nan = images[0].copy()
     nan[1, 1] = np.nan
-    frames = [*raw, nan, images[1]]
+    frames = [*raw, nan, images[1] * 2.0 + 1.0]
+    more = {"calibration": {"gain": 2.0, "offset": 1.0}, "prefilter": {"kind": "lit_pixels", "min_lit_pixels": 30}}
     on = {}
     for device in ("cpu", "cuda"):
-        columns, r = _decide_all(_settings(tmp_path / device, device=device), [f.copy() for f in frames], fx)
+        columns, r = _decide_all(_settings(tmp_path / device, device=device, **more), [f.copy() for f in frames], fx)
         on[device] = columns
         if device == "cuda":
             assert r.pipeline.device.type == "cuda"
             assert all(buf.is_pinned() for buf in r.pipeline._host.values())
+            assert set(r.pipeline._sent) <= set(r.pipeline._host)  # each buffer's last copy out is waited for
             assert np.dtype(np.uint16) in r.pipeline._host  # whole batches of raw uint16 went to the device as such
             assert r.pipeline.embedder.on_gpu, "IO binding needs onnxruntime-gpu (the gpu extra)"
     assert on["cuda"]["label"].tolist() == on["cpu"]["label"].tolist()
@@ -1791,6 +1807,11 @@ def test_io_binding_on_cuda_tensors_gives_the_host_embeddings(fx: Fixtures) -> N
         pytest.fail(why) if REQUIRE_CUDA else pytest.skip(why)
     thumbs = torch.randn(7, 1, 16, 16)
     np.testing.assert_allclose(emb.embed(thumbs.cuda()), emb.embed(thumbs.numpy()), rtol=1e-4, atol=1e-5)
+    # written on torch's stream behind 0.1 s of other work: onnxruntime must wait for it, not read zeros
+    late = torch.zeros(7, 1, 16, 16, device="cuda")
+    torch.cuda._sleep(10**8)
+    late.copy_(thumbs.cuda(), non_blocking=True)
+    np.testing.assert_allclose(emb.embed(late), emb.embed(thumbs.numpy()), rtol=1e-4, atol=1e-5)
 
 
 def test_the_publisher_counts_every_subscription_and_survives_a_message_it_cannot_encode() -> None:

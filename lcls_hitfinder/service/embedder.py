@@ -114,7 +114,9 @@ class OnnxEmbedder:
         for i, first in enumerate(chain):
             try:  # the options too: TensorRT's engine cache folder may not be writable
                 tried = [(p, provider_options(p, info, max_batch, device_id)) for p in chain[i:]]
-                self.session = ort.InferenceSession(str(model), options, providers=tried)
+                # enable_fallback=0: onnxruntime's own fallback would retry CUDA then CPU without the options
+                # and without a word here, at the session's creation and at any run() after an EP failure
+                self.session = ort.InferenceSession(str(model), options, providers=tried, enable_fallback=0)
                 break
             except Exception as err:  # onnxruntime raises its own unrelated types per provider
                 log.warning("onnxruntime provider %s failed (%s); trying the next", first, err)

@@ -60,9 +60,11 @@ LABEL_TEXT = np.array([label.text for label in Label], dtype=object)  # indexed 
 NONFINITE = "nonfinite: NaN or Inf pixels"
 OVERFLOW = "nonfinite: values beyond float32's range (the thumbnail is not finite)"
 _IDLE_S = 0.2  # how long the worker waits for frames before doing its idle chores (log flush)
-# torch's and onnxruntime's words for a CUDA runtime error, after which the device context is unusable
-# torch's "CUDA error: ...", onnxruntime's "CUDA failure 700: ...", "CUBLAS failure 13: ...", "CUDNN failure ..."
-_GPU_FAILED = re.compile(r"\b(CUDA|CUBLAS|CUDNN) (error|failure)\b")
+# torch's and onnxruntime's words for a CUDA runtime error, after which the device context is unusable:
+# torch's "CUDA error: ...", "CUDA driver error: ...", "cuDNN error: ...", onnxruntime's "CUDA failure 700: ...",
+# "CUBLAS failure 13: ...", "CUDNN failure ...", "TensorRT EP execution context enqueue failed." (out of memory
+# is not one: the next batch may fit)
+_GPU_FAILED = re.compile(r"\b(CUDA|CUBLAS|CUDNN)( driver)? (error|failure)\b|\bTensorRT EP\b.*\bfailed\b", re.I)
 _DRAIN_QUIET_S = 2.0  # after a failure: how long without a frame before the reader is taken to have stopped
 
 
@@ -174,6 +176,7 @@ class Pipeline:
         self._pedestal_checked = False  # each run's first finite frame is looked at for ADU taken as photons
         self._pres: dict[tuple[int, ...], Preprocessor] = {}  # by frame shape: a run may bring another one
         self._host: dict[np.dtype, torch.Tensor] = {}  # a GPU's pinned batch buffers, by raw dtype
+        self._sent: dict[np.dtype, torch.cuda.Event] = {}  # when each buffer's last copy to the GPU is done
         # The frames of a batch are shared among these threads (numpy and torch let go of the GIL), which
         # bin them one frame a thread on the CPU, each with a `FrameBinner` of its own (`_scratch`), or copy them
         # into the pinned buffer for a GPU. While the pipeline runs on the CPU, torch's own intra-op
@@ -467,12 +470,18 @@ class Pipeline:
             shape = (self.settings.batch.max_size, *pre.frame_shape)
             buf = torch.empty(shape, dtype=torch_dtype, pin_memory=self.device.type == "cuda")
             self._host[dtype] = buf
+        sent = self._sent.pop(dtype, None)
+        if sent is not None:  # the last batch's copy out of this buffer may still run: not overwritten before
+            sent.synchronize()
         view = buf[: len(arrays)]
         out = view.numpy()
         list(self._pool.map(lambda i: np.copyto(out[i], arrays[i], casting="unsafe"), range(len(arrays))))
         for f in frames:  # their pixels are in the pinned buffer now: the reader may reuse the slots
             f.release()
         raw = view.to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            self._sent[dtype] = torch.cuda.Event()
+            self._sent[dtype].record()
         finite = torch.ones(len(arrays), dtype=torch.bool, device=self.device)
         if any(a.dtype.kind == "f" for a in arrays):
             finite = all_finite(raw)
