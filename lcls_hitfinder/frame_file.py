@@ -22,7 +22,7 @@ import numpy as np
 from lcls_hitfinder.dataset import Dataset
 from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.preprocess import PhotonCalibration
-from lcls_hitfinder.protocols import EPICS_EPOCH_UNIX
+from lcls_hitfinder.protocols import psana_timestamp
 
 CXI_DATA = "/entry_1/data_1/data"
 CXI_TIME = ("/LCLS/machineTime", "/LCLS/machineTimeNanoSeconds")  # unix seconds, nanoseconds (psana1's EventId)
@@ -134,8 +134,9 @@ class FrameFile:
         if wrong:
             log.warning("%s: %s for %d frames: events numbered by position", self.name, ", ".join(wrong), n)
             return None
-        seconds, nanoseconds = (np.asarray(f[p][()], np.int64) for p in CXI_TIME)
-        timestamp = (seconds - EPICS_EPOCH_UNIX) << 32 | nanoseconds
+        seconds, nanoseconds = (np.asarray(f[p][()], np.int64).tolist() for p in CXI_TIME)
+        unix_ns = (s * 1_000_000_000 + ns for s, ns in zip(seconds, nanoseconds, strict=True))
+        timestamp = np.array([psana_timestamp(t) for t in unix_ns], np.int64)
         given = {p: np.asarray(c[()], np.int64) for p, c in columns.items() if p not in CXI_TIME}
         return RecordedEvents(timestamp, given.get(CXI_FIDUCIAL), given.get(CXI_EVENT))
 
