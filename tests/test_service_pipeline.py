@@ -47,6 +47,7 @@ from lcls_hitfinder.model_io import export_onnx
 from lcls_hitfinder.preprocess import PhotonCalibration, Preprocessor, PreprocessSettings
 from lcls_hitfinder.protocols import EventId, Frame, RunEnd
 from lcls_hitfinder.service import embedder as embedder_module
+from lcls_hitfinder.service import pipeline as pipeline_module
 from lcls_hitfinder.service.bank_reload import ReloadingBank
 from lcls_hitfinder.service.binning import ReaderBinning
 from lcls_hitfinder.service.client import DecisionClient
@@ -1746,31 +1747,49 @@ def _decide_all(settings: ServeSettings, frames: list[np.ndarray], fx: Fixtures)
     return columns, r
 
 
-class TickingSource(ListSource):
-    """A paced source: between its frames only idle ticks (None), as a psana reader gives while it waits."""
+class Clock:
+    """The pipeline's `time` module with a perf_counter that a source can move on: waits without waiting."""
 
-    def __init__(self, arrays: list[np.ndarray], ticks: int, tick_s: float) -> None:
+    def __init__(self) -> None:
+        self.ahead_s = 0.0
+
+    def perf_counter(self) -> float:
+        return time.perf_counter() + self.ahead_s
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+class TickingSource(ListSource):
+    """A paced source: between its frames only idle ticks (None), as a psana reader gives while it waits; each
+    tick moves `clock` on by `tick_s`."""
+
+    def __init__(self, arrays: list[np.ndarray], ticks: int, tick_s: float, clock: Clock) -> None:
         super().__init__(arrays)
-        self.ticks, self.tick_s = ticks, tick_s
+        self.ticks, self.tick_s, self.clock = ticks, tick_s, clock
 
     def frames(self) -> Iterator[Frame | None]:
         for i, frame in enumerate(super().frames()):
             if i:
                 for _ in range(self.ticks):
-                    time.sleep(self.tick_s)
+                    self.clock.ahead_s += self.tick_s
                     yield None
             yield frame
 
 
-def test_the_read_stage_of_a_paced_source_is_the_time_between_its_events(fx: Fixtures, tmp_path: Path) -> None:
-    """Idle ticks between two events are not events: the second frame's read stage spans all of them."""
+def test_the_read_stage_of_a_paced_source_is_the_time_between_its_events(
+    fx: Fixtures, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Idle ticks between two events are not events: the second frame's read stage spans all of them (4 ticks
+    of 10 s on the pipeline's clock), not the last tick's 10 s alone."""
+    clock = Clock()
+    monkeypatch.setattr(pipeline_module, "time", clock)
     images = np.random.default_rng(2).poisson(2.0, (2, SIDE, SIDE)).astype(np.float32)
-    r = _start(_settings(tmp_path), TickingSource(list(images), ticks=4, tick_s=0.1), fx.model, fx.bank)
+    r = _start(_settings(tmp_path), TickingSource(list(images), ticks=4, tick_s=10.0, clock=clock), fx.model, fx.bank)
     r.pipeline.start()
     assert r.pipeline.wait(WAIT_S)
     r.publisher.close()
-    read = r.metrics.stage.labels(stage="read")
-    assert read._sum.get() >= 0.4  # the sleeps alone: 4 ticks of 0.1 s before the second frame
+    assert r.metrics.stage.labels(stage="read")._sum.get() >= 40.0
 
 
 @CUDA_ONLY
