@@ -4,8 +4,10 @@ replaced mid-run, and the `demo` command. Subscribers are real ZeroMQ SUB socket
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
+import os
 import signal
 import subprocess
 import sys
@@ -315,27 +317,37 @@ def test_live_shmem_survives_a_killed_server(tiny: Model, tmp_path: Path, proces
     assert leftovers(serve.pid) == []
 
 
+def _children(pid: int) -> set[int]:
+    """Processes whose parent is `pid` (the demo's service and shmemServer run in sessions of their own)."""
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return {int(p) for p in out.split()}
+
+
+def _kill_with_children(demo: subprocess.Popen[Any]) -> None:
+    """A demo that failed its test: its service and shmemServer (sessions of their own) outlive it otherwise."""
+    for pid in _children(demo.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    demo.kill()
+    demo.communicate()
+
+
+def _run_demo(args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    demo = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = demo.communicate(timeout=timeout)
+    finally:
+        if demo.poll() is None:
+            _kill_with_children(demo)
+    return subprocess.CompletedProcess(args, demo.returncode, out, err)
+
+
 def test_demo_runs_the_real_path_and_cleans_up(tiny: Model, tmp_path: Path) -> None:
     before = shm_files()  # the demo's service is a process of its own: any new segment is the demo's
     config = tmp_path / "demo.yaml"
     config.write_text(yaml.safe_dump({"simulate": {"detector": {"shape": [SIDE, SIDE]}, "seed": 5}}))
     models = ["--model", str(tiny.model), "--workdir", str(tmp_path / "demo")]  # the bank: built for the sample
-    demo = subprocess.run(
-        [
-            CLI,
-            "demo",
-            "--n",
-            "40",
-            "--rate",
-            "40",
-            "--config",
-            str(config),
-            *models,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    demo = _run_demo([CLI, "demo", "--n", "40", "--rate", "40", "--config", str(config), *models], timeout=300)
     assert demo.returncode == 0, demo.stdout + demo.stderr
     assert "accuracy" in demo.stdout and "true particle count vs label" in demo.stdout
     assert "Hz on average" in demo.stdout and "Hz now" not in demo.stdout  # the run is over: no rate of late
@@ -358,17 +370,14 @@ def test_demo_runs_the_real_path_and_cleans_up(tiny: Model, tmp_path: Path) -> N
     assert shm_files() - before == set()
 
 
-def _children(pid: int) -> set[int]:
-    """Processes whose parent is `pid` (the demo's service and shmemServer run in sessions of their own)."""
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-    return {int(p) for p in out.split()}
-
-
-@pytest.mark.parametrize("nohup", [False, True])
-def test_a_hangup_stops_the_demo_and_everything_it_started(tiny: Model, tmp_path: Path, nohup: bool) -> None:
+@pytest.mark.parametrize(("nohup", "again"), [(False, False), (True, False), (False, True)])
+def test_a_hangup_stops_the_demo_and_everything_it_started(
+    tiny: Model, tmp_path: Path, nohup: bool, again: bool
+) -> None:
     """A closed terminal (SIGHUP): psana's MPI library (UCX) takes SIGHUP when psana is imported, and the demo
     went on with its server and service; now it stops them as Ctrl-C does and leaves nothing behind. Under
-    nohup (SIGHUP ignored) it goes on, until SIGTERM stops it."""
+    nohup (SIGHUP ignored) it goes on, until SIGTERM stops it. A second signal while the service drains (an
+    impatient Ctrl-C) kills the service, and the server is still stopped (it lived on)."""
     before = shm_files()
     config = tmp_path / "demo.yaml"
     config.write_text(yaml.safe_dump({"simulate": {"detector": {"shape": [SIDE, SIDE]}, "seed": 5}}))
@@ -389,6 +398,9 @@ def test_a_hangup_stops_the_demo_and_everything_it_started(tiny: Model, tmp_path
         started = _children(demo.pid)
         assert len(started) == 2  # the service and shmemServer
         demo.send_signal(signal.SIGHUP)
+        if again:
+            time.sleep(0.1)
+            demo.send_signal(signal.SIGTERM)
         if nohup:
             with pytest.raises(subprocess.TimeoutExpired):
                 demo.wait(3)  # a deadline it must outlive, not a speed: the run lasts 100 s
@@ -397,7 +409,7 @@ def test_a_hangup_stops_the_demo_and_everything_it_started(tiny: Model, tmp_path
         out, _ = demo.communicate(timeout=WAIT_S)
     finally:
         if demo.poll() is None:
-            demo.kill()
+            _kill_with_children(demo)
     assert demo.returncode == 130 and b"stopping the service and the server" in out, out.decode(errors="replace")
     assert all(not Path(f"/proc/{pid}").exists() for pid in started)
     assert glob.glob("/dev/shm/PdsMonitorSharedMemory_hitfinder_demo_*") == []
@@ -412,7 +424,7 @@ def test_demo_fails_with_the_service_s_own_error_when_the_service_fails(tiny: Mo
         yaml.safe_dump({"simulate": {"detector": {"shape": [SIDE, SIDE]}, "seed": 5}, "serve": {"device": "cuda"}})
     )
     args = [CLI, "demo", "--n", "5", "--config", str(config), "--model", str(tiny.model)]
-    demo = subprocess.run([*args, "--workdir", str(tmp_path / "demo")], capture_output=True, text=True, timeout=300)
+    demo = _run_demo([*args, "--workdir", str(tmp_path / "demo")], timeout=300)
     assert demo.returncode == 2, demo.stdout + demo.stderr
     error = "lcls-hitfinder: error: the service failed: serve.device is cuda but torch sees no CUDA device"
     assert demo.stderr.strip().splitlines()[-1] == error

@@ -504,7 +504,11 @@ def test_decision_log_holds_every_decision_without_subscribers(fx: Fixtures, tmp
     assert columns["seq"].tolist() == list(range(120))
     assert columns["event"].tolist() == list(range(120))
     assert set(columns["experiment"]) == {"xpptest"} and set(columns["run"].tolist()) == {12}
-    assert set(columns["label"]) <= {"blank", "single", "multi"}
+    # what it holds is each event's decision: classify's on the same frames (3 passes over the file), scores too
+    (tmp_path / "c.toml").write_text('[serve.prefilter]\nkind = "none"\n')  # as the service here
+    rows = _classify(fx, fx.data, tmp_path / "p.csv", "--config", str(tmp_path / "c.toml"))
+    assert columns["label"].tolist() == [row["label"] for row in rows] * 3 and len(set(columns["label"])) > 1
+    np.testing.assert_allclose(columns["score"], [float(row["score"]) for row in rows] * 3, atol=1e-4)
     assert (columns["latency_us"] >= 0).all()
     exported = generate_latest(r.metrics.registry).decode()
     events = sum(
