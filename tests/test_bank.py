@@ -176,6 +176,16 @@ def test_the_threshold_itself_keeps_and_a_query_at_no_distance_from_every_class_
     assert same.scores(np.zeros((1, 2), np.float32))[0].tolist() == [0.0]
 
 
+def test_the_score_is_the_relative_margin_between_single_and_the_nearer_other_class() -> None:
+    """score = (d_other - d_single) / (d_other + d_single), d_other the nearer of blank and multi: one reference
+    per class on a line (1-d: the distance is |a - b|), worked by hand."""
+    bank = ReferenceBank(np.array([[0.0], [4.0], [10.0]]), np.array([0, 1, 2]), model_hash="abc", k=1)
+    score, d_single = bank.scores(np.array([[3.0], [4.0], [8.0]], np.float32))
+    # at 3: single 1, blank 3 -> (3 - 1) / 4; at 4: single 0 -> 1; at 8: single 4, multi 2 -> (2 - 4) / 6
+    np.testing.assert_allclose(score, [0.5, 1.0, -1 / 3], rtol=1e-6)
+    np.testing.assert_allclose(d_single, [1.0, 0.0, 4.0], rtol=1e-6)
+
+
 @pytest.mark.parametrize("method", ["knn", "prototype"])
 def test_an_embedding_that_is_not_finite_is_an_error_not_a_tie(method: str) -> None:
     """A NaN or Inf embedding is at no finite distance from any class: an error, never kept, even where the
