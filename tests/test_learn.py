@@ -155,6 +155,19 @@ def test_bank_classify_and_evaluate(data: Path, model: Path, tmp_path: Path) -> 
     assert len(rows) == 150 and list(rows[0]) == ["index", "label", "keep", "score", "distance"]
     assert {r["label"] for r in rows} <= {"blank", "single", "multi"}
     assert all((r["keep"] == "true") == (r["label"] == "single") for r in rows)
+    # each row's score and distance are the bank's for the torch net on training's own thumbnails of that
+    # pattern (the run's preprocessing settings, not the ONNX file's copy); the pre-filter's blanks say -1
+    from lcls_hitfinder.learn.train import load_run
+    from lcls_hitfinder.preprocess import Preprocessor
+
+    _, settings, net = load_run(data / "run")
+    with Dataset(data / "test.h5") as d, torch.no_grad():
+        expected = bank.decide(net.eval()(Preprocessor(settings.preprocess, d.mask, d.shape)(d.images())).numpy())
+    judged = [i for i, r in enumerate(rows) if float(r["score"]) != -1.0]
+    assert len(judged) > 100
+    np.testing.assert_allclose([float(rows[i]["score"]) for i in judged], expected.score[judged], atol=1e-4)
+    np.testing.assert_allclose([float(rows[i]["distance"]) for i in judged], expected.distance[judged], atol=1e-4)
+    assert [rows[i]["label"] for i in judged] == [Label(int(c)).text for c in expected.label[judged]]
 
     invoke("evaluate", "--model", model, "--bank", bank_path, "--data", data / "test.h5", "--report", tmp_path / "r")
     metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
@@ -179,6 +192,31 @@ def test_bank_classify_and_evaluate(data: Path, model: Path, tmp_path: Path) -> 
     assert lit > 0 and own_metrics["patterns_the_bank_was_built_from"] == lit
     said = " ".join(judged.stderr.split())
     assert f"warning: {lit} patterns of {data / 'val.h5'} are among the bank's references or calibration" in said
+
+
+@pytest.mark.parametrize("target", [0.6, 0.9])
+def test_bank_build_sets_the_lowest_threshold_that_reaches_the_target_precision(
+    data: Path, model: Path, target: float
+) -> None:
+    """On the calibration file: the singles kept at the threshold are at least `target` of the kept, and at
+    the next lower score they would not be (the threshold keeps as many singles as the target allows)."""
+    from lcls_hitfinder.learn.infer import build_bank, embed_dataset
+    from lcls_hitfinder.service.embedder import OnnxEmbedder
+
+    bank, report = build_bank(model, data / "val.h5", per_class=5, calibrate=data / "test.h5", target_precision=target)
+    assert report["reached"] and report["target_precision"] == target
+    with Dataset(data / "test.h5") as d:
+        scores, _ = bank.scores(embed_dataset(OnnxEmbedder(model), d))
+        single = d.n_particles == 1
+
+    def precision(threshold: float) -> float:
+        kept = scores >= threshold
+        return float((kept & single).sum() / kept.sum())
+
+    lower = scores[scores < bank.threshold]
+    assert precision(bank.threshold) >= target
+    assert precision(bank.threshold) == pytest.approx(report["precision"])
+    assert len(lower) and precision(float(lower.max())) < target
 
 
 def test_bank_build_says_which_file_lacks_singles_to_calibrate_on(data: Path, model: Path, tmp_path: Path) -> None:
@@ -340,6 +378,19 @@ def test_resume_continues_exactly(data: Path, tmp_path: Path, extra: str) -> Non
         torch.testing.assert_close(a[key], b[key], msg=key)
     history = json.loads((tmp_path / "resumed" / "run.json").read_text())["history"]
     assert [h["epoch"] for h in history] == [1, 2]
+
+
+def test_the_seed_decides_the_run(data: Path, tmp_path: Path) -> None:
+    """Seeded: the same --seed trains the same weights, another seed other weights (initialisation, batches,
+    augmentation all drawn from it)."""
+    common = ["--data", data / "train.h5", "--val", data / "val.h5", "--epochs", "1", *TINY[2:]]
+    weights = {}
+    for name, seed in (("a", "3"), ("b", "3"), ("c", "4")):
+        invoke("train", "twin", *common, "--out", tmp_path / name, "--seed", seed)
+        weights[name] = load_file(str(tmp_path / name / "model.safetensors"))
+    assert weights["a"].keys() == weights["c"].keys()
+    assert all(torch.equal(weights["a"][k], weights["b"][k]) for k in weights["a"])
+    assert not all(torch.equal(weights["a"][k], weights["c"][k]) for k in weights["a"])
 
 
 def test_a_run_resumes_on_another_machine_and_a_damaged_checkpoint_is_one_line(data: Path, tmp_path: Path) -> None:

@@ -95,9 +95,16 @@ def test_dataset_layout_labels_mask_and_attributes(tmp_path: Path) -> None:
         mask = ds.mask
         assert not mask[23, 19] and not mask[5].any() and not mask[:, 7].any() and not mask[23].any()
         assert mask.sum() > 0.8 * mask.size
+        # the beam stop: the disc of radius 3 about the beam centre (23.5, 19.5), and no more
+        yy, xx = np.mgrid[:48, :40]
+        r2 = (yy - 23.5) ** 2 + (xx - 19.5) ** 2
+        assert not mask[r2 <= 9].any()
+        assert mask[(r2 > 9) & (r2 <= 25) & (yy != 23) & (yy != 24)].all()  # the next ring, off the gap's rows
         images = ds.images()
         assert np.all(images[:, ~mask] == 0)
         counts = ds.n_particles
+        # a blank holds the read noise alone, in photons: sd 0.3 over its good pixels
+        assert 0.28 < images[counts == 0][:, mask].std() < 0.32
         assert set(counts) <= {0, 1, 2, 3, 4} and len(set(counts)) >= 4
         names, photons, quats = ds.structure, ds.photons, ds.read(slice(None)).orientations
         assert all(name == "" for name in names[counts == 0])
