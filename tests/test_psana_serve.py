@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from psana_helpers import leftovers, shm_files, write_run
+from psana_helpers import frame_of, leftovers, shm_files, write_run
 from tiny_model import free_port, tiny_model_and_bank
 
 from lcls_hitfinder.bank import ReferenceBank
@@ -32,6 +32,7 @@ from lcls_hitfinder.service.client import DecisionClient
 from lcls_hitfinder.service.decision_log import read_decision_log
 from lcls_hitfinder.service.messages import DECISION, HEARTBEAT, RUN
 from lcls_hitfinder.service.sources.shmem_server import ShmemServer
+from lcls_hitfinder.service.sources.xtc2_writer import Xtc2Writer
 from lcls_hitfinder.simulate.generate import simulate_dataset
 from lcls_hitfinder.simulate.settings import SimulateSettings
 
@@ -314,6 +315,42 @@ def test_live_shmem_survives_a_killed_server(tiny: Model, tmp_path: Path, proces
     assert "error" not in labels[1] | labels[2], labels
     assert restarts >= 1
     assert seqs == list(range(len(seqs))) and client.gaps == []
+    assert leftovers(serve.pid) == []
+
+
+def test_a_nan_frame_and_an_event_without_the_detector_are_error_decisions_through_serve(
+    tiny: Model, tmp_path: Path, processes: list[Any]
+) -> None:
+    """Through psana and `serve` (the issue's acceptance test on the real path): a float32 run whose event 2
+    holds a NaN pixel and whose event 5 lacks the camera's data (psana hands over no frame: the service sees
+    one of shape (0,)). Each is an `error` decision with its reason; every other event is decided, seq
+    contiguous, and the service ends the run and exits 0."""
+    run = tmp_path / "run.xtc2"
+    frames = [frame_of(i, (SIDE, SIDE)).astype(np.float32) for i in range(8)]
+    frames[2][3, 4] = np.nan
+    with Xtc2Writer(run, (SIDE, SIDE), np.float32) as w:
+        for i, frame in enumerate(frames):
+            w.write(None if i == 5 else frame, n_particles=i % 5)
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    config = serve_config(tmp_path / "serve.yaml", tiny, f"xtc2:{run}?det=cam", endpoint)
+    with DecisionClient(endpoint, (DECISION, RUN), timeout_s=WAIT_S) as client:
+        serve = subprocess.Popen(
+            [CLI, "serve", "--config", str(config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        processes.append(serve)
+        decisions = []
+        for topic, payload in client.messages():
+            if topic == DECISION:
+                decisions.append(payload)
+            elif payload["phase"] == "end":
+                break
+        output, _ = serve.communicate(timeout=WAIT_S)
+    assert serve.returncode == 0, output
+    assert [d["seq"] for d in decisions] == list(range(8)) and [d["event"] for d in decisions] == list(range(8))
+    labels = [d["label"] for d in decisions]
+    assert labels[2] == labels[5] == "error" and "error" not in labels[:2] + labels[3:5] + labels[6:], labels
+    assert decisions[2]["reason"] == "nonfinite: NaN or Inf pixels"
+    assert decisions[5]["reason"] == "shape: the detector is missing from this event"
     assert leftovers(serve.pid) == []
 
 

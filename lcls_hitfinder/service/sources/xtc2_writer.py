@@ -115,17 +115,19 @@ class Xtc2Writer:
         """The i-th event's timestamp: ts0 + i/rate, carrying nanoseconds into seconds."""
         return psana_timestamp(unix_ns(self._ts0) + (i + 1) * self._dt_ns)
 
-    def write(self, frame: np.ndarray, n_particles: int | None = None, timing: bool = True) -> None:
+    def write(self, frame: np.ndarray | None, n_particles: int | None = None, timing: bool = True) -> None:
         """One L1Accept with the frame, its pulse id and (when the file carries truth) its particle count;
-        `timing=False` leaves the timing system's data out of this event, as a DAQ event missing it has."""
-        if frame.shape != self.frame_shape:
+        `timing=False` leaves the timing system's data out of this event, and a frame of None the camera's,
+        as a DAQ event missing them has."""
+        if frame is not None and frame.shape != self.frame_shape:
             raise ValueError(f"frame shape {frame.shape} != {self.frame_shape}")
         d = self._dgram(self._tid.L1Accept, self._event_ts(self.n))
         if timing:
             self._timing.raw.pulseId = self._pulse0 + self.n * self._dpulse
             d.adddata(self._timing.raw)
-        self._cam.raw.image = np.ascontiguousarray(frame, dtype=self.dtype)
-        d.adddata(self._cam.raw)
+        if frame is not None:
+            self._cam.raw.image = np.ascontiguousarray(frame, dtype=self.dtype)
+            d.adddata(self._cam.raw)
         if self._truth is not None:
             self._truth.raw.n_particles = -1 if n_particles is None else int(n_particles)
             d.adddata(self._truth.raw)
