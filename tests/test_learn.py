@@ -397,10 +397,16 @@ def test_a_run_resumes_on_another_machine_and_a_damaged_checkpoint_is_one_line(d
     """--device and --threads say where a resumed run runs (a CUDA run goes on on a laptop); a checkpoint
     truncated (a disk filled up) is a one-line error, not a traceback."""
     invoke("train", "twin", "--data", data / "train.h5", "--val", data / "val.h5", "--out", tmp_path / "r", *TINY[:4])
-    invoke("train", "twin", "--out", tmp_path / "r", "--resume", "--epochs", "3", "--device", "cpu", "--threads", "2")
+    before = torch.get_num_threads()
+    try:
+        invoke(
+            "train", "twin", "--out", tmp_path / "r", "--resume", "--epochs", "3", "--device", "cpu", "--threads", "2"
+        )
+        assert torch.get_num_threads() == 2  # trained so, not only recorded (the trainer sets torch's threads)
+    finally:
+        torch.set_num_threads(before)  # not for the tests after this one
     run = json.loads((tmp_path / "r" / "run.json").read_text())
     assert len(run["history"]) == 3 and run["settings"]["threads"] == 2 and run["settings"]["device"] == "cpu"
-    assert torch.get_num_threads() == 2  # trained so, not only recorded (the trainer sets torch's threads)
     checkpoint = tmp_path / "r" / "checkpoint.safetensors"
     checkpoint.write_bytes(checkpoint.read_bytes()[:300])
     for args in (["train", "twin", "--out", tmp_path / "r", "--resume", "--epochs", "4"], ["export", tmp_path / "r"]):
