@@ -4,7 +4,6 @@ No container engine here: nothing is built or run; docs/operations.md says so.""
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -191,7 +190,7 @@ def _gpu_variant(text: str) -> str:
 
 
 @pytest.mark.parametrize("variant", ["cpu", "gpu"])
-def test_compose_config_validates(variant: str) -> None:
+def test_compose_config_validates(variant: str, tmp_path: Path) -> None:
     """`docker compose config` (the v2 plugin) or Debian's docker-compose: schema check, no engine needed; also of
     the file as its comment has a GPU host change it."""
     docker = shutil.which("docker")
@@ -203,17 +202,14 @@ def test_compose_config_validates(variant: str) -> None:
     else:
         pytest.skip("neither `docker compose` nor docker-compose is installed (deploy/install.sh installs the latter)")
     path = DOCKER / "compose.yaml"
-    if variant == "gpu":  # beside the original: its relative paths resolve from the same folder
+    if variant == "gpu":  # out of the checkout; its relative paths still resolve from the original's folder
         text = _gpu_variant(path.read_text())
         devices = yaml.safe_load(text)["services"]["hitfinder"]["deploy"]["resources"]["reservations"]["devices"]
         assert devices == [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
-        path = DOCKER / f".compose-gpu-{os.getpid()}.yaml"
+        path = tmp_path / "compose.yaml"
         path.write_text(text)
-    try:
-        proc = subprocess.run([*command, "-f", str(path), "config", "-q"], capture_output=True, text=True, timeout=60)
-    finally:
-        if variant == "gpu":
-            path.unlink()
+    config = [*command, "-f", str(path), "--project-directory", str(DOCKER), "config", "-q"]
+    proc = subprocess.run(config, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
