@@ -27,7 +27,6 @@ on the 2-core machine this was built on three ranks were slower than one reader 
 from __future__ import annotations
 
 import glob
-import importlib.util
 import os
 import re
 import time
@@ -41,6 +40,7 @@ import numpy as np
 from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.protocols import EventId
 from lcls_hitfinder.service.reader import Delivered, FrameSink, SupervisedSource
+from lcls_hitfinder.service.sources.shmem_server import psana2_package
 from lcls_hitfinder.service.sources.xtc2_writer import TIMING_DETECTOR, TRUTH_DETECTOR
 
 if TYPE_CHECKING:
@@ -280,10 +280,7 @@ def _pulse_id(timing: Any, evt: Any) -> int | None:
 def read_loop(uri: SourceURI) -> Psana2ReadLoop:
     """Check a psana2 URI in the service process and turn it into the child's read loop."""
     uri.check_params(PARAMS)
-    spec = importlib.util.find_spec("psana")  # not imported here: the service process never loads psana
-    if spec is None or spec.origin is None or not (Path(spec.origin).parent / "psexp").is_dir():
-        why = "psana is not installed" if spec is None else "the psana installed is not psana2 (LCLS-II)"
-        raise UserError(f"source {uri.raw}: {why}: pip install 'lcls-hitfinder[psana]'")
+    psana2_package(f"source {uri.raw}")
     datasource: dict[str, Any] = {}
     if uri.scheme == "xtc2":
         datasource["files"] = _xtc2_file(uri, uri.target)

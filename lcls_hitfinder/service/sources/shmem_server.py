@@ -18,12 +18,19 @@ from types import TracebackType
 from lcls_hitfinder.errors import UserError
 
 
+def psana2_package(label: str = "psana") -> Path:
+    """psana2's package folder, found without importing it (the service process never loads psana); a one-line
+    error, after `label`, where psana is missing or is LCLS-I's psana1."""
+    spec = importlib.util.find_spec("psana")
+    if spec is None or spec.origin is None or not (Path(spec.origin).parent / "psexp").is_dir():
+        why = "psana is not installed" if spec is None else "the psana installed is not psana2 (LCLS-II)"
+        raise UserError(f"{label}: {why}: pip install 'lcls-hitfinder[psana]'")
+    return Path(spec.origin).parent
+
+
 def psana_tool(name: str) -> Path:
     """A psana C++ tool (shmemServer, smdwriter...): the wheel installs them in site-packages/bin."""
-    spec = importlib.util.find_spec("psana")
-    if spec is None or spec.origin is None:
-        raise UserError("psana is not installed: pip install 'lcls-hitfinder[psana]'")
-    tool = Path(spec.origin).parent.parent / "bin" / name
+    tool = psana2_package().parent / "bin" / name
     if not os.access(tool, os.X_OK):
         raise UserError(f"psana's {name} is missing (looked for {tool})")
     return tool
