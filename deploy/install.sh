@@ -30,8 +30,13 @@ if [ ! -f "$stamp" ]; then
     "$VENV/bin/python" -c "import torch" 2>/dev/null \
         || "$VENV/bin/pip" install -q --retries 0 --timeout 20 --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0" \
         || "$VENV/bin/pip" install -q "torch==2.13.0"
+    # A venv that has onnxruntime-gpu stays a GPU venv when installed again with other extras (`make test`
+    # on a GPU node after `install.sh psana,gpu`): the base dependency would bring the CPU package back.
+    gpu=0
+    [[ ",$EXTRAS," == *",gpu,"* ]] && gpu=1
+    "$VENV/bin/pip" show -q onnxruntime-gpu >/dev/null 2>&1 && gpu=1
     "$VENV/bin/pip" install -q -e ".[${EXTRAS}]"
-    if [[ ",$EXTRAS," == *",gpu,"* ]]; then
+    if ((gpu)); then
         # onnxruntime (a base dependency) and onnxruntime-gpu install the same module: keep the GPU one
         # (as docker/Dockerfile.gpu does), or the CUDA provider is silently missing.
         "$VENV/bin/pip" uninstall -q -y onnxruntime

@@ -242,3 +242,37 @@ def test_systemd_unit(tmp_path: Path) -> None:
     copy.write_text(local)
     proc = subprocess.run([analyze, "verify", str(copy)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr
+
+
+@pytest.mark.parametrize(("gpu_installed", "extras"), [(True, "psana,dev"), (False, "psana,dev"), (False, "psana,gpu")])
+def test_install_keeps_a_gpu_venv_on_onnxruntime_gpu(tmp_path: Path, gpu_installed: bool, extras: str) -> None:
+    """`make test` on a GPU node runs install.sh with the default extras in a venv made with `psana,gpu`: the
+    base dependency onnxruntime would overwrite onnxruntime-gpu's module. pip and the venv's python are
+    stand-ins that record their calls (a GPU wheel cannot be installed or used here); apt is not reached
+    where the Debian packages are installed, as on this machine."""
+    if shutil.which("dpkg") is None or subprocess.run(["dpkg", "-s", "prometheus"], capture_output=True).returncode:
+        pytest.skip("install.sh would run apt-get: its Debian packages are not all installed here")
+    calls = tmp_path / "calls"
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    shown = 0 if gpu_installed else 1
+    for name, script in {
+        "python": "exit 0",  # `import torch` succeeds: no torch install
+        "pip": f'echo "$*" >> {calls}\n[ "$1" = show ] && exit {shown}\nexit 0',
+    }.items():
+        (venv / "bin" / name).write_text(f"#!/bin/sh\n{script}\n")
+        (venv / "bin" / name).chmod(0o755)
+    done = subprocess.run(
+        ["bash", str(REPO / "deploy" / "install.sh"), extras],
+        env={"PATH": "/usr/bin:/bin", "VENV": str(venv)},
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = calls.read_text().splitlines()
+    project = lines.index(f"install -q -e .[{extras}]")
+    swapped = lines[project + 1 :] == [
+        "uninstall -q -y onnxruntime",
+        "install -q --force-reinstall --no-deps onnxruntime-gpu>=1.27,<2",
+    ]
+    assert swapped == (gpu_installed or "gpu" in extras), lines
