@@ -108,8 +108,11 @@ class Source(Protocol):
     last frame where the source knows it, and None as an idle tick at least every 0.5 s while no data comes,
     so the consumer can notice shutdown and keep heartbeats going. `restarts` counts how often
     a supervised reader (psana in a child process) was restarted by its watchdog. A source read by
-    processes of its own (psana's child, MPI ranks) says how many in `reader_processes`; the service leaves
-    them their cores. `open(cancel)`: a source that waits for its data to open (psana) stops waiting once
+    processes of its own (psana's child, MPI ranks) says how many in `reader_processes` (0: read in the
+    service's process); the service leaves them their cores. `stamps_events` (known after `open()`): whether
+    each `EventId.timestamp` is the event's own (psana's; a CXI file's that records them), not the time it was
+    read; then it names the event whatever reads it, where an event index may not (a live service counts the
+    events it received). `open(cancel)`: a source that waits for its data to open (psana) stops waiting once
     `cancel` is set, so a SIGTERM during start-up is answered in a tick, and `close()` then cleans up.
     """
 
@@ -117,6 +120,8 @@ class Source(Protocol):
     frame_shape: tuple[int, ...] | None
     mask: np.ndarray | None
     restarts: int
+    reader_processes: int
+    stamps_events: bool
 
     def open(self, cancel: threading.Event | None = None) -> None: ...
 

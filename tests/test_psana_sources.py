@@ -536,7 +536,7 @@ def test_the_service_leaves_a_core_to_each_process_reading_the_source(tmp_path: 
     }
     for uri, n in readers.items():
         source = open_source(uri, settings())  # built, not opened: nothing runs yet
-        assert getattr(source, "reader_processes", 0) == n, uri  # sim reads in the service's own process
+        assert source.reader_processes == n, uri  # sim reads in the service's own process
         assert service_threads(settings(), source) == max(1, cores - n), uri
         assert service_threads(ServeSettings(threads=3), source) == 3
 

@@ -146,6 +146,8 @@ class ListSource:
         self.frame_shape: tuple[int, ...] | None = None
         self.mask: np.ndarray | None = None
         self.restarts = 0
+        self.reader_processes = 0
+        self.stamps_events = False
         self.arrays = arrays
         self.scribble = scribble
         self.released: Counter[int] = Counter()
@@ -657,6 +659,7 @@ def test_picking_an_event_without_the_detector_is_one_line(tmp_path: Path) -> No
     (tmp_path / "p.csv").write_text("event,label\n0,single\n")
     picks = read_picks(tmp_path / "p.csv", timestamps=False)
     source = ListSource([np.zeros(0, np.uint16)])
+    source.open()
     with pytest.raises(UserError, match=r"^event 0 holds no data of the detector: pick another event$"):
         pick_references(source, picks, ServeSettings(), tmp_path / "r.h5", "x")
     assert source.released == Counter([0]) and not (tmp_path / "r.h5").exists()

@@ -302,7 +302,7 @@ def bank_pick(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from lcls_hitfinder.config import load_config
-    from lcls_hitfinder.service.pick import pick_references, read_picks, stamps_events
+    from lcls_hitfinder.service.pick import pick_references, read_picks
     from lcls_hitfinder.service.sources import open_source, parse_uri
 
     settings = load_config(config, {"serve.source": source}).serve
@@ -316,23 +316,27 @@ def bank_pick(
             "the run's files (exp:EXPERIMENT:RUN?dir=...&det=..., xtc2:FILE?det=..., psana1:exp=EXP:run=N?det=...)"
         )
     src = open_source(uri, settings)
-    wanted = read_picks(picks, stamps_events(src))
-    columns = (
-        TextColumn("reading {task.fields[uri]}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[seen]}"),
-    )
-    with Progress(*columns, console=Console(stderr=True)) as bar:
-        task = bar.add_task("picked", total=len(wanted.counts), uri=source, seen="")
-        n = pick_references(
-            src,
-            wanted,
-            settings,
-            out,
-            sample,
-            lambda k, seen: bar.update(task, completed=k, seen=f"{seen} events read"),
+    src.open()  # first: whether its timestamps name the events (an h5: file's say once it is open)
+    try:
+        wanted = read_picks(picks, src.stamps_events)
+        columns = (
+            TextColumn("reading {task.fields[uri]}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[seen]}"),
         )
+        with Progress(*columns, console=Console(stderr=True)) as bar:
+            task = bar.add_task("picked", total=len(wanted.counts), uri=source, seen="")
+            n = pick_references(
+                src,
+                wanted,
+                settings,
+                out,
+                sample,
+                lambda k, seen: bar.update(task, completed=k, seen=f"{seen} events read"),
+            )
+    finally:
+        src.close()
     print(f"{out}: {n} picked events of {source}")
     print(f"next: lcls-hitfinder bank build --model MODEL.onnx --data {out} --per-class K --out BANK.h5")
 

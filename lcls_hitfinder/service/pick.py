@@ -48,29 +48,11 @@ class Picks:
         return None
 
 
-def stamps_events(source: Source) -> bool:
-    """Whether the source's timestamps are its events' own (psana's; a CXI file's that records them), not the
-    time they are read: then they name the events whatever read them, where an event's index does not (a
-    service on live data counts the events it received)."""
-    from lcls_hitfinder.service.sources.h5 import H5Source
-    from lcls_hitfinder.service.sources.sim import SimSource
-
-    if isinstance(source, SimSource):
-        return False
-    if isinstance(source, H5Source):
-        source.open()
-        try:
-            return source.recorded_events
-        finally:
-            source.close()
-    return True
-
-
 def read_picks(path: Path, timestamps: bool) -> Picks:
     """Parse the CSV; every error names the file and the line.
 
-    Rows name their events by `timestamp` where the source's timestamps are the events' own (`timestamps`,
-    `stamps_events`) and the file has them, else by `event`. With both `label` and `n_particles` (the decision
+    Rows name their events by `timestamp` where the source's timestamps are the events' own (`timestamps`:
+    `Source.stamps_events`) and the file has them, else by `event`. With both `label` and `n_particles` (the decision
     log's columns: the model's label and its estimate), a row's two must agree on blank / single / multi, so a
     label corrected by eye is never overruled by the model's count left beside it; a row may leave either empty.
     """
@@ -129,10 +111,9 @@ def pick_references(
     sample: str,
     progress: Callable[[int, int], None] | None = None,
 ) -> int:
-    """Read `source` until every picked event has come; write them, in photons, as a labelled dataset.
-
-    Returns the number written. Hits are labelled with `sample` as their structure (`bank build
-    --by-structure` draws per sample); blanks with none, as the dataset format has it.
+    """Read `source` (opened by the caller, who closes it) until every picked event has come; write them, in
+    photons, as a labelled dataset. Returns the number written. Hits are labelled with `sample` as their
+    structure (`bank build --by-structure` draws per sample); blanks with none, as the dataset format has it.
     """
     wanted = len(picks.counts)
     images: list[np.ndarray] = []
@@ -140,46 +121,42 @@ def pick_references(
     pre: Preprocessor | None = None
     mask: np.ndarray | None = None
     pedestal = 0
-    source.open()
     settings = recorded_calibration(settings, source)
-    try:
-        for scanned, item in enumerate(source.frames(), start=1):
-            if not isinstance(item, Frame):
-                continue
-            ident = item.event
-            n = picks.take(ident.run, ident.event, ident.timestamp)
-            if n is None:
-                item.release()
-                continue
-            raw = item.data
-            if raw.size == 0:  # how psana hands over an event without the detector
-                item.release()
-                raise UserError(f"event {ident.event} holds no data of the detector: pick another event")
-            frame = torch.from_numpy(np.array(raw, dtype=np.float32))  # a copy: the slot goes back now
+    for scanned, item in enumerate(source.frames(), start=1):
+        if not isinstance(item, Frame):
+            continue
+        ident = item.event
+        n = picks.take(ident.run, ident.event, ident.timestamp)
+        if n is None:
             item.release()
-            if pre is None:
-                if raw.dtype.kind in "iu" and "calibration" not in settings.model_fields_set:
-                    log.warning(
-                        "the frames are integers (raw detector values?) and no [serve.calibration] is configured: "
-                        "they are taken as photons, as serve would take them (pass --config if they are ADU)"
-                    )
-                shape = tuple(frame.shape)
-                pre = Preprocessor(PreprocessSettings(), fitting_mask(source.mask, shape), shape, settings.calibration)
-                mask = (pre.mask[0] > 0).numpy()
-            if tuple(frame.shape) != pre.frame_shape:
-                raise UserError(f"event {ident.event} is {tuple(frame.shape)}, the first picked one {pre.frame_shape}")
-            if not bool(all_finite(frame[None])[0]):  # serve decides such a frame `error`: no reference
-                raise UserError(f"event {ident.event} holds NaN or Inf pixels: pick another event")
-            photons = pre.photons(frame[None], inplace=True)
-            pedestal += int(pre.pedestal_left(pre.binned(photons))[0])
-            images.append(photons[0].numpy())
-            counts.append(n)
-            if progress is not None:
-                progress(len(images), scanned)
-            if not picks.counts:
-                break
-    finally:
-        source.close()
+            continue
+        raw = item.data
+        if raw.size == 0:  # how psana hands over an event without the detector
+            item.release()
+            raise UserError(f"event {ident.event} holds no data of the detector: pick another event")
+        frame = torch.from_numpy(np.array(raw, dtype=np.float32))  # a copy: the slot goes back now
+        item.release()
+        if pre is None:
+            if raw.dtype.kind in "iu" and "calibration" not in settings.model_fields_set:
+                log.warning(
+                    "the frames are integers (raw detector values?) and no [serve.calibration] is configured: "
+                    "they are taken as photons, as serve would take them (pass --config if they are ADU)"
+                )
+            shape = tuple(frame.shape)
+            pre = Preprocessor(PreprocessSettings(), fitting_mask(source.mask, shape), shape, settings.calibration)
+            mask = (pre.mask[0] > 0).numpy()
+        if tuple(frame.shape) != pre.frame_shape:
+            raise UserError(f"event {ident.event} is {tuple(frame.shape)}, the first picked one {pre.frame_shape}")
+        if not bool(all_finite(frame[None])[0]):  # serve decides such a frame `error`: no reference
+            raise UserError(f"event {ident.event} holds NaN or Inf pixels: pick another event")
+        photons = pre.photons(frame[None], inplace=True)
+        pedestal += int(pre.pedestal_left(pre.binned(photons))[0])
+        images.append(photons[0].numpy())
+        counts.append(n)
+        if progress is not None:
+            progress(len(images), scanned)
+        if not picks.counts:
+            break
     if picks.counts:
         missing = ", ".join(
             f"{picks.key} {k}" + (f" of run {r}" if r is not None else "") for r, k in list(picks.counts)[:5]

@@ -74,8 +74,7 @@ def service_threads(settings: ServeSettings, source: Source) -> int:
     most on two cores beside psana's child: BENCHMARKS.md, "Threads beside the reader")."""
     if settings.threads:
         return settings.threads
-    readers = getattr(source, "reader_processes", 0)
-    return max(1, len(os.sched_getaffinity(0)) - readers)
+    return max(1, len(os.sched_getaffinity(0)) - source.reader_processes)
 
 
 @dataclass

@@ -1086,6 +1086,7 @@ class SupervisedSource:
         self.mask = mask
         self.restarts = 0
         self.reader_processes = mpi_ranks or 1  # beside the service, on the same cores
+        self.stamps_events = True  # psana's timestamps
         self._open_timeout_s = 0.0 if live else open_timeout_s
         from lcls_hitfinder.service.binning import readers_bin  # torch: in the service, never in a reader
 

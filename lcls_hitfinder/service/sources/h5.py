@@ -52,6 +52,7 @@ class H5Source:
         self.mask: np.ndarray | None = None
         self.calibration: PhotonCalibration | None = None  # a dataset's own, when it holds ADU
         self.restarts = 0
+        self.reader_processes = 0
         self._truth: np.ndarray | None = None
         self._events: RecordedEvents | None = None
         self._read: Callable[[slice], np.ndarray] | None = None
@@ -84,7 +85,7 @@ class H5Source:
                     event += 1
 
     @property
-    def recorded_events(self) -> bool:
+    def stamps_events(self) -> bool:
         """Whether its frames carry the events the file records (after `open`), not the time they are read."""
         return self._events is not None
 

@@ -50,6 +50,8 @@ class SimSource:
         self.frame_shape: tuple[int, ...] | None = None
         self.mask: np.ndarray | None = None
         self.restarts = 0
+        self.reader_processes = 0
+        self.stamps_events = False  # stamped when simulated
         self._chunks: queue.Queue[Batch | BaseException] = queue.Queue(_AHEAD)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
