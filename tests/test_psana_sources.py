@@ -583,6 +583,17 @@ def test_xtc2_says_how_to_serve_a_run_in_adu(tmp_path: Path, adu: bool) -> None:
     assert leftovers() == []
 
 
+def test_xtc2_refuses_a_gain_for_a_dataset_in_adu_by_its_images_units(tmp_path: Path) -> None:
+    """Whether a dataset is in ADU is its images' `units`, as every reader takes it: a file in ADU written by
+    DatasetWriter alone (no simulator attributes beside it) had the gain applied a second time."""
+    data = _blank_dataset(tmp_path / "d.h5", adu=True)
+    made = subprocess.run(
+        [CLI, "xtc2", data, "--out", tmp_path / "o.xtc2", "--adu-gain", "8"], capture_output=True, text=True, timeout=60
+    )
+    assert made.returncode == 2 and "is in ADU already: leave out --adu-gain/--adu-offset" in made.stderr, made.stderr
+    assert not (tmp_path / "o.xtc2").exists() and leftovers() == []
+
+
 @pytest.mark.parametrize("det", ["my-cam", "timing", "hitfinder_truth"])
 def test_xtc2_refuses_a_detector_name_psana_cannot_keep(tmp_path: Path, det: str) -> None:
     """psana aborted the process on "my-cam" (leaving an empty run); "timing" or "hitfinder_truth" silently lost

@@ -211,7 +211,6 @@ class PatternGenerator:
             "fluence_jitter": s.beam.fluence_jitter,
             "noise": s.noise.model_dump(mode="json"),
             "background": s.background.model_dump(mode="json"),
-            "image_units": self.units,
             "seed": self.seed,
             "chunk": s.chunk,
             "simulator_version": f"{__version__}+volume{VOLUME_VERSION}",

@@ -196,7 +196,7 @@ def dataset_to_xtc2(
     from lcls_hitfinder.dataset import Dataset
 
     with Dataset(dataset) as ds:
-        in_adu = ds.attrs.get("image_units") == "adu"
+        in_adu = ds.calibration is not None  # the units its images record, as every reader of a dataset takes them
         if in_adu and (gain is not None or offset is not None):
             raise UserError(f"{dataset} is in ADU already: leave out --adu-gain/--adu-offset")
         g, o = (1.0, 0.0) if in_adu else (1.0 if gain is None else gain, 0.0 if offset is None else offset)
