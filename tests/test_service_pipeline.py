@@ -55,11 +55,12 @@ from lcls_hitfinder.service.decision_log import DecisionLog, read_decision_log
 from lcls_hitfinder.service.embedder import OnnxEmbedder
 from lcls_hitfinder.service.messages import DECISION, FIELDS, HEARTBEAT, RUN, SCHEMA_VERSION
 from lcls_hitfinder.service.metrics import ServiceMetrics
-from lcls_hitfinder.service.pipeline import OVERFLOW, Pipeline
+from lcls_hitfinder.service.pipeline import Pipeline
 from lcls_hitfinder.service.publish import ZmqPublisher
 from lcls_hitfinder.service.settings import ServeSettings
 from lcls_hitfinder.service.sources import open_source
 from lcls_hitfinder.service.sources.h5 import recorded_calibration
+from lcls_hitfinder.verdicts import OVERFLOW
 
 REPO = Path(__file__).resolve().parents[1]
 LCLS_HITFINDER = [str(Path(sys.executable).parent / "lcls-hitfinder")]

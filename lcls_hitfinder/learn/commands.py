@@ -404,6 +404,7 @@ def classify(
     from lcls_hitfinder.labels import Label
     from lcls_hitfinder.learn.infer import embed_frames
     from lcls_hitfinder.service.binning import Prefilter
+    from lcls_hitfinder.verdicts import Verdicts
 
     output_file(out, "CSV", {"--model": model, "--bank": bank, "--data": data, "--config": config})
     serve = load_config(config).serve
@@ -414,25 +415,26 @@ def classify(
         if conflict:
             typer.echo(f"warning: {conflict}", err=True)
         emb, finite, blank = embed_frames(embedder, frames, calibration, prefilter=Prefilter(serve.prefilter))
-    # as serve labels them: frames with NaN or Inf pixels are errors, those the pre-filter finds dim are blank
-    label, keep = np.full(len(emb), int(Label.ERROR)), np.zeros(len(emb), bool)
-    score, distance = np.full(len(emb), np.nan), np.full(len(emb), np.nan)
-    label[blank], score[blank] = int(Label.BLANK), -1.0
-    judged = finite & ~blank
-    if judged.any():
-        dec = ref_bank.decide(emb[judged])
-        label[judged], keep[judged], score[judged], distance[judged] = dec.label, dec.keep, dec.score, dec.distance
+    v = Verdicts.errors(len(emb))  # decided as serve decides them
+    to_model = finite & ~blank
+    v.judge(np.arange(len(emb)), finite, blank, ref_bank.decide(emb[to_model]) if to_model.any() else None)
     with out.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["index", "label", "keep", "score", "distance"])
-        for i in range(len(label)):
+        for i in range(len(emb)):
             w.writerow(
-                [i, Label(int(label[i])).text, "true" if keep[i] else "false", f"{score[i]:.6f}", f"{distance[i]:.6f}"]
+                [
+                    i,
+                    Label(v.label[i]).text,
+                    "true" if v.keep[i] else "false",
+                    f"{v.score[i]:.6f}",
+                    f"{v.distance[i]:.6f}",
+                ]
             )
-    n_errors = int((label == Label.ERROR).sum())
+    n_errors = int((v.label == Label.ERROR).sum())
     errors = f", {n_errors} errors (NaN, Inf or overflowing pixels)" if n_errors else ""
     dim = f", {int(blank.sum())} blank by the pre-filter" if blank.any() else ""
-    print(f"{out}: {len(label)} patterns, {int(keep.sum())} kept as single hits{dim}{errors}")
+    print(f"{out}: {len(emb)} patterns, {int(v.keep.sum())} kept as single hits{dim}{errors}")
 
 
 def evaluate(

@@ -12,7 +12,6 @@ NaN/Inf pixels, or an unexpected failure of a batch) get `label: error` with a r
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import queue
@@ -53,12 +52,11 @@ from lcls_hitfinder.service.publish import ZmqPublisher
 from lcls_hitfinder.service.reader import MAX_FRAME_SHAPES
 from lcls_hitfinder.service.settings import ServeSettings
 from lcls_hitfinder.service.systemd import notify
+from lcls_hitfinder.verdicts import Verdicts
 
 log = logging.getLogger(__name__)
 
 LABEL_TEXT = np.array([label.text for label in Label], dtype=object)  # indexed by label code
-NONFINITE = "nonfinite: NaN or Inf pixels"
-OVERFLOW = "nonfinite: values beyond float32's range (the thumbnail is not finite)"
 _IDLE_S = 0.2  # how long the worker waits for frames before doing its idle chores (log flush)
 # torch's and onnxruntime's words for a CUDA runtime error, after which the device context is unusable:
 # torch's "CUDA error: ...", "CUDA driver error: ...", "cuDNN error: ...", onnxruntime's "CUDA failure 700: ...",
@@ -115,32 +113,6 @@ class Run:
 
 class ColumnsError(Exception):
     """A batch's decisions cannot be put into the log's columns (e.g. an event index beyond int64)."""
-
-
-@dataclass
-class Verdicts:
-    """Per-frame results of one batch, as arrays in the decision log's dtypes."""
-
-    label: np.ndarray
-    keep: np.ndarray
-    score: np.ndarray
-    distance: np.ndarray
-    n_particles: np.ndarray
-    reason: np.ndarray
-
-    @classmethod
-    def errors(cls, n: int, reason: str = "") -> Verdicts:
-        return cls(
-            label=np.full(n, Label.ERROR, np.int8),
-            keep=np.zeros(n, bool),
-            score=np.full(n, np.nan, np.float32),
-            distance=np.full(n, np.nan, np.float32),
-            n_particles=np.full(n, -1, np.int8),
-            reason=np.full(n, reason, dtype=object),
-        )
-
-    def __getitem__(self, rows: slice) -> Verdicts:
-        return Verdicts(**{f.name: getattr(self, f.name)[rows] for f in dataclasses.fields(self)})
 
 
 class Pipeline:
@@ -512,27 +484,15 @@ class Pipeline:
             to_model = finite & ~blank
             all_to_model = bool(to_model.all())
             thumbs = pre.transformed(binned if all_to_model else binned[to_model]) if bool(to_model.any()) else None
-            finite_np, blank_np, model_np = (x.cpu().numpy() for x in (finite, blank, to_model))
-        v.reason[good[~finite_np]] = NONFINITE
-        prefiltered = good[blank_np]
-        v.label[prefiltered] = Label.BLANK
-        v.score[prefiltered] = -1.0
-        v.n_particles[prefiltered] = 0
-        v.reason[prefiltered] = "prefilter"
+            finite_np, blank_np = finite.cpu().numpy(), blank.cpu().numpy()
         t1 = time.perf_counter()
         self.metrics.stage.labels(stage="preprocess").observe(t1 - t0)
         if thumbs is None:
+            v.judge(good, finite_np, blank_np, None)
             return v
         embeddings = self.embedder.embed(thumbs)
         t2 = time.perf_counter()
-        decisions = self.bank.bank.decide(embeddings)
-        sel = good[model_np]
-        v.label[sel] = decisions.label
-        v.keep[sel] = decisions.keep
-        v.score[sel] = decisions.score
-        v.distance[sel] = decisions.distance
-        v.n_particles[sel] = decisions.n_particles
-        v.reason[sel] = np.where(decisions.label == Label.ERROR, OVERFLOW, "")
+        v.judge(good, finite_np, blank_np, self.bank.bank.decide(embeddings))
         self.metrics.stage.labels(stage="infer").observe(t2 - t1)
         self.metrics.stage.labels(stage="decide").observe(time.perf_counter() - t2)
         return v
