@@ -505,6 +505,25 @@ def test_a_runs_log_path_is_absolute_and_a_log_that_cannot_be_made_leaves_no_fil
     assert not (tmp_path / "bad.h5").exists()
 
 
+@pytest.mark.parametrize("how", ["removed", "replaced"])
+def test_decision_log_removed_during_the_run_is_said_at_its_next_flush(tmp_path: Path, how: str) -> None:
+    """A log folder cleaned up during a run: the rows went on into a file no one could read, and the loss was
+    said only when the run ended (hours later), by a failed reopen."""
+    log = DecisionLog(tmp_path / "r.h5", {"experiment": "x", "run": 1}, flush_s=0.0)
+    cols = {
+        f.name: np.full(3, "" if f.log_dtype == "str" else 0, dtype=object if f.log_dtype == "str" else f.log_dtype)
+        for f in messages.LOG_COLUMNS
+    }
+    log.append(cols)
+    log.flush()
+    (tmp_path / "r.h5").unlink()
+    if how == "replaced":
+        (tmp_path / "r.h5").write_bytes(b"")
+    log.append(cols)
+    with pytest.raises(OSError, match=r"r\.h5 was removed or replaced while the run was being logged$"):
+        log.flush()
+
+
 def test_decision_log_appends_flushes_and_records_totals(tmp_path: Path) -> None:
     log = DecisionLog(tmp_path / "r.h5", {"experiment": "x", "run": 1}, flush_s=0.0)
     for lo in (0, 3):

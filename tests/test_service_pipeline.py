@@ -1217,6 +1217,32 @@ def test_serve_switches_the_decision_log_and_metrics_off_from_the_command_line(f
     assert f"; preprocessing on {device})" in " ".join(proc.stderr.split()), proc.stderr  # said beside the provider
 
 
+def test_a_log_that_reaches_the_file_size_limit_costs_the_log_not_the_service(fx: Fixtures, tmp_path: Path) -> None:
+    """A write that fails in HDF5 (a full disk: ENOSPC; a file size limit: EFBIG, as here, where no disk can be
+    filled) left h5py's handles to free into a segmentation fault. The log stops before HDF5 fails, and says
+    so; the run goes on without it and ends."""
+    import resource
+
+    def small_files() -> None:  # in the service's process only
+        resource.setrlimit(resource.RLIMIT_FSIZE, (256 << 10, 256 << 10))
+
+    files = ["--model", str(fx.model), "--bank", str(fx.bank), "--publish", f"tcp://127.0.0.1:{free_port()}"]
+    proc = subprocess.run(
+        [*LCLS_HITFINDER, "serve", *files, "--metrics-port", "off", "--source", "sim:?rate=0&n=300"],
+        capture_output=True,
+        text=True,
+        timeout=WAIT_S,
+        cwd=tmp_path,
+        preexec_fn=small_files,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "300 decisions" in proc.stderr, proc.stderr
+    said = re.search(r"decision log (\S+) failed \(no room to go on: the file size limit \(0 MiB\)", proc.stderr)
+    assert said and "goes on without it" in proc.stderr, proc.stderr
+    columns, attrs = read_decision_log(said[1])  # what was flushed stays readable
+    assert not attrs["complete"] and len(columns["seq"]) == 0
+
+
 @pytest.mark.parametrize(
     ("layout", "query", "message"),
     [
@@ -1375,6 +1401,44 @@ class TwoRunSource(ListSource):
             yield RunEnd("mem", run)
             if run == 1:
                 self.between()
+
+
+class PausingSource(ListSource):
+    """The frames of one run, `pause()` called after the first `at` of them (the disk changes mid-run)."""
+
+    def __init__(self, arrays: list[np.ndarray], at: int, pause: Callable[[], None]) -> None:
+        super().__init__(arrays)
+        self.at, self.pause = at, pause
+
+    def frames(self) -> Iterator[Frame | RunEnd | None]:
+        for i, frame in enumerate(super().frames()):
+            if i == self.at:
+                self.pause()
+            yield frame
+
+
+def test_a_log_folder_removed_mid_run_is_said_then_and_not_listed(fx: Fixtures, tmp_path: Path) -> None:
+    """Its rows went on into a removed file until the run's end; the service's summary then listed the lost
+    log as one written."""
+    images = list(np.random.default_rng(5).poisson(2.0, (10, SIDE, SIDE)).astype(np.float32))
+    logs = tmp_path / "logs"
+
+    def clean_up() -> None:  # once the first frames are on disk
+        _wait_until(
+            lambda: len(r.pipeline.logs) == 1 and read_decision_log(r.pipeline.logs[0])[0]["seq"].size == 5, "5 rows"
+        )
+        shutil.rmtree(logs)
+
+    r = _start(_settings(tmp_path), PausingSource(images, 5, clean_up), fx.model, fx.bank)
+    with DecisionClient(r.publisher.endpoint, (DECISION, RUN), timeout_s=WAIT_S) as client:
+        assert r.publisher.wait_for_subscriber(WAIT_S)
+        r.pipeline.start()
+        messages = _until_run_ends(client, 1)
+    assert r.pipeline.wait(WAIT_S)
+    r.publisher.close()
+    assert [p["seq"] for t, p in messages if t == DECISION] == list(range(10))
+    assert messages[-1][1]["log"] is None and r.pipeline.logs == [] and r.pipeline.error is None
+    assert r.metrics.decision_log_failures._value.get() == 1 and r.metrics.decision_log_lost._value.get() == 1
 
 
 def _until_run_ends(client: DecisionClient, runs: int) -> list[tuple[str, dict[str, Any]]]:

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
+import resource
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -37,6 +39,11 @@ _STR = h5py.string_dtype("utf-8")
 def _dtype(spec_dtype: str) -> Any:
     return _STR if spec_dtype == "str" else np.dtype(spec_dtype)
 
+
+# Room kept beside a flush: HDF5 allocates chunks of 4,096 rows a column at a time (32 KiB each for 8-byte
+# columns) and writes its metadata at the close.
+_HEADROOM = 8 << 20
+_ROW_BYTES = 1024  # a row's share of the file until the file says (a few hundred bytes with HDF5's overhead)
 
 _NAME_CHARS = 48  # of the experiment's name in a log's file name: 192 bytes at most, and the run and time after
 
@@ -73,6 +80,9 @@ class DecisionLog:
             self._f.close()
             path.unlink(missing_ok=True)  # not a log without columns that no reader can read
             raise
+        made = os.stat(path)
+        self._identity = (made.st_dev, made.st_ino)
+        self._row_bytes = _ROW_BYTES
         self._pending: list[Mapping[str, np.ndarray]] = []
         self._flush_s = flush_s
         self._last_flush = time.monotonic()
@@ -89,6 +99,7 @@ class DecisionLog:
 
     def flush(self) -> None:
         """Write what is pending and flush the file to disk."""
+        self._check_room()
         if self._pending:
             n = sum(len(c["seq"]) for c in self._pending)
             lo, hi = self.n, self.n + n
@@ -100,7 +111,32 @@ class DecisionLog:
             self.n = hi
             self._pending.clear()
         self._f.flush()
+        if self.n >= 4096:  # past the first chunk the file's size says what a row takes
+            self._row_bytes = max(self._row_bytes // 4, os.stat(self.path).st_size // self.n)
         self._last_flush = time.monotonic()
+
+    def _check_room(self) -> None:
+        """Stop before HDF5 meets a full disk or the file size limit: after a failed write h5py frees its handles
+        into a segmentation fault (h5py issue 914), which would take the service with it. Closed while that
+        still works, and said: what was flushed stays readable. Also notices the file removed or replaced (a
+        folder cleaned up during the run), which would otherwise go unnoticed until the run's end."""
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            st = None
+        if st is None or (st.st_dev, st.st_ino) != self._identity:
+            self.abandon()
+            raise OSError(f"{self.path} was removed or replaced while the run was being logged")
+        need = sum(len(c["seq"]) for c in self._pending) * self._row_bytes + _HEADROOM
+        fs = os.statvfs(self.path.parent)
+        free = fs.f_bavail * fs.f_frsize
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if free < need or (limit != resource.RLIM_INFINITY and st.st_size + need > limit):
+            self.abandon()
+            room = f"{free >> 20} MiB free" if free < need else f"the file size limit ({limit >> 20} MiB)"
+            raise OSError(
+                f"no room to go on: {room} where the next flush needs up to {need >> 20} MiB; closed at {self.n} rows"
+            )
 
     def close(self, totals: Mapping[str, Any] | None = None) -> None:
         """Write the rest, record the totals, mark the file complete and close it."""

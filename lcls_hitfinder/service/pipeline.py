@@ -648,10 +648,13 @@ class Pipeline:
         try:
             action(run.decision_log)
         except Exception as err:  # a full disk (or any failure to write) must not stop the decisions
-            log.error("decision log %s failed (%s); this run goes on without it", run.decision_log.path, err)
+            path = run.decision_log.path
+            log.error("decision log %s failed (%s); this run goes on without it", path, err)
             self._log_failed()
             run.decision_log.abandon()
             run.decision_log = None
+            if not path.exists() and str(path) in self.logs:  # removed: not one of the logs written
+                self.logs.remove(str(path))
 
     def _log_failed(self) -> None:
         """Counted, and said lost until a run's log is created again (the alert lasts as long as the loss)."""
