@@ -505,6 +505,25 @@ def test_a_runs_log_path_is_absolute_and_a_log_that_cannot_be_made_leaves_no_fil
     assert not (tmp_path / "bad.h5").exists()
 
 
+def test_decision_log_that_cannot_be_created_leaves_no_file(tmp_path: Path) -> None:
+    """A disk with no room at a run's start (a file size limit of 0 here: no disk can be filled in a test):
+    HDF5 created the file and failed to write it, and an empty .h5 stayed for `summary` to trip over."""
+    script = (
+        "import pathlib, resource, sys\n"
+        "from lcls_hitfinder.service.decision_log import DecisionLog\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))\n"
+        "try:\n"
+        "    DecisionLog(pathlib.Path(sys.argv[1]), {'experiment': 'x', 'run': 1})\n"
+        "except OSError as err:\n"
+        "    print('refused', type(err).__name__)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "r.h5")], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "refused OSError", done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("how", ["removed", "replaced"])
 def test_decision_log_removed_during_the_run_is_said_at_its_next_flush(tmp_path: Path, how: str) -> None:
     """A log folder cleaned up during a run: the rows went on into a file no one could read, and the loss was

@@ -68,8 +68,8 @@ class DecisionLog:
     def __init__(self, path: Path, attrs: Mapping[str, Any], flush_s: float = 1.0) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = h5py.File(path, "w", libver="latest")  # SWMR needs the latest file format
         try:
+            self._f = h5py.File(path, "w", libver="latest")  # SWMR needs the latest file format
             self._f.attrs["schema_version"] = SCHEMA_VERSION
             self._f.attrs["complete"] = False
             _write_attrs(self._f, attrs)
@@ -77,7 +77,8 @@ class DecisionLog:
                 self._f.create_dataset(spec.name, (0,), _dtype(spec.log_dtype), maxshape=(None,), chunks=(4096,))
             self._f.swmr_mode = True  # from here on readers may open it; no new objects or attributes
         except BaseException:
-            self._f.close()
+            if hasattr(self, "_f"):
+                self.abandon()  # a close that fails too (a full disk) must not keep the file
             path.unlink(missing_ok=True)  # not a log without columns that no reader can read
             raise
         made = os.stat(path)
