@@ -1071,6 +1071,70 @@ def test_sigterm_while_waiting_for_a_subscriber_reads_nothing(fx: Fixtures, tmp_
     assert not list((tmp_path / "logs").glob("*.h5"))
 
 
+def test_a_second_sigterm_cuts_the_drain_short_and_the_log_still_holds_what_was_published(
+    fx: Fixtures, tmp_path: Path
+) -> None:
+    """It raised KeyboardInterrupt in serve's main thread and returned while the worker went on publishing: the
+    interpreter's exit then shut the worker's pool under it (decisions `internal` errors, published but never
+    logged) and ended in SIGABRT. Now the batch in hand is finished, the frames still queued are dropped
+    (counted), and the run is closed. The worker is held (at the lock it takes after publishing a batch) while
+    the signals come, so that a full queue is waiting whatever the machine's speed."""
+    from lcls_hitfinder.service.commands import _Signals
+
+    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    saved = {s: signal.getsignal(s) for s in handled}
+    settings = _settings(tmp_path, source=f"h5:{fx.data}?memory=1&repeat=0", queue_size=64)
+    r = _start(settings, open_source(settings.source, settings), fx.model, fx.bank)
+    try:
+        signals = _Signals()
+        signals.serving(r.pipeline)
+        with DecisionClient(r.publisher.endpoint, (DECISION, RUN), timeout_s=WAIT_S) as client:
+            assert r.publisher.wait_for_subscriber(WAIT_S)
+            with r.pipeline._tally_lock:
+                r.pipeline.start()
+                _wait_until(lambda: r.pipeline._frames.full(), "a full queue")
+                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), signal.SIGTERM)  # handled in this thread: each before the next line
+                assert r.pipeline.stopping and signals.interrupted
+            messages = _until_run_ends(client, 1)
+        assert r.pipeline.wait(WAIT_S)
+        with pytest.raises(KeyboardInterrupt, match="third SIGTERM"):
+            os.kill(os.getpid(), signal.SIGTERM)
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+        r.pipeline.stop()
+        r.pipeline.wait(WAIT_S)
+        r.publisher.close()
+    end = messages[-1][1]
+    published = [p["seq"] for t, p in messages if t == DECISION]
+    assert end["ended"] == "stopped" and end["dropped"] >= 64 - settings.batch.max_size, end
+    assert r.metrics.dropped.labels(reason="interrupted")._value.get() == end["dropped"]
+    columns, attrs = read_decision_log(end["log"])
+    assert attrs["complete"] and columns["seq"].tolist() == published == list(range(end["events"]))
+    assert "error" not in columns["label"].tolist()
+
+
+def test_the_first_sigterm_after_the_pipeline_stopped_itself_is_a_first(fx: Fixtures, tmp_path: Path) -> None:
+    """A pipeline that stopped on its own (a dead publisher, a GPU failure) made the operator's first
+    `systemctl stop` count as a second one: the drain was cut short."""
+    from lcls_hitfinder.service.commands import _Signals
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    settings = _settings(tmp_path, source=f"h5:{fx.data}?repeat=0")
+    r = _start(settings, open_source(settings.source, settings), fx.model, fx.bank)
+    try:
+        signals = _Signals()
+        signals.serving(r.pipeline)
+        r.pipeline.stop()  # as the pipeline does itself
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert signals.stop_asked.is_set() and not signals.interrupted
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+        r.publisher.close()
+
+
 def test_listen_prints_decisions_and_reports_gaps(fx: Fixtures, tmp_path: Path) -> None:
     settings = _settings(
         tmp_path,

@@ -108,7 +108,9 @@ def serve(
 
 
 class _Signals:
-    """SIGINT and SIGTERM stop the service (a second one quits at once), SIGHUP reloads the bank.
+    """SIGINT and SIGTERM stop the service, SIGHUP reloads the bank. A second stop cuts the drain short (the
+    batch in hand is finished and logged, the frames still waiting are dropped, the run closed); a third, or a
+    second while starting, quits at once.
 
     While it starts both are noted, not acted on: a stop is not raised into whatever is starting (a half-started
     reader or MPI run cannot be cleaned up reliably), the start-up stops at its next step; a reload (`systemctl
@@ -117,6 +119,7 @@ class _Signals:
 
     def __init__(self) -> None:
         self.stop_asked, self._reload_asked = threading.Event(), threading.Event()
+        self.interrupted = False
         self._pipeline: Pipeline | None = None
         signal.signal(signal.SIGINT, self._stop)
         signal.signal(signal.SIGTERM, self._stop)
@@ -132,8 +135,13 @@ class _Signals:
 
     def _stop(self, signum: int, _frame: FrameType | None) -> None:
         name, pipeline = signal.Signals(signum).name, self._pipeline
-        if self.stop_asked.is_set() or (pipeline is not None and pipeline.stopping):  # the operator will not wait
-            raise KeyboardInterrupt(f"second {name}")
+        if self.stop_asked.is_set():  # the operator will not wait (a pipeline that stopped itself asked nobody)
+            if pipeline is None or self.interrupted:
+                raise KeyboardInterrupt(f"{'third' if self.interrupted else 'second'} {name}")
+            self.interrupted = True
+            log.warning("second %s: the frames still waiting are dropped, the run closed (again to quit at once)", name)
+            pipeline.interrupt()
+            return
         self.stop_asked.set()
         notify("STOPPING=1")
         if pipeline is None:
@@ -249,7 +257,7 @@ def run_service(settings: ServeSettings, signals: _Signals) -> int:
         total.binned_at_reader,
         logs_said(pipeline.logs),
     )
-    return 1 if pipeline.error is not None else 0
+    return 1 if pipeline.error is not None else 130 if signals.interrupted else 0
 
 
 def logs_said(paths: list[str]) -> str:

@@ -21,7 +21,7 @@ STAGE_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2e-2, 2.5e-
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 STAGES = ("read", "preprocess", "infer", "decide", "publish")
 ERROR_REASONS = ("shape", "dtype", "nonfinite", "internal")  # the part before ':' of an error decision's reason
-DROP_REASONS = ("queue_full", "internal")
+DROP_REASONS = ("queue_full", "internal", "interrupted")
 
 Kind = Literal["counter", "gauge", "histogram"]
 
@@ -68,7 +68,8 @@ SPECS: tuple[MetricSpec, ...] = (
         "hitfinder_dropped_events_total",
         "counter",
         "Events read but never decided, by reason (queue_full: the service fell behind a live source; internal: "
-        "a failure of the service itself, which it logs).",
+        "a failure of the service itself, which it logs; interrupted: waiting when a second SIGINT or SIGTERM "
+        "cut the drain short).",
         ("reason",),
     ),
     MetricSpec(

@@ -139,6 +139,7 @@ class Pipeline:
             self._frames, settings.batch.max_size, settings.batch.max_wait_ms / 1e3
         )
         self._stop = threading.Event()
+        self._interrupted = threading.Event()  # a second signal: the drain is cut short
         self._reload = threading.Event()
         self._done = threading.Event()
         # the shape the source states when opened (h5, sim); a psana source's comes from each run's first frame
@@ -200,6 +201,13 @@ class Pipeline:
 
     def stop(self) -> None:
         """Stop reading; what was read is still decided, logged and published."""
+        self._stop.set()
+
+    def interrupt(self) -> None:
+        """Stop reading and cut the drain short: the batch in hand is finished, the frames still waiting are
+        dropped (reason interrupted, in the run's totals), and the run is closed as after `stop`: whatever was
+        published is in the log."""
+        self._interrupted.set()
         self._stop.set()
 
     @property
@@ -278,6 +286,9 @@ class Pipeline:
         failed = False
         try:
             while True:
+                if self._interrupted.is_set():
+                    self._drop_queued("interrupted")
+                    break
                 batch = self._batcher.next(_IDLE_S)
                 if batch:
                     self._process_items(batch)
@@ -288,7 +299,7 @@ class Pipeline:
             log.exception("the pipeline failed")
             self.error, failed = err, True
             self._stop.set()
-            self._drop_queued()
+            self._drop_queued("internal")
         finally:
             try:
                 self._end_run("failed" if failed else self._read_ended)
@@ -302,10 +313,10 @@ class Pipeline:
                     torch.set_num_threads(self._workers)
                 self._done.set()
 
-    def _drop_queued(self) -> None:
-        """After the worker failed: the frames queued, and those the stopping reader still puts (it stops
-        after the frame in hand), are dropped (reason internal) until its end of stream, or until none came
-        for longer than a reader goes between frames."""
+    def _drop_queued(self, reason: str) -> None:
+        """After the worker failed or was interrupted: the frames queued, and those the stopping reader still
+        puts (it stops after the frame in hand), are dropped (`reason`) until its end of stream, or until none
+        came for longer than a reader goes between frames."""
         quiet_since = time.monotonic()
         while not self._batcher.ended and time.monotonic() - quiet_since < _DRAIN_QUIET_S:
             items = self._batcher.next(_IDLE_S)
@@ -313,7 +324,7 @@ class Pipeline:
                 quiet_since = time.monotonic()
             for item in items:
                 if isinstance(item, Frame):
-                    self._drop(item, "internal")
+                    self._drop(item, reason)
 
     def _process_items(self, items: list[Frame | RunEnd]) -> None:
         """A batch may straddle a run boundary: frames go on in pieces of one run each, and a RunEnd closes
