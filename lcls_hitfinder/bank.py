@@ -79,6 +79,12 @@ class ReferenceBank:
             raise ValueError("embeddings must be finite")
         if self.method not in ("knn", "prototype") or self.k < 1 or not np.isfinite(self.threshold):
             raise ValueError(f"method {self.method!r}, k {self.k}, threshold {self.threshold}: not a bank's")
+        picked = self.picked_with
+        if picked is not None and not (
+            isinstance(picked, dict)
+            and all(isinstance(v, int | float) and not isinstance(v, bool) for v in picked.values())
+        ):
+            raise ValueError(f"picked_with {picked!r} is not a calibration (gain, offset, threshold)")
         self._class = np.where(self.n_particles <= 0, Label.BLANK, np.where(self.n_particles == 1, 1, 2))
         if not (self._class == Label.SINGLE).any():
             raise UserError("a bank needs at least one single-hit reference")
@@ -96,6 +102,15 @@ class ReferenceBank:
     @property
     def embed_dim(self) -> int:
         return int(self.embeddings.shape[1])
+
+    def said(self) -> str:
+        """What an operator needs to know of the bank in use, in one line."""
+        counts = ", ".join(
+            f"{int((self._class == c).sum())} {c.text}" for c in (Label.BLANK, Label.SINGLE, Label.MULTI)
+        )
+        how = f"{self.method} (k {self.k})" if self.method == "knn" else self.method
+        n = len(self.embeddings)
+        return f"{n} references ({counts}), {how}, threshold {self.threshold:g}, model {self.model_hash}"
 
     def class_distances(self, embeddings: np.ndarray) -> np.ndarray:
         """(B, 3) mean distance to the k nearest references of blank, single, multi (inf if none)."""

@@ -851,6 +851,22 @@ def test_bank_reloads_when_its_file_changes_and_refuses_a_foreign_one(fx: Fixtur
     assert r.pipeline.error is None
 
 
+def test_a_bank_reload_that_fails_in_any_way_keeps_the_old_bank(
+    fx: Fixtures, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only a UserError was refused: anything else (here h5py's RuntimeError, as for a file being written)
+    escaped to the monitor's loop, uncounted and unsaid as a refusal."""
+    bank = ReloadingBank(fx.bank, OnnxEmbedder(fx.model), metrics := ServiceMetrics())
+    before = bank.bank
+
+    def broken(*_: object, **__: object) -> ReferenceBank:
+        raise RuntimeError("Can't read data (inflate() failed)")
+
+    monkeypatch.setattr(ReferenceBank, "load", broken)
+    assert bank.reload() is False and bank.bank is before
+    assert metrics.bank_reloads.labels(result="refused")._value.get() == 1
+
+
 def _scrape(port: int) -> str:
     """The service's /metrics text ("" while it does not answer yet)."""
     try:
@@ -1261,6 +1277,34 @@ def test_serve_refuses_a_bad_source_in_one_line(fx: Fixtures, tmp_path: Path, ar
     assert not (tmp_path / "decisions").exists()  # the default log folder is made only for a service that starts
     assert not (tmp_path / "~").exists()
     assert "publishing on" not in proc.stderr  # refused before binding
+
+
+def test_serve_says_the_bank_it_uses_and_warns_of_its_defaults(fx: Fixtures, tmp_path: Path) -> None:
+    """Nothing said which bank decided, nor that the shipped generic one (poor on a sample's own patterns) or
+    the simulated stream were serving by default."""
+    quiet = ["--metrics-port", "off", "--log-dir", "false"]
+    proc = subprocess.run(
+        [*LCLS_HITFINDER, "serve", "--model", str(fx.model), "--publish", f"tcp://127.0.0.1:{free_port()}", *quiet],
+        capture_output=True,
+        text=True,
+        timeout=WAIT_S,
+        cwd=tmp_path,
+    )
+    assert "no source given (--source, serve.source): serving the simulated stream sim:?rate=120" in proc.stderr
+    assert "no bank given (--bank, serve.bank): the shipped generic bank judges these patterns" in proc.stderr
+    assert proc.returncode == 2  # the shipped bank is not of this test's model: refused, after saying so
+    mine = ["--model", str(fx.model), "--bank", str(fx.bank), "--source", "sim:?rate=0&n=3"]
+    proc = subprocess.run(
+        [*LCLS_HITFINDER, "serve", *mine, *quiet, "--publish", f"tcp://127.0.0.1:{free_port()}"],
+        capture_output=True,
+        text=True,
+        timeout=WAIT_S,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0 and "WARNING" not in proc.stderr, proc.stderr
+    bank = ReferenceBank.load(fx.bank)
+    assert f"bank {fx.bank.resolve()}: {len(bank.embeddings)} references (" in proc.stderr
+    assert f"threshold {bank.threshold:g}, model {bank.model_hash}" in proc.stderr
 
 
 def test_serve_switches_the_decision_log_and_metrics_off_from_the_command_line(fx: Fixtures, tmp_path: Path) -> None:

@@ -40,13 +40,14 @@ class ReloadingBank:
     """Holds the current bank; `bank` is read by the pipeline, `check`/`reload` run on the monitor thread."""
 
     def __init__(self, path: Path, embedder: Embedder, metrics: ServiceMetrics) -> None:
-        self.path = path
+        self.path = path.resolve()  # named in the log and the metrics, read where the service's folder is unknown
         self.embedder = embedder
         self.metrics = metrics
         self._signature = _signature(path)
         self.calibration: PhotonCalibration | None = None  # the service's, once its source is open
         self.bank = self._load()  # at start-up a bad bank is fatal
         self._export()
+        log.info("bank %s: %s", self.path, self.bank.said())
 
     def serve_with(self, calibration: PhotonCalibration) -> None:
         """The calibration the service turns frames into photons with: each bank taken is held against it."""
@@ -88,13 +89,14 @@ class ReloadingBank:
         self._signature = _signature(self.path)
         try:
             bank = self._load()
-        except UserError as err:  # BankMismatch, or a file that does not read as a bank
-            log.error("bank reload refused, keeping the previous bank: %s", err)
+        except Exception as err:  # BankMismatch, a file that does not read as a bank, or anything else: not taken
+            said = str(err) if isinstance(err, UserError) else f"{self.path}: {type(err).__name__}: {err}"
+            log.error("bank reload refused, keeping the previous bank: %s", said)
             self.metrics.bank_reloads.labels(result="refused").inc()
             return False
         self.bank = bank  # one reference assignment: the pipeline sees the old or the new bank, whole
         self.metrics.bank_reloads.labels(result="ok").inc()
         self._export()
         self._say_units()
-        log.info("bank reloaded from %s: %d references", self.path, len(bank.embeddings))
+        log.info("bank reloaded from %s: %s", self.path, bank.said())
         return True

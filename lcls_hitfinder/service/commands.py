@@ -182,6 +182,13 @@ def run_service(settings: ServeSettings, signals: _Signals) -> int:
     src = open_source(uri, settings)
     if settings.log_dir is not None:
         output_dir(settings.log_dir, "decision log directory")
+    if "source" not in settings.model_fields_set:
+        log.warning("no source given (--source, serve.source): serving the simulated stream %s", settings.source)
+    if settings.bank is None:
+        log.warning(
+            "no bank given (--bank, serve.bank): the shipped generic bank judges these patterns; a bank of this "
+            "sample's own references decides far better (bank pick, bank build; models/MODEL_CARD.md)"
+        )
     # Bind first: subscribers connect while the model and the source are still loading.
     publisher = ZmqPublisher(settings.publish.endpoint, settings.publish.sndhwm)
     metrics = ServiceMetrics()
