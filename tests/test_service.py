@@ -294,6 +294,14 @@ def test_seq_tracker_takes_the_next_seq_that_heartbeats_and_run_ends_announce() 
     assert gap is not None and (gap.expected, gap.got) == (5, 8) and joined.first == 8
 
 
+def test_a_client_refuses_a_topic_no_message_has() -> None:
+    """A misspelt topic is a ZeroMQ prefix nothing matches: the client waited for ever, saying nothing."""
+    from lcls_hitfinder.service.client import DecisionClient
+
+    with pytest.raises(ValueError, match=r"^topics \['decisions'\] are not among \['decision', 'heartbeat', 'run'\]$"):
+        DecisionClient("tcp://127.0.0.1:5556", ("decisions",))
+
+
 def test_a_client_counts_the_decisions_lost_at_a_runs_end_from_the_run_end_message() -> None:
     """Decisions lost at the end of a run show in no later seq; the run end, first_seq + events, says how many
     the run had. Over real sockets: the service's publisher, the Python client."""

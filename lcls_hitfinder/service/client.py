@@ -29,6 +29,7 @@ from lcls_hitfinder.service.messages import (
     DECISION,
     HEARTBEAT,
     RUN,
+    TOPICS,
     MessageError,
     SchemaVersionError,
     decode,
@@ -108,6 +109,9 @@ class DecisionClient:
         rcvhwm: int = 1_000_000,
     ) -> None:
         self.endpoint = tcp_port_checked(endpoint)
+        unknown = [t for t in topics if t not in TOPICS]
+        if unknown:  # a ZeroMQ prefix no message has: nothing would ever come, and nothing would say why
+            raise ValueError(f"topics {unknown} are not among {list(TOPICS)}")
         self.timeout_ms = None if timeout_s is None else int(timeout_s * 1000)
         self.tracker = SeqTracker()
         self.skipped: list[str] = []  # why each message that was not the service's was skipped
