@@ -538,7 +538,10 @@ def test_summary_of_a_runs_log_gives_its_numbers_a_csv_to_pick_from_and_a_pictur
     labels = columns["label"].tolist()
     counts = ", ".join(f"{x.text} {labels.count(x.text)}" for x in Label)
     kept = int(np.sum(columns["decision"] == "keep"))
-    assert f"xpptest:12: {len(labels)} decisions, log complete (source_end)" in result.output
+    assert (
+        f"xpptest:12: {len(labels)} decisions, log complete: a file or simulation read to its end (source_end)"
+        in result.output
+    )
     assert f"labels: {counts}; kept {kept} ({100 * kept / len(labels):.1f}%)" in result.output
     truth = [label_of_count(int(t)).text for t in columns["truth_n_particles"]]
     agree = sum(t == x for t, x in zip(truth, labels, strict=True))
@@ -1129,6 +1132,11 @@ def test_a_second_sigterm_cuts_the_drain_short_and_the_log_still_holds_what_was_
     columns, attrs = read_decision_log(end["log"])
     assert attrs["complete"] and columns["seq"].tolist() == published == list(range(end["events"]))
     assert "error" not in columns["label"].tolist()
+    from lcls_hitfinder.service.log_summary import summarise
+
+    said = summarise(columns, attrs).lines()  # `summary` of that log says the run was cut, and what it lost
+    assert said[0].endswith("log complete: cut short by a signal (stopped)"), said
+    assert f"{end['dropped']} events read but never decided" in said[1], said
 
 
 def test_the_first_sigterm_after_the_pipeline_stopped_itself_is_a_first(fx: Fixtures, tmp_path: Path) -> None:

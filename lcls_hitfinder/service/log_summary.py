@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from lcls_hitfinder.labels import Label, label_of_count
+from lcls_hitfinder.service.messages import ENDED
 
 ROLLING = 100  # events a point of the label fractions in the picture stands for
 
@@ -37,6 +38,7 @@ class RunSummary:
     truth_agree: tuple[int, int] | None  # labels equal to the truth's, of the decided events whose truth is known
     complete: bool
     ended: str | None
+    dropped: int  # events of the run read but never decided (the log's attribute, set when it closes)
 
     @property
     def rate_hz(self) -> float | None:
@@ -44,8 +46,15 @@ class RunSummary:
 
     def lines(self) -> list[str]:
         """The summary as a user reads it."""
-        state = f"complete ({self.ended})" if self.complete else "still being written, or its service died"
+        if self.complete:
+            state = f"complete: {ENDED.get(self.ended or '', 'the run ended')} ({self.ended})"
+        else:
+            state = "still being written, or its service died"
         out = [f"{self.experiment}:{self.run}: {self.events} decisions, log {state}"]
+        if self.dropped:
+            out.append(
+                f"{self.dropped} events read but never decided (dropped: hitfinder_dropped_events_total says why)"
+            )
         if self.events:
             counts = ", ".join(f"{label} {n}" for label, n in self.counts.items())
             out.append(f"labels: {counts}; kept {self.keep} ({100 * self.keep / self.events:.1f}%)")
@@ -84,6 +93,7 @@ def summarise(columns: dict[str, np.ndarray], attrs: dict[str, Any]) -> RunSumma
         truth_agree=(int(agree), int(known.sum())) if known.any() else None,
         complete=bool(attrs.get("complete", False)),
         ended=attrs.get("ended"),
+        dropped=int(attrs.get("dropped", 0)),
     )
 
 

@@ -21,6 +21,17 @@ HEARTBEAT = "heartbeat"
 RUN = "run"
 TOPICS = (DECISION, HEARTBEAT, RUN)
 
+# why a run ended (the run message's `ended`, the decision log's attribute), and what that says of the run
+ENDED = {
+    "run_end": "psana's EndRun: the whole run was read",
+    "source_end": "a file or simulation read to its end",
+    "next_run": "a frame of another run came first",
+    "max_events": "cut short at serve.max_events",
+    "stopped": "cut short by a signal",
+    "source_failed": "the source failed",
+    "failed": "the service failed",
+}
+
 
 @dataclass(frozen=True)
 class FieldSpec:
@@ -162,9 +173,7 @@ FIELDS: dict[str, tuple[FieldSpec, ...]] = {
         FieldSpec(
             "ended",
             "str | nil",
-            "why the run ended (nil at begin): `run_end` (psana's EndRun: the whole run was read), `source_end` "
-            "(a file or simulation read to its end), `next_run` (a frame of another run came first), "
-            "`max_events` or `stopped` (cut short: serve.max_events, a signal), `source_failed`, `failed`",
+            "why the run ended (nil at begin): " + ", ".join(f"`{k}` ({v})" for k, v in ENDED.items()),
         ),
     ),
 }
