@@ -79,10 +79,10 @@ def test_every_alert_is_unit_tested_and_documented() -> None:
 def test_the_latency_budget_is_an_edge_of_the_latency_buckets() -> None:
     """Within a bucket histogram_quantile interpolates: a budget inside one (20 ms in (10, 25] ms) read a p99
     of 11 ms as 22 ms and raised the alert."""
-    from lcls_hitfinder.service.metrics import STAGE_BUCKETS
+    from lcls_hitfinder.service.metrics import LATENCY_BUCKETS
 
     budget = next(r for r in rules() if r.get("record") == "hitfinder:threshold:latency_p99_seconds")
-    assert float(budget["expr"].removeprefix("vector(").removesuffix(")")) in STAGE_BUCKETS
+    assert float(budget["expr"].removeprefix("vector(").removesuffix(")")) in LATENCY_BUCKETS
 
 
 def test_every_series_in_rules_and_dashboards_exists() -> None:

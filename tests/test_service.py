@@ -176,6 +176,7 @@ def test_the_issue_s_metric_names_exist() -> None:
         "hitfinder_build_info",
     } <= names
     assert metrics.STAGE_BUCKETS[0] == 50e-6 and metrics.STAGE_BUCKETS[-1] == 1.0
+    assert metrics.LATENCY_BUCKETS[-1] == 30.0  # a backlog's seconds are told apart, not read as 1 s
 
 
 def test_metrics_are_served_on_localhost() -> None:

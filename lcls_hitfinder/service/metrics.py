@@ -18,6 +18,9 @@ from lcls_hitfinder.labels import Label
 # 20 ms is an edge, so the latency budget's alert fires when more than 1% of events are over it, not when
 # histogram_quantile's interpolation within a wider bucket says so.
 STAGE_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0)
+# a backlog (serve.overflow = "block" behind a fast source) holds events for seconds: beyond 1 s a p99 would
+# read as the last bucket's edge, 1 s, however long they waited
+LATENCY_BUCKETS = (*STAGE_BUCKETS, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 STAGES = ("read", "preprocess", "infer", "decide", "publish")
 ERROR_REASONS = ("shape", "dtype", "nonfinite", "internal")  # the part before ':' of an error decision's reason
@@ -61,7 +64,7 @@ SPECS: tuple[MetricSpec, ...] = (
         "hitfinder_stage_duration_seconds, tens of microseconds; the decision log's flush to disk, once a second, "
         "comes after the publishing and is not in it).",
         (),
-        STAGE_BUCKETS,
+        LATENCY_BUCKETS,
     ),
     MetricSpec("hitfinder_batch_size", "histogram", "Frames per inference batch.", (), BATCH_BUCKETS),
     MetricSpec(
@@ -254,7 +257,8 @@ def markdown() -> str:
         "alert HitfinderRestarting counts its changes), `process_cpu_seconds_total`, `process_resident_memory_bytes`,",
         "`process_open_fds`.",
         "",
-        f"Stage and latency histogram buckets (seconds): {', '.join(f'{b:g}' for b in STAGE_BUCKETS)}.",
+        f"Stage histogram buckets (seconds): {', '.join(f'{b:g}' for b in STAGE_BUCKETS)}; latency: the same and "
+        f"{', '.join(f'{b:g}' for b in LATENCY_BUCKETS[len(STAGE_BUCKETS) :])}.",
         f"Batch size buckets: {', '.join(f'{b:g}' for b in BATCH_BUCKETS)}.",
         "",
         "Useful queries:",
