@@ -66,7 +66,15 @@ def target(expr: str, legend: str = "__auto", *, instant: bool = False, fmt: str
     }
 
 
-def panel(kind: str, title: str, description: str, targets: list[Json], unit: str, **extra: Any) -> Json:
+def panel(
+    kind: str,
+    title: str,
+    description: str,
+    targets: list[Json],
+    unit: str,
+    overrides: list[Json] | None = None,
+    **extra: Any,
+) -> Json:
     """A panel without id and gridPos (the layout assigns both)."""
     for i, t in enumerate(targets):
         t["refId"] = chr(ord("A") + i)
@@ -76,7 +84,7 @@ def panel(kind: str, title: str, description: str, targets: list[Json], unit: st
         "description": description,
         "datasource": DATASOURCE,
         "targets": targets,
-        "fieldConfig": {"defaults": {"unit": unit, **extra.pop("defaults", {})}, "overrides": []},
+        "fieldConfig": {"defaults": {"unit": unit, **extra.pop("defaults", {})}, "overrides": overrides or []},
         **extra,
     }
 
@@ -320,19 +328,21 @@ def health() -> list[Json]:
         timeseries(
             "Source restarts and bank reloads",
             "Reader restarts by the watchdog, bank reloads by result (refused: the old bank stayed), and decision"
-            " logs that failed (that run went on without its record).",
+            " logs that failed (that run went on without its record); each bar counts those in its own interval"
+            " (over $__rate_interval, wider than a step, each would be counted at several points).",
             [
-                target(f"sum(increase({sel('hitfinder_source_restarts_total')}[$__rate_interval]))", "restarts"),
+                target(f"sum(increase({sel('hitfinder_source_restarts_total')}[$__interval]))", "restarts"),
                 target(
-                    f"sum by (result) (increase({sel('hitfinder_bank_reloads_total')}[$__rate_interval]))",
+                    f"sum by (result) (increase({sel('hitfinder_bank_reloads_total')}[$__interval]))",
                     "bank reload {{result}}",
                 ),
                 target(
-                    f"sum(increase({sel('hitfinder_decision_log_failures_total')}[$__rate_interval]))",
+                    f"sum(increase({sel('hitfinder_decision_log_failures_total')}[$__interval]))",
                     "decision log failed",
                 ),
             ],
             "none",
+            defaults={"custom": {"drawStyle": "bars", "lineWidth": 1, "fillOpacity": 80, "spanNulls": False}},
         ),
         timeseries(
             "Heartbeat age",
@@ -345,12 +355,22 @@ def health() -> list[Json]:
         ),
         timeseries(
             "Run",
-            "Run number being served, and whether a run is open (1) or not (0).",
+            "Run number being served (left axis), and whether a run is open (1) or not (0, right axis).",
             [
                 target(f"max({sel('hitfinder_run_number')})", "run number"),
                 target(f"max({sel('hitfinder_run_open')})", "run open"),
             ],
             "none",
+            overrides=[
+                {
+                    "matcher": {"id": "byName", "options": "run open"},
+                    "properties": [
+                        {"id": "custom.axisPlacement", "value": "right"},
+                        {"id": "min", "value": 0},
+                        {"id": "max", "value": 1},
+                    ],
+                }
+            ],
         ),
     ]
 
