@@ -152,7 +152,8 @@ def test_bank_classify_and_evaluate(data: Path, model: Path, tmp_path: Path) -> 
     invoke("classify", "--model", model, "--bank", bank_path, "--data", data / "test.h5", "--out", tmp_path / "p.csv")
     with (tmp_path / "p.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 150 and list(rows[0]) == ["index", "label", "keep", "score", "distance"]
+    assert len(rows) == 150 and list(rows[0]) == ["index", "label", "keep", "score", "distance", "event"]
+    assert all(r["event"] == r["index"] for r in rows)  # serve's event on a dataset: its position
     assert {r["label"] for r in rows} <= {"blank", "single", "multi"}
     assert all((r["keep"] == "true") == (r["label"] == "single") for r in rows)
     # each row's score and distance are the bank's for the torch net on training's own thumbnails of that
@@ -192,6 +193,43 @@ def test_bank_classify_and_evaluate(data: Path, model: Path, tmp_path: Path) -> 
     assert lit > 0 and own_metrics["patterns_the_bank_was_built_from"] == lit
     said = " ".join(judged.stderr.split())
     assert f"warning: {lit} patterns of {data / 'val.h5'} are among the bank's references or calibration" in said
+
+
+def test_classify_names_each_pattern_as_serve_does_and_bank_pick_reads_it(
+    data: Path, model: Path, tmp_path: Path
+) -> None:
+    """A classify CSV had no `event` (nor `timestamp`): bank pick refused it. A CXI file's events are those it
+    records; its timestamps (psana's) then name them for bank pick."""
+    import h5py
+
+    from lcls_hitfinder.protocols import psana_timestamp
+
+    bank_path = tmp_path / "bank.h5"
+    invoke("bank", "build", "--model", model, "--data", data / "val.h5", "--per-class", "5", "--out", bank_path)
+    with Dataset(data / "test.h5") as d:
+        images = d.images(slice(0, 6))
+    cxi = tmp_path / "run.cxi"
+    seconds = 1_700_000_000 + np.arange(6)
+    with h5py.File(cxi, "w") as f:
+        f["/entry_1/data_1/data"] = images
+        f["/LCLS/machineTime"] = seconds.astype(np.int32)
+        f["/LCLS/machineTimeNanoSeconds"] = np.zeros(6, np.int32)
+        f["/LCLS/eventNumber"] = np.arange(40, 46)
+    invoke("classify", "--model", model, "--bank", bank_path, "--data", cxi, "--out", tmp_path / "p.csv")
+    with (tmp_path / "p.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["index", "label", "keep", "score", "distance", "event", "timestamp"]
+    assert [int(r["event"]) for r in rows] == list(range(40, 46))
+    assert [int(r["timestamp"]) for r in rows] == [psana_timestamp(int(s) * 10**9) for s in seconds]
+    picked = [r for r in rows if r["label"] != "error"][:3]
+    with (tmp_path / "picks.csv").open("w", newline="") as f:  # the rows a scientist keeps, as written
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(picked)
+    out = invoke("bank", "pick", "--source", f"h5:{cxi}", "--picks", tmp_path / "picks.csv", "--out", tmp_path / "r.h5")
+    assert "3 picked events" in out
+    with Dataset(tmp_path / "r.h5") as refs:
+        np.testing.assert_allclose(refs.images(), images[[int(r["index"]) for r in picked]])
 
 
 @pytest.mark.parametrize("target", [0.6, 0.9])

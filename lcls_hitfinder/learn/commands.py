@@ -385,7 +385,13 @@ def classify(
     model: Annotated[Path, typer.Option(help="embedder ONNX file")],
     bank: Annotated[Path, typer.Option(help="reference bank built for this model")],
     data: Annotated[Path, typer.Option(help="patterns to classify: a dataset or a CXI file (any image size and mask)")],
-    out: Annotated[Path, typer.Option(help="CSV to write: index,label,keep,score,distance")],
+    out: Annotated[
+        Path,
+        typer.Option(
+            help="CSV to write: index,label,keep,score,distance,event (and timestamp where a CXI file records its "
+            "events): `bank pick --picks` reads it"
+        ),
+    ],
     config: Annotated[
         Path | None,
         typer.Option(
@@ -415,12 +421,17 @@ def classify(
         if conflict:
             typer.echo(f"warning: {conflict}", err=True)
         emb, finite, blank = embed_frames(embedder, frames, calibration, prefilter=Prefilter(serve.prefilter))
+        recorded = frames.events
+    # each pattern's event as `serve --source h5:FILE` names it: the file's own (CXI), else its index
+    index = np.arange(len(emb))
+    event = index if recorded is None or recorded.event is None else recorded.event
+    stamps = [] if recorded is None else [recorded.timestamp]
     v = Verdicts.errors(len(emb))  # decided as serve decides them
     to_model = finite & ~blank
-    v.judge(np.arange(len(emb)), finite, blank, ref_bank.decide(emb[to_model]) if to_model.any() else None)
+    v.judge(index, finite, blank, ref_bank.decide(emb[to_model]) if to_model.any() else None)
     with out.open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["index", "label", "keep", "score", "distance"])
+        w.writerow(["index", "label", "keep", "score", "distance", "event"] + ["timestamp"] * len(stamps))
         for i in range(len(emb)):
             w.writerow(
                 [
@@ -429,6 +440,8 @@ def classify(
                     "true" if v.keep[i] else "false",
                     f"{v.score[i]:.6f}",
                     f"{v.distance[i]:.6f}",
+                    int(event[i]),
+                    *(int(t[i]) for t in stamps),
                 ]
             )
     n_errors = int((v.label == Label.ERROR).sum())
