@@ -157,6 +157,18 @@ class DatasetWriter:
             self._tmp.unlink(missing_ok=True)
 
 
+def why_not_hdf5(path: Path, err: OSError) -> str:
+    """h5py's words for a file it cannot open, or what the file is where it is not HDF5 at all (an XTC2 run
+    given where a dataset belongs reads "file signature not found")."""
+    if not path.is_file() or h5py.is_hdf5(path):
+        return str(err)
+    if path.suffix == ".xtc2":
+        return (
+            "an XTC2 run, not HDF5: read it through a source (xtc2:PATH?det=NAME; `bank pick --source` for references)"
+        )
+    return "not an HDF5 file"
+
+
 class Dataset:
     """Read access to a dataset file: lazy slices, so a 1e5-pattern file is never loaded whole."""
 
@@ -165,7 +177,7 @@ class Dataset:
         try:
             self._f = h5py.File(self.path, "r")
         except (OSError, FileNotFoundError) as err:
-            raise UserError(f"cannot read dataset {self.path}: {err}") from None
+            raise UserError(f"cannot read dataset {self.path}: {why_not_hdf5(self.path, err)}") from None
         missing = {"images", "n_particles", "mask"} - set(self._f.keys())
         if missing:
             self._f.close()

@@ -19,7 +19,7 @@ from types import TracebackType
 import h5py
 import numpy as np
 
-from lcls_hitfinder.dataset import Dataset
+from lcls_hitfinder.dataset import Dataset, why_not_hdf5
 from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.preprocess import PhotonCalibration
 from lcls_hitfinder.protocols import psana_timestamp
@@ -63,7 +63,7 @@ class FrameFile:
         try:
             f = h5py.File(path, "r")
         except OSError as err:
-            raise UserError(f"{name}: cannot read {path} as HDF5: {err}") from None
+            raise UserError(f"{name}: cannot read {path} as HDF5: {why_not_hdf5(path, err)}") from None
         self._read: Callable[[slice], np.ndarray]
         if "images" in f and "n_particles" in f:  # the project's dataset format, through its one reader
             f.close()

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +59,24 @@ def test_failed_write_leaves_no_file(tmp_path: Path) -> None:
 def test_not_a_dataset(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="cannot read dataset"):
         Dataset(tmp_path / "nope.h5")
+
+
+@pytest.mark.parametrize(
+    ("name", "said"),
+    [
+        ("run.xtc2", "an XTC2 run, not HDF5: read it through a source (xtc2:PATH?det=NAME"),
+        ("notes.txt", "not an HDF5 file"),
+    ],
+)
+def test_a_file_that_is_not_hdf5_is_said_so(tmp_path: Path, name: str, said: str) -> None:
+    """h5py said "file signature not found" of an XTC2 run given as --data."""
+    from lcls_hitfinder.frame_file import FrameFile
+
+    (tmp_path / name).write_bytes(b"\x00" * 64)
+    with pytest.raises(UserError, match=re.escape(f"cannot read dataset {tmp_path / name}: {said}")):
+        Dataset(tmp_path / name)
+    with pytest.raises(UserError, match=re.escape(f"x: cannot read {tmp_path / name} as HDF5: {said}")):
+        FrameFile(tmp_path / name, "x")
 
 
 @pytest.mark.parametrize(("side", "frames"), [(64, 16), (512, 4), (1024, 1), (2048, 1)])
