@@ -8,6 +8,7 @@ Bad input raises UserError anywhere below and ends here as one line on stderr an
 from __future__ import annotations
 
 import sys
+from typing import Annotated
 
 import typer
 from pydantic import ValidationError
@@ -23,8 +24,20 @@ app = typer.Typer(
 )
 
 
+def _said_version(asked: bool) -> None:
+    if asked:
+        from lcls_hitfinder import __version__
+
+        print(__version__)
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_said_version, is_eager=True, help="print the version and exit")
+    ] = False,
+) -> None:
     """Real-time single-hit classification for X-ray single-particle imaging at LCLS."""
 
 

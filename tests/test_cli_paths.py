@@ -289,3 +289,12 @@ def test_an_existing_output_that_cannot_be_opened_is_one_line(tmp_path: Path, mo
     (tmp_path / "theirs.csv").write_text("")
     with pytest.raises(UserError, match=f"^cannot write the CSV {tmp_path}/theirs.csv: Permission denied$"):
         paths.output_file(tmp_path / "theirs.csv", "CSV")
+
+
+def test_version_is_an_option_as_well_as_a_command() -> None:
+    """`--version` is what users try first; it was "No such option"."""
+    from lcls_hitfinder import __version__
+
+    for args in (["--version"], ["version"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0 and result.output == f"{__version__}\n", result.output
