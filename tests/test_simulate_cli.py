@@ -118,3 +118,15 @@ def test_a_fluence_too_bright_to_draw_is_one_error(tmp_path: Path) -> None:
     errors = [x for x in done.stderr.splitlines() if x.startswith("lcls-hitfinder: error:")]
     assert len(errors) == 1 and "photons expected in one pixel, too many to draw" in errors[0], done.stderr
     assert not (tmp_path / "x.h5").exists()
+
+
+def test_building_a_volume_is_said_with_its_size_once(tmp_path: Path) -> None:
+    """The bar sat at 0 for seconds while a volume of up to a gigabyte was built into the cache, unsaid."""
+    args = ["simulate", "--structure", "procedural:3", "--n", "2", "--out"]
+    first = _run(*args, str(tmp_path / "a.h5"), cache=tmp_path / "cache")
+    assert first.returncode == 0, first.stderr
+    said = " ".join(first.stderr.split())
+    assert "structure procedural:3: building its Fourier volume (" in said
+    assert f"MB), cached in {tmp_path / 'cache' / 'volumes'}" in said
+    again = _run(*args, str(tmp_path / "b.h5"), cache=tmp_path / "cache")
+    assert again.returncode == 0 and "building its Fourier volume" not in again.stderr, again.stderr

@@ -293,6 +293,13 @@ def _load_grid(
                 return f["values"], float(f["dq"])
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # damaged: built again
             path.unlink(missing_ok=True)
+    log.warning(  # seconds to minutes, and up to max_volume_gb on disk: neither should be a surprise
+        "structure %s: building its Fourier volume (%d³ voxels, %.0f MB), cached in %s",
+        model.name,
+        plan.n,
+        plan.nbytes / 1e6,
+        path.parent,
+    )
     values = build_grid(model, plan, device)
     path.parent.mkdir(parents=True, exist_ok=True)
     with replaced(path) as tmp:
