@@ -242,6 +242,27 @@ def projection_2d(embeddings: np.ndarray) -> np.ndarray:
     return np.pad(xy, ((0, 0), (0, 2 - xy.shape[1])))
 
 
+# what each number of a report means: metrics.md says it beside the table (`hit_metrics` and `evaluate` make them)
+MEANINGS = {
+    "n": "patterns judged",
+    "n_blank": "true blanks among them",
+    "n_single": "true single hits",
+    "n_multi": "true multi-hits (2-4 particles)",
+    "accuracy": "blank / single / multi label right, at the bank's threshold (the per-sample protocol: "
+    "threshold 0, the nearer class; MODEL_CARD.md's figures are those)",
+    "single_vs_multi_accuracy": "among true hits, single-or-not decided right (a multi-hit labelled blank: right)",
+    "precision": "single-hit precision of the kept patterns (kept: label single, score >= threshold)",
+    "recall": "single-hit recall: true singles kept",
+    "precision_at_recall_0.9": "best single-hit precision over all thresholds whose recall is >= 0.9",
+    "recall_at_precision_0.99": "best single-hit recall over all thresholds whose precision is >= 0.99",
+    "count_accuracy": "particle count (0-4) estimated exactly",
+    "threshold": "the bank's calibrated threshold, at which accuracy, precision and recall are taken",
+    "accuracy_at_threshold_0": "the same at threshold 0, the nearer-class decision (MODEL_CARD.md's figures)",
+    "photons_per_single_hit": "median photons of the single hits",
+    "patterns_the_bank_was_built_from": "patterns judged that the bank was built from: they judge themselves",
+}
+
+
 REPORT_FILES = (  # all that an evaluation may write into its report directory
     "metrics.json",
     "metrics.md",
@@ -252,6 +273,14 @@ REPORT_FILES = (  # all that an evaluation may write into its report directory
     "embedding.png",
     "examples.png",
 )
+
+
+def _meaning(metric: str) -> str:
+    """MEANINGS' line for a metric; the `_at_threshold_0` twins of the thresholded ones say so."""
+    if metric in MEANINGS:
+        return MEANINGS[metric]
+    base = metric.removesuffix("_at_threshold_0")
+    return f"{base} at threshold 0, the nearer-class decision" if base in MEANINGS else ""
 
 
 def clear_stale(out: Path, written: Iterable[str]) -> None:
@@ -271,10 +300,12 @@ def write_report(
     embeddings: np.ndarray,
     examples: np.ndarray,
     example_index: np.ndarray,
+    judged: dict[str, str],
 ) -> None:
-    """metrics.json, metrics.md and the plots: confusion matrix, precision-recall, accuracy vs photons,
-    2-hits labelled single by pair axis (when the metrics have it), a 2-D projection of the embeddings
-    and a grid of examples titled "prediction / truth"."""
+    """metrics.json, metrics.md (headed by what was `judged`: model, bank or references, data; each number with
+    its meaning) and the plots: confusion matrix, precision-recall, accuracy vs photons, 2-hits labelled single
+    by pair axis (when the metrics have it), a 2-D projection of the embeddings and a grid of examples titled
+    "prediction / truth"."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -299,9 +330,12 @@ def write_report(
         if pair_rows
         else ""
     )
+    rows = [{"metric": c, "value": metrics[c], "meaning": _meaning(c)} for c in columns]
     (out / "metrics.md").write_text(
         "# Evaluation\n\n"
-        + markdown_table([{"metric": c, "value": metrics[c]} for c in columns], ["metric", "value"])
+        + "".join(f"- {what}: {value}\n" for what, value in judged.items())
+        + "\n"
+        + markdown_table(rows, ["metric", "value", "meaning"])
         + "\n## Confusion matrix\n\n"
         + conf_md
         + pair_md

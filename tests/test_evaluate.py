@@ -97,12 +97,27 @@ def test_report_files(tmp_path: Path) -> None:
     m = hit_metrics(N, dec)
     images = np.random.default_rng(0).poisson(1.0, (8, 16, 16)).astype(np.float32)
     emb = np.random.default_rng(1).normal(size=(8, 4))
-    write_report(tmp_path, m, N, dec, np.geomspace(100, 1e4, 8), emb, images[:4], np.arange(4))
+    write_report(
+        tmp_path,
+        m,
+        N,
+        dec,
+        np.geomspace(100, 1e4, 8),
+        emb,
+        images[:4],
+        np.arange(4),
+        {"model": "m.onnx (abc)", "data": "t.h5"},
+    )
     for name in ("confusion", "precision_recall", "accuracy_vs_photons", "embedding", "examples"):
         assert (tmp_path / f"{name}.png").stat().st_size > 1000
     assert json.loads((tmp_path / "metrics.json").read_text())["accuracy"] == pytest.approx(5 / 8)
     md = (tmp_path / "metrics.md").read_text()
-    assert "| accuracy | 0.625 |" in md and "| single | 1 | 2 | 1 |" in md
+    assert "| accuracy | 0.625 | blank / single / multi label right, at the bank's threshold" in md
+    assert "| single | 1 | 2 | 1 |" in md
+    assert md.startswith("# Evaluation\n\n- model: m.onnx (abc)\n- data: t.h5\n")  # what was judged
+    from lcls_hitfinder.evaluate import MEANINGS
+
+    assert set(m) - {"confusion"} <= set(MEANINGS)  # every number explained
     assert "pair's axis" not in md and not (tmp_path / "pairs_by_axis.png").exists()
 
 
@@ -116,9 +131,29 @@ def test_a_reused_report_directory_keeps_nothing_of_the_earlier_report(tmp_path:
     with_pairs = {**m, "pairs_called_single_by_axis": pairs_called_single_by_axis(N, positions, dec.label)}
     images = np.zeros((4, 16, 16), np.float32)
     (tmp_path / "notes.txt").write_text("mine")
-    write_report(tmp_path, with_pairs, N, dec, np.geomspace(100, 1e4, 8), np.zeros((8, 4)), images, np.arange(4))
+    write_report(
+        tmp_path,
+        with_pairs,
+        N,
+        dec,
+        np.geomspace(100, 1e4, 8),
+        np.zeros((8, 4)),
+        images,
+        np.arange(4),
+        {"model": "m.onnx (abc)", "data": "t.h5"},
+    )
     assert (tmp_path / "pairs_by_axis.png").exists()
-    write_report(tmp_path, m, N, dec, np.geomspace(100, 1e4, 8), np.zeros((8, 4)), images, np.arange(4))
+    write_report(
+        tmp_path,
+        m,
+        N,
+        dec,
+        np.geomspace(100, 1e4, 8),
+        np.zeros((8, 4)),
+        images,
+        np.arange(4),
+        {"model": "m.onnx (abc)", "data": "t.h5"},
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted({*REPORT_FILES, "notes.txt"} - {"pairs_by_axis.png"})
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
@@ -150,7 +185,17 @@ def test_report_shows_pairs_by_axis_when_present(tmp_path: Path) -> None:
     positions[4] = _pair(10)
     m["pairs_called_single_by_axis"] = pairs_called_single_by_axis(N, positions, dec.label)
     images = np.zeros((4, 16, 16), np.float32)
-    write_report(tmp_path, m, N, dec, np.geomspace(100, 1e4, 8), np.zeros((8, 4)), images, np.arange(4))
+    write_report(
+        tmp_path,
+        m,
+        N,
+        dec,
+        np.geomspace(100, 1e4, 8),
+        np.zeros((8, 4)),
+        images,
+        np.arange(4),
+        {"model": "m.onnx (abc)", "data": "t.h5"},
+    )
     assert (tmp_path / "pairs_by_axis.png").stat().st_size > 1000
     assert "| 0-15 | 1 | 0 | 0 |" in (tmp_path / "metrics.md").read_text()
 

@@ -551,7 +551,14 @@ def _evaluate_into(
         metrics["photons_per_single_hit"] = float(np.median(photons[n == 1])) if (n == 1).any() else float("nan")
         rng = np.random.default_rng(0)
         idx = np.sort(rng.choice(len(n), size=min(examples, len(n)), replace=False))
-        write_report(report, metrics, n, dec, photons, emb, dataset.photon_images(idx), idx)
+        from lcls_hitfinder.model_io import file_hash
+
+        judged = {"model": f"{model} ({file_hash(model)})", "data": str(data)}
+        if ref_bank is None:
+            judged["references"] = f"{refs}: {metrics['protocol']}"
+        else:
+            judged["bank"] = f"{bank} (threshold {metrics['threshold']:g})"
+        write_report(report, metrics, n, dec, photons, emb, dataset.photon_images(idx), idx, judged)
     tables = ("confusion", "pairs_called_single_by_axis")
     print(strict_json.dumps({k: v for k, v in metrics.items() if k not in tables}, indent=2))
 
