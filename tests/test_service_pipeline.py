@@ -561,8 +561,14 @@ def test_summary_of_a_runs_log_gives_its_numbers_a_csv_to_pick_from_and_a_pictur
     assert isinstance(not_a_log.exception, UserError) and "is not a decision log" in str(not_a_log.exception)
     folder = CliRunner().invoke(app, ["summary", str(settings.log_dir)])  # the log folder, not a log
     assert isinstance(folder.exception, UserError) and str(folder.exception) == (
-        f"{settings.log_dir} is a folder: give one run's decision log (the newest of its 1: {log_file})"
+        f"{settings.log_dir} is a folder: give runs' decision logs (the newest of its 1: {log_file}; or "
+        f"{settings.log_dir}/*.h5)"
     )
+    both = CliRunner().invoke(app, ["summary", str(log_file), str(log_file), "--csv", str(out / "both.csv")])
+    assert both.exit_code == 0 and both.output.count(f"xpptest:12: {len(labels)} decisions") == 2, both.output
+    assert len((out / "both.csv").read_text().splitlines()) == 2 * len(labels) + 1  # every run's events
+    one_picture = CliRunner().invoke(app, ["summary", str(log_file), str(log_file), "--plot", str(out / "b.png")])
+    assert str(one_picture.exception) == "--plot pictures one run: give one log, not 2"
     p50, p99 = np.percentile(columns["latency_us"], [50, 99]) / 1e3
     assert f"latency p50 {p50:.2f} ms, p99 {p99:.2f} ms" in result.output
     assert "gap(s) in seq" not in result.output

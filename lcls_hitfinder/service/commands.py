@@ -379,7 +379,9 @@ def listen(
 
 
 def summary(
-    log_file: Annotated[Path, typer.Argument(metavar="LOG", help="a run's decision log (serve.log_dir)")],
+    log_files: Annotated[
+        list[Path], typer.Argument(metavar="LOG...", help="decision logs of runs (in serve.log_dir), one or more")
+    ],
     csv: Annotated[
         Path | None, typer.Option(help="write one row per event (run, event, timestamp, label, score) for bank pick")
     ] = None,
@@ -387,34 +389,43 @@ def summary(
         Path | None, typer.Option(help="write a PNG: label fractions over the run, scores by label")
     ] = None,
 ) -> None:
-    """Summarise a run's decision log: labels, keep fraction, rate, latency (and the truth, when known).
+    """Summarise runs' decision logs: labels, keep fraction, rate, latency (and the truth, when known).
 
     Also of a log still being written.
-    --csv is the list to review: correct the labels of the events you are sure of, keep those rows only,
-    and give them to `bank pick --picks`."""
+    --csv is the list to review (every given run's events): correct the labels of the events you are sure of,
+    keep those rows only, and give them to `bank pick --picks`."""
+    import numpy as np
+
     from lcls_hitfinder.paths import output_file
     from lcls_hitfinder.service.decision_log import read_decision_log
     from lcls_hitfinder.service.log_summary import plot_run, summarise, write_csv
 
+    if plot is not None and len(log_files) > 1:
+        raise UserError(f"--plot pictures one run: give one log, not {len(log_files)}")
+    for log_file in log_files:
+        if csv is not None:
+            output_file(csv, "CSV", {"LOG": log_file})
+        if plot is not None:
+            output_file(plot, "plot", {"LOG": log_file}, suffix=".png")
+    logs = []
+    for log_file in log_files:
+        if log_file.is_dir():  # serve.log_dir itself: its runs' logs are in it
+            found = sorted(log_file.rglob("*.h5"), key=lambda p: p.stat().st_mtime)
+            newest = f"the newest of its {len(found)}: {found[-1]}" if found else "it holds none"
+            raise UserError(f"{log_file} is a folder: give runs' decision logs ({newest}; or {log_file}/*.h5)")
+        try:
+            logs.append(read_decision_log(existing(log_file, "decision log")))
+        except (OSError, KeyError) as err:
+            raise UserError(f"{log_file} is not a decision log of lcls-hitfinder serve ({err})") from None
+    runs = [summarise(columns, attrs) for columns, attrs in logs]
+    print("\n\n".join("\n".join(run.lines()) for run in runs))
     if csv is not None:
-        output_file(csv, "CSV", {"LOG": log_file})
-    if plot is not None:
-        output_file(plot, "plot", {"LOG": log_file}, suffix=".png")
-    if log_file.is_dir():  # serve.log_dir itself: its runs' logs are in it
-        logs = sorted(log_file.rglob("*.h5"), key=lambda p: p.stat().st_mtime)
-        newest = f"the newest of its {len(logs)}: {logs[-1]}" if logs else "it holds none"
-        raise UserError(f"{log_file} is a folder: give one run's decision log ({newest})")
-    try:
-        columns, attrs = read_decision_log(existing(log_file, "decision log"))
-    except (OSError, KeyError) as err:
-        raise UserError(f"{log_file} is not a decision log of lcls-hitfinder serve ({err})") from None
-    run = summarise(columns, attrs)
-    print("\n".join(run.lines()))
-    if csv is not None:
+        columns = {k: np.concatenate([c[k] for c, _ in logs]) for k in logs[0][0]}
         write_csv(columns, csv)
-        print(f"{csv}: {run.events} events; next: correct the labels, keep the sure rows, bank pick --picks {csv}")
+        events = sum(run.events for run in runs)
+        print(f"{csv}: {events} events; next: correct the labels, keep the sure rows, bank pick --picks {csv}")
     if plot is not None:
-        plot_run(columns, f"{run.experiment}:{run.run}", plot)
+        plot_run(logs[0][0], f"{runs[0].experiment}:{runs[0].run}", plot)
         print(f"{plot}: the run's labels and scores")
 
 
