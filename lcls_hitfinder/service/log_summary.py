@@ -127,11 +127,18 @@ def plot_run(columns: dict[str, np.ndarray], title: str, out: Path) -> None:
         top.legend(loc="upper right", fontsize=8)
     top.grid(alpha=0.3)
     score = columns["score"]
-    for label in (Label.BLANK, Label.SINGLE, Label.MULTI):
-        chosen = score[(labels == label.text) & np.isfinite(score)]
+    kept = columns["decision"].astype(str) == "keep"
+    groups = {  # singles kept and not: where the two meet is the bank's threshold, which the log does not hold
+        "blank": labels == Label.BLANK.text,
+        "single, kept": (labels == Label.SINGLE.text) & kept,
+        "single, vetoed (below the threshold)": (labels == Label.SINGLE.text) & ~kept,
+        "multi": labels == Label.MULTI.text,
+    }
+    for name, rows in groups.items():
+        chosen = score[rows & np.isfinite(score)]
         if len(chosen):
-            bottom.hist(chosen, bins=50, range=(-1, 1), alpha=0.6, label=f"{label.text} ({len(chosen)})")
-    bottom.set(xlabel="single-hit score (keep above the bank's threshold)", ylabel="events")
+            bottom.hist(chosen, bins=50, range=(-1, 1), alpha=0.6, label=f"{name} ({len(chosen)})")
+    bottom.set(xlabel="single-hit score", ylabel="events")
     if bottom.patches:
         bottom.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
