@@ -26,7 +26,7 @@ import h5py
 import numpy as np
 
 from lcls_hitfinder.errors import UserError
-from lcls_hitfinder.labels import Label
+from lcls_hitfinder.labels import Label, labels_of_counts
 from lcls_hitfinder.paths import replaced
 from lcls_hitfinder.protocols import Decisions
 
@@ -85,7 +85,7 @@ class ReferenceBank:
             and all(isinstance(v, int | float) and not isinstance(v, bool) for v in picked.values())
         ):
             raise ValueError(f"picked_with {picked!r} is not a calibration (gain, offset, threshold)")
-        self._class = np.where(self.n_particles <= 0, Label.BLANK, np.where(self.n_particles == 1, 1, 2))
+        self._class = labels_of_counts(self.n_particles)
         if not (self._class == Label.SINGLE).any():
             raise UserError("a bank needs at least one single-hit reference")
         if (self._class == Label.SINGLE).all():  # a score is a distance to the others: nothing to weigh it against

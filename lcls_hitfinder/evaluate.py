@@ -28,16 +28,11 @@ import numpy as np
 from lcls_hitfinder import strict_json
 from lcls_hitfinder.bank import ReferenceBank, precision_recall, select_references
 from lcls_hitfinder.errors import UserError
-from lcls_hitfinder.labels import Label
+from lcls_hitfinder.labels import Label, labels_of_counts
 from lcls_hitfinder.plots import pattern_grid
 from lcls_hitfinder.protocols import Decisions
 
 LABELS = [Label.BLANK, Label.SINGLE, Label.MULTI]
-
-
-def hit_labels(n_particles: np.ndarray) -> np.ndarray:
-    """Label codes of particle counts: 0 -> blank, 1 -> single, 2-4 -> multi (Label's values)."""
-    return np.clip(np.asarray(n_particles, np.int64), Label.BLANK, Label.MULTI)
 
 
 def best_at(
@@ -56,7 +51,7 @@ def best_at(
 
 def hit_metrics(n_particles: np.ndarray, decisions: Decisions) -> dict[str, Any]:
     """The twin classifier's metrics (see the module docstring) for true counts and the bank's decisions."""
-    truth = hit_labels(n_particles)
+    truth = labels_of_counts(n_particles)
     pred = np.asarray(decisions.label, np.int64)
     single = truth == Label.SINGLE
     hits = truth != Label.BLANK
@@ -340,7 +335,7 @@ def write_report(
         + conf_md
         + pair_md
     )
-    truth = hit_labels(n_particles)
+    truth = labels_of_counts(n_particles)
     correct = np.asarray(decisions.label) == truth
 
     fig, ax = plt.subplots(figsize=(4, 3.6))

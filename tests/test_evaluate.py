@@ -15,7 +15,6 @@ from lcls_hitfinder.evaluate import (
     accuracy_by_photons,
     best_at,
     cnn_metrics,
-    hit_labels,
     hit_metrics,
     markdown_table,
     pairs_called_single_by_axis,
@@ -24,7 +23,7 @@ from lcls_hitfinder.evaluate import (
     projection_2d,
     write_report,
 )
-from lcls_hitfinder.labels import Label
+from lcls_hitfinder.labels import Label, label_of_count, labels_of_counts
 from lcls_hitfinder.protocols import Decisions
 
 N = np.array([0, 1, 1, 1, 2, 3, 4, 1])
@@ -50,8 +49,9 @@ def test_hit_metrics_by_hand() -> None:
     assert (m["n_blank"], m["n_single"], m["n_multi"]) == (1, 4, 3)
 
 
-def test_hit_labels_and_best_at() -> None:
-    assert hit_labels(np.array([0, 1, 2, 3, 4])).tolist() == [0, 1, 2, 2, 2]
+def test_labels_of_counts_and_best_at() -> None:
+    counts = [-1, 0, 1, 2, 3, 4]  # -1: a count not known, as the log stores it
+    assert labels_of_counts(np.array(counts)).tolist() == [0, 0, 1, 2, 2, 2] == [label_of_count(n) for n in counts]
     assert np.isnan(best_at(SCORE, np.zeros(8, bool), min_recall=0.9))
     # 10 singles ranked first except one multi at rank 3, and a single last: recall exactly 0.9 counts as
     # reaching 0.9 (9 of 10 singles among the first 10 patterns: precision 0.9)

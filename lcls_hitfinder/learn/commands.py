@@ -211,7 +211,6 @@ def bank_build(
     seed: Annotated[int, typer.Option(min=0, max=2**32 - 1, help="seed of the reference draw")] = 0,
 ) -> None:
     """Build a reference bank and calibrate its threshold for a target single-hit precision."""
-    import numpy as np
 
     from lcls_hitfinder.learn.infer import build_bank
 
@@ -260,8 +259,11 @@ def bank_build(
         print(
             f"warning: no threshold reaches precision {target_precision}; using the most precise one", file=sys.stderr
         )
-    sizes = {c: int((np.clip(bank.n_particles, 0, 2) == c).sum()) for c in (0, 1, 2)}  # blank, single, multi
-    lacking = [name for name, c in (("blanks", 0), ("multi-hits", 2)) if not sizes[c]]
+    from lcls_hitfinder.labels import Label, labels_of_counts
+
+    classes = labels_of_counts(bank.n_particles)
+    sizes = {c: int((classes == c).sum()) for c in (Label.BLANK, Label.SINGLE, Label.MULTI)}
+    lacking = [name for name, c in (("blanks", Label.BLANK), ("multi-hits", Label.MULTI)) if not sizes[c]]
     if lacking:  # a pattern of the class it lacks is labelled by the nearest class the bank has
         print(
             f"warning: the references hold no {' and no '.join(lacking)}: such patterns will be labelled as the "

@@ -33,7 +33,7 @@ from lcls_hitfinder.dataset import Dataset, digest, shared_count, shared_said
 from lcls_hitfinder.devices import resolve_device
 from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.evaluate import cnn_metrics, hit_metrics
-from lcls_hitfinder.labels import MAX_PARTICLES
+from lcls_hitfinder.labels import MAX_PARTICLES, labels_of_counts
 from lcls_hitfinder.learn.augment import Augmenter
 from lcls_hitfinder.learn.nets import TwinEmbedder, build_cnn
 from lcls_hitfinder.learn.settings import TrainSettings
@@ -92,7 +92,7 @@ def load_patterns(path: Path) -> Patterns:
 
 def class_labels(n_particles: np.ndarray, structure: np.ndarray, settings: TrainSettings) -> np.ndarray:
     """Integer classes the triplet loss separates: counts (or blank/single/multi), optionally x structure."""
-    base = np.asarray(n_particles) if settings.classes == "count" else np.clip(n_particles, 0, 2)
+    base = np.asarray(n_particles) if settings.classes == "count" else labels_of_counts(n_particles)
     if not settings.per_structure:
         return base.astype(np.int64)
     keyed = np.char.add(base.astype(str), np.where(base > 0, np.asarray(structure, dtype=str), ""))
@@ -290,7 +290,7 @@ class Trainer:
         params = [*self.net.parameters(), *(self.aux.parameters() if self.aux else [])]
         self.opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
         self.labels = class_labels(self.train_set.n_particles, self.train_set.structure, settings)
-        if len(np.unique(np.clip(self.train_set.n_particles, 0, 2))) < 2:  # nothing to tell singles from
+        if len(np.unique(labels_of_counts(self.train_set.n_particles))) < 2:  # nothing to tell singles from
             raise UserError(
                 f"{data} holds one kind of pattern only: training needs blanks or multi-hits beside singles"
             )
@@ -371,7 +371,7 @@ class Trainer:
                 parts.append(triplet_loss(emb, labels, s.alpha, s.mining, groups))
             loss, stats = torch.stack([p[0] for p in parts]).mean(), parts[-1][1]
             if self.aux is not None:
-                hit_class = torch.from_numpy(np.clip(self.train_set.n_particles[idx], 0, 2)).to(self.device)
+                hit_class = torch.from_numpy(labels_of_counts(self.train_set.n_particles[idx])).to(self.device)
                 loss = loss + s.aux_weight * F.cross_entropy(self.aux(emb), hit_class)
             return loss, stats
         structure_logits, count_logits = self.net(x)

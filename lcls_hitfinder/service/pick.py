@@ -20,7 +20,7 @@ import torch
 
 from lcls_hitfinder.dataset import Batch, DatasetWriter
 from lcls_hitfinder.errors import UserError
-from lcls_hitfinder.labels import MAX_PARTICLES, Label
+from lcls_hitfinder.labels import MAX_PARTICLES, Label, label_of_count
 from lcls_hitfinder.preprocess import PEDESTAL_LEFT, Preprocessor, PreprocessSettings
 from lcls_hitfinder.protocols import Frame, Source
 from lcls_hitfinder.service.binning import all_finite, fitting_mask
@@ -98,7 +98,7 @@ def _count(label: str, n_particles: str, where: str) -> int:
         raise UserError(f"{where}: n_particles {n_particles!r} is not a count of 0-{MAX_PARTICLES}")
     if not label and not n_particles:
         raise UserError(f"{where}: neither a label nor n_particles")
-    if label and n_particles and COUNT_OF_LABEL[label] != min(n, 2):
+    if label and n_particles and label_of_count(n).text != label:
         raise UserError(f"{where}: label {label} and n_particles {n} disagree: correct or clear one of them")
     return n if n_particles else COUNT_OF_LABEL[label]
 
