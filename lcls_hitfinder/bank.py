@@ -190,6 +190,11 @@ class ReferenceBank:
                         f"build --model MODEL.onnx --data {path} --out BANK.h5`"
                     )
                 a = dict(f.attrs)
+                if int(a.get("format_version", BANK_FORMAT_VERSION)) > BANK_FORMAT_VERSION:
+                    raise UserError(
+                        f"{path} is a bank of format {a['format_version']}, written by a newer lcls-hitfinder (this "
+                        f"one reads format {BANK_FORMAT_VERSION}): update it, or build the bank again with this one"
+                    )
                 bank = cls(
                     embeddings=f["embeddings"][()],
                     n_particles=f["n_particles"][()],

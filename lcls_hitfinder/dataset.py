@@ -182,6 +182,13 @@ class Dataset:
         if missing:
             self._f.close()
             raise UserError(f"{self.path} is not an lcls-hitfinder dataset (missing {sorted(missing)})")
+        version = int(self._f.attrs.get("format_version", FORMAT_VERSION))
+        if version > FORMAT_VERSION:
+            self._f.close()
+            raise UserError(
+                f"{self.path} is a dataset of format {version}, written by a newer lcls-hitfinder (this one reads "
+                f"format {FORMAT_VERSION})"
+            )
         self.attrs: dict[str, Any] = {k: _decode_attr(v) for k, v in self._f.attrs.items()}
         self.mask: np.ndarray = self._f["mask"][()].astype(bool)
         self.n_particles: np.ndarray = self._f["n_particles"][()].astype(np.int64)

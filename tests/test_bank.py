@@ -102,7 +102,7 @@ def test_save_load_and_model_check(tmp_path: Path) -> None:
         ReferenceBank.load(tmp_path / "b.h5", expected_model_hash="other")
 
 
-@pytest.mark.parametrize("damage", ["nan", "group", "singles", "directory", "dataset", "picked_with"])
+@pytest.mark.parametrize("damage", ["nan", "group", "singles", "directory", "dataset", "picked_with", "newer"])
 def test_a_bank_that_does_not_read_cleanly_is_refused_in_one_line(tmp_path: Path, damage: str) -> None:
     """What a reload refuses and counts (UserError): NaN embeddings (every decision would be multi), a group
     where a dataset belongs; and the references a bank is built from, given in its place."""
@@ -123,6 +123,8 @@ def test_a_bank_that_does_not_read_cleanly_is_refused_in_one_line(tmp_path: Path
                 f["n_particles"][...] = 1
             elif damage == "picked_with":  # JSON, but no calibration: the reload's monitor failed on it
                 f.attrs["picked_with"] = "[1, 2]"
+            elif damage == "newer":  # what this version cannot know it misreads
+                f.attrs["format_version"] = 2
             else:
                 del f["structure"]
                 f.create_group("structure")
@@ -132,6 +134,7 @@ def test_a_bank_that_does_not_read_cleanly_is_refused_in_one_line(tmp_path: Path
         "singles": "bank {path}: a bank needs blank or multi-hit references beside its singles",
         "picked_with": r"cannot read bank {path}: picked_with \[1, 2\] is not a calibration \(gain, offset, ",
         "directory": "cannot read bank {path}: it is a directory; give a bank file",
+        "newer": "{path} is a bank of format 2, written by a newer lcls-hitfinder",
         "dataset": "{path} is a dataset of patterns, not a bank: build one from it with `lcls-hitfinder bank build",
     }[damage]
     with pytest.raises(UserError, match="^" + message.format(path=re.escape(str(tmp_path / "b.h5")))) as err:

@@ -61,6 +61,17 @@ def test_not_a_dataset(tmp_path: Path) -> None:
         Dataset(tmp_path / "nope.h5")
 
 
+def test_a_dataset_of_a_newer_format_is_refused(tmp_path: Path) -> None:
+    import h5py
+
+    with DatasetWriter(tmp_path / "d.h5", (8, 6), np.ones((8, 6), bool), {}) as w:
+        w.append(_batch(2, 0))
+    with h5py.File(tmp_path / "d.h5", "r+") as f:
+        f.attrs["format_version"] = 2
+    with pytest.raises(UserError, match=r"d\.h5 is a dataset of format 2, written by a newer lcls-hitfinder"):
+        Dataset(tmp_path / "d.h5")
+
+
 @pytest.mark.parametrize(
     ("name", "said"),
     [
