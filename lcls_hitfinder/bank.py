@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import h5py
 import numpy as np
@@ -32,6 +32,9 @@ from lcls_hitfinder.protocols import Decisions
 
 BANK_FORMAT_VERSION = 1
 Method = Literal["knn", "prototype"]
+METHODS: tuple[Method, ...] = get_args(Method)
+DEFAULT_K = 5  # nearest references averaged per class (knn)
+DEFAULT_PER_CLASS = 10  # references per particle count drawn for a bank, or for each sample's
 
 
 class BankMismatch(UserError):
@@ -61,7 +64,7 @@ class ReferenceBank:
     n_particles: np.ndarray
     model_hash: str
     method: Method = "knn"
-    k: int = 5
+    k: int = DEFAULT_K
     threshold: float = 0.0
     structure: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=object))
     # the [serve.calibration] (gain, offset, threshold) its references were picked with; None: simulated ones
@@ -77,7 +80,7 @@ class ReferenceBank:
             raise ValueError("embeddings must be (K, D) with one n_particles per row")
         if not np.isfinite(self.embeddings).all():  # a NaN reference is nearest to nothing: every call multi
             raise ValueError("embeddings must be finite")
-        if self.method not in ("knn", "prototype") or self.k < 1 or not np.isfinite(self.threshold):
+        if self.method not in METHODS or self.k < 1 or not np.isfinite(self.threshold):
             raise ValueError(f"method {self.method!r}, k {self.k}, threshold {self.threshold}: not a bank's")
         picked = self.picked_with
         if picked is not None and not (

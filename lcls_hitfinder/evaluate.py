@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from lcls_hitfinder import strict_json
-from lcls_hitfinder.bank import ReferenceBank, precision_recall, select_references
+from lcls_hitfinder.bank import DEFAULT_K, ReferenceBank, precision_recall, select_references
 from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.labels import Label, labels_of_counts
 from lcls_hitfinder.plots import pattern_grid
@@ -84,7 +84,7 @@ def per_sample_decisions(
     structure: np.ndarray,
     model_hash: str,
     per_class: int,
-    k: int = 5,
+    k: int = DEFAULT_K,
 ) -> Decisions:
     """Decisions as in deployment, where one sample is measured at a time: the patterns of each structure
     are judged by a bank of that structure's own references (`per_class` per particle count, plus as many

@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from lcls_hitfinder import strict_json
+from lcls_hitfinder.bank import DEFAULT_K, DEFAULT_PER_CLASS, Method
 from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.labels import TARGET_PRECISION
 from lcls_hitfinder.paths import apart, existing, output_dir, output_file
@@ -198,7 +199,7 @@ def bank_build(
     model: Annotated[Path, typer.Option(help="embedder ONNX file")],
     data: Annotated[Path, typer.Option(help="labelled patterns to draw references from")],
     out: Annotated[Path, typer.Option(help="bank file to write (HDF5)")],
-    per_class: Annotated[int, typer.Option(min=1, help="references per particle count (0-4)")] = 10,
+    per_class: Annotated[int, typer.Option(min=1, help="references per particle count (0-4)")] = DEFAULT_PER_CLASS,
     by_structure: Annotated[bool, typer.Option(help="draw --per-class references per structure too")] = False,
     calibrate: Annotated[
         Path | None, typer.Option(help="held-out data for the threshold (default: the non-reference patterns)")
@@ -206,16 +207,14 @@ def bank_build(
     target_precision: Annotated[
         float, typer.Option(help="single-hit precision the threshold aims for")
     ] = TARGET_PRECISION,
-    k: Annotated[int, typer.Option(min=1, help="nearest references averaged per class")] = 5,
-    method: Annotated[str, typer.Option(help="knn or prototype")] = "knn",
+    k: Annotated[int, typer.Option(min=1, help="nearest references averaged per class")] = DEFAULT_K,
+    method: Annotated[Method, typer.Option(help="how a class's distance is taken: knn or prototype")] = "knn",
     seed: Annotated[int, typer.Option(min=0, max=2**32 - 1, help="seed of the reference draw")] = 0,
 ) -> None:
     """Build a reference bank and calibrate its threshold for a target single-hit precision."""
 
     from lcls_hitfinder.learn.infer import build_bank
 
-    if method not in ("knn", "prototype"):
-        raise UserError(f"--method must be knn or prototype, not {method!r}")
     if not 0 < target_precision <= 1:
         raise UserError("--target-precision must be in (0, 1]")
     output_file(out, "bank", {"--model": model, "--data": data, "--calibrate": calibrate})
@@ -462,7 +461,8 @@ def evaluate(
         typer.Option(help="instead of --bank: labelled references; each structure is judged by its own bank"),
     ] = None,
     per_class: Annotated[
-        int | None, typer.Option(min=1, help="with --refs: references per particle count and structure (10)")
+        int | None,
+        typer.Option(min=1, help=f"with --refs: references per particle count and structure ({DEFAULT_PER_CLASS})"),
     ] = None,
     run: Annotated[Path | None, typer.Option(help="instead of model + bank: a cnn baseline run directory")] = None,
     examples: Annotated[int, typer.Option(min=0, help="patterns in the example grid")] = 24,
@@ -482,7 +482,7 @@ def evaluate(
     try:
         if refs is not None:
             _say_shared(existing(refs, "references"), data, "references would judge themselves")
-        _evaluate_into(report, data, model, bank, refs, per_class or 10, run, examples)
+        _evaluate_into(report, data, model, bank, refs, per_class or DEFAULT_PER_CLASS, run, examples)
     except BaseException:
         if made and not any(report.iterdir()):  # refused on reading the model, the bank or the run
             report.rmdir()

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lcls_hitfinder.bank import ReferenceBank, calibrate_threshold, select_references
+from lcls_hitfinder.bank import DEFAULT_K, Method, ReferenceBank, calibrate_threshold, select_references
 from lcls_hitfinder.dataset import Dataset, pattern_digests
 from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.frame_file import FrameFile
@@ -96,8 +96,8 @@ def build_bank(
     by_structure: bool = False,
     calibrate: Path | None = None,
     target_precision: float = TARGET_PRECISION,
-    k: int = 5,
-    method: str = "knn",
+    k: int = DEFAULT_K,
+    method: Method = "knn",
     seed: int = 0,
 ) -> tuple[ReferenceBank, dict[str, float | int | bool]]:
     """References drawn from `data` (per particle count, optionally per structure); the threshold calibrated
@@ -115,7 +115,7 @@ def build_bank(
             emb[refs],
             n[refs],
             embedder.model_hash,
-            method,  # type: ignore[arg-type]
+            method,
             k,
             structure=structure[refs],
             picked_with=picked_with,

@@ -38,6 +38,11 @@ def shipped_file(name: str) -> Path:
     raise UserError(f"no {name} given and none shipped (looked in {', '.join(str(c.parent) for c in candidates)})")
 
 
+def model_file(path: Path | None) -> Path:
+    """The model to serve: `path` (a flag's or serve.model), checked, or else the shipped one."""
+    return existing(path, "model") if path is not None else shipped_file("embedder.onnx")
+
+
 def _setup_logging() -> None:
     from rich.console import Console
     from rich.logging import RichHandler
@@ -177,7 +182,7 @@ def run_service(settings: ServeSettings, signals: _Signals) -> int:
     # folder that cannot be (rather than every run without its log).
     uri = parse_uri(settings.source)
     resolve_device(settings.device, "serve.device")
-    model_path = existing(settings.model, "model") if settings.model else shipped_file("embedder.onnx")
+    model_path = model_file(settings.model)
     bank_path = existing(settings.bank, "bank") if settings.bank else shipped_file("bank.h5")
     src = open_source(uri, settings)
     if settings.log_dir is not None:

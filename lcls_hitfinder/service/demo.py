@@ -178,7 +178,7 @@ class Demo:
         """As at a beamline: a bank from a few reference patterns of this very sample (other patterns than
         the run's), calibrated for single-hit precision 0.9, rather than the generic shipped bank."""
         from lcls_hitfinder.learn.infer import build_bank
-        from lcls_hitfinder.service.commands import shipped_file
+        from lcls_hitfinder.service.commands import model_file
         from lcls_hitfinder.simulate.generate import simulate_dataset
 
         refs = self.workdir / "references.h5"
@@ -188,7 +188,7 @@ class Demo:
         )
         sample = self.config.simulate.model_copy(update={"seed": self.config.simulate.seed + 1})
         simulate_dataset(sample, refs, n=REFERENCE_PATTERNS, workers=1)
-        model = self.model or self.config.serve.model or shipped_file("embedder.onnx")
+        model = model_file(self.model or self.config.serve.model)
         bank, report = build_bank(model, refs, per_class=REFERENCES_PER_COUNT)
         bank.save(path)
         self.console.print(

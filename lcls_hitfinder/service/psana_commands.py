@@ -37,7 +37,13 @@ def xtc2(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from lcls_hitfinder.dataset import Dataset
-    from lcls_hitfinder.service.sources.xtc2_writer import constants_path, dataset_to_xtc2, exp_layout, exp_run_file
+    from lcls_hitfinder.service.sources.xtc2_writer import (
+        TRUTH_DETECTOR,
+        constants_path,
+        dataset_to_xtc2,
+        exp_layout,
+        exp_run_file,
+    )
 
     output_file(out, "XTC2 file", {"DATA": data})
     if exp_dir is not None:  # checked before the run is written: a real experiment's run is not replaced
@@ -56,7 +62,7 @@ def xtc2(
         written = dataset_to_xtc2(
             data, out, det, exp, run, adu_gain, adu_offset, rate, progress=lambda k: bar.update(task, completed=k)
         )
-    print(f"{out}: {written} events of {exp} run {run}, detector {det!r}, truth in 'hitfinder_truth'")
+    print(f"{out}: {written} events of {exp} run {run}, detector {det!r}, truth in {TRUTH_DETECTOR!r}")
     constants = f"det={det}&constants={constants_path(out)}"
     gain, offset = (recorded.gain, recorded.offset) if recorded else (adu_gain or 1.0, adu_offset or 0.0)
     in_adu = (gain, offset) != (1.0, 0.0)  # the service must be told how to turn the run's ADU into photons
@@ -93,7 +99,7 @@ def demo(
     from lcls_hitfinder.bank import ReferenceBank
     from lcls_hitfinder.config import load_config
     from lcls_hitfinder.model_io import read_model_info
-    from lcls_hitfinder.service.commands import shipped_file
+    from lcls_hitfinder.service.commands import model_file
     from lcls_hitfinder.service.demo import Demo, run_demo
 
     settings = load_config(config)
@@ -102,7 +108,7 @@ def demo(
             existing(path, what)
     if workdir is not None:
         output_dir(workdir, "work directory")
-    model_path = model or settings.serve.model or shipped_file("embedder.onnx")  # no model: said now
+    model_path = model_file(model or settings.serve.model)  # no model: said now
     bank_path = bank or settings.serve.bank
     info = read_model_info(model_path)  # a file that is no model: said now, not after the simulation
     if bank_path is not None:  # a bank for another model likewise
