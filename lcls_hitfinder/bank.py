@@ -132,11 +132,8 @@ class ReferenceBank:
         """Single-hit score in [-1, 1] and the distance to the single class, per embedding."""
         return _scores(self.class_distances(embeddings))
 
-    def estimate_n_particles(self, embeddings: np.ndarray) -> np.ndarray:
-        """Majority particle count among the k nearest references (of all classes); ties go to the smaller."""
-        return self._n_particles(pairwise_distance(embeddings, self.embeddings))
-
     def _n_particles(self, to_all: np.ndarray) -> np.ndarray:
+        """Majority particle count among the k nearest references (of all classes); ties go to the smaller."""
         k = min(self.k, to_all.shape[1])
         counts = self.n_particles[np.argpartition(to_all, k - 1, axis=1)[:, :k]]  # (B, k)
         votes = (counts[:, :, None] == np.arange(max(5, int(self.n_particles.max()) + 1))).sum(1)

@@ -1,7 +1,9 @@
 """The roles of the pipeline as typing.Protocols; each backend class is named for what it wraps.
 
-Source -> Preprocessor -> Embedder -> Bank -> Publisher. Training and serving share Preprocessor and
-Bank; the service wires the five together (lcls_hitfinder/service/pipeline.py).
+Source -> preprocessing -> Embedder -> Bank -> Publisher; service/pipeline.py wires them together through
+these protocols. The preprocessing has no protocol on purpose: it is one class (preprocess.Preprocessor),
+the same in training, evaluation and serving, on the CPU or CUDA; a second implementation would be a second
+answer.
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ import numpy as np
 
 if TYPE_CHECKING:  # annotations only: a psana reader process imports this module without paying for torch
     import threading
+    from pathlib import Path
 
     import torch
 
+    from lcls_hitfinder.model_io import ModelInfo
     from lcls_hitfinder.service.binning import ReaderBinning
 
 RunKey = tuple[str, int]  # (experiment, run): run numbers start again in each experiment
@@ -138,16 +142,13 @@ class BinsAtReader(Protocol):
     def bin_at_reader(self, binning: ReaderBinning) -> None: ...
 
 
-class Preprocessor(Protocol):
-    def __call__(self, frames: torch.Tensor | np.ndarray) -> torch.Tensor: ...
-
-
 class Embedder(Protocol):
-    """Thumbnails (B, 1, S, S) -> embeddings (B, D)."""
+    """Thumbnails (B, 1, S, S) -> embeddings (B, D); `info` holds the preprocessing it was trained with."""
 
     model_hash: str
     provider: str
     embed_dim: int
+    info: ModelInfo
 
     def embed(self, thumbnails: torch.Tensor | np.ndarray) -> np.ndarray: ...
 
@@ -171,7 +172,33 @@ class Bank(Protocol):
     def decide(self, embeddings: np.ndarray) -> Decisions: ...
 
 
+class CurrentBank(Protocol):
+    """The bank in use, replaced whole when its file changes (`check`) or on request (`reload`); a bank that is
+    refused leaves the old one in place. Both return whether a new bank was taken."""
+
+    path: Path
+
+    @property
+    def bank(self) -> Bank: ...
+
+    def check(self) -> bool: ...
+
+    def reload(self) -> bool: ...
+
+
 class Publisher(Protocol):
+    """Sends messages to subscribers without ever blocking the caller; `alive` is False once it cannot, `depth`
+    is what waits to go out, `subscriptions` how many topic subscriptions subscribers hold."""
+
+    @property
+    def alive(self) -> bool: ...
+
+    @property
+    def depth(self) -> int: ...
+
+    @property
+    def subscriptions(self) -> int: ...
+
     def publish(self, topic: str, payload: Mapping[str, Any]) -> None: ...
 
     def close(self) -> None: ...

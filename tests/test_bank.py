@@ -66,13 +66,12 @@ def test_one_decision_equals_its_parts_and_counts_by_majority_of_the_nearest(met
     nearest = np.argsort(pairwise_distance(queries, bank.embeddings), axis=1)[:, :4]
     majority = [np.bincount(n[row], minlength=5).argmax() for row in nearest]
     np.testing.assert_array_equal(dec.n_particles, majority)
-    np.testing.assert_array_equal(bank.estimate_n_particles(queries), majority)
     assert len(set(majority)) > 2 and len(set(dec.label.tolist())) == 3
 
 
 def test_majority_ties_go_to_the_smaller_count() -> None:
     bank = ReferenceBank(np.array([[0.0], [0.1], [-0.1], [-0.2], [5.0]]), np.array([2, 1, 2, 1, 1]), "abc", k=4)
-    assert bank.estimate_n_particles(np.array([[0.0]])).tolist() == [1]
+    assert bank.decide(np.array([[0.0]])).n_particles.tolist() == [1]
 
 
 def test_threshold_moves_the_keep_boundary() -> None:

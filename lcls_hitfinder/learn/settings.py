@@ -52,7 +52,7 @@ class AugmentSettings(Section):
         0.3, ge=0, le=1, description="probability of no Gaussian noise (a clean zero background, as after thresholding)"
     )
     p_dead_stripe: float = Field(0.2, ge=0, le=1, description="probability of a dead stripe (row or column band)")
-    p_dead_panel: float = Field(0.1, ge=0, le=1, description="probability of a dead quadrant panel")
+    p_dead_panel: float = Field(0.1, ge=0, le=1, description="probability of a dead panel: one tile of a 4 x 4 grid")
     p_beamstop: float = Field(0.3, ge=0, le=1, description="probability of a beam stop")
     beamstop_max_frac: float = Field(0.08, ge=0, le=0.5, description="largest beam-stop radius, fraction of width")
 

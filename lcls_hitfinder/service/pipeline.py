@@ -33,8 +33,7 @@ from lcls_hitfinder.devices import resolve_device
 from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.labels import Label, label_of_count
 from lcls_hitfinder.preprocess import PEDESTAL_LEFT, Preprocessor
-from lcls_hitfinder.protocols import BinsAtReader, Frame, RunEnd, RunKey, Source
-from lcls_hitfinder.service.bank_reload import ReloadingBank
+from lcls_hitfinder.protocols import BinsAtReader, CurrentBank, Embedder, Frame, Publisher, RunEnd, RunKey, Source
 from lcls_hitfinder.service.batcher import Batcher
 from lcls_hitfinder.service.binning import (
     FrameBinner,
@@ -45,10 +44,8 @@ from lcls_hitfinder.service.binning import (
     readers_bin,
 )
 from lcls_hitfinder.service.decision_log import DecisionLog, log_path
-from lcls_hitfinder.service.embedder import OnnxEmbedder
 from lcls_hitfinder.service.messages import DECISION, HEARTBEAT, RUN, decision_payloads
 from lcls_hitfinder.service.metrics import ServiceMetrics
-from lcls_hitfinder.service.publish import ZmqPublisher
 from lcls_hitfinder.service.reader import MAX_FRAME_SHAPES
 from lcls_hitfinder.service.settings import ServeSettings
 from lcls_hitfinder.service.systemd import notify
@@ -122,9 +119,9 @@ class Pipeline:
         self,
         settings: ServeSettings,
         source: Source,
-        embedder: OnnxEmbedder,
-        bank: ReloadingBank,
-        publisher: ZmqPublisher,
+        embedder: Embedder,
+        bank: CurrentBank,
+        publisher: Publisher,
         metrics: ServiceMetrics,
     ) -> None:
         self.settings = settings
