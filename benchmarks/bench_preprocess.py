@@ -30,10 +30,10 @@ import numpy as np
 import torch
 from bench_service import SIDE, model_and_bank  # benchmarks/ is this script's directory
 
+from lcls_hitfinder.embedder import OnnxEmbedder
 from lcls_hitfinder.preprocess import Preprocessor, block_means
 from lcls_hitfinder.protocols import EventId, Frame, RunEnd
 from lcls_hitfinder.service.bank_reload import ReloadingBank
-from lcls_hitfinder.service.embedder import OnnxEmbedder
 from lcls_hitfinder.service.metrics import ServiceMetrics
 from lcls_hitfinder.service.pipeline import Pipeline
 from lcls_hitfinder.service.publish import ZmqPublisher

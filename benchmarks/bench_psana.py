@@ -40,12 +40,12 @@ import numpy as np
 import torch
 from bench_service import model_and_bank, serve  # benchmarks/ is this script's directory
 
+from lcls_hitfinder.embedder import OnnxEmbedder
 from lcls_hitfinder.model_io import read_model_info
 from lcls_hitfinder.preprocess import block_means
 from lcls_hitfinder.protocols import Frame
 from lcls_hitfinder.service.bank_reload import ReloadingBank
 from lcls_hitfinder.service.decision_log import read_decision_log
-from lcls_hitfinder.service.embedder import OnnxEmbedder
 from lcls_hitfinder.service.metrics import ServiceMetrics
 from lcls_hitfinder.service.pipeline import Pipeline, service_threads
 from lcls_hitfinder.service.publish import ZmqPublisher

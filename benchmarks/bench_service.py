@@ -29,13 +29,13 @@ import numpy as np
 import torch
 
 from lcls_hitfinder.bank import ReferenceBank
+from lcls_hitfinder.embedder import OnnxEmbedder
 from lcls_hitfinder.learn.nets import TwinEmbedder
 from lcls_hitfinder.model_io import export_onnx, read_model_info
 from lcls_hitfinder.preprocess import PreprocessSettings, block_means
 from lcls_hitfinder.protocols import Frame
 from lcls_hitfinder.service.bank_reload import ReloadingBank
 from lcls_hitfinder.service.decision_log import read_decision_log
-from lcls_hitfinder.service.embedder import OnnxEmbedder
 from lcls_hitfinder.service.metrics import ServiceMetrics
 from lcls_hitfinder.service.pipeline import Pipeline, service_threads
 from lcls_hitfinder.service.publish import ZmqPublisher

@@ -104,6 +104,16 @@ def block_means(frames: torch.Tensor, side: int) -> torch.Tensor:
     return F.adaptive_avg_pool2d(frames.unsqueeze(1), (side, side))
 
 
+def all_finite(frames: torch.Tensor) -> torch.Tensor:
+    """Per frame of (B, ...): whether every value is finite. A NaN or Inf makes the frame's sum NaN or Inf;
+    a sum can also overflow on finite values, so the few frames whose sum is not finite are looked at
+    pixel by pixel. Exact, at the cost of one float32 sum per frame (no float64 copy of the batch)."""
+    finite = torch.isfinite(frames.flatten(1).sum(1))
+    for i in torch.nonzero(~finite).flatten().tolist():
+        finite[i] = bool(torch.isfinite(frames[i]).all())
+    return finite
+
+
 class Preprocessor:
     """Turns batches of raw frames into normalised thumbnails (B, 1, S, S) on `device`.
 

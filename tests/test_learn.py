@@ -238,8 +238,8 @@ def test_bank_build_sets_the_lowest_threshold_that_reaches_the_target_precision(
 ) -> None:
     """On the calibration file: the singles kept at the threshold are at least `target` of the kept, and at
     the next lower score they would not be (the threshold keeps as many singles as the target allows)."""
+    from lcls_hitfinder.embedder import OnnxEmbedder
     from lcls_hitfinder.learn.infer import build_bank, embed_dataset
-    from lcls_hitfinder.service.embedder import OnnxEmbedder
 
     bank, report = build_bank(model, data / "val.h5", per_class=5, calibrate=data / "test.h5", target_precision=target)
     assert report["reached"] and report["target_precision"] == target

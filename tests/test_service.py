@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 
 from lcls_hitfinder.cli import app
 from lcls_hitfinder.config import load_config
+from lcls_hitfinder.embedder import CPU, CUDA, TENSORRT, provider_options, select_providers
 from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.model_io import ModelInfo, read_model_info
 from lcls_hitfinder.protocols import Frame, psana_timestamp
@@ -32,7 +33,6 @@ from lcls_hitfinder.service.binning import readers_bin
 from lcls_hitfinder.service.client import SeqTracker
 from lcls_hitfinder.service.commands import logs_said
 from lcls_hitfinder.service.decision_log import DecisionLog, read_decision_log
-from lcls_hitfinder.service.embedder import CPU, CUDA, TENSORRT, provider_options, select_providers
 from lcls_hitfinder.service.pick import read_picks
 from lcls_hitfinder.service.settings import ServeSettings
 from lcls_hitfinder.service.sources import REGISTRY, open_source, parse_uri
@@ -684,7 +684,7 @@ def test_lit_pixels_counted_on_raw_frames_equal_those_counted_on_photons(dtype: 
 def test_all_finite_finds_nan_and_inf_and_is_not_fooled_by_an_overflowing_sum() -> None:
     import torch
 
-    from lcls_hitfinder.service.binning import all_finite
+    from lcls_hitfinder.preprocess import all_finite
 
     frames = torch.ones(5, 16, 16)
     frames[1, 3, 4] = float("nan")

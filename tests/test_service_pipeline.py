@@ -38,6 +38,7 @@ from typer.testing import CliRunner
 from lcls_hitfinder.bank import ReferenceBank
 from lcls_hitfinder.cli import app
 from lcls_hitfinder.dataset import Batch, Dataset, DatasetWriter
+from lcls_hitfinder.embedder import OnnxEmbedder
 from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.frame_file import FrameFile
 from lcls_hitfinder.labels import Label, label_of_count
@@ -52,7 +53,6 @@ from lcls_hitfinder.service.bank_reload import ReloadingBank
 from lcls_hitfinder.service.binning import ReaderBinning
 from lcls_hitfinder.service.client import DecisionClient
 from lcls_hitfinder.service.decision_log import DecisionLog, read_decision_log
-from lcls_hitfinder.service.embedder import OnnxEmbedder
 from lcls_hitfinder.service.messages import DECISION, FIELDS, HEARTBEAT, RUN, SCHEMA_VERSION
 from lcls_hitfinder.service.metrics import ServiceMetrics
 from lcls_hitfinder.service.pipeline import Pipeline

@@ -10,10 +10,10 @@ from pathlib import Path
 import torch
 
 from lcls_hitfinder.bank import ReferenceBank
+from lcls_hitfinder.embedder import OnnxEmbedder
 from lcls_hitfinder.learn.nets import TwinEmbedder
 from lcls_hitfinder.model_io import export_onnx
 from lcls_hitfinder.preprocess import Preprocessor, PreprocessSettings
-from lcls_hitfinder.service.embedder import OnnxEmbedder
 from lcls_hitfinder.simulate.generate import PatternGenerator
 from lcls_hitfinder.simulate.settings import SimulateSettings
 

@@ -345,7 +345,7 @@ def bank_pick(
 def _model_and_bank(model: Path, bank_path: Path) -> tuple[Any, Any]:
     """The embedder and a bank it accepts (built for this model, of its width)."""
     from lcls_hitfinder.bank import ReferenceBank
-    from lcls_hitfinder.service.embedder import OnnxEmbedder
+    from lcls_hitfinder.embedder import OnnxEmbedder
 
     embedder = OnnxEmbedder(existing(model, "model"), threads=2)
     bank = ReferenceBank.load(
@@ -369,9 +369,9 @@ def _decide_per_sample(model: Path, refs: Path, data: Path, per_class: int) -> t
     """Embeddings, per-sample decisions (evaluate.per_sample_decisions), the dataset reader (left open) and how
     they were judged."""
     from lcls_hitfinder.dataset import Dataset
+    from lcls_hitfinder.embedder import OnnxEmbedder
     from lcls_hitfinder.evaluate import per_sample_decisions, per_sample_protocol
     from lcls_hitfinder.learn.infer import embed_dataset
-    from lcls_hitfinder.service.embedder import OnnxEmbedder
 
     embedder = OnnxEmbedder(existing(model, "model"), threads=2)
     with Dataset(existing(refs, "references")) as r:

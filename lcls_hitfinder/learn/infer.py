@@ -1,7 +1,7 @@
-"""Offline inference with an exported embedder: dataset -> shared preprocessing -> the service's
-onnxruntime embedder -> embeddings, and reference banks built from them.
+"""Offline inference with an exported embedder: dataset -> shared preprocessing -> the onnxruntime
+embedder the service uses -> embeddings, and reference banks built from them.
 
-Used by `bank build`, `classify` and `evaluate`.
+Used by `bank build`, `classify`, `evaluate` and the demo (which builds its sample's bank).
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ import torch
 
 from lcls_hitfinder.bank import DEFAULT_K, Method, ReferenceBank, calibrate_threshold, select_references
 from lcls_hitfinder.dataset import Dataset, pattern_digests
+from lcls_hitfinder.embedder import OnnxEmbedder
 from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.frame_file import FrameFile
 from lcls_hitfinder.labels import TARGET_PRECISION
-from lcls_hitfinder.preprocess import PEDESTAL_LEFT, PhotonCalibration, Preprocessor
-from lcls_hitfinder.service.binning import Prefilter, all_finite
-from lcls_hitfinder.service.embedder import OnnxEmbedder
+from lcls_hitfinder.preprocess import PEDESTAL_LEFT, PhotonCalibration, Preprocessor, all_finite
+from lcls_hitfinder.service.binning import Prefilter
 
 
 def embed_frames(

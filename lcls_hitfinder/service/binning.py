@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from lcls_hitfinder.devices import resolve_device
-from lcls_hitfinder.preprocess import PhotonCalibration, Preprocessor, PreprocessSettings
+from lcls_hitfinder.preprocess import PhotonCalibration, Preprocessor, PreprocessSettings, all_finite
 from lcls_hitfinder.protocols import Binned
 from lcls_hitfinder.service.settings import PrefilterSettings, ServeSettings
 
@@ -82,16 +82,6 @@ class Prefilter:
         if p.kind == "photons":
             return measure < p.min_photons
         return torch.zeros(measure.shape, dtype=torch.bool, device=measure.device)
-
-
-def all_finite(frames: torch.Tensor) -> torch.Tensor:
-    """Per frame of (B, ...): whether every value is finite. A NaN or Inf makes the frame's sum NaN or Inf;
-    a sum can also overflow on finite values, so the few frames whose sum is not finite are looked at
-    pixel by pixel. Exact, at the cost of one float32 sum per frame (no float64 copy of the batch)."""
-    finite = torch.isfinite(frames.flatten(1).sum(1))
-    for i in torch.nonzero(~finite).flatten().tolist():
-        finite[i] = bool(torch.isfinite(frames[i]).all())
-    return finite
 
 
 def fitting_mask(mask: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray | None:

@@ -169,8 +169,8 @@ def run_service(settings: ServeSettings, signals: _Signals) -> int:
     import torch
 
     from lcls_hitfinder.devices import resolve_device
+    from lcls_hitfinder.embedder import OnnxEmbedder
     from lcls_hitfinder.service.bank_reload import ReloadingBank
-    from lcls_hitfinder.service.embedder import OnnxEmbedder
     from lcls_hitfinder.service.metrics import ServiceMetrics
     from lcls_hitfinder.service.pipeline import Pipeline, service_threads
     from lcls_hitfinder.service.publish import ZmqPublisher

@@ -21,9 +21,9 @@ import torch
 from lcls_hitfinder.dataset import Batch, DatasetWriter
 from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.labels import MAX_PARTICLES, Label, label_of_count
-from lcls_hitfinder.preprocess import PEDESTAL_LEFT, Preprocessor, PreprocessSettings
+from lcls_hitfinder.preprocess import PEDESTAL_LEFT, Preprocessor, PreprocessSettings, all_finite
 from lcls_hitfinder.protocols import Frame, Source
-from lcls_hitfinder.service.binning import all_finite, fitting_mask
+from lcls_hitfinder.service.binning import fitting_mask
 from lcls_hitfinder.service.settings import ServeSettings
 from lcls_hitfinder.service.sources.h5 import recorded_calibration
 

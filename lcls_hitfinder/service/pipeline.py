@@ -32,14 +32,13 @@ from lcls_hitfinder import __version__
 from lcls_hitfinder.devices import resolve_device
 from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.labels import Label, label_of_count
-from lcls_hitfinder.preprocess import PEDESTAL_LEFT, Preprocessor
+from lcls_hitfinder.preprocess import PEDESTAL_LEFT, Preprocessor, all_finite
 from lcls_hitfinder.protocols import BinsAtReader, CurrentBank, Embedder, Frame, Publisher, RunEnd, RunKey, Source
 from lcls_hitfinder.service.batcher import Batcher
 from lcls_hitfinder.service.binning import (
     FrameBinner,
     Prefilter,
     ReaderBinning,
-    all_finite,
     fitting_mask,
     readers_bin,
 )

@@ -166,7 +166,7 @@ class ServeSettings(Section):
     def _known_providers(cls, names: list[str] | None) -> list[str] | None:
         """Named with its key when the config is read, before the service binds a port or loads the model."""
         if names is not None:
-            from lcls_hitfinder.service.embedder import full_provider_name  # onnxruntime: only when asked
+            from lcls_hitfinder.embedder import full_provider_name  # onnxruntime: only when asked
 
             for name in names:
                 full_provider_name(name)

@@ -201,8 +201,7 @@ def _cxi_patterns(
     hold NaN or Inf pixels (shown dark here, decided `error` by the service)."""
     import torch
 
-    from lcls_hitfinder.preprocess import PEDESTAL_LEFT, Preprocessor, PreprocessSettings
-    from lcls_hitfinder.service.binning import all_finite
+    from lcls_hitfinder.preprocess import PEDESTAL_LEFT, Preprocessor, PreprocessSettings, all_finite
 
     count = min(n, len(frames))
     index = np.unique(np.linspace(0, len(frames) - 1, count).round().astype(int)) if spread else np.arange(count)
