@@ -200,7 +200,7 @@ class ReferenceBank:
                     n_particles=f["n_particles"][()],
                     structure=np.asarray(f["structure"].asstr()[()], dtype=object),
                     model_hash=str(a["model_hash"]),
-                    method=str(a["method"]),  # type: ignore[arg-type]
+                    method=_method(str(a["method"])),
                     k=int(a["k"]),
                     threshold=float(a["threshold"]),
                     picked_with=json.loads(a["picked_with"]) if "picked_with" in a else None,
@@ -219,6 +219,14 @@ class ReferenceBank:
                 f"bank {path} holds {bank.embed_dim}-d embeddings, the loaded model makes {expected_embed_dim}-d"
             )
         return bank
+
+
+def _method(name: str) -> Method:
+    """A bank file's method, as the Literal (refused by ValueError if it is none)."""
+    for method in METHODS:
+        if name == method:
+            return method
+    raise ValueError(f"method {name!r} is not one of {', '.join(METHODS)}")
 
 
 def precision_recall(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

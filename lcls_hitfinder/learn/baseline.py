@@ -16,7 +16,7 @@ from lcls_hitfinder.preprocess import Preprocessor
 
 
 @torch.inference_mode()
-def evaluate_cnn(run_dir: Path, data: Path, batch: int = 256) -> dict[str, float]:
+def evaluate_cnn(run_dir: Path, data: Path, batch: int = 256) -> dict[str, float | int | str]:
     """Test, count and particle accuracy of a cnn run; structures it never saw count as wrong."""
     run, settings, net = load_run(run_dir)
     if run["kind"] != "cnn":
@@ -38,4 +38,4 @@ def evaluate_cnn(run_dir: Path, data: Path, batch: int = 256) -> dict[str, float
             file=sys.stderr,
         )
     metrics = cnn_metrics(np.concatenate(structures), truth, np.concatenate(counts), n)
-    return {"arch": settings.cnn.arch, "n": len(n), **metrics}  # type: ignore[dict-item]
+    return {"arch": settings.cnn.arch, "n": len(n), **metrics}

@@ -8,7 +8,7 @@ from __future__ import annotations
 import csv
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -17,6 +17,14 @@ from lcls_hitfinder.bank import DEFAULT_K, DEFAULT_PER_CLASS, Method
 from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.labels import TARGET_PRECISION
 from lcls_hitfinder.paths import apart, existing, output_dir, output_file
+
+if TYPE_CHECKING:  # annotations only: the commands import them when they run (`--help` stays quick)
+    import numpy as np
+
+    from lcls_hitfinder.bank import ReferenceBank
+    from lcls_hitfinder.dataset import Dataset
+    from lcls_hitfinder.embedder import OnnxEmbedder
+    from lcls_hitfinder.protocols import Decisions
 
 KINDS = ("twin", "cnn")
 bank_app = typer.Typer(help="Reference banks: build one from a few labelled patterns.", no_args_is_help=True)
@@ -342,7 +350,7 @@ def bank_pick(
     print(f"next: lcls-hitfinder bank build --model MODEL.onnx --data {out} --per-class K --out BANK.h5")
 
 
-def _model_and_bank(model: Path, bank_path: Path) -> tuple[Any, Any]:
+def _model_and_bank(model: Path, bank_path: Path) -> tuple[OnnxEmbedder, ReferenceBank]:
     """The embedder and a bank it accepts (built for this model, of its width)."""
     from lcls_hitfinder.bank import ReferenceBank
     from lcls_hitfinder.embedder import OnnxEmbedder
@@ -354,7 +362,7 @@ def _model_and_bank(model: Path, bank_path: Path) -> tuple[Any, Any]:
     return embedder, bank
 
 
-def _decide(model: Path, bank_path: Path, data: Path) -> tuple[Any, Any, Any, Any]:
+def _decide(model: Path, bank_path: Path, data: Path) -> tuple[np.ndarray, Decisions, ReferenceBank, Dataset]:
     """Embeddings, decisions, the bank and the dataset reader (left open) for model + bank on labelled data."""
     from lcls_hitfinder.dataset import Dataset
     from lcls_hitfinder.learn.infer import embed_dataset
@@ -365,7 +373,9 @@ def _decide(model: Path, bank_path: Path, data: Path) -> tuple[Any, Any, Any, An
     return emb, bank.decide(emb), bank, dataset
 
 
-def _decide_per_sample(model: Path, refs: Path, data: Path, per_class: int) -> tuple[Any, Any, Any, str]:
+def _decide_per_sample(
+    model: Path, refs: Path, data: Path, per_class: int
+) -> tuple[np.ndarray, Decisions, Dataset, str]:
     """Embeddings, per-sample decisions (evaluate.per_sample_decisions), the dataset reader (left open) and how
     they were judged."""
     from lcls_hitfinder.dataset import Dataset
