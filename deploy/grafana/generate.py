@@ -328,8 +328,8 @@ def health() -> list[Json]:
         timeseries(
             "Source restarts and bank reloads",
             "Reader restarts by the watchdog, bank reloads by result (refused: the old bank stayed), and decision"
-            " logs that failed (that run went on without its record); each bar counts those in its own interval"
-            " (over $__rate_interval, wider than a step, each would be counted at several points).",
+            " logs that failed (that run went on without its record); each bar counts those in its own interval,"
+            " a minute at least (over $__rate_interval, wider than a step, each was counted at several points).",
             [
                 target(f"sum(increase({sel('hitfinder_source_restarts_total')}[$__interval]))", "restarts"),
                 target(
@@ -343,6 +343,7 @@ def health() -> list[Json]:
             ],
             "none",
             defaults={"custom": {"drawStyle": "bars", "lineWidth": 1, "fillOpacity": 80, "spanNulls": False}},
+            interval="1m",  # the least step, so that $__interval always spans several scrapes
         ),
         timeseries(
             "Heartbeat age",
