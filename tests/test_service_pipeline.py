@@ -35,6 +35,7 @@ from threadpoolctl import threadpool_info, threadpool_limits
 from tiny_model import free_port
 from typer.testing import CliRunner
 
+from lcls_hitfinder import embedder as embedder_module
 from lcls_hitfinder.bank import ReferenceBank
 from lcls_hitfinder.cli import app
 from lcls_hitfinder.dataset import Batch, Dataset, DatasetWriter
@@ -47,7 +48,6 @@ from lcls_hitfinder.learn.train import load_patterns
 from lcls_hitfinder.model_io import export_onnx
 from lcls_hitfinder.preprocess import PhotonCalibration, Preprocessor, PreprocessSettings
 from lcls_hitfinder.protocols import EventId, Frame, RunEnd
-from lcls_hitfinder.service import embedder as embedder_module
 from lcls_hitfinder.service import pipeline as pipeline_module
 from lcls_hitfinder.service.bank_reload import ReloadingBank
 from lcls_hitfinder.service.binning import ReaderBinning
