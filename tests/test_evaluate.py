@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -92,22 +93,21 @@ def test_markdown_and_projection() -> None:
     assert projection_2d(e[:1]).shape == (1, 2)  # one pattern has one component: still two columns to plot
 
 
+def _report(
+    out: Path, metrics: dict[str, Any], dec: Decisions, examples: np.ndarray, emb: np.ndarray | None = None
+) -> None:
+    """write_report of the 8 patterns of N, their photons a geometric series, the first examples shown."""
+    embeddings = np.zeros((8, 4)) if emb is None else emb
+    judged = {"model": "m.onnx (abc)", "data": "t.h5"}
+    write_report(out, metrics, N, dec, np.geomspace(100, 1e4, 8), embeddings, examples, np.arange(4), judged)
+
+
 def test_report_files(tmp_path: Path) -> None:
     dec = decisions()
     m = hit_metrics(N, dec)
     images = np.random.default_rng(0).poisson(1.0, (8, 16, 16)).astype(np.float32)
     emb = np.random.default_rng(1).normal(size=(8, 4))
-    write_report(
-        tmp_path,
-        m,
-        N,
-        dec,
-        np.geomspace(100, 1e4, 8),
-        emb,
-        images[:4],
-        np.arange(4),
-        {"model": "m.onnx (abc)", "data": "t.h5"},
-    )
+    _report(tmp_path, m, dec, images[:4], emb=emb)
     for name in ("confusion", "precision_recall", "accuracy_vs_photons", "embedding", "examples"):
         assert (tmp_path / f"{name}.png").stat().st_size > 1000
     assert json.loads((tmp_path / "metrics.json").read_text())["accuracy"] == pytest.approx(5 / 8)
@@ -131,29 +131,9 @@ def test_a_reused_report_directory_keeps_nothing_of_the_earlier_report(tmp_path:
     with_pairs = {**m, "pairs_called_single_by_axis": pairs_called_single_by_axis(N, positions, dec.label)}
     images = np.zeros((4, 16, 16), np.float32)
     (tmp_path / "notes.txt").write_text("mine")
-    write_report(
-        tmp_path,
-        with_pairs,
-        N,
-        dec,
-        np.geomspace(100, 1e4, 8),
-        np.zeros((8, 4)),
-        images,
-        np.arange(4),
-        {"model": "m.onnx (abc)", "data": "t.h5"},
-    )
+    _report(tmp_path, with_pairs, dec, images)
     assert (tmp_path / "pairs_by_axis.png").exists()
-    write_report(
-        tmp_path,
-        m,
-        N,
-        dec,
-        np.geomspace(100, 1e4, 8),
-        np.zeros((8, 4)),
-        images,
-        np.arange(4),
-        {"model": "m.onnx (abc)", "data": "t.h5"},
-    )
+    _report(tmp_path, m, dec, images)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted({*REPORT_FILES, "notes.txt"} - {"pairs_by_axis.png"})
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
@@ -185,17 +165,7 @@ def test_report_shows_pairs_by_axis_when_present(tmp_path: Path) -> None:
     positions[4] = _pair(10)
     m["pairs_called_single_by_axis"] = pairs_called_single_by_axis(N, positions, dec.label)
     images = np.zeros((4, 16, 16), np.float32)
-    write_report(
-        tmp_path,
-        m,
-        N,
-        dec,
-        np.geomspace(100, 1e4, 8),
-        np.zeros((8, 4)),
-        images,
-        np.arange(4),
-        {"model": "m.onnx (abc)", "data": "t.h5"},
-    )
+    _report(tmp_path, m, dec, images)
     assert (tmp_path / "pairs_by_axis.png").stat().st_size > 1000
     assert "| 0-15 | 1 | 0 | 0 |" in (tmp_path / "metrics.md").read_text()
 

@@ -1552,12 +1552,7 @@ def test_a_log_folder_removed_mid_run_is_said_then_and_not_listed(fx: Fixtures, 
         shutil.rmtree(logs)
 
     r = _start(_settings(tmp_path), PausingSource(images, 5, clean_up), fx.model, fx.bank)
-    with DecisionClient(r.publisher.endpoint, (DECISION, RUN), timeout_s=WAIT_S) as client:
-        assert r.publisher.wait_for_subscriber(WAIT_S)
-        r.pipeline.start()
-        messages = _until_run_ends(client, 1)
-    assert r.pipeline.wait(WAIT_S)
-    r.publisher.close()
+    messages = _served_until_runs_end(r, 1)
     assert [p["seq"] for t, p in messages if t == DECISION] == list(range(10))
     assert messages[-1][1]["log"] is None and r.pipeline.logs == [] and r.pipeline.error is None
     assert r.metrics.decision_log_failures._value.get() == 1 and r.metrics.decision_log_lost._value.get() == 1
@@ -1574,6 +1569,18 @@ def _until_run_ends(client: DecisionClient, runs: int) -> list[tuple[str, dict[s
     raise AssertionError(f"no end of every run within {WAIT_S} s")
 
 
+def _served_until_runs_end(r: Running, runs: int) -> list[tuple[str, dict[str, Any]]]:
+    """Start `r` with a subscriber on decisions and runs; its messages up to the `runs`-th run end, once the
+    pipeline has ended and its publisher is closed."""
+    with DecisionClient(r.publisher.endpoint, (DECISION, RUN), timeout_s=WAIT_S) as client:
+        assert r.publisher.wait_for_subscriber(WAIT_S)
+        r.pipeline.start()
+        messages = _until_run_ends(client, runs)
+    assert r.pipeline.wait(WAIT_S)
+    r.publisher.close()
+    return messages
+
+
 def _serve_two_runs(
     fx: Fixtures, tmp_path: Path, between: Callable[[Running], None]
 ) -> tuple[Running, list[dict[str, Any]], list[dict[str, Any]]]:
@@ -1586,12 +1593,7 @@ def _serve_two_runs(
         between(r)
 
     r = _start(_settings(tmp_path), TwoRunSource(list(images), after_run_1), fx.model, fx.bank)
-    with DecisionClient(r.publisher.endpoint, (DECISION, RUN), timeout_s=WAIT_S) as client:
-        assert r.publisher.wait_for_subscriber(WAIT_S)
-        r.pipeline.start()
-        messages = _until_run_ends(client, 2)
-    assert r.pipeline.wait(WAIT_S)
-    r.publisher.close()
+    messages = _served_until_runs_end(r, 2)
     decisions = [p for topic, p in messages if topic == DECISION]
     return r, decisions, [p for topic, p in messages if topic == RUN and p["phase"] == "end"]
 
