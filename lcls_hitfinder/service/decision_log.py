@@ -43,7 +43,7 @@ def _dtype(spec_dtype: str) -> Any:
 # Room kept beside a flush: HDF5 allocates chunks of 4,096 rows a column at a time (32 KiB each for 8-byte
 # columns) and writes its metadata at the close.
 _HEADROOM = 8 << 20
-_ROW_BYTES = 1024  # a row's share of the file until the file says (a few hundred bytes with HDF5's overhead)
+_ROW_BYTES = 1024  # a row's share of the file, on the safe side (a few hundred bytes with HDF5's overhead)
 
 _NAME_CHARS = 48  # of the experiment's name in a log's file name: 192 bytes at most, and the run and time after
 
@@ -83,7 +83,6 @@ class DecisionLog:
             raise
         made = os.stat(path)
         self._identity = (made.st_dev, made.st_ino)
-        self._row_bytes = _ROW_BYTES
         self._pending: list[Mapping[str, np.ndarray]] = []
         self._flush_s = flush_s
         self._last_flush = time.monotonic()
@@ -112,8 +111,6 @@ class DecisionLog:
             self.n = hi
             self._pending.clear()
         self._f.flush()
-        if self.n >= 4096:  # past the first chunk the file's size says what a row takes
-            self._row_bytes = max(self._row_bytes // 4, os.stat(self.path).st_size // self.n)
         self._last_flush = time.monotonic()
 
     def _check_room(self) -> None:
@@ -128,7 +125,7 @@ class DecisionLog:
         if st is None or (st.st_dev, st.st_ino) != self._identity:
             self.abandon()
             raise OSError(f"{self.path} was removed or replaced while the run was being logged")
-        need = sum(len(c["seq"]) for c in self._pending) * self._row_bytes + _HEADROOM
+        need = sum(len(c["seq"]) for c in self._pending) * _ROW_BYTES + _HEADROOM
         fs = os.statvfs(self.path.parent)
         free = fs.f_bavail * fs.f_frsize
         limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
