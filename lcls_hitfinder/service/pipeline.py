@@ -48,7 +48,7 @@ from lcls_hitfinder.service.metrics import ServiceMetrics
 from lcls_hitfinder.service.reader import MAX_FRAME_SHAPES
 from lcls_hitfinder.service.settings import ServeSettings
 from lcls_hitfinder.service.systemd import notify
-from lcls_hitfinder.verdicts import Verdicts
+from lcls_hitfinder.verdicts import PREFILTER, Verdicts
 
 log = logging.getLogger(__name__)
 
@@ -582,7 +582,7 @@ class Pipeline:
             m.events.labels(label=Label(code).text, decision="keep" if keep else "veto").inc(count)
         for reason in columns["reason"][v.label == Label.ERROR]:
             m.frame_errors.labels(reason=str(reason).split(":")[0]).inc()
-        m.prefilter_blank.inc(int(np.count_nonzero(v.reason == "prefilter")))  # of the decisions made
+        m.prefilter_blank.inc(int(np.count_nonzero(v.reason == PREFILTER)))  # of the decisions made
         known = (truth >= 0) & (v.label != Label.ERROR)
         tally: Counter[tuple[Label, bool]] = Counter(
             (label_of_count(t), label_of_count(t) == label)
