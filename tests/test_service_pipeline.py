@@ -1293,6 +1293,33 @@ def test_serve_refuses_a_bad_source_in_one_line(fx: Fixtures, tmp_path: Path, ar
     assert "publishing on" not in proc.stderr  # refused before binding
 
 
+def test_a_log_write_that_fails_in_hdf5_costs_the_log_not_the_service(fx: Fixtures, tmp_path: Path) -> None:
+    """A write that fails where the room check could not foresee it (an I/O error on a network file system;
+    here the file size limit with the check's margins set to nothing): h5py would free the failed file into
+    a segmentation fault, at once or at the interpreter's exit. The service keeps the file from being freed,
+    goes on without the log, and leaves with its own exit code. `lcls-hitfinder serve` through cli.main."""
+    script = (
+        "import resource, sys\n"
+        "from lcls_hitfinder.service import decision_log\n"
+        "from lcls_hitfinder.cli import main\n"
+        "decision_log._HEADROOM = decision_log._ROW_BYTES = 0  # blind: HDF5 meets the limit itself\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (256 << 10, resource.RLIM_INFINITY))\n"
+        "sys.argv = ['lcls-hitfinder', 'serve', *sys.argv[1:]]\n"
+        "main()\n"
+    )
+    files = ["--model", str(fx.model), "--bank", str(fx.bank), "--publish", f"tcp://127.0.0.1:{free_port()}"]
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *files, "--metrics-port", "off", "--source", "sim:?rate=0&n=300"],
+        capture_output=True,
+        text=True,
+        timeout=WAIT_S,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "300 decisions" in proc.stderr and "goes on without it" in proc.stderr, proc.stderr[-3000:]
+    assert "no room to go on" not in proc.stderr  # HDF5's own failure, not the check's
+
+
 def test_serve_says_the_bank_it_uses_and_warns_of_its_defaults(fx: Fixtures, tmp_path: Path) -> None:
     """Nothing said which bank decided, nor that the shipped generic one (poor on a sample's own patterns) or
     the simulated stream were serving by default."""

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import resource
+import sys
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -45,6 +47,11 @@ def _dtype(spec_dtype: str) -> Any:
 _HEADROOM = 8 << 20
 _ROW_BYTES = 1024  # a row's share of the file, on the safe side (a few hundred bytes with HDF5's overhead)
 
+# Files HDF5 failed to write (an I/O error the room check could not foresee). h5py frees such a file's handles
+# into a segmentation fault (h5py issue 914), when the log is dropped or at the interpreter's exit: they are
+# kept here, never freed, and a process that has any leaves by `exit_past_failed_files`.
+_FAILED: list[h5py.File] = []
+
 _NAME_CHARS = 48  # of the experiment's name in a log's file name: 192 bytes at most, and the run and time after
 
 
@@ -67,6 +74,7 @@ class DecisionLog:
 
     def __init__(self, path: Path, attrs: Mapping[str, Any], flush_s: float = 1.0) -> None:
         self.path = path
+        self._failed = False  # HDF5 failed on it: in _FAILED, never touched again
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._f = h5py.File(path, "w", libver="latest")  # SWMR needs the latest file format
@@ -100,18 +108,27 @@ class DecisionLog:
     def flush(self) -> None:
         """Write what is pending and flush the file to disk."""
         self._check_room()
-        if self._pending:
-            n = sum(len(c["seq"]) for c in self._pending)
-            lo, hi = self.n, self.n + n
-            for spec in LOG_COLUMNS:
-                ds = self._f[spec.name]
-                ds.resize(hi, axis=0)
-                ds[lo:hi] = np.concatenate([np.asarray(c[spec.name]) for c in self._pending])
-                ds.flush()  # what an SWMR reader's refresh() sees
-            self.n = hi
-            self._pending.clear()
-        self._f.flush()
+        try:
+            if self._pending:
+                n = sum(len(c["seq"]) for c in self._pending)
+                lo, hi = self.n, self.n + n
+                for spec in LOG_COLUMNS:
+                    ds = self._f[spec.name]
+                    ds.resize(hi, axis=0)
+                    ds[lo:hi] = np.concatenate([np.asarray(c[spec.name]) for c in self._pending])
+                    ds.flush()  # what an SWMR reader's refresh() sees
+                self.n = hi
+                self._pending.clear()
+            self._f.flush()
+        except BaseException:
+            self._give_up(self._f)
+            raise
         self._last_flush = time.monotonic()
+
+    def _give_up(self, f: h5py.File) -> None:
+        """HDF5 failed on `f`: kept from being freed (see _FAILED), and this log is done."""
+        self._failed = True
+        _FAILED.append(f)
 
     def _check_room(self) -> None:
         """Stop before HDF5 meets a full disk or the file size limit: after a failed write h5py frees its handles
@@ -138,22 +155,43 @@ class DecisionLog:
 
     def close(self, totals: Mapping[str, Any] | None = None) -> None:
         """Write the rest, record the totals, mark the file complete and close it."""
-        if not self._f.id.valid:
+        if self._failed or not self._f.id.valid:
             return
         self.flush()
-        self._f.close()
         try:
-            f = h5py.File(self.path, "r+")  # out of SWMR mode: attributes may be written again
-        except OSError:  # a user's script still reads it (SWMR), and HDF5's lock says no: we are its only writer
-            f = h5py.File(self.path, "r+", locking=False)
-        with f:
+            self._f.close()
+            try:
+                f = h5py.File(self.path, "r+")  # out of SWMR mode: attributes may be written again
+            except OSError:  # a user's script still reads it (SWMR), and HDF5's lock says no: the only writer is us
+                f = h5py.File(self.path, "r+", locking=False)
+        except BaseException:
+            self._give_up(self._f)
+            raise
+        try:
             _write_attrs(f, totals or {})
             f.attrs["complete"] = True
+            f.close()
+        except BaseException:
+            self._give_up(f)
+            raise
 
     def abandon(self) -> None:
-        """Close the file after a failure, as far as that goes: what was flushed stays readable."""
-        with contextlib.suppress(Exception):
-            self._f.close()
+        """Close the file after a failure, as far as that goes: what was flushed stays readable. A file HDF5
+        failed to write is left open (see _FAILED)."""
+        if not self._failed:
+            with contextlib.suppress(Exception):
+                self._f.close()
+
+
+def exit_past_failed_files(code: int) -> None:
+    """Leave the process now, with `code`, if HDF5 failed to write one of its logs: the interpreter's exit
+    would free that file's handles into a segmentation fault. Output is flushed first; nothing else is left
+    to do at that point (the service has ended)."""
+    if _FAILED:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def _write_attrs(f: h5py.File, attrs: Mapping[str, Any]) -> None:
