@@ -328,22 +328,22 @@ def health() -> list[Json]:
         timeseries(
             "Source restarts and bank reloads",
             "Reader restarts by the watchdog, bank reloads by result (refused: the old bank stayed), and decision"
-            " logs that failed (that run went on without its record); each bar counts those in its own interval,"
-            " a minute at least (over $__rate_interval, wider than a step, each was counted at several points).",
+            " logs that failed (that run went on without its record); each bar counts those of its minute (a step of"
+            " a minute at least: over $__rate_interval, a scrape wider than a step, none is missed between bars).",
             [
-                target(f"sum(increase({sel('hitfinder_source_restarts_total')}[$__interval]))", "restarts"),
+                target(f"sum(increase({sel('hitfinder_source_restarts_total')}[$__rate_interval]))", "restarts"),
                 target(
-                    f"sum by (result) (increase({sel('hitfinder_bank_reloads_total')}[$__interval]))",
+                    f"sum by (result) (increase({sel('hitfinder_bank_reloads_total')}[$__rate_interval]))",
                     "bank reload {{result}}",
                 ),
                 target(
-                    f"sum(increase({sel('hitfinder_decision_log_failures_total')}[$__interval]))",
+                    f"sum(increase({sel('hitfinder_decision_log_failures_total')}[$__rate_interval]))",
                     "decision log failed",
                 ),
             ],
             "none",
             defaults={"custom": {"drawStyle": "bars", "lineWidth": 1, "fillOpacity": 80, "spanNulls": False}},
-            interval="1m",  # the least step, so that $__interval always spans several scrapes
+            interval="1m",  # the least step: windows of a step and a scrape, so short steps count nothing twice
         ),
         timeseries(
             "Heartbeat age",
