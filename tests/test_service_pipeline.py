@@ -860,6 +860,20 @@ def test_bank_reloads_when_its_file_changes_and_refuses_a_foreign_one(fx: Fixtur
     assert r.pipeline.error is None
 
 
+def test_a_bank_behind_a_symlink_is_swapped_by_moving_the_link(fx: Fixtures, tmp_path: Path) -> None:
+    """`ln -sfn b.h5 current.h5`: the service had resolved the link at start and watched the old target."""
+    bank = ReferenceBank.load(fx.bank)
+    bank.save(tmp_path / "a.h5")
+    bank.threshold = -2.0
+    bank.save(tmp_path / "b.h5")
+    (tmp_path / "current.h5").symlink_to("a.h5")
+    reloading = ReloadingBank(tmp_path / "current.h5", OnnxEmbedder(fx.model), ServiceMetrics())
+    assert reloading.path == tmp_path / "current.h5" and reloading.bank.threshold != -2.0
+    (tmp_path / "next.h5").symlink_to("b.h5")
+    os.replace(tmp_path / "next.h5", tmp_path / "current.h5")  # what `ln -sfn` does
+    assert reloading.check() and reloading.bank.threshold == -2.0
+
+
 def test_a_bank_reload_that_fails_in_any_way_keeps_the_old_bank(
     fx: Fixtures, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

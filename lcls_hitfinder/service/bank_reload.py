@@ -40,7 +40,9 @@ class ReloadingBank:
     """Holds the current bank; `bank` is read by the pipeline, `check`/`reload` run on the monitor thread."""
 
     def __init__(self, path: Path, embedder: Embedder, metrics: ServiceMetrics) -> None:
-        self.path = path.resolve()  # named in the log and the metrics, read where the service's folder is unknown
+        # absolute (named in the log and the metrics, read where the service's folder is unknown), but a symlink
+        # stays one: `ln -sfn new.h5 current.h5` is a way to swap a bank
+        self.path = Path(os.path.abspath(path))
         self.embedder = embedder
         self.metrics = metrics
         self._signature = _signature(path)
