@@ -8,6 +8,7 @@ Bad input raises UserError anywhere below and ends here as one line on stderr an
 from __future__ import annotations
 
 import sys
+import traceback
 from typing import Annotated
 
 import typer
@@ -77,6 +78,11 @@ def main() -> None:
     except SystemExit as done:
         _leave(done.code if isinstance(done.code, int) else 0 if done.code is None else 1)
         raise
+    except BaseException as err:  # any other end is said as Python says it, then left the same way
+        code = 130 if isinstance(err, KeyboardInterrupt) else 1
+        traceback.print_exc()
+        _leave(code)
+        sys.exit(code)
 
 
 def _leave(code: int) -> None:

@@ -1307,16 +1307,20 @@ def test_serve_refuses_a_bad_source_in_one_line(fx: Fixtures, tmp_path: Path, ar
     assert "publishing on" not in proc.stderr  # refused before binding
 
 
-def test_a_log_write_that_fails_in_hdf5_costs_the_log_not_the_service(fx: Fixtures, tmp_path: Path) -> None:
+@pytest.mark.parametrize("then", ["ends", "fails"])
+def test_a_log_write_that_fails_in_hdf5_costs_the_log_not_the_service(fx: Fixtures, tmp_path: Path, then: str) -> None:
     """A write that fails where the room check could not foresee it (an I/O error on a network file system;
     here the file size limit with the check's margins set to nothing): h5py would free the failed file into
     a segmentation fault, at once or at the interpreter's exit. The service keeps the file from being freed,
-    goes on without the log, and leaves with its own exit code. `lcls-hitfinder serve` through cli.main."""
+    goes on without the log, and leaves with its own exit code, also where something fails after it served
+    (`fails`: its last line raises). `lcls-hitfinder serve` through cli.main."""
     script = (
         "import resource, sys\n"
-        "from lcls_hitfinder.service import decision_log\n"
+        "from lcls_hitfinder.service import commands, decision_log\n"
         "from lcls_hitfinder.cli import main\n"
         "decision_log._HEADROOM = decision_log._ROW_BYTES = 0  # blind: HDF5 meets the limit itself\n"
+        f"if {then == 'fails'}:\n"
+        "    commands.logs_said = lambda paths: 1 / 0\n"
         "resource.setrlimit(resource.RLIMIT_FSIZE, (256 << 10, resource.RLIM_INFINITY))\n"
         "sys.argv = ['lcls-hitfinder', 'serve', *sys.argv[1:]]\n"
         "main()\n"
@@ -1329,9 +1333,10 @@ def test_a_log_write_that_fails_in_hdf5_costs_the_log_not_the_service(fx: Fixtur
         timeout=WAIT_S,
         cwd=tmp_path,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "300 decisions" in proc.stderr and "goes on without it" in proc.stderr, proc.stderr[-3000:]
+    assert proc.returncode == (0 if then == "ends" else 1), proc.stderr[-3000:]
+    assert "goes on without it" in proc.stderr and "run sim:1 ends: 300 events" in proc.stderr, proc.stderr[-3000:]
     assert "no room to go on" not in proc.stderr  # HDF5's own failure, not the check's
+    assert ("ZeroDivisionError" in proc.stderr) == (then == "fails")  # said as Python says it
 
 
 def test_serve_says_the_bank_it_uses_and_warns_of_its_defaults(fx: Fixtures, tmp_path: Path) -> None:
