@@ -1136,7 +1136,7 @@ def test_a_second_sigterm_cuts_the_drain_short_and_the_log_still_holds_what_was_
                 os.kill(os.getpid(), signal.SIGTERM)  # handled in this thread: each before the next line
                 assert r.pipeline.stopping and signals.interrupted
             messages = _until_run_ends(client, 1)
-        assert r.pipeline.wait(WAIT_S)
+        assert r.pipeline.wait(WAIT_S) and r.pipeline.cut_short  # serve then exits 130
         with pytest.raises(KeyboardInterrupt, match="third SIGTERM"):
             os.kill(os.getpid(), signal.SIGTERM)
     finally:
@@ -1173,9 +1173,15 @@ def test_the_first_sigterm_after_the_pipeline_stopped_itself_is_a_first(fx: Fixt
         r.pipeline.stop()  # as the pipeline does itself
         os.kill(os.getpid(), signal.SIGTERM)
         assert signals.stop_asked.is_set() and not signals.interrupted
+        r.pipeline.start()  # stopped already: it ends at once, nothing read
+        assert r.pipeline.wait(WAIT_S)
+        os.kill(os.getpid(), signal.SIGTERM)  # a second, once the drain had ended: it cuts nothing short
+        assert signals.interrupted and not r.pipeline.cut_short  # serve exits 0, not 130
     finally:
         for s, handler in saved.items():
             signal.signal(s, handler)
+        r.pipeline.stop()
+        r.pipeline.wait(WAIT_S)
         r.publisher.close()
 
 

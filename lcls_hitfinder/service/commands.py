@@ -269,7 +269,7 @@ def run_service(settings: ServeSettings, signals: _Signals) -> int:
         total.binned_at_reader,
         logs_said(pipeline.logs),
     )
-    return 1 if pipeline.error is not None else 130 if signals.interrupted else 0
+    return 1 if pipeline.error is not None else 130 if pipeline.cut_short else 0
 
 
 def logs_said(paths: list[str]) -> str:

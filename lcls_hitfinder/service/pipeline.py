@@ -136,6 +136,7 @@ class Pipeline:
         )
         self._stop = threading.Event()
         self._interrupted = threading.Event()  # a second signal: the drain is cut short
+        self.cut_short = False  # the interruption came before the drain had ended
         self._reload = threading.Event()
         self._done = threading.Event()
         # the shape the source states when opened (h5, sim); a psana source's comes from each run's first frame
@@ -283,6 +284,7 @@ class Pipeline:
         try:
             while True:
                 if self._interrupted.is_set():
+                    self.cut_short = True
                     self._drop_queued("interrupted")
                     break
                 batch = self._batcher.next(_IDLE_S)
