@@ -255,6 +255,7 @@ MEANINGS = {
     "accuracy_at_threshold_0": "the same at threshold 0, the nearer-class decision (MODEL_CARD.md's figures)",
     "photons_per_single_hit": "median photons of the single hits",
     "patterns_the_bank_was_built_from": "patterns judged that the bank was built from: they judge themselves",
+    "protocol": "how each pattern was judged (evaluate --refs: a bank of its own sample's references)",
 }
 
 

@@ -1411,7 +1411,7 @@ def test_a_log_that_reaches_the_file_size_limit_costs_the_log_not_the_service(fx
     )
     assert proc.returncode == 0, proc.stderr
     assert "300 decisions" in proc.stderr, proc.stderr
-    said = re.search(r"decision log (\S+) failed \(no room to go on: the file size limit \(0 MiB\)", proc.stderr)
+    said = re.search(r"decision log (\S+) failed \(no room to go on: the file size limit \(256 KiB\)", proc.stderr)
     assert said and "goes on without it" in proc.stderr, proc.stderr
     columns, attrs = read_decision_log(said[1])  # what was flushed stays readable
     assert not attrs["complete"] and len(columns["seq"]) == 0

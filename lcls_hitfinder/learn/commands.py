@@ -325,7 +325,8 @@ def bank_pick(
             "the run's files (exp:EXPERIMENT:RUN?dir=...&det=..., xtc2:FILE?det=..., psana1:exp=EXP:run=N?det=...)"
         )
     src = open_source(uri, settings)
-    src.open()  # first: whether its timestamps name the events (an h5: file's say once it is open)
+    read_picks(picks, timestamps=True)  # a bad CSV said before a psana reader starts (or MPI) to find its run
+    src.open()  # then whether its timestamps name the events (an h5: file's say once it is open)
     try:
         wanted = read_picks(picks, src.stamps_events)
         columns = (

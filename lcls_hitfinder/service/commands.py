@@ -429,6 +429,8 @@ def summary(
         write_csv(columns, csv)
         events = sum(run.events for run in runs)
         print(f"{csv}: {events} events; next: correct the labels, keep the sure rows, bank pick --picks {csv}")
+        if len(runs) > 1:
+            print("bank pick reads one run's source: give it the rows of that run (the run column) only")
     if plot is not None:
         plot_run(logs[0][0], f"{runs[0].experiment}:{runs[0].run}", plot)
         print(f"{plot}: the run's labels and scores")

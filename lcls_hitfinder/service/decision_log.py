@@ -148,9 +148,9 @@ class DecisionLog:
         limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
         if free < need or (limit != resource.RLIM_INFINITY and st.st_size + need > limit):
             self.abandon()
-            room = f"{free >> 20} MiB free" if free < need else f"the file size limit ({limit >> 20} MiB)"
+            room = f"{_size(free)} free" if free < need else f"the file size limit ({_size(limit)})"
             raise OSError(
-                f"no room to go on: {room} where the next flush needs up to {need >> 20} MiB; closed at {self.n} rows"
+                f"no room to go on: {room} where the next flush needs up to {_size(need)}; closed at {self.n} rows"
             )
 
     def close(self, totals: Mapping[str, Any] | None = None) -> None:
@@ -181,6 +181,10 @@ class DecisionLog:
         if not self._failed:
             with contextlib.suppress(Exception):
                 self._f.close()
+
+
+def _size(n: int) -> str:
+    return f"{n >> 20} MiB" if n >= 1 << 20 else f"{n >> 10} KiB"
 
 
 def exit_past_failed_files(code: int) -> None:
