@@ -700,3 +700,24 @@ def test_events_picked_from_a_run_become_references_for_bank_build(tmp_path: Pat
     bad = _pick(tmp_path, source, "event,count\n3,1\n", "--out", str(tmp_path / "y.h5"))
     assert bad.returncode == 2 and "needs a column event or timestamp, and n_particles or label" in bad.stderr
     assert leftovers() == []
+
+
+def test_bank_pick_checks_the_picks_before_opening_a_psana_source(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Opening starts psana's reader (or mpirun) and waits for the run: a malformed CSV was said only after."""
+    from typer.testing import CliRunner
+
+    from lcls_hitfinder.cli import app
+    from lcls_hitfinder.service.reader import SupervisedSource
+
+    def opened(self: SupervisedSource, cancel: object = None) -> None:
+        raise AssertionError("the source was opened before the picks were read")
+
+    monkeypatch.setattr(SupervisedSource, "open", opened)
+    write_run(tmp_path / "run.xtc2", 3, (16, 16))
+    (tmp_path / "p.csv").write_text("nothing,useful\n1,2\n")
+    args = ["bank", "pick", "--source", f"xtc2:{tmp_path / 'run.xtc2'}?det=cam", "--picks", str(tmp_path / "p.csv")]
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "r.h5")])
+    assert isinstance(result.exception, UserError), result.exception
+    assert "needs a column event or timestamp, and n_particles or label" in str(result.exception)
