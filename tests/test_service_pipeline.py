@@ -1110,6 +1110,25 @@ def test_sigterm_while_waiting_for_a_subscriber_reads_nothing(fx: Fixtures, tmp_
     assert not list((tmp_path / "logs").glob("*.h5"))
 
 
+@contextlib.contextmanager
+def _signals_of_serve(r: Running) -> Iterator[Any]:
+    """serve's signal handling (its `_Signals`, real signals) for `r`'s pipeline; this process's handlers
+    come back, and the pipeline is stopped and its publisher closed, however the test ends."""
+    from lcls_hitfinder.service.commands import _Signals
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        signals = _Signals()
+        signals.serving(r.pipeline)
+        yield signals
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+        r.pipeline.stop()
+        r.pipeline.wait(WAIT_S)
+        r.publisher.close()
+
+
 def test_a_second_sigterm_cuts_the_drain_short_and_the_log_still_holds_what_was_published(
     fx: Fixtures, tmp_path: Path
 ) -> None:
@@ -1118,33 +1137,23 @@ def test_a_second_sigterm_cuts_the_drain_short_and_the_log_still_holds_what_was_
     logged) and ended in SIGABRT. Now the batch in hand is finished, the frames still queued are dropped
     (counted), and the run is closed. The worker is held (at the lock it takes after publishing a batch) while
     the signals come, so that a full queue is waiting whatever the machine's speed."""
-    from lcls_hitfinder.service.commands import _Signals
-
-    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    saved = {s: signal.getsignal(s) for s in handled}
     settings = _settings(tmp_path, source=f"h5:{fx.data}?memory=1&repeat=0", queue_size=64)
     r = _start(settings, open_source(settings.source, settings), fx.model, fx.bank)
-    try:
-        signals = _Signals()
-        signals.serving(r.pipeline)
-        with DecisionClient(r.publisher.endpoint, (DECISION, RUN), timeout_s=WAIT_S) as client:
-            assert r.publisher.wait_for_subscriber(WAIT_S)
-            with r.pipeline._tally_lock:
-                r.pipeline.start()
-                _wait_until(lambda: r.pipeline._frames.full(), "a full queue")
-                os.kill(os.getpid(), signal.SIGTERM)
-                os.kill(os.getpid(), signal.SIGTERM)  # handled in this thread: each before the next line
-                assert r.pipeline.stopping and signals.interrupted
-            messages = _until_run_ends(client, 1)
+    with (
+        _signals_of_serve(r) as signals,
+        DecisionClient(r.publisher.endpoint, (DECISION, RUN), timeout_s=WAIT_S) as client,
+    ):
+        assert r.publisher.wait_for_subscriber(WAIT_S)
+        with r.pipeline._tally_lock:
+            r.pipeline.start()
+            _wait_until(lambda: r.pipeline._frames.full(), "a full queue")
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)  # handled in this thread: each before the next line
+            assert r.pipeline.stopping and signals.interrupted
+        messages = _until_run_ends(client, 1)
         assert r.pipeline.wait(WAIT_S) and r.pipeline.cut_short  # serve then exits 130
         with pytest.raises(KeyboardInterrupt, match="third SIGTERM"):
             os.kill(os.getpid(), signal.SIGTERM)
-    finally:
-        for s, handler in saved.items():
-            signal.signal(s, handler)
-        r.pipeline.stop()
-        r.pipeline.wait(WAIT_S)
-        r.publisher.close()
     end = messages[-1][1]
     published = [p["seq"] for t, p in messages if t == DECISION]
     assert end["ended"] == "stopped" and end["dropped"] >= 64 - settings.batch.max_size, end
@@ -1162,14 +1171,9 @@ def test_a_second_sigterm_cuts_the_drain_short_and_the_log_still_holds_what_was_
 def test_the_first_sigterm_after_the_pipeline_stopped_itself_is_a_first(fx: Fixtures, tmp_path: Path) -> None:
     """A pipeline that stopped on its own (a dead publisher, a GPU failure) made the operator's first
     `systemctl stop` count as a second one: the drain was cut short."""
-    from lcls_hitfinder.service.commands import _Signals
-
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     settings = _settings(tmp_path, source=f"h5:{fx.data}?repeat=0")
     r = _start(settings, open_source(settings.source, settings), fx.model, fx.bank)
-    try:
-        signals = _Signals()
-        signals.serving(r.pipeline)
+    with _signals_of_serve(r) as signals:
         r.pipeline.stop()  # as the pipeline does itself
         os.kill(os.getpid(), signal.SIGTERM)
         assert signals.stop_asked.is_set() and not signals.interrupted
@@ -1177,12 +1181,6 @@ def test_the_first_sigterm_after_the_pipeline_stopped_itself_is_a_first(fx: Fixt
         assert r.pipeline.wait(WAIT_S)
         os.kill(os.getpid(), signal.SIGTERM)  # a second, once the drain had ended: it cuts nothing short
         assert signals.interrupted and not r.pipeline.cut_short  # serve exits 0, not 130
-    finally:
-        for s, handler in saved.items():
-            signal.signal(s, handler)
-        r.pipeline.stop()
-        r.pipeline.wait(WAIT_S)
-        r.publisher.close()
 
 
 def test_listen_prints_decisions_and_reports_gaps(fx: Fixtures, tmp_path: Path) -> None:
