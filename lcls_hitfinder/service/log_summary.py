@@ -127,18 +127,12 @@ def plot_run(columns: dict[str, np.ndarray], title: str, out: Path) -> None:
         top.legend(loc="upper right", fontsize=8)
     top.grid(alpha=0.3)
     score = columns["score"]
-    kept = columns["decision"].astype(str) == "keep"
-    groups = {  # singles kept and not: where the two meet is the bank's threshold, which the log does not hold
-        "blank": labels == Label.BLANK.text,
-        "single, kept": (labels == Label.SINGLE.text) & kept,
-        "single, vetoed (below the threshold)": (labels == Label.SINGLE.text) & ~kept,
-        "multi": labels == Label.MULTI.text,
-    }
-    for name, rows in groups.items():
-        chosen = score[rows & np.isfinite(score)]
+    for label in (Label.BLANK, Label.SINGLE, Label.MULTI):
+        chosen = score[(labels == label.text) & np.isfinite(score)]
         if len(chosen):
-            bottom.hist(chosen, bins=50, range=(-1, 1), alpha=0.6, label=f"{name} ({len(chosen)})")
-    bottom.set(xlabel="single-hit score", ylabel="events")
+            bottom.hist(chosen, bins=50, range=(-1, 1), alpha=0.6, label=f"{label.text} ({len(chosen)})")
+    # the bank labels single exactly what it keeps: the singles' lowest score is at the threshold (not in the log)
+    bottom.set(xlabel="single-hit score (the singles are the kept: at or above the bank's threshold)", ylabel="events")
     if bottom.patches:
         bottom.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
