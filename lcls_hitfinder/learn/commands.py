@@ -15,7 +15,7 @@ import typer
 from lcls_hitfinder import strict_json
 from lcls_hitfinder.bank import DEFAULT_K, DEFAULT_PER_CLASS, Method
 from lcls_hitfinder.errors import UserError
-from lcls_hitfinder.labels import TARGET_PRECISION
+from lcls_hitfinder.labels import TARGET_PRECISION, Label, labels_of_counts
 from lcls_hitfinder.paths import apart, existing, output_dir, output_file
 
 if TYPE_CHECKING:  # annotations only: the commands import them when they run (`--help` stays quick)
@@ -266,8 +266,6 @@ def bank_build(
         print(
             f"warning: no threshold reaches precision {target_precision}; using the most precise one", file=sys.stderr
         )
-    from lcls_hitfinder.labels import Label, labels_of_counts
-
     classes = labels_of_counts(bank.n_particles)
     sizes = {c: int((classes == c).sum()) for c in (Label.BLANK, Label.SINGLE, Label.MULTI)}
     lacking = [name for name, c in (("blanks", Label.BLANK), ("multi-hits", Label.MULTI)) if not sizes[c]]
@@ -419,7 +417,6 @@ def classify(
 
     from lcls_hitfinder.config import load_config
     from lcls_hitfinder.frame_file import FrameFile
-    from lcls_hitfinder.labels import Label
     from lcls_hitfinder.learn.infer import embed_frames
     from lcls_hitfinder.service.binning import Prefilter
     from lcls_hitfinder.verdicts import Verdicts
