@@ -30,7 +30,17 @@ def tiny_model_and_bank(d: Path, settings: SimulateSettings, seed: int | None = 
     return info.path, d / "bank.h5"
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port free now and never handed out before in this process: the kernel can give a port just released
+    again at once, so two calls in a row (a service's publish endpoint and its metrics port) could get the same
+    one, and the service then failed to bind its second."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
