@@ -49,11 +49,14 @@ REFERENCES_PER_COUNT = 10
 _STOPPING = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}  # held while the demo cleans up after itself
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+def free_ports(n: int) -> list[int]:
+    """`n` distinct ports free now: all held open while they are picked (one at a time, the kernel can give a
+    port just released again, and the service would fail to bind its metrics on its publish port)."""
+    with contextlib.ExitStack() as held:
+        socks = [held.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
 
 
 @dataclass
@@ -225,16 +228,17 @@ class Demo:
         from lcls_hitfinder.service.client import DecisionClient
         from lcls_hitfinder.service.messages import DECISION, HEARTBEAT, RUN
 
-        endpoint = f"tcp://127.0.0.1:{free_port()}"
+        publish_port, metrics_port = free_ports(2)
+        endpoint = f"tcp://127.0.0.1:{publish_port}"
         tally = Tally(events=self.n)
         with DecisionClient(endpoint, (DECISION, HEARTBEAT, RUN), timeout_s=0.25) as client:  # before the bind
-            self._watch(xtc2, client, tally)
+            self._watch(xtc2, client, tally, metrics_port)
         return tally
 
-    def _watch(self, xtc2: Path, client: DecisionClient, tally: Tally) -> None:
+    def _watch(self, xtc2: Path, client: DecisionClient, tally: Tally, metrics_port: int) -> None:
         from lcls_hitfinder.service.messages import DECISION, HEARTBEAT, RUN
 
-        endpoint, metrics_port = client.endpoint, free_port()
+        endpoint = client.endpoint
         shape = self.config.simulate.detector.shape
         self.console.print(
             f"[bold]4/4[/] serving it with shmemServer (tag {self.tag}, {self.rate_hz:g} Hz); the service publishes"
