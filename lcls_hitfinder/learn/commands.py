@@ -84,9 +84,10 @@ def train(
     resume: Annotated[
         bool,
         typer.Option(
+            "--resume",
             help="continue the run in --out from its last checkpoint, with its own data and settings "
             "(--epochs extends it; the cosine learning rate is then spread over the new total, so it rises "
-            "again: an extended run is not the run it would have been with those epochs from the start)"
+            "again: an extended run is not the run it would have been with those epochs from the start)",
         ),
     ] = False,
 ) -> None:
@@ -208,7 +209,9 @@ def bank_build(
     data: Annotated[Path, typer.Option(help="labelled patterns to draw references from")],
     out: Annotated[Path, typer.Option(help="bank file to write (HDF5)")],
     per_class: Annotated[int, typer.Option(min=1, help="references per particle count (0-4)")] = DEFAULT_PER_CLASS,
-    by_structure: Annotated[bool, typer.Option(help="draw --per-class references per structure too")] = False,
+    by_structure: Annotated[
+        bool, typer.Option("--by-structure", help="draw --per-class references per structure too")
+    ] = False,
     calibrate: Annotated[
         Path | None, typer.Option(help="held-out data for the threshold (default: the non-reference patterns)")
     ] = None,

@@ -140,7 +140,7 @@ def show(
         ),
     ] = True,
     ncols: Annotated[int | None, typer.Option(min=1, help="columns of the grid (default: n, at most 6)")] = None,
-    linear: Annotated[bool, typer.Option(help="linear colour scale instead of log")] = False,
+    linear: Annotated[bool, typer.Option("--linear", help="linear colour scale instead of log")] = False,
     config: Annotated[
         Path | None,
         typer.Option(
