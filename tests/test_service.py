@@ -500,6 +500,37 @@ def test_a_runs_log_is_one_file_in_the_log_folder_whatever_the_experiment_is_cal
     assert again.parent == path.parent and again != path and again.suffix == ".h5"
 
 
+def test_two_services_beginning_one_run_in_the_same_second_get_a_log_each(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two detectors of one experiment served on one node begin the same run together: the name one service
+    picked may be taken by the other before it creates the file. That file is the other's, whole; this one
+    takes the next name (with "w" it truncated the other's log under it)."""
+    from lcls_hitfinder.service import decision_log
+
+    logs = tmp_path / "logs"
+    first = DecisionLog.create(logs, "mfx101", 7, {"instance": "a"})
+    first.append(
+        {
+            f.name: np.array(
+                ["" if f.log_dtype == "str" else 0] * 2, dtype=object if f.log_dtype == "str" else f.log_dtype
+            )
+            for f in messages.LOG_COLUMNS
+        }
+    )
+    first.flush()
+    picked = iter([first.path])  # the other service's file, named before it was made, as in the race
+    real = decision_log.log_path
+    monkeypatch.setattr(decision_log, "log_path", lambda *a: next(picked, None) or real(*a))
+    second = DecisionLog.create(logs, "mfx101", 7, {"instance": "b"})
+    assert second.path != first.path and second.path.parent == logs.resolve()
+    first.close({"events": 2})
+    second.close({"events": 0})
+    columns, attrs = read_decision_log(first.path)
+    assert len(columns["seq"]) == 2 and attrs["instance"] == "a" and attrs["complete"]
+    assert read_decision_log(second.path)[1]["instance"] == "b"
+
+
 def test_a_runs_log_path_is_absolute_and_a_log_that_cannot_be_made_leaves_no_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

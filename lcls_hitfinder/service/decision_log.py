@@ -69,15 +69,29 @@ def log_path(log_dir: Path, experiment: str, run: int) -> Path:
     return path
 
 
+class _Taken(Exception):
+    """The file name picked for a log was taken by another process in the meantime."""
+
+
 class DecisionLog:
     """Append columns of decisions (name -> (B,) array, in LOG_COLUMNS dtypes); flushed every `flush_s`."""
 
     def __init__(self, path: Path, attrs: Mapping[str, Any], flush_s: float = 1.0) -> None:
+        """A new log at `path`, which must not exist: created exclusively, so that a file another process made
+        there since the name was picked is neither truncated nor removed (`_Taken` instead)."""
         self.path = path
         self._failed = False  # HDF5 failed on it: in _FAILED, never touched again
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))  # the name is ours, or _Taken
+        except FileExistsError:
+            raise _Taken(path) from None
+        try:
             self._f = h5py.File(path, "w", libver="latest")  # SWMR needs the latest file format
+        except BaseException:
+            path.unlink(missing_ok=True)  # not a log: no room for HDF5's first bytes
+            raise
+        try:
             self._f.attrs["schema_version"] = SCHEMA_VERSION
             self._f.attrs["complete"] = False
             _write_attrs(self._f, attrs)
@@ -85,8 +99,7 @@ class DecisionLog:
                 self._f.create_dataset(spec.name, (0,), _dtype(spec.log_dtype), maxshape=(None,), chunks=(4096,))
             self._f.swmr_mode = True  # from here on readers may open it; no new objects or attributes
         except BaseException:
-            if hasattr(self, "_f"):
-                self.abandon()  # a close that fails too (a full disk) must not keep the file
+            self.abandon()  # a close that fails too (a full disk) must not keep the file
             path.unlink(missing_ok=True)  # not a log without columns that no reader can read
             raise
         made = os.stat(path)
@@ -95,6 +108,16 @@ class DecisionLog:
         self._flush_s = flush_s
         self._last_flush = time.monotonic()
         self.n = 0
+
+    @classmethod
+    def create(cls, log_dir: Path, experiment: str, run: int, attrs: Mapping[str, Any]) -> DecisionLog:
+        """A new log for a run, in a file of its own: two services that begin the same run in the same second (two
+        detectors of one experiment on one node) get two files, never one that both write."""
+        while True:
+            try:
+                return cls(log_path(log_dir, experiment, run), attrs)
+            except _Taken:
+                continue  # log_path names the next free one
 
     def append(self, columns: Mapping[str, np.ndarray]) -> None:
         """Held until `flush_if_due` (the writer calls it after publishing: the flush, milliseconds once a

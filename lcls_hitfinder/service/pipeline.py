@@ -42,7 +42,7 @@ from lcls_hitfinder.service.binning import (
     fitting_mask,
     readers_bin,
 )
-from lcls_hitfinder.service.decision_log import DecisionLog, log_path
+from lcls_hitfinder.service.decision_log import DecisionLog
 from lcls_hitfinder.service.messages import DECISION, HEARTBEAT, RUN, decision_payloads
 from lcls_hitfinder.service.metrics import ServiceMetrics
 from lcls_hitfinder.service.reader import MAX_FRAME_SHAPES
@@ -616,15 +616,19 @@ class Pipeline:
                 "bank": str(self.bank.path),
                 "instance": self.instance,
             }
-            path: object = self.settings.log_dir  # the file once named
             try:
-                path = log_path(self.settings.log_dir, experiment, run)
-                decision_log = DecisionLog(path, attrs)
+                decision_log = DecisionLog.create(self.settings.log_dir, experiment, run, attrs)
             except Exception as err:  # an unwritable or unreachable log folder must not stop the decisions either
-                log.error("cannot open decision log %s (%s); run %s:%d goes on without it", path, err, experiment, run)
+                log.error(
+                    "cannot open a decision log in %s (%s); run %s:%d goes on without it",
+                    self.settings.log_dir,
+                    err,
+                    experiment,
+                    run,
+                )
                 self._log_failed()
             else:
-                self.logs.append(str(path))
+                self.logs.append(str(decision_log.path))
                 self.metrics.decision_log_lost.set(0)
         self._run = Run(experiment, run, self._next_seq, time.time_ns(), decision_log)
         self._last_run = (experiment, run)
