@@ -188,6 +188,21 @@ def test_dashboard_keys_are_grafanas(name: str) -> None:
     assert [p["type"] for p in schema["panels"]] == [p["type"] for p in board["panels"]]
 
 
+@pytest.mark.parametrize("name", [p.name for p in DASHBOARDS])
+def test_time_series_keep_the_instances_apart(name: str) -> None:
+    """Two services on one node (two detectors) are two lines in every time series: an aggregation that drops
+    `instance` showed one queue depth, one latency, one drop rate for both."""
+    import re
+
+    for p in panels(dashboards()[name]):
+        if p["type"] != "timeseries":
+            continue
+        for t in p["targets"]:
+            for op, group in re.findall(r"\b(sum|max|min|avg|count)\s*(?:by\s*\(([^)]*)\))?\s*\(", t["expr"]):
+                assert "instance" in group.split(", "), f"{p['title']}: {op} without instance in {t['expr']}"
+                assert "{{instance}}" in t["legendFormat"], f"{p['title']}: {t['legendFormat']}"
+
+
 def test_dashboard_covers_what_operators_watch() -> None:
     """The panels issue 5 asks for, found by the series they read."""
     reads: dict[str, set[str]] = {}

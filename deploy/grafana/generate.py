@@ -124,12 +124,13 @@ def info_table(title: str, description: str, expr: str, columns: list[str]) -> J
 
 def heatmap(title: str, description: str, buckets: str, unit: str) -> Json:
     """`buckets`: a histogram's `_bucket` selector, e.g. from `sel`. A rate per bucket: an increase over
-    $__rate_interval, evaluated at steps shorter than that window, would count each event in several cells."""
+    $__rate_interval, evaluated at steps shorter than that window, would count each event in several cells.
+    One heatmap holds one distribution: that of the instances selected, together."""
     expr = f"sum by (le) (rate({buckets}[$__rate_interval]))"
     return panel(
         "heatmap",
         title,
-        description,
+        f"{description} All the instances selected together: pick one in `instance` to see its own.",
         [target(expr, "{{le}}", fmt="heatmap")],
         unit,
         options={
@@ -143,10 +144,11 @@ def heatmap(title: str, description: str, buckets: str, unit: str) -> Json:
 
 
 def quantiles(record: str, by: str = "") -> list[Json]:
-    """p50/p95/p99 series of a recorded quantile rule (one rule per quantile, label `quantile`)."""
+    """p50/p95/p99 series of a recorded quantile rule (one rule per quantile, label `quantile`), per instance:
+    two services on one node (two detectors) are two lines, never one maximum of both."""
     prefix = f"{{{{{by}}}}} " if by else ""
-    group = f"{by}, quantile" if by else "quantile"
-    return [target(f"max by ({group}) ({sel(record)})", f"{prefix}p{{{{quantile}}}}")]
+    group = f"instance, {by}, quantile" if by else "instance, quantile"
+    return [target(f"max by ({group}) ({sel(record)})", f"{prefix}p{{{{quantile}}}} {{{{instance}}}}")]
 
 
 def overview() -> list[Json]:
@@ -221,8 +223,8 @@ def events() -> list[Json]:
             "Event rate by label",
             "Events per second by label; `kept` is the rate with decision keep.",
             [
-                target(f"sum by (label) ({sel('hitfinder:events:rate1m')})", "{{label}}"),
-                target(f"sum({sel('hitfinder:events:rate1m', decision='keep')})", "kept"),
+                target(f"sum by (instance, label) ({sel('hitfinder:events:rate1m')})", "{{label}} {{instance}}"),
+                target(f"sum by (instance) ({sel('hitfinder:events:rate1m', decision='keep')})", "kept {{instance}}"),
             ],
             EVENTS_PER_S,
         ),
@@ -253,7 +255,10 @@ def events() -> list[Json]:
             "label the fraction labelled correctly (recall).",
             [
                 target(sel("hitfinder:truth_agreement:ratio_rate1m"), "overall {{instance}}"),
-                target(f"max by (truth) ({sel('hitfinder:truth_recall:ratio_rate1m')})", "recall {{truth}}"),
+                target(
+                    f"max by (instance, truth) ({sel('hitfinder:truth_recall:ratio_rate1m')})",
+                    "recall {{truth}} {{instance}}",
+                ),
             ],
             "percentunit",
         ),
@@ -307,21 +312,32 @@ def health() -> list[Json]:
             "Where frames are binned",
             "Frames binned per second: by a psana reader process (which shares the work while the service is "
             "behind) or by the service. Most of them in the reader: the service is the bottleneck.",
-            [target(f"sum by (where) (rate({sel('hitfinder_frames_binned_total')}[$__rate_interval]))", "{{where}}")],
+            [
+                target(
+                    f"sum by (instance, where) (rate({sel('hitfinder_frames_binned_total')}[$__rate_interval]))",
+                    "{{where}} {{instance}}",
+                )
+            ],
             FRAMES_PER_S,
         ),
         timeseries(
             "Queue depths",
             "Items waiting in each internal queue. A queue that stays full means a stage cannot keep up.",
-            [target(f"max by (queue) ({sel('hitfinder_queue_depth')})", "{{queue}}")],
+            [target(f"max by (instance, queue) ({sel('hitfinder_queue_depth')})", "{{queue}} {{instance}}")],
             "none",
         ),
         timeseries(
             "Drops and errors",
             "Events dropped per second, by reason (never decided), and frames given an error decision.",
             [
-                target(f"sum by (reason) ({sel('hitfinder:dropped_events:rate1m')})", "dropped: {{reason}}"),
-                target(f"sum by (reason) ({sel('hitfinder:frame_errors:rate1m')})", "error: {{reason}}"),
+                target(
+                    f"sum by (instance, reason) ({sel('hitfinder:dropped_events:rate1m')})",
+                    "dropped: {{reason}} {{instance}}",
+                ),
+                target(
+                    f"sum by (instance, reason) ({sel('hitfinder:frame_errors:rate1m')})",
+                    "error: {{reason}} {{instance}}",
+                ),
             ],
             EVENTS_PER_S,
         ),
@@ -331,14 +347,17 @@ def health() -> list[Json]:
             " logs that failed (that run went on without its record); each bar counts those of its minute (a step of"
             " a minute at least: over $__rate_interval, a scrape wider than a step, none is missed between bars).",
             [
-                target(f"sum(increase({sel('hitfinder_source_restarts_total')}[$__rate_interval]))", "restarts"),
                 target(
-                    f"sum by (result) (increase({sel('hitfinder_bank_reloads_total')}[$__rate_interval]))",
-                    "bank reload {{result}}",
+                    f"sum by (instance) (increase({sel('hitfinder_source_restarts_total')}[$__rate_interval]))",
+                    "restarts {{instance}}",
                 ),
                 target(
-                    f"sum(increase({sel('hitfinder_decision_log_failures_total')}[$__rate_interval]))",
-                    "decision log failed",
+                    f"sum by (instance, result) (increase({sel('hitfinder_bank_reloads_total')}[$__rate_interval]))",
+                    "bank reload {{result}} {{instance}}",
+                ),
+                target(
+                    f"sum by (instance) (increase({sel('hitfinder_decision_log_failures_total')}[$__rate_interval]))",
+                    "decision log failed {{instance}}",
                 ),
             ],
             "none",
@@ -358,13 +377,13 @@ def health() -> list[Json]:
             "Run",
             "Run number being served (left axis), and whether a run is open (1) or not (0, right axis).",
             [
-                target(f"max({sel('hitfinder_run_number')})", "run number"),
-                target(f"max({sel('hitfinder_run_open')})", "run open"),
+                target(f"max by (instance) ({sel('hitfinder_run_number')})", "run number {{instance}}"),
+                target(f"max by (instance) ({sel('hitfinder_run_open')})", "run open {{instance}}"),
             ],
             "none",
             overrides=[
                 {
-                    "matcher": {"id": "byName", "options": "run open"},
+                    "matcher": {"id": "byRegexp", "options": "run open .*"},
                     "properties": [
                         {"id": "custom.axisPlacement", "value": "right"},
                         {"id": "min", "value": 0},
