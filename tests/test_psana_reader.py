@@ -11,6 +11,7 @@ import ctypes
 import glob
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
@@ -99,6 +100,18 @@ class CountingLoop:
             sink.put(
                 EventId("tst", 1, i, timestamp=1000 + i), _frame_data(i), truth=i % 3, read_ns=time.perf_counter_ns()
             )
+
+
+@dataclass(frozen=True)
+class MegabyteLoop:
+    """`n` frames of 1 MiB, frame i all i."""
+
+    n: int
+
+    def __call__(self, sink: FrameSink, delivered: Delivered) -> None:
+        sink.ready(f"{self.n} frames of 1 MiB")
+        for i in range(self.n):
+            sink.put(EventId("tst", 1, i), np.full((512, 1024), i, np.uint16), None, time.perf_counter_ns())
 
 
 @dataclass(frozen=True)
@@ -610,3 +623,50 @@ if __name__ == "__main__":
     if orphaned:
         os.kill(child, signal.SIGKILL)
     assert not orphaned
+
+
+def _private_dev_shm_possible() -> bool:
+    """Whether this machine lets a test mount a small /dev/shm of its own (a mount namespace: root, unshare)."""
+    if shutil.which("unshare") is None:
+        return False
+    probe = ["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /dev/shm"]
+    return subprocess.run(probe, capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _private_dev_shm_possible(), reason="needs a private mount namespace (unshare -m) to fill")
+@pytest.mark.parametrize(("room", "said"), [("10m", "room for 8 of the 16 ring slots"), ("1500k", "no room")])
+def test_a_ring_that_does_not_fit_dev_shm_is_made_smaller_or_refused(tmp_path: Path, room: str, said: str) -> None:
+    """A ring of 16 frames of 1 MiB in a /dev/shm of 10 MiB (a container's shm_size; a 4-megapixel detector's
+    ring in docker's 1 GiB): it was made sparse, and the reader died of SIGBUS each time it wrote beyond the
+    room, restarted and died again. Now the ring has the slots that fit, said, and every frame arrives; with no
+    room for two, a one-line error says so."""
+    script = tmp_path / "service.py"
+    script.write_text(
+        f"""
+import logging, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_psana_reader import MegabyteLoop, _collect, _settings
+from lcls_hitfinder.errors import UserError
+from lcls_hitfinder.service.reader import SupervisedReader
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING)
+    reader = SupervisedReader(MegabyteLoop(40), _settings().model_copy(update={{"ring_slots": 16}}), "big", live=False)
+    try:
+        reader.start(wait_ready_s=30)
+        frames, _ = _collect(reader)
+        print("frames", [int(f.data[0, 0]) for f in frames] == list(range(40)), flush=True)
+    except UserError as err:
+        print("refused", err, flush=True)
+    finally:
+        reader.close()
+"""
+    )
+    mount = f"mount -t tmpfs -o size={room} tmpfs /dev/shm && exec {sys.executable} {script}"
+    done = subprocess.run(["unshare", "-m", "sh", "-c", mount], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert said in done.stderr + done.stdout, done.stderr
+    if room == "10m":
+        assert done.stdout.split() == ["frames", "True"], done.stderr
+        assert "restart" not in done.stderr
+    else:
+        assert done.stdout.startswith("refused /dev/shm has no room for the reader's ring: 2 frames of 1 MiB")

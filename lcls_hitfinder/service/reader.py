@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import fcntl
 import functools
 import glob
@@ -136,11 +137,18 @@ def _map_segment(name: str, size: int = 0) -> mmap.mmap:
     rank's own tracker would unlink the service's segments when the rank exits. The parent owns and
     unlinks every segment."""
     flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if size else 0)
-    fd = os.open(f"/dev/shm/{name}", flags, 0o600)
+    path = f"/dev/shm/{name}"
+    fd = os.open(path, flags, 0o600)
     try:
         if size:
-            os.ftruncate(fd, size)
+            # Its pages now, or ENOSPC now: a sparse segment that outgrows /dev/shm (a container's shm_size)
+            # kills the process that touches the page beyond it with SIGBUS, frames later.
+            os.posix_fallocate(fd, 0, size)
         return mmap.mmap(fd, size or os.fstat(fd).st_size)
+    except BaseException:
+        if size:
+            os.unlink(path)
+        raise
     finally:
         os.close(fd)
 
@@ -204,7 +212,8 @@ class FrameSink:
         self._incoming.register(conn.fileno(), select.POLLIN)
         self._free: deque[int] = deque()  # slots of the current ring the parent has handed back
         self._prefix = prefix
-        self._n_slots = n_slots
+        self._n_slots = n_slots  # asked for; a ring has fewer where /dev/shm has no room for them (_ring_slots)
+        self._ring_slots = 0
         self._ring: mmap.mmap | None = None
         self._slot_bytes = 0
         self._generation = 0
@@ -260,7 +269,7 @@ class FrameSink:
         """Whether to bin this frame here: always, or while the service holds more than a quarter of the ring."""
         if self._binning is None or self._binning.always:
             return self._binning is not None
-        return self._ring is not None and self._n_slots - len(self._free) > self._n_slots // 4
+        return self._ring is not None and self._ring_slots - len(self._free) > self._ring_slots // 4
 
     def _binner_for(self, data: np.ndarray) -> FrameBinner | None:
         """The binner for this frame's shape, built when first met (a few shapes a run at most: frames of yet
@@ -308,9 +317,24 @@ class FrameSink:
         self._generation += 1
         self._slot_bytes = -(-nbytes // 4096) * 4096
         name = f"{self._prefix}_{self._generation}"
-        self._ring = _map_segment(name, self._slot_bytes * self._n_slots)
-        self._free = deque(range(self._n_slots))
-        self._send(("ring", name, self._slot_bytes))
+        slots = self._n_slots
+        while True:  # as many slots as /dev/shm has room for, halving down to two
+            try:
+                self._ring = _map_segment(name, self._slot_bytes * slots)
+                break
+            except OSError as err:
+                if err.errno != errno.ENOSPC:
+                    raise
+                if slots == 2:
+                    room = shutil.disk_usage("/dev/shm").free
+                    raise UserError(
+                        f"/dev/shm has no room for the reader's ring: 2 frames of {self._slot_bytes >> 20} MiB, "
+                        f"{room >> 20} MiB free (a container's shm_size; serve.reader.ring_slots)"
+                    ) from None
+                slots = max(2, slots // 2)
+        self._ring_slots = slots
+        self._free = deque(range(slots))
+        self._send(("ring", name, self._slot_bytes, slots))
 
     def close(self) -> None:
         if self._ring is not None:
@@ -542,6 +566,7 @@ class _Channel:
     ring: mmap.mmap | None = None  # the parent's own mapping: frames lent from it are views of it
     ring_shm: SharedMemory | None = None  # the same segment, kept (closed) to unlink it
     slot_bytes: int = 0
+    lend_most: int = 0  # slots of the current ring the pipeline may hold
     generation: int = 0  # rings announced so far: acknowledgements name theirs
     lent: set[int] = field(default_factory=set)  # slots of the current ring out on loan
     closed: bool = False  # everything the producer sent has been read
@@ -566,7 +591,7 @@ class _Channel:
             with contextlib.suppress(OSError):  # a child that died meanwhile needs no acknowledgement
                 self.conn.send_bytes(_ack(generation, slot))
 
-    def new_ring(self, name: str, slot_bytes: int) -> None:
+    def new_ring(self, name: str, slot_bytes: int, slots: int) -> None:
         """Map the ring the producer announced; the old one is unlinked (frames still lent keep it mapped)."""
         self.drop_ring()
         self.ring_shm = SharedMemory(name=name)  # registers the segment: a killed service leaves no ring behind
@@ -577,6 +602,7 @@ class _Channel:
             self.lent.clear()
             self.loans.notify()
         self.slot_bytes = slot_bytes
+        self.lend_most = slots - max(1, slots // 4)  # the producer keeps the rest to read on into
 
     def drop_ring(self) -> None:
         # not closed: numpy's views hold no buffer export, so closing would unmap frames still lent; the
@@ -964,7 +990,17 @@ class SupervisedReader:
             setup = (self._loop, child.heartbeat.name, f"{child.prefix}_{rank}", self._settings.ring_slots)
             channel.conn.send((*setup, self._delivered, self._binning, self._going, self._may_bin))
         elif kind == "ring":
-            channel.new_ring(msg[1], msg[2])
+            _, name, slot_bytes, slots = msg
+            channel.new_ring(name, slot_bytes, slots)
+            if slots < self._settings.ring_slots:
+                log.warning(
+                    "%s: /dev/shm has room for %d of the %d ring slots of %d MiB: the reader's ring is smaller, so"
+                    " frames wait in fewer (free /dev/shm, or give the container a larger shm_size)",
+                    self._name,
+                    slots,
+                    self._settings.ring_slots,
+                    slot_bytes >> 20,
+                )
         elif kind == "ready":  # MPI is up in that process: note its segments while it still maps them
             log.info("%s: %s", self._name, msg[1])
             if channel.pid is not None:
@@ -988,7 +1024,7 @@ class SupervisedReader:
         else:
             assert channel.ring is not None
             data = np.ndarray(shape, dtype, buffer=channel.ring, offset=slot * channel.slot_bytes)
-            if channel.lend(slot, self._lend_most, self._lend_wait_s):
+            if channel.lend(slot, min(self._lend_most, channel.lend_most), self._lend_wait_s):
                 release = functools.partial(channel.hand_back, channel.generation, slot)
             else:
                 data = data.copy()

@@ -104,7 +104,8 @@ class ReaderSettings(Section):
         ge=2,
         le=4096,
         description="frames in the shared-memory ring between a psana reader and the service (/dev/shm: this "
-        "x frame size); up to 3/4 of them are lent to the pipeline, so with overflow = block they are its buffer",
+        "x frame size; fewer, said, where /dev/shm has no room for them); up to 3/4 of them are lent to the "
+        "pipeline, so with overflow = block they are its buffer",
     )
     bin_in_reader: Literal["shared", "always", "never"] = Field(
         "shared",
