@@ -70,8 +70,9 @@ class PhotonCalibration(Section):
 def panel_grid(n_panels: int, height: int = 1, width: int = 1) -> tuple[int, int]:
     """Rows and columns of the grid that tiles panels of height x width into the squarest image (of two as
     square, the one of fewer rows): the thumbnail is square, and a long strip would be squeezed into it,
-    its rings into ellipses. Two pnCCD halves of 512 x 1024 go one above the other, a Jungfrau's eight
-    modules of 512 x 1024 in four rows of two."""
+    its rings into ellipses. Eight panels of 512 x 1024 go in four rows of two. The panels are placed in the
+    order they are numbered, not where they sit on the detector (psana's geometry turns and places each:
+    a Jungfrau 4M is two rows of four modules turned a quarter turn): `Preprocessor` says so."""
     grids = [(rows, n_panels // rows) for rows in range(1, n_panels + 1) if n_panels % rows == 0]
     return min(grids, key=lambda g: (round(abs(math.log(g[0] * height / (g[1] * width))), 9), g[0]))
 
@@ -158,6 +159,20 @@ class Preprocessor:
                 s,
                 s,
                 max(h, w) / min(h, w),
+            )
+        if len(self.frame_shape) == 3 and self.frame_shape[0] > 1:
+            p, ph, pw = self.frame_shape
+            rows, cols = panel_grid(p, ph, pw)
+            log.warning(
+                "frames of %d panels of %d x %d are tiled %d x %d in the order they are numbered, not as they sit on "
+                "the detector: a pattern whose panels are turned or placed otherwise (a Jungfrau's, an ePix10k's) is "
+                "broken up, and the model and the bank see it so; psana's image=1 assembles them by the detector's "
+                "geometry (read the bank's references the same way)",
+                p,
+                ph,
+                pw,
+                rows,
+                cols,
             )
         coverage = block_means(self.mask, s)[0]  # good fraction of each bin
         pixels_per_bin = self._pixels_per_bin = (h * w) / (s * s)

@@ -155,11 +155,25 @@ def test_raw_adu_taken_as_photons_are_told_from_bright_patterns(photons: float, 
 
 def test_frames_far_from_square_are_said(caplog: pytest.LogCaptureFixture) -> None:
     """The thumbnail is square: a 64 x 128 frame is squeezed 2x (said); two 64 x 128 halves, tiled one above
-    the other, are square (not said)."""
+    the other, are square (not squeezed)."""
     with caplog.at_level("WARNING", logger="lcls_hitfinder.preprocess"):
         Preprocessor(PreprocessSettings(), None, (64, 128))
         assert len(caplog.messages) == 1 and "squeezed 2.0x" in caplog.messages[0]
         caplog.clear()
         Preprocessor(PreprocessSettings(), None, (2, 64, 128))
         Preprocessor(PreprocessSettings(), None, (64, 70))
+    assert not any("squeezed" in m for m in caplog.messages)
+
+
+def test_panel_stacks_are_said_to_be_tiled_in_panel_order(caplog: pytest.LogCaptureFixture) -> None:
+    """Tiled panels sit where their numbers put them, not where the detector has them (a Jungfrau's modules
+    are turned a quarter turn): a review measured accuracy 0.98 -> 0.92 on a tiled Jungfrau 4M, and nothing
+    said so. Single images, psana's image=1 among them, are not concerned."""
+    with caplog.at_level("WARNING", logger="lcls_hitfinder.preprocess"):
+        Preprocessor(PreprocessSettings(), None, (8, 64, 128))
+        assert len(caplog.messages) == 1
+        assert "8 panels of 64 x 128 are tiled 4 x 2" in caplog.messages[0] and "image=1" in caplog.messages[0]
+        caplog.clear()
+        Preprocessor(PreprocessSettings(), None, (1, 64, 64))
+        Preprocessor(PreprocessSettings(), None, (256, 256))
     assert caplog.messages == []
