@@ -11,8 +11,9 @@ Decision for an embedding e:
   label  = single when kept, otherwise the nearer of blank and multi.
 
 File (HDF5): /embeddings float32 (K, D), /n_particles int8 (K,), /structure str (K,);
-attrs model_hash, method, k, threshold, format_version, and picked_with (JSON: the [serve.calibration] that
-`bank pick` read its references with; absent for simulated references).
+attrs model_hash, method, k, threshold, format_version, picked_with (JSON: the [serve.calibration] that
+`bank pick` read its references with; absent for simulated references) and taken (JSON: how the references
+were taken, `dataset.taken`: frame shape and, where recorded, geometry).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import h5py
 import numpy as np
@@ -72,6 +73,8 @@ class ReferenceBank:
     # (K, 16) digests of the patterns it was built from, references and calibration set (dataset.pattern_digests):
     # `evaluate` says when the data under test are among them
     seen: np.ndarray = field(default_factory=lambda: np.zeros((0, 16), np.uint8))
+    # how its references were taken (dataset.taken: frame shape, geometry); None for banks before 2026-12-08
+    taken: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self.embeddings = np.asarray(self.embeddings, np.float32)
@@ -173,6 +176,8 @@ class ReferenceBank:
             )
             if self.picked_with is not None:
                 f.attrs["picked_with"] = json.dumps(self.picked_with)
+            if self.taken is not None:
+                f.attrs["taken"] = json.dumps(self.taken)
 
     @classmethod
     def load(
@@ -205,6 +210,7 @@ class ReferenceBank:
                     threshold=float(a["threshold"]),
                     picked_with=json.loads(a["picked_with"]) if "picked_with" in a else None,
                     seen=f["seen"][()] if "seen" in f else np.zeros((0, 16), np.uint8),  # banks before 2026-12-07
+                    taken=json.loads(a["taken"]) if "taken" in a else None,
                 )
         except (OSError, KeyError, ValueError, TypeError, AttributeError) as err:  # AttributeError: a group
             raise UserError(f"cannot read bank {path}: {' '.join(str(err).split())}") from None  # one line

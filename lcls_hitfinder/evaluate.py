@@ -256,6 +256,8 @@ MEANINGS = {
     "photons_per_single_hit": "median photons of the single hits",
     "patterns_the_bank_was_built_from": "patterns judged that the bank was built from: they judge themselves",
     "protocol": "how each pattern was judged (evaluate --refs: a bank of its own sample's references)",
+    "references_taken_otherwise": "how the references and these patterns were taken differently (frame shape, "
+    "geometry): the decisions are not those the bank was calibrated for",
 }
 
 

@@ -15,11 +15,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import h5py
 import numpy as np
 
-from lcls_hitfinder.dataset import Dataset, why_not_hdf5
+from lcls_hitfinder.dataset import Dataset, taken, why_not_hdf5
 from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.preprocess import PhotonCalibration
 from lcls_hitfinder.protocols import psana_timestamp
@@ -159,6 +160,11 @@ class FrameFile:
     def dataset(self) -> Dataset | None:
         """The project's dataset this file is, with what made each pattern; None for a CXI file."""
         return self._dataset
+
+    @property
+    def taken(self) -> dict[str, Any]:
+        """How its frames were taken (`dataset.taken`): a dataset's record, a CXI file's frame shape."""
+        return self._dataset.taken if self._dataset is not None else taken({}, self.shape)
 
     def __len__(self) -> int:
         return self._n

@@ -168,6 +168,7 @@ class Bank(Protocol):
     """Reference embeddings that turn an embedding into a decision."""
 
     model_hash: str
+    taken: dict[str, Any] | None  # how its references were taken (dataset.taken), where known
 
     def decide(self, embeddings: np.ndarray) -> Decisions: ...
 

@@ -500,6 +500,26 @@ def _served_unheard(fx: Fixtures, settings: ServeSettings) -> tuple[Running, dic
     return r, *read_decision_log(path)
 
 
+@pytest.mark.parametrize(("frame_shape", "said"), [([8, SIDE, SIDE // 8], True), ([SIDE, SIDE], False)])
+def test_a_bank_of_references_read_as_frames_of_another_shape_is_said(
+    fx: Fixtures, tmp_path: Path, caplog: pytest.LogCaptureFixture, frame_shape: list[int], said: bool
+) -> None:
+    """References picked as a panel stack and served as psana's assembled image (or the other way round) are
+    other patterns to the bank: serve says so when it meets the frames, once per shape."""
+    bank = ReferenceBank.load(fx.bank)
+    bank.taken = {"frame_shape": frame_shape}
+    bank.save(tmp_path / "bank.h5")
+    settings = _settings(tmp_path, source=f"h5:{fx.data}", bank=tmp_path / "bank.h5")
+    with caplog.at_level(logging.WARNING, logger="lcls_hitfinder.service.pipeline"):
+        r = _start(settings, open_source(settings.source, settings), fx.model, tmp_path / "bank.h5")
+        r.pipeline.start()
+        assert r.pipeline.wait(WAIT_S)
+        r.publisher.close()
+    warned = [m for m in caplog.messages if "taken otherwise" in m]
+    expected = f"frames of {tuple(frame_shape)}, these of ({SIDE}, {SIDE})"
+    assert (len(warned) == 1 and expected in warned[0]) if said else warned == [], caplog.messages
+
+
 def test_decision_log_holds_every_decision_without_subscribers(fx: Fixtures, tmp_path: Path) -> None:
     settings = _settings(tmp_path, source=f"h5:{fx.data}?repeat=3&run=12&experiment=xpptest")
     r, columns, attrs = _served_unheard(fx, settings)

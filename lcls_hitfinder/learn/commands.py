@@ -377,9 +377,9 @@ def _decide(model: Path, bank_path: Path, data: Path) -> tuple[np.ndarray, Decis
 
 def _decide_per_sample(
     model: Path, refs: Path, data: Path, per_class: int
-) -> tuple[np.ndarray, Decisions, Dataset, str]:
-    """Embeddings, per-sample decisions (evaluate.per_sample_decisions), the dataset reader (left open) and how
-    they were judged."""
+) -> tuple[np.ndarray, Decisions, Dataset, str, dict[str, Any]]:
+    """Embeddings, per-sample decisions (evaluate.per_sample_decisions), the dataset reader (left open), how
+    they were judged and how the references were taken."""
     from lcls_hitfinder.dataset import Dataset
     from lcls_hitfinder.embedder import OnnxEmbedder
     from lcls_hitfinder.evaluate import per_sample_decisions, per_sample_protocol
@@ -387,11 +387,11 @@ def _decide_per_sample(
 
     embedder = OnnxEmbedder(existing(model, "model"), threads=2)
     with Dataset(existing(refs, "references")) as r:
-        ref_emb, ref_n, ref_structure = embed_dataset(embedder, r), r.n_particles, r.structure
+        ref_emb, ref_n, ref_structure, taken = embed_dataset(embedder, r), r.n_particles, r.structure, r.taken
     dataset = Dataset(existing(data, "dataset"))
     emb = embed_dataset(embedder, dataset)
     dec = per_sample_decisions(ref_emb, ref_n, ref_structure, emb, dataset.structure, embedder.model_hash, per_class)
-    return emb, dec, dataset, per_sample_protocol(ref_n, ref_structure, dataset.structure, per_class)
+    return emb, dec, dataset, per_sample_protocol(ref_n, ref_structure, dataset.structure, per_class), taken
 
 
 def classify(
@@ -419,6 +419,7 @@ def classify(
     import numpy as np
 
     from lcls_hitfinder.config import load_config
+    from lcls_hitfinder.dataset import taken_otherwise
     from lcls_hitfinder.frame_file import FrameFile
     from lcls_hitfinder.learn.infer import embed_frames
     from lcls_hitfinder.service.binning import Prefilter
@@ -432,6 +433,9 @@ def classify(
         conflict = None if calibration is None else frames.conflicting_units(calibration)
         if conflict:
             typer.echo(f"warning: {conflict}", err=True)
+        otherwise = taken_otherwise(ref_bank.taken, frames.taken)
+        if otherwise:
+            typer.echo(f"warning: {otherwise}", err=True)
         emb, finite, blank = embed_frames(embedder, frames, calibration, prefilter=Prefilter(serve.prefilter))
         recorded = frames.events
     # each pattern's event as `serve --source h5:FILE` names it: the file's own (CXI), else its index
@@ -530,14 +534,22 @@ def _evaluate_into(
         print(strict_json.dumps(cnn, indent=2))
         return
     assert model is not None
+    from lcls_hitfinder.dataset import taken_otherwise
+
     ref_bank = None
+    refs_taken: dict[str, Any] | None
     if refs is not None:
-        emb, dec, dataset, protocol = _decide_per_sample(model, refs, data, per_class)
+        emb, dec, dataset, protocol, refs_taken = _decide_per_sample(model, refs, data, per_class)
     elif bank is not None:
         emb, dec, ref_bank, dataset = _decide(model, bank, data)
+        refs_taken = ref_bank.taken
     with dataset:
         n = dataset.n_particles
         metrics = hit_metrics(n, dec)
+        otherwise = taken_otherwise(refs_taken, dataset.taken)
+        if otherwise:
+            typer.echo(f"warning: {otherwise}", err=True)
+            metrics["references_taken_otherwise"] = otherwise
         if ref_bank is None:
             metrics["protocol"] = protocol
         else:

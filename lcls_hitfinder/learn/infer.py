@@ -109,6 +109,7 @@ def build_bank(
     with Dataset(data) as d:
         emb, n, structure = embed_dataset(embedder, d), d.n_particles, d.structure
         picked_with = d.attrs.get("calibration") if "picked_from" in d.attrs else None  # `bank pick`'s
+        taken = d.taken
     refs = select_references(n, structure if by_structure else None, per_class, seed)
     try:
         bank = ReferenceBank(
@@ -119,6 +120,7 @@ def build_bank(
             k,
             structure=structure[refs],
             picked_with=picked_with,
+            taken=taken,
         )
     except UserError as err:  # say which file the references came from
         raise UserError(f"references from {data}: {err}") from None

@@ -29,6 +29,7 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from lcls_hitfinder import __version__
+from lcls_hitfinder.dataset import taken_otherwise
 from lcls_hitfinder.devices import resolve_device
 from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.labels import Label, label_of_count
@@ -410,7 +411,15 @@ class Pipeline:
                 )
             preprocess = self.embedder.info.preprocess  # the model's own settings, as in training
             pre = self._pres[shape] = Preprocessor(preprocess, mask, shape, self.settings.calibration, self.device)
+            self._say_references_taken_otherwise(shape)
         return pre
+
+    def _say_references_taken_otherwise(self, shape: tuple[int, ...]) -> None:
+        """Warn where the bank's references were frames of another shape (picked as a panel stack and served as
+        psana's image, or the other way round): its decisions on these frames are not what it was made for."""
+        otherwise = taken_otherwise(self.bank.bank.taken, {"frame_shape": list(shape)})
+        if otherwise:
+            log.warning("bank %s: %s", self.bank.path, otherwise)
 
     def _bin_on_cpu(self, pre: Preprocessor, frames: list[Frame]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Bin means (B, 1, S, S), pre-filter measures (B,) and finiteness (B,) of frames: each frame as its
@@ -715,12 +724,16 @@ class Pipeline:
                     log.error("the publisher's thread has ended: stopping with an error, to be restarted")
                     self.error = self.error or RuntimeError("the publisher's thread ended")
                     self.stop()
+                taken = False
                 if self._reload.is_set():
                     self._reload.clear()
-                    self.bank.reload()
+                    taken = self.bank.reload()
                 elif now >= next_bank_check:
                     next_bank_check = now + self.settings.bank_poll_s
-                    self.bank.check()
+                    taken = self.bank.check()
+                shape = self._shape
+                if taken and shape is not None:
+                    self._say_references_taken_otherwise(shape)
             except Exception:  # heartbeats must outlive any one failure: without them the service looks dead
                 log.exception("the monitor's round failed; heartbeats go on")
 
