@@ -78,6 +78,10 @@ def test_simulate_with_config_and_flags_then_show(tmp_path: Path) -> None:
         (["--particles", "1:1e308,2:1e308"], "particle weights must be >= 0 with a positive, finite sum"),
         (["--seed", "100000000000000000000000"], "seed"),
         (["--photons-per-pattern", "1e21"], "photons_per_pattern"),
+        # units slipped: keV for eV, mm for m, µm for m (each wrote a file of another experiment)
+        (["--photon-energy-ev", "1.7"], "photon_energy_ev: Input should be greater than or equal to 100"),
+        (["--distance-m", "150"], "distance_m: Input should be less than or equal to 100"),
+        (["--pixel-size-m", "75"], "pixel_size_m: Input should be less than or equal to 0.01"),
     ],
 )
 def test_bad_input_is_one_line_and_a_nonzero_exit(

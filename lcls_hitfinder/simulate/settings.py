@@ -20,8 +20,9 @@ class DetectorSettings(Section):
     """A flat detector perpendicular to the beam; rows run along y (vertical), columns along x."""
 
     shape: tuple[int, int] = Field((128, 128), description="pixels (rows, columns)")
-    pixel_size_m: float = Field(600e-6, gt=0, description="pixel pitch in metres")
-    distance_m: float = Field(0.15, gt=0, description="interaction point to detector in metres")
+    # bounds that catch a unit slip (75 for 75 µm, 150 for 150 mm), far beyond any X-ray detector's values
+    pixel_size_m: float = Field(600e-6, ge=1e-6, le=0.01, description="pixel pitch in metres (pnCCD: 75e-6)")
+    distance_m: float = Field(0.15, ge=1e-3, le=100, description="interaction point to detector in metres")
     beam_center: tuple[float, float] | None = Field(
         None, description="(row, column) of the direct beam in pixels; null: the centre of the detector"
     )
@@ -53,7 +54,9 @@ class DetectorSettings(Section):
 class BeamSettings(Section):
     """Photon energy and fluence. Fluence is given directly or as a mean photon count per single hit."""
 
-    photon_energy_ev: float = Field(1700.0, gt=0, description="photon energy in eV")
+    photon_energy_ev: float = Field(
+        1700.0, ge=100, le=1e5, description="photon energy in eV (LCLS: 250 to 25,000; 1.7 keV is 1700)"
+    )
     photons_per_pattern: float = Field(
         1e4,
         gt=0,
