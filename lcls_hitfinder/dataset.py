@@ -26,6 +26,7 @@ import numpy as np
 
 from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.labels import MAX_PARTICLES
+from lcls_hitfinder.simulate.geometry import HC_EV_NM
 
 if TYPE_CHECKING:
     from lcls_hitfinder.preprocess import PhotonCalibration
@@ -40,7 +41,6 @@ _STR = h5py.string_dtype("utf-8")
 # the singles at precision 0.09, unsaid)
 GEOMETRY = ("distance_m", "photon_energy_ev", "pixel_size_m")
 _Q_TOLERANCE = 0.05
-_HC_EV_NM = 1239.84198
 
 
 def taken(attrs: Mapping[str, Any], shape: tuple[int, ...]) -> dict[str, Any]:
@@ -58,7 +58,7 @@ def _q_edges(t: Mapping[str, Any]) -> np.ndarray | None:
     if not all(k in t for k in GEOMETRY):
         return None
     half = np.asarray(t["frame_shape"][-2:], float) * t["pixel_size_m"] / 2
-    return 4 * np.pi * t["photon_energy_ev"] / _HC_EV_NM * np.sin(np.arctan(half / t["distance_m"]) / 2)
+    return 4 * np.pi * t["photon_energy_ev"] / HC_EV_NM * np.sin(np.arctan(half / t["distance_m"]) / 2)
 
 
 def taken_otherwise(references: Mapping[str, Any] | None, patterns: Mapping[str, Any]) -> str | None:
