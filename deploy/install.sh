@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Idempotent set-up of a bare machine: Debian packages, a venv in .venv, the project with its extras.
-# Usage: deploy/install.sh [EXTRAS]   (default EXTRAS: psana,dev)
+# Usage: [PYTHON=/usr/bin/python3] deploy/install.sh [EXTRAS]   (default EXTRAS: psana,dev)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EXTRAS="${1:-psana,dev}"
 VENV="${VENV:-.venv}"
+PYTHON="${PYTHON:-python3}"   # the venv's interpreter: the first python3 on PATH unless named
 
 # System packages: gcc, libkrb5-dev and python3-dev (Python.h, for a venv of Debian's python3) build
 # pykerberos for psana (an sdist only); prometheus (with promtool) is the node's
@@ -21,7 +22,24 @@ if ((${#missing[@]})); then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+# A service user (systemd's User=hitfinder) runs the venv's interpreter where it lives: one under a home
+# that others cannot enter (root's pyenv or conda) starts for its owner only. Said for a service's install
+# (without the dev extra).
+[[ ",$EXTRAS," == *",dev,"* ]] || "$VENV/bin/python" - <<'PY'
+import os, sys
+real = os.path.realpath(sys.executable)
+parents = []
+d = os.path.dirname(real)
+while d != os.path.dirname(d):
+    parents.append(d)
+    d = os.path.dirname(d)
+closed = [d for d in parents if not os.stat(d).st_mode & 0o001]  # no x for others: not to be entered
+if closed:
+    print(f"install.sh: warning: .venv runs {real}, under {closed[-1]}, which other users cannot enter: a service "
+          "user (systemd's User=hitfinder) cannot start it. For a service, install with PYTHON=/usr/bin/python3 "
+          "(remove .venv first).", file=sys.stderr)
+PY
 stamp="$VENV/.installed-$(cat pyproject.toml | sha256sum | cut -c1-16)-${EXTRAS//,/_}"
 if [ ! -f "$stamp" ]; then
     "$VENV/bin/pip" install -q --upgrade pip

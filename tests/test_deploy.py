@@ -4,10 +4,12 @@ No container engine here: nothing is built or run; docs/operations.md says so.""
 
 from __future__ import annotations
 
+import hashlib
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import tomllib
 from pathlib import Path
 
@@ -276,3 +278,36 @@ def test_install_keeps_a_gpu_venv_on_onnxruntime_gpu(tmp_path: Path, gpu_install
         "install -q --force-reinstall --no-deps onnxruntime-gpu>=1.27,<2",
     ]
     assert swapped == (gpu_installed or "gpu" in extras), lines
+
+
+@pytest.mark.parametrize(
+    ("closed", "extras", "warned"), [(True, "psana", True), (True, "psana,dev", False), (False, "psana", False)]
+)
+def test_install_says_when_a_service_user_could_not_run_the_venv(
+    request: pytest.FixtureRequest, closed: bool, extras: str, warned: bool
+) -> None:
+    """A service's venv made from an interpreter under a home others cannot enter (root's pyenv, a conda) starts
+    for its owner only: systemd's User=hitfinder then fails with "Permission denied" (a review). install.sh
+    says so for a service's install; a checkout for development or tests (the dev extra) is not concerned."""
+    if shutil.which("dpkg") is None or subprocess.run(["dpkg", "-s", "prometheus"], capture_output=True).returncode:
+        pytest.skip("install.sh would run apt-get: its Debian packages are not all installed here")
+    top = Path(tempfile.mkdtemp(dir="/var/tmp"))  # pytest's tmp_path lies under a folder only its user enters
+    top.chmod(0o755)
+    home = top / "home"
+    home.mkdir(mode=0o700 if closed else 0o755)
+    venv = home / "venv"
+    request.addfinalizer(lambda: shutil.rmtree(top))
+    subprocess.run([sys.executable, "-m", "venv", "--copies", "--without-pip", str(venv)], check=True)
+    digest = hashlib.sha256((REPO / "pyproject.toml").read_bytes()).hexdigest()[:16]
+    (venv / f".installed-{digest}-{extras.replace(',', '_')}").touch()  # installed: nothing for pip to do
+    done = subprocess.run(
+        ["bash", str(REPO / "deploy" / "install.sh"), extras],
+        env={"PATH": "/usr/bin:/bin", "VENV": str(venv)},
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    said = f"install.sh: warning: .venv runs {venv}/bin/python"
+    assert (said in done.stderr and f"under {home}, which other users cannot enter" in done.stderr) == warned, (
+        done.stderr
+    )
