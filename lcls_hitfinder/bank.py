@@ -250,15 +250,34 @@ def precision_recall(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarr
     return s[last], tp / kept, tp / max(int(positive.sum()), 1)
 
 
-def calibrate_threshold(scores: np.ndarray, is_single: np.ndarray, target_precision: float) -> tuple[float, bool]:
+def at_single_fraction(precision: np.ndarray | float, is_single: np.ndarray, single_fraction: float | None) -> Any:
+    """Precision as it would be among patterns of which `single_fraction` are singles, from one measured where
+    `is_single` has its own share: precision depends on how common singles are (picked references come in the
+    shares someone picked, not the run's). The singles kept and the others kept are each scaled by how much
+    more common their kind is there: p' = r p / (r p + 1 - p), r the ratio of the two odds."""
+    if single_fraction is None:
+        return precision
+    share = float(np.mean(is_single))
+    if not 0 < share < 1:
+        raise UserError("precision at another share of singles needs singles and other patterns to calibrate on")
+    r = (single_fraction / (1 - single_fraction)) / (share / (1 - share))
+    p = np.asarray(precision, np.float64)
+    return r * p / (r * p + 1 - p)
+
+
+def calibrate_threshold(
+    scores: np.ndarray, is_single: np.ndarray, target_precision: float, single_fraction: float | None = None
+) -> tuple[float, bool]:
     """The lowest score threshold whose kept set reaches `target_precision` single hits: most recall at that precision.
+    `single_fraction`: the precision is that among patterns of which this share are singles (`at_single_fraction`).
 
     Returns (threshold, reached). Where no threshold reaches the target, the one of highest precision
     (and reached=False), so the caller can say so.
     """
     if len(scores) == 0 or not np.any(is_single):
         raise UserError("threshold calibration needs held-out patterns including single hits")
-    t, precision, _ = precision_recall(scores, is_single)
+    t, measured, _ = precision_recall(scores, is_single)
+    precision = at_single_fraction(measured, is_single, single_fraction)
     ok = np.nonzero(precision >= target_precision)[0]
     if len(ok):
         return float(t[ok[-1]]), True

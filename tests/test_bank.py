@@ -168,6 +168,26 @@ def test_calibrated_threshold_is_the_lowest_reaching_the_target() -> None:
         calibrate_threshold(scores, np.zeros(5, bool), 0.9)
 
 
+def test_precision_at_another_share_of_singles_is_that_of_the_patterns_in_that_share() -> None:
+    """Picked references come in the shares someone picked (half singles, say), a run in its own (a few %):
+    calibrated for the run's share, the threshold and its precision are those of a calibration set that came in
+    that share, here the same patterns with every other pattern counted three times (singles a quarter)."""
+    from lcls_hitfinder.bank import at_single_fraction, calibrate_threshold, precision_recall
+
+    rng = np.random.default_rng(0)
+    single = np.repeat([True, False], 40)
+    scores = np.where(single, rng.normal(0.5, 0.3, 80), rng.normal(0.0, 0.3, 80))
+    as_run = np.r_[scores, scores[~single], scores[~single]], np.r_[single, np.zeros(80, bool)]
+    _, measured, _ = precision_recall(scores, single)
+    _, expected, _ = precision_recall(*as_run)
+    np.testing.assert_allclose(at_single_fraction(measured, single, 0.25), expected)
+    for target in (0.8, 0.9, 0.95):
+        assert calibrate_threshold(scores, single, target, 0.25) == calibrate_threshold(*as_run, target)
+        assert calibrate_threshold(scores, single, target, 0.25)[0] > calibrate_threshold(scores, single, target)[0]
+    with pytest.raises(UserError, match="singles and other patterns"):
+        at_single_fraction(measured, np.ones(80, bool), 0.25)
+
+
 def test_the_threshold_itself_keeps_and_a_query_at_no_distance_from_every_class_scores_0() -> None:
     """keep = score >= threshold: a calibrated threshold is one of the calibration set's own scores, and the
     pattern that set it is kept. A query at distance 0 from every class (all references one point) has score 0."""

@@ -217,7 +217,10 @@ def test_references_taken_otherwise_than_the_data_are_said(data: Path, model: Pa
         return " ".join(result.output.split())
 
     out = said("classify", "--model", model, "--bank", bank_path, "--data", far, "--out", tmp_path / "p.csv")
-    assert "the bank's references were taken otherwise (q at the frames' edges [0.82, 0.82] nm^-1, these [0.41, 0.41]" in out
+    assert (
+        "the bank's references were taken otherwise (q at the frames' edges [0.82, 0.82] nm^-1, these [0.41, 0.41]"
+        in out
+    )
     assert "distance_m 0.15, these 0.3; photon_energy_ev 1700, these 1700" in out
     out = said(
         "classify", "--model", model, "--bank", bank_path, "--data", data / "other.h5", "--out", tmp_path / "o.csv"
@@ -239,6 +242,26 @@ def test_references_taken_otherwise_than_the_data_are_said(data: Path, model: Pa
     assert "taken otherwise" not in said(
         "classify", "--model", model, "--bank", bank_path, "--data", same_q, "--out", tmp_path / "q.csv"
     )
+
+
+def test_bank_build_on_picked_events_says_their_share_of_singles_is_not_the_run_s(
+    data: Path, model: Path, tmp_path: Path
+) -> None:
+    """Picked events (twenty of each kind, as the docs suggested) calibrate a threshold for their own share of
+    singles: a review's 0.91 at build was 0.62 on the run. bank build says so, and --single-fraction calibrates
+    for the run's share."""
+    picked = write(tmp_path / "picked.h5", 120, 9, picked_from="h5:run.cxi", calibration={"gain": 1.0})
+    build = ["bank", "build", "--model", model, "--data", picked, "--per-class", "5"]
+    result = runner.invoke(app, [str(a) for a in [*build, "--out", tmp_path / "a.h5"]])
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert "the threshold is calibrated on the picked events left over" in said and "--single-fraction" in said
+    result = runner.invoke(app, [str(a) for a in [*build, "--out", tmp_path / "b.h5", "--single-fraction", "0.05"]])
+    assert result.exit_code == 0, result.output
+    assert "picked events left over" not in result.output
+    report, _ = json.JSONDecoder().raw_decode(result.output[result.output.index("{") :])  # warnings may follow
+    assert report["single_fraction"] == 0.05
+    assert ReferenceBank.load(tmp_path / "b.h5").threshold >= ReferenceBank.load(tmp_path / "a.h5").threshold
 
 
 def test_classify_names_each_pattern_as_serve_does_and_bank_pick_reads_it(

@@ -221,6 +221,13 @@ def bank_build(
     k: Annotated[int, typer.Option(min=1, help="nearest references averaged per class")] = DEFAULT_K,
     method: Annotated[Method, typer.Option(help="how a class's distance is taken: knn or prototype")] = "knn",
     seed: Annotated[int, typer.Option(min=0, max=2**32 - 1, help="seed of the reference draw")] = 0,
+    single_fraction: Annotated[
+        float | None,
+        typer.Option(
+            help="share of single hits among the run's events (summary: singles / events): the precision is "
+            "reckoned for that share (default: the calibration patterns' own; picked ones come as picked)",
+        ),
+    ] = None,
 ) -> None:
     """Build a reference bank and calibrate its threshold for a target single-hit precision."""
 
@@ -228,6 +235,8 @@ def bank_build(
 
     if not 0 < target_precision <= 1:
         raise UserError("--target-precision must be in (0, 1]")
+    if single_fraction is not None and not 0 < single_fraction < 1:
+        raise UserError("--single-fraction must be in (0, 1): the share of single hits among a run's events")
     output_file(out, "bank", {"--model": model, "--data": data, "--calibrate": calibrate})
     if calibrate is not None:
         apart(
@@ -251,8 +260,16 @@ def bank_build(
         k,
         method,
         seed,
+        single_fraction,
     )
     bank.save(out)
+    if bank.picked_with is not None and calibrate is None and single_fraction is None:
+        print(
+            f"warning: the threshold is calibrated on the picked events left over, {report['single_fraction']:.0%} "
+            "of them singles as you picked them; the precision a run sees depends on its own share of singles "
+            "(a few % in SPI): give --single-fraction (summary's singles / events) to calibrate for it",
+            file=sys.stderr,
+        )
     if report["calibration_singles"] < 100:
         print(
             f"warning: the threshold rests on {report['calibration_singles']} single hits; its precision is"

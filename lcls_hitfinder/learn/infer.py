@@ -11,7 +11,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lcls_hitfinder.bank import DEFAULT_K, Method, ReferenceBank, calibrate_threshold, select_references
+from lcls_hitfinder.bank import (
+    DEFAULT_K,
+    Method,
+    ReferenceBank,
+    at_single_fraction,
+    calibrate_threshold,
+    select_references,
+)
 from lcls_hitfinder.dataset import Dataset, pattern_digests
 from lcls_hitfinder.embedder import OnnxEmbedder
 from lcls_hitfinder.errors import UserError
@@ -99,9 +106,11 @@ def build_bank(
     k: int = DEFAULT_K,
     method: Method = "knn",
     seed: int = 0,
+    single_fraction: float | None = None,
 ) -> tuple[ReferenceBank, dict[str, float | int | bool]]:
     """References drawn from `data` (per particle count, optionally per structure); the threshold calibrated
-    on `calibrate`, or else on the patterns of `data` not drawn as references.
+    on `calibrate`, or else on the patterns of `data` not drawn as references, for the precision among patterns
+    of which `single_fraction` are singles (None: as the calibration patterns are).
 
     Returns the bank and what calibration found (threshold, its precision and recall, reached).
     """
@@ -142,8 +151,9 @@ def build_bank(
         )
     scores, _ = bank.scores(cal_emb)
     single = cal_n == 1
-    bank.threshold, reached = calibrate_threshold(scores, single, target_precision)
+    bank.threshold, reached = calibrate_threshold(scores, single, target_precision, single_fraction)
     keep = scores >= bank.threshold
+    precision = float((keep & single).sum() / keep.sum()) if keep.any() else float("nan")
     report = {
         "references": len(refs),
         "calibration_patterns": len(cal_n),
@@ -151,7 +161,8 @@ def build_bank(
         "threshold": bank.threshold,
         "target_precision": target_precision,
         "reached": reached,
-        "precision": float((keep & single).sum() / keep.sum()) if keep.any() else float("nan"),
+        "precision": float(at_single_fraction(precision, single, single_fraction)),
+        "single_fraction": float(single.mean()) if single_fraction is None else single_fraction,
         "recall": float((keep & single).sum() / single.sum()),  # single.any(): checked above
     }
     return bank, report
