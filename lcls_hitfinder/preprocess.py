@@ -31,6 +31,25 @@ log = logging.getLogger(__name__)
 # in, or ADU noise not divided by the gain, lifts every pixel. Bins at exactly 0 (panel gaps that psana's
 # image() fills with zeros) say nothing either way. The level is above one photon a pixel: a frame no bigger
 # than the thumbnail bins a pixel a bin, and there one photon reads 1.
+# The converse: the pedestal taken off twice (calibrated data, psana's data=calib, given the raw data's offset).
+# With the offset right, read noise leaves about half the raw pixels below it (and none, noise-free); taken off
+# calibrated data, nearly every pixel is below it, and clamped to 0: the run is decided blank, every frame. Not
+# judged with a single-photon threshold, which zeroes noise whatever the offset.
+OFFSET_BELOW = 0.9
+OFFSET_TWICE = (
+    f"the pedestal taken off twice? {OFFSET_BELOW:.0%} or more of a frame's pixels are below [serve.calibration]'s "
+    "offset, where raw data's noise leaves about half of them: data already calibrated (psana's data=calib) need "
+    "offset 0"
+)
+
+
+def offset_taken_twice(raw: np.ndarray, calibration: PhotonCalibration) -> bool:
+    """Whether a raw frame looks like calibrated data that `calibration` would take the pedestal off again
+    (`OFFSET_TWICE`)."""
+    c = calibration
+    return c.offset > 0 and c.threshold == 0 and float(np.mean(raw < c.offset)) >= OFFSET_BELOW
+
+
 PEDESTAL_QUANTILE = 0.01
 PEDESTAL_PHOTONS = 1.5
 PEDESTAL_LEFT = (

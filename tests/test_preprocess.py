@@ -153,6 +153,24 @@ def test_raw_adu_taken_as_photons_are_told_from_bright_patterns(photons: float, 
     assert not raw.pedestal_left(raw.binned(raw.photons(torch.zeros_like(adu[:2])))).any()  # nothing lit
 
 
+def test_an_offset_taken_off_calibrated_data_is_told_from_raw_frames() -> None:
+    """Calibrated frames (photons, a pedestal already off) served with the raw data's offset are nearly all
+    below it, clamped to 0 and decided blank, every one (a review: 300 of 300, unsaid). Raw frames with read
+    noise have about half their pixels below the offset, noise-free ones none; a single-photon threshold zeroes
+    noise whatever the offset, so it is not judged there."""
+    from lcls_hitfinder.preprocess import offset_taken_twice
+
+    rng = np.random.default_rng(0)
+    photons = rng.poisson(0.05, (64, 64)).astype(np.float32)
+    calibration = PhotonCalibration(gain=10.0, offset=100.0)
+    assert offset_taken_twice(photons + rng.normal(0, 0.2, photons.shape).astype(np.float32), calibration)
+    raw = (photons * 10 + 100 + rng.normal(0, 3, photons.shape)).astype(np.float32)
+    assert not offset_taken_twice(raw, calibration)
+    assert not offset_taken_twice((photons * 10 + 100).astype(np.uint16), calibration)  # noise-free ADU
+    assert not offset_taken_twice(photons, PhotonCalibration(gain=10.0))  # no offset to take off
+    assert not offset_taken_twice(photons, PhotonCalibration(gain=10.0, offset=100.0, threshold=0.5))
+
+
 def test_frames_far_from_square_are_said(caplog: pytest.LogCaptureFixture) -> None:
     """The thumbnail is square: a 64 x 128 frame is squeezed 2x (said); two 64 x 128 halves, tiled one above
     the other, are square (not squeezed)."""

@@ -767,6 +767,32 @@ def test_each_run_may_bring_frames_of_its_own_shape(fx: Fixtures, tmp_path: Path
     assert list(r.pipeline._pres) == [(2 * SIDE, 2 * SIDE), (SIDE, 2 * SIDE), (2 * SIDE, SIDE), (32, 32)]
 
 
+def test_an_offset_taken_off_calibrated_frames_is_said_for_each_run_and_offline(
+    fx: Fixtures, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Frames in photons (psana's data=calib) served with the raw data's offset are decided blank, every one:
+    the service says so once for each such run, by its first frame; raw frames with their pedestal are not
+    said. `classify` says it of such a file."""
+    rng = np.random.default_rng(5)
+    images, _ = _patterns(rng, 4)
+    raw = [(p * 10 + 100 + rng.normal(0, 3, p.shape)).astype(np.float32) for p in images]
+    frames = [*images, *raw, *images]
+    runs = [7] * 4 + [8] * 4 + [9] * 4
+    settings = _settings(tmp_path, batch={"max_size": 3, "max_wait_ms": 50}, calibration={"gain": 10, "offset": 100})
+    r = _start(settings, ListSource(frames, runs=runs), fx.model, fx.bank)
+    with caplog.at_level(logging.WARNING, logger="lcls_hitfinder.service.pipeline"):
+        r.pipeline.start()
+        assert r.pipeline.wait(WAIT_S)
+    r.publisher.close()
+    said = [m for m in caplog.messages if "taken off twice" in m]
+    assert [m.split(" looks like")[0] for m in said] == ["run mem:7", "run mem:9"], caplog.messages
+    config = tmp_path / "serve.toml"
+    config.write_text("[serve.calibration]\ngain = 10\noffset = 100\n")
+    classify = ["classify", "--model", fx.model, "--bank", fx.bank, "--data", fx.data, "--out", tmp_path / "c.csv"]
+    result = CliRunner().invoke(app, [str(a) for a in [*classify, "--config", config]])
+    assert result.exit_code == 0 and "taken off twice" in " ".join(result.output.split()), result.output
+
+
 def test_raw_adu_without_calibration_is_said_for_each_run_offline_and_when_picked(
     fx: Fixtures, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

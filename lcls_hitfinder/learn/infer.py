@@ -24,7 +24,14 @@ from lcls_hitfinder.embedder import OnnxEmbedder
 from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.frame_file import FrameFile
 from lcls_hitfinder.labels import TARGET_PRECISION
-from lcls_hitfinder.preprocess import PEDESTAL_LEFT, PhotonCalibration, Preprocessor, all_finite
+from lcls_hitfinder.preprocess import (
+    OFFSET_TWICE,
+    PEDESTAL_LEFT,
+    PhotonCalibration,
+    Preprocessor,
+    all_finite,
+    offset_taken_twice,
+)
 from lcls_hitfinder.service.binning import Prefilter
 
 
@@ -54,9 +61,10 @@ def embed_frames(
     )
     embeddings = np.full((len(data), embedder.info.embed_dim), np.nan, np.float32)
     finite, blank = np.ones(len(data), bool), np.zeros(len(data), bool)
-    pedestal = 0
+    pedestal = offset_twice = 0
     for lo in progress:
         frames = torch.from_numpy(np.ascontiguousarray(data.images(slice(lo, lo + batch))))
+        offset_twice += sum(offset_taken_twice(f, pre.calibration) for f in frames.numpy())
         ok = all_finite(frames).numpy() if frames.is_floating_point() else np.ones(len(frames), bool)
         finite[lo : lo + len(frames)] = ok
         rows = lo + np.flatnonzero(ok)
@@ -74,6 +82,12 @@ def embed_frames(
             f"warning: {pedestal} of {len(data)} patterns of {data.path} look like {PEDESTAL_LEFT}. Raw frames "
             "need the detector's gain and offset: `classify --config` and `bank pick --config` take them from "
             "[serve.calibration], as `serve` does (references picked without them: pick them again)",
+            markup=False,
+            highlight=False,
+        )
+    if offset_twice:
+        console.print(
+            f"warning: {offset_twice} of {len(data)} patterns of {data.path} look like {OFFSET_TWICE}",
             markup=False,
             highlight=False,
         )

@@ -33,7 +33,7 @@ from lcls_hitfinder.dataset import taken_otherwise
 from lcls_hitfinder.devices import resolve_device
 from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.labels import Label, label_of_count
-from lcls_hitfinder.preprocess import PEDESTAL_LEFT, Preprocessor, all_finite
+from lcls_hitfinder.preprocess import OFFSET_TWICE, PEDESTAL_LEFT, Preprocessor, all_finite, offset_taken_twice
 from lcls_hitfinder.protocols import BinsAtReader, CurrentBank, Embedder, Frame, Publisher, RunEnd, RunKey, Source
 from lcls_hitfinder.service.batcher import Batcher
 from lcls_hitfinder.service.binning import (
@@ -144,6 +144,7 @@ class Pipeline:
         self._stated_shape: tuple[int, ...] | None = source.frame_shape
         self._shape = self._stated_shape
         self._pedestal_checked = False  # each run's first finite frame is looked at for ADU taken as photons
+        self._offset_checked = False  # and its first whole frame for an offset taken off calibrated data
         self._pres: dict[tuple[int, ...], Preprocessor] = {}  # by frame shape: a run may bring another one
         self._host: dict[np.dtype, torch.Tensor] = {}  # a GPU's pinned batch buffers, by raw dtype
         self._sent: dict[np.dtype, torch.cuda.Event] = {}  # when each buffer's last copy to the GPU is done
@@ -488,6 +489,14 @@ class Pipeline:
         pre = self._preprocessor()
         with torch.inference_mode():
             to_bin = [frames[i] for i in good]
+            if not self._offset_checked:  # the run's first frame that came whole: its raw pixels, before binning
+                whole = next((f.data for f in to_bin if f.binned is None), None)
+                if whole is not None:
+                    self._offset_checked = True
+                    if offset_taken_twice(whole, pre.calibration):
+                        assert self._run is not None
+                        c = pre.calibration
+                        log.warning("run %s:%d looks like %s (offset %g)", *self._run.key, OFFSET_TWICE, c.offset)
             on_cpu = self.device.type == "cpu"
             binned, measure, finite = self._bin_on_cpu(pre, to_bin) if on_cpu else self._bin_on_device(pre, to_bin)
             at_reader = sum(f.binned is not None for f in to_bin)
@@ -518,9 +527,9 @@ class Pipeline:
     def _say_pedestal(self, pre: Preprocessor, binned: torch.Tensor) -> None:
         """A run whose first frame looks like detector units taken as photons is said at its start: its frames would
         be decided (and nearly all vetoed) with nothing else to show that the calibration is missing."""
+        c = pre.calibration
+        assert self._run is not None
         if bool(pre.pedestal_left(binned)[0]):
-            c = pre.calibration
-            assert self._run is not None
             log.warning(
                 "run %s:%d looks like %s. [serve.calibration] has gain %g, offset %g: give the detector's gain (ADU "
                 "a photon) and, for raw data, its pedestal; or read psana's calibrated data (data=calib) with its gain",
@@ -613,7 +622,7 @@ class Pipeline:
     # ---- runs ----------------------------------------------------------------------------------------------
     def _begin_run(self, experiment: str, run: int) -> None:
         self._shape = self._stated_shape  # where the source does not state it, the run's first frame sets it
-        self._pedestal_checked = False
+        self._pedestal_checked = self._offset_checked = False
         decision_log = None
         if self.settings.log_dir is not None:
             attrs = {
