@@ -218,7 +218,8 @@ class ReferenceBank:
             raise UserError(err if str(err).startswith(str(path)) else f"bank {path}: {err}") from None
         if expected_model_hash is not None and bank.model_hash != expected_model_hash:
             raise BankMismatch(
-                f"bank {path} was built for model {bank.model_hash}, not for the loaded model {expected_model_hash}"
+                f"bank {path} was built for model {bank.model_hash}, not for the loaded model {expected_model_hash}: "
+                "use the model it was built for, or build a bank with this one (lcls-hitfinder bank build --model ...)"
             )
         if expected_embed_dim is not None and bank.embed_dim != expected_embed_dim:
             raise BankMismatch(

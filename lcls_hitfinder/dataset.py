@@ -229,7 +229,10 @@ class Dataset:
             raise UserError(f"cannot read dataset {self.path}: {why_not_hdf5(self.path, err)}") from None
         missing = {"images", "n_particles", "mask"} - set(self._f.keys())
         if missing:
+            bank = "embeddings" in self._f and "model_hash" in self._f.attrs
             self._f.close()
+            if bank:
+                raise UserError(f"{self.path} is a reference bank, not a dataset of patterns")
             raise UserError(f"{self.path} is not an lcls-hitfinder dataset (missing {sorted(missing)})")
         version = int(self._f.attrs.get("format_version", FORMAT_VERSION))
         if version > FORMAT_VERSION:

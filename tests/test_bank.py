@@ -97,7 +97,7 @@ def test_save_load_and_model_check(tmp_path: Path) -> None:
     assert loaded.structure.tolist() == bank.structure.tolist()
     assert loaded.threshold == 0.25 and loaded.k == 3 and loaded.method == "prototype"
     np.testing.assert_array_equal(loaded.seen, bank.seen)
-    with pytest.raises(BankMismatch, match="built for model abc"):
+    with pytest.raises(BankMismatch, match="built for model abc, not for the loaded model other: use the model it"):
         ReferenceBank.load(tmp_path / "b.h5", expected_model_hash="other")
 
 

@@ -61,6 +61,16 @@ def test_not_a_dataset(tmp_path: Path) -> None:
         Dataset(tmp_path / "nope.h5")
 
 
+def test_a_bank_given_as_a_dataset_is_named_a_bank(tmp_path: Path) -> None:
+    """`bank build --data BANK.h5` (a file name mixed up): the file is said to be a bank, not a dataset short of
+    some of its parts."""
+    from lcls_hitfinder.bank import ReferenceBank
+
+    ReferenceBank(np.eye(2, dtype=np.float32), np.array([0, 1]), "abc").save(tmp_path / "b.h5")
+    with pytest.raises(UserError, match=r"b\.h5 is a reference bank, not a dataset of patterns"):
+        Dataset(tmp_path / "b.h5")
+
+
 def test_a_dataset_of_a_newer_format_is_refused(tmp_path: Path) -> None:
     import h5py
 

@@ -603,6 +603,7 @@ def _evaluate_into(
         write_report(report, metrics, n, dec, photons, emb, dataset.photon_images(idx), idx, judged)
     tables = ("confusion", "pairs_called_single_by_axis")
     print(strict_json.dumps({k: v for k, v in metrics.items() if k not in tables}, indent=2))
+    print(f"report: {report}/metrics.md (tables), metrics.json and plots", file=sys.stderr)
 
 
 def register(app: typer.Typer) -> None:
