@@ -157,6 +157,26 @@ def test_panel_stack_calib_with_local_constants_and_assembled_image(tmp_path: Pa
     np.testing.assert_array_equal(image[2].data, frame_of(2, shape).reshape(32, 12))
 
 
+def test_psana_pixel_status_masks_its_bad_pixels_with_or_without_a_pixel_mask(tmp_path: Path) -> None:
+    """psana's bad-pixel constant (pixel_status, 0 = good) was ignored: only pixel_mask masked. A status per gain
+    range (a Jungfrau's, (3, P, H, W)) is bad where any range is; both constants together mask both."""
+    shape = (2, 4, 6)
+    write_run(tmp_path / "p.xtc2", 1, shape)
+    status = np.zeros((3, *shape), np.uint16)
+    status[2, 1, 2, 3] = 8  # bad in the third gain range only
+    mask = np.ones(shape, np.uint8)
+    mask[0, 0, 0] = 0
+    for constants, bad in (({"pixel_status": status}, 1), ({"pixel_status": status, "pixel_mask": mask}, 2)):
+        np.savez(tmp_path / "c.npz", **constants)
+        source = open_source(f"xtc2:{tmp_path / 'p.xtc2'}?det=cam&constants={tmp_path / 'c.npz'}", settings())
+        assert source.mask is not None and source.mask.shape == shape and int((~source.mask).sum()) == bad
+        assert not source.mask[1, 2, 3] and (bad == 1 or not source.mask[0, 0, 0])
+        source.close()
+    np.savez(tmp_path / "c.npz", pixel_status=status[0, :1], pixel_mask=mask)
+    with pytest.raises(UserError, match=r"pixel_mask \(2, 4, 6\) and pixel_status \(1, 4, 6\) are not of one"):
+        open_source(f"xtc2:{tmp_path / 'p.xtc2'}?det=cam&constants={tmp_path / 'c.npz'}", settings())
+
+
 def test_bad_sources_are_one_line_errors_at_start(tmp_path: Path) -> None:
     write_run(tmp_path / "r.xtc2", 2, (8, 8))
     source = open_source(f"xtc2:{tmp_path / 'r.xtc2'}?det=jungfrau", settings())

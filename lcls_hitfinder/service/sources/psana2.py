@@ -331,11 +331,23 @@ def read_loop(uri: SourceURI) -> Psana2ReadLoop:
 
 
 def constants_mask(loop: Psana2ReadLoop) -> np.ndarray | None:
-    """psana's pixel_mask from the local constants (1 = good pixel), when there is one and frames are panels."""
+    """The good pixels by the local constants, when frames are panels: psana's pixel_mask (1 = good) and its
+    pixel_status (0 = good; a status per gain range, as a Jungfrau's, is bad where any is), both where both are."""
     if loop.constants is None or loop.image:
         return None
     with np.load(loop.constants) as npz:
-        return np.asarray(npz["pixel_mask"]).astype(bool) if "pixel_mask" in npz.files else None
+        masks = []
+        if "pixel_mask" in npz.files:
+            masks.append(np.asarray(npz["pixel_mask"]).astype(bool))
+        if "pixel_status" in npz.files:
+            good = np.asarray(npz["pixel_status"]) == 0
+            masks.append(good.reshape(-1, *good.shape[-3:]).all(0) if good.ndim > 3 else good)
+    if len(masks) == 2 and masks[0].shape != masks[1].shape:
+        raise UserError(
+            f"source {loop.label}: constants {loop.constants}: pixel_mask {masks[0].shape} and pixel_status "
+            f"{masks[1].shape} are not of one detector"
+        )
+    return np.logical_and.reduce(masks) if masks else None
 
 
 class Psana2Source(SupervisedSource):
