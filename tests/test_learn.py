@@ -264,6 +264,23 @@ def test_bank_build_on_picked_events_says_their_share_of_singles_is_not_the_run_
     assert ReferenceBank.load(tmp_path / "b.h5").threshold >= ReferenceBank.load(tmp_path / "a.h5").threshold
 
 
+def test_frames_are_embedded_a_few_megabytes_at_a_time_with_the_same_answers(
+    data: Path, model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """classify read 256 frames at a time, whatever their size (a review: 64 Jungfrau 4M frames took 4.5 GB):
+    now as many as fit 256 MiB of float32, here three 48 x 48 frames; the batches' edges change nothing."""
+    from lcls_hitfinder.embedder import OnnxEmbedder
+    from lcls_hitfinder.learn import infer
+
+    embedder = OnnxEmbedder(model)
+    with Dataset(data / "test.h5") as d:
+        whole, finite, blank = infer.embed_frames(embedder, d)
+        monkeypatch.setattr(infer, "_BATCH_BYTES", 3 * 4 * 48 * 48 + 5)
+        threes, finite3, blank3 = infer.embed_frames(embedder, d)
+    np.testing.assert_allclose(threes, whole, atol=1e-5)
+    assert (finite3 == finite).all() and (blank3 == blank).all() and len(whole) == 150
+
+
 def test_classify_names_each_pattern_as_serve_does_and_bank_pick_reads_it(
     data: Path, model: Path, tmp_path: Path
 ) -> None:

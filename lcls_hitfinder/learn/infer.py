@@ -34,12 +34,13 @@ from lcls_hitfinder.preprocess import (
 )
 from lcls_hitfinder.service.binning import Prefilter
 
+_BATCH_BYTES = 256 << 20  # of float32 frames read at a time: 256 frames of a megapixel, 16 of a Jungfrau 4M
+
 
 def embed_frames(
     embedder: OnnxEmbedder,
     data: Dataset | FrameFile,
     calibration: PhotonCalibration | None = None,
-    batch: int = 256,
     prefilter: Prefilter | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Embeddings (N, D) of every pattern, preprocessed for this model with the file's own mask and, for raw
@@ -51,6 +52,8 @@ def embed_frames(
     from rich.progress import track
 
     pre = Preprocessor(embedder.info.preprocess, data.mask, data.shape, calibration or data.calibration)
+    # frames at a time: a few copies of a batch are made on the way (a review: 64 Jungfrau 4M frames, 4.5 GB)
+    batch = max(1, _BATCH_BYTES // (4 * int(np.prod(data.shape))))
     console = Console(stderr=True)  # stdout is the commands' output (bank build's JSON, classify's summary)
     progress = track(
         range(0, len(data), batch),
