@@ -314,6 +314,35 @@ def test_show_draws_a_dataset_in_adu_in_photons(tmp_path: Path, monkeypatch: pyt
     assert len(drawn) == 2 and all(float(d.max()) == 0.0 for d in drawn)  # blanks: no photon, not the pedestal
 
 
+def test_show_titles_picked_events_by_the_label_judged_and_their_measured_photons(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`bank pick` stores a multi-hit judged by eye as 2 particles and the photons it measured: `show` drew a
+    4-hit so picked as "2 particles", its photons as if expected before noise."""
+    from typer.testing import CliRunner
+
+    from lcls_hitfinder import plots
+    from lcls_hitfinder.cli import app
+    from lcls_hitfinder.dataset import Dataset, DatasetWriter
+
+    s = _small(particles={1: 1, 2: 1})
+    out = simulate_dataset(s, tmp_path / "sim.h5", n=4, progress=False)
+    with Dataset(out) as d:
+        batch = d.read(slice(0, 4))
+        mask = d.mask
+    picked = tmp_path / "picked.h5"
+    with DatasetWriter(picked, mask.shape, mask, {"picked_from": "h5:run.cxi", "calibration": {}}) as w:
+        w.append(batch)
+    titles: list[str] = []
+    monkeypatch.setattr(plots, "pattern_grid", lambda images, t, *a, **k: titles.extend(t))
+    for path in (out, picked):
+        result = CliRunner().invoke(app, ["show", str(path), "--out", str(tmp_path / "s.png"), "--n", "4"])
+        assert result.exit_code == 0, result.output
+    simulated, judged = titles[:4], titles[4:]
+    assert all(t.split(" · ")[0] in ("1 particle", "2 particles") for t in simulated), simulated
+    assert all(t.split(" · ")[0] in ("single", "multi") and " ph measured" in t for t in judged), judged
+
+
 @pytest.mark.parametrize(
     ("spec", "message"),
     [

@@ -12,6 +12,7 @@ import numpy as np
 import typer
 
 from lcls_hitfinder.errors import UserError
+from lcls_hitfinder.labels import label_of_count
 from lcls_hitfinder.paths import apart, existing, output_file
 
 if TYPE_CHECKING:
@@ -186,10 +187,11 @@ def _dataset_patterns(ds: Dataset, n: int, per_count: bool) -> tuple[list[np.nda
     structures, photons, counts = ds.structure[index], ds.photons[index], ds.n_particles[index]
     order = np.argsort(index)  # h5py reads increasing indices only
     images = list((ds.photon_images(index[order]) * ds.mask)[np.argsort(order)])
-    titles = [
-        f"{k} particle{'s' if k != 1 else ''} · {p:.2g} ph\n{s or 'blank'} #{i}"
-        for i, k, s, p in zip(index, counts, structures, photons, strict=True)
-    ]
+    picked = "picked_from" in ds.attrs  # `bank pick`'s: a label judged by eye (multi stored as 2), photons measured
+    titles = []
+    for i, k, s, p in zip(index, counts, structures, photons, strict=True):
+        what = label_of_count(k).text if picked else f"{k} particle{'s' if k != 1 else ''}"
+        titles.append(f"{what} · {p:.2g} ph{' measured' if picked else ''}\n{s or 'blank'} #{i}")
     return images, titles
 
 
