@@ -520,6 +520,33 @@ def test_a_bank_of_references_read_as_frames_of_another_shape_is_said(
     assert (len(warned) == 1 and expected in warned[0]) if said else warned == [], caplog.messages
 
 
+def test_the_queue_holds_a_gigabyte_of_frames_at_most(
+    fx: Fixtures, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """serve.queue_size (256) frames of a 4-megapixel detector from h5: took 4.6 GB (a review). A source that
+    states its frames' shape gets a queue of QUEUE_BYTES of them at most (here made 20 frames' worth), never
+    fewer than QUEUE_MIN_FRAMES, and decides every frame all the same; a psana source, whose frames wait in its
+    ring, states none and keeps serve.queue_size."""
+    from lcls_hitfinder.service import pipeline
+
+    monkeypatch.setattr(pipeline, "QUEUE_BYTES", 20 * 4 * SIDE * SIDE)
+    settings = _settings(tmp_path, source=f"h5:{fx.data}?repeat=3")
+    r = _start(settings, open_source(settings.source, settings), fx.model, fx.bank)
+    assert r.pipeline._frames.maxsize == 20
+    r.pipeline.start()
+    assert r.pipeline.wait(WAIT_S)
+    r.publisher.close()
+    assert r.pipeline.total.events == 3 * 40
+    monkeypatch.setattr(pipeline, "QUEUE_BYTES", 1)
+    r = _start(settings, open_source(settings.source, settings), fx.model, fx.bank)
+    assert r.pipeline._frames.maxsize == pipeline.QUEUE_MIN_FRAMES
+    r.pipeline.source.close()
+    r.publisher.close()
+    r = _start(settings, ListSource([np.zeros((SIDE, SIDE), np.float32)]), fx.model, fx.bank)
+    assert r.pipeline._frames.maxsize == settings.queue_size
+    r.publisher.close()
+
+
 def test_decision_log_holds_every_decision_without_subscribers(fx: Fixtures, tmp_path: Path) -> None:
     settings = _settings(tmp_path, source=f"h5:{fx.data}?repeat=3&run=12&experiment=xpptest")
     r, columns, attrs = _served_unheard(fx, settings)

@@ -13,6 +13,7 @@ NaN/Inf pixels, or an unexpected failure of a batch) get `label: error` with a r
 from __future__ import annotations
 
 import logging
+import math
 import os
 import queue
 import re
@@ -61,6 +62,8 @@ _IDLE_S = 0.2  # how long the worker waits for frames before doing its idle chor
 # is not one: the next batch may fit)
 _GPU_FAILED = re.compile(r"\b(CUDA|CUBLAS|CUDNN)( driver)? (error|failure)\b|\bTensorRT EP\b.*\bfailed\b", re.I)
 _DRAIN_QUIET_S = 2.0  # after a failure: how long without a frame before the reader is taken to have stopped
+QUEUE_BYTES = 1 << 30  # frames queued at most, as float32: serve.queue_size (256) of a megapixel
+QUEUE_MIN_FRAMES = 16  # however big the frames: a few batches
 
 
 def service_threads(settings: ServeSettings, source: Source) -> int:
@@ -131,7 +134,7 @@ class Pipeline:
         self.publisher = publisher
         self.metrics = metrics
         self.device = resolve_device(settings.device, "serve.device")
-        self._frames: queue.Queue[Frame | RunEnd | None] = queue.Queue(settings.queue_size)
+        self._frames: queue.Queue[Frame | RunEnd | None] = queue.Queue(self._queue_frames())
         self._batcher: Batcher[Frame | RunEnd] = Batcher(
             self._frames, settings.batch.max_size, settings.batch.max_wait_ms / 1e3
         )
@@ -396,6 +399,21 @@ class Pipeline:
         if frame.shape != self._shape:
             return f"shape: {frame.shape}, expected {self._shape}"
         return ""
+
+    def _queue_frames(self) -> int:
+        """`serve.queue_size`, held to QUEUE_BYTES of float32 frames where the source states their shape (h5:,
+        sim:): 256 frames of a 4-megapixel detector took 4.6 GB (a review), 16 MiB a frame. psana sources keep
+        their frames in their ring and queue only its views."""
+        size = self.settings.queue_size
+        shape = self.source.frame_shape
+        if shape is None:
+            return size
+        most = max(QUEUE_MIN_FRAMES, QUEUE_BYTES // (4 * math.prod(shape)))
+        if most < size:
+            log.info(
+                "a queue of %d frames of %s (serve.queue_size %d: %d MiB at most)", most, shape, size, QUEUE_BYTES >> 20
+            )
+        return min(size, most)
 
     def _preprocessor(self) -> Preprocessor:
         """The preprocessing of the run's frame shape, built once for each shape the service meets."""

@@ -146,8 +146,9 @@ class ServeSettings(Section):
     queue_size: int = Field(
         256,
         ge=1,
-        description="frames buffered between the reader and the batcher (memory: this x frame size; a psana "
-        "source's frames wait in its ring instead, see reader.ring_slots)",
+        description="frames buffered between the reader and the batcher (memory: this x frame size, held to 1 GiB "
+        "of float32 frames where the source states their size; a psana source's frames wait in its ring instead, "
+        "see reader.ring_slots)",
     )
     overflow: Literal["block", "drop"] = Field(
         "block",
