@@ -230,9 +230,15 @@ class Dataset:
         missing = {"images", "n_particles", "mask"} - set(self._f.keys())
         if missing:
             bank = "embeddings" in self._f and "model_hash" in self._f.attrs
+            cxi = "entry_1" in self._f
             self._f.close()
             if bank:
                 raise UserError(f"{self.path} is a reference bank, not a dataset of patterns")
+            if cxi:
+                raise UserError(
+                    f"{self.path} is a CXI file of frames, without labels: pick references from it with "
+                    f"`lcls-hitfinder bank pick --source h5:{self.path} --picks PICKS.csv --out REFS.h5`"
+                )
             raise UserError(f"{self.path} is not an lcls-hitfinder dataset (missing {sorted(missing)})")
         version = int(self._f.attrs.get("format_version", FORMAT_VERSION))
         if version > FORMAT_VERSION:

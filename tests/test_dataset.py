@@ -69,6 +69,12 @@ def test_a_bank_given_as_a_dataset_is_named_a_bank(tmp_path: Path) -> None:
     ReferenceBank(np.eye(2, dtype=np.float32), np.array([0, 1]), "abc").save(tmp_path / "b.h5")
     with pytest.raises(UserError, match=r"b\.h5 is a reference bank, not a dataset of patterns"):
         Dataset(tmp_path / "b.h5")
+    import h5py
+
+    with h5py.File(tmp_path / "run.cxi", "w") as f:
+        f["/entry_1/data_1/data"] = np.zeros((2, 4, 4), np.float32)
+    with pytest.raises(UserError, match=r"run\.cxi is a CXI file of frames, without labels: pick references"):
+        Dataset(tmp_path / "run.cxi")
 
 
 def test_a_dataset_of_a_newer_format_is_refused(tmp_path: Path) -> None:
