@@ -246,14 +246,27 @@ def test_systemd_unit(tmp_path: Path) -> None:
     assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr
 
 
+def _install(extras: str, venv: Path) -> subprocess.CompletedProcess[str]:
+    """deploy/install.sh EXTRAS into `venv`, succeeded; skipped where it would run apt-get (its Debian packages
+    are not all installed)."""
+    if shutil.which("dpkg") is None or subprocess.run(["dpkg", "-s", "prometheus"], capture_output=True).returncode:
+        pytest.skip("install.sh would run apt-get: its Debian packages are not all installed here")
+    done = subprocess.run(
+        ["bash", str(REPO / "deploy" / "install.sh"), extras],
+        env={"PATH": "/usr/bin:/bin", "VENV": str(venv)},
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    return done
+
+
 @pytest.mark.parametrize(("gpu_installed", "extras"), [(True, "psana,dev"), (False, "psana,dev"), (False, "psana,gpu")])
 def test_install_keeps_a_gpu_venv_on_onnxruntime_gpu(tmp_path: Path, gpu_installed: bool, extras: str) -> None:
     """`make test` on a GPU node runs install.sh with the default extras in a venv made with `psana,gpu`: the
     base dependency onnxruntime would overwrite onnxruntime-gpu's module. pip and the venv's python are
     stand-ins that record their calls (a GPU wheel cannot be installed or used here); apt is not reached
     where the Debian packages are installed, as on this machine."""
-    if shutil.which("dpkg") is None or subprocess.run(["dpkg", "-s", "prometheus"], capture_output=True).returncode:
-        pytest.skip("install.sh would run apt-get: its Debian packages are not all installed here")
     calls = tmp_path / "calls"
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True)
@@ -264,13 +277,7 @@ def test_install_keeps_a_gpu_venv_on_onnxruntime_gpu(tmp_path: Path, gpu_install
     }.items():
         (venv / "bin" / name).write_text(f"#!/bin/sh\n{script}\n")
         (venv / "bin" / name).chmod(0o755)
-    done = subprocess.run(
-        ["bash", str(REPO / "deploy" / "install.sh"), extras],
-        env={"PATH": "/usr/bin:/bin", "VENV": str(venv)},
-        capture_output=True,
-        text=True,
-    )
-    assert done.returncode == 0, done.stderr
+    _install(extras, venv)
     lines = calls.read_text().splitlines()
     project = lines.index(f"install -q -e .[{extras}]")
     swapped = lines[project + 1 :] == [
@@ -289,8 +296,6 @@ def test_install_says_when_a_service_user_could_not_run_the_venv(
     """A service's venv made from an interpreter under a home others cannot enter (root's pyenv, a conda) starts
     for its owner only: systemd's User=hitfinder then fails with "Permission denied" (a review). install.sh
     says so for a service's install; a checkout for development or tests (the dev extra) is not concerned."""
-    if shutil.which("dpkg") is None or subprocess.run(["dpkg", "-s", "prometheus"], capture_output=True).returncode:
-        pytest.skip("install.sh would run apt-get: its Debian packages are not all installed here")
     top = Path(tempfile.mkdtemp(dir="/var/tmp"))  # pytest's tmp_path lies under a folder only its user enters
     top.chmod(0o755)
     home = top / "home"
@@ -300,13 +305,7 @@ def test_install_says_when_a_service_user_could_not_run_the_venv(
     subprocess.run([sys.executable, "-m", "venv", "--copies", "--without-pip", str(venv)], check=True)
     digest = hashlib.sha256((REPO / "pyproject.toml").read_bytes()).hexdigest()[:16]
     (venv / f".installed-{digest}-{extras.replace(',', '_')}").touch()  # installed: nothing for pip to do
-    done = subprocess.run(
-        ["bash", str(REPO / "deploy" / "install.sh"), extras],
-        env={"PATH": "/usr/bin:/bin", "VENV": str(venv)},
-        capture_output=True,
-        text=True,
-    )
-    assert done.returncode == 0, done.stderr
+    done = _install(extras, venv)
     said = f"install.sh: warning: .venv runs {venv}/bin/python"
     assert (said in done.stderr and f"under {home}, which other users cannot enter" in done.stderr) == warned, (
         done.stderr

@@ -103,18 +103,6 @@ class CountingLoop:
 
 
 @dataclass(frozen=True)
-class MegabyteLoop:
-    """`n` frames of 1 MiB, frame i all i."""
-
-    n: int
-
-    def __call__(self, sink: FrameSink, delivered: Delivered) -> None:
-        sink.ready(f"{self.n} frames of 1 MiB")
-        for i in range(self.n):
-            sink.put(EventId("tst", 1, i), np.full((512, 1024), i, np.uint16), None, time.perf_counter_ns())
-
-
-@dataclass(frozen=True)
 class BadDetectorLoop:
     def __call__(self, sink: FrameSink, delivered: Delivered) -> None:
         raise UserError("no detector 'nope' in this run")
@@ -190,12 +178,17 @@ def test_frames_cross_the_ring_in_order_and_leave_nothing_behind() -> None:
 
 @dataclass(frozen=True)
 class SameSizeLoop:
+    """`n` frames of `shape`, frame i all i."""
+
     n: int
+    shape: tuple[int, int] = (8, 8)
 
     def __call__(self, sink: FrameSink, delivered: Delivered) -> None:
         sink.ready(f"{self.n} test frames")
         for i in range(self.n):
-            sink.put(EventId("tst", 1, i), np.full((8, 8), i, np.uint16), truth=None, read_ns=time.perf_counter_ns())
+            sink.put(
+                EventId("tst", 1, i), np.full(self.shape, i, np.uint16), truth=None, read_ns=time.perf_counter_ns()
+            )
 
 
 def test_released_frames_are_lent_from_the_ring_and_their_slots_reused() -> None:
@@ -645,12 +638,13 @@ def test_a_ring_that_does_not_fit_dev_shm_is_made_smaller_or_refused(tmp_path: P
         f"""
 import logging, sys
 sys.path.insert(0, {str(Path(__file__).parent)!r})
-from test_psana_reader import MegabyteLoop, _collect, _settings
+from test_psana_reader import SameSizeLoop, _collect, _settings
 from lcls_hitfinder.errors import UserError
 from lcls_hitfinder.service.reader import SupervisedReader
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING)
-    reader = SupervisedReader(MegabyteLoop(40), _settings().model_copy(update={{"ring_slots": 16}}), "big", live=False)
+    settings = _settings().model_copy(update={{"ring_slots": 16}})
+    reader = SupervisedReader(SameSizeLoop(40, (512, 1024)), settings, "big", live=False)
     try:
         reader.start(wait_ready_s=30)
         frames, _ = _collect(reader)
