@@ -26,8 +26,9 @@ fi
 # A service user (systemd's User=hitfinder) runs the venv's interpreter where it lives: one under a home
 # that others cannot enter (root's pyenv or conda) starts for its owner only. Said for a service's install
 # (without the dev extra).
-[[ ",$EXTRAS," == *",dev,"* ]] || "$VENV/bin/python" - <<'PY'
+[[ ",$EXTRAS," == *",dev,"* ]] || "$VENV/bin/python" - "$VENV" <<'PY'
 import os, sys
+venv = sys.argv[1]
 real = os.path.realpath(sys.executable)
 parents = []
 d = os.path.dirname(real)
@@ -36,9 +37,9 @@ while d != os.path.dirname(d):
     d = os.path.dirname(d)
 closed = [d for d in parents if not os.stat(d).st_mode & 0o001]  # no x for others: not to be entered
 if closed:
-    print(f"install.sh: warning: .venv runs {real}, under {closed[-1]}, which other users cannot enter: a service "
-          "user (systemd's User=hitfinder) cannot start it. For a service, install with PYTHON=/usr/bin/python3 "
-          "(remove .venv first).", file=sys.stderr)
+    print(f"install.sh: warning: {venv} runs {real}, under {closed[-1]}, which other users cannot enter: a service "
+          f"user (systemd's User=hitfinder) could not start it. For a service, install with PYTHON=/usr/bin/python3 "
+          f"(remove {venv} first).", file=sys.stderr)
 PY
 stamp="$VENV/.installed-$(cat pyproject.toml | sha256sum | cut -c1-16)-${EXTRAS//,/_}"
 if [ ! -f "$stamp" ]; then

@@ -260,7 +260,9 @@ def at_single_fraction(precision: np.ndarray | float, is_single: np.ndarray, sin
         return precision
     share = float(np.mean(is_single))
     if not 0 < share < 1:
-        raise UserError("precision at another share of singles needs singles and other patterns to calibrate on")
+        raise UserError(
+            "--single-fraction: precision at another share of singles needs singles and other patterns to calibrate on"
+        )
     r = (single_fraction / (1 - single_fraction)) / (share / (1 - share))
     p = np.asarray(precision, np.float64)
     return r * p / (r * p + 1 - p)

@@ -49,30 +49,39 @@ def taken(attrs: Mapping[str, Any], shape: tuple[int, ...]) -> dict[str, Any]:
     read = attrs.get("frame_shape")
     described: dict[str, Any] = {"frame_shape": [int(s) for s in (read if read is not None else shape)]}
     described.update({k: float(attrs[k]) for k in GEOMETRY if k in attrs})
+    if "beam_center" in attrs and attrs["beam_center"] is not None:
+        described["beam_center"] = [float(c) for c in np.ravel(attrs["beam_center"])]
     return described
 
 
 def _q_edges(t: Mapping[str, Any]) -> np.ndarray | None:
-    """q (nm^-1) at the middle of each edge of the frame, or None without the whole geometry: what the
-    thumbnail spans."""
+    """q (nm^-1) at the farthest edge of the frame from the beam along its rows and along its columns, or None
+    without the whole geometry: what the thumbnail spans (the beam in the middle where no centre is recorded)."""
     if not all(k in t for k in GEOMETRY):
         return None
-    half = np.asarray(t["frame_shape"][-2:], float) * t["pixel_size_m"] / 2
-    return 4 * np.pi * t["photon_energy_ev"] / HC_EV_NM * np.sin(np.arctan(half / t["distance_m"]) / 2)
+    n = np.asarray(t["frame_shape"][-2:], float)
+    centre = np.asarray(t.get("beam_center", (n - 1) / 2), float)
+    reach = np.maximum(centre + 0.5, n - 0.5 - centre) * t["pixel_size_m"]  # to the far edge of the last pixel
+    return 4 * np.pi * t["photon_energy_ev"] / HC_EV_NM * np.sin(np.arctan(reach / t["distance_m"]) / 2)
 
 
 def taken_otherwise(references: Mapping[str, Any] | None, patterns: Mapping[str, Any]) -> str | None:
     """What differs between how a bank's references and these patterns were taken, in words (None: nothing
     known differs). Where both record their geometry, the q the frames span (to 5%): frames of other sizes that
-    span the same q bin to the same thumbnail. Otherwise their shapes (a detector's references picked as a
-    panel stack against its frames served as psana's image)."""
+    span the same q bin to the same thumbnail. References read from a detector (picked: no geometry) against
+    frames of another shape (picked as a panel stack, served as psana's image). Simulated references against
+    frames whose geometry is unknown (a live source's): nothing can be said."""
     if references is None:
         return None
     ref_q, pat_q = _q_edges(references), _q_edges(patterns)
+    if ref_q is not None and pat_q is None:
+        return None
     if ref_q is not None and pat_q is not None:
         if np.all(np.abs(pat_q - ref_q) <= _Q_TOLERANCE * ref_q):
             return None
         geometry = "; ".join(f"{k} {references[k]:g}, these {patterns[k]:g}" for k in GEOMETRY)
+        if references.get("beam_center") != patterns.get("beam_center"):
+            geometry += f"; beam_center {references.get('beam_center')}, these {patterns.get('beam_center')}"
         why = f"q at the frames' edges {ref_q.round(2).tolist()} nm^-1, these {pat_q.round(2).tolist()}: {geometry}"
     elif references.get("frame_shape") != patterns.get("frame_shape"):
         why = f"frames of {tuple(references['frame_shape'])}, these of {tuple(patterns['frame_shape'])}"

@@ -43,11 +43,14 @@ OFFSET_TWICE = (
 )
 
 
-def offset_taken_twice(raw: np.ndarray, calibration: PhotonCalibration) -> bool:
+def offset_taken_twice(raw: np.ndarray, calibration: PhotonCalibration, mask: np.ndarray | None = None) -> bool:
     """Whether a raw frame looks like calibrated data that `calibration` would take the pedestal off again
-    (`OFFSET_TWICE`)."""
+    (`OFFSET_TWICE`), judged on its good pixels (`mask`, of its shape: masked ones may read 0 whatever)."""
     c = calibration
-    return c.offset > 0 and c.threshold == 0 and float(np.mean(raw < c.offset)) >= OFFSET_BELOW
+    if c.offset <= 0 or c.threshold > 0:
+        return False
+    below = raw < c.offset
+    return float(np.mean(below[mask] if mask is not None else below)) >= OFFSET_BELOW
 
 
 PEDESTAL_QUANTILE = 0.01
@@ -138,7 +141,8 @@ class Preprocessor:
     """Turns batches of raw frames into normalised thumbnails (B, 1, S, S) on `device`.
 
     The mask and the per-bin pixel counts are prepared once here, so a batch costs a few whole-array
-    torch operations and no Python loop over pixels or events.
+    torch operations and no Python loop over pixels or events. `say_shape`: warn of frames squeezed into the
+    square thumbnail or panels tiled in number order (False where the service has said it, in reader processes).
     """
 
     def __init__(
@@ -148,6 +152,7 @@ class Preprocessor:
         frame_shape: tuple[int, ...],
         calibration: PhotonCalibration | None = None,
         device: str | torch.device = "cpu",
+        say_shape: bool = True,
     ) -> None:
         self.settings = settings
         self.calibration = calibration or PhotonCalibration()
@@ -168,7 +173,7 @@ class Preprocessor:
         self._all_good = bool((self.mask == 1).all())
         s = settings.thumbnail
         h, w = self.mask.shape[-2:]
-        if max(h, w) / min(h, w) > MAX_ASPECT:
+        if say_shape and max(h, w) / min(h, w) > MAX_ASPECT:
             log.warning(
                 "frames of %s (%d x %d as tiled) are binned to the square %d x %d thumbnail: squeezed %.1fx along "
                 "one axis, rings become ellipses the model never saw; a square region or psana's image=1 avoids it",
@@ -179,7 +184,7 @@ class Preprocessor:
                 s,
                 max(h, w) / min(h, w),
             )
-        if len(self.frame_shape) == 3 and self.frame_shape[0] > 1:
+        if say_shape and len(self.frame_shape) == 3 and self.frame_shape[0] > 1:
             p, ph, pw = self.frame_shape
             rows, cols = panel_grid(p, ph, pw)
             log.warning(

@@ -306,7 +306,7 @@ def test_install_says_when_a_service_user_could_not_run_the_venv(
     digest = hashlib.sha256((REPO / "pyproject.toml").read_bytes()).hexdigest()[:16]
     (venv / f".installed-{digest}-{extras.replace(',', '_')}").touch()  # installed: nothing for pip to do
     done = _install(extras, venv)
-    said = f"install.sh: warning: .venv runs {venv}/bin/python"
+    said = f"install.sh: warning: {venv} runs {venv}/bin/python"
     assert (said in done.stderr and f"under {home}, which other users cannot enter" in done.stderr) == warned, (
         done.stderr
     )

@@ -10,6 +10,8 @@ from lcls_hitfinder.preprocess import (
     assemble_panels,
     panel_grid,
 )
+from lcls_hitfinder.service.binning import ReaderBinning
+from lcls_hitfinder.service.settings import PrefilterSettings
 
 
 def test_sum_binning_preserves_photons_without_transform() -> None:
@@ -169,6 +171,10 @@ def test_an_offset_taken_off_calibrated_data_is_told_from_raw_frames() -> None:
     assert not offset_taken_twice((photons * 10 + 100).astype(np.uint16), calibration)  # noise-free ADU
     assert not offset_taken_twice(photons, PhotonCalibration(gain=10.0))  # no offset to take off
     assert not offset_taken_twice(photons, PhotonCalibration(gain=10.0, offset=100.0, threshold=0.5))
+    mask = np.zeros(raw.shape, bool)  # a heavy mask whose pixels read 0: they are not the pedestal's
+    mask[:, :6] = True
+    masked = np.where(mask, raw, 0)
+    assert offset_taken_twice(masked, calibration) and not offset_taken_twice(masked, calibration, mask)
 
 
 def test_frames_far_from_square_are_said(caplog: pytest.LogCaptureFixture) -> None:
@@ -194,4 +200,7 @@ def test_panel_stacks_are_said_to_be_tiled_in_panel_order(caplog: pytest.LogCapt
         caplog.clear()
         Preprocessor(PreprocessSettings(), None, (1, 64, 64))
         Preprocessor(PreprocessSettings(), None, (256, 256))
+        # a psana reader's own binner (each MPI rank, each run): the service has said it once
+        binning = ReaderBinning(PreprocessSettings(), PhotonCalibration(), PrefilterSettings(), None)
+        binning.binner((8, 64, 128))
     assert caplog.messages == []

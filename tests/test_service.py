@@ -808,6 +808,28 @@ def test_summary_agrees_with_the_truth_as_the_service_counts_it() -> None:
     assert run.truth_agree == (1, 2) and run.keep == 1 and run.rate_hz == 1.0
 
 
+def test_summary_says_the_share_of_singles_among_what_the_bank_judged() -> None:
+    """`bank build --single-fraction` wants singles among the events the bank judges: the pre-filter's blanks
+    and errors never reached it."""
+    from lcls_hitfinder.service.log_summary import summarise
+
+    labels = ["single", "blank", "blank", "multi", "error", "blank", "single", "blank"]
+    reasons = ["", "prefilter", "prefilter", "", "nonfinite", "", "", "prefilter"]
+    columns = {
+        "seq": np.arange(8),
+        "label": np.array(labels, dtype=object),
+        "reason": np.array(reasons, dtype=object),
+        "decision": np.array(["keep" if x == "single" else "veto" for x in labels], dtype=object),
+        "time_ns": np.arange(8) * 10**8,
+        "latency_us": np.full(8, 1000),
+        "truth_n_particles": np.full(8, -1),
+    }
+    run = summarise(columns, {"experiment": "sim", "run": 1})
+    assert run.prefilter == 3
+    said = "the bank judged 4 (the pre-filter called 3 blank): 2 single, 0.5 of them (bank build --single-fraction"
+    assert any(line.startswith(said) for line in run.lines()), run.lines()
+
+
 def test_the_rate_of_a_run_decided_in_batches() -> None:
     """Decisions of one batch share its time: 4 batches of 32, a second apart, are 32 Hz, not 95/3 = 42 Hz
     (the first batch's 32 were decided at the start of the interval, not in it)."""

@@ -224,8 +224,9 @@ def bank_build(
     single_fraction: Annotated[
         float | None,
         typer.Option(
-            help="share of single hits among the run's events (summary: singles / events): the precision is "
-            "reckoned for that share (default: the calibration patterns' own; picked ones come as picked)",
+            help="share of single hits among the events of a run that the bank judges, those the pre-filter "
+            "passes (summary says it): the precision is reckoned for that share (default: the calibration "
+            "patterns' own; picked ones come as picked)",
         ),
     ] = None,
 ) -> None:
@@ -267,7 +268,7 @@ def bank_build(
         print(
             f"warning: the threshold is calibrated on the picked events left over, {report['single_fraction']:.0%} "
             "of them singles as you picked them; the precision a run sees depends on its own share of singles "
-            "(a few % in SPI): give --single-fraction (summary's singles / events) to calibrate for it",
+            "(a few % in SPI): give --single-fraction (summary says it of a run) to calibrate for it",
             file=sys.stderr,
         )
     if report["calibration_singles"] < 100:

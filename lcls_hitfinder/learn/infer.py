@@ -67,7 +67,7 @@ def embed_frames(
     pedestal = offset_twice = 0
     for lo in progress:
         frames = torch.from_numpy(np.ascontiguousarray(data.images(slice(lo, lo + batch))))
-        offset_twice += sum(offset_taken_twice(f, pre.calibration) for f in frames.numpy())
+        offset_twice += sum(offset_taken_twice(f, pre.calibration, data.mask) for f in frames.numpy())
         ok = all_finite(frames).numpy() if frames.is_floating_point() else np.ones(len(frames), bool)
         finite[lo : lo + len(frames)] = ok
         rows = lo + np.flatnonzero(ok)

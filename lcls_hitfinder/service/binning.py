@@ -131,6 +131,7 @@ class ReaderBinning:
     always: bool = False  # bin every frame it can, not only while the service is behind
 
     def binner(self, shape: tuple[int, ...]) -> FrameBinner:
-        """A binner for frames of `shape`, on the CPU."""
-        pre = Preprocessor(self.preprocess, fitting_mask(self.mask, shape), shape, self.calibration, "cpu")
+        """A binner for frames of `shape`, on the CPU; what the shape means for the thumbnail the service says."""
+        mask = fitting_mask(self.mask, shape)
+        pre = Preprocessor(self.preprocess, mask, shape, self.calibration, "cpu", say_shape=False)
         return FrameBinner(pre, Prefilter(self.prefilter))

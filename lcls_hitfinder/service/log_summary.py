@@ -16,6 +16,7 @@ import numpy as np
 
 from lcls_hitfinder.labels import Label, label_of_count
 from lcls_hitfinder.service.messages import ENDED
+from lcls_hitfinder.verdicts import PREFILTER
 
 ROLLING = 100  # events a point of the label fractions in the picture stands for
 
@@ -30,6 +31,7 @@ class RunSummary:
     run: int
     events: int
     counts: dict[str, int]  # by label
+    prefilter: int  # blanks the pre-filter decided: the bank never judged them
     keep: int
     seq_gaps: int  # holes in `seq`: a log that missed decisions (it failed and was abandoned mid-run)
     duration_s: float  # from the first decision to the last
@@ -58,6 +60,13 @@ class RunSummary:
         if self.events:
             counts = ", ".join(f"{label} {n}" for label, n in self.counts.items())
             out.append(f"labels: {counts}; kept {self.keep} ({100 * self.keep / self.events:.1f}%)")
+            judged = self.events - self.prefilter - self.counts[Label.ERROR.text]
+            if judged:
+                single = self.counts[Label.SINGLE.text]
+                out.append(
+                    f"the bank judged {judged} (the pre-filter called {self.prefilter} blank): {single} single, "
+                    f"{single / judged:.3g} of them (bank build --single-fraction, as this bank sees it)"
+                )
         if self.rate_hz is not None:
             out.append(f"{self.duration_s:.1f} s from the first decision to the last: {self.rate_hz:.1f} Hz")
         if self.latency_ms is not None:
@@ -85,6 +94,7 @@ def summarise(columns: dict[str, np.ndarray], attrs: dict[str, Any]) -> RunSumma
         run=int(attrs.get("run", -1)),
         events=len(labels),
         counts=counts,
+        prefilter=int(np.sum(columns["reason"].astype(str) == PREFILTER)) if "reason" in columns else 0,
         keep=int(np.sum(columns["decision"].astype(str) == "keep")),
         seq_gaps=int(np.sum(np.diff(seq) != 1)) if len(seq) > 1 else 0,
         duration_s=float(time_ns[-1] - time_ns[0]) / 1e9 if len(time_ns) > 1 else 0.0,

@@ -511,7 +511,7 @@ class Pipeline:
                 whole = next((f.data for f in to_bin if f.binned is None), None)
                 if whole is not None:
                     self._offset_checked = True
-                    if offset_taken_twice(whole, pre.calibration):
+                    if offset_taken_twice(whole, pre.calibration, fitting_mask(self.source.mask, whole.shape)):
                         assert self._run is not None
                         c = pre.calibration
                         log.warning("run %s:%d looks like %s (offset %g)", *self._run.key, OFFSET_TWICE, c.offset)

@@ -147,7 +147,8 @@ def _map_segment(name: str, size: int = 0) -> mmap.mmap:
         return mmap.mmap(fd, size or os.fstat(fd).st_size)
     except BaseException:
         if size:
-            os.unlink(path)
+            with contextlib.suppress(OSError):  # the error that brought us here is the one to see
+                os.unlink(path)
         raise
     finally:
         os.close(fd)
@@ -326,7 +327,7 @@ class FrameSink:
                 self._ring = _map_segment(name, self._slot_bytes * slots)
                 break
             except OSError as err:
-                if err.errno != errno.ENOSPC:
+                if err.errno not in (errno.ENOSPC, errno.ENOMEM):  # ENOMEM: a container's memory limit on tmpfs
                     raise
                 if slots == 2:
                     room = shutil.disk_usage("/dev/shm").free
