@@ -545,9 +545,9 @@ class Pipeline:
     def _say_pedestal(self, pre: Preprocessor, binned: torch.Tensor) -> None:
         """A run whose first frame looks like detector units taken as photons is said at its start: its frames would
         be decided (and nearly all vetoed) with nothing else to show that the calibration is missing."""
-        c = pre.calibration
-        assert self._run is not None
         if bool(pre.pedestal_left(binned)[0]):
+            c = pre.calibration
+            assert self._run is not None
             log.warning(
                 "run %s:%d looks like %s. [serve.calibration] has gain %g, offset %g: give the detector's gain (ADU "
                 "a photon) and, for raw data, its pedestal; or read psana's calibrated data (data=calib) with its gain",
