@@ -8,7 +8,6 @@ Bad input raises UserError anywhere below and ends here as one line on stderr an
 from __future__ import annotations
 
 import sys
-import traceback
 from typing import Annotated
 
 import typer
@@ -66,29 +65,12 @@ def version() -> None:
 
 def main() -> None:
     try:
-        try:
-            app()  # standalone mode: usage errors are click's one-liners with exit code 2
-        except UserError as err:
-            print(f"lcls-hitfinder: error: {err}", file=sys.stderr)
-            sys.exit(2)
-        except ValidationError as err:
-            first = err.errors()[0]
-            key = ".".join(str(p) for p in first["loc"])
-            print(f"lcls-hitfinder: error: {key}: {first['msg']}", file=sys.stderr)
-            sys.exit(2)
-    except SystemExit as done:
-        _leave(done.code if isinstance(done.code, int) else 0 if done.code is None else 1)
-        raise
-    except BaseException as err:  # any other end is said as Python says it, then left the same way
-        code = 130 if isinstance(err, KeyboardInterrupt) else 1
-        traceback.print_exc()
-        _leave(code)
-        sys.exit(code)
-
-
-def _leave(code: int) -> None:
-    """A service whose decision log HDF5 failed to write must not reach the interpreter's exit (it would
-    segfault freeing that file): decision_log says, where it was used at all."""
-    decision_log = sys.modules.get("lcls_hitfinder.service.decision_log")
-    if decision_log is not None:
-        decision_log.exit_past_failed_files(code)
+        app()  # standalone mode: usage errors are click's one-liners with exit code 2
+    except UserError as err:
+        print(f"lcls-hitfinder: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = ".".join(str(p) for p in first["loc"])
+        print(f"lcls-hitfinder: error: {key}: {first['msg']}", file=sys.stderr)
+        sys.exit(2)

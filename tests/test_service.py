@@ -19,6 +19,7 @@ import msgpack
 import numpy as np
 import pytest
 import torch
+from tiny_model import log_rows
 from typer.testing import CliRunner
 
 from lcls_hitfinder.cli import app
@@ -509,20 +510,13 @@ def test_two_services_beginning_one_run_in_the_same_second_get_a_log_each(
     from lcls_hitfinder.service import decision_log
 
     logs = tmp_path / "logs"
-    first = DecisionLog.create(logs, "mfx101", 7, {"instance": "a"})
-    first.append(
-        {
-            f.name: np.array(
-                ["" if f.log_dtype == "str" else 0] * 2, dtype=object if f.log_dtype == "str" else f.log_dtype
-            )
-            for f in messages.LOG_COLUMNS
-        }
-    )
+    first = DecisionLog(decision_log.claim_log(logs, "mfx101", 7), {"instance": "a"})
+    first.append(log_rows(2))
     first.flush()
     picked = iter([first.path])  # the other service's file, named before it was made, as in the race
     real = decision_log.log_path
     monkeypatch.setattr(decision_log, "log_path", lambda *a: next(picked, None) or real(*a))
-    second = DecisionLog.create(logs, "mfx101", 7, {"instance": "b"})
+    second = DecisionLog(decision_log.claim_log(logs, "mfx101", 7), {"instance": "b"})
     assert second.path != first.path and second.path.parent == logs.resolve()
     first.close({"events": 2})
     second.close({"events": 0})
@@ -568,11 +562,8 @@ def test_decision_log_that_cannot_be_created_leaves_no_file(tmp_path: Path) -> N
 def test_decision_log_removed_during_the_run_is_said_at_its_next_flush(tmp_path: Path, how: str) -> None:
     """A log folder cleaned up during a run: the rows went on into a file no one could read, and the loss was
     said only when the run ended (hours later), by a failed reopen."""
-    log = DecisionLog(tmp_path / "r.h5", {"experiment": "x", "run": 1}, flush_s=0.0)
-    cols = {
-        f.name: np.full(3, "" if f.log_dtype == "str" else 0, dtype=object if f.log_dtype == "str" else f.log_dtype)
-        for f in messages.LOG_COLUMNS
-    }
+    log = DecisionLog(tmp_path / "r.h5", {"experiment": "x", "run": 1})
+    cols = log_rows(3)
     log.append(cols)
     log.flush()
     (tmp_path / "r.h5").unlink()
@@ -584,16 +575,13 @@ def test_decision_log_removed_during_the_run_is_said_at_its_next_flush(tmp_path:
 
 
 def test_decision_log_appends_flushes_and_records_totals(tmp_path: Path) -> None:
-    log = DecisionLog(tmp_path / "r.h5", {"experiment": "x", "run": 1}, flush_s=0.0)
+    log = DecisionLog(tmp_path / "r.h5", {"experiment": "x", "run": 1})
     for lo in (0, 3):
-        cols = {
-            f.name: np.full(3, "" if f.log_dtype == "str" else 0, dtype=object if f.log_dtype == "str" else f.log_dtype)
-            for f in messages.LOG_COLUMNS
-        }
+        cols = log_rows(3)
         cols["seq"] = np.arange(lo, lo + 3)
         log.append(cols)
-        assert log.n == lo  # held until the writer flushes, after publishing
-        log.flush_if_due()  # flush_s=0: due at once
+        assert log.n == lo  # held until the writer process flushes (every second)
+        log.flush()
         assert log.n == lo + 3
         # another process reads the log while it is being written (SWMR), as a user's script would
         read = subprocess.run(

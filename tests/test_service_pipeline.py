@@ -19,8 +19,9 @@ import threading
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ import torch
 import zmq
 from prometheus_client import generate_latest
 from threadpoolctl import threadpool_info, threadpool_limits
-from tiny_model import free_port
+from tiny_model import free_port, log_rows
 from typer.testing import CliRunner
 
 from lcls_hitfinder import embedder as embedder_module
@@ -52,7 +53,8 @@ from lcls_hitfinder.service import pipeline as pipeline_module
 from lcls_hitfinder.service.bank_reload import ReloadingBank
 from lcls_hitfinder.service.binning import ReaderBinning
 from lcls_hitfinder.service.client import DecisionClient
-from lcls_hitfinder.service.decision_log import DecisionLog, read_decision_log
+from lcls_hitfinder.service.decision_log import read_decision_log
+from lcls_hitfinder.service.log_writer import ChildLog
 from lcls_hitfinder.service.messages import DECISION, FIELDS, HEARTBEAT, RUN, SCHEMA_VERSION
 from lcls_hitfinder.service.metrics import ServiceMetrics
 from lcls_hitfinder.service.pipeline import Pipeline
@@ -1089,7 +1091,8 @@ def test_serve_drains_and_closes_the_run_on_sigterm(fx: Fixtures, tmp_path: Path
     ready, *rest = notified  # status lines go on while it drains: STOPPING=1 among them, once
     assert ready == f"READY=1\nSTATUS=serving {source}" and rest.count("STOPPING=1") == 1, notified
     status = [s for s in rest if s != "STOPPING=1"]
-    assert status and all(re.fullmatch(r"STATUS=\d+ Hz, \d+ events, .*", s) for s in status), notified
+    # (one may come before the first event: "0 Hz, 0 events")
+    assert status and all(re.fullmatch(r"STATUS=\d+ Hz, \d+ events(, .*)?", s) for s in status), notified
     assert end, output
     assert [d["seq"] for d in decisions] == list(range(len(decisions)))
     assert end["events"] == len(decisions) and end["experiment"] == "cxitest" and end["run"] == 3
@@ -1384,36 +1387,79 @@ def test_serve_refuses_a_bad_source_in_one_line(fx: Fixtures, tmp_path: Path, ar
     assert "publishing on" not in proc.stderr  # refused before binding
 
 
-@pytest.mark.parametrize("then", ["ends", "fails"])
-def test_a_log_write_that_fails_in_hdf5_costs_the_log_not_the_service(fx: Fixtures, tmp_path: Path, then: str) -> None:
+def test_a_log_write_that_fails_in_hdf5_is_said_and_the_writer_leaves_without_crashing(tmp_path: Path) -> None:
     """A write that fails where the room check could not foresee it (an I/O error on a network file system;
-    here the file size limit with the check's margins set to nothing): h5py would free the failed file into
-    a segmentation fault, at once or at the interpreter's exit. The service keeps the file from being freed,
-    goes on without the log, and leaves with its own exit code, also where something fails after it served
-    (`fails`: its last line raises). `lcls-hitfinder serve` through cli.main."""
+    here the file size limit with the check's margins set to nothing): h5py would free the failed file into a
+    segmentation fault. The writer says HDF5's failure and leaves at once, exit code 0. The test plays the
+    service's side of the writer's socket."""
     script = (
         "import resource, sys\n"
-        "from lcls_hitfinder.service import commands, decision_log\n"
-        "from lcls_hitfinder.cli import main\n"
+        "from multiprocessing.connection import Connection\n"
+        "from lcls_hitfinder.service import decision_log, log_writer\n"
         "decision_log._HEADROOM = decision_log._ROW_BYTES = 0  # blind: HDF5 meets the limit itself\n"
-        f"if {then == 'fails'}:\n"
-        "    commands.logs_said = lambda paths: 1 / 0\n"
         "resource.setrlimit(resource.RLIMIT_FSIZE, (256 << 10, resource.RLIM_INFINITY))\n"
-        "sys.argv = ['lcls-hitfinder', 'serve', *sys.argv[1:]]\n"
-        "main()\n"
+        "log_writer._write_logs(Connection(int(sys.argv[1])), 0.01)\n"
     )
-    files = ["--model", str(fx.model), "--bank", str(fx.bank), "--publish", f"tcp://127.0.0.1:{free_port()}"]
-    proc = subprocess.run(
-        [sys.executable, "-c", script, *files, "--metrics-port", "off", "--source", "sim:?rate=0&n=300"],
-        capture_output=True,
-        text=True,
-        timeout=WAIT_S,
-        cwd=tmp_path,
-    )
-    assert proc.returncode == (0 if then == "ends" else 1), proc.stderr[-3000:]
-    assert "goes on without it" in proc.stderr and "run sim:1 ends: 300 events" in proc.stderr, proc.stderr[-3000:]
-    assert "no room to go on" not in proc.stderr  # HDF5's own failure, not the check's
-    assert ("ZeroDivisionError" in proc.stderr) == (then == "fails")  # said as Python says it
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        fd = theirs.fileno()
+        writer = subprocess.Popen([sys.executable, "-c", script, str(fd)], pass_fds=(fd,), cwd=tmp_path)
+        conn = Connection(os.dup(ours.fileno()))
+    rows = log_rows(4096, "x" * 64)
+    try:
+        conn.send(("open", tmp_path / "r.h5", {"experiment": "x", "run": 1}))
+        assert conn.recv() == ("opened",)
+        for _ in range(1000):  # 4,096 rows a time, until the writer says its failure (within 256 KiB)
+            conn.send(("append", rows))
+            if conn.poll(0.05):
+                break
+        said = conn.recv()
+        assert writer.wait(WAIT_S) == 0
+    finally:
+        writer.kill()
+        conn.close()
+    assert said[0] == "failed" and "no room to go on" not in said[1], said  # HDF5's own failure, not the check's
+    assert "\n" not in said[1]  # one line in the service's log
+
+
+def _kill_the_writer(r: Running) -> None:
+    pid = r.pipeline._log_writer.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSEGV)  # as h5py's crash freeing a failed file would end it
+
+
+def test_a_log_writer_that_dies_mid_run_costs_that_log_not_the_service(
+    fx: Fixtures, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """HDF5 runs in the writer process: whatever kills it costs the run's log, never the decisions. What was
+    flushed before stays readable."""
+    images = list(np.random.default_rng(6).poisson(2.0, (10, SIDE, SIDE)).astype(np.float32))
+
+    def crash() -> None:  # once the first frames are on disk
+        _wait_until(
+            lambda: len(r.pipeline.logs) == 1 and read_decision_log(r.pipeline.logs[0])[0]["seq"].size == 5, "5 rows"
+        )
+        _kill_the_writer(r)
+
+    r = _start(_settings(tmp_path), PausingSource(images, 5, crash), fx.model, fx.bank)
+    messages = _served_until_runs_end(r, 1)
+    assert [p["seq"] for t, p in messages if t == DECISION] == list(range(10)) and r.pipeline.error is None
+    assert messages[-1][1]["log"] is None
+    assert r.metrics.decision_log_failures._value.get() == 1 and r.metrics.decision_log_lost._value.get() == 1
+    said = "failed (the decision log's writer process died, killed by SIGSEGV); this run goes on without it"
+    assert said in caplog.text
+    columns, attrs = read_decision_log(r.pipeline.logs[0])
+    assert not attrs["complete"] and columns["seq"].tolist() == list(range(5))
+
+
+def test_a_log_writer_that_died_between_runs_is_started_again(fx: Fixtures, tmp_path: Path) -> None:
+    r, decisions, ends = _serve_two_runs(fx, tmp_path, _kill_the_writer)
+    assert [d["seq"] for d in decisions] == list(range(10))
+    assert [(e["run"], e["events"]) for e in ends] == [(1, 5), (2, 5)] and len(r.pipeline.logs) == 2
+    for path, first in zip(r.pipeline.logs, (0, 5), strict=True):
+        columns, attrs = read_decision_log(path)
+        assert attrs["complete"] and columns["seq"].tolist() == list(range(first, first + 5))
+    assert r.metrics.decision_log_failures._value.get() == 0  # no log was lost
 
 
 def test_serve_says_the_bank_it_uses_and_warns_of_its_defaults(fx: Fixtures, tmp_path: Path) -> None:
@@ -1741,14 +1787,16 @@ def test_a_log_folder_that_fails_between_runs_costs_the_log_not_the_decisions(fx
 def test_any_failure_of_the_log_costs_the_log_not_the_decisions(
     fx: Fixtures, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Not only OSError: h5py raises ValueError for a string it cannot encode. The run goes on without its log,
-    and the service still ends (the log's close at the end must not hang `wait`)."""
+    """Not only OSError (h5py raises ValueError for a string it cannot encode; here the writer meets columns
+    it has no column for, a KeyError): the run goes on without its log, and the service still ends (the
+    log's close at the end must not hang `wait`)."""
+    append = ChildLog.append
 
-    def broken(self: DecisionLog) -> None:
-        raise ValueError("a string h5py cannot encode")
+    def broken(self: ChildLog, columns: Mapping[str, np.ndarray]) -> None:
+        append(self, {"seq": columns["seq"]})
 
     def break_the_log(_: Running) -> None:
-        monkeypatch.setattr(DecisionLog, "flush", broken)
+        monkeypatch.setattr(ChildLog, "append", broken)
 
     r, decisions, ends = _serve_two_runs(fx, tmp_path, break_the_log)
     assert [d["seq"] for d in decisions] == list(range(10))

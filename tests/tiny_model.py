@@ -1,12 +1,13 @@
 """What the end-to-end tests share: a tiny exported embedder with a bank of its own embeddings of simulated,
 labelled patterns (the service's path does not depend on the model's quality, and this is quick on 2 cores),
-and free loopback ports."""
+free loopback ports, and rows for a decision log."""
 
 from __future__ import annotations
 
 import socket
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from lcls_hitfinder.bank import ReferenceBank
@@ -14,6 +15,7 @@ from lcls_hitfinder.embedder import OnnxEmbedder
 from lcls_hitfinder.learn.nets import TwinEmbedder
 from lcls_hitfinder.model_io import export_onnx
 from lcls_hitfinder.preprocess import Preprocessor, PreprocessSettings
+from lcls_hitfinder.service.messages import LOG_COLUMNS
 from lcls_hitfinder.simulate.generate import PatternGenerator
 from lcls_hitfinder.simulate.settings import SimulateSettings
 
@@ -44,3 +46,11 @@ def free_port() -> int:
         if port not in _HANDED_OUT:
             _HANDED_OUT.add(port)
             return port
+
+
+def log_rows(n: int, text: str = "") -> dict[str, np.ndarray]:
+    """`n` rows of a decision log's columns: zeros, and `text` in its string columns."""
+    return {
+        c.name: np.full(n, text if c.log_dtype == "str" else 0, dtype=object if c.log_dtype == "str" else c.log_dtype)
+        for c in LOG_COLUMNS
+    }

@@ -1,14 +1,14 @@
 """The per-run record of every decision: an HDF5 file with one column per logged decision field.
 
-It is written by the pipeline's output stage before the decisions are published, flushed at least
-every `flush_s` seconds (also while no events come) and closed at the end of the run with the run's
-totals as attributes. Subscribers never affect it: whatever the PUB socket drops is still here.
+The service's log writer process (log_writer.py) keeps it: it appends each batch's decisions as they are
+published, flushes them every second (also while no events come) and closes the file at the end of the run
+with the run's totals as attributes. Subscribers never affect it: whatever the PUB socket drops is still here.
 
 The file is written in HDF5's single-writer / multiple-reader (SWMR) mode, so a user's script can read
 it while the run goes on (`read_decision_log`, or `h5py.File(path, 'r', swmr=True)` and `refresh()`)
 and sees every flushed decision, consistent, never a half-written file. HDF5 allows no attribute
 writes in SWMR mode: at the end of the run the file is closed and reopened once to record the totals
-(past HDF5's file lock if a reader still has it open: the service is its only writer).
+(past HDF5's file lock if a reader still has it open: the writer is its only writer).
 
 Layout: /<field> (N,) for each field of messages.LOG_COLUMNS (nil stored as -1 or ""), attrs:
 schema_version, experiment, run, source, model, provider, bank, instance (the service process's, as in its
@@ -19,12 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import re
 import resource
-import sys
-import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -47,11 +44,6 @@ def _dtype(spec_dtype: str) -> Any:
 _HEADROOM = 8 << 20
 _ROW_BYTES = 1024  # a row's share of the file, on the safe side (a few hundred bytes with HDF5's overhead)
 
-# Files HDF5 failed to write (an I/O error the room check could not foresee). h5py frees such a file's handles
-# into a segmentation fault (h5py issue 914), when the log is dropped or at the interpreter's exit: they are
-# kept here, never freed, and a process that has any leaves by `exit_past_failed_files`.
-_FAILED: list[h5py.File] = []
-
 _NAME_CHARS = 48  # of the experiment's name in a log's file name: 192 bytes at most, and the run and time after
 
 
@@ -69,23 +61,31 @@ def log_path(log_dir: Path, experiment: str, run: int) -> Path:
     return path
 
 
-class _Taken(Exception):
-    """The file name picked for a log was taken by another process in the meantime."""
+def claim_log(log_dir: Path, experiment: str, run: int) -> Path:
+    """A new, empty file for a run's log, made exclusively: two services that begin the same run in the same
+    second (two detectors of one experiment on one node) get two files, never one that both write. The service
+    claims it, and its log writer process makes the log in it."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    while True:
+        path = log_path(log_dir, experiment, run)
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        except FileExistsError:  # made by another process since the name was picked: the next name
+            continue
+        return path
 
 
 class DecisionLog:
-    """Append columns of decisions (name -> (B,) array, in LOG_COLUMNS dtypes); flushed every `flush_s`."""
+    """Append columns of decisions (name -> (B,) array, in LOG_COLUMNS dtypes), written at each `flush`."""
 
-    def __init__(self, path: Path, attrs: Mapping[str, Any], flush_s: float = 1.0) -> None:
-        """A new log at `path`, which must not exist: created exclusively, so that a file another process made
-        there since the name was picked is neither truncated nor removed (`_Taken` instead)."""
+    def __init__(self, path: Path, attrs: Mapping[str, Any]) -> None:
+        """A new log in `path`, a file claimed for it (`claim_log`): whatever it holds is overwritten."""
         self.path = path
-        self._failed = False  # HDF5 failed on it: in _FAILED, never touched again
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))  # the name is ours, or _Taken
-        except FileExistsError:
-            raise _Taken(path) from None
+        # HDF5 failed to write it (an I/O error the room check could not foresee): h5py would free its handles
+        # into a segmentation fault (h5py issue 914), so it is kept (`_kept`), never touched again, and the
+        # writer process leaves without freeing it
+        self.failed = False
+        self._kept: list[h5py.File] = []
         try:
             self._f = h5py.File(path, "w", libver="latest")  # SWMR needs the latest file format
         except BaseException:
@@ -105,28 +105,11 @@ class DecisionLog:
         made = os.stat(path)
         self._identity = (made.st_dev, made.st_ino)
         self._pending: list[Mapping[str, np.ndarray]] = []
-        self._flush_s = flush_s
-        self._last_flush = time.monotonic()
         self.n = 0
 
-    @classmethod
-    def create(cls, log_dir: Path, experiment: str, run: int, attrs: Mapping[str, Any]) -> DecisionLog:
-        """A new log for a run, in a file of its own: two services that begin the same run in the same second (two
-        detectors of one experiment on one node) get two files, never one that both write."""
-        while True:
-            try:
-                return cls(log_path(log_dir, experiment, run), attrs)
-            except _Taken:
-                continue  # log_path names the next free one
-
     def append(self, columns: Mapping[str, np.ndarray]) -> None:
-        """Held until `flush_if_due` (the writer calls it after publishing: the flush, milliseconds once a
-        second, then delays no decision already decided)."""
+        """Held until the next `flush`."""
         self._pending.append(columns)
-
-    def flush_if_due(self) -> None:
-        if time.monotonic() - self._last_flush >= self._flush_s:
-            self.flush()
 
     def flush(self) -> None:
         """Write what is pending and flush the file to disk."""
@@ -146,12 +129,11 @@ class DecisionLog:
         except BaseException:
             self._give_up(self._f)
             raise
-        self._last_flush = time.monotonic()
 
     def _give_up(self, f: h5py.File) -> None:
-        """HDF5 failed on `f`: kept from being freed (see _FAILED), and this log is done."""
-        self._failed = True
-        _FAILED.append(f)
+        """HDF5 failed on `f`: kept from being freed (see `failed`), and this log is done."""
+        self.failed = True
+        self._kept.append(f)
 
     def _check_room(self) -> None:
         """Stop before HDF5 meets a full disk or the file size limit: after a failed write h5py frees its handles
@@ -178,7 +160,7 @@ class DecisionLog:
 
     def close(self, totals: Mapping[str, Any] | None = None) -> None:
         """Write the rest, record the totals, mark the file complete and close it."""
-        if self._failed or not self._f.id.valid:
+        if self.failed or not self._f.id.valid:
             return
         self.flush()
         try:
@@ -200,25 +182,14 @@ class DecisionLog:
 
     def abandon(self) -> None:
         """Close the file after a failure, as far as that goes: what was flushed stays readable. A file HDF5
-        failed to write is left open (see _FAILED)."""
-        if not self._failed:
+        failed to write is left open (see `failed`)."""
+        if not self.failed:
             with contextlib.suppress(Exception):
                 self._f.close()
 
 
 def _size(n: int) -> str:
     return f"{n >> 20} MiB" if n >= 1 << 20 else f"{n >> 10} KiB"
-
-
-def exit_past_failed_files(code: int) -> None:
-    """Leave the process now, with `code`, if HDF5 failed to write one of its logs: the interpreter's exit
-    would free that file's handles into a segmentation fault. Output is flushed first; nothing else is left
-    to do at that point (the service has ended)."""
-    if _FAILED:
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
 
 
 def _write_attrs(f: h5py.File, attrs: Mapping[str, Any]) -> None:

@@ -44,7 +44,7 @@ from lcls_hitfinder.service.binning import (
     fitting_mask,
     readers_bin,
 )
-from lcls_hitfinder.service.decision_log import DecisionLog
+from lcls_hitfinder.service.log_writer import ChildLog, LogWriter
 from lcls_hitfinder.service.messages import DECISION, HEARTBEAT, RUN, decision_payloads
 from lcls_hitfinder.service.metrics import ServiceMetrics
 from lcls_hitfinder.service.reader import MAX_FRAME_SHAPES
@@ -103,7 +103,7 @@ class Run:
     run: int
     first_seq: int
     started_ns: int
-    decision_log: DecisionLog | None
+    decision_log: ChildLog | None
     tally: Tally = field(default_factory=Tally)
 
     @property
@@ -177,6 +177,7 @@ class Pipeline:
         self.error: BaseException | None = None
         self._read_ended = "source_end"  # why the reader stopped: the last run's end says it
         self.logs: list[str] = []  # decision logs written, in run order
+        self._log_writer = LogWriter()  # a process of its own: HDF5's failures cost a log, never the service
         metrics.set_build_info(__version__, embedder.model_hash, embedder.provider, str(self.device))
         self._threads = [
             threading.Thread(target=self._read, name="reader", daemon=True),
@@ -198,6 +199,8 @@ class Pipeline:
         # `wait` in the caller's thread: OpenBLAS 0.3.31 ignored a worker thread's setting after the main
         # thread had made one.
         self._blas = threadpool_limits(1, user_api="blas"), threading.get_ident()
+        if self.settings.log_dir is not None:
+            self._log_writer.start()
         for t in self._threads:
             t.start()
 
@@ -297,7 +300,7 @@ class Pipeline:
                     self._process_items(batch)
                 elif self._batcher.ended:
                     break
-                self._with_log(DecisionLog.flush_if_due)
+                self._with_log(ChildLog.check)  # what the log's writer said while no batch came
         except Exception as err:
             log.exception("the pipeline failed")
             self.error, failed = err, True
@@ -311,6 +314,7 @@ class Pipeline:
                 log.exception("ending the last run failed")
                 self.error = self.error or err
             finally:  # whatever happened, `wait` returns
+                self._log_writer.stop()
                 self._pool.shutdown()
                 if self.device.type == "cpu":
                     torch.set_num_threads(self._workers)
@@ -611,7 +615,6 @@ class Pipeline:
                 self.total.add(v.label, v.keep)
                 self._published_seq = self._next_seq
         self.metrics.stage.labels(stage="publish").observe(time.perf_counter() - t0)
-        self._with_log(DecisionLog.flush_if_due)  # after the publishing, which it would hold up
 
     def _count(self, columns: dict[str, np.ndarray], v: Verdicts, truth: np.ndarray, latency_ns: np.ndarray) -> None:
         m = self.metrics
@@ -653,7 +656,7 @@ class Pipeline:
                 "instance": self.instance,
             }
             try:
-                decision_log = DecisionLog.create(self.settings.log_dir, experiment, run, attrs)
+                decision_log = self._log_writer.open(self.settings.log_dir, experiment, run, attrs)
             except Exception as err:  # an unwritable or unreachable log folder must not stop the decisions either
                 log.error(
                     "cannot open a decision log in %s (%s); run %s:%d goes on without it",
@@ -689,7 +692,7 @@ class Pipeline:
         self._run = None
         log.info("run %s:%d ends: %d events, %s", run.experiment, run.run, run.tally.events, run.tally.counts)
 
-    def _with_log(self, action: Callable[[DecisionLog], None]) -> None:
+    def _with_log(self, action: Callable[[ChildLog], None]) -> None:
         """Apply `action` to the run's decision log; a disk error is reported and the run goes on without it."""
         run = self._run
         if run is None or run.decision_log is None:
