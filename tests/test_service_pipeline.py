@@ -1452,6 +1452,26 @@ def test_a_log_writer_that_dies_mid_run_costs_that_log_not_the_service(
     assert not attrs["complete"] and columns["seq"].tolist() == list(range(5))
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_the_log_writer_outlives_signals_meant_for_the_service(fx: Fixtures, tmp_path: Path, signum: int) -> None:
+    """A terminal's Ctrl-C, a `pkill` or systemd's default KillMode signal the whole process group: the service
+    drains and closes the run's log in order, so the writer must still be there to close it."""
+    images = list(np.random.default_rng(7).poisson(2.0, (10, SIDE, SIDE)).astype(np.float32))
+
+    def signal_the_writer() -> None:
+        _wait_until(lambda: len(r.pipeline.logs) == 1, "the run's log")
+        pid = r.pipeline._log_writer.pid
+        assert pid is not None
+        os.kill(pid, signum)
+
+    r = _start(_settings(tmp_path), PausingSource(images, 5, signal_the_writer), fx.model, fx.bank)
+    messages = _served_until_runs_end(r, 1)
+    assert [p["seq"] for t, p in messages if t == DECISION] == list(range(10))
+    columns, attrs = read_decision_log(messages[-1][1]["log"])
+    assert attrs["complete"] and columns["seq"].tolist() == list(range(10))
+    assert r.metrics.decision_log_failures._value.get() == 0
+
+
 def test_a_log_writer_that_died_between_runs_is_started_again(fx: Fixtures, tmp_path: Path) -> None:
     r, decisions, ends = _serve_two_runs(fx, tmp_path, _kill_the_writer)
     assert [d["seq"] for d in decisions] == list(range(10))
