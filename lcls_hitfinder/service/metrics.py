@@ -115,7 +115,8 @@ SPECS: tuple[MetricSpec, ...] = (
         "hitfinder_decision_log_failures_total",
         "counter",
         "Decision logs that failed: could not be created at a run's start (the folder cannot be written) or "
-        "failed while written (a full disk). That run went on without its log; its decisions were still published.",
+        "failed while written (a full disk, or the log's writer process died). That run went on without its log; "
+        "its decisions were still published.",
     ),
     MetricSpec(
         "hitfinder_decision_log_lost",
