@@ -1405,14 +1405,10 @@ def test_a_log_write_that_fails_in_hdf5_is_said_and_the_writer_leaves_without_cr
         fd = theirs.fileno()
         writer = subprocess.Popen([sys.executable, "-c", script, str(fd)], pass_fds=(fd,), cwd=tmp_path)
         conn = Connection(os.dup(ours.fileno()))
-    rows = log_rows(4096, "x" * 64)
     try:
-        conn.send(("open", tmp_path / "r.h5", {"experiment": "x", "run": 1}))
-        assert conn.recv() == ("opened",)
-        for _ in range(1000):  # 4,096 rows a time, until the writer says its failure (within 256 KiB)
-            conn.send(("append", rows))
-            if conn.poll(0.05):
-                break
+        conn.send(("open", tmp_path, "x", 1, {"experiment": "x", "run": 1}))
+        assert conn.recv()[0] == "opened"
+        conn.send(("append", log_rows(4096, "x" * 64)))  # 1.6 MB of rows: past the limit at the first flush
         said = conn.recv()
         assert writer.wait(WAIT_S) == 0
     finally:
@@ -1420,6 +1416,31 @@ def test_a_log_write_that_fails_in_hdf5_is_said_and_the_writer_leaves_without_cr
         conn.close()
     assert said[0] == "failed" and "no room to go on" not in said[1], said  # HDF5's own failure, not the check's
     assert "\n" not in said[1]  # one line in the service's log
+
+
+def test_a_log_writer_that_takes_nothing_is_killed_and_never_holds_up_the_service(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A flush stuck on a network file system that stopped answering (here the writer stopped with SIGSTOP):
+    the service's appends go on (a sender thread blocks in the socket, not the service) until the writer has
+    taken nothing for PATIENCE_S; then it is killed and the log said lost."""
+    from lcls_hitfinder.service import log_writer
+
+    monkeypatch.setattr(log_writer, "PATIENCE_S", 0.5)
+    writer = log_writer.LogWriter()
+    try:
+        log = writer.open(tmp_path, "x", 1, {"experiment": "x", "run": 1})
+        pid = writer.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)
+        rows = log_rows(4096, "x" * 64)  # 1.6 MB pickled: the socket's buffer is full after the first
+        with pytest.raises(OSError, match=r"^the decision log's writer took nothing for 0\.5 s \(a file system"):
+            for _ in range(int(100 * WAIT_S)):
+                log.append(rows)
+                time.sleep(0.01)
+        assert os.waitpid(pid, 0)[1] == signal.SIGKILL  # killed, even stopped
+    finally:
+        writer.stop()
 
 
 def _kill_the_writer(r: Running) -> None:
@@ -1452,7 +1473,7 @@ def test_a_log_writer_that_dies_mid_run_costs_that_log_not_the_service(
     assert not attrs["complete"] and columns["seq"].tolist() == list(range(5))
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_the_log_writer_outlives_signals_meant_for_the_service(fx: Fixtures, tmp_path: Path, signum: int) -> None:
     """A terminal's Ctrl-C, a `pkill` or systemd's default KillMode signal the whole process group: the service
     drains and closes the run's log in order, so the writer must still be there to close it."""
@@ -1470,6 +1491,53 @@ def test_the_log_writer_outlives_signals_meant_for_the_service(fx: Fixtures, tmp
     columns, attrs = read_decision_log(messages[-1][1]["log"])
     assert attrs["complete"] and columns["seq"].tolist() == list(range(10))
     assert r.metrics.decision_log_failures._value.get() == 0
+
+
+def test_a_log_writer_that_does_not_answer_at_a_runs_end_costs_that_log(
+    fx: Fixtures, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The writer stopped (SIGSTOP) mid-run, as on a hung file system: every decision still goes out, the run
+    ends after PATIENCE_S, and its log is said lost."""
+    from lcls_hitfinder.service import log_writer
+
+    monkeypatch.setattr(log_writer, "PATIENCE_S", 0.5)
+    images = list(np.random.default_rng(8).poisson(2.0, (10, SIDE, SIDE)).astype(np.float32))
+
+    def hang() -> None:
+        _wait_until(lambda: len(r.pipeline.logs) == 1, "the run's log")
+        pid = r.pipeline._log_writer.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)
+
+    r = _start(_settings(tmp_path), PausingSource(images, 5, hang), fx.model, fx.bank)
+    messages = _served_until_runs_end(r, 1)
+    assert [p["seq"] for t, p in messages if t == DECISION] == list(range(10)) and r.pipeline.error is None
+    assert messages[-1][1]["log"] is None and r.metrics.decision_log_failures._value.get() == 1
+    assert "failed (the decision log's writer did not answer in 0.5 s (a file system" in caplog.text
+
+
+def test_a_log_writer_that_cannot_start_with_the_service_starts_at_the_first_run(
+    fx: Fixtures, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No process to be had at the service's start (EAGAIN): said, and the service serves (it ended there)."""
+    from lcls_hitfinder.service.log_writer import LogWriter
+
+    start, tries = LogWriter.start, []
+
+    def fails_once(self: LogWriter) -> None:
+        tries.append(1)
+        if len(tries) == 1:
+            raise BlockingIOError(11, "Resource temporarily unavailable")
+        start(self)
+
+    monkeypatch.setattr(LogWriter, "start", fails_once)
+    images = list(np.random.default_rng(9).poisson(2.0, (5, SIDE, SIDE)).astype(np.float32))
+    r = _start(_settings(tmp_path), ListSource(images), fx.model, fx.bank)
+    messages = _served_until_runs_end(r, 1)
+    assert [p["seq"] for t, p in messages if t == DECISION] == list(range(5))
+    assert "the decision log's writer could not start ([Errno 11] Resource temporarily unavailable)" in caplog.text
+    columns, attrs = read_decision_log(messages[-1][1]["log"])
+    assert attrs["complete"] and columns["seq"].tolist() == list(range(5))
 
 
 def test_a_log_writer_that_died_between_runs_is_started_again(fx: Fixtures, tmp_path: Path) -> None:

@@ -1,28 +1,33 @@
 """The decision logs are written by a child process of the service, never by the service itself.
 
-HDF5 runs there: whatever goes wrong in it (a write that fails on a network file system, after which h5py
-frees the file's handles into a segmentation fault, h5py issue 914; a crash of the library) costs that run's
-log and never the service, its decisions or its exit code. The service sends each batch's columns over a
-socket pair; the writer flushes them every second on its own clock and says back only what went wrong. The
-service starts the writer when it starts, and again at a run's beginning after it died.
+HDF5 and the log folder are touched there only: whatever goes wrong in them (a write that fails on a network
+file system, after which h5py frees the file's handles into a segmentation fault, h5py issue 914; a crash of
+the library; a file system that stops answering) costs that run's log and never the service, its decisions
+or its exit code. The service hands each batch's columns to a sender thread, which passes them to the
+writer over a socket pair, so a writer that stops reading never holds up a decision; the writer flushes
+every second on its own clock and says back only what went wrong. A writer that takes nothing, or does not
+answer, for `PATIENCE_S` is killed and the run goes on without its log. The service starts the writer when
+it starts, and again at a run's beginning after it died.
 
-The writer is `python -m lcls_hitfinder.service.log_writer FD FLUSH_S` (so `ps` names it), not a
-multiprocessing child: one would import the service's main module again (torch, for a script that serves),
-and multiprocessing's exit handler would stop it at the service's exit, where it must outlive the drain.
-It ignores SIGINT and SIGTERM (a terminal's Ctrl-C and a `pkill` reach it too) and leaves when the service
-says so, or when the service is gone (its socket closed): what it was sent is then flushed, the log left
-incomplete.
+The writer is `python -P -m lcls_hitfinder.service.log_writer FD FLUSH_S` (so `ps` names it), in a session
+of its own, not a multiprocessing child: one would import the service's main module again (torch, for a
+script that serves), and multiprocessing's exit handler would stop it at the service's exit, where it must
+outlive the drain. A terminal's signals never reach it; it ignores SIGINT, SIGTERM and SIGHUP sent to it
+(systemd's default KillMode signals every process of the unit), and leaves when the service says so, or when
+the service is gone (its socket closed): what it was sent is then flushed, the log left incomplete.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
+import pickle
+import queue
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping
 from multiprocessing.connection import Connection
@@ -33,10 +38,15 @@ import numpy as np
 
 from lcls_hitfinder.service.decision_log import DecisionLog, claim_log
 
-log = logging.getLogger(__name__)
+PATIENCE_S = 10.0  # the longest the writer may take to take a message, answer, or leave once asked to
 
-_ANSWER_S = 60.0  # longest wait for a log to be made or closed: a hung file system costs the log, not the run
-_STOP_S = 10.0  # for the writer to leave once asked to (its last flush included)
+
+class LogLost(OSError):
+    """The writer said a log failed; `kept`: its file is still there, with the rows flushed before."""
+
+    def __init__(self, message: str, kept: bool) -> None:
+        super().__init__(message)
+        self.kept = kept
 
 
 class _Died(OSError):
@@ -44,12 +54,17 @@ class _Died(OSError):
 
 
 class LogWriter:
-    """The process that writes a service's decision logs, one run's at a time."""
+    """The process that writes a service's decision logs, one run's at a time. Used from one thread."""
 
     def __init__(self, flush_s: float = 1.0) -> None:
         self._flush_s = flush_s
         self._process: subprocess.Popen[bytes] | None = None
         self._conn: Connection | None = None
+        self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._sender: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._waiting = 0  # messages handed to the sender and not yet taken by the writer's socket
+        self._moved = time.monotonic()  # when the socket last took one, or the sender had none waiting
 
     @property
     def pid(self) -> int | None:
@@ -64,63 +79,73 @@ class LogWriter:
         ours, theirs = socket.socketpair()
         with ours, theirs:
             fd = theirs.fileno()
-            command = [sys.executable, "-m", __name__, str(fd), repr(self._flush_s)]
-            self._process = subprocess.Popen(command, pass_fds=(fd,), stdin=subprocess.DEVNULL)
+            command = [sys.executable, "-P", "-m", __name__, str(fd), repr(self._flush_s)]  # -P: not the cwd's
+            self._process = subprocess.Popen(command, pass_fds=(fd,), stdin=subprocess.DEVNULL, start_new_session=True)
             self._conn = Connection(os.dup(ours.fileno()))
+        self._outbox, self._waiting = queue.SimpleQueue(), 0
+        self._sender = threading.Thread(target=self._send_all, args=(self._conn, self._outbox), daemon=True)
+        self._sender.start()
 
     def open(self, log_dir: Path, experiment: str, run: int, attrs: Mapping[str, Any]) -> ChildLog:
-        """A new log for a run, readable once this returns (the run's begin message names it): its file is
-        claimed here and the writer makes the log in it. OSError says why there is none."""
-        path = claim_log(log_dir, experiment, run)
-        message = ("open", path, dict(attrs))
+        """A new log for a run, in a file of its own, readable once this returns (the run's begin message
+        names it). OSError says why there is none."""
+        message = ("open", log_dir, experiment, run, dict(attrs))
         try:
             self.start()  # again, where the last one died and was seen to
-            self.ask(message, "opened")
+            answer = self.ask(message, "opened")
         except _Died:  # since the last run ended, unseen till now
             self.start()
-            self.ask(message, "opened")
-        return ChildLog(self, path)
+            answer = self.ask(message, "opened")
+        return ChildLog(self, Path(answer[1]))
 
     def stop(self) -> None:
         """The writer leaves, after closing nothing: runs are closed by `ChildLog.close` first."""
-        process, conn = self._process, self._conn
-        self._process = self._conn = None
-        if process is None or conn is None:
+        process, conn, sender = self._process, self._conn, self._sender
+        self._process = self._conn = self._sender = None
+        if process is None or conn is None or sender is None:
             return
-        with contextlib.suppress(OSError):
-            conn.send(("stop",))
+        self._outbox.put(pickle.dumps(("stop",)))
+        self._outbox.put(None)
+        sender.join(PATIENCE_S)
         try:
-            process.wait(_STOP_S)
+            process.wait(PATIENCE_S)
         except subprocess.TimeoutExpired:
             process.kill()
-            process.wait()
+            with contextlib.suppress(subprocess.TimeoutExpired):  # in the kernel's hands (a hung mount): left
+                process.wait(PATIENCE_S)
+        sender.join(PATIENCE_S)  # its send ends with the writer
         conn.close()
 
     def send(self, message: tuple[Any, ...]) -> None:
-        """After saying what went wrong since the last message, if anything did."""
+        """Handed to the sender, after saying what went wrong since the last message, if anything did. Never
+        waits for the writer."""
         self.check()
-        self._send(message)
+        data = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)  # here: what cannot be pickled is this caller's
+        with self._lock:
+            if not self._waiting:
+                self._moved = time.monotonic()
+            self._waiting += 1
+        self._outbox.put(data)
 
     def check(self) -> None:
-        """Raise OSError for a failure the writer said, or for its death."""
+        """Raise OSError for a failure the writer said, for its death, or for a writer that took nothing for
+        PATIENCE_S (it is killed)."""
         conn = self._live()
+        with self._lock:
+            stalled = self._waiting and time.monotonic() - self._moved > PATIENCE_S
+        if stalled:
+            raise self._kill(f"the decision log's writer took nothing for {PATIENCE_S:g} s")
         try:
             while conn.poll(0):
                 self._read(conn)
         except (EOFError, ConnectionError):
             raise self._died() from None
 
-    def _send(self, message: tuple[Any, ...]) -> None:
-        try:
-            self._live().send(message)
-        except OSError:  # a broken pipe or a reset connection: the writer is gone
-            raise self._died() from None
-
     def ask(self, message: tuple[Any, ...], expected: str) -> tuple[Any, ...]:
         """Send `message` and wait for the answer `expected`; OSError says what went wrong instead."""
         self.send(message)
         conn = self._live()
-        deadline = time.monotonic() + _ANSWER_S
+        deadline = time.monotonic() + PATIENCE_S
         try:
             while conn.poll(max(0.0, deadline - time.monotonic())):
                 answer = self._read(conn)
@@ -128,15 +153,24 @@ class LogWriter:
                     return answer
         except (EOFError, ConnectionError):
             raise self._died() from None
-        if self._process is not None:
-            self._process.kill()  # hung (a file system that does not answer): it goes, the run goes on
-        raise OSError(f"the decision log's writer did not answer in {_ANSWER_S:g} s; stopped")
+        raise self._kill(f"the decision log's writer did not answer in {PATIENCE_S:g} s")
+
+    def _send_all(self, conn: Connection, outbox: queue.SimpleQueue[bytes | None]) -> None:
+        """The sender thread: blocks in the socket, never the service."""
+        while (data := outbox.get()) is not None:
+            try:
+                conn.send_bytes(data)
+            except OSError:  # the writer is gone: said by the service's next check
+                return
+            with self._lock:
+                self._waiting -= 1
+                self._moved = time.monotonic()
 
     @staticmethod
     def _read(conn: Connection) -> tuple[Any, ...]:
         message: tuple[Any, ...] = conn.recv()
         if message[0] == "failed":
-            raise OSError(message[1])
+            raise LogLost(message[1], message[2])
         return message
 
     def _live(self) -> Connection:
@@ -144,11 +178,17 @@ class LogWriter:
             raise _Died("the decision log's writer is stopped")
         return self._conn
 
+    def _kill(self, why: str) -> OSError:
+        """A writer that does not answer (a file system that does not): it goes, the run goes on."""
+        if self._process is not None:
+            self._process.kill()
+        return OSError(f"{why} (a file system that does not answer?); stopped")
+
     def _died(self) -> _Died:
         if self._process is None:
             return _Died("the decision log's writer is stopped")
         try:
-            code: int | None = self._process.wait(_STOP_S)
+            code: int | None = self._process.wait(PATIENCE_S)
         except subprocess.TimeoutExpired:
             code = None
         how = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"with exit code {code}"
@@ -182,7 +222,7 @@ class ChildLog:
 def _write_logs(conn: Connection, flush_s: float) -> None:
     """The writer process: one log at a time, as the service asks. A failure is said back and costs the log;
     after a failed HDF5 write the process leaves at once (freeing that file would crash it)."""
-    for signum in (signal.SIGINT, signal.SIGTERM):  # the service closes the log in order, then says stop
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # the service closes the log, then says stop
         signal.signal(signum, signal.SIG_IGN)
     decision_log: DecisionLog | None = None
     last_flush = time.monotonic()
@@ -192,9 +232,9 @@ def _write_logs(conn: Connection, flush_s: float) -> None:
         kind = message[0]
         try:
             if kind == "open":
-                decision_log = DecisionLog(*message[1:])
+                decision_log = DecisionLog(claim_log(*message[1:4]), message[4])
                 last_flush = time.monotonic()
-                conn.send(("opened",))
+                conn.send(("opened", str(decision_log.path)))
             elif decision_log is not None and kind == "append":
                 decision_log.append(message[1])
             elif decision_log is not None and kind == "flush":
@@ -214,11 +254,12 @@ def _write_logs(conn: Connection, flush_s: float) -> None:
                 break
         except Exception as err:
             hdf5_failed = decision_log is not None and decision_log.failed
+            kept = decision_log is not None and decision_log.path.exists()
             if decision_log is not None:
                 decision_log.abandon()
             decision_log = None
-            with contextlib.suppress(OSError):
-                conn.send(("failed", " ".join(str(err).split()) or type(err).__name__))  # one line (HDF5's have two)
+            with contextlib.suppress(OSError):  # one line (HDF5's have two)
+                conn.send(("failed", " ".join(str(err).split()) or type(err).__name__, kept))
             if hdf5_failed:
                 os._exit(0)
             if kind == "stop":
@@ -230,8 +271,8 @@ def _next(conn: Connection, wait: float | None) -> tuple[Any, ...]:
     """The service's next message, or a flush once `wait` has passed without one."""
     try:
         message: tuple[Any, ...] = conn.recv() if conn.poll(wait) else ("flush",)
-    except EOFError:  # the service is gone without a word: what it sent is kept, the log stays incomplete
-        return ("stop",)
+    except (EOFError, OSError):  # the service is gone (a reset, where it left a message unread): what it sent
+        return ("stop",)  # is kept, the log stays incomplete
     return message
 
 

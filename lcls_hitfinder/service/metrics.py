@@ -61,8 +61,8 @@ SPECS: tuple[MetricSpec, ...] = (
         "histogram",
         "End-to-end seconds per event, from the frame being read to its decision being ready, just before it is "
         'logged and handed to the publisher (that last step is the stage "publish" of '
-        "hitfinder_stage_duration_seconds, tens of microseconds; the decision log's flush to disk, once a second, "
-        "comes after the publishing and is not in it).",
+        "hitfinder_stage_duration_seconds, tens of microseconds, which hands the decisions to the decision log's "
+        "writer process; that process flushes them to disk once a second, outside this time).",
         (),
         LATENCY_BUCKETS,
     ),

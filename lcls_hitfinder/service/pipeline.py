@@ -44,7 +44,7 @@ from lcls_hitfinder.service.binning import (
     fitting_mask,
     readers_bin,
 )
-from lcls_hitfinder.service.log_writer import ChildLog, LogWriter
+from lcls_hitfinder.service.log_writer import ChildLog, LogLost, LogWriter
 from lcls_hitfinder.service.messages import DECISION, HEARTBEAT, RUN, decision_payloads
 from lcls_hitfinder.service.metrics import ServiceMetrics
 from lcls_hitfinder.service.reader import MAX_FRAME_SHAPES
@@ -200,7 +200,10 @@ class Pipeline:
         # thread had made one.
         self._blas = threadpool_limits(1, user_api="blas"), threading.get_ident()
         if self.settings.log_dir is not None:
-            self._log_writer.start()
+            try:
+                self._log_writer.start()
+            except Exception as err:  # no process to be had now (EAGAIN, ENOMEM): the first run's log tries again
+                log.warning("the decision log's writer could not start (%s); the first run tries again", err)
         for t in self._threads:
             t.start()
 
@@ -705,7 +708,7 @@ class Pipeline:
             self._log_failed()
             run.decision_log.abandon()
             run.decision_log = None
-            if not path.exists() and str(path) in self.logs:  # removed: not one of the logs written
+            if isinstance(err, LogLost) and not err.kept and str(path) in self.logs:  # not one of the logs written
                 self.logs.remove(str(path))
 
     def _log_failed(self) -> None:

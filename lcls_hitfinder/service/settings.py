@@ -39,7 +39,7 @@ class BatchSettings(Section):
     max_wait_ms: float = Field(
         0.0,
         ge=0,
-        le=1000,  # the worker flushes the decision log between batches: at most a second apart, as promised
+        le=1000,  # a second at most: a batch's wait shows in every one of its frames' latency
         description="longest a frame waits for its batch to fill; 0: take what is waiting (lowest latency, "
         "batches still grow when the service falls behind); at most 1000",
     )
