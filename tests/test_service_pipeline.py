@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import functools
+import itertools
 import json
 import logging
 import os
@@ -1538,6 +1539,47 @@ def test_a_log_writer_that_cannot_start_with_the_service_starts_at_the_first_run
     assert "the decision log's writer could not start ([Errno 11] Resource temporarily unavailable)" in caplog.text
     columns, attrs = read_decision_log(messages[-1][1]["log"])
     assert attrs["complete"] and columns["seq"].tolist() == list(range(5))
+
+
+def _writers_of(pid: int) -> list[int]:
+    """The decision log writers that are children of process `pid`."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == pid and b"lcls_hitfinder.service.log_writer" in (stat.parent / "cmdline").read_bytes():
+                found.append(int(stat.parent.name))
+    return found
+
+
+def _ended(pid: int) -> bool:
+    """Gone, or a zombie its new parent has not reaped yet (a container's init may never)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_a_service_killed_outright_leaves_its_log_flushed_and_no_writer_behind(fx: Fixtures, tmp_path: Path) -> None:
+    """SIGKILL (the OOM killer, systemd's last resort): the writer sees its socket close, flushes what it was
+    sent and leaves; the log holds a prefix of the run's decisions, incomplete."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    command = _serve_command(fx, tmp_path, f"h5:{fx.data}?repeat=0&rate=100", endpoint)
+    with DecisionClient(endpoint, (DECISION,), timeout_s=WAIT_S) as client:
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+        try:
+            seen = [payload["seq"] for _, payload in itertools.islice(client.messages(), 40)]
+            writers = _writers_of(proc.pid)
+            proc.kill()
+            proc.wait(WAIT_S)
+        finally:
+            proc.kill()
+    assert seen == list(range(40)) and len(writers) == 1
+    _wait_until(lambda: _ended(writers[0]), "the writer's exit")
+    (log_file,) = (tmp_path / "logs").iterdir()
+    columns, attrs = read_decision_log(log_file)
+    assert not attrs["complete"] and columns["seq"].tolist() == list(range(len(columns["seq"])))
+    assert len(columns["seq"]) >= 30  # flushed at its end, not only a second before (batches of up to 32 in flight)
 
 
 def test_a_log_writer_that_died_between_runs_is_started_again(fx: Fixtures, tmp_path: Path) -> None:
