@@ -63,8 +63,7 @@ def log_path(log_dir: Path, experiment: str, run: int) -> Path:
 
 def claim_log(log_dir: Path, experiment: str, run: int) -> Path:
     """A new, empty file for a run's log, made exclusively: two services that begin the same run in the same
-    second (two detectors of one experiment on one node) get two files, never one that both write. The service
-    claims it, and its log writer process makes the log in it."""
+    second (two detectors of one experiment on one node) get two files, never one that both write."""
     log_dir.mkdir(parents=True, exist_ok=True)
     while True:
         path = log_path(log_dir, experiment, run)

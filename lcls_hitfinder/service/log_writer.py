@@ -5,9 +5,10 @@ file system, after which h5py frees the file's handles into a segmentation fault
 the library; a file system that stops answering) costs that run's log and never the service, its decisions
 or its exit code. The service hands each batch's columns to a sender thread, which passes them to the
 writer over a socket pair, so a writer that stops reading never holds up a decision; the writer flushes
-every second on its own clock and says back only what went wrong. A writer that takes nothing, or does not
-answer, for `PATIENCE_S` is killed and the run goes on without its log. The service starts the writer when
-it starts, and again at a run's beginning after it died.
+every second on its own clock and says so ("flushed"), and what went wrong. A writer that holds a log and
+has not flushed it for `PATIENCE_S` (and a flush period), or that does not answer within `PATIENCE_S` when
+a run's log is made or closed, is killed and the run goes on without its log. The service starts the writer
+when it starts, and again at a run's beginning after it died or was killed.
 
 The writer is `python -P -m lcls_hitfinder.service.log_writer FD FLUSH_S` (so `ps` names it), in a session
 of its own, not a multiprocessing child: one would import the service's main module again (torch, for a
@@ -36,9 +37,10 @@ from typing import Any
 
 import numpy as np
 
+import lcls_hitfinder
 from lcls_hitfinder.service.decision_log import DecisionLog, claim_log
 
-PATIENCE_S = 10.0  # the longest the writer may take to take a message, answer, or leave once asked to
+PATIENCE_S = 10.0  # the longest the writer may go without a word while it holds a log, take to answer, or to leave
 
 
 class LogLost(OSError):
@@ -53,146 +55,177 @@ class _Died(OSError):
     """The writer process is gone."""
 
 
+class _Channel:
+    """One writer process and what the service holds of it: the socket's end, and the sender thread that owns
+    sending on it (and closes it once done), so that a writer that stops reading never holds up the service."""
+
+    def __init__(self, flush_s: float) -> None:
+        ours, theirs = socket.socketpair()
+        with ours, theirs:
+            fd = theirs.fileno()
+            command = [sys.executable, "-P", "-m", __name__, str(fd), repr(flush_s)]  # -P: never the cwd's package
+            # the package the service runs, also from a source tree that was not installed
+            ours_first = (str(Path(lcls_hitfinder.__file__).parents[1]), os.environ.get("PYTHONPATH"))
+            path = os.pathsep.join(p for p in ours_first if p)
+            env = {**os.environ, "PYTHONPATH": path}
+            self.process = subprocess.Popen(
+                command, pass_fds=(fd,), stdin=subprocess.DEVNULL, env=env, start_new_session=True
+            )
+            self.conn = Connection(os.dup(ours.fileno()))
+        self.outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self.retired = False
+        try:
+            threading.Thread(target=self._send_all, name="log-sender", daemon=True).start()
+        except BaseException:  # no thread to be had: no writer either
+            self.retire()
+            raise
+
+    @property
+    def live(self) -> bool:
+        return not self.retired and self.process.poll() is None
+
+    def _send_all(self) -> None:
+        """Blocks in the socket, never the service. The socket is closed once neither thread holds the channel
+        (by the garbage collector): closed under the other thread, its number could be another file's."""
+        with contextlib.suppress(OSError):  # the writer is gone: the service's next look says so
+            while (data := self.outbox.get()) is not None:
+                self.conn.send_bytes(data)
+
+    def retire(self) -> None:
+        """Done with, in any state: the sender leaves after the message in hand, the process is killed (and
+        reaped by subprocess later, where the kernel holds it now)."""
+        self.retired = True
+        self.outbox.put(None)
+        self.process.kill()
+
+    def leave(self, deadline: float) -> None:
+        """Told to stop, given until `deadline` (the last flush of a log abandoned included), then retired."""
+        self.retired = True
+        self.outbox.put(pickle.dumps(("stop",)))
+        self.outbox.put(None)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(max(0.0, deadline - time.monotonic()))
+        self.process.kill()  # nothing, once it has left
+
+
 class LogWriter:
     """The process that writes a service's decision logs, one run's at a time. Used from one thread."""
 
     def __init__(self, flush_s: float = 1.0) -> None:
         self._flush_s = flush_s
-        self._process: subprocess.Popen[bytes] | None = None
-        self._conn: Connection | None = None
-        self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
-        self._sender: threading.Thread | None = None
-        self._lock = threading.Lock()
-        self._waiting = 0  # messages handed to the sender and not yet taken by the writer's socket
-        self._moved = time.monotonic()  # when the socket last took one, or the sender had none waiting
+        self._channel: _Channel | None = None
+        self._log_id = 0  # the log the service holds: the writer's words of another are stale
+        self._holds_log = False
+        self._heard = time.monotonic()  # when the writer last said anything
 
     @property
     def pid(self) -> int | None:
-        return None if self._process is None else self._process.pid
+        return None if self._channel is None else self._channel.process.pid
 
     def start(self) -> None:
         """Started with the service, so that the first run's log is made at once (the writer's imports take a
-        few tenths of a second)."""
-        if self._process is not None and self._process.poll() is None:
+        few tenths of a second). Where it cannot be started (no process or thread to be had), nothing is
+        left of the try."""
+        if self._channel is not None and self._channel.live:
             return
         self.stop()
-        ours, theirs = socket.socketpair()
-        with ours, theirs:
-            fd = theirs.fileno()
-            command = [sys.executable, "-P", "-m", __name__, str(fd), repr(self._flush_s)]  # -P: not the cwd's
-            self._process = subprocess.Popen(command, pass_fds=(fd,), stdin=subprocess.DEVNULL, start_new_session=True)
-            self._conn = Connection(os.dup(ours.fileno()))
-        self._outbox, self._waiting = queue.SimpleQueue(), 0
-        self._sender = threading.Thread(target=self._send_all, args=(self._conn, self._outbox), daemon=True)
-        self._sender.start()
+        self._channel = _Channel(self._flush_s)
 
     def open(self, log_dir: Path, experiment: str, run: int, attrs: Mapping[str, Any]) -> ChildLog:
         """A new log for a run, in a file of its own, readable once this returns (the run's begin message
         names it). OSError says why there is none."""
-        message = ("open", log_dir, experiment, run, dict(attrs))
+        self._log_id += 1
+        message = ("open", self._log_id, log_dir, experiment, run, dict(attrs))
         try:
-            self.start()  # again, where the last one died and was seen to
+            self.start()  # again, where the last one died or was retired and was seen to
             answer = self.ask(message, "opened")
         except _Died:  # since the last run ended, unseen till now
             self.start()
             answer = self.ask(message, "opened")
-        return ChildLog(self, Path(answer[1]))
+        self._holds_log = True
+        return ChildLog(self, Path(answer[2]))
 
     def stop(self) -> None:
-        """The writer leaves, after closing nothing: runs are closed by `ChildLog.close` first."""
-        process, conn, sender = self._process, self._conn, self._sender
-        self._process = self._conn = self._sender = None
-        if process is None or conn is None or sender is None:
-            return
-        self._outbox.put(pickle.dumps(("stop",)))
-        self._outbox.put(None)
-        sender.join(PATIENCE_S)
-        try:
-            process.wait(PATIENCE_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):  # in the kernel's hands (a hung mount): left
-                process.wait(PATIENCE_S)
-        sender.join(PATIENCE_S)  # its send ends with the writer
-        conn.close()
+        """The writer leaves, after closing nothing (runs are closed by `ChildLog.close` first), within
+        PATIENCE_S."""
+        channel, self._channel = self._channel, None
+        self._holds_log = False
+        if channel is not None and not channel.retired:
+            channel.leave(time.monotonic() + PATIENCE_S)
 
     def send(self, message: tuple[Any, ...]) -> None:
         """Handed to the sender, after saying what went wrong since the last message, if anything did. Never
         waits for the writer."""
         self.check()
-        data = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)  # here: what cannot be pickled is this caller's
-        with self._lock:
-            if not self._waiting:
-                self._moved = time.monotonic()
-            self._waiting += 1
-        self._outbox.put(data)
+        assert self._channel is not None  # check() says where there is none
+        self._channel.outbox.put(pickle.dumps(message, pickle.HIGHEST_PROTOCOL))  # what cannot be pickled is ours
 
     def check(self) -> None:
-        """Raise OSError for a failure the writer said, for its death, or for a writer that took nothing for
-        PATIENCE_S (it is killed)."""
-        conn = self._live()
-        with self._lock:
-            stalled = self._waiting and time.monotonic() - self._moved > PATIENCE_S
-        if stalled:
-            raise self._kill(f"the decision log's writer took nothing for {PATIENCE_S:g} s")
+        """Raise OSError for a failure the writer said, for its death, or for a writer that holds a log and
+        said nothing (no flush) for PATIENCE_S (it is retired)."""
+        conn = self._conn()
         try:
             while conn.poll(0):
                 self._read(conn)
-        except (EOFError, ConnectionError):
-            raise self._died() from None
+        except (EOFError, OSError) as err:
+            raise err if isinstance(err, LogLost) else self._died() from None
+        silent = time.monotonic() - self._heard
+        if self._holds_log and silent > PATIENCE_S + self._flush_s:
+            raise self._retire(f"the decision log's writer has not flushed for {silent:.0f} s")
 
     def ask(self, message: tuple[Any, ...], expected: str) -> tuple[Any, ...]:
-        """Send `message` and wait for the answer `expected`; OSError says what went wrong instead."""
+        """Send `message` and wait for the answer `expected` about the log the service holds; OSError says
+        what went wrong instead."""
         self.send(message)
-        conn = self._live()
+        conn = self._conn()
         deadline = time.monotonic() + PATIENCE_S
         try:
             while conn.poll(max(0.0, deadline - time.monotonic())):
                 answer = self._read(conn)
-                if answer[0] == expected:
+                if answer[:2] == (expected, self._log_id):
                     return answer
-        except (EOFError, ConnectionError):
-            raise self._died() from None
-        raise self._kill(f"the decision log's writer did not answer in {PATIENCE_S:g} s")
+        except (EOFError, OSError) as err:
+            raise err if isinstance(err, LogLost) else self._died() from None
+        raise self._retire(f"the decision log's writer did not answer in {PATIENCE_S:g} s")
 
-    def _send_all(self, conn: Connection, outbox: queue.SimpleQueue[bytes | None]) -> None:
-        """The sender thread: blocks in the socket, never the service."""
-        while (data := outbox.get()) is not None:
-            try:
-                conn.send_bytes(data)
-            except OSError:  # the writer is gone: said by the service's next check
-                return
-            with self._lock:
-                self._waiting -= 1
-                self._moved = time.monotonic()
+    def release(self) -> None:
+        """The service holds no log any more (closed, or given up)."""
+        self._holds_log = False
 
-    @staticmethod
-    def _read(conn: Connection) -> tuple[Any, ...]:
+    def _read(self, conn: Connection) -> tuple[Any, ...]:
         message: tuple[Any, ...] = conn.recv()
-        if message[0] == "failed":
-            raise LogLost(message[1], message[2])
+        self._heard = time.monotonic()
+        if message[0] == "failed" and message[1] == self._log_id:  # of an earlier log: stale
+            raise LogLost(message[2], message[3])
         return message
 
-    def _live(self) -> Connection:
-        if self._conn is None:
+    def _conn(self) -> Connection:
+        if self._channel is None or self._channel.retired:
             raise _Died("the decision log's writer is stopped")
-        return self._conn
+        return self._channel.conn
 
-    def _kill(self, why: str) -> OSError:
-        """A writer that does not answer (a file system that does not): it goes, the run goes on."""
-        if self._process is not None:
-            self._process.kill()
+    def _retire(self, why: str) -> OSError:
+        """A writer that does not answer (a file system that does not): it goes, the run goes on, and the next
+        run's log gets a new one."""
+        if self._channel is not None:
+            self._channel.retire()
+        self._holds_log = False
         return OSError(f"{why} (a file system that does not answer?); stopped")
 
     def _died(self) -> _Died:
-        if self._process is None:
+        channel = self._channel
+        if channel is None:
             return _Died("the decision log's writer is stopped")
+        channel.retire()  # its socket closed: whatever it does now, it is done with
+        self._holds_log = False
         try:
-            code: int | None = self._process.wait(PATIENCE_S)
+            code = channel.process.wait(PATIENCE_S)
         except subprocess.TimeoutExpired:
-            code = None
-        how = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"with exit code {code}"
-        return _Died(f"the decision log's writer process died, {how}")
+            return _Died("the decision log's writer closed its socket")
+        if code >= 0:
+            return _Died(f"the decision log's writer process died with exit code {code}")
+        name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
+        return _Died(f"the decision log's writer process died, killed by {name}")
 
 
 class ChildLog:
@@ -211,20 +244,27 @@ class ChildLog:
 
     def close(self, totals: Mapping[str, Any]) -> None:
         """Written to the end, totals recorded and marked complete, or OSError."""
-        self._writer.ask(("close", dict(totals)), "closed")
+        try:
+            self._writer.ask(("close", dict(totals)), "closed")
+        finally:
+            self._writer.release()
 
     def abandon(self) -> None:
-        """The service goes on without this log (what was flushed stays readable)."""
-        with contextlib.suppress(OSError):
+        """The service goes on without this log (what was flushed stays readable). Never raises: it comes
+        after a failure, whatever that was."""
+        self._writer.release()
+        with contextlib.suppress(Exception):
             self._writer.send(("abandon",))
 
 
 def _write_logs(conn: Connection, flush_s: float) -> None:
-    """The writer process: one log at a time, as the service asks. A failure is said back and costs the log;
-    after a failed HDF5 write the process leaves at once (freeing that file would crash it)."""
+    """The writer process: one log at a time, as the service asks, each flush said ("flushed"). A failure is
+    said back and costs the log; after a failed HDF5 write the process leaves at once (freeing that file would
+    crash it)."""
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # the service closes the log, then says stop
         signal.signal(signum, signal.SIG_IGN)
     decision_log: DecisionLog | None = None
+    log_id = 0
     last_flush = time.monotonic()
     while True:
         wait = None if decision_log is None else max(0.0, last_flush + flush_s - time.monotonic())
@@ -232,18 +272,23 @@ def _write_logs(conn: Connection, flush_s: float) -> None:
         kind = message[0]
         try:
             if kind == "open":
-                decision_log = DecisionLog(claim_log(*message[1:4]), message[4])
+                if decision_log is not None:  # the service gave it up without a word reaching here
+                    decision_log.abandon()
+                    decision_log = None
+                log_id, log_dir, experiment, run, attrs = message[1:]
+                decision_log = DecisionLog(claim_log(log_dir, experiment, run), attrs)
                 last_flush = time.monotonic()
-                conn.send(("opened", str(decision_log.path)))
+                conn.send(("opened", log_id, str(decision_log.path)))
             elif decision_log is not None and kind == "append":
                 decision_log.append(message[1])
             elif decision_log is not None and kind == "flush":
                 decision_log.flush()
                 last_flush = time.monotonic()
+                conn.send(("flushed", log_id))
             elif decision_log is not None and kind == "close":
                 decision_log.close(message[1])
                 decision_log = None
-                conn.send(("closed",))
+                conn.send(("closed", log_id))
             elif decision_log is not None and kind == "abandon":
                 decision_log.abandon()
                 decision_log = None
@@ -259,7 +304,7 @@ def _write_logs(conn: Connection, flush_s: float) -> None:
                 decision_log.abandon()
             decision_log = None
             with contextlib.suppress(OSError):  # one line (HDF5's have two)
-                conn.send(("failed", " ".join(str(err).split()) or type(err).__name__, kept))
+                conn.send(("failed", log_id, " ".join(str(err).split()) or type(err).__name__, kept))
             if hdf5_failed:
                 os._exit(0)
             if kind == "stop":

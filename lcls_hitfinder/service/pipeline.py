@@ -317,7 +317,10 @@ class Pipeline:
                 log.exception("ending the last run failed")
                 self.error = self.error or err
             finally:  # whatever happened, `wait` returns
-                self._log_writer.stop()
+                try:
+                    self._log_writer.stop()
+                except Exception:
+                    log.exception("stopping the decision log's writer failed")
                 self._pool.shutdown()
                 if self.device.type == "cpu":
                     torch.set_num_threads(self._workers)
