@@ -1442,6 +1442,7 @@ def test_a_log_writer_that_takes_nothing_is_killed_and_never_holds_up_the_servic
                 log.append(rows)
                 time.sleep(0.01)
         log.abandon()
+        monkeypatch.undo()  # the new writer's cold start gets its patience back
         again = writer.open(tmp_path, "x", 2, {"experiment": "x", "run": 2})
         assert writer.pid != pid
         again.append(log_rows(3))
