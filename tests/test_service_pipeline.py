@@ -1630,7 +1630,7 @@ def test_a_service_killed_outright_leaves_its_log_flushed_and_no_writer_behind(f
     (log_file,) = (tmp_path / "logs").iterdir()
     columns, attrs = read_decision_log(log_file)
     assert not attrs["complete"] and columns["seq"].tolist() == list(range(len(columns["seq"])))
-    assert len(columns["seq"]) >= 30  # flushed at its end, not only a second before (batches of up to 32 in flight)
+    assert len(columns["seq"]) >= 25  # flushed at its end (not a second before); the last SEND_S in the service lost
 
 
 def test_a_log_writer_that_died_between_runs_is_started_again(fx: Fixtures, tmp_path: Path) -> None:
