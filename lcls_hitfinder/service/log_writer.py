@@ -3,12 +3,12 @@
 HDF5 and the log folder are touched there only: whatever goes wrong in them (a write that fails on a network
 file system, after which h5py frees the file's handles into a segmentation fault, h5py issue 914; a crash of
 the library; a file system that stops answering) costs that run's log and never the service, its decisions
-or its exit code. The service hands each batch's columns to a sender thread, which passes them to the
-writer over a socket pair, so a writer that stops reading never holds up a decision; the writer flushes
-every second on its own clock and says so ("flushed"), and what went wrong. A writer that holds a log and
-has not flushed it for `PATIENCE_S` (and a flush period), or that does not answer within `PATIENCE_S` when
-a run's log is made or closed, is killed and the run goes on without its log. The service starts the writer
-when it starts, and again at a run's beginning after it died or was killed.
+or its exit code. The service hands the decisions' columns, every `SEND_S`, to a sender thread, which
+passes them to the writer over a socket pair, so a writer that stops reading never holds up a decision; the
+writer flushes every second on its own clock and says so ("flushed"), and what went wrong. A writer that
+holds a log and has not flushed it for `PATIENCE_S` (and a flush period), or that does not answer within
+`PATIENCE_S` when a run's log is made or closed, is killed and the run goes on without its log. The
+service starts the writer when it starts, and again at a run's beginning after it died or was killed.
 
 The writer is `python -P -m lcls_hitfinder.service.log_writer FD FLUSH_S` (so `ps` names it), in a session
 of its own, not a multiprocessing child: one would import the service's main module again (torch, for a
@@ -57,8 +57,8 @@ class _Died(OSError):
 
 
 class _Channel:
-    """One writer process and what the service holds of it: the socket's end, and the sender thread that owns
-    sending on it (and closes it once done), so that a writer that stops reading never holds up the service."""
+    """One writer process and what the service holds of it: the socket's end, and the sender thread that does
+    the sending on it, so that a writer that stops reading never holds up the service."""
 
     def __init__(self, flush_s: float) -> None:
         ours, theirs = socket.socketpair()
