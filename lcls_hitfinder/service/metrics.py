@@ -61,8 +61,8 @@ SPECS: tuple[MetricSpec, ...] = (
         "histogram",
         "End-to-end seconds per event, from the frame being read to its decision being ready, just before it is "
         'logged and handed to the publisher (that last step is the stage "publish" of '
-        "hitfinder_stage_duration_seconds, tens of microseconds, which hands the decisions to the decision log's "
-        "writer process; that process flushes them to disk once a second, outside this time).",
+        "hitfinder_stage_duration_seconds, tens of microseconds, which also keeps them for the decision log's "
+        "writer process: handed over every 0.1 s and flushed to disk once a second, outside this time).",
         (),
         LATENCY_BUCKETS,
     ),
