@@ -1,7 +1,7 @@
 """The per-run record of every decision: an HDF5 file with one column per logged decision field.
 
-The service's log writer process (log_writer.py) keeps it: it appends each batch's decisions as they are
-published, flushes them every second (also while no events come) and closes the file at the end of the run
+The service's log writer process (log_writer.py) keeps it: it appends the decisions as the service hands
+them over (every 0.1 s), flushes them every second (also while no events come) and closes the file at the end of the run
 with the run's totals as attributes. Subscribers never affect it: whatever the PUB socket drops is still here.
 
 The file is written in HDF5's single-writer / multiple-reader (SWMR) mode, so a user's script can read

@@ -25,6 +25,7 @@ import os
 import pickle
 import queue
 import signal
+import site
 import socket
 import subprocess
 import sys
@@ -65,10 +66,11 @@ class _Channel:
         with ours, theirs:
             fd = theirs.fileno()
             command = [sys.executable, "-P", "-m", __name__, str(fd), repr(flush_s)]  # -P: never the cwd's package
-            # the package the service runs, also from a source tree that was not installed
-            ours_first = (str(Path(lcls_hitfinder.__file__).parents[1]), os.environ.get("PYTHONPATH"))
-            path = os.pathsep.join(p for p in ours_first if p)
-            env = {**os.environ, "PYTHONPATH": path}
+            env = dict(os.environ)
+            root = str(Path(lcls_hitfinder.__file__).parents[1])
+            if root not in site.getsitepackages():  # a source tree not installed, found by the cwd: also there,
+                # and only then (site-packages ahead of the standard library would shadow it with its backports)
+                env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
             self.process = subprocess.Popen(
                 command, pass_fds=(fd,), stdin=subprocess.DEVNULL, env=env, start_new_session=True
             )
