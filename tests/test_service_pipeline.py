@@ -1482,11 +1482,23 @@ def test_a_log_writer_without_its_sender_thread_leaves_nothing_behind(monkeypatc
         writer.stop()
 
 
-def test_a_log_writer_killed_by_a_signal_without_a_name_is_said_so(fx: Fixtures, tmp_path: Path) -> None:
-    """A real-time signal has no name in Python's Signals: it was a ValueError that ended the pipeline."""
-    r, decisions, ends = _serve_two_runs(fx, tmp_path, lambda r: _kill_the_writer(r, signal.SIGRTMIN + 5))
-    assert [d["seq"] for d in decisions] == list(range(10)) and r.pipeline.error is None
-    assert [(e["run"], e["events"]) for e in ends] == [(1, 5), (2, 5)]
+def test_a_log_writer_killed_by_a_signal_without_a_name_is_said_so(
+    fx: Fixtures, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A real-time signal has no name in Python's Signals: it was a ValueError that ended the pipeline without
+    its run end message. Killed mid-run, so that the service finds the writer dead and says how."""
+    images = list(np.random.default_rng(10).poisson(2.0, (10, SIDE, SIDE)).astype(np.float32))
+    signum = int(signal.SIGRTMIN) + 5
+
+    def kill() -> None:
+        _wait_until(lambda: len(r.pipeline.logs) == 1, "the run's log")
+        _kill_the_writer(r, signum)
+
+    r = _start(_settings(tmp_path), PausingSource(images, 5, kill), fx.model, fx.bank)
+    messages = _served_until_runs_end(r, 1)
+    assert [p["seq"] for t, p in messages if t == DECISION] == list(range(10)) and r.pipeline.error is None
+    assert messages[-1][1]["log"] is None
+    assert f"the decision log's writer process died, killed by signal {signum})" in caplog.text, caplog.text
 
 
 def _kill_the_writer(r: Running, signum: int = signal.SIGKILL) -> None:

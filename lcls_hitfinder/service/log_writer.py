@@ -227,7 +227,10 @@ class LogWriter:
             return _Died("the decision log's writer closed its socket")
         if code >= 0:
             return _Died(f"the decision log's writer process died with exit code {code}")
-        name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:  # a real-time signal: valid, but without a name
+            name = f"signal {-code}"
         return _Died(f"the decision log's writer process died, killed by {name}")
 
 
